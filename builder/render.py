@@ -1,0 +1,192 @@
+"""`python -m builder render`: write the text-in/text-out Triton model repository.
+
+Layout written (model folder names are what Triton serves):
+  <output>/<ensemble-name>/config.pbtxt, 1/
+  <output>/preprocessing/config.pbtxt, 1/{model.py, gpt_runtime/, vocab.json, merges.txt}
+  <output>/<model-name>/config.pbtxt, 1/[model.py, gpt_runtime/ (torch engine)], 1/<tp>-gpu/ (weights, if given)
+  <output>/postprocessing/config.pbtxt, 1/{model.py, gpt_runtime/, vocab.json, merges.txt}
+The repository is self-contained: the runtime modules and tokenizer files the models need are copied in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import click
+import jinja2
+from google.protobuf import text_format
+from tqdm import tqdm
+from tritonclient.grpc import model_config_pb2
+
+from . import GPT2_TOKENIZER_DIR, PACKAGE_ROOT, TEMPLATES_DIR
+from .render_config import DATA_TYPES, DEVICES, ENGINES, RenderConfig, RenderError
+from .runtime.model_config import GptModelConfig, ModelConfigError
+
+RUNTIME_PACKAGE = PACKAGE_ROOT / "runtime"
+RUNTIME_FOLDER = "gpt_runtime"  # the runtime package's name inside a rendered model's version folder
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+MARKER = ".gpt-triton-repository"  # lets --force delete only folders this tool wrote
+
+
+def template_environment() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES_DIR), undefined=jinja2.StrictUndefined,
+                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+                              autoescape=False)
+
+
+def parse_model_config(text: str, source: str) -> model_config_pb2.ModelConfig:
+    try:
+        return text_format.Parse(text, model_config_pb2.ModelConfig())
+    except text_format.ParseError as err:
+        raise RenderError(f"{source}: not a valid Triton model config: {err}") from err
+
+
+def find_tokenizer(config: RenderConfig) -> Path:
+    """--tokenizer (folder or .nemo), else the checkpoint folder, else the packaged GPT-2 tables."""
+    if config.tokenizer is not None:
+        if config.tokenizer.is_file():
+            from .checkpoints.nemo import extract_tokenizer  # noqa: PLC0415  (only for .nemo input)
+            return extract_tokenizer(config.tokenizer)
+        return config.tokenizer
+    if config.checkpoint is not None and all((config.checkpoint / f).is_file() for f in TOKENIZER_FILES):
+        return config.checkpoint
+    return GPT2_TOKENIZER_DIR
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)  # same file system: no second copy of multi-GB weights
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _copy_weights(source: Path, target: Path) -> None:
+    files = sorted(p for p in source.iterdir() if p.is_file())
+    target.mkdir(parents=True)
+    for path in tqdm(files, desc=f"weights -> {target}", unit="file", disable=len(files) < 20, file=sys.stderr):
+        _link_or_copy(path, target / path.name)
+
+
+def _prepare_output(config: RenderConfig) -> Path:
+    output = config.output
+    if output.exists() and any(output.iterdir()):
+        if not config.force:
+            raise RenderError(f"--output {output} exists and is not empty; pass --force to replace it")
+        if not (output / MARKER).is_file():
+            raise RenderError(f"--output {output} was not written by `builder render` (no {MARKER}); "
+                              "refusing to delete it even with --force")
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+    return output
+
+
+def render_repository(config: RenderConfig) -> Path:
+    """Render every model of the repository; returns the output folder."""
+    env = template_environment()
+    tokenizer_dir = find_tokenizer(config)
+    missing = [f for f in TOKENIZER_FILES if not (tokenizer_dir / f).is_file()]
+    if missing:
+        raise RenderError(f"tokenizer folder {tokenizer_dir} lacks {', '.join(missing)}")
+    rendered = {}
+    core_template = "gpt_torch" if config.engine == "torch" else "fastertransformer"
+    models = {config.ensemble_name: "ensemble", "preprocessing": "preprocessing",
+              config.model_name: core_template, "postprocessing": "postprocessing"}
+    for model_name, template in models.items():
+        text = env.get_template(f"{template}/config.pbtxt.j2").render(cfg=config)
+        parse_model_config(text, f"{template}/config.pbtxt.j2")
+        rendered[model_name] = (template, text)
+
+    output = _prepare_output(config)
+    for model_name, (template, text) in rendered.items():
+        model_dir = output / model_name
+        version_dir = model_dir / "1"
+        version_dir.mkdir(parents=True)
+        (model_dir / "config.pbtxt").write_text(text)
+        static = TEMPLATES_DIR / template / "1"
+        if static.is_dir():
+            shutil.copytree(static, version_dir, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        if (version_dir / "model.py").is_file():
+            shutil.copytree(RUNTIME_PACKAGE, version_dir / RUNTIME_FOLDER,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        if template in ("preprocessing", "postprocessing"):
+            for name in TOKENIZER_FILES:
+                shutil.copy2(tokenizer_dir / name, version_dir / name)
+    if config.checkpoint is not None:
+        _copy_weights(config.checkpoint, output / config.model_name / "1" / config.weights_folder)
+    manifest = {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()}
+    (output / MARKER).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return output
+
+
+def config_from_options(checkpoint: Path | None, **options: object) -> RenderConfig:
+    """Build the render config; the model limits come from the checkpoint's config.ini when one is given."""
+    base = RenderConfig(**options)  # type: ignore[arg-type]
+    if checkpoint is None:
+        return base
+    try:
+        model = GptModelConfig.from_ini(checkpoint / "config.ini")
+    except ModelConfigError as err:
+        raise RenderError(f"--checkpoint: {err}") from err
+    if base.engine == "fastertransformer" and model.tensor_para_size != base.tp:
+        raise RenderError(f"--checkpoint {checkpoint} holds weights split for {model.tensor_para_size} GPU(s) but "
+                          f"--tp is {base.tp}; convert with --infer-gpu-num {base.tp}")
+    return replace(base, checkpoint=checkpoint, model=model)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--tp", default=1, show_default=True, type=click.IntRange(1), help="Tensor-parallel size.")
+@click.option("--pp", default=1, show_default=True, type=click.IntRange(1),
+              help="Pipeline-parallel size (FasterTransformer engine).")
+@click.option("--engine", type=click.Choice(ENGINES), default="fastertransformer", show_default=True,
+              help="Core GPT model: Triton's FasterTransformer backend (NGC FT containers), or our PyTorch engine "
+                   "(Python backend, CPU or CUDA).")
+@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="FT weight folder (`<saved-dir>/<N>-gpu` from `builder convert`); copied (hard-linked when "
+                   "possible) into the repository. Without it the limits of NeMo GPT-3 1.3B are assumed and the "
+                   "weights are expected at <output>/<model-name>/1/<tp>-gpu.")
+@click.option("--tokenizer", type=click.Path(exists=True, path_type=Path),
+              help="Folder with vocab.json + merges.txt, or a .nemo [default: the checkpoint's, else GPT-2's].")
+@click.option("--model-name", default="gpt3_1.3b", show_default=True, help="Name of the core GPT model.")
+@click.option("--ensemble-name", default="ensemble", show_default=True, help="Name of the text ensemble.")
+@click.option("--max-batch-size", default=256, show_default=True, type=int, help="Triton max_batch_size.")
+@click.option("--data-type", type=click.Choice(DATA_TYPES), default="fp16", show_default=True,
+              help="Compute type of the core model (weights are cast at load).")
+@click.option("--device", type=click.Choice(DEVICES), default="gpu", show_default=True,
+              help="Where the torch engine runs (KIND_GPU / KIND_CPU).")
+@click.option("--streaming", is_flag=True, help="Decoupled core model: token streaming over gRPC and "
+                                               "/generate_stream.")
+@click.option("--instances", default=1, show_default=True, type=int, help="Core model instances.")
+@click.option("--max-queue-delay-us", default=1000, show_default=True, type=int,
+              help="Dynamic-batching queue delay (microseconds).")
+@click.option("--ft-checkpoint-path", help="FT engine: where the weights are inside the FT container "
+                                           "[default: their absolute path in the rendered repository].")
+@click.option("--output", default=Path("model_repository"), show_default=True, type=click.Path(path_type=Path),
+              help="Repository folder to write.")
+@click.option("--force", is_flag=True, help="Replace an existing repository written by this command.")
+def render_command(checkpoint: Path | None, **options: object) -> None:
+    """Render the Triton model repository in which clients send text and get text back.
+
+    \b
+    Examples:
+      python -m builder render --tp 1                      # FasterTransformer engine, as NVIDIA's NeMo 1.3B guide
+      python -m builder render --engine torch --device cpu --data-type fp32 --checkpoint ft/1-gpu
+      python -m builder render --engine torch --checkpoint ft/1-gpu --streaming --force
+    """
+    try:
+        config = config_from_options(checkpoint, **options)
+        output = render_repository(config)
+    except (RenderError, ModelConfigError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"rendered {config.engine} repository: {output}")
+    for name in sorted(p.name for p in output.iterdir() if p.is_dir()):
+        click.echo(f"  {name}/")
+    if checkpoint is None:
+        click.echo(f"weights: place the FT `{config.weights_folder}` folder at "
+                   f"{output / config.model_name / '1' / config.weights_folder}")
+    click.echo(f"next: python -m builder validate {output} && python -m builder serve {output}")

@@ -1,0 +1,82 @@
+"""`python -m builder serve REPO`: tritonserver in the foreground until Ctrl-C / SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+import click
+
+from .serve import ServerConfig, ServerError, TritonServer
+
+
+def port_option(name: str, default: int, what: str):  # type: ignore[no-untyped-def]
+    return click.option(f"--{name}-port", default=default, show_default=True, type=click.IntRange(1, 65535),
+                        help=f"{what} port.")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("repository", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@port_option("http", 8000, "HTTP/REST (KServe v2, /generate)")
+@port_option("grpc", 8001, "gRPC")
+@port_option("metrics", 8002, "Prometheus metrics")
+@click.option("--address", default="127.0.0.1", show_default=True,
+              help="Bind address. Anything but loopback also restricts the model-repository, shared-memory, trace "
+                   "and logging APIs to callers sending the header `triton-admin: $TRITON_ADMIN_TOKEN`.")
+@click.option("--tritonserver", "tritonserver", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              envvar="TRITONSERVER_BIN", help="tritonserver binary [env TRITONSERVER_BIN; default: nvidia-pytriton's].")
+@click.option("--backend-directory", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              envvar="TRITON_BACKEND_DIR",
+              help="Backends folder [env TRITON_BACKEND_DIR; default: nvidia-pytriton's Python backend + stub].")
+@click.option("--startup-timeout", default=300.0, show_default=True, type=click.FloatRange(1),
+              help="Seconds to wait for every model to be ready.")
+@click.option("--exit-timeout", default=10, show_default=True, type=click.IntRange(0),
+              help="Seconds in-flight requests get to finish on shutdown.")
+@click.option("--log-verbose", default=0, show_default=True, type=click.IntRange(0), help="tritonserver verbosity.")
+@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), help="Server log file (default: temp).")
+def serve_command(repository: Path, http_port: int, grpc_port: int, metrics_port: int, address: str,
+                  tritonserver: Path | None, backend_directory: Path | None, startup_timeout: float,
+                  exit_timeout: int, log_verbose: int, log_file: Path | None) -> None:
+    """Start tritonserver on REPOSITORY and keep it in the foreground until Ctrl-C or SIGTERM.
+
+    Exits non-zero, naming the failing model and the server's own error lines, if a model fails to load.
+
+    \b
+    Example:
+      python -m builder serve model_repository
+      python -m client "1 2 3 4 5 6"              # in another shell
+    """
+    try:
+        config = ServerConfig(repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                              address=address, tritonserver=tritonserver, backend_directory=backend_directory,
+                              startup_timeout_s=startup_timeout, exit_timeout_s=exit_timeout,
+                              log_verbose=log_verbose, log_file=log_file)
+        server = TritonServer(config)
+        click.echo(f"starting tritonserver on {repository} ...", err=True)
+        server.start()
+    except ServerError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"ready: HTTP http://{server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}", err=True)
+    click.echo(f"server log: {server.log_path}   (Ctrl-C to stop)", err=True)
+    sys.exit(serve_until_signal(server))
+
+
+def serve_until_signal(server: TritonServer) -> int:
+    """Block until SIGINT/SIGTERM or the server dies; shut down gracefully. Returns the exit code to use."""
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt  # SIGTERM takes the same graceful path as Ctrl-C
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = server.wait()
+        click.echo(f"tritonserver exited unexpectedly with code {code}; see {server.log_path}", err=True)
+        return code or 1
+    except KeyboardInterrupt:
+        click.echo("stopping tritonserver (letting in-flight requests finish) ...", err=True)
+        server.stop()
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,173 @@
+"""The tritonserver launcher: a real server, a Python-backend model, BYTES over HTTP and gRPC, failure reporting."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from click.testing import CliRunner
+
+from builder.cli import main as builder_main
+from builder.serve import ServerError, TritonServer, free_port
+
+pytestmark = pytest.mark.server
+
+ECHO_CONFIG = """
+name: "{name}"
+backend: "python"
+max_batch_size: 8
+input [ {{ name: "INPUT" data_type: TYPE_STRING dims: [ 1 ] }} ]
+output [ {{ name: "OUTPUT" data_type: TYPE_STRING dims: [ 1 ] }} ]
+instance_group [ {{ count: 1 kind: KIND_CPU }} ]
+"""
+
+# Reverses the UTF-8 text of every row: proves bytes travel intact both ways (non-ASCII included).
+ECHO_MODEL = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            rows = pb_utils.get_input_tensor_by_name(request, "INPUT").as_numpy()
+            out = np.array([[row[0].decode("utf-8")[::-1].encode("utf-8")] for row in rows], dtype=object)
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT", out)]))
+        return responses
+"""
+
+BROKEN_MODEL = """
+raise ImportError("this model is broken on purpose")
+"""
+
+
+def write_model(repo: Path, name: str, source: str) -> None:
+    (repo / name / "1").mkdir(parents=True)
+    (repo / name / "config.pbtxt").write_text(ECHO_CONFIG.format(name=name))
+    (repo / name / "1" / "model.py").write_text(source)
+
+
+@pytest.fixture
+def echo_repo(tmp_path: Path) -> Path:
+    write_model(tmp_path, "echo", ECHO_MODEL)
+    return tmp_path
+
+
+def test_bytes_round_trip_over_http_and_grpc(echo_repo: Path, start_server) -> None:
+    server = start_server(echo_repo)
+    texts = ["héllo wörld", "数字 1 2 3", "emoji 🚀 ok"]
+    data = np.array([[t.encode()] for t in texts], dtype=object)
+
+    http = httpclient.InferenceServerClient(server.http_url)
+    http_input = httpclient.InferInput("INPUT", list(data.shape), "BYTES")
+    http_input.set_data_from_numpy(data)
+    http_out = http.infer("echo", [http_input]).as_numpy("OUTPUT")
+
+    grpc = grpcclient.InferenceServerClient(server.grpc_url)
+    grpc_input = grpcclient.InferInput("INPUT", list(data.shape), "BYTES")
+    grpc_input.set_data_from_numpy(data)
+    grpc_out = grpc.infer("echo", [grpc_input]).as_numpy("OUTPUT")
+
+    expected = [t[::-1] for t in texts]
+    assert [row[0].decode() for row in http_out] == expected
+    assert [row[0].decode() for row in grpc_out] == expected
+    assert http.is_server_ready() and grpc.is_model_ready("echo")
+
+
+def test_server_binds_loopback_by_default(echo_repo: Path) -> None:
+    server = TritonServer.on_free_ports(echo_repo)
+    command = " ".join(server.command())
+    assert "--http-address=127.0.0.1" in command and "--grpc-address=127.0.0.1" in command
+    assert "restricted" not in command
+
+
+def test_non_loopback_bind_restricts_admin_apis(echo_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_ADMIN_TOKEN", "s3cret")
+    server = TritonServer.on_free_ports(echo_repo, address="0.0.0.0")
+    command = server.command()
+    assert "--http-restricted-api=model-repository,shared-memory,trace,logging:triton-admin=s3cret" in command
+    assert "--grpc-restricted-protocol=model-repository,shared-memory,trace,logging:triton-admin=s3cret" in command
+
+
+def test_failing_model_is_named_and_start_fails_fast(tmp_path: Path) -> None:
+    write_model(tmp_path, "echo", ECHO_MODEL)
+    write_model(tmp_path, "broken_model", BROKEN_MODEL)
+    server = TritonServer.on_free_ports(tmp_path, startup_timeout_s=120)
+    started = time.monotonic()
+    with pytest.raises(ServerError) as caught:
+        server.start()
+    assert time.monotonic() - started < 60
+    message = str(caught.value)
+    assert "broken_model" in message
+    assert "broken on purpose" in message
+    assert server.process is None  # stopped, nothing left behind
+
+
+def test_serve_cli_exits_nonzero_naming_the_failing_model(tmp_path: Path) -> None:
+    write_model(tmp_path, "broken_model", BROKEN_MODEL)
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "builder", "serve", str(tmp_path), "--http-port", str(free_port()),
+         "--grpc-port", str(free_port()), "--metrics-port", str(free_port()), "--startup-timeout", "60"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 60
+    assert "broken_model" in result.stderr
+
+
+def test_serve_cli_runs_until_sigterm_then_stops_cleanly(echo_repo: Path) -> None:
+    http_port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "builder", "serve", str(echo_repo), "--http-port", str(http_port),
+         "--grpc-port", str(free_port()), "--metrics-port", str(free_port())],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{http_port}")
+        while time.monotonic() < deadline:
+            try:
+                if client.is_server_ready():
+                    break
+            except Exception:  # noqa: BLE001  (not listening yet)
+                pass
+            time.sleep(0.3)
+        else:
+            pytest.fail("serve did not become ready")
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, stderr
+    assert "stopping tritonserver" in stderr
+    with pytest.raises(Exception):
+        client.is_server_live()
+
+
+@pytest.mark.parametrize("args", [["--help"], ["serve", "--help"], ["render", "--help"], ["validate", "--help"],
+                                  ["convert", "--help"], ["checkpoint", "--help"], ["demo-checkpoint", "--help"]])
+def test_builder_help_explains_itself(args: list[str]) -> None:
+    result = CliRunner().invoke(builder_main, args)
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output
+    assert len(result.output.splitlines()) > 5
+
+
+def test_restricted_admin_apis_refuse_callers_without_the_token(echo_repo: Path, start_server) -> None:
+    # The same flags the launcher adds for a non-loopback bind, exercised on loopback.
+    admin = "model-repository,shared-memory,trace,logging:triton-admin=s3cret"
+    server = start_server(echo_repo, extra_args=[f"--http-restricted-api={admin}",
+                                                 f"--grpc-restricted-protocol={admin}"])
+    client = httpclient.InferenceServerClient(server.http_url)
+    with pytest.raises(Exception, match="(?i)restricted|header|permission|403"):
+        client.get_model_repository_index()
+    assert client.get_model_repository_index(headers={"triton-admin": "s3cret"})
+    assert client.is_model_ready("echo")  # inference-side APIs stay open
