@@ -14,6 +14,8 @@ import json
 import os
 import shutil
 import sys
+import tarfile
+import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -30,7 +32,8 @@ from .runtime.model_config import GptModelConfig, ModelConfigError
 RUNTIME_PACKAGE = PACKAGE_ROOT / "runtime"
 RUNTIME_FOLDER = "gpt_runtime"  # the runtime package's name inside a rendered model's version folder
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
-MARKER = ".gpt-triton-repository"  # lets --force delete only folders this tool wrote
+MARKER = ".gpt-triton-repository"
+MAX_TOKENIZER_BYTES = 64 << 20  # lets --force delete only folders this tool wrote
 
 
 def template_environment() -> jinja2.Environment:
@@ -50,12 +53,35 @@ def find_tokenizer(config: RenderConfig) -> Path:
     """--tokenizer (folder or .nemo), else the checkpoint folder, else the packaged GPT-2 tables."""
     if config.tokenizer is not None:
         if config.tokenizer.is_file():
-            from .checkpoints.nemo import extract_tokenizer  # noqa: PLC0415  (only for .nemo input)
-            return extract_tokenizer(config.tokenizer)
+            return tokenizer_from_nemo(config.tokenizer)
         return config.tokenizer
     if config.checkpoint is not None and all((config.checkpoint / f).is_file() for f in TOKENIZER_FILES):
         return config.checkpoint
     return GPT2_TOKENIZER_DIR
+
+
+def tokenizer_from_nemo(nemo: Path) -> Path:
+    """Read only the GPT-2 tables out of a .nemo archive (hashed names like `<hash>_vocab.json`) into a temp folder.
+
+    Nothing else is extracted, and the member names never become paths, so a hostile archive cannot write outside.
+    """
+    target = Path(tempfile.mkdtemp(prefix="gpt-triton-tokenizer-"))
+    wanted = {"vocab.json": None, "merges.txt": None}
+    try:
+        with tarfile.open(nemo, "r:*") as archive:
+            for member in archive:
+                base = member.name.rsplit("/", 1)[-1]
+                for name in wanted:
+                    if base.endswith(name) and member.isfile() and member.size < MAX_TOKENIZER_BYTES:
+                        wanted[name] = archive.extractfile(member).read()  # type: ignore[union-attr]
+    except (tarfile.TarError, OSError) as err:
+        raise RenderError(f"--tokenizer {nemo}: not a readable .nemo archive: {err}") from err
+    missing = [name for name, data in wanted.items() if data is None]
+    if missing:
+        raise RenderError(f"--tokenizer {nemo}: the archive holds no *{' or *'.join(missing)}")
+    for name, data in wanted.items():
+        (target / name).write_bytes(data)  # type: ignore[arg-type]
+    return target
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

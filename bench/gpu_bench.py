@@ -1,0 +1,313 @@
+"""GPU benchmark of the 1.3B GPT served through Triton, with HF transformers on the same GPU as the peer.
+
+Runs end to end on a GPU host (see docs/benchmarks.md for the exact command):
+  1. a random-weight NeMo GPT-3 1.3B checkpoint (`builder checkpoint --preset gpt3-1.3b`) -> fp16 FT weights;
+  2. the text ensemble rendered on the torch engine (KIND_GPU, fp16), served by tritonserver;
+  3. through Triton (gRPC): batch-1 decode time per token (slope of latency over output length), time to first token
+     for a 512-token prompt, output tokens/s with 1/8/32/64 concurrent clients (128-token prompts, 128 new tokens);
+  4. in the same run, on the same GPU: HF `GPT2LMHeadModel` `generate` (eager and static cache) at batch 1, the
+     device copy bandwidth (-> the batch-1 bandwidth floor), and greedy agreement between our engine (called through
+     Triton with token ids) and HF fp16 on 32 prompts x 64 tokens.
+Output lengths are pinned with min_tokens = max_tokens, so random weights cannot stop early.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from builder.checkpoints import convert, write_synthetic_checkpoint  # noqa: E402
+from builder.checkpoints.hf import hf_model_from_canonical  # noqa: E402
+from builder.render import render_repository  # noqa: E402
+from builder.render_config import RenderConfig  # noqa: E402
+from builder.runtime.ft_weights import load_ft_weights  # noqa: E402
+from builder.runtime.model_config import GptModelConfig  # noqa: E402
+from builder.runtime.tokenizer import GptTokenizer  # noqa: E402
+from builder.serve import TritonServer  # noqa: E402
+
+MODEL = "gpt3_1.3b"
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def copy_bandwidth_gbps() -> float:
+    """Device-to-device copy, counting bytes read + written (the bandwidth a decode step can hope for)."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    reps = 20
+    for _ in range(reps):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / reps
+    del src, dst
+    return 2 * (1 << 30) / seconds / 1e9
+
+
+def weight_bytes_per_step(config: GptModelConfig) -> int:
+    h, f = config.hidden_size, config.inter_size
+    per_layer = 3 * h * h + h * h + 2 * h * f
+    return 2 * (config.num_layer * per_layer + config.vocab_size * h)  # fp16; the LM head reads all of wte
+
+
+def random_prompts(n: int, length: int, seed: int, vocab: int = 50257) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab - 1, size=length).tolist() for _ in range(n)]
+
+
+# ---- HF transformers peer -----------------------------------------------------------------------------------------
+
+
+def hf_ms_per_token(model: torch.nn.Module, prompt: list[int], static: bool, lengths: tuple[int, int] = (32, 160),
+                    reps: int = 3) -> float:
+    """Slope of HF generate latency over new tokens, batch 1 (prefill cancels out)."""
+    ids = torch.tensor([prompt], device="cuda")
+    kwargs = {"do_sample": False, "pad_token_id": 50256}
+    if static:
+        kwargs["cache_implementation"] = "static"
+
+    def run(new_tokens: int) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for n in lengths:  # warm-up (and compilation where HF compiles a static-cache forward)
+        run(n)
+    short = statistics.median(run(lengths[0]) for _ in range(reps))
+    long = statistics.median(run(lengths[1]) for _ in range(reps))
+    return (long - short) / (lengths[1] - lengths[0]) * 1000
+
+
+def hf_greedy(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    outputs = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt], device="cuda")
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=50256)
+        outputs.append(out[0, len(prompt):].tolist())
+    return outputs
+
+
+def teacher_forced_agreement(model: torch.nn.Module, prompts: list[list[int]], ours: list[list[int]],
+                             tolerance: float) -> float:
+    """Share of our greedy tokens that HF, fed our own prefix, also ranks first (within fp16 logit tolerance)."""
+    agree = total = 0
+    with torch.no_grad():
+        for prompt, generated in zip(prompts, ours):
+            ids = torch.tensor([prompt + generated], device="cuda")
+            logits = model(ids).logits[0, len(prompt) - 1:-1].float()  # the logits that chose each generated token
+            chosen = logits.gather(1, torch.tensor(generated, device="cuda")[:, None])[:, 0]
+            agree += int((chosen >= logits.max(dim=1).values - tolerance).sum())
+            total += len(generated)
+    return agree / total
+
+
+# ---- through Triton ------------------------------------------------------------------------------------------------
+
+
+class Triton:
+    def __init__(self, url: str) -> None:
+        import tritonclient.grpc as grpcclient  # noqa: PLC0415
+
+        self.grpc = grpcclient
+        self.url = url
+        self.local = threading.local()
+
+    @property
+    def client(self):  # one channel per thread
+        if not hasattr(self.local, "client"):
+            self.local.client = self.grpc.InferenceServerClient(self.url)
+        return self.local.client
+
+    def _input(self, name: str, array: np.ndarray, dtype: str):
+        tensor = self.grpc.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        return tensor
+
+    def core(self, prompt: list[int], new_tokens: int) -> list[int]:
+        """The core model with token ids (the seed's own client request)."""
+        inputs = [self._input("input_ids", np.array([prompt], np.uint32), "UINT32"),
+                  self._input("input_lengths", np.array([[len(prompt)]], np.uint32), "UINT32"),
+                  self._input("request_output_len", np.array([[new_tokens]], np.uint32), "UINT32"),
+                  self._input("min_length", np.array([[new_tokens]], np.uint32), "UINT32")]
+        result = self.client.infer(MODEL, inputs)
+        length = int(result.as_numpy("sequence_length")[0, 0])
+        return result.as_numpy("output_ids")[0, 0, len(prompt):length].tolist()
+
+    def text(self, prompt: str, new_tokens: int) -> float:
+        """One text request through the ensemble; returns its latency in seconds."""
+        inputs = [self._input("text_input", np.array([[prompt.encode()]], object), "BYTES"),
+                  self._input("max_tokens", np.array([[new_tokens]], np.int32), "INT32"),
+                  self._input("min_tokens", np.array([[new_tokens]], np.int32), "INT32")]
+        start = time.perf_counter()
+        result = self.client.infer("ensemble", inputs)
+        elapsed = time.perf_counter() - start
+        produced = int(result.as_numpy("num_output_tokens").reshape(-1)[0])
+        if produced != new_tokens:
+            raise RuntimeError(f"asked for {new_tokens} tokens, got {produced}")
+        return elapsed
+
+
+def text_prompt(tokenizer, n_tokens: int, seed: int) -> str:
+    """A text that tokenizes to exactly n_tokens GPT-2 tokens (numbers separated by spaces: one token each)."""
+    rng = np.random.default_rng(seed)
+    words = [str(rng.integers(10, 99)) for _ in range(n_tokens)]
+    text = " ".join(words)
+    if len(tokenizer.encode(text)) != n_tokens:
+        raise RuntimeError(f"prompt should be {n_tokens} tokens, is {len(tokenizer.encode(text))}")
+    return text
+
+
+def closed_loop_tokens_per_s(triton: Triton, prompts: list[str], clients: int, new_tokens: int,
+                             seconds: float) -> dict[str, float]:
+    latencies: list[float] = []
+    lock = threading.Lock()
+    stop_at = time.perf_counter() + seconds
+
+    def worker(index: int) -> None:
+        i = index
+        while time.perf_counter() < stop_at:
+            latency = triton.text(prompts[i % len(prompts)], new_tokens)
+            with lock:
+                latencies.append(latency)
+            i += clients
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(c,)) for c in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    return {"clients": clients, "requests": len(latencies), "seconds": elapsed,
+            "tokens_per_s": len(latencies) * new_tokens / elapsed,
+            "latency_p50_ms": 1000 * statistics.median(latencies),
+            "latency_p99_ms": 1000 * float(np.percentile(latencies, 99))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/gpu-bench"), help="scratch folder (checkpoints)")
+    parser.add_argument("--out", type=Path, required=True, help="where results.json goes")
+    parser.add_argument("--seconds", type=float, default=20.0, help="duration of each concurrency level")
+    parser.add_argument("--concurrency", default="1,8,32,64")
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--max-queue-delay-us", type=int, default=2000)
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, object] = {"gpu": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"),
+                                 "torch": torch.__version__}
+
+    nemo = args.work / "gpt3-1.3b.nemo"
+    if not nemo.exists():
+        log("writing the random gpt3-1.3b .nemo")
+        write_synthetic_checkpoint("gpt3-1.3b", nemo, seed=0)
+    ft = args.work / "ft" / "1-gpu"
+    if not (ft / "config.ini").exists():
+        log("converting to fp16 FT weights")
+        t0 = time.perf_counter()
+        convert(nemo, args.work / "ft", infer_gpu_num=1, weight_data_type="fp16", progress=False)
+        result["convert_seconds"] = time.perf_counter() - t0
+    config = GptModelConfig.from_ini(ft / "config.ini")
+
+    bandwidth = copy_bandwidth_gbps()
+    floor_ms = weight_bytes_per_step(config) / (bandwidth * 1e9) * 1000
+    result.update(copy_bandwidth_gbps=bandwidth, weight_bytes_per_step=weight_bytes_per_step(config),
+                  floor_ms_per_token=floor_ms)
+    log(f"copy bandwidth {bandwidth:.0f} GB/s -> floor {floor_ms:.3f} ms/token")
+
+    agreement_prompts = random_prompts(32, 32, seed=1)
+    hf_tokens: list[list[int]] = []
+    hf_model = None
+    if not args.skip_hf:
+        _, tensors = load_ft_weights(ft, dtype=torch.float16, device="cuda")
+        hf_model = hf_model_from_canonical(config, tensors).to("cuda", torch.float16).eval()
+        del tensors
+        prompt = random_prompts(1, 128, seed=2)[0]
+        result["hf_eager_ms_per_token_bs1"] = hf_ms_per_token(hf_model, prompt, static=False)
+        log(f"HF eager {result['hf_eager_ms_per_token_bs1']:.2f} ms/token")
+        try:
+            result["hf_static_ms_per_token_bs1"] = hf_ms_per_token(hf_model, prompt, static=True)
+            log(f"HF static cache {result['hf_static_ms_per_token_bs1']:.2f} ms/token")
+        except Exception as err:  # noqa: BLE001  (record why the peer could not run, keep benchmarking)
+            result["hf_static_error"] = repr(err)[:500]
+        hf_tokens = hf_greedy(hf_model, agreement_prompts, 64)
+        torch.cuda.empty_cache()
+
+    repo = render_repository(RenderConfig(engine="torch", device="gpu", data_type="fp16", checkpoint=ft,
+                                          model=config, max_batch_size=64, output=args.work / "repo", force=True,
+                                          max_queue_delay_us=args.max_queue_delay_us))
+    tokenizer = GptTokenizer.from_directory(repo / "preprocessing" / "1")
+    log("starting tritonserver")
+    with TritonServer.on_free_ports(repo, startup_timeout_s=600) as server:
+        triton = Triton(server.grpc_url)
+        ours = [triton.core(p, 64) for p in agreement_prompts]
+        if hf_model is not None:
+            exact = sum(a == b for o, h in zip(ours, hf_tokens) for a, b in zip(o, h)) / sum(map(len, ours))
+            prefix = [next((i for i, (a, b) in enumerate(zip(o, h)) if a != b), len(o)) for o, h in zip(ours, hf_tokens)]
+            result["greedy_exact_token_agreement_vs_hf_fp16"] = exact
+            result["greedy_identical_sequences"] = sum(p == 64 for p in prefix)
+            result["greedy_agreement_vs_hf_fp16"] = teacher_forced_agreement(hf_model, agreement_prompts, ours, 1e-2)
+            log(f"agreement: teacher-forced {result['greedy_agreement_vs_hf_fp16']:.4f}, exact {exact:.4f}")
+            del hf_model
+            torch.cuda.empty_cache()
+
+        p128 = text_prompt(tokenizer, 128, seed=3)
+        for _ in range(3):
+            triton.text(p128, 16)
+        points = {}
+        for new_tokens in (8, 40, 72, 136):
+            points[new_tokens] = statistics.median(triton.text(p128, new_tokens) for _ in range(5))
+        xs = np.array(list(points)); ys = np.array(list(points.values()))
+        slope = float(np.polyfit(xs, ys, 1)[0]) * 1000
+        result["decode_ms_per_token_bs1"] = slope
+        result["latency_ms_bs1_prompt128"] = {int(k): v * 1000 for k, v in points.items()}
+        log(f"decode {slope:.3f} ms/token at batch 1")
+
+        p512 = text_prompt(tokenizer, 512, seed=4)
+        triton.text(p512, 1)
+        result["ttft_ms_prompt512_bs1"] = 1000 * statistics.median(triton.text(p512, 1) for _ in range(10))
+        log(f"TTFT(512) {result['ttft_ms_prompt512_bs1']:.2f} ms")
+
+        prompts = [text_prompt(tokenizer, 128, seed=100 + i) for i in range(64)]
+        sweep = []
+        for clients in (int(c) for c in args.concurrency.split(",")):
+            closed_loop_tokens_per_s(triton, prompts, clients, 128, min(5.0, args.seconds))  # warm-up
+            point = closed_loop_tokens_per_s(triton, prompts, clients, 128, args.seconds)
+            sweep.append(point)
+            log(f"concurrency {clients}: {point['tokens_per_s']:.0f} tok/s, p50 {point['latency_p50_ms']:.0f} ms")
+            result[f"tokens_per_s_concurrency{clients}"] = point["tokens_per_s"]
+        result["concurrency_sweep"] = sweep
+        result["server_log_tail"] = server.log_text()[-3000:]
+
+    if "hf_static_ms_per_token_bs1" in result:
+        result["speedup_vs_hf_static_bs1"] = result["hf_static_ms_per_token_bs1"] / result["decode_ms_per_token_bs1"]
+    if "hf_eager_ms_per_token_bs1" in result:
+        result["speedup_vs_hf_eager_bs1"] = result["hf_eager_ms_per_token_bs1"] / result["decode_ms_per_token_bs1"]
+    result["fraction_of_floor"] = floor_ms / result["decode_ms_per_token_bs1"]
+    (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k not in ("server_log_tail", "concurrency_sweep")},
+                     indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""FasterTransformer output tensors -> text (the postprocessing model's logic, without Triton).
+
+Non-streaming, per row and beam: the generated tokens are `output_ids[input_len:sequence_length]`. Generation ends
+at the first `end_id` (dropped, finish_reason "stop"), or with a stop word: FT leaves the stop word's tokens in
+`output_ids`, so the longest matching word is trimmed from the end (finish_reason "stop"); otherwise finish_reason is
+"length". `num_output_tokens` counts the generated tokens without the end_id but WITH a trimmed stop word's tokens
+(the model did generate them). With `exclude_input_in_output` false the text is the prompt followed by the generation.
+Every row and beam of every request in the call is decoded in one batched call.
+
+Streaming (stateless): each response of the decoupled core model carries the cumulative `output_ids` and
+`sequence_length`; the text delta is what the newest token adds (`GptTokenizer.stream_delta`: an unfinished UTF-8
+character is held back until it completes; the prompt is never included). All rows of a request advance together, so
+a beam "grew" in this response when its generated length equals the longest in the request; a beam that finished
+earlier (shorter) gets "". What a stateless step cannot know, by design:
+- a stop word is not trimmed (its text has been streamed before the engine stops), and finish_reason is "" except when
+  the last token is the end id (the `end_id` parameter, default the tokenizer's eos): then "stop", and the end id
+  itself adds no text (a request's own `end_id` input cannot reach a streaming postprocessing);
+- the core model must send exactly one response per step: a response repeating the previous one (no beam grew) would
+  repeat the last delta, unless its last token is the end id;
+- an unfinished character at the very end of a generation stopped by length is never emitted (a full decode would show
+  U+FFFD); before the end id it is flushed as U+FFFD like a full decode;
+- with beam_width > 1 the beams are re-ranked every step, so per-beam deltas need not add up to the final beams.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .preprocess import RequestError
+from .tokenizer import GptTokenizer
+from .word_lists import decode_word_list
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+
+
+class PostprocessConfigError(ValueError):
+    """The postprocessing model's parameters are missing or invalid."""
+
+
+@dataclass(frozen=True)
+class PostprocessConfig:
+    streaming: bool
+    end_id: int  # default end id (a request's `end_id` input wins); in streaming the token that means "stop"
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, str], default_end_id: int) -> "PostprocessConfig":
+        """From a model config's string parameters: streaming ("true"/"false", required), end_id (optional)."""
+        raw = parameters.get("streaming", "").strip().lower()
+        if raw not in ("true", "false"):
+            raise PostprocessConfigError(f"parameter 'streaming' must be \"true\" or \"false\", got {raw!r}")
+        raw_end_id = parameters.get("end_id", "").strip()
+        try:
+            end_id = int(raw_end_id) if raw_end_id else default_end_id
+        except ValueError:
+            raise PostprocessConfigError(f"parameter 'end_id' must be an integer, got {raw_end_id!r}") from None
+        if end_id < 0:
+            raise PostprocessConfigError(f"parameter 'end_id' must be >= 0, got {end_id}")
+        return cls(streaming=raw == "true", end_id=end_id)
+
+
+@dataclass(frozen=True)
+class _Beams:
+    """One request's core-model outputs, validated. B rows x W beams."""
+    output_ids: np.ndarray  # [B, W, T]
+    sequence_length: np.ndarray  # [B, W]
+    input_lengths: np.ndarray  # [B, W]
+
+    def generated(self, row: int, beam: int) -> list[int]:
+        start, end = int(self.input_lengths[row, beam]), int(self.sequence_length[row, beam])
+        return self.output_ids[row, beam, start:end].tolist()
+
+
+def _read_beams(inputs: Mapping[str, np.ndarray]) -> _Beams:
+    for name in ("output_ids", "sequence_length", "response_input_lengths"):
+        if inputs.get(name) is None:
+            raise RequestError(name, "is required")
+    output_ids = np.asarray(inputs["output_ids"])
+    if output_ids.ndim != 3:
+        raise RequestError("output_ids", f"expected shape [batch, beam, tokens], got {list(output_ids.shape)}")
+    batch, beams, tokens = output_ids.shape
+    sequence_length = np.asarray(inputs["sequence_length"]).astype(np.int64)
+    if sequence_length.shape != (batch, beams):
+        raise RequestError("sequence_length", f"expected shape [{batch}, {beams}], got {list(sequence_length.shape)}")
+    input_lengths = np.asarray(inputs["response_input_lengths"]).astype(np.int64)
+    if input_lengths.ndim != 2 or input_lengths.shape[0] != batch or input_lengths.shape[1] not in (1, beams):
+        raise RequestError("response_input_lengths", f"expected shape [{batch}, {beams}], got "
+                                                     f"{list(input_lengths.shape)}")
+    input_lengths = np.broadcast_to(input_lengths, (batch, beams))
+    if (input_lengths < 0).any() or (input_lengths > sequence_length).any() or (sequence_length > tokens).any():
+        raise RequestError("sequence_length", f"need 0 <= response_input_lengths <= sequence_length <= {tokens} "
+                                              f"(output_ids length); got input lengths {input_lengths.tolist()}, "
+                                              f"sequence lengths {sequence_length.tolist()}")
+    return _Beams(output_ids.astype(np.int64), sequence_length, input_lengths)
+
+
+def _per_row(inputs: Mapping[str, np.ndarray], name: str, batch: int, default: int) -> list[int]:
+    value = inputs.get(name)
+    if value is None:
+        return [default] * batch
+    value = np.asarray(value)
+    if value.size != batch:
+        raise RequestError(name, f"expected one value per row ({batch}), got shape {list(value.shape)}")
+    return [int(v) for v in value.reshape(batch)]
+
+
+def _stop_words(inputs: Mapping[str, np.ndarray], batch: int) -> list[list[list[int]]]:
+    value = inputs.get("stop_words_list")
+    if value is None:
+        return [[] for _ in range(batch)]
+    value = np.asarray(value)
+    if value.ndim != 3 or value.shape[:2] != (batch, 2):
+        raise RequestError("stop_words_list", f"expected shape [{batch}, 2, N], got {list(value.shape)}")
+    try:
+        return [decode_word_list(value[row]) for row in range(batch)]
+    except ValueError as err:
+        raise RequestError("stop_words_list", str(err)) from None
+
+
+def _trimmed_stop(generated: list[int], stop_words: list[list[int]]) -> int:
+    """Length of the longest stop word that `generated` ends with (0 if none)."""
+    matched = [len(word) for word in stop_words if 0 < len(word) <= len(generated) and generated[-len(word):] == word]
+    return max(matched, default=0)
+
+
+def _final_texts(requests: Sequence[Mapping[str, np.ndarray]], tokenizer: GptTokenizer, default_end_id: int
+                 ) -> list[dict[str, np.ndarray] | RequestError]:
+    # Pass 1: per beam, which ids to decode and the metadata; pass 2: one batched decode; pass 3: assemble.
+    plans: list[tuple[_Beams, list[list[str]], list[list[int]]] | RequestError] = []
+    to_decode: list[list[int]] = []
+    for inputs in requests:
+        try:
+            beams = _read_beams(inputs)
+            batch, width = beams.sequence_length.shape
+            end_ids = _per_row(inputs, "end_id", batch, default_end_id)
+            exclude_input = _per_row(inputs, "exclude_input_in_output", batch, 1)
+            stop_words = _stop_words(inputs, batch)
+        except RequestError as err:
+            plans.append(err)
+            continue
+        reasons: list[list[str]] = []
+        counts: list[list[int]] = []
+        for row in range(batch):
+            reasons.append([])
+            counts.append([])
+            for beam in range(width):
+                generated = beams.generated(row, beam)
+                if end_ids[row] in generated:
+                    kept = generated[:generated.index(end_ids[row])]
+                    reason, count = FINISH_STOP, len(kept)
+                else:
+                    stop_length = _trimmed_stop(generated, stop_words[row])
+                    kept = generated[:len(generated) - stop_length]
+                    reason, count = (FINISH_STOP if stop_length else FINISH_LENGTH), len(generated)
+                if not exclude_input[row]:
+                    kept = beams.output_ids[row, beam, :beams.input_lengths[row, beam]].tolist() + kept
+                to_decode.append(kept)
+                reasons[row].append(reason)
+                counts[row].append(count)
+        plans.append((beams, reasons, counts))
+
+    texts = iter(tokenizer.decode_batch(to_decode))
+    results: list[dict[str, np.ndarray] | RequestError] = []
+    for plan in plans:
+        if isinstance(plan, RequestError):
+            results.append(plan)
+            continue
+        beams, reasons, counts = plan
+        batch, width = beams.sequence_length.shape
+        text_output = np.empty((batch, width), dtype=np.object_)
+        for row in range(batch):
+            for beam in range(width):
+                text_output[row, beam] = next(texts).encode("utf-8")
+        results.append(_outputs(text_output, reasons, beams, counts))
+    return results
+
+
+def _outputs(text_output: np.ndarray, reasons: list[list[str]], beams: _Beams, counts: list[list[int]]
+             ) -> dict[str, np.ndarray]:
+    return {
+        "text_output": text_output,  # [B, W] UTF-8 bytes
+        "finish_reason": np.array([[reason.encode() for reason in row] for row in reasons], dtype=np.object_),
+        "num_input_tokens": beams.input_lengths[:, :1].astype(np.int32),  # [B, 1]
+        "num_output_tokens": np.array(counts, dtype=np.int32),  # [B, W]
+    }
+
+
+def _stream_deltas(inputs: Mapping[str, np.ndarray], tokenizer: GptTokenizer, end_id: int) -> dict[str, np.ndarray]:
+    beams = _read_beams(inputs)
+    batch, width = beams.sequence_length.shape
+    generated_lengths = beams.sequence_length - beams.input_lengths  # [B, W]
+    newest = int(generated_lengths.max(initial=0))
+    text_output = np.empty((batch, width), dtype=np.object_)
+    reasons: list[list[str]] = []
+    counts: list[list[int]] = []
+    for row in range(batch):
+        reasons.append([])
+        counts.append([])
+        for beam in range(width):
+            generated = beams.generated(row, beam)
+            grew = 0 < len(generated) == newest
+            ended = bool(generated) and generated[-1] == end_id
+            if ended:  # the end id adds no text; flush a held-back partial character as U+FFFD, once
+                delta = tokenizer.stream_delta(generated[:-1], 0, final=True) if grew else ""
+                generated = generated[:-1]
+            else:
+                delta = tokenizer.stream_delta(generated, 1) if grew else ""
+            text_output[row, beam] = delta.encode("utf-8")
+            reasons[row].append(FINISH_STOP if ended else "")
+            counts[row].append(len(generated))
+    return _outputs(text_output, reasons, beams, counts)
+
+
+def postprocess_requests(requests: Sequence[Mapping[str, np.ndarray]], tokenizer: GptTokenizer,
+                         config: PostprocessConfig) -> list[dict[str, np.ndarray] | RequestError]:
+    """Each request's inputs (name -> array with the batch dim) -> text_output, finish_reason, num_input_tokens,
+    num_output_tokens (all [B, ...]), or its error."""
+    if not config.streaming:
+        return _final_texts(requests, tokenizer, config.end_id)
+    results: list[dict[str, np.ndarray] | RequestError] = []
+    for inputs in requests:
+        try:
+            results.append(_stream_deltas(inputs, tokenizer, config.end_id))
+        except RequestError as err:
+            results.append(err)
+    return results

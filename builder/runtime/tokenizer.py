@@ -1,0 +1,145 @@
+"""GPT-2 byte-level BPE: batched encode/decode and stateless, UTF-8-safe incremental detokenization.
+
+Loaded once from a directory holding `vocab.json` + `merges.txt` with the `tokenizers` library (no hub, no remote
+code). Ids match `GPT2TokenizerFast.from_pretrained(<dir>)`, including `<|endoftext|>` written in the text mapping to
+the eos id (HF behaviour).
+
+Byte-level BPE maps every token to an exact byte string, so the text of any token sequence is the UTF-8 decoding of the
+concatenated bytes (invalid bytes -> U+FFFD, as `tokenizers` does). Streaming uses that: the text added by the last
+token(s) is computed from the token bytes alone, holding back an unfinished multi-byte character.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+VOCAB_FILE = "vocab.json"
+MERGES_FILE = "merges.txt"
+EOS_TOKEN = "<|endoftext|>"
+
+
+class TokenizerError(RuntimeError):
+    """The tokenizer files are missing or unusable."""
+
+
+@lru_cache(maxsize=1)
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character standing for each byte value (char -> byte).
+
+    Printable Latin-1 bytes stand for themselves; the other 68 bytes (controls, space, ...) are shifted to code points
+    256, 257, ... in byte order, so every byte has a visible, non-whitespace character that BPE can merge.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    char_to_byte = {chr(b): b for b in printable}
+    shifted = 0
+    for byte in range(256):
+        if byte not in printable:
+            char_to_byte[chr(256 + shifted)] = byte
+            shifted += 1
+    return char_to_byte
+
+
+def _is_utf8_continuation(byte: int) -> bool:
+    return 0x80 <= byte <= 0xBF
+
+
+class GptTokenizer:
+    """GPT-2 byte-level BPE tokenizer. Build with `from_directory`; thread-safe for reads."""
+
+    def __init__(self, tokenizer: "object", token_bytes: list[bytes], eos_id: int):
+        self._tokenizer = tokenizer  # a tokenizers.Tokenizer
+        self.token_bytes = token_bytes  # id -> the exact bytes the token stands for
+        self.eos_id = eos_id
+
+    @classmethod
+    def from_directory(cls, directory: Path | str) -> "GptTokenizer":
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers  # noqa: PLC0415
+
+        directory = Path(directory)
+        vocab_path, merges_path = directory / VOCAB_FILE, directory / MERGES_FILE
+        for path in (vocab_path, merges_path):
+            if not path.is_file():
+                raise TokenizerError(f"tokenizer file {path} is missing (need {VOCAB_FILE} and {MERGES_FILE})")
+        try:
+            vocab: dict[str, int] = json.loads(vocab_path.read_text(encoding="utf-8"))
+            tokenizer = Tokenizer(models.BPE.from_file(str(vocab_path), str(merges_path)))
+        except Exception as err:  # json, OSError, and tokenizers' plain Exception for bad merges
+            raise TokenizerError(f"cannot load the BPE tables in {directory}: {err}") from err
+        if EOS_TOKEN not in vocab:
+            raise TokenizerError(f"{vocab_path} has no {EOS_TOKEN} entry; not a GPT-2 vocabulary")
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        tokenizer.add_special_tokens([AddedToken(EOS_TOKEN, special=True, normalized=False)])
+
+        alphabet = byte_level_alphabet()
+        token_bytes = [b""] * (max(vocab.values()) + 1)
+        for token, token_id in vocab.items():
+            if token == EOS_TOKEN:
+                token_bytes[token_id] = token.encode()
+                continue
+            try:
+                token_bytes[token_id] = bytes(alphabet[char] for char in token)
+            except KeyError as err:
+                raise TokenizerError(f"{vocab_path}: token {token!r} has a character outside the byte-level "
+                                     "alphabet; not a byte-level BPE vocabulary") from err
+        return cls(tokenizer, token_bytes, vocab[EOS_TOKEN])
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids with a token (a model's embedding table may be padded beyond this)."""
+        return len(self.token_bytes)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of every text (no BOS/EOS added), in one call to the Rust tokenizer."""
+        if not texts:
+            return []
+        return [encoding.ids for encoding in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def decode_batch(self, sequences: Sequence[Sequence[int]]) -> list[str]:
+        """Text of every id sequence, in one call. Invalid UTF-8 -> U+FFFD; ids without a token are skipped."""
+        if not sequences:
+            return []
+        return self._tokenizer.decode_batch([list(map(int, ids)) for ids in sequences], skip_special_tokens=False)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.decode_batch([ids])[0]
+
+    def bytes_of(self, ids: Sequence[int]) -> bytes:
+        table, size = self.token_bytes, len(self.token_bytes)
+        return b"".join(table[i] if 0 <= i < size else b"" for i in map(int, ids))
+
+    def stream_delta(self, generated: Sequence[int], num_new: int, final: bool = False) -> str:
+        """Text added by the last `num_new` tokens of `generated` (the whole generation so far), statelessly.
+
+        Equals `emitted(generated) - emitted(generated[:-num_new])` where `emitted(x)` is the decoding of x's bytes
+        without its trailing unfinished character (held back until a later token completes it). With `final`, held
+        bytes are flushed (as U+FFFD, like a full decode). Concatenating the deltas of consecutive calls therefore
+        reproduces `decode(generated)` exactly.
+
+        Only a short context window is decoded: the window starts at the latest token (before the new ones) whose
+        first byte is not a UTF-8 continuation byte. A UTF-8 decoder always restarts at such a byte, so decoding
+        from there groups the following bytes exactly as decoding from the start does.
+        """
+        total = len(generated)
+        if not 0 <= num_new <= total:
+            raise ValueError(f"num_new must be in [0, {total}], got {num_new}")
+        first_new = total - num_new
+        start = first_new
+        while start > 0:
+            start -= 1
+            head = self.bytes_of(generated[start:start + 1])
+            if head and not _is_utf8_continuation(head[0]):
+                break
+        context = self.bytes_of(generated[start:first_new])
+        new = self.bytes_of(generated[first_new:])
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        context_text = decoder.decode(context, final=False)
+        full_text = context_text + decoder.decode(new, final=final)
+        return full_text[len(context_text):]

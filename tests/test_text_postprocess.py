@@ -1,0 +1,197 @@
+"""Postprocessing logic: FT outputs -> text, end_id/stop-word trimming, finish_reason, stateless streaming deltas."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from builder.runtime.postprocess import PostprocessConfig, PostprocessConfigError, postprocess_requests
+from builder.runtime.preprocess import RequestError
+from builder.runtime.tokenizer import GptTokenizer
+from builder.runtime.word_lists import encode_word_lists
+
+ASSETS = Path(__file__).resolve().parents[1] / "builder" / "assets" / "gpt2"
+EOS = 50256
+FINAL = PostprocessConfig(streaming=False, end_id=EOS)
+STREAMING = PostprocessConfig(streaming=True, end_id=EOS)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> GptTokenizer:
+    return GptTokenizer.from_directory(ASSETS)
+
+
+def core_outputs(rows: list[list[tuple[list[int], list[int]]]], total_len: int | None = None,
+                 end_id: int = EOS) -> dict[str, np.ndarray]:
+    """What the core model returns for one request, laid out as FT does: per row and beam the prompt, then the
+    generated tokens (an end_id included), then end_id filling up to the buffer length. rows[b][w] = (prompt, gen)."""
+    lengths = [len(prompt) + len(gen) for beams in rows for prompt, gen in beams]
+    total_len = total_len or max(lengths)
+    batch, width = len(rows), len(rows[0])
+    output_ids = np.full((batch, width, total_len), end_id, dtype=np.uint32)
+    sequence_length = np.zeros((batch, width), dtype=np.uint32)
+    input_lengths = np.zeros((batch, width), dtype=np.int32)
+    for b, beams in enumerate(rows):
+        for w, (prompt, gen) in enumerate(beams):
+            output_ids[b, w, :len(prompt) + len(gen)] = prompt + gen
+            sequence_length[b, w] = len(prompt) + len(gen)
+            input_lengths[b, w] = len(prompt)
+    return {"output_ids": output_ids, "sequence_length": sequence_length, "response_input_lengths": input_lengths}
+
+
+def single(tokenizer: GptTokenizer, prompt: str, generated: list[int], **extra: np.ndarray) -> dict[str, np.ndarray]:
+    return {**core_outputs([[(tokenizer.encode(prompt), generated)]]), **extra}
+
+
+def texts(result: dict[str, np.ndarray]) -> list[list[str]]:
+    return [[value.decode() for value in row] for row in result["text_output"]]
+
+
+def reasons(result: dict[str, np.ndarray]) -> list[list[str]]:
+    return [[value.decode() for value in row] for row in result["finish_reason"]]
+
+
+def test_generated_text_only_until_end_id(tokenizer: GptTokenizer) -> None:
+    generated = tokenizer.encode(" 7 8 9") + [EOS]
+    inputs = {**core_outputs([[(tokenizer.encode("1 2 3 4 5 6"), generated)]], total_len=20),
+              "end_id": np.array([[EOS]], dtype=np.uint32)}
+    (result,) = postprocess_requests([inputs], tokenizer, FINAL)
+    assert texts(result) == [[" 7 8 9"]]
+    assert reasons(result) == [["stop"]]
+    assert result["num_input_tokens"].tolist() == [[6]]
+    assert result["num_output_tokens"].tolist() == [[3]]
+    assert result["num_input_tokens"].dtype == result["num_output_tokens"].dtype == np.int32
+
+
+def test_length_when_no_end(tokenizer: GptTokenizer) -> None:
+    generated = tokenizer.encode(" 7 8 9 10")
+    (result,) = postprocess_requests([single(tokenizer, "1 2 3", generated)], tokenizer, FINAL)
+    assert texts(result) == [[" 7 8 9 10"]] and reasons(result) == [["length"]]
+    assert result["num_output_tokens"].tolist() == [[len(generated)]]
+
+
+def test_stop_word_trimmed_from_the_end(tokenizer: GptTokenizer) -> None:
+    generated = tokenizer.encode(" go team go Hawks")
+    stop = encode_word_lists([[tokenizer.encode("Hawks"), tokenizer.encode(" Hawks")]])
+    (result,) = postprocess_requests([single(tokenizer, "Say:", generated, stop_words_list=stop)], tokenizer, FINAL)
+    assert texts(result) == [[" go team go"]] and reasons(result) == [["stop"]]
+    assert result["num_output_tokens"].tolist() == [[len(generated)]]  # stop-word tokens count
+
+
+def test_stop_word_elsewhere_is_not_trimmed(tokenizer: GptTokenizer) -> None:
+    generated = tokenizer.encode(" Hawks win again")
+    stop = encode_word_lists([[tokenizer.encode(" Hawks")]])
+    (result,) = postprocess_requests([single(tokenizer, "Say:", generated, stop_words_list=stop)], tokenizer, FINAL)
+    assert texts(result) == [[" Hawks win again"]] and reasons(result) == [["length"]]
+
+
+def test_custom_end_id_and_echo(tokenizer: GptTokenizer) -> None:
+    end = tokenizer.encode(".")[0]
+    generated = tokenizer.encode(" 日本語 😀") + [end]
+    inputs = single(tokenizer, "Prompt é", generated, end_id=np.array([[end]], dtype=np.uint32),
+                    exclude_input_in_output=np.array([[False]]))
+    (result,) = postprocess_requests([inputs], tokenizer, FINAL)
+    assert texts(result) == [["Prompt é 日本語 😀"]] and reasons(result) == [["stop"]]
+
+
+def test_rows_and_beams(tokenizer: GptTokenizer) -> None:
+    short, long = tokenizer.encode("a b"), tokenizer.encode("a longer prompt here")
+    rows = [[(short, tokenizer.encode(" one") + [EOS]), (short, tokenizer.encode(" two three"))],
+            [(long, tokenizer.encode(" x")), (long, [EOS])]]
+    (result,) = postprocess_requests([core_outputs(rows, total_len=12)], tokenizer, FINAL)
+    assert texts(result) == [[" one", " two three"], [" x", ""]]
+    assert reasons(result) == [["stop", "length"], ["length", "stop"]]
+    assert result["num_input_tokens"].tolist() == [[len(short)], [len(long)]]
+    assert result["num_output_tokens"].tolist() == [[1, 2], [1, 0]]
+
+
+def test_one_decode_call_for_the_whole_execute(tokenizer: GptTokenizer) -> None:
+    calls: list[int] = []
+
+    class CountingTokenizer(GptTokenizer):
+        def decode_batch(self, sequences):  # type: ignore[no-untyped-def]
+            calls.append(len(sequences))
+            return super().decode_batch(sequences)
+
+    counting = CountingTokenizer(tokenizer._tokenizer, tokenizer.token_bytes, tokenizer.eos_id)
+    two_rows = core_outputs([[([1], [2, 3])], [([4], [5])]])
+    results = postprocess_requests([single(tokenizer, "x", [6]), two_rows], counting, FINAL)
+    assert calls == [3]
+    assert texts(results[1]) == [[tokenizer.decode([2, 3])], [tokenizer.decode([5])]]
+
+
+def test_bad_request_isolated(tokenizer: GptTokenizer) -> None:
+    broken = single(tokenizer, "x", [6])
+    broken["sequence_length"] = np.array([[99]], dtype=np.uint32)  # beyond output_ids
+    missing = single(tokenizer, "x", [6])
+    del missing["response_input_lengths"]
+    results = postprocess_requests([single(tokenizer, "x", [6]), broken, missing], tokenizer, FINAL)
+    assert texts(results[0]) == [[tokenizer.decode([6])]]
+    assert isinstance(results[1], RequestError) and results[1].input_name == "sequence_length"
+    assert isinstance(results[2], RequestError) and results[2].input_name == "response_input_lengths"
+
+
+def stream_responses(tokenizer: GptTokenizer, rows: list[tuple[list[int], list[int]]], total_len: int
+                     ) -> list[dict[str, np.ndarray]]:
+    """Run the streaming postprocessing on every step of a decoupled core model: after step s each row holds its
+    first s generated tokens (fewer when it has finished), in an end_id-filled buffer of constant length (FT)."""
+    steps = max(len(gen) for _, gen in rows)
+    results = []
+    for step in range(1, steps + 1):
+        partial = [[(prompt, gen[:step])] for prompt, gen in rows]
+        (result,) = postprocess_requests([core_outputs(partial, total_len=total_len)], tokenizer, STREAMING)
+        results.append(result)
+    return results
+
+
+def test_streaming_concatenation_equals_final_text(tokenizer: GptTokenizer) -> None:
+    rng = random.Random(5)
+    pieces = [" héllo", " 日本語", " 😀", "👍🏽", " naïve", " 中文", "!", " 🎉🎉", "\n", " Ærø"]
+    for _ in range(40):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randrange(1, 8)))
+        generated = tokenizer.encode(text) + [EOS]
+        prompt = tokenizer.encode("Prompt:")
+        responses = stream_responses(tokenizer, [(prompt, generated)], total_len=len(prompt) + len(generated) + 3)
+        deltas = [texts(r)[0][0] for r in responses]
+        (final,) = postprocess_requests([core_outputs([[(prompt, generated)]])], tokenizer, FINAL)
+        assert "".join(deltas) == texts(final)[0][0] == text
+        assert all("\ufffd" not in delta for delta in deltas)
+        assert [reasons(r)[0][0] for r in responses] == [""] * (len(responses) - 1) + ["stop"]
+        assert responses[-1]["num_output_tokens"].tolist() == final["num_output_tokens"].tolist()
+
+
+def test_first_streamed_response_is_the_first_token(tokenizer: GptTokenizer) -> None:
+    prompt, generated = tokenizer.encode("1 2 3"), tokenizer.encode(" 4 5")
+    first = stream_responses(tokenizer, [(prompt, generated)], total_len=10)[0]
+    assert texts(first) == [[" 4"]]  # leading space kept, no prompt
+    assert first["num_input_tokens"].tolist() == [[3]] and first["num_output_tokens"].tolist() == [[1]]
+
+
+def test_streaming_row_that_finished_early_gets_empty_deltas(tokenizer: GptTokenizer) -> None:
+    short, long = tokenizer.encode(" done") + [EOS], tokenizer.encode(" and on and on and on")
+    responses = stream_responses(tokenizer, [(tokenizer.encode("a"), short), (tokenizer.encode("b c"), long)], 16)
+    row0 = [texts(r)[0][0] for r in responses]
+    row1 = [texts(r)[1][0] for r in responses]
+    assert "".join(row0) == " done" and "".join(row1) == " and on and on and on"
+    assert row0[len(short):] == [""] * (len(long) - len(short))  # no repeats once finished
+    assert [reasons(r)[0][0] for r in responses][len(short) - 1:] == ["stop"] * (len(long) - len(short) + 1)
+
+
+def test_streaming_stop_word_is_not_trimmed(tokenizer: GptTokenizer) -> None:
+    generated = tokenizer.encode(" go Hawks")
+    responses = stream_responses(tokenizer, [(tokenizer.encode("x"), generated)], total_len=8)
+    assert "".join(texts(r)[0][0] for r in responses) == " go Hawks"
+    assert reasons(responses[-1]) == [[""]]
+
+
+def test_config_parameters() -> None:
+    assert PostprocessConfig.from_parameters({"streaming": "true"}, default_end_id=EOS) == STREAMING
+    assert PostprocessConfig.from_parameters({"streaming": "False", "end_id": "7"}, default_end_id=EOS) == \
+        PostprocessConfig(streaming=False, end_id=7)
+    with pytest.raises(PostprocessConfigError, match="streaming"):
+        PostprocessConfig.from_parameters({}, default_end_id=EOS)
+    with pytest.raises(PostprocessConfigError, match="end_id"):
+        PostprocessConfig.from_parameters({"streaming": "true", "end_id": "x"}, default_end_id=EOS)

@@ -1,0 +1,213 @@
+"""Preprocessing logic: per-request validation naming the input, defaults, multi-row requests, batched tokenization."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from builder.runtime.preprocess import (FT_OUTPUT_DTYPES, PreprocessConfig, PreprocessConfigError, RequestError,
+                                        preprocess_requests)
+from builder.runtime.tokenizer import GptTokenizer
+from builder.runtime.word_lists import decode_word_list
+
+ASSETS = Path(__file__).resolve().parents[1] / "builder" / "assets" / "gpt2"
+CONFIG = PreprocessConfig(max_pos_seq_len=64, vocab_size=50304)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> GptTokenizer:
+    return GptTokenizer.from_directory(ASSETS)
+
+
+def strings(*values: str | bytes) -> np.ndarray:
+    """A STRING input of one row: shape [1, len(values)]."""
+    return np.array([[v.encode() if isinstance(v, str) else v for v in values]], dtype=np.object_)
+
+
+def scalar(value: float, dtype: type) -> np.ndarray:
+    return np.array([[value]], dtype=dtype)
+
+
+def request(**overrides: np.ndarray | None) -> dict[str, np.ndarray]:
+    inputs: dict[str, np.ndarray | None] = {"text_input": strings("1 2 3 4 5"),
+                                            "max_tokens": scalar(5, np.int32), **overrides}
+    return {name: value for name, value in inputs.items() if value is not None}
+
+
+BAD_REQUESTS = [
+    # (case, overrides, input named in the error, text the message must contain)
+    ("empty prompt", {"text_input": strings("")}, "text_input", "empty"),
+    ("invalid utf-8", {"text_input": strings(b"ok \xff\xfe")}, "text_input", "UTF-8"),
+    ("no prompt", {"text_input": None}, "text_input", "required"),
+    ("no max_tokens", {"max_tokens": None}, "max_tokens", "required"),
+    ("max_tokens 0", {"max_tokens": scalar(0, np.int32)}, "max_tokens", ">= 1"),
+    ("max_tokens negative", {"max_tokens": scalar(-5, np.int32)}, "max_tokens", ">= 1"),
+    ("max_tokens two values", {"max_tokens": np.array([[5, 6]], dtype=np.int32)}, "max_tokens", "shape"),
+    ("too long", {"max_tokens": scalar(60, np.int32)}, "text_input", "65 > max_pos_seq_len 64"),
+    ("top_k negative", {"top_k": scalar(-1, np.int32)}, "top_k", "[0, 50304]"),
+    ("top_k above vocab", {"top_k": scalar(60000, np.int32)}, "top_k", "[0, 50304]"),
+    ("top_p above 1", {"top_p": scalar(1.5, np.float32)}, "top_p", "[0, 1]"),
+    ("top_p negative", {"top_p": scalar(-0.1, np.float32)}, "top_p", "[0, 1]"),
+    ("top_p nan", {"top_p": scalar(math.nan, np.float32)}, "top_p", "[0, 1]"),
+    ("temperature negative", {"temperature": scalar(-1, np.float32)}, "temperature", ">= 0"),
+    ("temperature inf", {"temperature": scalar(math.inf, np.float32)}, "temperature", "finite"),
+    ("repetition_penalty 0", {"repetition_penalty": scalar(0, np.float32)}, "repetition_penalty", "> 0"),
+    ("presence_penalty inf", {"presence_penalty": scalar(math.inf, np.float32)}, "presence_penalty", "finite"),
+    ("len_penalty nan", {"len_penalty": scalar(math.nan, np.float32)}, "len_penalty", "finite"),
+    ("min_tokens above max", {"min_tokens": scalar(6, np.int32)}, "min_tokens", "max_tokens (5)"),
+    ("min_tokens negative", {"min_tokens": scalar(-1, np.int32)}, "min_tokens", ">= 0"),
+    ("beam_width 0", {"beam_width": scalar(0, np.int32)}, "beam_width", "[1, 8]"),
+    ("beam_width 9", {"beam_width": scalar(9, np.int32)}, "beam_width", "[1, 8]"),
+    ("end_id = vocab", {"end_id": scalar(50304, np.int32)}, "end_id", "[0, 50304)"),
+    ("end_id negative", {"end_id": scalar(-1, np.int32)}, "end_id", "[0, 50304)"),
+    ("pad_id too big", {"pad_id": scalar(99999, np.int32)}, "pad_id", "[0, 50304)"),
+    ("too many stop words", {"stop_words": strings(*[f"w{i}" for i in range(65)])}, "stop_words", "limit is 64"),
+    ("stop word too long", {"stop_words": strings("x" * 300)}, "stop_words", "limit is 256"),
+    ("bad word invalid utf-8", {"bad_words": strings(b"\xc3")}, "bad_words", "UTF-8"),
+]
+
+
+@pytest.mark.parametrize("overrides, input_name, fragment", [case[1:] for case in BAD_REQUESTS],
+                         ids=[case[0] for case in BAD_REQUESTS])
+def test_bad_request_names_input_and_limit(tokenizer: GptTokenizer, overrides: dict, input_name: str,
+                                           fragment: str) -> None:
+    (result,) = preprocess_requests([request(**overrides)], tokenizer, CONFIG)
+    assert isinstance(result, RequestError), result
+    assert result.input_name == input_name
+    assert fragment in str(result) and f"'{input_name}'" in str(result)
+
+
+def test_word_list_token_limit(tokenizer: GptTokenizer) -> None:
+    config = PreprocessConfig(max_pos_seq_len=64, vocab_size=50304, max_word_list_tokens=5)
+    (result,) = preprocess_requests([request(stop_words=strings("one two three"))], tokenizer, config)
+    assert isinstance(result, RequestError) and result.input_name == "stop_words"
+    assert "limit is 5" in str(result)
+
+
+def test_bad_row_is_named(tokenizer: GptTokenizer) -> None:
+    inputs = {"text_input": np.array([[b"a"], [b"b"], [b"c"]], dtype=np.object_),
+              "max_tokens": np.array([[1], [2], [3]], dtype=np.int32),
+              "top_p": np.array([[0.5], [2.0], [0.5]], dtype=np.float32)}
+    (result,) = preprocess_requests([inputs], tokenizer, CONFIG)
+    assert isinstance(result, RequestError) and result.input_name == "top_p" and "(row 1)" in str(result)
+
+
+def test_bad_request_does_not_affect_the_others(tokenizer: GptTokenizer) -> None:
+    good_a, good_b = request(), request(text_input=strings("Hello world"), top_k=scalar(3, np.int32))
+    results = preprocess_requests([good_a, request(top_k=scalar(-1, np.int32)), good_b], tokenizer, CONFIG)
+    assert isinstance(results[1], RequestError)
+    for got, alone in zip((results[0], results[2]), (good_a, good_b)):
+        (expected,) = preprocess_requests([alone], tokenizer, CONFIG)
+        assert got.keys() == expected.keys()
+        for name in got:
+            np.testing.assert_array_equal(got[name], expected[name])
+
+
+def test_defaults_fill_every_ft_tensor(tokenizer: GptTokenizer) -> None:
+    (result,) = preprocess_requests([request()], tokenizer, CONFIG)
+    assert list(result) == list(FT_OUTPUT_DTYPES)
+    for name, array in result.items():
+        assert array.dtype == FT_OUTPUT_DTYPES[name], name
+    prompt = tokenizer.encode("1 2 3 4 5")
+    assert result["input_ids"].tolist() == [prompt]
+    assert result["input_lengths"].tolist() == [[len(prompt)]]
+    assert result["request_output_len"].tolist() == [[5]]
+    expected = {"runtime_top_k": 0, "runtime_top_p": 0.0, "temperature": 1.0, "repetition_penalty": 1.0,
+                "presence_penalty": 0.0, "min_length": 0, "len_penalty": 0.0, "beam_width": 1, "random_seed": 0,
+                "end_id": 50256, "is_return_log_probs": False}
+    assert {name: result[name].tolist() for name in expected} == {name: [[v]] for name, v in expected.items()}
+    assert result["stop_words_list"].tolist() == [[[0], [-1]]]
+    assert result["bad_words_list"].tolist() == [[[0], [-1]]]
+
+
+def test_given_values_pass_through(tokenizer: GptTokenizer) -> None:
+    (result,) = preprocess_requests([request(top_k=scalar(40, np.int32), top_p=scalar(0.9, np.float32),
+                                             temperature=scalar(0.7, np.float32), beam_width=scalar(4, np.int32),
+                                             random_seed=scalar(2**63 + 5, np.uint64),
+                                             return_log_probs=scalar(True, np.bool_),
+                                             min_tokens=scalar(2, np.int32), end_id=scalar(13, np.int32))],
+                                    tokenizer, CONFIG)
+    assert result["runtime_top_k"].tolist() == [[40]]
+    assert result["runtime_top_p"].tolist() == [[np.float32(0.9)]]
+    assert result["temperature"].tolist() == [[np.float32(0.7)]]
+    assert result["beam_width"].tolist() == [[4]]
+    assert result["random_seed"].tolist() == [[2**63 + 5]]
+    assert result["is_return_log_probs"].tolist() == [[True]]
+    assert result["min_length"].tolist() == [[2]]
+    assert result["end_id"].tolist() == [[13]]
+
+
+def test_temperature_zero_means_greedy(tokenizer: GptTokenizer) -> None:
+    (result,) = preprocess_requests([request(temperature=scalar(0.0, np.float32), top_p=scalar(0.9, np.float32))],
+                                    tokenizer, CONFIG)
+    assert (result["runtime_top_k"].item(), result["runtime_top_p"].item(), result["temperature"].item()) == \
+        (1, 0.0, 1.0)
+
+
+def test_eight_prompts_in_one_request(tokenizer: GptTokenizer) -> None:
+    from transformers import GPT2TokenizerFast
+
+    hf = GPT2TokenizerFast.from_pretrained(str(ASSETS))
+    prompts = ["1 2 3", "Hello world", "日本語", "a", "emoji 😀 here", " leading space", "x\ny", "The end."]
+    inputs = {"text_input": np.array([[p.encode()] for p in prompts], dtype=np.object_),
+              "max_tokens": np.arange(1, 9, dtype=np.int32).reshape(8, 1),
+              "pad_id": np.full((8, 1), 7, dtype=np.int32),
+              "stop_words": np.array([[b"Hawks", b""]] * 8, dtype=np.object_)}
+    (result,) = preprocess_requests([inputs], tokenizer, CONFIG)
+    expected = [hf.encode(p) for p in prompts]
+    width = max(map(len, expected))
+    assert result["input_ids"].shape == (8, width)
+    assert result["input_ids"].tolist() == [ids + [7] * (width - len(ids)) for ids in expected]
+    assert result["input_lengths"].tolist() == [[len(ids)] for ids in expected]
+    assert result["request_output_len"].tolist() == [[n] for n in range(1, 9)]
+    assert result["temperature"].shape == (8, 1)
+    assert result["stop_words_list"].shape[:2] == (8, 2)
+    for row in result["stop_words_list"]:
+        assert decode_word_list(row) == [hf.encode("Hawks"), hf.encode(" Hawks")]
+
+
+def test_one_encode_call_per_execute(tokenizer: GptTokenizer) -> None:
+    calls: list[int] = []
+
+    class CountingTokenizer(GptTokenizer):
+        def encode_batch(self, texts):  # type: ignore[no-untyped-def]
+            calls.append(len(texts))
+            return super().encode_batch(texts)
+
+    counting = CountingTokenizer(tokenizer._tokenizer, tokenizer.token_bytes, tokenizer.eos_id)
+    requests = [request(stop_words=strings("a", "b")), request(), request(bad_words=strings("c"))]
+    results = preprocess_requests(requests, counting, CONFIG)
+    assert all(isinstance(r, dict) for r in results)
+    assert calls == [3 + 4 + 2]  # 3 prompts + 4 stop-word variants + 2 bad-word variants
+
+
+def test_output_subset(tokenizer: GptTokenizer) -> None:
+    config = PreprocessConfig(max_pos_seq_len=64, vocab_size=50304,
+                              outputs=("input_ids", "input_lengths", "request_output_len", "runtime_top_k"))
+    (result,) = preprocess_requests([request(temperature=scalar(0.0, np.float32))], tokenizer, config)
+    assert list(result) == ["input_ids", "input_lengths", "request_output_len", "runtime_top_k"]
+
+
+@pytest.mark.parametrize("parameters, outputs, fragment", [
+    ({"vocab_size": "50304"}, ["input_ids", "input_lengths", "request_output_len"], "max_pos_seq_len"),
+    ({"max_pos_seq_len": "x", "vocab_size": "50304"}, ["input_ids", "input_lengths", "request_output_len"],
+     "integer"),
+    ({"max_pos_seq_len": "0", "vocab_size": "50304"}, ["input_ids", "input_lengths", "request_output_len"], ">= 1"),
+    ({"max_pos_seq_len": "64", "vocab_size": "100", "end_id": "50256"},
+     ["input_ids", "input_lengths", "request_output_len"], "end_id"),
+    ({"max_pos_seq_len": "64", "vocab_size": "50304"}, ["input_ids", "input_lengths"], "request_output_len"),
+    ({"max_pos_seq_len": "64", "vocab_size": "50304"}, ["input_ids", "input_lengths", "request_output_len", "foo"],
+     "foo"),
+])
+def test_config_errors(parameters: dict, outputs: list, fragment: str) -> None:
+    with pytest.raises(PreprocessConfigError, match=fragment):
+        PreprocessConfig.from_parameters(parameters, outputs)
+
+
+def test_config_from_parameters() -> None:
+    config = PreprocessConfig.from_parameters({"max_pos_seq_len": "2048", "vocab_size": "50304", "pad_id": "0"},
+                                              ["input_ids", "input_lengths", "request_output_len"])
+    assert (config.max_pos_seq_len, config.vocab_size, config.end_id, config.default_pad_id) == (2048, 50304, 50256, 0)

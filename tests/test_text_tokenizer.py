@@ -1,0 +1,121 @@
+"""GPT-2 tokenizer: canonical ids, equality with HF, byte table, stateless UTF-8-safe streaming deltas."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from builder.runtime.tokenizer import GptTokenizer, TokenizerError, byte_level_alphabet
+
+ASSETS = Path(__file__).resolve().parents[1] / "builder" / "assets" / "gpt2"
+
+SAMPLES = [
+    "Hello world", " world", "1 2 3 4 5 6", " The quick brown fox", "", " ", "   leading and trailing   ",
+    "line one\nline two\r\n\ttabbed", "naïve café résumé Ærøskøbing", "日本語のテキストと中文文本", "emoji 😀👍🏽 family 👨‍👩‍👧",
+    "code: def f(x):\n    return x ** 2  # comment", "it's they're we've I'm you'll he'd",
+    "<|endoftext|>", "a<|endoftext|>b",
+    "ÿ\x00\x01 control \x7f", "Ω≈ç√∫˜µ≤≥÷ ①②③", "🇫🇷 flags and ñ",
+]
+
+# Characters for random texts: ASCII, accents, CJK, emoji (4-byte), combining marks, whitespace.
+ALPHABET = list("abcXYZ 019.,!?'\n\t") + list("éüñçøß") + list("日本語中文한국") + ["😀", "🎉", "👍🏽", "\u0301", "  "]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> GptTokenizer:
+    return GptTokenizer.from_directory(ASSETS)
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    transformers = pytest.importorskip("transformers")
+    return transformers.GPT2TokenizerFast.from_pretrained(str(ASSETS))
+
+
+def random_texts(count: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choice(ALPHABET) for _ in range(rng.randrange(1, 40))) for _ in range(count)]
+
+
+def test_canonical_ids(tokenizer: GptTokenizer) -> None:
+    assert tokenizer.encode(" world") == [995]
+    assert tokenizer.encode("1 2 3 4 5 6") == [16, 362, 513, 604, 642, 718]
+    assert tokenizer.encode("Hello world") == [15496, 995]
+    assert tokenizer.eos_id == 50256
+    assert tokenizer.vocab_size == 50257
+
+
+def test_encode_and_decode_match_hf(tokenizer: GptTokenizer, hf_tokenizer) -> None:
+    texts = SAMPLES + random_texts(200, seed=1)
+    ours = tokenizer.encode_batch(texts)
+    assert ours == [hf_tokenizer.encode(text) for text in texts]
+    assert tokenizer.decode_batch(ours) == [hf_tokenizer.decode(ids) for ids in ours]
+    assert tokenizer.decode_batch(ours) == texts
+
+
+def test_byte_table_is_the_byte_level_alphabet(tokenizer: GptTokenizer) -> None:
+    from tokenizers import pre_tokenizers
+
+    alphabet = byte_level_alphabet()
+    assert sorted(alphabet.values()) == list(range(256))
+    assert sorted(alphabet) == sorted(pre_tokenizers.ByteLevel.alphabet())
+    for text in SAMPLES + random_texts(50, seed=2):
+        assert tokenizer.bytes_of(tokenizer.encode(text)) == text.encode("utf-8")
+
+
+def test_unknown_ids_decode_to_nothing(tokenizer: GptTokenizer, hf_tokenizer) -> None:
+    ids = [995, 50300, 995]  # 50300: a padded-vocab id without a token (a random-weight model can sample it)
+    assert tokenizer.decode(ids) == hf_tokenizer.decode(ids) == " world world"
+    assert tokenizer.bytes_of(ids) == b" world world"
+
+
+def test_missing_files_raise(tmp_path: Path) -> None:
+    (tmp_path / "vocab.json").write_text("{}")
+    with pytest.raises(TokenizerError, match="merges.txt"):
+        GptTokenizer.from_directory(tmp_path)
+
+
+def stream(tokenizer: GptTokenizer, ids: list[int]) -> list[str]:
+    """Deltas of a stateless step per token, as the postprocessing model computes them."""
+    return [tokenizer.stream_delta(ids[:count], 1) for count in range(1, len(ids) + 1)]
+
+
+def test_emoji_split_across_tokens_is_held_back(tokenizer: GptTokenizer) -> None:
+    ids = tokenizer.encode(" 🦙!")
+    # The llama's 4 bytes are split 3/1/1 over the first three tokens: ' \xf0\x9f', '\xa6', '\x99'.
+    assert [tokenizer.token_bytes[i] for i in ids[:3]] == [b" \xf0\x9f", b"\xa6", b"\x99"]
+    assert stream(tokenizer, ids) == [" ", "", "🦙", "!"]
+
+
+@pytest.mark.parametrize("text", ["日本語のテキスト", "naïve café", "👨‍👩‍👧 family", "🇫🇷🇩🇪", " Ærø", "  two spaces"])
+def test_stream_concatenation_equals_full_decode(tokenizer: GptTokenizer, text: str) -> None:
+    deltas = stream(tokenizer, tokenizer.encode(text))
+    assert "".join(deltas) == text
+    assert all("\ufffd" not in delta for delta in deltas)
+
+
+def test_stream_property_random_texts(tokenizer: GptTokenizer) -> None:
+    for text in random_texts(300, seed=3):
+        ids = tokenizer.encode(text)
+        assert "".join(stream(tokenizer, ids)) == tokenizer.decode(ids) == text
+
+
+def test_stream_property_random_ids_with_invalid_utf8(tokenizer: GptTokenizer) -> None:
+    """Arbitrary ids (lone continuation bytes, truncated characters): deltas + final flush == lossy full decode."""
+    rng = random.Random(4)
+    byte_tokens = [i for i, raw in enumerate(tokenizer.token_bytes) if len(raw) == 1 and raw[0] >= 0x80]
+    for _ in range(300):
+        ids = [rng.choice(byte_tokens) if rng.random() < 0.7 else rng.randrange(50257)
+               for _ in range(rng.randrange(1, 25))]
+        streamed = "".join(stream(tokenizer, ids)) + tokenizer.stream_delta(ids, 0, final=True)
+        assert streamed == tokenizer.decode(ids), ids
+
+
+def test_stream_delta_of_several_new_tokens(tokenizer: GptTokenizer) -> None:
+    ids = tokenizer.encode("abc 日本 def")
+    assert tokenizer.stream_delta(ids, len(ids)) == "abc 日本 def"
+    assert tokenizer.stream_delta(ids, 0) == ""
+    with pytest.raises(ValueError, match="num_new"):
+        tokenizer.stream_delta(ids, len(ids) + 1)
