@@ -171,3 +171,22 @@ def test_restricted_admin_apis_refuse_callers_without_the_token(echo_repo: Path,
         client.get_model_repository_index()
     assert client.get_model_repository_index(headers={"triton-admin": "s3cret"})
     assert client.is_model_ready("echo")  # inference-side APIs stay open
+
+
+def test_perf_analyzer_measures_the_served_model(echo_repo: Path, start_server, tmp_path: Path) -> None:
+    from client.perf import find_perf_analyzer, perf_analyzer_env
+
+    server = start_server(echo_repo)
+    data = tmp_path / "input.json"
+    data.write_text('{"data": [{"INPUT": ["hello"]}, {"INPUT": ["wörld"]}]}')
+    csv = tmp_path / "perf.csv"
+    result = subprocess.run(
+        [str(find_perf_analyzer()), "-m", "echo", "-u", server.http_url, "-i", "http", "--input-data", str(data),
+         "--concurrency-range", "1:2", "--measurement-interval", "500", "--stability-percentage", "100",
+         "--max-trials", "3", "-f", str(csv)],
+        capture_output=True, text=True, timeout=120, env=perf_analyzer_env())
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = csv.read_text().splitlines()
+    header = rows[0].split(",")
+    throughputs = [float(row.split(",")[header.index("Inferences/Second")]) for row in rows[1:]]
+    assert len(throughputs) == 2 and all(t > 0 for t in throughputs)
