@@ -85,10 +85,13 @@ def tokenizer_from_nemo(nemo: Path) -> Path:
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)  # same file system: no second copy of multi-GB weights
-    except OSError:
-        shutil.copy2(source, target)
+    if source.suffix == ".bin":
+        try:
+            os.link(source, target)  # same file system: no second copy of multi-GB weights (read-only at serve time)
+            return
+        except OSError:
+            pass
+    shutil.copy2(source, target)
 
 
 def _copy_weights(source: Path, target: Path) -> None:

@@ -9,6 +9,8 @@ import pytest
 
 from builder.serve import TritonServer
 
+pytest_plugins = ["fixtures_checkpoints"]
+
 
 @pytest.fixture
 def start_server() -> Iterator[Callable[..., TritonServer]]:
