@@ -1,0 +1,207 @@
+"""The rendered text ensemble through a real tritonserver (torch engine, CPU): text in, text out.
+
+Oracle: HF transformers' GPT2LMHeadModel on the same weights (the converted FT files read back), greedy.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+
+from builder.checkpoints.hf import hf_model_from_canonical
+from builder.demo import build_demo_repository
+from builder.render import render_repository
+from builder.render_config import RenderConfig
+from builder.runtime.ft_weights import load_ft_weights
+from builder.runtime.model_config import GptModelConfig
+from builder.runtime.tokenizer import GptTokenizer
+from builder.serve import TritonServer
+from client import TextClient
+
+pytestmark = pytest.mark.server
+
+PROMPTS = ["Hello", "The quick brown fox jumps over", "数字と絵文字 🚀", "a", "One two three four five six seven",
+           "naïve café", "x" * 40, "Triton serves text"]
+
+
+def serve(repository: Path) -> Iterator[TritonServer]:
+    with TritonServer.on_free_ports(repository, startup_timeout_s=180) as server:
+        yield server
+
+
+def render_tiny(tmp: Path, ft_dir: Path, streaming: bool) -> Path:
+    model = GptModelConfig.from_ini(ft_dir / "config.ini")
+    return render_repository(RenderConfig(engine="torch", device="cpu", data_type="fp32", checkpoint=ft_dir,
+                                          model=model, streaming=streaming, max_batch_size=16,
+                                          output=tmp / ("stream" if streaming else "plain")))
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_ft_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    yield from serve(render_tiny(tmp_path_factory.mktemp("repo"), tiny_ft_dir, streaming=False))
+
+
+@pytest.fixture(scope="module")
+def tiny_streaming_server(tiny_ft_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    yield from serve(render_tiny(tmp_path_factory.mktemp("repo"), tiny_ft_dir, streaming=True))
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    yield from serve(build_demo_repository(tmp_path_factory.mktemp("demo") / "repo"))
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(tiny_ft_dir: Path):  # type: ignore[no-untyped-def]
+    """prompt -> HF's greedy continuation text on the same (fp16-stored) weights, computed in fp32."""
+    config, tensors = load_ft_weights(tiny_ft_dir, dtype=torch.float32)
+    model = hf_model_from_canonical(config, tensors).eval()
+    tokenizer = GptTokenizer.from_directory(tiny_ft_dir)
+
+    def continuation(prompt: str, max_tokens: int) -> str:
+        ids = torch.tensor([tokenizer.encode(prompt)])
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=config.end_id,
+                                 eos_token_id=config.end_id)
+        generated = [t for t in out[0, ids.shape[1]:].tolist() if t != config.end_id]
+        return tokenizer.decode(generated)
+
+    return continuation
+
+
+def generate_json(server: TritonServer, body: dict, stream: bool = False) -> list[dict]:
+    endpoint = "generate_stream" if stream else "generate"
+    request = urllib.request.Request(f"http://{server.http_url}/v2/models/ensemble/{endpoint}",
+                                     data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(request, timeout=60) as response:
+        text = response.read().decode()
+    if not stream:
+        return [json.loads(text)]
+    return [json.loads(line[len("data: "):]) for line in text.splitlines() if line.startswith("data: ")]
+
+
+def test_greedy_text_equals_hf_over_http_infer(tiny_server: TritonServer, hf_greedy) -> None:
+    with TextClient(tiny_server.http_url) as client:
+        for prompt in PROMPTS[:4]:
+            result = client.generate(prompt, max_tokens=12)
+            assert result.text == hf_greedy(prompt, 12), prompt
+            assert result.num_output_tokens == 12 or result.finish_reason == "stop"
+
+
+def test_generate_endpoint_and_grpc_agree_with_http(tiny_server: TritonServer, hf_greedy) -> None:
+    prompt = PROMPTS[1]
+    expected = hf_greedy(prompt, 10)
+    [answer] = generate_json(tiny_server, {"text_input": prompt, "max_tokens": 10})
+    assert answer["text_output"] == expected
+    assert answer["num_input_tokens"] == 6 and answer["finish_reason"] in ("stop", "length")
+    with TextClient(tiny_server.grpc_url, protocol="grpc") as client:
+        assert client.generate(prompt, max_tokens=10).text == expected
+
+
+def test_one_request_with_eight_prompts_of_different_lengths(tiny_server: TritonServer, hf_greedy) -> None:
+    with TextClient(tiny_server.http_url) as client:
+        results = client.generate(PROMPTS, max_tokens=8)
+    assert [r.text for r in results] == [hf_greedy(p, 8) for p in PROMPTS]
+    assert len({r.num_input_tokens for r in results}) > 4  # genuinely ragged
+
+
+def test_eight_concurrent_clients_each_get_their_own_answer(tiny_server: TritonServer, hf_greedy) -> None:
+    answers: dict[int, str] = {}
+
+    def ask(index: int) -> None:
+        with TextClient(tiny_server.grpc_url, protocol="grpc") as client:
+            answers[index] = client.generate(PROMPTS[index], max_tokens=8).text
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert [answers[i] for i in range(8)] == [hf_greedy(p, 8) for p in PROMPTS]
+
+
+def test_emoji_and_cjk_round_trip_intact(tiny_server: TritonServer) -> None:
+    prompt = "数字と絵文字 🚀 naïve — ok"
+    [answer] = generate_json(tiny_server, {"text_input": prompt, "max_tokens": 4, "exclude_input_in_output": False})
+    assert answer["text_output"].startswith(prompt)
+    http = httpclient.InferenceServerClient(tiny_server.http_url)
+    inputs = [httpclient.InferInput("text_input", [1, 1], "BYTES"), httpclient.InferInput("max_tokens", [1, 1], "INT32")]
+    inputs[0].set_data_from_numpy(np.array([[prompt.encode()]], dtype=object))
+    inputs[1].set_data_from_numpy(np.array([[4]], dtype=np.int32))
+    result = http.infer("ensemble", inputs)
+    assert int(result.as_numpy("num_input_tokens")[0][0]) == len(GptTokenizer.from_directory(
+        Path(__file__).resolve().parents[1] / "builder" / "assets" / "gpt2").encode(prompt))
+
+
+def test_streaming_deltas_concatenate_to_the_non_streaming_text(tiny_server: TritonServer,
+                                                                tiny_streaming_server: TritonServer) -> None:
+    sampling = {"top_k": 20, "top_p": 0.9, "temperature": 0.8, "random_seed": 1234}
+    for prompt in ("Hello there", "数字と絵文字 🚀"):
+        with TextClient(tiny_server.http_url) as plain:
+            expected = plain.generate(prompt, max_tokens=16, **sampling).text
+        with TextClient(tiny_streaming_server.grpc_url, protocol="grpc") as grpc:
+            deltas = list(grpc.stream(prompt, max_tokens=16, **sampling))
+        assert len(deltas) > 1
+        assert "".join(deltas) == expected
+        events = generate_json(tiny_streaming_server, {"text_input": prompt, "max_tokens": 16, "stream": True,
+                                                       **sampling}, stream=True)
+        assert all("error" not in event for event in events)
+        assert "".join(e["text_output"] for e in events) == expected
+        assert not any(expected and e["text_output"] == expected for e in events[:-1])  # deltas, not the whole text
+
+
+def test_streaming_repo_answers_generate_when_stream_is_false(tiny_streaming_server: TritonServer,
+                                                              tiny_server: TritonServer) -> None:
+    [answer] = generate_json(tiny_streaming_server, {"text_input": "Hello", "max_tokens": 6, "stream": False})
+    [plain] = generate_json(tiny_server, {"text_input": "Hello", "max_tokens": 6})
+    assert answer["text_output"] == plain["text_output"]
+
+
+def test_demo_counts_and_a_stop_word_ends_the_answer_trimmed(demo_server: TritonServer) -> None:
+    with TextClient(demo_server.http_url) as client:
+        counted = client.generate("1 2 3 4 5 6", max_tokens=30)
+        assert counted.text == "".join(f" {n}" for n in range(7, 37))
+        assert counted.finish_reason == "length" and counted.num_output_tokens == 30
+        stopped = client.generate("1 2 3 4 5 6", max_tokens=30, stop_words=["12"])
+    assert stopped.text == " 7 8 9 10 11"
+    assert stopped.finish_reason == "stop"
+    with TextClient(demo_server.grpc_url, protocol="grpc") as client:
+        assert client.generate("40 41 42", max_tokens=5, stop_words=[" 44"]).text == " 43"
+
+
+def test_bad_words_never_appear(demo_server: TritonServer) -> None:
+    with TextClient(demo_server.http_url) as client:
+        result = client.generate("1 2 3 4 5 6", max_tokens=6, bad_words=["9"])
+    assert result.text.startswith(" 7 8")  # the model counts on as usual up to the banned word ...
+    assert "9" not in result.text.split()  # ... which never appears
+
+
+def test_core_model_answers_the_seed_token_id_request(demo_server: TritonServer) -> None:
+    """The seed's own client: uint32 ids straight to the core model, FT's output layout back."""
+    prompt = [16, 362, 513, 604, 642, 718]  # "1 2 3 4 5 6"
+    client = grpcclient.InferenceServerClient(demo_server.grpc_url)
+    arrays = {"input_ids": np.array([prompt], np.uint32), "input_lengths": np.array([[6]], np.uint32),
+              "request_output_len": np.array([[30]], np.uint32), "runtime_top_k": np.array([[1]], np.uint32),
+              "runtime_top_p": np.array([[0.0]], np.float32), "temperature": np.array([[1.0]], np.float32)}
+    inputs = []
+    for name, array in arrays.items():
+        tensor = grpcclient.InferInput(name, list(array.shape), np.dtype(array.dtype).name.upper().replace(
+            "FLOAT32", "FP32"))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    result = client.infer("gpt3_1.3b", inputs)
+    output_ids = result.as_numpy("output_ids")
+    assert output_ids.shape == (1, 1, 36)
+    assert output_ids[0, 0, :6].tolist() == prompt
+    assert result.as_numpy("sequence_length").tolist() == [[36]]
+    tokenizer = GptTokenizer.from_directory(Path(__file__).resolve().parents[1] / "builder" / "assets" / "gpt2")
+    assert tokenizer.decode(output_ids[0, 0, 6:].tolist()) == "".join(f" {n}" for n in range(7, 37))
