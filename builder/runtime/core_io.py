@@ -1,0 +1,257 @@
+"""FasterTransformer's GPT tensor contract, without torch or Triton.
+
+One Triton request carries B rows of FT inputs (numpy arrays with the batch dim first). `parse_request` turns them into
+validated per-row `GenerationRequest`s, or raises `RequestError` naming the input and the limit. `ft_outputs` turns the
+engine's per-row `RowOutput`s back into FT's output arrays (ft_backend.md §1.6):
+  output_ids [B, beam, max_input_len + max_request_output_len] uint32: the prompt without padding, the generated tokens,
+  then end_id fill; sequence_length [B, beam] uint32 (prompt + generated, a final end_id or stop word counted);
+  response_input_lengths [B, beam] int32; cum_log_probs [B, beam] and output_log_probs [B, beam, max_request_output_len]
+  float32 when asked for.
+The lengths are those of this Triton request, not of the dynamic batch it was grouped into, so a response never depends
+on what else was batched with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+# The FT optional inputs the PyTorch engine honours (plus `stream` in decoupled mode). Render templates expose exactly
+# these; anything else a client sends is refused by Triton, never silently ignored.
+CAPABILITIES: frozenset[str] = frozenset({
+    "runtime_top_k", "runtime_top_p", "temperature", "repetition_penalty", "presence_penalty", "min_length",
+    "random_seed", "end_id", "stop_words_list", "bad_words_list", "beam_width", "len_penalty", "is_return_log_probs",
+    "stream",
+})
+REQUIRED_INPUTS = ("input_ids", "input_lengths", "request_output_len")
+MAX_BEAM_WIDTH = 8
+UINT64_MAX = (1 << 64) - 1
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve; `input_name` is the FT input at fault."""
+
+    def __init__(self, input_name: str, message: str) -> None:
+        super().__init__(f"{input_name}: {message}")
+        self.input_name = input_name
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """What the engine was built for; every request is checked against it before it reaches the engine."""
+    vocab_size: int  # padded vocabulary (rows of wte)
+    max_seq_len: int  # prompt + generated tokens per row
+    max_batch_size: int  # KV-cache slots: rows x beam_width of one engine call
+    default_end_id: int
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One row: a prompt and how to continue it. Defaults are FT's (greedy, no penalties, seed 0)."""
+    input_ids: tuple[int, ...]
+    output_len: int  # new tokens to generate (FT request_output_len)
+    end_id: int
+    top_k: int = 0
+    top_p: float = 0.0
+    temperature: float = 1.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    min_length: int = 0
+    random_seed: int = 0
+    beam_width: int = 1
+    len_penalty: float = 0.0
+    return_log_probs: bool = False
+    stop_words: tuple[tuple[int, ...], ...] = ()
+    bad_words: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def is_greedy(self) -> bool:
+        """FT: top_k 1, or top_k 0 with top_p 0, selects the argmax; so does temperature 0 (FT divides by T + 1e-6)."""
+        return self.top_k == 1 or (self.top_k == 0 and self.top_p == 0.0) or self.temperature == 0.0
+
+
+@dataclass
+class RowOutput:
+    """One row's generation, cumulative (streamed) or final. Beams are best first for beam search."""
+    prompt_len: int
+    beams: list[np.ndarray]  # per beam: prompt + generated token ids (int64)
+    cum_log_probs: np.ndarray | None = None  # [beam]
+    output_log_probs: list[np.ndarray] | None = None  # per beam: [generated]
+    finished: bool = False
+    cancelled: bool = False
+    finish_reason: str = "length"  # "stop" (end_id or a stop word), "length", or "cancelled"
+
+
+@dataclass
+class ParsedRequest:
+    rows: list[GenerationRequest]
+    stream: bool = True
+    return_log_probs: bool = False
+
+
+def parse_word_list(array: np.ndarray, input_name: str, batch_size: int, vocab_size: int
+                    ) -> list[tuple[tuple[int, ...], ...]]:
+    """FT word list [2, N] (shared by all rows) or [B, 2, N] -> per row, its words as token-id tuples.
+
+    Row layout: [0, :] = all words' ids concatenated (pad 0), [1, :] = each word's exclusive end offset (pad -1).
+    Negative offsets end the list, as in FT's kernels; zero-length words are skipped.
+    """
+    array = np.asarray(array)
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3 or array.shape[1] != 2:
+        raise RequestError(input_name, f"expected shape [2, N] or [B, 2, N], got {list(array.shape)}")
+    if array.shape[0] not in (1, batch_size):
+        raise RequestError(input_name, f"has {array.shape[0]} rows but the request has {batch_size}")
+    if not np.issubdtype(array.dtype, np.integer):
+        raise RequestError(input_name, f"must be an integer tensor, got {array.dtype}")
+    rows: list[tuple[tuple[int, ...], ...]] = []
+    for row in array:
+        ids, offsets = row[0].tolist(), row[1].tolist()
+        words: list[tuple[int, ...]] = []
+        start = 0
+        for end in offsets:
+            if end < 0:
+                break
+            if end < start or end > len(ids):
+                raise RequestError(input_name, f"offsets must be non-decreasing and <= {len(ids)}, got {offsets}")
+            word = tuple(int(token) for token in ids[start:end])
+            if any(not 0 <= token < vocab_size for token in word):
+                raise RequestError(input_name, f"token ids must be in [0, {vocab_size}), got {list(word)}")
+            if word:
+                words.append(word)
+            start = end
+        rows.append(tuple(words))
+    return rows * batch_size if len(rows) == 1 else rows
+
+
+def _per_row(inputs: Mapping[str, np.ndarray], name: str, batch_size: int) -> np.ndarray | None:
+    """A [B, 1] (or [B]) scalar-per-row input as a flat [B] array; a single value is shared by all rows."""
+    value = inputs.get(name)
+    if value is None:
+        return None
+    flat = np.asarray(value).reshape(np.asarray(value).shape[0], -1)[:, 0] if np.ndim(value) else np.asarray([value])
+    if flat.shape[0] == 1 and batch_size > 1:
+        flat = np.repeat(flat, batch_size)
+    if flat.shape[0] != batch_size:
+        raise RequestError(name, f"has {flat.shape[0]} rows but input_ids has {batch_size}")
+    return flat
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise RequestError(name, message)
+
+
+def parse_request(inputs: Mapping[str, np.ndarray], limits: EngineLimits) -> ParsedRequest:
+    """Validate one Triton request's FT inputs (arrays with the batch dim first) and split it into rows."""
+    for name in REQUIRED_INPUTS:
+        _check(inputs.get(name) is not None, name, "is required")
+    unknown = sorted(set(inputs) - set(REQUIRED_INPUTS) - CAPABILITIES)
+    if unknown:
+        raise RequestError(unknown[0], "is not supported by the torch engine")
+
+    input_ids = np.asarray(inputs["input_ids"])
+    if input_ids.ndim == 1:
+        input_ids = input_ids[None]
+    _check(input_ids.ndim == 2, "input_ids", f"expected shape [B, T], got {list(input_ids.shape)}")
+    _check(np.issubdtype(input_ids.dtype, np.integer), "input_ids", f"must be integers, got {input_ids.dtype}")
+    batch_size, padded_len = input_ids.shape
+    _check(batch_size >= 1 and padded_len >= 1, "input_ids", "must hold at least one token per row")
+
+    def scalars(name: str, default: float | int, dtype: type) -> list:
+        values = _per_row(inputs, name, batch_size)
+        return [default] * batch_size if values is None else [dtype(v) for v in values.tolist()]
+
+    lengths = scalars("input_lengths", 0, int)
+    output_lens = scalars("request_output_len", 0, int)
+    top_ks = scalars("runtime_top_k", 0, int)
+    top_ps = scalars("runtime_top_p", 0.0, float)
+    temperatures = scalars("temperature", 1.0, float)
+    repetition = scalars("repetition_penalty", 1.0, float)
+    presence = scalars("presence_penalty", 0.0, float)
+    min_lengths = scalars("min_length", 0, int)
+    len_penalties = scalars("len_penalty", 0.0, float)
+    beam_widths = scalars("beam_width", 1, int)
+    seeds = scalars("random_seed", 0, int)
+    end_ids = scalars("end_id", limits.default_end_id, int)
+    log_probs = scalars("is_return_log_probs", False, bool)
+    streams = scalars("stream", True, bool)
+
+    stop_words = ([()] * batch_size if inputs.get("stop_words_list") is None else
+                  parse_word_list(inputs["stop_words_list"], "stop_words_list", batch_size, limits.vocab_size))
+    bad_words = ([()] * batch_size if inputs.get("bad_words_list") is None else
+                 parse_word_list(inputs["bad_words_list"], "bad_words_list", batch_size, limits.vocab_size))
+
+    # One beam width per Triton request: output_ids is [B, beam, T].
+    _check(len(set(beam_widths)) == 1, "beam_width", f"must be the same for all rows of a request, got {beam_widths}")
+    beam_width = beam_widths[0]
+    _check(1 <= beam_width <= MAX_BEAM_WIDTH, "beam_width", f"must be in [1, {MAX_BEAM_WIDTH}], got {beam_width}")
+    _check(batch_size * beam_width <= limits.max_batch_size, "beam_width",
+           f"rows x beam_width = {batch_size} x {beam_width} exceeds the engine's max_batch_size "
+           f"{limits.max_batch_size}")
+
+    rows: list[GenerationRequest] = []
+    for i in range(batch_size):
+        length, output_len = lengths[i], output_lens[i]
+        _check(1 <= length <= padded_len, "input_lengths", f"row {i}: must be in [1, {padded_len}], got {length}")
+        _check(output_len >= 1, "request_output_len", f"row {i}: must be >= 1, got {output_len}")
+        _check(length + output_len <= limits.max_seq_len, "request_output_len",
+               f"row {i}: input_lengths + request_output_len = {length} + {output_len} exceeds the engine's "
+               f"max_seq_len {limits.max_seq_len}")
+        prompt = input_ids[i, :length]
+        _check(bool((prompt >= 0).all() and (prompt < limits.vocab_size).all()), "input_ids",
+               f"row {i}: token ids must be in [0, {limits.vocab_size})")
+        _check(0 <= top_ks[i] <= limits.vocab_size, "runtime_top_k",
+               f"row {i}: must be in [0, {limits.vocab_size}], got {top_ks[i]}")
+        _check(0.0 <= top_ps[i] <= 1.0, "runtime_top_p", f"row {i}: must be in [0, 1], got {top_ps[i]}")
+        _check(0.0 <= temperatures[i] < float("inf"), "temperature", f"row {i}: must be >= 0, got {temperatures[i]}")
+        _check(0.0 < repetition[i] < float("inf"), "repetition_penalty",
+               f"row {i}: must be > 0 (1 = off), got {repetition[i]}")
+        _check(np.isfinite(presence[i]), "presence_penalty", f"row {i}: must be finite, got {presence[i]}")
+        _check(min_lengths[i] >= 0, "min_length", f"row {i}: must be >= 0, got {min_lengths[i]}")
+        _check(np.isfinite(len_penalties[i]), "len_penalty", f"row {i}: must be finite, got {len_penalties[i]}")
+        _check(0 <= seeds[i] <= UINT64_MAX, "random_seed", f"row {i}: must be a uint64, got {seeds[i]}")
+        _check(0 <= end_ids[i] < limits.vocab_size, "end_id",
+               f"row {i}: must be in [0, {limits.vocab_size}), got {end_ids[i]}")
+        rows.append(GenerationRequest(
+            input_ids=tuple(int(t) for t in prompt.tolist()), output_len=output_len, end_id=end_ids[i],
+            top_k=top_ks[i], top_p=top_ps[i], temperature=temperatures[i], repetition_penalty=repetition[i],
+            presence_penalty=presence[i], min_length=min_lengths[i], random_seed=seeds[i], beam_width=beam_width,
+            len_penalty=len_penalties[i], return_log_probs=log_probs[i], stop_words=stop_words[i],
+            bad_words=bad_words[i]))
+    return ParsedRequest(rows=rows, stream=all(streams), return_log_probs=any(log_probs))
+
+
+def ft_outputs(rows: Sequence[GenerationRequest], outputs: Sequence[RowOutput], *, with_log_probs: bool
+               ) -> dict[str, np.ndarray]:
+    """Per-row requests + their outputs (one Triton request) -> FT output arrays, keyed by FT output name."""
+    if len(rows) != len(outputs) or not rows:
+        raise ValueError(f"need one output per row, got {len(outputs)} for {len(rows)} rows")
+    batch_size, beam = len(rows), rows[0].beam_width
+    max_input_len = max(len(r.input_ids) for r in rows)
+    max_output_len = max(r.output_len for r in rows)
+    total_len = max_input_len + max_output_len
+    output_ids = np.empty((batch_size, beam, total_len), dtype=np.uint32)
+    sequence_length = np.zeros((batch_size, beam), dtype=np.uint32)
+    input_lengths = np.zeros((batch_size, beam), dtype=np.int32)
+    cum_log_probs = np.zeros((batch_size, beam), dtype=np.float32)
+    output_log_probs = np.zeros((batch_size, beam, max_output_len), dtype=np.float32)
+    for i, (row, out) in enumerate(zip(rows, outputs)):
+        output_ids[i] = row.end_id
+        input_lengths[i] = out.prompt_len
+        for b, tokens in enumerate(out.beams[:beam]):
+            output_ids[i, b, :len(tokens)] = tokens
+            sequence_length[i, b] = len(tokens)
+            if out.output_log_probs is not None:
+                steps = out.output_log_probs[b]
+                output_log_probs[i, b, :len(steps)] = steps
+            if out.cum_log_probs is not None:
+                cum_log_probs[i, b] = out.cum_log_probs[b]
+    arrays = {"output_ids": output_ids, "sequence_length": sequence_length, "response_input_lengths": input_lengths}
+    if with_log_probs:
+        arrays["cum_log_probs"] = cum_log_probs
+        arrays["output_log_probs"] = output_log_probs
+    return arrays

@@ -1,0 +1,502 @@
+"""The PyTorch GPT engine behind FasterTransformer's GPT tensor contract.
+
+`GptEngine.generate(requests)` takes validated per-row `GenerationRequest`s (core_io.py) and returns one `RowOutput`
+per row. Rows are grouped by beam width (sampling/greedy rows together, beam rows per width) and split into chunks
+that fit the KV cache; each chunk is one batch: one prefill pass over the ragged prompts, then one decode step per
+generated token for the whole chunk.
+
+Sampling path (beam_width 1): everything per step stays on the device (sampling, stop/bad words, penalties,
+finished flags); the host polls "all rows finished" through a pinned copy it reads only once ready, so nothing
+blocks the GPU, and the decode step runs from CUDA graphs on CUDA. Streaming (`on_step`) and cancellation polls are
+the only per-step host reads.
+
+Beam search follows Hugging Face's `generate(num_beams=W, do_sample=False, early_stopping=False, length_penalty=lp)`
+(transformers' vectorised beam search): keep the top 2W continuations of all beams by cumulative log-prob; of the top
+W, those that end (end_id, a stop word, or the length limit) join the row's finished set with score
+cum_log_prob / generated_len ** lp; the best W unfinished ones continue. A row stops when no running beam can beat
+its worst finished one (best running score / current_len ** lp), or at its length limit. FT's default len_penalty
+is 0 (no length normalisation); pass len_penalty=1 to match HF's default. The finished beams are returned best first;
+cum_log_probs are their raw (unnormalised) cumulative log-probs.
+
+Log-probs are those of the chosen token under the processed distribution (after temperature, penalties and bans,
+before top-k/top-p truncation); for plain greedy they equal HF's `output_scores` log-softmax.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .core_io import CAPABILITIES, EngineLimits, GenerationRequest, RequestError, RowOutput
+from .gpt import DecodeGraphs, GptModel
+from .model_config import GptModelConfig
+from .sampling import BadWords, SlotParams, WordTable, last_tokens, process_logits, select_tokens
+
+log = logging.getLogger(__name__)
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SCORE_FLOOR = -1.0e9  # HF's "impossible" beam score
+ACTIVATION_RESERVE = 0.15  # share of free device memory left for activations when sizing the KV cache
+PREFILL_TOKEN_BUDGET = 16384  # prompt tokens (rows x padded length) per prefill pass: bounds activation memory
+# (request index, its cumulative output) for every row that was running during the step
+StepCallback = Callable[[list[tuple[int, RowOutput]]], None]
+CancelCheck = Callable[[], Collection[int]]  # -> indices of the requests cancelled so far
+
+
+class ResourceError(RuntimeError):
+    """The engine (or a request) does not fit the memory budget."""
+
+
+class _DoneFlag:
+    """Whether every row finished, read without stalling the device.
+
+    On CUDA the flag is copied to pinned memory asynchronously and read once that copy has completed (a step or two
+    later, so a batch may decode one extra step: its rows are already finished and emit nothing). On CPU it is read
+    directly (no pipeline to stall).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.is_cuda = device.type == "cuda"
+        self.host = torch.zeros((), dtype=torch.bool, pin_memory=self.is_cuda)
+        self.event: torch.cuda.Event | None = None
+
+    def all_finished(self, finished: torch.Tensor) -> bool:
+        if not self.is_cuda:
+            return bool(finished.all())
+        if self.event is not None and self.event.query():
+            self.event = None
+            if bool(self.host):
+                return True
+        if self.event is None:
+            self.host.copy_(finished.all(), non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        return False
+
+
+class _CancelPoll:
+    """Rate-limited polling of the caller's cancellation hook, mapped to this chunk's rows."""
+
+    def __init__(self, is_cancelled: CancelCheck | None, indices: Sequence[int], interval_s: float) -> None:
+        self.is_cancelled = is_cancelled
+        self.row_of = {request: row for row, request in enumerate(indices)}
+        self.interval_s = interval_s
+        self.last = time.monotonic()
+
+    def newly_cancelled(self, cancelled: list[bool]) -> list[int]:
+        """Rows cancelled since the last poll (also marked in `cancelled`)."""
+        now = time.monotonic()
+        if self.is_cancelled is None or now - self.last < self.interval_s:
+            return []
+        self.last = now
+        rows = sorted({self.row_of[i] for i in self.is_cancelled() if i in self.row_of})
+        newly = [row for row in rows if not cancelled[row]]
+        for row in newly:
+            cancelled[row] = True
+        return newly
+
+
+def _row_output(prompt_len: int, beams: list[np.ndarray], log_probs: list[np.ndarray] | None, *,
+                finished: bool, reason: str, cum: np.ndarray | None = None) -> RowOutput:
+    if log_probs is not None and cum is None:
+        cum = np.array([float(steps.sum()) for steps in log_probs], dtype=np.float32)
+    return RowOutput(prompt_len=prompt_len, beams=beams, cum_log_probs=cum, output_log_probs=log_probs,
+                     finished=finished, cancelled=reason == "cancelled", finish_reason=reason)
+
+
+class GptEngine:
+    CAPABILITIES = CAPABILITIES
+
+    def __init__(self, config: GptModelConfig, weights: dict[str, torch.Tensor], *, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32, max_batch_size: int = 8, max_seq_len: int | None = None,
+                 shrink_to_fit: bool = False, vocab_limit: int | None = None, use_cuda_graphs: bool = True,
+                 cancel_poll_s: float = 0.05) -> None:
+        """max_batch_size: KV-cache slots (rows x beam_width decoded together; larger calls run in chunks);
+        max_seq_len: prompt + output tokens per row (default config.max_pos_seq_len); shrink_to_fit: on CUDA, use
+        fewer slots when max_batch_size does not fit the free memory (else that is a ResourceError);
+        vocab_limit: ids >= it are never generated (default: the whole padded vocabulary, as FT);
+        cancel_poll_s: least time between two calls of generate()'s is_cancelled (each may cost an IPC round trip)."""
+        self.config = config
+        self.device = torch.device(device)
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype}")
+        max_seq_len = config.max_pos_seq_len if max_seq_len is None else max_seq_len
+        if not 1 <= max_seq_len <= config.max_pos_seq_len:
+            raise ValueError(f"max_seq_len must be in [1, {config.max_pos_seq_len}] (max_pos_seq_len), "
+                             f"got {max_seq_len}")
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.vocab_limit = config.vocab_size if vocab_limit is None else vocab_limit
+        if not 1 <= self.vocab_limit <= config.vocab_size:
+            raise ValueError(f"vocab_limit must be in [1, {config.vocab_size}], got {vocab_limit}")
+        self.cancel_poll_s = cancel_poll_s
+        try:
+            self.model = GptModel(config, weights, device=self.device, dtype=dtype)
+            slots = self._slots_that_fit(max_batch_size, max_seq_len, dtype, shrink_to_fit)
+            self.kv_cache_bytes = GptModel.kv_cache_bytes(config, slots, max_seq_len, dtype)
+            self.model.allocate_cache(slots, max_seq_len)
+        except torch.cuda.OutOfMemoryError as err:
+            raise ResourceError(f"out of memory loading the weights and a KV cache of max_batch_size="
+                                f"{max_batch_size} x max_seq_len={max_seq_len} on {self.device}: lower them") from err
+        log.info("KV cache: %d slots x %d tokens x %d layers (%s) = %.3f GiB on %s", slots, max_seq_len,
+                 config.num_layer, dtype, self.kv_cache_bytes / 2**30, self.device)
+        self.graphs = DecodeGraphs(self.model) if self.device.type == "cuda" and use_cuda_graphs else None
+        self.limits = EngineLimits(vocab_size=config.vocab_size, max_seq_len=max_seq_len, max_batch_size=slots,
+                                   default_end_id=config.end_id)
+        self._lock = threading.Lock()  # one generate() at a time: the KV cache is shared
+
+    def _slots_that_fit(self, wanted: int, max_seq_len: int, dtype: torch.dtype, shrink: bool) -> int:
+        """KV-cache slots to allocate: `wanted`, checked against the device's free memory (CUDA only)."""
+        if self.device.type != "cuda":
+            return wanted
+        per_slot = GptModel.kv_cache_bytes(self.config, 1, max_seq_len, dtype)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        usable = int(free * (1 - ACTIVATION_RESERVE))  # prefill activations, logits, CUDA graph pools
+        fitting = usable // per_slot
+        if fitting >= wanted:
+            return wanted
+        message = (f"a KV cache of max_batch_size={wanted} x max_seq_len={max_seq_len} needs "
+                   f"{wanted * per_slot / 2**30:.2f} GiB but {self.device} has {usable / 2**30:.2f} GiB usable "
+                   f"({free / 2**30:.2f} GiB free)")
+        if not shrink or fitting < 1:
+            raise ResourceError(message + ": lower max_batch_size or max_seq_len")
+        log.warning("%s: using %d slots", message, fitting)
+        return int(fitting)
+
+    @classmethod
+    def from_ft_dir(cls, model_dir: str | Path, **kwargs: object) -> "GptEngine":
+        """Load an FT weight directory (config.ini + model.*.bin); kwargs as for the constructor."""
+        from .ft_weights import load_ft_weights  # noqa: PLC0415  (written alongside; keeps import order simple)
+
+        config, weights = load_ft_weights(model_dir, dtype=kwargs.get("dtype", torch.float32),  # type: ignore[arg-type]
+                                          device=kwargs.get("device", "cpu"))  # type: ignore[arg-type]
+        return cls(config, weights, **kwargs)  # type: ignore[arg-type]
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def check_request(self, request: GenerationRequest) -> None:
+        """The engine-level limits (core_io.parse_request checks these and more at the Triton boundary)."""
+        limits = self.limits
+        if not request.input_ids:
+            raise RequestError("input_ids", "must hold at least one token")
+        if any(not 0 <= t < limits.vocab_size for t in request.input_ids):
+            raise RequestError("input_ids", f"token ids must be in [0, {limits.vocab_size})")
+        if request.output_len < 1:
+            raise RequestError("request_output_len", f"must be >= 1, got {request.output_len}")
+        if len(request.input_ids) + request.output_len > limits.max_seq_len:
+            raise RequestError("request_output_len", f"input length + request_output_len = "
+                               f"{len(request.input_ids)} + {request.output_len} exceeds max_seq_len "
+                               f"{limits.max_seq_len}")
+        if not 1 <= request.beam_width <= limits.max_batch_size:
+            raise RequestError("beam_width", f"must be in [1, max_batch_size={limits.max_batch_size}], "
+                               f"got {request.beam_width}")
+        if not 0 <= request.end_id < limits.vocab_size:
+            raise RequestError("end_id", f"must be in [0, {limits.vocab_size}), got {request.end_id}")
+
+    def _plan(self, requests: Sequence[GenerationRequest]) -> list[list[int]]:
+        """Request indices grouped by beam width, each group cut into chunks that fit the cache slots."""
+        chunks: list[list[int]] = []
+        for width in sorted({r.beam_width for r in requests}):
+            per_chunk = self.limits.max_batch_size // width
+            group = [i for i, r in enumerate(requests) if r.beam_width == width]
+            chunks += [group[start:start + per_chunk] for start in range(0, len(group), per_chunk)]
+        return chunks
+
+    def generate(self, requests: Sequence[GenerationRequest], *, on_step: StepCallback | None = None,
+                 is_cancelled: CancelCheck | None = None) -> list[RowOutput]:
+        """Generate for every request; returns one RowOutput per request, in order.
+
+        on_step: called after every decode step with the cumulative outputs of the rows that were running
+            (`finished` is set on a row's last update; beam search reports its running beams).
+        is_cancelled: returns the indices of cancelled requests; polled at most every `cancel_poll_s` seconds
+            (between decode steps); a cancelled row stops and keeps what it generated.
+        """
+        for request in requests:
+            self.check_request(request)
+        outputs: list[RowOutput | None] = [None] * len(requests)
+        with self._lock, torch.inference_mode():
+            for chunk in self._plan(requests):
+                chunk_requests = [requests[i] for i in chunk]
+                run = self._run_beam_search if chunk_requests[0].beam_width > 1 else self._run_sampling
+                try:
+                    chunk_outputs = run(chunk_requests, chunk, on_step, is_cancelled)
+                except torch.cuda.OutOfMemoryError as err:
+                    raise ResourceError(f"out of memory generating for {len(chunk)} rows on {self.device}: "
+                                        f"send fewer rows or shorter prompts") from err
+                for index, output in zip(chunk, chunk_outputs):
+                    outputs[index] = output
+        return outputs  # type: ignore[return-value]
+
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        if self.graphs is not None:
+            return self.graphs.decode(tokens, positions, kv_len)
+        return self.model.decode(tokens, positions, kv_len)
+
+    def _prompt_batch(self, requests: Sequence[GenerationRequest]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """history [n, max(prompt + output) + 1] (prompts, then the pad id V), prompt lengths [n], max prompt len.
+
+        The extra column lets finished rows keep writing end_id one past their end."""
+        vocab = self.config.vocab_size
+        width = max(len(r.input_ids) + r.output_len for r in requests) + 1
+        history = torch.full((len(requests), width), vocab, dtype=torch.long)
+        for i, r in enumerate(requests):
+            history[i, :len(r.input_ids)] = torch.tensor(r.input_ids, dtype=torch.long)
+        lengths = torch.tensor([len(r.input_ids) for r in requests], dtype=torch.long)
+        return history.to(self.device), lengths.to(self.device), int(lengths.max())
+
+    def _prefill(self, history: torch.Tensor, lengths: torch.Tensor, max_prompt: int) -> torch.Tensor:
+        """Prefill rows into slots 0..n-1, in passes of at most PREFILL_TOKEN_BUDGET padded tokens."""
+        prompt = history[:, :max_prompt]
+        prompt = prompt.masked_fill(prompt == self.config.vocab_size, 0)  # any valid id: padding is masked
+        rows_per_pass = max(1, PREFILL_TOKEN_BUDGET // max_prompt)
+        return torch.cat([self.model.prefill(prompt[start:start + rows_per_pass], lengths[start:start + rows_per_pass],
+                                             first_slot=start)
+                          for start in range(0, prompt.shape[0], rows_per_pass)])
+
+    def _seen_tokens(self, params: SlotParams, history: torch.Tensor, max_prompt: int) -> torch.Tensor | None:
+        if not params.uses_seen_tokens:
+            return None
+        # One extra column absorbs the pad id, so prompt padding never counts as a seen token.
+        seen = torch.zeros((history.shape[0], self.config.vocab_size + 1), dtype=torch.bool, device=self.device)
+        return seen.scatter_(1, history[:, :max_prompt], True)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def _run_sampling(self, requests: Sequence[GenerationRequest], indices: Sequence[int],
+                      on_step: StepCallback | None, is_cancelled: CancelCheck | None) -> list[RowOutput]:
+        n, device = len(requests), self.device
+        steps = max(r.output_len for r in requests)
+        prompt_lens = [len(r.input_ids) for r in requests]
+        row_limits = [len(r.input_ids) + r.output_len for r in requests]
+        history, lengths, max_prompt = self._prompt_batch(requests)
+        params = SlotParams.build(requests, 1, device)
+        stop_words = WordTable.build([r.stop_words for r in requests], device)
+        bad_words = BadWords.build([r.bad_words for r in requests], device)
+        seen = self._seen_tokens(params, history, max_prompt)
+        want_log_probs = any(r.return_log_probs for r in requests)
+        output_len = torch.tensor([r.output_len for r in requests], dtype=torch.long, device=device)
+        generated = torch.zeros(n, dtype=torch.long, device=device)
+        finished = torch.zeros(n, dtype=torch.bool, device=device)
+        stopped = torch.zeros(n, dtype=torch.bool, device=device)
+        log_probs = torch.zeros((n, steps), dtype=torch.float32, device=device)
+        cancelled = [False] * n
+        cancel_poll = _CancelPoll(is_cancelled, indices, self.cancel_poll_s)
+        streamed: list[list[int]] = [list(r.input_ids) for r in requests] if on_step else []
+        streamed_log_probs: list[list[float]] = [[] for _ in requests]
+        done_flag = _DoneFlag(device)
+
+        logits = self._prefill(history, lengths, max_prompt)
+        for step in range(steps):
+            processed = process_logits(logits, params, generated=generated, seen=seen, bad_words=bad_words,
+                                       history=history, lengths=lengths, vocab_limit=self.vocab_limit)
+            tokens = select_tokens(processed, params, step)
+            active = ~finished
+            tokens = torch.where(active, tokens, params.end_id)  # finished rows emit end_id and stay put
+            if want_log_probs:
+                chosen = processed.log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1)
+                log_probs[:, step] = torch.where(active, chosen, 0.0)
+            history.scatter_(1, lengths[:, None], tokens[:, None])
+            lengths += active
+            generated += active
+            if seen is not None:
+                seen.scatter_(1, tokens[:, None], True)
+            hit_stop = tokens == params.end_id
+            if stop_words is not None:
+                hit_stop |= stop_words.rows_hit(last_tokens(history, lengths, stop_words.width))
+            stopped |= active & hit_stop
+            finished |= active & (hit_stop | (generated >= output_len))
+
+            if on_step is not None:
+                was_active, now_finished = active.tolist(), finished.tolist()
+                new_tokens, now_stopped = tokens.tolist(), stopped.tolist()
+                new_log_probs = log_probs[:, step].tolist() if want_log_probs else []
+                updates = []
+                for i in range(n):
+                    if was_active[i] and not cancelled[i]:
+                        streamed[i].append(new_tokens[i])
+                        if want_log_probs:
+                            streamed_log_probs[i].append(new_log_probs[i])
+                        steps_lp = [np.array(streamed_log_probs[i], np.float32)] if want_log_probs else None
+                        updates.append((indices[i], _row_output(
+                            prompt_lens[i], [np.array(streamed[i])], steps_lp, finished=now_finished[i],
+                            reason="stop" if now_stopped[i] else "length")))
+                on_step(updates)
+            newly = cancel_poll.newly_cancelled(cancelled)
+            if newly:
+                finished[torch.tensor(newly, device=device)] = True
+            if step + 1 == steps or done_flag.all_finished(finished):
+                break
+            # Each row's next position is its length - 1; rows never pass their own limit (finished rows stay put).
+            kv_len = max(min(p + step + 1, limit) for p, limit in zip(prompt_lens, row_limits))
+            logits = self._decode(tokens, lengths - 1, kv_len)
+
+        history_host, lengths_host = history.cpu(), lengths.tolist()
+        stopped_host = stopped.tolist()
+        log_probs_host = log_probs.cpu().numpy() if want_log_probs else None
+        outputs = []
+        for i, r in enumerate(requests):
+            tokens_i = history_host[i, :lengths_host[i]].numpy()
+            steps_lp = ([log_probs_host[i, :lengths_host[i] - prompt_lens[i]].copy()]
+                        if log_probs_host is not None else None)
+            reason = "cancelled" if cancelled[i] else "stop" if stopped_host[i] else "length"
+            outputs.append(_row_output(prompt_lens[i], [tokens_i], steps_lp, finished=True, reason=reason))
+        return outputs
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def _run_beam_search(self, requests: Sequence[GenerationRequest], indices: Sequence[int],
+                         on_step: StepCallback | None, is_cancelled: CancelCheck | None) -> list[RowOutput]:
+        n, width, device = len(requests), requests[0].beam_width, self.device
+        m, vocab = n * width, self.config.vocab_size
+        candidates = 2 * width
+        steps = max(r.output_len for r in requests)
+        prompt_lens = [len(r.input_ids) for r in requests]
+        row_history, row_lengths, max_prompt = self._prompt_batch(requests)
+        history, lengths = row_history.repeat_interleave(width, 0), row_lengths.repeat_interleave(width, 0)
+        seq_width = history.shape[1]
+        params = SlotParams.build(requests, width, device)
+        stop_words = WordTable.build([r.stop_words for r in requests], device)  # rows = requests (candidates)
+        bad_words = BadWords.build([r.bad_words for r in requests for _ in range(width)], device)  # rows = slots
+        seen = self._seen_tokens(params, history, max_prompt)
+        output_len = torch.tensor([r.output_len for r in requests], dtype=torch.long, device=device)
+        end_id = torch.tensor([r.end_id for r in requests], dtype=torch.long, device=device)
+        len_penalty = torch.tensor([r.len_penalty for r in requests], dtype=torch.float32, device=device)
+
+        running_score = torch.full((n, width), SCORE_FLOOR, device=device)
+        running_score[:, 0] = 0.0  # only beam 0 is real at first: no duplicate continuations
+        step_log_probs = torch.zeros((m, steps), device=device)
+        # The finished set per row ("pool"): W best ended hypotheses.
+        pool_score = torch.full((n, width), SCORE_FLOOR, device=device)
+        pool_filled = torch.zeros((n, width), dtype=torch.bool, device=device)
+        pool_tokens = torch.full((n, width, seq_width), vocab, dtype=torch.long, device=device)
+        pool_len = torch.zeros((n, width), dtype=torch.long, device=device)
+        pool_cum = torch.zeros((n, width), device=device)
+        pool_log_probs = torch.zeros((n, width, steps), device=device)
+        pool_stopped = torch.zeros((n, width), dtype=torch.bool, device=device)
+        improvable = torch.ones(n, dtype=torch.bool, device=device)
+        done = torch.zeros(n, dtype=torch.bool, device=device)
+        row_base = torch.arange(n, device=device)[:, None] * width
+        top_rank = torch.arange(candidates, device=device)[None, :] < width
+        cancelled = [False] * n
+        cancel_poll = _CancelPoll(is_cancelled, indices, self.cancel_poll_s)
+        done_flag = _DoneFlag(device)
+
+        logits = self._prefill(row_history, row_lengths, max_prompt)
+        self.model.copy_slots(torch.arange(n, device=device).repeat_interleave(width), max_prompt)
+        logits = logits.repeat_interleave(width, 0)
+        for step in range(steps):
+            was_done = done.tolist() if on_step is not None else []
+            generated = torch.full((m,), step, dtype=torch.long, device=device)
+            processed = process_logits(logits, params, generated=generated, seen=seen, bad_words=bad_words,
+                                       history=history, lengths=lengths, vocab_limit=self.vocab_limit)
+            log_probs = processed.log_softmax(dim=-1)  # [m, V]
+            total = (log_probs + running_score.view(m, 1)).view(n, width * vocab)
+            cand_score, cand_index = total.topk(candidates, dim=-1)  # [n, 2W], best first
+            cand_token = cand_index % vocab
+            cand_slot = row_base + cand_index // vocab  # the beam (slot) each candidate extends
+            cand_log_prob = log_probs[cand_slot, cand_token]
+            ended = cand_token == end_id[:, None]
+            if stop_words is not None:
+                before = last_tokens(history, lengths, stop_words.width - 1)[cand_slot]  # [n, 2W, width-1]
+                ended |= stop_words.rows_hit(torch.cat([before, cand_token[..., None]], dim=-1))
+            at_limit = (step + 1 >= output_len)[:, None].expand(n, candidates)
+            hits = ended | at_limit
+
+            # Finished set: the top-W candidates that end join it (while the row can still improve).
+            joins = hits & top_rank & (improvable & ~done)[:, None]
+            generated_len = float(step + 1)
+            norm_score = torch.where(joins, cand_score / generated_len ** len_penalty[:, None], SCORE_FLOOR)
+            cand_tokens = history[cand_slot]  # [n, 2W, seq_width]
+            cand_tokens.scatter_(2, lengths[cand_slot][..., None], cand_token[..., None])
+            cand_step_log_probs = step_log_probs[cand_slot]  # [n, 2W, steps]
+            cand_step_log_probs[..., step] = cand_log_prob
+            keep = torch.cat([pool_score, norm_score], dim=1).topk(width, dim=1).indices  # [n, W]
+
+            def pick(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+                merged = torch.cat([old, new], dim=1)
+                index = keep.view(n, width, *([1] * (merged.dim() - 2))).expand(n, width, *merged.shape[2:])
+                return merged.gather(1, index)
+
+            pool_score = pick(pool_score, norm_score)
+            pool_filled = pick(pool_filled, joins)
+            pool_tokens = pick(pool_tokens, cand_tokens)
+            pool_len = pick(pool_len, lengths[cand_slot] + 1)
+            pool_cum = pick(pool_cum, cand_score)
+            pool_log_probs = pick(pool_log_probs, cand_step_log_probs)
+            pool_stopped = pick(pool_stopped, ended)
+
+            # Running beams: the best W candidates that did not end.
+            next_score, next_rank = (cand_score + hits.to(torch.float32) * SCORE_FLOOR).topk(width, dim=1)
+            parents = cand_slot.gather(1, next_rank).view(m)
+            next_tokens = cand_token.gather(1, next_rank).view(m)
+            frozen = done.repeat_interleave(width)  # finished rows keep their slots' positions
+            history, lengths = history[parents], lengths[parents]
+            step_log_probs = step_log_probs[parents]
+            step_log_probs[:, step] = cand_log_prob.gather(1, next_rank).view(m)
+            if seen is not None:
+                seen = seen[parents]
+                seen.scatter_(1, next_tokens[:, None], True)
+            self.model.copy_slots(parents, min(seq_width - 1, max_prompt + step))
+            history.scatter_(1, lengths[:, None], next_tokens[:, None])
+            lengths = torch.where(frozen, lengths, lengths + 1)
+            running_score = next_score
+
+            # HF's early-stop heuristic (early_stopping=False): stop once no running beam can beat the worst
+            # finished one at the current length.
+            best_possible = running_score[:, 0] / generated_len ** len_penalty
+            improvable &= ~pool_filled.all(dim=1) | (best_possible > pool_score.min(dim=1).values)
+            done |= ~improvable | hits.all(dim=1)
+
+            if on_step is not None:  # the running beams of rows that were still searching
+                history_host, lengths_host, done_host = history.cpu(), lengths.tolist(), done.tolist()
+                updates = []
+                for i in range(n):
+                    if not was_done[i]:
+                        beams = [history_host[i * width + b, :lengths_host[i * width + b]].numpy()
+                                 for b in range(width)]
+                        updates.append((indices[i], _row_output(prompt_lens[i], beams, None, finished=done_host[i],
+                                                                reason="length")))
+                on_step(updates)
+            newly = cancel_poll.newly_cancelled(cancelled)
+            if newly:
+                done[torch.tensor(newly, device=device)] = True
+            if step + 1 == steps or done_flag.all_finished(done):
+                break
+            logits = self._decode(next_tokens, lengths - 1, min(self.model.max_seq_len, max_prompt + step + 1))
+
+        return self._beam_outputs(requests, prompt_lens, cancelled, pool_filled, pool_tokens, pool_len, pool_cum,
+                                  pool_log_probs, pool_stopped, history, lengths, running_score, step_log_probs)
+
+    def _beam_outputs(self, requests: Sequence[GenerationRequest], prompt_lens: list[int], cancelled: list[bool],
+                      pool_filled: torch.Tensor, pool_tokens: torch.Tensor, pool_len: torch.Tensor,
+                      pool_cum: torch.Tensor, pool_log_probs: torch.Tensor, pool_stopped: torch.Tensor,
+                      history: torch.Tensor, lengths: torch.Tensor, running_score: torch.Tensor,
+                      step_log_probs: torch.Tensor) -> list[RowOutput]:
+        """Finished hypotheses best first; a row stopped early (cancelled) is topped up with its running beams."""
+        width = requests[0].beam_width
+        filled, tokens, lens = pool_filled.cpu(), pool_tokens.cpu(), pool_len.cpu()
+        cum, step_lp, stopped = pool_cum.cpu(), pool_log_probs.cpu(), pool_stopped.cpu()
+        history, lengths, running, running_lp = history.cpu(), lengths.cpu(), running_score.cpu(), step_log_probs.cpu()
+        outputs = []
+        for i, r in enumerate(requests):
+            beams, beam_log_probs, beam_cum, reasons = [], [], [], []
+            for b in range(width):
+                if filled[i, b]:
+                    beams.append(tokens[i, b, :lens[i, b]].numpy())
+                    beam_log_probs.append(step_lp[i, b, :lens[i, b] - prompt_lens[i]].numpy())
+                    beam_cum.append(float(cum[i, b]))
+                    reasons.append("stop" if stopped[i, b] else "length")
+            for b in range(width - len(beams)):
+                slot = i * width + b
+                beams.append(history[slot, :lengths[slot]].numpy())
+                beam_log_probs.append(running_lp[slot, :lengths[slot] - prompt_lens[i]].numpy())
+                beam_cum.append(float(running[i, b]))
+                reasons.append("length")
+            reason = "cancelled" if cancelled[i] else reasons[0]
+            outputs.append(_row_output(prompt_lens[i], beams, beam_log_probs if r.return_log_probs else None,
+                                       finished=True, reason=reason,
+                                       cum=np.array(beam_cum, np.float32) if r.return_log_probs else None))
+        return outputs

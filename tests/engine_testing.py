@@ -1,0 +1,62 @@
+"""Shared helpers for the engine tests: a tiny random HF GPT-2 (the oracle) and its FT weight folder."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from builder.checkpoints import convert
+from builder.runtime.core_io import GenerationRequest
+
+GPT2_ASSETS = Path(__file__).resolve().parents[1] / "builder" / "assets" / "gpt2"
+TINY = dict(n_embd=64, n_layer=2, n_head=4, n_inner=256, vocab_size=512, n_positions=128)
+END_ID = 0  # the tiny model's end_id (config.ini); tests that need end_id to occur pick a likelier token
+
+
+@dataclass
+class TinyGpt:
+    hf: GPT2LMHeadModel
+    ft_dir: Path
+
+
+def make_tiny_gpt(tmp_dir: Path, seed: int = 0) -> TinyGpt:
+    """A random GPT-2 of TINY shape, saved HF-style and converted to FT weights by `builder convert`."""
+    torch.manual_seed(seed)
+    config = GPT2Config(**TINY, activation_function="gelu_new", bos_token_id=END_ID, eos_token_id=END_ID)
+    hf = GPT2LMHeadModel(config).eval()
+    hf.save_pretrained(tmp_dir / "hf")
+    for name in ("vocab.json", "merges.txt"):  # the converter copies the tokenizer next to the weights
+        shutil.copyfile(GPT2_ASSETS / name, tmp_dir / "hf" / name)
+    ft_dir = convert(tmp_dir / "hf", tmp_dir / "ft", infer_gpu_num=1, weight_data_type="fp32", progress=False)
+    return TinyGpt(hf=hf, ft_dir=ft_dir)
+
+
+def random_prompts(count: int, *, seed: int, min_len: int = 1, max_len: int = 12) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, max_len + 1, (count,), generator=generator).tolist()
+    return [torch.randint(1, TINY["vocab_size"], (n,), generator=generator).tolist() for n in lengths]
+
+
+def request(prompt: list[int], output_len: int, **kwargs: object) -> GenerationRequest:
+    kwargs.setdefault("end_id", END_ID)
+    return GenerationRequest(input_ids=tuple(prompt), output_len=output_len, **kwargs)  # type: ignore[arg-type]
+
+
+@torch.inference_mode()
+def hf_generate(hf: GPT2LMHeadModel, prompt: list[int], new_tokens: int, **kwargs: object) -> list[int]:
+    """HF generate for one unpadded prompt; returns prompt + generated ids (trailing padding stripped by HF)."""
+    kwargs.setdefault("eos_token_id", END_ID)
+    kwargs.setdefault("do_sample", False)
+    out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                      max_new_tokens=new_tokens, pad_token_id=kwargs["eos_token_id"], **kwargs)
+    return out[0].tolist()
+
+
+@torch.inference_mode()
+def hf_next_token_logits(hf: GPT2LMHeadModel, sequence: list[int]) -> torch.Tensor:
+    """Teacher-forced logits [len(sequence), V]: row j predicts token j + 1."""
+    return hf(torch.tensor([sequence])).logits[0].float()

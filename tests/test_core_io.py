@@ -1,0 +1,120 @@
+"""FT tensor contract: request parsing/validation, word lists, output layout. No torch needed by the module."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from builder.runtime.core_io import (CAPABILITIES, EngineLimits, GenerationRequest, RequestError, RowOutput,
+                                     ft_outputs, parse_request, parse_word_list)
+from builder.runtime.word_lists import encode_word_lists
+
+LIMITS = EngineLimits(vocab_size=1000, max_seq_len=64, max_batch_size=8, default_end_id=999)
+
+
+def ft_inputs(ids: list[list[int]], lengths: list[int], output_len: int, **optional: np.ndarray) -> dict:
+    """The arrays one Triton request carries (batch dim first), as the seed client sends them."""
+    return {"input_ids": np.array(ids, dtype=np.uint32), "input_lengths": np.array(lengths, np.uint32)[:, None],
+            "request_output_len": np.full((len(ids), 1), output_len, np.uint32), **optional}
+
+
+def test_seed_client_request_parses_with_ft_defaults() -> None:
+    parsed = parse_request(ft_inputs([[5, 6, 7, 0]], [3], 10, runtime_top_k=np.array([[1]], np.uint32),
+                                     runtime_top_p=np.array([[0.0]], np.float32),
+                                     temperature=np.array([[1.0]], np.float32)), LIMITS)
+    (row,) = parsed.rows
+    assert row.input_ids == (5, 6, 7) and row.output_len == 10 and row.is_greedy
+    assert row.end_id == 999 and row.beam_width == 1 and row.random_seed == 0 and not row.return_log_probs
+    assert parsed.stream
+
+
+@pytest.mark.parametrize(("inputs", "input_name", "limit"), [
+    (dict(input_lengths=np.array([[5]], np.uint32)), "input_lengths", r"\[1, 3\]"),
+    (dict(request_output_len=np.array([[62]], np.uint32)), "request_output_len", "max_seq_len 64"),
+    (dict(runtime_top_p=np.array([[1.5]], np.float32)), "runtime_top_p", r"\[0, 1\]"),
+    (dict(temperature=np.array([[-1.0]], np.float32)), "temperature", ">= 0"),
+    (dict(repetition_penalty=np.array([[0.0]], np.float32)), "repetition_penalty", "> 0"),
+    (dict(beam_width=np.array([[9]], np.uint32)), "beam_width", r"\[1, 8\]"),
+    (dict(end_id=np.array([[1000]], np.uint32)), "end_id", r"\[0, 1000\)"),
+    (dict(input_ids=np.array([[1, 2, 1000]], np.uint32)), "input_ids", r"\[0, 1000\)"),
+    (dict(stop_words_list=np.array([[[1, 2], [3, -1]]], np.int32)), "stop_words_list", "offsets"),
+    (dict(bad_words_list=np.array([[[1, 2], [1, 2], [2, -1]]], np.int32)), "bad_words_list", r"\[2, N\]"),
+    (dict(beam_search_diversity_rate=np.array([[0.5]], np.float32)), "beam_search_diversity_rate", "not supported"),
+])
+def test_bad_requests_name_the_input_and_the_limit(inputs: dict, input_name: str, limit: str) -> None:
+    request = {**ft_inputs([[1, 2, 3]], [3], 4), **inputs}
+    with pytest.raises(RequestError, match=limit) as info:
+        parse_request(request, LIMITS)
+    assert info.value.input_name == input_name and str(info.value).startswith(input_name)
+
+
+def test_missing_required_input() -> None:
+    request = ft_inputs([[1, 2, 3]], [3], 4)
+    del request["input_lengths"]
+    with pytest.raises(RequestError, match="input_lengths: is required"):
+        parse_request(request, LIMITS)
+
+
+def test_rows_times_beams_must_fit_the_cache() -> None:
+    request = ft_inputs([[1, 2]] * 3, [2, 2, 2], 4, beam_width=np.full((3, 1), 4, np.uint32))
+    with pytest.raises(RequestError, match="beam_width.*3 x 4 exceeds.*max_batch_size 8"):
+        parse_request(request, LIMITS)
+
+
+def test_mixed_beam_widths_in_one_request_are_refused() -> None:
+    request = ft_inputs([[1, 2]] * 2, [2, 2], 4, beam_width=np.array([[1], [2]], np.uint32))
+    with pytest.raises(RequestError, match="beam_width: must be the same"):
+        parse_request(request, LIMITS)
+
+
+def test_per_row_values_and_padding_removed() -> None:
+    parsed = parse_request(ft_inputs([[1, 2, 3], [4, 0, 0]], [3, 1], 5,
+                                     runtime_top_k=np.array([[0], [4]], np.uint32),
+                                     random_seed=np.array([[2**64 - 1], [7]], np.uint64),
+                                     is_return_log_probs=np.array([[False], [True]])), LIMITS)
+    assert [r.input_ids for r in parsed.rows] == [(1, 2, 3), (4,)]
+    assert [r.top_k for r in parsed.rows] == [0, 4]
+    assert [r.random_seed for r in parsed.rows] == [2**64 - 1, 7]
+    assert parsed.return_log_probs
+
+
+def test_word_lists_round_trip_with_the_preprocessing_encoder() -> None:
+    words = [[[10, 11], [12]], [], [[13, 14, 15]]]
+    encoded = encode_word_lists(words)  # what preprocessing sends: [B, 2, N]
+    assert parse_word_list(encoded, "stop_words_list", 3, 1000) == [((10, 11), (12,)), (), ((13, 14, 15),)]
+    shared = encoded[0]  # a [2, N] list applies to every row
+    assert parse_word_list(shared, "stop_words_list", 2, 1000) == [((10, 11), (12,))] * 2
+    assert parse_word_list(np.array([[0], [-1]], np.int32), "bad_words_list", 1, 1000) == [()]  # FT's "no words"
+    assert parse_word_list(np.array([[0], [0]], np.int32), "bad_words_list", 1, 1000) == [()]  # zero-length word
+
+
+def test_ft_output_layout_with_beams_and_log_probs() -> None:
+    rows = [GenerationRequest(input_ids=(1, 2, 3), output_len=4, end_id=9, beam_width=2),
+            GenerationRequest(input_ids=(5,), output_len=2, end_id=8, beam_width=2)]
+    outputs = [RowOutput(prompt_len=3, beams=[np.array([1, 2, 3, 4, 9]), np.array([1, 2, 3, 6, 7, 8, 5])],
+                         cum_log_probs=np.array([-1.0, -2.0]),
+                         output_log_probs=[np.array([-0.5, -0.5]), np.array([-0.5, -0.5, -0.5, -0.5])]),
+               RowOutput(prompt_len=1, beams=[np.array([5, 6, 7]), np.array([5, 8])],
+                         cum_log_probs=np.array([-3.0, -4.0]), output_log_probs=[np.array([-1.5, -1.5]),
+                                                                                 np.array([-4.0])])]
+    arrays = ft_outputs(rows, outputs, with_log_probs=True)
+    assert arrays["output_ids"].shape == (2, 2, 3 + 4) and arrays["output_ids"].dtype == np.uint32
+    assert arrays["output_ids"][0, 0].tolist() == [1, 2, 3, 4, 9, 9, 9]  # end_id fill
+    assert arrays["output_ids"][1, 1].tolist() == [5, 8, 8, 8, 8, 8, 8]
+    assert arrays["sequence_length"].tolist() == [[5, 7], [3, 2]]
+    assert arrays["response_input_lengths"].tolist() == [[3, 3], [1, 1]]
+    assert arrays["response_input_lengths"].dtype == np.int32
+    assert arrays["cum_log_probs"].shape == (2, 2) and arrays["output_log_probs"].shape == (2, 2, 4)
+    assert arrays["output_log_probs"][1, 1].tolist() == [-4.0, 0.0, 0.0, 0.0]
+    assert "cum_log_probs" not in ft_outputs(rows, outputs, with_log_probs=False)
+
+
+def test_capabilities_import_without_torch() -> None:
+    code = ("import sys; from builder.runtime.core_io import CAPABILITIES; "
+            "assert 'torch' not in sys.modules, 'core_io imported torch'; print(sorted(CAPABILITIES))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert {"runtime_top_k", "stop_words_list", "beam_width", "stream"} <= CAPABILITIES

@@ -1,0 +1,57 @@
+"""The engine's CUDA path (CUDA graphs, no per-step host sync). Skipped on machines without a GPU."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from builder.runtime.generation import GptEngine
+from engine_testing import TinyGpt, hf_generate, make_tiny_gpt, random_prompts, request
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyGpt:
+    return make_tiny_gpt(tmp_path_factory.mktemp("tiny_gpt"))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny: TinyGpt) -> GptEngine:
+    return GptEngine.from_ft_dir(tiny.ft_dir, device="cuda:0", dtype=torch.float32, max_batch_size=16)
+
+
+def test_cuda_graph_greedy_equals_hf(tiny: TinyGpt, engine: GptEngine) -> None:
+    assert engine.graphs is not None
+    prompts = random_prompts(9, seed=1)
+    outputs = engine.generate([request(p, NEW_TOKENS) for p in prompts])
+    assert [o.beams[0].tolist() for o in outputs] == [hf_generate(tiny.hf, p, NEW_TOKENS) for p in prompts]
+    beam = engine.generate([request(prompts[0], 6, beam_width=4, len_penalty=1.0)])[0]
+    assert beam.beams[0].tolist() == hf_generate(tiny.hf, prompts[0], 6, num_beams=4, length_penalty=1.0)
+
+
+def test_graphs_and_eager_sample_alike(tiny: TinyGpt, engine: GptEngine) -> None:
+    eager = GptEngine.from_ft_dir(tiny.ft_dir, device="cuda:0", max_batch_size=16, use_cuda_graphs=False)
+    rows = [request(p, NEW_TOKENS, top_k=20, top_p=0.9, random_seed=i) for i, p in enumerate(random_prompts(5, seed=3))]
+    assert [o.beams[0].tolist() for o in engine.generate(rows)] == [o.beams[0].tolist() for o in eager.generate(rows)]
+
+
+def _sync_warnings(engine: GptEngine, output_len: int) -> int:
+    rows = [request(p, output_len, top_k=20, random_seed=i, stop_words=((7, 8),), bad_words=((9,),),
+                    repetition_penalty=1.1) for i, p in enumerate(random_prompts(4, seed=4))]
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine.generate(rows)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def test_no_host_sync_per_decode_step(engine: GptEngine) -> None:
+    _sync_warnings(engine, 40)  # capture the graphs first
+    assert _sync_warnings(engine, 40) == _sync_warnings(engine, 4)
