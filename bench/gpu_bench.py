@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import statistics
 import sys
 import threading
@@ -28,10 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from builder.checkpoints import convert, write_synthetic_checkpoint  # noqa: E402
-from builder.checkpoints.hf import hf_model_from_canonical  # noqa: E402
 from builder.render import render_repository  # noqa: E402
 from builder.render_config import RenderConfig  # noqa: E402
-from builder.runtime.ft_weights import load_ft_weights  # noqa: E402
 from builder.runtime.model_config import GptModelConfig  # noqa: E402
 from builder.runtime.tokenizer import GptTokenizer  # noqa: E402
 from builder.serve import TritonServer  # noqa: E402
@@ -69,55 +69,6 @@ def weight_bytes_per_step(config: GptModelConfig) -> int:
 def random_prompts(n: int, length: int, seed: int, vocab: int = 50257) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [rng.integers(0, vocab - 1, size=length).tolist() for _ in range(n)]
-
-
-# ---- HF transformers peer -----------------------------------------------------------------------------------------
-
-
-def hf_ms_per_token(model: torch.nn.Module, prompt: list[int], static: bool, lengths: tuple[int, int] = (32, 160),
-                    reps: int = 3) -> float:
-    """Slope of HF generate latency over new tokens, batch 1 (prefill cancels out)."""
-    ids = torch.tensor([prompt], device="cuda")
-    kwargs = {"do_sample": False, "pad_token_id": 50256}
-    if static:
-        kwargs["cache_implementation"] = "static"
-
-    def run(new_tokens: int) -> float:
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
-        torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    for n in lengths:  # warm-up (and compilation where HF compiles a static-cache forward)
-        run(n)
-    short = statistics.median(run(lengths[0]) for _ in range(reps))
-    long = statistics.median(run(lengths[1]) for _ in range(reps))
-    return (long - short) / (lengths[1] - lengths[0]) * 1000
-
-
-def hf_greedy(model: torch.nn.Module, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
-    outputs = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt], device="cuda")
-        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=50256)
-        outputs.append(out[0, len(prompt):].tolist())
-    return outputs
-
-
-def teacher_forced_agreement(model: torch.nn.Module, prompts: list[list[int]], ours: list[list[int]],
-                             tolerance: float) -> float:
-    """Share of our greedy tokens that HF, fed our own prefix, also ranks first (within fp16 logit tolerance)."""
-    agree = total = 0
-    with torch.no_grad():
-        for prompt, generated in zip(prompts, ours):
-            ids = torch.tensor([prompt + generated], device="cuda")
-            logits = model(ids).logits[0, len(prompt) - 1:-1].float()  # the logits that chose each generated token
-            chosen = logits.gather(1, torch.tensor(generated, device="cuda")[:, None])[:, 0]
-            agree += int((chosen >= logits.max(dim=1).values - tolerance).sum())
-            total += len(generated)
-    return agree / total
 
 
 # ---- through Triton ------------------------------------------------------------------------------------------------
@@ -236,23 +187,7 @@ def main() -> None:
     log(f"copy bandwidth {bandwidth:.0f} GB/s -> floor {floor_ms:.3f} ms/token")
 
     agreement_prompts = random_prompts(32, 32, seed=1)
-    hf_tokens: list[list[int]] = []
-    hf_model = None
-    if not args.skip_hf:
-        _, tensors = load_ft_weights(ft, dtype=torch.float16, device="cuda")
-        hf_model = hf_model_from_canonical(config, tensors).to("cuda", torch.float16).eval()
-        del tensors
-        prompt = random_prompts(1, 128, seed=2)[0]
-        result["hf_eager_ms_per_token_bs1"] = hf_ms_per_token(hf_model, prompt, static=False)
-        log(f"HF eager {result['hf_eager_ms_per_token_bs1']:.2f} ms/token")
-        try:
-            result["hf_static_ms_per_token_bs1"] = hf_ms_per_token(hf_model, prompt, static=True)
-            log(f"HF static cache {result['hf_static_ms_per_token_bs1']:.2f} ms/token")
-        except Exception as err:  # noqa: BLE001  (record why the peer could not run, keep benchmarking)
-            result["hf_static_error"] = repr(err)[:500]
-        hf_tokens = hf_greedy(hf_model, agreement_prompts, 64)
-        torch.cuda.empty_cache()
-
+    timing_prompt = random_prompts(1, 128, seed=2)[0]
     repo = render_repository(RenderConfig(engine="torch", device="gpu", data_type="fp16", checkpoint=ft,
                                           model=config, max_batch_size=64, output=args.work / "repo", force=True,
                                           max_queue_delay_us=args.max_queue_delay_us))
@@ -261,15 +196,8 @@ def main() -> None:
     with TritonServer.on_free_ports(repo, startup_timeout_s=600) as server:
         triton = Triton(server.grpc_url)
         ours = [triton.core(p, 64) for p in agreement_prompts]
-        if hf_model is not None:
-            exact = sum(a == b for o, h in zip(ours, hf_tokens) for a, b in zip(o, h)) / sum(map(len, ours))
-            prefix = [next((i for i, (a, b) in enumerate(zip(o, h)) if a != b), len(o)) for o, h in zip(ours, hf_tokens)]
-            result["greedy_exact_token_agreement_vs_hf_fp16"] = exact
-            result["greedy_identical_sequences"] = sum(p == 64 for p in prefix)
-            result["greedy_agreement_vs_hf_fp16"] = teacher_forced_agreement(hf_model, agreement_prompts, ours, 1e-2)
-            log(f"agreement: teacher-forced {result['greedy_agreement_vs_hf_fp16']:.4f}, exact {exact:.4f}")
-            del hf_model
-            torch.cuda.empty_cache()
+        (args.work / "ours.json").write_text(json.dumps({"prompts": agreement_prompts, "outputs": ours}))
+        (args.work / "timing_prompt.json").write_text(json.dumps(timing_prompt))
 
         p128 = text_prompt(tokenizer, 128, seed=3)
         for _ in range(3):
@@ -299,6 +227,17 @@ def main() -> None:
         result["concurrency_sweep"] = sweep
         result["server_log_tail"] = server.log_text()[-3000:]
 
+    if not args.skip_hf:  # after the server is gone: the GPU is HF's alone
+        log("HF transformers peer (own process)")
+        peer = subprocess.run([os.environ.get("HF_PYTHON", sys.executable), str(ROOT / "bench" / "hf_peer.py"),
+                               "--ft", str(ft), "--ours", str(args.work / "ours.json"),
+                               "--timing-prompt", str(args.work / "timing_prompt.json"),
+                               "--out", str(args.work / "hf.json")], capture_output=True, text=True)
+        if peer.returncode == 0:
+            result.update(json.loads((args.work / "hf.json").read_text()))
+        else:
+            result["hf_peer_error"] = peer.stderr[-2000:]
+            log(peer.stderr[-2000:])
     if "hf_static_ms_per_token_bs1" in result:
         result["speedup_vs_hf_static_bs1"] = result["hf_static_ms_per_token_bs1"] / result["decode_ms_per_token_bs1"]
     if "hf_eager_ms_per_token_bs1" in result:

@@ -125,8 +125,11 @@ def render_repository(config: RenderConfig) -> Path:
     core_template = "gpt_torch" if config.engine == "torch" else "fastertransformer"
     models = {config.ensemble_name: "ensemble", "preprocessing": "preprocessing",
               config.model_name: core_template, "postprocessing": "postprocessing"}
+    # Ids past the tokenizer's table exist only as padding rows of the embedding: never generate them.
+    tokenizer_vocab_size = len(json.loads((tokenizer_dir / "vocab.json").read_text(encoding="utf-8")))
     for model_name, template in models.items():
-        text = env.get_template(f"{template}/config.pbtxt.j2").render(cfg=config)
+        text = env.get_template(f"{template}/config.pbtxt.j2").render(cfg=config,
+                                                                       tokenizer_vocab_size=tokenizer_vocab_size)
         parse_model_config(text, f"{template}/config.pbtxt.j2")
         rendered[model_name] = (template, text)
 

@@ -107,6 +107,10 @@ CORE_OUTPUTS: tuple[Tensor, ...] = (
     Tensor("output_log_probs", "FP32", (-1, -1)),
 )
 LOG_PROB_OUTPUTS = ("cum_log_probs", "output_log_probs")
+# Not in FT's contract: a decoupled torch core says where in output_ids each response's new tokens start, so the
+# stateless postprocessing also handles a single final response (`stream` false) and rows that advance unevenly.
+# Without it (FT engine) postprocessing assumes one new token per response, as FT's decoupled mode sends.
+DELTA_START = Tensor("delta_start", "INT32", (-1,), optional=True)
 
 POSTPROCESSING_OUTPUTS: tuple[Tensor, ...] = (
     Tensor("text_output", "STRING", (-1,)),
@@ -215,7 +219,8 @@ class RenderConfig:
     @property
     def core_outputs(self) -> list[Tensor]:
         keep_log_probs = "is_return_log_probs" in self.capabilities
-        return [t for t in CORE_OUTPUTS if keep_log_probs or t.name not in LOG_PROB_OUTPUTS]
+        outputs = [t for t in CORE_OUTPUTS if keep_log_probs or t.name not in LOG_PROB_OUTPUTS]
+        return outputs + [DELTA_START] if self.core_stream_input else outputs
 
     @property
     def log_prob_outputs(self) -> list[Tensor]:

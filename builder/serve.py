@@ -25,6 +25,7 @@ from pathlib import Path
 from types import TracebackType
 
 LOCALHOST = "127.0.0.1"
+PYTHON_STUB = "triton_python_backend_stub"
 FATAL_LOG_PATTERN = re.compile(r"error while loading shared libraries.*|failed to load '[^']+'.*")
 
 
@@ -109,6 +110,18 @@ class ServerConfig:
         return self.address in (LOCALHOST, "localhost", "::1") or self.address.startswith("127.")
 
 
+def _live_cmdline(pid: int) -> list[str]:
+    """The process's argv, or [] when it is gone or a zombie (a killed stub stays a zombie: Triton never reaps it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, IndexError):
+        return []
+    if state in ("Z", "X"):
+        return []
+    return [arg.decode(errors="replace") for arg in argv if arg]
+
+
 class TritonServer:
     """A tritonserver child process. Use as a context manager; `start()` returns once every model is ready."""
 
@@ -116,6 +129,7 @@ class TritonServer:
         self.config = config
         self.process: subprocess.Popen[bytes] | None = None
         self._own_log = config.log_file is None
+        self._stubs: dict[int, str] = {}  # Python-backend stubs at start-up: pid -> model instance name
         self.log_path = config.log_file or Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
 
     @classmethod
@@ -181,7 +195,35 @@ class TritonServer:
         except BaseException:
             self.stop()
             raise
+        self._stubs = self.python_stubs()
         return self
+
+    def python_stubs(self) -> dict[int, str]:
+        """The server's live Python-backend stub processes (pid -> model instance name), read from /proc (Linux)."""
+        if self.process is None:
+            return {}
+        stubs: dict[int, str] = {}
+        for children in Path(f"/proc/{self.process.pid}/task").glob("*/children"):
+            try:
+                pids = [int(pid) for pid in children.read_text().split()]
+            except OSError:
+                continue
+            for pid in pids:
+                argv = _live_cmdline(pid)
+                if argv and argv[0].endswith(PYTHON_STUB):
+                    # argv: stub model.py shm-region shm-size shm-growth parent-pid backend-dir ipc instance ...
+                    stubs[pid] = argv[8] if len(argv) > 8 else Path(argv[1]).parent.parent.name
+        return stubs
+
+    def dead_stubs(self) -> list[str]:
+        """Model instances whose Python stub died after start-up.
+
+        tritonserver 2.51 neither restarts such a stub nor marks its model unready: /v2/health/ready stays 200 and
+        every request routed to that instance fails with "Stub process '<instance>' is not healthy.". Whoever
+        supervises the server should therefore restart it (`serve_until_signal` does so by exiting).
+        """
+        return sorted(name for pid, name in self._stubs.items()
+                      if not (_live_cmdline(pid) or [""])[0].endswith(PYTHON_STUB))
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.config.startup_timeout_s

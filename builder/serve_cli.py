@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from types import FrameType
@@ -48,6 +49,10 @@ def serve_command(repository: Path, http_port: int, grpc_port: int, metrics_port
       python -m builder serve model_repository
       python -m client "1 2 3 4 5 6"              # in another shell
     """
+    # SIGTERM is handled from the start: tritonserver runs in its own session, so a SIGTERM that killed us while it
+    # loads would leave it running.
+    signal.signal(signal.SIGTERM, _stop_on_signal)
+    server: TritonServer | None = None
     try:
         config = ServerConfig(repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                               address=address, tritonserver=tritonserver, backend_directory=backend_directory,
@@ -56,21 +61,52 @@ def serve_command(repository: Path, http_port: int, grpc_port: int, metrics_port
         server = TritonServer(config)
         click.echo(f"starting tritonserver on {repository} ...", err=True)
         server.start()
+        click.echo(f"ready: HTTP http://{server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}",
+                   err=True)
+        click.echo(f"server log: {server.log_path}   (Ctrl-C to stop)", err=True)
     except ServerError as err:
         raise click.ClickException(str(err)) from err
-    click.echo(f"ready: HTTP http://{server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}", err=True)
-    click.echo(f"server log: {server.log_path}   (Ctrl-C to stop)", err=True)
+    except KeyboardInterrupt:
+        click.echo("stopping tritonserver (letting in-flight requests finish) ...", err=True)
+        if server is not None:
+            server.stop()
+        sys.exit(0)
     sys.exit(serve_until_signal(server))
 
 
-def serve_until_signal(server: TritonServer) -> int:
-    """Block until SIGINT/SIGTERM or the server dies; shut down gracefully. Returns the exit code to use."""
-    def request_stop(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt  # SIGTERM takes the same graceful path as Ctrl-C
+def _stop_on_signal(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # SIGTERM takes the same graceful path as Ctrl-C
 
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+STUB_DIED_EXIT_CODE = 3
+STUB_CHECK_INTERVAL_S = 1.0
+
+
+def serve_until_signal(server: TritonServer) -> int:
+    """Block until SIGINT/SIGTERM, the server dies or one of its Python stubs dies; shut down gracefully.
+
+    Returns the exit code to use: 0 after a signal, the server's code (or 1) if it died, STUB_DIED_EXIT_CODE if a
+    model's Python stub died (Triton 2.51 would keep failing that model's requests while reporting ready, so we stop
+    and let the supervisor restart the whole server).
+    """
+    if server.process is None:
+        raise ServerError("serve_until_signal needs a started server")
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        code = server.wait()
+        for sig in previous:
+            signal.signal(sig, _stop_on_signal)
+        while True:
+            try:
+                code = server.process.wait(timeout=STUB_CHECK_INTERVAL_S)
+                break
+            except subprocess.TimeoutExpired:
+                dead = server.dead_stubs()
+            if dead:
+                click.echo(f"the Python stub of model instance {', '.join(dead)} died; tritonserver does not restart "
+                           "it (its requests would all fail while /v2/health/ready stays 200), so the server is "
+                           f"stopped; restart it. Server log: {server.log_path}", err=True)
+                server.stop()
+                return STUB_DIED_EXIT_CODE
         click.echo(f"tritonserver exited unexpectedly with code {code}; see {server.log_path}", err=True)
         return code or 1
     except KeyboardInterrupt:

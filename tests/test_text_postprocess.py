@@ -195,3 +195,22 @@ def test_config_parameters() -> None:
         PostprocessConfig.from_parameters({}, default_end_id=EOS)
     with pytest.raises(PostprocessConfigError, match="end_id"):
         PostprocessConfig.from_parameters({"streaming": "true", "end_id": "x"}, default_end_id=EOS)
+
+
+def test_streaming_delta_start_gives_all_new_tokens_of_a_single_final_response() -> None:
+    """A decoupled core answering `stream` false sends one response: delta_start = the prompt length."""
+    from pathlib import Path as _Path
+
+    from builder.runtime.postprocess import PostprocessConfig, postprocess_requests
+    from builder.runtime.tokenizer import GptTokenizer as _Tokenizer
+
+    tokenizer = _Tokenizer.from_directory(_Path(__file__).resolve().parents[1] / "builder" / "assets" / "gpt2")
+    prompt, generated = tokenizer.encode("Count:"), tokenizer.encode(" 1 2 3 数字 🚀")
+    ids = np.array([[prompt + generated]], dtype=np.uint32)
+    inputs = {"output_ids": ids, "sequence_length": np.array([[ids.shape[2]]], np.uint32),
+              "response_input_lengths": np.array([[len(prompt)]], np.int32)}
+    config = PostprocessConfig(streaming=True, end_id=tokenizer.eos_id)
+    whole = postprocess_requests([{**inputs, "delta_start": np.array([[len(prompt)]], np.int32)}], tokenizer, config)
+    assert whole[0]["text_output"][0][0].decode() == " 1 2 3 数字 🚀"
+    last_only = postprocess_requests([inputs], tokenizer, config)  # without it: one new token per response
+    assert last_only[0]["text_output"][0][0].decode() != " 1 2 3 数字 🚀"

@@ -9,9 +9,10 @@ Every row and beam of every request in the call is decoded in one batched call.
 
 Streaming (stateless): each response of the decoupled core model carries the cumulative `output_ids` and
 `sequence_length`; the text delta is what the newest token adds (`GptTokenizer.stream_delta`: an unfinished UTF-8
-character is held back until it completes; the prompt is never included). All rows of a request advance together, so
-a beam "grew" in this response when its generated length equals the longest in the request; a beam that finished
-earlier (shorter) gets "". What a stateless step cannot know, by design:
+character is held back until it completes; the prompt is never included). The new tokens of a response start at its
+`delta_start` where the core sends one (our torch engine, decoupled); otherwise (FT) each response adds one token, so
+a beam "grew" when its generated length equals the longest in the request and a beam that finished earlier gets "".
+What a stateless step cannot know, by design:
 - a stop word is not trimmed (its text has been streamed before the engine stops), and finish_reason is "" except when
   the last token is the end id (the `end_id` parameter, default the tokenizer's eos): then "stop", and the end id
   itself adds no text (a request's own `end_id` input cannot reach a streaming postprocessing);
@@ -192,7 +193,11 @@ def _stream_deltas(inputs: Mapping[str, np.ndarray], tokenizer: GptTokenizer, en
     beams = _read_beams(inputs)
     batch, width = beams.sequence_length.shape
     generated_lengths = beams.sequence_length - beams.input_lengths  # [B, W]
-    newest = int(generated_lengths.max(initial=0))
+    if "delta_start" in inputs:  # the core says where this response's new tokens start
+        new_counts = beams.sequence_length - np.asarray(inputs["delta_start"], dtype=np.int64).reshape(batch, -1)
+    else:  # one new token per response (FT's decoupled mode): only the longest beams grew
+        newest = int(generated_lengths.max(initial=0))
+        new_counts = np.where((generated_lengths == newest) & (generated_lengths > 0), 1, 0)
     text_output = np.empty((batch, width), dtype=np.object_)
     reasons: list[list[str]] = []
     counts: list[list[int]] = []
@@ -201,13 +206,13 @@ def _stream_deltas(inputs: Mapping[str, np.ndarray], tokenizer: GptTokenizer, en
         counts.append([])
         for beam in range(width):
             generated = beams.generated(row, beam)
-            grew = 0 < len(generated) == newest
+            num_new = int(np.clip(new_counts[row, beam], 0, len(generated)))
             ended = bool(generated) and generated[-1] == end_id
             if ended:  # the end id adds no text; flush a held-back partial character as U+FFFD, once
-                delta = tokenizer.stream_delta(generated[:-1], 0, final=True) if grew else ""
+                delta = tokenizer.stream_delta(generated[:-1], num_new - 1, final=True) if num_new else ""
                 generated = generated[:-1]
             else:
-                delta = tokenizer.stream_delta(generated, 1) if grew else ""
+                delta = tokenizer.stream_delta(generated, num_new) if num_new else ""
             text_output[row, beam] = delta.encode("utf-8")
             reasons[row].append(FINISH_STOP if ended else "")
             counts[row].append(len(generated))

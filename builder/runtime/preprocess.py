@@ -223,6 +223,9 @@ def _parse_request(inputs: Mapping[str, np.ndarray], config: PreprocessConfig) -
     for row, value in enumerate(max_tokens):
         if value < 1:
             raise RequestError(MAX_TOKENS, f"{value}{_row_label(row, batch)} must be >= 1")
+        if value > config.max_pos_seq_len - 1:  # the prompt takes at least one position
+            raise RequestError(MAX_TOKENS, f"{value}{_row_label(row, batch)} must be <= {config.max_pos_seq_len - 1} "
+                                           f"(max_pos_seq_len {config.max_pos_seq_len} less one prompt token)")
 
     scalars: dict[str, np.ndarray] = {}
     for spec in SCALAR_INPUTS:
@@ -260,6 +263,19 @@ def _parse_request(inputs: Mapping[str, np.ndarray], config: PreprocessConfig) -
                                              f"{config.max_word_chars}")
             words[name].append(word_variants(row_words))
     return _ParsedRequest(prompts, max_tokens, scalars, words)
+
+
+def _check_prompt_bytes(parsed: _ParsedRequest, max_token_bytes: int, config: PreprocessConfig) -> None:
+    """Refuse a prompt that cannot fit before tokenizing it (a multi-MB prompt costs seconds of CPU to tokenize)."""
+    batch = len(parsed.prompts)
+    for row, prompt in enumerate(parsed.prompts):
+        limit = int(parsed.max_tokens[row])
+        room = config.max_pos_seq_len - limit  # tokens left for the prompt
+        size = len(prompt.encode("utf-8"))
+        if size > room * max_token_bytes:
+            raise RequestError(TEXT_INPUT, f"prompt{_row_label(row, batch)} has {size} bytes, so more than {room} "
+                                           f"tokens (a token covers at most {max_token_bytes} bytes); with max_tokens "
+                                           f"{limit} that exceeds max_pos_seq_len {config.max_pos_seq_len}")
 
 
 def _ft_tensors(parsed: _ParsedRequest, prompt_ids: list[list[int]], word_ids: dict[str, list[list[list[int]]]],
@@ -311,7 +327,9 @@ def preprocess_requests(requests: Sequence[Mapping[str, np.ndarray]], tokenizer:
     parsed: list[_ParsedRequest | RequestError] = []
     for inputs in requests:
         try:
-            parsed.append(_parse_request(inputs, config))
+            request = _parse_request(inputs, config)
+            _check_prompt_bytes(request, tokenizer.max_token_bytes, config)
+            parsed.append(request)
         except RequestError as err:
             parsed.append(err)
 

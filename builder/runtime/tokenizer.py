@@ -54,6 +54,9 @@ class GptTokenizer:
         self._tokenizer = tokenizer  # a tokenizers.Tokenizer
         self.token_bytes = token_bytes  # id -> the exact bytes the token stands for
         self.eos_id = eos_id
+        # Every token covers at most this many bytes of text, so a text of n bytes has >= n / max_token_bytes
+        # tokens: lets callers refuse an oversized prompt without tokenizing it.
+        self.max_token_bytes = max(len(EOS_TOKEN.encode()), *(len(token) for token in token_bytes))
 
     @classmethod
     def from_directory(cls, directory: Path | str) -> "GptTokenizer":

@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -85,6 +86,7 @@ class TritonPythonModel:
             owner += [i] * len(request_rows)
         latest: list[RowOutput | None] = [None] * len(rows)
         cancelled_requests: set[int] = set()
+        sent_lengths: dict[int, np.ndarray] = {}  # request -> sequence_length of its previous response
 
         def cumulative(i: int) -> dict:
             request_rows, _, log_probs = parsed[i]
@@ -92,7 +94,11 @@ class TritonPythonModel:
             outputs = [latest[start + k] or RowOutput(prompt_len=len(row.input_ids),
                                                      beams=[list(row.input_ids)] * row.beam_width)
                        for k, row in enumerate(request_rows)]
-            return ft_outputs(request_rows, outputs, with_log_probs=log_probs)
+            arrays = ft_outputs(request_rows, outputs, with_log_probs=log_probs)
+            if self.decoupled:  # where this response's new tokens start (stateless postprocessing needs it)
+                arrays["delta_start"] = sent_lengths.get(i, arrays["response_input_lengths"]).astype(np.int32)
+                sent_lengths[i] = arrays["sequence_length"].astype(np.int32)
+            return arrays
 
         def on_step(updates: list[tuple[int, RowOutput]]) -> None:
             touched = set()

@@ -19,6 +19,8 @@ CORE_INPUTS = {"output_ids": "TYPE_UINT32", "sequence_length": "TYPE_UINT32", "r
 # request_output_len is accepted for wiring symmetry but not needed: sequence_length and end_id tell how it ended.
 REQUEST_INPUTS = {"request_output_len": "TYPE_UINT32", "end_id": "TYPE_UINT32", "stop_words_list": "TYPE_INT32",
                   "exclude_input_in_output": "TYPE_BOOL"}
+# Streaming only, from a decoupled torch core: where each response's new tokens start in output_ids.
+STREAM_INPUTS = {"delta_start": "TYPE_INT32"}
 OUTPUTS = {"text_output": "TYPE_STRING", "finish_reason": "TYPE_STRING", "num_input_tokens": "TYPE_INT32",
            "num_output_tokens": "TYPE_INT32"}
 
@@ -32,7 +34,7 @@ class TritonPythonModel:
         self.config = PostprocessConfig.from_parameters(parameters, default_end_id=self.tokenizer.eos_id)
 
         inputs = {tensor["name"]: tensor["data_type"] for tensor in model_config.get("input", [])}
-        allowed = CORE_INPUTS if self.config.streaming else {**CORE_INPUTS, **REQUEST_INPUTS}
+        allowed = {**CORE_INPUTS, **(STREAM_INPUTS if self.config.streaming else REQUEST_INPUTS)}
         unknown = sorted(set(inputs) - set(allowed))
         if unknown:
             mode = "streaming" if self.config.streaming else "non-streaming"
