@@ -6,6 +6,8 @@ Oracle: HF transformers' GPT2LMHeadModel on the same weights (the converted FT f
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -205,3 +207,42 @@ def test_core_model_answers_the_seed_token_id_request(demo_server: TritonServer)
     assert result.as_numpy("sequence_length").tolist() == [[36]]
     tokenizer = GptTokenizer.from_directory(Path(__file__).resolve().parents[1] / "builder" / "assets" / "gpt2")
     assert tokenizer.decode(output_ids[0, 0, 6:].tolist()) == "".join(f" {n}" for n in range(7, 37))
+
+
+# ---- the client CLI against the real demo ensemble ----------------------------------------------------------------
+
+
+def run_client(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "client", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_client_cli_answers_the_seed_example(demo_server: TritonServer) -> None:
+    result = run_client("1 2 3 4 5 6", "--output-length", "30", "--server", demo_server.http_url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == " ".join(str(n) for n in range(1, 37))
+
+
+def test_client_cli_streams_over_grpc(demo_server: TritonServer, tiny_streaming_server: TritonServer) -> None:
+    result = run_client("Hello", "--output-length", "8", "--stream", "--protocol", "grpc",
+                        "--server", tiny_streaming_server.grpc_url, "--only-continuation")
+    assert result.returncode == 0, result.stderr
+    with TextClient(tiny_streaming_server.grpc_url, protocol="grpc") as client:
+        assert result.stdout.rstrip("\n") == client.generate("Hello", max_tokens=8).text
+
+
+def test_client_cli_batch_file_with_concurrency(demo_server: TritonServer, tmp_path: Path) -> None:
+    starts = [3, 17, 40, 55, 71, 8]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"{s} {s + 1} {s + 2}\n" for s in starts))
+    result = run_client("--file", str(prompts), "--concurrency", "4", "--output-length", "3", "--only-continuation",
+                        "--server", demo_server.http_url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f" {s + 3} {s + 4} {s + 5}" for s in starts]
+
+
+def test_client_cli_bad_request_is_one_readable_line(demo_server: TritonServer) -> None:
+    result = run_client("1 2 3", "--output-length", "100000", "--server", demo_server.http_url)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "max_tokens" in lines[0] and "max_pos_seq_len" in lines[0]
