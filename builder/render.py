@@ -195,7 +195,7 @@ def config_from_options(checkpoint: Path | None, **options: object) -> RenderCon
                                                "/generate_stream.")
 @click.option("--instances", default=1, show_default=True, type=int, help="Core model instances.")
 @click.option("--max-queue-delay-us", default=1000, show_default=True, type=int,
-              help="Dynamic-batching queue delay (microseconds).")
+              help="Dynamic-batching queue delay of the core model (microseconds).")
 @click.option("--ft-checkpoint-path", help="FT engine: where the weights are inside the FT container "
                                            "[default: their absolute path in the rendered repository].")
 @click.option("--output", default=Path("model_repository"), show_default=True, type=click.Path(path_type=Path),
