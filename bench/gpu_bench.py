@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import subprocess
 import statistics
 import sys
@@ -75,23 +76,53 @@ def random_prompts(n: int, length: int, seed: int, vocab: int = 50257) -> list[l
 
 
 class Triton:
-    def __init__(self, url: str) -> None:
+    """gRPC calls to the served repository. With `streaming`, every call goes over a gRPC stream (the models are
+    decoupled); `stream` then asks the core for one response per token, else for one final response."""
+
+    def __init__(self, url: str, streaming: bool) -> None:
         import tritonclient.grpc as grpcclient  # noqa: PLC0415
 
         self.grpc = grpcclient
         self.url = url
+        self.streaming = streaming
         self.local = threading.local()
 
     @property
-    def client(self):  # one channel per thread
-        if not hasattr(self.local, "client"):
-            self.local.client = self.grpc.InferenceServerClient(self.url)
-        return self.local.client
+    def client(self):  # one channel (and, streaming, one open stream) per thread
+        local = self.local
+        if not hasattr(local, "client"):
+            local.client = self.grpc.InferenceServerClient(self.url)
+            if self.streaming:
+                events: queue.Queue = queue.Queue()  # the callback runs on the stream's own thread
+                local.events = events
+                local.client.start_stream(callback=lambda result, error: events.put(
+                    (time.perf_counter(), result, error)))
+        return local.client
 
     def _input(self, name: str, array: np.ndarray, dtype: str):
         tensor = self.grpc.InferInput(name, list(array.shape), dtype)
         tensor.set_data_from_numpy(array)
         return tensor
+
+    def _call(self, model: str, inputs: list) -> tuple[object, list[float]]:
+        """(last result, arrival time of each response in seconds after sending)."""
+        client = self.client
+        start = time.perf_counter()
+        if not self.streaming:
+            result = client.infer(model, inputs)
+            return result, [time.perf_counter() - start]
+        client.async_stream_infer(model, inputs, enable_empty_final_response=True)
+        times, last = [], None
+        while True:
+            arrived, result, error = self.local.events.get(timeout=600)
+            if error is not None:
+                raise RuntimeError(str(error))
+            response = result.get_response()
+            if response.outputs:
+                times.append(arrived - start)
+                last = result
+            if response.parameters["triton_final_response"].bool_param:
+                return last, times
 
     def core(self, prompt: list[int], new_tokens: int) -> list[int]:
         """The core model with token ids (the seed's own client request)."""
@@ -99,22 +130,24 @@ class Triton:
                   self._input("input_lengths", np.array([[len(prompt)]], np.uint32), "UINT32"),
                   self._input("request_output_len", np.array([[new_tokens]], np.uint32), "UINT32"),
                   self._input("min_length", np.array([[new_tokens]], np.uint32), "UINT32")]
-        result = self.client.infer(MODEL, inputs)
+        if self.streaming:
+            inputs.append(self._input("stream", np.array([[False]]), "BOOL"))
+        result, _ = self._call(MODEL, inputs)
         length = int(result.as_numpy("sequence_length")[0, 0])
         return result.as_numpy("output_ids")[0, 0, len(prompt):length].tolist()
 
-    def text(self, prompt: str, new_tokens: int) -> float:
-        """One text request through the ensemble; returns its latency in seconds."""
+    def text(self, prompt: str, new_tokens: int, stream: bool = False) -> list[float]:
+        """One text request through the ensemble; returns each response's arrival time (s); the last = latency."""
         inputs = [self._input("text_input", np.array([[prompt.encode()]], object), "BYTES"),
                   self._input("max_tokens", np.array([[new_tokens]], np.int32), "INT32"),
                   self._input("min_tokens", np.array([[new_tokens]], np.int32), "INT32")]
-        start = time.perf_counter()
-        result = self.client.infer("ensemble", inputs)
-        elapsed = time.perf_counter() - start
+        if self.streaming:
+            inputs.append(self._input("stream", np.array([[stream]]), "BOOL"))
+        result, times = self._call("ensemble", inputs)
         produced = int(result.as_numpy("num_output_tokens").reshape(-1)[0])
         if produced != new_tokens:
             raise RuntimeError(f"asked for {new_tokens} tokens, got {produced}")
-        return elapsed
+        return times
 
 
 def text_prompt(tokenizer, n_tokens: int, seed: int) -> str:
@@ -136,7 +169,7 @@ def closed_loop_tokens_per_s(triton: Triton, prompts: list[str], clients: int, n
     def worker(index: int) -> None:
         i = index
         while time.perf_counter() < stop_at:
-            latency = triton.text(prompts[i % len(prompts)], new_tokens)
+            latency = triton.text(prompts[i % len(prompts)], new_tokens)[-1]
             with lock:
                 latencies.append(latency)
             i += clients
@@ -161,66 +194,97 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="duration of each concurrency level")
     parser.add_argument("--concurrency", default="1,8,32,64")
     parser.add_argument("--skip-hf", action="store_true")
-    parser.add_argument("--max-queue-delay-us", type=int, default=2000)
+    parser.add_argument("--smoke-on-cpu", action="store_true",
+                        help="check this script on a CPU machine: tiny preset, torch engine on CPU, no HF peer")
+    parser.add_argument("--max-queue-delay-us", type=int, default=500)
+    parser.add_argument("--streaming", action="store_true",
+                        help="render the decoupled (streaming) repository and measure over gRPC streams; adds TTFT "
+                             "and inter-token latency from streamed responses")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    result: dict[str, object] = {"gpu": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"),
-                                 "torch": torch.__version__}
+    cpu = args.smoke_on_cpu
+    preset = "tiny" if cpu else "gpt3-1.3b"
+    args.skip_hf |= cpu
+    result: dict[str, object] = {"gpu": "cpu (smoke run)" if cpu else torch.cuda.get_device_name(0),
+                                 "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
 
-    nemo = args.work / "gpt3-1.3b.nemo"
+    nemo = args.work / f"{preset}.nemo"
     if not nemo.exists():
-        log("writing the random gpt3-1.3b .nemo")
-        write_synthetic_checkpoint("gpt3-1.3b", nemo, seed=0)
-    ft = args.work / "ft" / "1-gpu"
+        log(f"writing the random {preset} .nemo")
+        write_synthetic_checkpoint(preset, nemo, seed=0)
+    ft = args.work / f"ft-{preset}" / "1-gpu"
     if not (ft / "config.ini").exists():
         log("converting to fp16 FT weights")
         t0 = time.perf_counter()
-        convert(nemo, args.work / "ft", infer_gpu_num=1, weight_data_type="fp16", progress=False)
+        convert(nemo, ft.parent, infer_gpu_num=1, weight_data_type="fp16", progress=False)
         result["convert_seconds"] = time.perf_counter() - t0
     config = GptModelConfig.from_ini(ft / "config.ini")
 
-    bandwidth = copy_bandwidth_gbps()
+    bandwidth = 10.0 if cpu else copy_bandwidth_gbps()
     floor_ms = weight_bytes_per_step(config) / (bandwidth * 1e9) * 1000
     result.update(copy_bandwidth_gbps=bandwidth, weight_bytes_per_step=weight_bytes_per_step(config),
                   floor_ms_per_token=floor_ms)
     log(f"copy bandwidth {bandwidth:.0f} GB/s -> floor {floor_ms:.3f} ms/token")
 
+    # Shapes of the measurements (the smoke run shrinks them to the tiny preset's 128 positions).
+    prompt_len, new_len, long_prompt = (16, 16, 64) if cpu else (128, 128, 512)
+    slope_points = (2, 6, 10, 18) if cpu else (8, 40, 72, 136)
+    agreement_new = 16 if cpu else 64
     agreement_prompts = random_prompts(32, 32, seed=1)
     timing_prompt = random_prompts(1, 128, seed=2)[0]
-    repo = render_repository(RenderConfig(engine="torch", device="gpu", data_type="fp16", checkpoint=ft,
+    repo = render_repository(RenderConfig(engine="torch", device="cpu" if cpu else "gpu",
+                                          data_type="fp32" if cpu else "fp16", checkpoint=ft,
                                           model=config, max_batch_size=64, output=args.work / "repo", force=True,
-                                          max_queue_delay_us=args.max_queue_delay_us))
+                                          max_queue_delay_us=args.max_queue_delay_us, streaming=args.streaming))
+    result["repository"] = "streaming (decoupled core)" if args.streaming else "non-streaming"
     tokenizer = GptTokenizer.from_directory(repo / "preprocessing" / "1")
     log("starting tritonserver")
     with TritonServer.on_free_ports(repo, startup_timeout_s=600) as server:
-        triton = Triton(server.grpc_url)
-        ours = [triton.core(p, 64) for p in agreement_prompts]
+        triton = Triton(server.grpc_url, streaming=args.streaming)
+        ours = [triton.core(p, agreement_new) for p in agreement_prompts]
         (args.work / "ours.json").write_text(json.dumps({"prompts": agreement_prompts, "outputs": ours}))
         (args.work / "timing_prompt.json").write_text(json.dumps(timing_prompt))
 
-        p128 = text_prompt(tokenizer, 128, seed=3)
+        p128 = text_prompt(tokenizer, prompt_len, seed=3)
         for _ in range(3):
             triton.text(p128, 16)
         points = {}
-        for new_tokens in (8, 40, 72, 136):
-            points[new_tokens] = statistics.median(triton.text(p128, new_tokens) for _ in range(5))
+        for new_tokens in slope_points:
+            points[new_tokens] = statistics.median(triton.text(p128, new_tokens)[-1] for _ in range(5))
         xs = np.array(list(points)); ys = np.array(list(points.values()))
         slope = float(np.polyfit(xs, ys, 1)[0]) * 1000
         result["decode_ms_per_token_bs1"] = slope
         result["latency_ms_bs1_prompt128"] = {int(k): v * 1000 for k, v in points.items()}
-        log(f"decode {slope:.3f} ms/token at batch 1")
+        log(f"decode {slope:.3f} ms/token at batch 1 (slope of latency over new tokens)")
 
-        p512 = text_prompt(tokenizer, 512, seed=4)
+        p512 = text_prompt(tokenizer, long_prompt, seed=4)
+        prompt_ids = random_prompts(1, long_prompt, seed=5)[0]
         triton.text(p512, 1)
-        result["ttft_ms_prompt512_bs1"] = 1000 * statistics.median(triton.text(p512, 1) for _ in range(10))
-        log(f"TTFT(512) {result['ttft_ms_prompt512_bs1']:.2f} ms")
+        triton.core(prompt_ids, 1)
+        result["ttft_ms_prompt512_bs1"] = 1000 * statistics.median(triton.text(p512, 1)[-1] for _ in range(10))
+        core_times = []
+        for _ in range(10):
+            start = time.perf_counter()
+            triton.core(prompt_ids, 1)
+            core_times.append(time.perf_counter() - start)
+        result["ttft_ms_prompt512_bs1_core_token_ids"] = 1000 * statistics.median(core_times)
+        log(f"TTFT(512) {result['ttft_ms_prompt512_bs1']:.2f} ms through the ensemble, "
+            f"{result['ttft_ms_prompt512_bs1_core_token_ids']:.2f} ms calling the core model with token ids")
+        if args.streaming:
+            streamed = [triton.text(p128, new_len // 2, stream=True) for _ in range(5)]
+            gaps = [b - a for times in streamed for a, b in zip(times, times[1:])]
+            result["streaming_ttft_ms_prompt128_bs1"] = 1000 * statistics.median(t[0] for t in streamed)
+            result["streaming_inter_token_ms_p50_bs1"] = 1000 * statistics.median(gaps)
+            result["streaming_inter_token_ms_p99_bs1"] = 1000 * float(np.percentile(gaps, 99))
+            log(f"streaming: TTFT(128) {result['streaming_ttft_ms_prompt128_bs1']:.2f} ms, inter-token p50 "
+                f"{result['streaming_inter_token_ms_p50_bs1']:.3f} ms")
 
-        prompts = [text_prompt(tokenizer, 128, seed=100 + i) for i in range(64)]
+        prompts = [text_prompt(tokenizer, prompt_len, seed=100 + i) for i in range(64)]
         sweep = []
         for clients in (int(c) for c in args.concurrency.split(",")):
-            closed_loop_tokens_per_s(triton, prompts, clients, 128, min(5.0, args.seconds))  # warm-up
-            point = closed_loop_tokens_per_s(triton, prompts, clients, 128, args.seconds)
+            closed_loop_tokens_per_s(triton, prompts, clients, new_len, min(5.0, args.seconds))  # warm-up
+            point = closed_loop_tokens_per_s(triton, prompts, clients, new_len, args.seconds)
             sweep.append(point)
             log(f"concurrency {clients}: {point['tokens_per_s']:.0f} tok/s, p50 {point['latency_p50_ms']:.0f} ms")
             result[f"tokens_per_s_concurrency{clients}"] = point["tokens_per_s"]

@@ -32,6 +32,11 @@ NEMO_1P3B = GptModelConfig(head_num=16, size_per_head=128, inter_size=8192, num_
                            max_pos_seq_len=2048, weight_data_type="fp16", model_name="gpt3_1.3b")
 
 
+def _config_safe(text: str) -> bool:
+    """Safe inside a double-quoted config.pbtxt string as is: nothing that ends or escapes it."""
+    return not any(c in '"\\' or ord(c) < 32 or ord(c) == 127 for c in text)
+
+
 class RenderError(ValueError):
     """A render option that cannot work; the message names the option and the limit."""
 
@@ -178,9 +183,11 @@ class RenderConfig:
         check(len({self.model_name, self.ensemble_name} | reserved) == 4,
               f"--model-name and --ensemble-name must differ from each other and from {sorted(reserved)}")
         if self.ft_checkpoint_path is not None:
-            check(self.ft_checkpoint_path.startswith("/") and '"' not in self.ft_checkpoint_path
-                  and "\n" not in self.ft_checkpoint_path,
-                  "--ft-checkpoint-path must be an absolute path without quotes or newlines")
+            check(self.ft_checkpoint_path.startswith("/") and _config_safe(self.ft_checkpoint_path),
+                  "--ft-checkpoint-path must be an absolute path without quotes, backslashes or control characters")
+        # The FT engine writes the weights' absolute path into its config: it must not be able to break the file.
+        check(_config_safe(str(self.output.resolve())),
+              f"--output {str(self.output)!r} must not contain quotes, backslashes or control characters")
 
     # ---- derived values, used by the templates -------------------------------------------------------------------
 

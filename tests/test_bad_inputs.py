@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,6 +38,7 @@ from builder.serve import TritonServer
 pytestmark = pytest.mark.server
 
 MODEL = "ensemble"
+CORE_MODEL = "gpt3_1.3b"
 MAX_POS = 128
 VOCAB = 50304
 REFERENCE = {"text_input": "1 2 3 4 5 6", "max_tokens": 3}
@@ -378,6 +379,7 @@ def test_bad_requests_fail_alone_among_concurrent_good_ones(server: TritonServer
         barrier.wait()
         answers[index] = send(server, protocol, payload)
 
+    before = core_model_stats(server)
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
     for thread in threads:
         thread.start()
@@ -390,7 +392,23 @@ def test_bad_requests_fail_alone_among_concurrent_good_ones(server: TritonServer
             assert as_text(first(answer.outputs, "text_output")) == as_text(first(reference, "text_output"))
         else:
             assert answer.status == 400 and bad_name in answer.message, (protocol, answer.status, answer.message)
+    # 9 good one-row requests and the 9-row bad one reached the core model (Triton counts rows, and updates the
+    # statistics shortly after answering): fewer than 10 executions means requests shared a dynamic batch.
+    deadline = time.monotonic() + 10
+    while (after := core_model_stats(server))["inference_count"] - before["inference_count"] < 18:
+        assert time.monotonic() < deadline, (before, after)
+        time.sleep(0.1)
+    assert after["execution_count"] - before["execution_count"] < 10, (before, after)
     assert_still_serving(server, reference)
+
+
+def core_model_stats(server: TritonServer) -> dict[str, int]:
+    client = httpclient.InferenceServerClient(server.http_url)
+    try:
+        stats = client.get_inference_statistics(CORE_MODEL)["model_stats"][0]
+    finally:
+        client.close()
+    return {key: int(stats[key]) for key in ("execution_count", "inference_count")}
 
 
 CASES_BY_ID = {case.id: case for case in CASES}

@@ -215,7 +215,8 @@ def test_core_stub_killed_mid_request(repository: Path, start_server: Callable[.
                 pytest.raises(RequestError, match=f"Stub process '{CORE_MODEL}_0_0' is not healthy"):
             client.generate(PROMPT, max_tokens=3)
     preprocessing = httpclient.InferenceServerClient(server.http_url)
-    inputs = [httpclient.InferInput("text_input", [1, 1], "BYTES"), httpclient.InferInput("max_tokens", [1, 1], "INT32")]
+    inputs = [httpclient.InferInput("text_input", [1, 1], "BYTES"),
+              httpclient.InferInput("max_tokens", [1, 1], "INT32")]
     inputs[0].set_data_from_numpy(np.array([[PROMPT.encode()]], dtype=np.object_))
     inputs[1].set_data_from_numpy(np.array([[3]], dtype=np.int32))
     assert preprocessing.infer("preprocessing", inputs).as_numpy("input_lengths").tolist() == [[6]]

@@ -183,3 +183,11 @@ def test_render_takes_limits_from_the_checkpoint(torch_repo: Path, tiny_ft_dir: 
     params = {k: v.string_value for k, v in pre.parameters.items()}
     assert params["max_pos_seq_len"] == str(model.max_pos_seq_len) != str(NEMO_1P3B.max_pos_seq_len)
     assert params["vocab_size"] == str(model.vocab_size)
+
+
+def test_output_path_cannot_inject_into_a_rendered_config(tmp_path: Path) -> None:
+    hostile = tmp_path / 'x" } }\nparameters { key: "injected" value: { string_value: "1'
+    with pytest.raises(RenderError, match="--output"):
+        RenderConfig(output=hostile)
+    with pytest.raises(RenderError, match="--ft-checkpoint-path"):
+        RenderConfig(output=tmp_path / "ok", ft_checkpoint_path='/models/a"b')
