@@ -17,7 +17,7 @@ from .render import render_repository
 from .render_config import RenderConfig
 from .runtime.model_config import GptModelConfig
 from .serve import ServerConfig, ServerError, TritonServer
-from .serve_cli import _stop_on_signal, serve_until_signal
+from .serve_cli import stop_on_signal, serve_until_signal
 
 SEED_PROMPT = "1 2 3 4 5 6"
 SEED_OUTPUT_LENGTH = 30
@@ -59,7 +59,7 @@ def demo_command(output: Path, http_port: int, grpc_port: int, metrics_port: int
     from client import TextClient  # noqa: PLC0415
 
     # SIGTERM takes the graceful path from the start: tritonserver runs in its own session and would outlive us.
-    signal.signal(signal.SIGTERM, _stop_on_signal)
+    signal.signal(signal.SIGTERM, stop_on_signal)
     click.echo("[1/3] demo checkpoint -> FT weights -> model repository (torch engine, CPU) ...", err=True)
     repository = build_demo_repository(output, streaming=streaming)
     click.echo(f"[2/3] starting tritonserver on {repository} ...", err=True)

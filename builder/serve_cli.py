@@ -51,7 +51,7 @@ def serve_command(repository: Path, http_port: int, grpc_port: int, metrics_port
     """
     # SIGTERM is handled from the start: tritonserver runs in its own session, so a SIGTERM that killed us while it
     # loads would leave it running.
-    signal.signal(signal.SIGTERM, _stop_on_signal)
+    signal.signal(signal.SIGTERM, stop_on_signal)
     server: TritonServer | None = None
     try:
         config = ServerConfig(repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
@@ -74,7 +74,7 @@ def serve_command(repository: Path, http_port: int, grpc_port: int, metrics_port
     sys.exit(serve_until_signal(server))
 
 
-def _stop_on_signal(signum: int, frame: FrameType | None) -> None:
+def stop_on_signal(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # SIGTERM takes the same graceful path as Ctrl-C
 
 
@@ -94,7 +94,7 @@ def serve_until_signal(server: TritonServer) -> int:
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for sig in previous:
-            signal.signal(sig, _stop_on_signal)
+            signal.signal(sig, stop_on_signal)
         while True:
             try:
                 code = server.process.wait(timeout=STUB_CHECK_INTERVAL_S)
