@@ -1,52 +1,272 @@
-"""Profile the engine's decode loop at the 1.3B shape (random fp16 weights, no Triton): where a step's time goes.
+"""Profile the model's decode step at the 1.3B shape (random fp16 weights, CUDA graphs, no engine, no Triton server).
 
-    python bench/profile_decode.py --batch 1 --steps 64
-Prints the top CUDA kernels by total time, the GPU time per step, and the wall time per step.
+    python bench/profile_decode.py --batch 1 64 --steps 64             # ms/step per kernel choice, then a profile
+    python bench/profile_decode.py --batch 1 --gemm                     # also: skinny GEMM launch shapes vs cuBLAS
+
+Drives `GptModel` + `DecodeGraphs` directly (greedy argmax loop, every row at the same position) so it measures the
+model step itself. For each `DecodeKernels` choice (eager = the plain PyTorch ops; then each fused kernel alone; then
+all of them) it prints the GPU time per step, and how far the logits and greedy tokens of "all" are from eager's.
+Then a torch.profiler table of the top CUDA kernels with every kernel on, and the prefill time of one prompt.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
-import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine_cpu import random_weights  # noqa: E402
 from builder.checkpoints.presets import PRESETS  # noqa: E402
-from builder.runtime.core_io import GenerationRequest  # noqa: E402
-from builder.runtime.generation import GptEngine  # noqa: E402
+from builder.runtime.gpt import DecodeGraphs, DecodeKernels, GptModel, _skinny_plan, expected_shapes  # noqa: E402
+from builder.runtime.model_config import GptModelConfig  # noqa: E402
+
+
+def random_model(config: GptModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> GptModel:
+    """Random weights made on the device (fast at 1.3B): N(0, 0.02) matrices, unit LayerNorm gains, zero biases."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    weights = {}
+    for name, shape in expected_shapes(config).items():
+        if name.endswith("layernorm.weight"):
+            weights[name] = torch.ones(shape, device=device, dtype=dtype)
+        elif name.endswith("bias"):
+            weights[name] = torch.zeros(shape, device=device, dtype=dtype)
+        else:
+            weights[name] = torch.randn(shape, device=device, dtype=dtype, generator=generator) * 0.02
+    return GptModel(config, weights, device=device, dtype=dtype)
+
+
+def greedy_run(model: GptModel, prompt: torch.Tensor, steps: int, *, timed: bool) -> tuple[float, torch.Tensor,
+                                                                                             torch.Tensor]:
+    """Prefill `prompt` [n, T] (eager ops whatever the kernels: every choice decodes from the same first token),
+    then `steps` graph-replayed greedy decode steps; returns (GPU ms per decode step, tokens [n, steps], first
+    decode step's logits [n, V])."""
+    n, t = prompt.shape
+    graphs = DecodeGraphs(model)
+    lengths = torch.full((n,), t, device=prompt.device)
+    first_token = model.prefill(prompt, lengths).argmax(-1)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    tokens, first_logits = [], None
+    for run in range(2 if timed else 1):  # run 0 captures the graphs; run 1 replays them only
+        token, tokens = first_token, []
+        if run == 1:
+            model.prefill(prompt, lengths)  # the same K/V again
+            start.record()
+        for step in range(steps):
+            positions = torch.full((n,), t + step, device=prompt.device)
+            logits = graphs.decode(token, positions, t + step + 1)
+            if first_logits is None:
+                first_logits = logits.float().clone()
+            token = logits.argmax(-1)
+            tokens.append(token)
+        if run == 1:
+            end.record()
+    torch.cuda.synchronize()
+    ms = start.elapsed_time(end) / steps if timed else float("nan")
+    return ms, torch.stack(tokens, 1), first_logits  # type: ignore[arg-type]
+
+
+def kernel_choices(best: DecodeKernels) -> dict[str, DecodeKernels]:
+    eager = DecodeKernels()
+    return {"eager": eager, "+fused_norm": replace(eager, fused_norm=best.fused_norm),
+            "+attention": replace(eager, attention=best.attention),
+            "+gemm_epilogue": replace(eager, gemm_epilogue=best.gemm_epilogue),
+            "+skinny_gemm": replace(eager, skinny_rows=best.skinny_rows),
+            "all but skinny": replace(best, skinny_rows=0), "all": best}
+
+
+def compare_choices(model: GptModel, batches: list[int], steps: int, prompt_len: int) -> None:
+    best = model.kernels
+    generator = torch.Generator(device=model.device).manual_seed(1)
+    for batch in batches:
+        prompt = torch.randint(100, 50000, (batch, prompt_len), device=model.device, generator=generator)
+        results: dict[str, tuple[float, torch.Tensor, torch.Tensor]] = {}
+        for name, kernels in kernel_choices(best).items():
+            model.kernels = kernels
+            results[name] = greedy_run(model, prompt, steps, timed=True)
+            torch.cuda.empty_cache()
+        base_tokens, base_logits = results["eager"][1], results["eager"][2]
+        for name, (ms, tokens, logits) in results.items():
+            same = (tokens == base_tokens).float().mean().item()
+            first_diff = (tokens != base_tokens).int().argmax(1)
+            agree = torch.where((tokens != base_tokens).any(1), first_diff, steps).float().mean().item()
+            err = (logits - base_logits).abs().max().item()
+            print(f"batch {batch:3d} {name:15s} {ms:7.3f} ms/step | vs eager: max |dlogit| {err:.4f} "
+                  f"(logit std {base_logits.std().item():.3f}), tokens equal {same:.3f}, "
+                  f"mean greedy-agreement prefix {agree:.1f}/{steps}", flush=True)
+    model.kernels = best
+
+
+def profile(model: GptModel, batch: int, steps: int, prompt_len: int) -> None:
+    prompt = torch.randint(100, 50000, (batch, prompt_len), device=model.device)
+    greedy_run(model, prompt, steps, timed=False)  # capture
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        greedy_run(model, prompt, steps, timed=False)
+    print(f"-- top CUDA kernels, batch {batch}, {steps} steps (incl. prefill and capture's warm-up step) --")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
+
+
+def time_prefill(model: GptModel, prompt_len: int) -> None:
+    prompt = torch.randint(100, 50000, (1, prompt_len), device=model.device)
+    lengths = torch.tensor([prompt_len], device=model.device)
+    best = model.kernels
+    for name, kernels in (("eager", DecodeKernels()), ("all", best)):
+        model.kernels = kernels
+        times = []
+        for _ in range(12):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            model.prefill(prompt, lengths)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        print(f"prefill 1 x {prompt_len} tokens, {name}: median {statistics.median(times[2:]):.2f} ms "
+              f"(min {min(times[2:]):.2f})")
+    model.kernels = best
+
+
+def check_gelu_epilogue(device: torch.device) -> None:
+    """cuBLASLt's GELU epilogue vs F.gelu(tanh) and F.gelu(erf), fp16, a 2048 -> 8192 layer."""
+    generator = torch.Generator(device=device).manual_seed(2)
+    w = torch.randn(8192, 2048, device=device, dtype=torch.float16, generator=generator) * 0.02
+    b = torch.randn(8192, device=device, dtype=torch.float16, generator=generator) * 0.1
+    for rows in (1, 2, 16, 64, 512):
+        x = torch.randn(rows, 2048, device=device, dtype=torch.float16, generator=generator)
+        fused = torch._addmm_activation(b, x, w.t(), use_gelu=True).float()
+        exact = F.linear(x.float(), w.float(), b.float())
+        tanh, erf = F.gelu(exact, approximate="tanh"), F.gelu(exact)
+        eager = F.gelu(F.linear(x, w, b), approximate="tanh").float()
+        print(f"gelu epilogue rows {rows:3d}: |fused - tanh(fp32)| {(fused - tanh).abs().max():.2e}, "
+              f"|fused - erf(fp32)| {(fused - erf).abs().max():.2e}, |eager fp16 - tanh(fp32)| "
+              f"{(eager - tanh).abs().max():.2e}")
+
+
+def bench_gemm(device: torch.device, rows_list: list[int]) -> None:
+    """Skinny GEMM launch shapes vs cuBLAS (F.linear) on the 1.3B matrices; L2 flushed between runs (do_bench)."""
+    import triton  # noqa: PLC0415
+
+    from builder.runtime import gpt_kernels  # noqa: PLC0415
+
+    shapes = {"qkv": (6144, 2048), "out": (2048, 2048), "fc1": (8192, 2048), "fc2": (2048, 8192),
+              "lm_head": (50304, 2048)}
+    configs = [dict(block_n=bn, block_k=bk, split_k=s, num_warps=nw, num_stages=ns)
+               for bn in (16, 32) for bk in (128, 256) for s in (1, 2, 4) for nw in (4,) for ns in (3, 5)]
+    for rows in rows_list:
+        for name, (n, k) in shapes.items():
+            w = torch.randn(n, k, device=device, dtype=torch.float16) * 0.02
+            x = torch.randn(rows, k, device=device, dtype=torch.float16)
+            cublas = triton.testing.do_bench(lambda: F.linear(x, w))
+            timings = []
+            for config in configs:
+                if k % (config["split_k"] * config["block_k"]):
+                    continue
+                us = triton.testing.do_bench(lambda: gpt_kernels.skinny_linear(x, w, **config)) * 1000
+                timings.append((us, config))
+            timings.sort(key=lambda item: item[0])
+            gbps = n * k * 2 / (timings[0][0] * 1e-6) / 1e9
+            print(f"rows {rows:2d} {name:8s} cuBLAS {cublas * 1000:6.1f} us ({n * k * 2 / cublas / 1e6:5.0f} GB/s) | "
+                  f"skinny best {timings[0][0]:6.1f} us ({gbps:5.0f} GB/s) {timings[0][1]} | next "
+                  + ", ".join(f"{us:.1f} {c}" for us, c in timings[1:3]), flush=True)
+
+
+def bench_attention(device: torch.device) -> None:
+    """Decode attention launch shapes vs the eager ops (index_copy_ of K/V + masked SDPA), ragged positions."""
+    import triton  # noqa: PLC0415
+
+    from builder.runtime import gpt_kernels  # noqa: PLC0415
+
+    heads, d = 16, 128
+    launches = [(bn, bps, nw) for bn in (32, 64, 128) for bps in (1, 2, 4) for nw in (4, 8)]
+    for rows, kv in ((1, 256), (8, 256), (64, 256), (1, 1024), (16, 1024), (64, 1024)):
+        k_cache = torch.randn(rows, heads, kv, d, device=device, dtype=torch.float16)
+        v_cache = torch.randn_like(k_cache)
+        qkv = torch.randn(rows, 3 * heads * d, device=device, dtype=torch.float16)
+        positions = torch.randint(kv // 2, kv, (rows,), device=device)
+        mask = (torch.arange(kv, device=device)[None, :] <= positions[:, None]).view(rows, 1, 1, kv)
+        write_rows = ((torch.arange(rows, device=device)[:, None] * heads + torch.arange(heads, device=device))
+                      * kv + positions[:, None]).reshape(-1)
+
+        def eager() -> torch.Tensor:
+            q, k, v = qkv.view(rows, 3, heads, d).unbind(1)
+            k_cache.view(-1, d).index_copy_(0, write_rows, k.reshape(-1, d))
+            v_cache.view(-1, d).index_copy_(0, write_rows, v.reshape(-1, d))
+            return F.scaled_dot_product_attention(q[:, :, None], k_cache, v_cache, attn_mask=mask)
+
+        reference = eager().reshape(rows, heads * d).float()
+        eager_us = triton.testing.do_bench(eager) * 1000
+        timings = []
+        for launch in launches:
+            out = gpt_kernels.decode_attention(qkv, k_cache, v_cache, positions, kv, launch=launch)
+            err = (out.float() - reference).abs().max().item()
+            us = triton.testing.do_bench(
+                lambda: gpt_kernels.decode_attention(qkv, k_cache, v_cache, positions, kv, launch=launch)) * 1000
+            timings.append((us, launch, err))
+        timings.sort()
+        default = gpt_kernels.attention_launch(rows, heads, kv, torch.cuda.get_device_properties(device)
+                                               .multi_processor_count)
+        default_us = next(us for us, launch, _ in timings if launch == default)
+        print(f"attention rows {rows:2d} kv {kv:4d}: eager {eager_us:6.1f} us | default {default} {default_us:6.1f} us"
+              f" | best " + ", ".join(f"{us:.1f} us {launch} (err {err:.1e})" for us, launch, err in timings[:3]),
+              flush=True)
+
+
+def tune_skinny(model: GptModel, batches: list[int], steps: int, prompt_len: int) -> None:
+    """Skinny GEMM launch shapes in the real decode step (CUDA graphs): block_n, pipeline stages, split-K."""
+    saved = dict(model.skinny_plans)
+    config = model.config
+    h, f = config.hidden_size, config.inter_size
+    for batch in batches:
+        prompt = torch.randint(100, 50000, (batch, prompt_len), device=model.device)
+        for block_n in (16, 32):
+            for stages in (3, 5):
+                for target in (256, 512):
+                    plans = {"qkv": _skinny_plan(3 * h, h, may_split=False, block_n=block_n),
+                             "out": _skinny_plan(h, h, may_split=True, block_n=block_n, target_programs=target),
+                             "fc1": _skinny_plan(f, h, may_split=False, block_n=block_n),
+                             "fc2": _skinny_plan(h, f, may_split=True, block_n=block_n, target_programs=target),
+                             "lm_head": _skinny_plan(config.vocab_size, h, may_split=False, block_n=block_n)}
+                    model.skinny_plans = {name: replace(plan, num_stages=stages) for name, plan in plans.items()}
+                    ms = greedy_run(model, prompt, steps, timed=True)[0]
+                    print(f"skinny batch {batch:2d} block_n {block_n} stages {stages} split-K target {target}: "
+                          f"{ms:.3f} ms/step (out split {plans['out'].split_k}, fc2 split {plans['fc2'].split_k})",
+                          flush=True)
+    model.skinny_plans = saved
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--prefill", type=int, default=512, help="prompt length of the prefill timing (0: skip)")
+    parser.add_argument("--gemm", action="store_true", help="benchmark the skinny GEMM's launch shapes")
+    parser.add_argument("--tune", action="store_true", help="benchmark attention and skinny GEMM launch shapes")
+    parser.add_argument("--no-profile", action="store_true")
     args = parser.parse_args()
-    config = PRESETS["gpt3-1.3b"]
-    engine = GptEngine(config, random_weights(config), device="cuda:0", dtype=torch.float16, max_batch_size=64,
-                       max_seq_len=1024, vocab_limit=50257)
-    requests = [GenerationRequest(input_ids=tuple(range(100, 100 + args.prompt)), output_len=args.steps,
-                                  end_id=50256, min_length=args.steps) for _ in range(args.batch)]
-    for _ in range(3):
-        engine.generate(requests)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    engine.generate(requests)
-    torch.cuda.synchronize()
-    wall = time.perf_counter() - start
-    print(f"wall {wall * 1000:.1f} ms for {args.steps} steps -> {wall / args.steps * 1000:.3f} ms/step (incl. prefill)")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
-        engine.generate(requests)
-        torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
-    print(table)
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60))
+    device = torch.device("cuda:0")
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = True  # PyTorch's default, stated
+    with torch.inference_mode():
+        config = PRESETS["gpt3-1.3b"]
+        model = random_model(config, device, torch.float16)
+        model.allocate_cache(max(args.batch), 1024)
+        print(f"kernels for this model: {model.kernels}", flush=True)
+        check_gelu_epilogue(device)
+        compare_choices(model, args.batch, args.steps, args.prompt)
+        if args.prefill:
+            time_prefill(model, args.prefill)
+        if not args.no_profile:
+            for batch in args.batch:
+                profile(model, batch, args.steps, args.prompt)
+        if args.gemm:
+            bench_gemm(device, [1, 16])
+        if args.tune:
+            bench_attention(device)
+            tune_skinny(model, [b for b in args.batch if b <= model.kernels.skinny_rows], args.steps, args.prompt)
 
 
 if __name__ == "__main__":

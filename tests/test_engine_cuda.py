@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
 
 from builder.runtime.generation import GptEngine
+from builder.runtime.gpt import DecodeKernels
 from engine_testing import TinyGpt, hf_generate, make_tiny_gpt, random_prompts, request
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -55,3 +57,35 @@ def _sync_warnings(engine: GptEngine, output_len: int) -> int:
 def test_no_host_sync_per_decode_step(engine: GptEngine) -> None:
     _sync_warnings(engine, 40)  # capture the graphs first
     assert _sync_warnings(engine, 40) == _sync_warnings(engine, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@torch.inference_mode()
+def test_fused_decode_kernels_match_eager_ops(tiny: TinyGpt, dtype: torch.dtype) -> None:
+    """Each fused CUDA kernel (and all together) against the eager ops: logits and the KV cache it leaves."""
+    model = GptEngine.from_ft_dir(tiny.ft_dir, device="cuda:0", dtype=dtype, max_batch_size=16).model
+    best = replace(model.kernels, skinny_rows=16)  # the skinny GEMM too (the fp32 default leaves it to cuBLAS)
+    assert best.fused_norm and best.attention and best.gemm_epilogue
+    prompts = torch.randint(1, 500, (5, 9), generator=torch.Generator().manual_seed(5)).cuda()
+    lengths = torch.tensor([9, 1, 4, 7, 2], device="cuda")  # ragged: rows decode at their own positions
+
+    def run(kernels: DecodeKernels, feed: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Prefill, then 6 greedy steps on `feed`'s argmax tokens (the eager run's), so every run sees one input."""
+        model.kernels = kernels
+        logits = [model.prefill(prompts, lengths)]
+        positions = lengths.clone()
+        for step in range(6):
+            token = (feed or logits)[step].argmax(-1)
+            logits.append(model.decode(token, positions, kv_len=model.max_seq_len))
+            positions += 1
+        return logits, [cache[:5, :, :16].clone() for cache in model.k_cache + model.v_cache]
+
+    eager_logits, eager_cache = run(DecodeKernels(), [])
+    tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for kernels in (replace(DecodeKernels(), fused_norm=True), replace(DecodeKernels(), attention=True),
+                    replace(DecodeKernels(), gemm_epilogue=True), replace(DecodeKernels(), skinny_rows=16), best):
+        logits, cache = run(kernels, eager_logits)
+        for got, want in zip(logits, eager_logits):
+            torch.testing.assert_close(got.float(), want.float(), **tolerance, msg=lambda m: f"{kernels}: {m}")
+        for got, want in zip(cache, eager_cache):
+            torch.testing.assert_close(got.float(), want.float(), **tolerance, msg=lambda m: f"{kernels}: {m}")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from builder.runtime.generation import GptEngine
-from builder.runtime.gpt import GptModel, WeightError, batch_buckets, check_weights
+from builder.runtime.gpt import DecodeKernels, GptModel, WeightError, batch_buckets, check_weights
 from engine_testing import TinyGpt, make_tiny_gpt
 
 
@@ -52,3 +52,10 @@ def test_weight_check_names_every_problem(tiny: TinyGpt) -> None:
     assert "model.layers.1.mlp.dense_4h_to_h.bias: missing" in message
     assert "model.wte" not in message
     assert GptModel.kv_cache_bytes(config, 1, 10, torch.float16) == 10 * 2 * config.num_layer * 64 * 2
+
+
+def test_cpu_decode_uses_the_eager_ops_only(tiny: TinyGpt) -> None:
+    """The fused kernels are CUDA-only; on CPU every op must stay the eager one (fp32 results equal HF's)."""
+    model = GptEngine.from_ft_dir(tiny.ft_dir, max_batch_size=1).model
+    assert model.kernels == DecodeKernels()
+    assert DecodeKernels.for_model(model.config, torch.device("cpu"), torch.float16) == DecodeKernels()

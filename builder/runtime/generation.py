@@ -18,6 +18,9 @@ its worst finished one (best running score / current_len ** lp), or at its lengt
 is 0 (no length normalisation); pass len_penalty=1 to match HF's default. The finished beams are returned best first;
 cum_log_probs are their raw (unnormalised) cumulative log-probs.
 
+`generate` runs one static batch to completion. For serving, scheduler.py's `InflightScheduler` drives the same
+engine (its `prefill_slots` and `decode`) with in-flight batching: rows join and leave the running batch at every step.
+
 Log-probs are those of the chosen token under the processed distribution (after temperature, penalties and bans,
 before top-k/top-p truncation); for plain greedy they equal HF's `output_scores` log-softmax.
 """
@@ -102,8 +105,9 @@ class _CancelPoll:
         return newly
 
 
-def _row_output(prompt_len: int, beams: list[np.ndarray], log_probs: list[np.ndarray] | None, *,
-                finished: bool, reason: str, cum: np.ndarray | None = None) -> RowOutput:
+def row_output(prompt_len: int, beams: list[np.ndarray], log_probs: list[np.ndarray] | None, *,
+               finished: bool, reason: str, cum: np.ndarray | None = None) -> RowOutput:
+    """A RowOutput; cum_log_probs default to the sums of the per-step log-probs."""
     if log_probs is not None and cum is None:
         cum = np.array([float(steps.sum()) for steps in log_probs], dtype=np.float32)
     return RowOutput(prompt_len=prompt_len, beams=beams, cum_log_probs=cum, output_log_probs=log_probs,
@@ -232,10 +236,20 @@ class GptEngine:
                     outputs[index] = output
         return outputs  # type: ignore[return-value]
 
-    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """One decode step over cache slots 0..n-1 (tokens [n], positions [n]) -> logits [n, V], from CUDA graphs
+        when enabled. On CUDA the result may be a view of a graph's output buffer: consume it before the next call."""
         if self.graphs is not None:
             return self.graphs.decode(tokens, positions, kv_len)
         return self.model.decode(tokens, positions, kv_len)
+
+    def prefill_slots(self, prompts: torch.Tensor, lengths: torch.Tensor, first_slot: int = 0) -> torch.Tensor:
+        """Right-padded prompts [n, T] (any valid id as padding) -> logits [n, V] at each row's last prompt token;
+        fills cache slots first_slot..first_slot+n-1, in passes of at most PREFILL_TOKEN_BUDGET padded tokens."""
+        rows_per_pass = max(1, PREFILL_TOKEN_BUDGET // prompts.shape[1])
+        return torch.cat([self.model.prefill(prompts[start:start + rows_per_pass],
+                                             lengths[start:start + rows_per_pass], first_slot=first_slot + start)
+                          for start in range(0, prompts.shape[0], rows_per_pass)])
 
     def _prompt_batch(self, requests: Sequence[GenerationRequest]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """history [n, max(prompt + output) + 1] (prompts, then the pad id V), prompt lengths [n], max prompt len.
@@ -253,10 +267,7 @@ class GptEngine:
         """Prefill rows into slots 0..n-1, in passes of at most PREFILL_TOKEN_BUDGET padded tokens."""
         prompt = history[:, :max_prompt]
         prompt = prompt.masked_fill(prompt == self.config.vocab_size, 0)  # any valid id: padding is masked
-        rows_per_pass = max(1, PREFILL_TOKEN_BUDGET // max_prompt)
-        return torch.cat([self.model.prefill(prompt[start:start + rows_per_pass], lengths[start:start + rows_per_pass],
-                                             first_slot=start)
-                          for start in range(0, prompt.shape[0], rows_per_pass)])
+        return self.prefill_slots(prompt, lengths)
 
     def _seen_tokens(self, params: SlotParams, history: torch.Tensor, max_prompt: int) -> torch.Tensor | None:
         if not params.uses_seen_tokens:
@@ -321,7 +332,7 @@ class GptEngine:
                         if want_log_probs:
                             streamed_log_probs[i].append(new_log_probs[i])
                         steps_lp = [np.array(streamed_log_probs[i], np.float32)] if want_log_probs else None
-                        updates.append((indices[i], _row_output(
+                        updates.append((indices[i], row_output(
                             prompt_lens[i], [np.array(streamed[i])], steps_lp, finished=now_finished[i],
                             reason="stop" if now_stopped[i] else "length")))
                 on_step(updates)
@@ -332,7 +343,7 @@ class GptEngine:
                 break
             # Each row's next position is its length - 1; rows never pass their own limit (finished rows stay put).
             kv_len = max(min(p + step + 1, limit) for p, limit in zip(prompt_lens, row_limits))
-            logits = self._decode(tokens, lengths - 1, kv_len)
+            logits = self.decode(tokens, lengths - 1, kv_len)
 
         history_host, lengths_host = history.cpu(), lengths.tolist()
         stopped_host = stopped.tolist()
@@ -343,7 +354,7 @@ class GptEngine:
             steps_lp = ([log_probs_host[i, :lengths_host[i] - prompt_lens[i]].copy()]
                         if log_probs_host is not None else None)
             reason = "cancelled" if cancelled[i] else "stop" if stopped_host[i] else "length"
-            outputs.append(_row_output(prompt_lens[i], [tokens_i], steps_lp, finished=True, reason=reason))
+            outputs.append(row_output(prompt_lens[i], [tokens_i], steps_lp, finished=True, reason=reason))
         return outputs
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -457,15 +468,15 @@ class GptEngine:
                     if not was_done[i]:
                         beams = [history_host[i * width + b, :lengths_host[i * width + b]].numpy()
                                  for b in range(width)]
-                        updates.append((indices[i], _row_output(prompt_lens[i], beams, None, finished=done_host[i],
-                                                                reason="length")))
+                        updates.append((indices[i], row_output(prompt_lens[i], beams, None, finished=done_host[i],
+                                                               reason="length")))
                 on_step(updates)
             newly = cancel_poll.newly_cancelled(cancelled)
             if newly:
                 done[torch.tensor(newly, device=device)] = True
             if step + 1 == steps or done_flag.all_finished(done):
                 break
-            logits = self._decode(next_tokens, lengths - 1, min(self.model.max_seq_len, max_prompt + step + 1))
+            logits = self.decode(next_tokens, lengths - 1, min(self.model.max_seq_len, max_prompt + step + 1))
 
         return self._beam_outputs(requests, prompt_lens, cancelled, pool_filled, pool_tokens, pool_len, pool_cum,
                                   pool_log_probs, pool_stopped, history, lengths, running_score, step_log_probs)
@@ -496,7 +507,7 @@ class GptEngine:
                 beam_cum.append(float(running[i, b]))
                 reasons.append("length")
             reason = "cancelled" if cancelled[i] else reasons[0]
-            outputs.append(_row_output(prompt_lens[i], beams, beam_log_probs if r.return_log_probs else None,
-                                       finished=True, reason=reason,
-                                       cum=np.array(beam_cum, np.float32) if r.return_log_probs else None))
+            outputs.append(row_output(prompt_lens[i], beams, beam_log_probs if r.return_log_probs else None,
+                                      finished=True, reason=reason,
+                                      cum=np.array(beam_cum, np.float32) if r.return_log_probs else None))
         return outputs

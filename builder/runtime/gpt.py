@@ -9,12 +9,18 @@ batch live in cache slots 0..n-1:
   up to that position, so a ragged batch keeps decoding without re-padding.
 `decode` has static shapes for a given (rows, kv_len) and never syncs with the host, so `DecodeGraphs` (bottom of
 this file, CUDA only) can capture it in CUDA graphs.
+
+On CUDA, `DecodeKernels` swaps eager ops for fused ones (gpt_kernels.py: Triton residual add + LayerNorm, decode
+attention that also writes the KV cache, a skinny GEMM for small batches; cuBLASLt's bias + activation epilogue): a
+decode step is memory-bound and the small kernels between the weight GEMMs cost about as much as the weights. On
+CPU every op stays the eager PyTorch one, so fp32 results match HF there exactly.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -76,13 +82,64 @@ def check_weights(config: GptModelConfig, weights: dict[str, torch.Tensor]) -> N
         raise WeightError("weights do not match the model config:\n  " + "\n  ".join(problems))
 
 
+# Decode steps with more (rows x kv_len) than this use cuDNN's SDPA instead of the Triton attention: at 64 rows x
+# 1024 keys it streamed the KV cache ~25% faster than the Triton kernel (H100), at 64 x 256 ~20% slower.
+FUSED_ATTENTION_MAX_ROW_KEYS = 16384
+
+
+@dataclass(frozen=True)
+class DecodeKernels:
+    """Which fused CUDA kernels the model uses; all off is the eager PyTorch path (the only one on CPU)."""
+
+    fused_norm: bool = False  # Triton residual add (+ bias, + split-K partials) and LayerNorm in one kernel
+    attention: bool = False  # Triton decode attention that also writes the step's K/V (for small enough steps)
+    gemm_epilogue: bool = False  # cuBLASLt bias + GELU(tanh)/ReLU epilogue on the MLP's first GEMM
+    skinny_rows: int = 0  # decode batches of at most this many rows (<= 16) run the Triton skinny GEMM
+
+    @classmethod
+    def for_model(cls, config: GptModelConfig, device: torch.device, dtype: torch.dtype) -> "DecodeKernels":
+        """Every kernel that applies: CUDA with Triton installed; the attention kernel needs a power-of-two head
+        size; the skinny GEMM runs fp16/bf16 only (fp32 would need slow IEEE dots: cuBLAS is better there)."""
+        if device.type != "cuda" or importlib.util.find_spec("triton") is None:
+            return cls()
+        d = config.size_per_head
+        return cls(fused_norm=True, attention=d >= 16 and d & (d - 1) == 0, gemm_epilogue=True,
+                   skinny_rows=16 if dtype in (torch.float16, torch.bfloat16) else 0)
+
+
+@dataclass(frozen=True)
+class _SkinnyPlan:
+    """Launch shape of the skinny GEMM for one weight: split_k > 1 leaves fp32 partials for add_layer_norm."""
+
+    split_k: int
+    block_k: int
+    block_n: int = 32
+    num_stages: int = 5
+
+
+def _skinny_plan(out_features: int, in_features: int, *, may_split: bool, block_n: int = 32,
+                 target_programs: int = 256) -> _SkinnyPlan | None:
+    """Split K until the grid has ~target_programs programs (enough loads in flight to stream the weights).
+
+    The defaults were the fastest launch shapes for the 1.3B matrices on an H100 (bench/profile_decode.py --tune)."""
+    block_k = next((b for b in (128, 64, 32, 16) if in_features % b == 0), None)
+    if block_k is None:
+        return None
+    split = 1
+    blocks_n = -(-out_features // block_n)
+    while (may_split and blocks_n * split * 2 <= target_programs
+           and in_features % (split * 2 * block_k) == 0 and in_features // (split * 2) >= 4 * block_k):
+        split *= 2
+    return _SkinnyPlan(split_k=split, block_k=block_k, block_n=block_n)
+
+
 class GptModel:
     def __init__(self, config: GptModelConfig, weights: dict[str, torch.Tensor], *, device: torch.device,
                  dtype: torch.dtype) -> None:
         """Loads the weights; call `allocate_cache` before running anything."""
         check_weights(config, weights)
         self.config = config
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype = torch.device(device), dtype
         self.slots, self.max_seq_len = 0, 0
         self.heads, self.head_dim, self.hidden = config.head_num, config.size_per_head, config.hidden_size
 
@@ -112,8 +169,18 @@ class GptModel:
             ))
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
-        self._activation = ((lambda x: F.gelu(x, approximate="tanh")) if config.activation_type == "Gelu"
-                            else F.relu)
+        self._gelu = config.activation_type == "Gelu"
+        self._activation = (lambda x: F.gelu(x, approximate="tanh")) if self._gelu else F.relu
+        f = config.inter_size
+        # Launch shapes of the skinny GEMM per weight (benchmarks may replace them); None: it does not apply.
+        self.skinny_plans: dict[str, _SkinnyPlan | None] = {
+            "qkv": _skinny_plan(3 * h, h, may_split=False), "out": _skinny_plan(h, h, may_split=True),
+            "fc1": _skinny_plan(f, h, may_split=False), "fc2": _skinny_plan(h, f, may_split=True),
+            "lm_head": _skinny_plan(config.vocab_size, h, may_split=False)}
+        kernels = DecodeKernels.for_model(config, self.device, dtype)
+        if any(plan is None for plan in self.skinny_plans.values()):
+            kernels = replace(kernels, skinny_rows=0)
+        self.kernels = kernels  # settable (benchmarks compare choices); read by each decode call and graph capture
 
     def allocate_cache(self, slots: int, max_seq_len: int) -> None:
         if not 1 <= max_seq_len <= self.config.max_pos_seq_len:
@@ -130,28 +197,63 @@ class GptModel:
         itemsize = torch.empty((), dtype=dtype).element_size()
         return slots * max_seq_len * config.kv_cache_bytes_per_token(itemsize)
 
-    def _layer_norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, (self.hidden,), weight, bias, self.config.layernorm_eps)
+    # -- building blocks: each picks the fused kernel when `self.kernels` enables it, else the eager ops ------------
 
-    def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
-        h = self._layer_norm(x, layer.ln2_weight, layer.ln2_bias)
-        return F.linear(self._activation(F.linear(h, layer.fc1_weight, layer.fc1_bias)), layer.fc2_weight,
-                        layer.fc2_bias)
+    def _add_norm(self, x: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor | None, weight: torch.Tensor,
+                  ln_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta (+ bias), layer_norm of that); x [n, H]; delta [n, H], or the skinny GEMM's fp32 split-K
+        partials [S, n, H] of the product (summed here)."""
+        eps = self.config.layernorm_eps
+        partials = delta.dim() == x.dim() + 1
+        if self.kernels.fused_norm:
+            from . import gpt_kernels  # noqa: PLC0415  (Triton: CUDA only)
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._layer_norm(x, *self.final_ln), self.lm_head)
+            return gpt_kernels.add_layer_norm(x, delta, bias, weight, ln_bias, eps)
+        if partials:  # the skinny GEMM's split-K partials without the fused norm
+            delta = delta.sum(0).to(x.dtype)
+        x = x + (delta if bias is None else delta + bias)
+        return x, F.layer_norm(x, (self.hidden,), weight, ln_bias, eps)
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: str, *,
+                skinny: bool, activation: bool = False) -> torch.Tensor:
+        """x @ weight^T + bias (then the MLP activation if asked): the skinny GEMM, cuBLASLt epilogue, or eager."""
+        if skinny:
+            from . import gpt_kernels  # noqa: PLC0415
+
+            act = ("gelu_tanh" if self._gelu else "relu") if activation else "none"
+            shape = self.skinny_plans[plan]
+            return gpt_kernels.skinny_linear(x, weight, bias, activation=act, block_k=shape.block_k,
+                                             block_n=shape.block_n, num_stages=shape.num_stages)
+        if activation and self.kernels.gemm_epilogue and bias is not None:
+            # cuBLASLt's GELU epilogue is the tanh approximation (ATen's own fallback for it is gelu(tanh)); on an
+            # H100 it was closer to fp32 gelu(tanh) than fp16 linear + gelu (bench/profile_decode.py).
+            return torch._addmm_activation(bias, x, weight.t(), use_gelu=self._gelu)
+        y = F.linear(x, weight, bias)
+        return self._activation(y) if activation else y
+
+    def _linear_into_residual(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, plan: str, *,
+                              skinny: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(delta, bias still to add): skinny split-K partials leave the reduction and bias to `_add_norm`."""
+        shape = self.skinny_plans[plan]
+        if skinny and shape.split_k > 1:  # type: ignore[union-attr]
+            from . import gpt_kernels  # noqa: PLC0415
+
+            return gpt_kernels.skinny_linear(x, weight, split_k=shape.split_k, block_k=shape.block_k,
+                                             block_n=shape.block_n, num_stages=shape.num_stages), bias
+        return self._linear(x, weight, bias, plan, skinny=skinny), None
 
     def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, first_slot: int = 0) -> torch.Tensor:
         """tokens [n, T] right-padded, lengths [n] -> logits [n, V] at each row's last prompt token.
 
         Writes K/V of positions 0..T-1 into cache slots first_slot..first_slot+n-1 (padding positions too; decode
-        overwrites them).
+        overwrites them). Eager ops only, whatever `self.kernels` says: at T x n rows the GEMMs are compute-bound
+        and cuBLAS's plain kernels win (its GELU epilogue ran slower than GEMM + GELU at 512 rows on an H100).
         """
         n, t = tokens.shape
         positions = torch.arange(t, device=self.device)
         x = F.embedding(tokens, self.wte) + F.embedding(positions, self.wpe)  # [n, T, H]
         for i, layer in enumerate(self.layers):
-            h = self._layer_norm(x, layer.ln1_weight, layer.ln1_bias)
+            h = F.layer_norm(x, (self.hidden,), layer.ln1_weight, layer.ln1_bias, self.config.layernorm_eps)
             qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias).view(n, t, 3, self.heads, self.head_dim)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [n, heads, T, d]
             self.k_cache[i][first_slot:first_slot + n, :, :t] = k
@@ -161,9 +263,18 @@ class GptModel:
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [n, heads, T, d]
             x = x + F.linear(attn.transpose(1, 2).reshape(n, t, self.hidden), layer.attn_out_weight,
                              layer.attn_out_bias)
-            x = x + self._mlp(layer, x)
+            h = F.layer_norm(x, (self.hidden,), layer.ln2_weight, layer.ln2_bias, self.config.layernorm_eps)
+            x = x + F.linear(self._activation(F.linear(h, layer.fc1_weight, layer.fc1_bias)), layer.fc2_weight,
+                             layer.fc2_bias)
         last = x[torch.arange(n, device=self.device), lengths - 1]  # [n, H]
-        return self._logits(last)
+        h = F.layer_norm(last, (self.hidden,), *self.final_ln, self.config.layernorm_eps)
+        return F.linear(h, self.lm_head)
+
+    def _next_norm(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LayerNorm after layer i's residual stream: layer i+1's input norm, or the final norm."""
+        if i + 1 < len(self.layers):
+            return self.layers[i + 1].ln1_weight, self.layers[i + 1].ln1_bias
+        return self.final_ln
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """tokens [n], positions [n] (each row's own position) -> logits [n, V]; attends to cache[:, :, :kv_len].
@@ -171,25 +282,48 @@ class GptModel:
         Needs every position < kv_len <= max_seq_len. No host sync: capturable in a CUDA graph.
         """
         n = tokens.shape[0]
-        x = F.embedding(tokens, self.wte) + F.embedding(positions, self.wpe)  # [n, H]
+        skinny = n <= self.kernels.skinny_rows
+        fused_attention = self.kernels.attention and n * kv_len <= FUSED_ATTENTION_MAX_ROW_KEYS
+        attend = self._fused_attention if fused_attention else self._eager_attention(positions, kv_len)
+        first = self.layers[0]
+        x, h = self._add_norm(F.embedding(tokens, self.wte), F.embedding(positions, self.wpe), None,
+                              first.ln1_weight, first.ln1_bias)  # [n, H] each
+        for i, layer in enumerate(self.layers):
+            qkv = self._linear(h, layer.qkv_weight, layer.qkv_bias, "qkv", skinny=skinny)  # [n, 3H]
+            attn = attend(i, qkv, positions, kv_len)  # [n, H]
+            delta, bias = self._linear_into_residual(attn, layer.attn_out_weight, layer.attn_out_bias, "out",
+                                                     skinny=skinny)
+            x, h = self._add_norm(x, delta, bias, layer.ln2_weight, layer.ln2_bias)
+            up = self._linear(h, layer.fc1_weight, layer.fc1_bias, "fc1", skinny=skinny, activation=True)
+            delta, bias = self._linear_into_residual(up, layer.fc2_weight, layer.fc2_bias, "fc2", skinny=skinny)
+            x, h = self._add_norm(x, delta, bias, *self._next_norm(i))
+        return self._linear(h, self.lm_head, None, "lm_head", skinny=skinny)
+
+    def _fused_attention(self, i: int, qkv: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        from . import gpt_kernels  # noqa: PLC0415
+
+        return gpt_kernels.decode_attention(qkv, self.k_cache[i], self.v_cache[i], positions, kv_len)
+
+    def _eager_attention(self, positions: torch.Tensor, kv_len: int):  # noqa: ANN202  (a closure over the step)
+        """The eager step attention: index_copy_ the new K/V into the cache, then masked SDPA over kv_len keys."""
+        n = positions.shape[0]
         key_pos = torch.arange(kv_len, device=self.device)
         mask = (key_pos[None, :] <= positions[:, None]).view(n, 1, 1, kv_len)
         # Flat row index of (slot b, head h, position pos_b) in a cache viewed as [slots * heads * max_seq, d].
         head_rows = torch.arange(n, device=self.device)[:, None] * self.heads + torch.arange(
             self.heads, device=self.device)[None, :]  # [n, heads]
         write_rows = (head_rows * self.max_seq_len + positions[:, None]).reshape(-1)  # [n * heads]
-        for i, layer in enumerate(self.layers):
-            h = self._layer_norm(x, layer.ln1_weight, layer.ln1_bias)
-            qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias).view(n, 3, self.heads, self.head_dim)
-            q, k, v = qkv.unbind(1)  # each [n, heads, d]
+
+        def attend(i: int, qkv: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+            q, k, v = qkv.view(n, 3, self.heads, self.head_dim).unbind(1)  # each [n, heads, d]
             k_cache, v_cache = self.k_cache[i], self.v_cache[i]
             k_cache.view(-1, self.head_dim).index_copy_(0, write_rows, k.reshape(-1, self.head_dim))
             v_cache.view(-1, self.head_dim).index_copy_(0, write_rows, v.reshape(-1, self.head_dim))
             attn = F.scaled_dot_product_attention(q[:, :, None], k_cache[:n, :, :kv_len], v_cache[:n, :, :kv_len],
                                                   attn_mask=mask)  # [n, heads, 1, d]
-            x = x + F.linear(attn.reshape(n, self.hidden), layer.attn_out_weight, layer.attn_out_bias)
-            x = x + self._mlp(layer, x)
-        return self._logits(x)
+            return attn.reshape(n, self.hidden)
+
+        return attend
 
     def copy_slots(self, sources: torch.Tensor, length: int) -> None:
         """Cache slot i <- slot sources[i] (positions < length), for i < len(sources): beam expansion/reordering."""

@@ -1,14 +1,20 @@
 """Triton Python-backend adapter: FasterTransformer's GPT tensor contract in front of the PyTorch engine.
 
 Tensor work lives in `gpt_runtime/` (a copy of builder/runtime next to this file): `core_io` validates requests and
-lays out FT's outputs, `generation.GptEngine` generates. Every valid request of a dynamic batch goes into ONE engine
-call; a bad request gets its own INVALID_ARG error and the others still run. Decoupled mode streams one response per
-generated token (cumulative output_ids, as FT does) to requests whose `stream` input is not false, then the final one.
+lays out FT's outputs, `generation.GptEngine` generates. A bad request gets its own INVALID_ARG error and the others
+still run.
+- Decoupled (streaming) mode batches in flight: `execute()` validates each request, hands the valid ones to an
+  `InflightScheduler` (gpt_runtime/scheduler.py) and returns at once; the scheduler thread admits their rows into the
+  running batch at the next step boundary and sends the responses through each request's response sender: with
+  `stream` not false, one per generated token (cumulative output_ids, as FT does) and then the final one; otherwise
+  only the final one. Each carries `delta_start`: where its new tokens start in output_ids (the previous response's
+  sequence_length, or the prompt length for the first).
+- Otherwise `execute()` runs every valid request of its dynamic batch as one static batch (GptEngine.generate) and
+  returns their responses.
 
-Parameters (config.pbtxt): model_dir (FT weight folder, absolute or relative to the version folder; default
-"<tensor_para_size>-gpu"), data_type (fp32|fp16|bf16), max_batch_size (KV-cache slots; default: Triton's
-max_batch_size, shrunk to the free GPU memory), max_seq_len (default: the model's max_pos_seq_len), vocab_limit
-(ids >= it are never generated, e.g. 50257 for GPT-2's padded 50304; default: none excluded, as FT).
+Parameters: model_dir (FT weights, relative to the version folder or absolute), data_type (fp32|fp16|bf16),
+max_batch_size (KV-cache slots; default Triton's, shrunk to free GPU memory), max_seq_len, vocab_limit (ids >= it
+are never generated: GPT-2's 50257 of a padded 50304).
 """
 
 from __future__ import annotations
@@ -59,95 +65,135 @@ class TritonPythonModel:
             f"{args['model_name']}: {model_dir} on {device} ({data_type}), {self.engine.limits.max_batch_size} "
             f"KV-cache slots x {self.engine.limits.max_seq_len} tokens = {self.engine.kv_cache_bytes / 2**30:.2f} "
             f"GiB, decoupled={self.decoupled}")
+        self.scheduler = None
+        if self.decoupled:
+            from gpt_runtime.scheduler import InflightScheduler
+
+            # One line per admission and per cancellation, visible with --log-verbose=1.
+            self.scheduler = InflightScheduler(self.engine, event_log=pb_utils.Logger.log_verbose).start()
 
     def execute(self, requests: list) -> list | None:
-        senders = [r.get_response_sender() for r in requests] if self.decoupled else []
-        responses: list = [None] * len(requests)
-        parsed: dict[int, tuple[list[GenerationRequest], bool, bool]] = {}  # request -> (rows, stream, log probs)
-        for i, request in enumerate(requests):
-            inputs = {}
-            for name in INPUT_NAMES:
-                tensor = pb_utils.get_input_tensor_by_name(request, name)
-                if tensor is not None:
-                    inputs[name] = tensor.as_numpy()
+        if self.scheduler is not None:
+            self._submit(requests)
+            return None
+        return self._execute_batch(requests)
+
+    def _submit(self, requests: list) -> None:
+        """Decoupled: validate each request and queue it; its responses come from the scheduler thread."""
+        from gpt_runtime.generation import ResourceError
+
+        for request in requests:
+            sender = request.get_response_sender()
             try:
-                result = parse_request(inputs, self.engine.limits)
+                parsed = parse_request(self._inputs(request), self.engine.limits)
+                sink = _ResponseSink(sender, parsed.rows, log_probs=parsed.return_log_probs)
+                self.scheduler.submit(parsed.rows, sink, stream=parsed.stream)
+            except (RequestError, ResourceError) as err:
+                sender.send(_error(str(err), pb_utils.TritonError.INVALID_ARG),
+                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            except RuntimeError as err:  # the scheduler stopped (model unloading)
+                sender.send(_error(str(err), pb_utils.TritonError.UNAVAILABLE),
+                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    @staticmethod
+    def _inputs(request: object) -> dict:
+        inputs = {}
+        for name in INPUT_NAMES:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is not None:
+                inputs[name] = tensor.as_numpy()
+        return inputs
+
+    def _execute_batch(self, requests: list) -> list:
+        """Not decoupled: every valid request of the dynamic batch in one engine call; one response each."""
+        responses: list = [None] * len(requests)
+        parsed: dict[int, tuple[list[GenerationRequest], bool]] = {}  # request -> (rows, log probs)
+        for i, request in enumerate(requests):
+            try:
+                result = parse_request(self._inputs(request), self.engine.limits)
             except RequestError as err:
                 responses[i] = _error(str(err), pb_utils.TritonError.INVALID_ARG)
                 continue
-            parsed[i] = (result.rows, result.stream and self.decoupled, result.return_log_probs)
+            parsed[i] = (result.rows, result.return_log_probs)
 
         rows: list[GenerationRequest] = []
         owner: list[int] = []  # engine row -> Triton request
         first_row: dict[int, int] = {}
-        for i, (request_rows, _, _) in parsed.items():
+        for i, (request_rows, _) in parsed.items():
             first_row[i] = len(rows)
             rows += request_rows
             owner += [i] * len(request_rows)
-        latest: list[RowOutput | None] = [None] * len(rows)
         cancelled_requests: set[int] = set()
-        sent_lengths: dict[int, np.ndarray] = {}  # request -> sequence_length of its previous response
-
-        def cumulative(i: int) -> dict:
-            request_rows, _, log_probs = parsed[i]
-            start = first_row[i]
-            outputs = [latest[start + k] or RowOutput(prompt_len=len(row.input_ids),
-                                                     beams=[list(row.input_ids)] * row.beam_width)
-                       for k, row in enumerate(request_rows)]
-            arrays = ft_outputs(request_rows, outputs, with_log_probs=log_probs)
-            if self.decoupled:  # where this response's new tokens start (stateless postprocessing needs it)
-                arrays["delta_start"] = sent_lengths.get(i, arrays["response_input_lengths"]).astype(np.int32)
-                sent_lengths[i] = arrays["sequence_length"].astype(np.int32)
-            return arrays
-
-        def on_step(updates: list[tuple[int, RowOutput]]) -> None:
-            touched = set()
-            for row, output in updates:
-                latest[row] = output
-                touched.add(owner[row])
-            for i in sorted(touched):
-                rows_done = all(latest[first_row[i] + k] is not None and latest[first_row[i] + k].finished
-                                for k in range(len(parsed[i][0])))
-                # A request's last token goes out with the final response, so each response adds one token.
-                if parsed[i][1] and not rows_done and i not in cancelled_requests:
-                    senders[i].send(self._response(cumulative(i)))
 
         def cancelled_rows() -> list[int]:  # polled by the engine a few times a second
             for i in parsed:
-                if i not in cancelled_requests and self._cancelled(senders[i] if self.decoupled else requests[i]):
+                if i not in cancelled_requests and _cancelled(requests[i]):
                     cancelled_requests.add(i)
             return [row for row, i in enumerate(owner) if i in cancelled_requests]
 
-        streaming = any(stream for _, stream, _ in parsed.values())
         try:
-            if rows:
-                latest = list(self.engine.generate(rows, on_step=on_step if streaming else None,
-                                                   is_cancelled=cancelled_rows))
+            outputs = self.engine.generate(rows, is_cancelled=cancelled_rows) if rows else []
         except Exception as err:  # noqa: BLE001  (one failed batch must not take the server down)
             for i in parsed:
                 responses[i] = _error(f"generation failed: {err}", pb_utils.TritonError.INTERNAL)
-        else:
-            for i in parsed:
-                if any(latest[first_row[i] + k].cancelled for k in range(len(parsed[i][0]))):
-                    responses[i] = _error("request cancelled", pb_utils.TritonError.CANCELLED)
-                else:
-                    responses[i] = self._response(cumulative(i))
-
-        if not self.decoupled:
             return responses
-        for sender, response in zip(senders, responses):
-            sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        return None
-
-    @staticmethod
-    def _cancelled(request_or_sender: object) -> bool:
-        check = getattr(request_or_sender, "is_cancelled", None)  # absent before Triton 23.10
-        return bool(check()) if check is not None else False
-
-    @staticmethod
-    def _response(arrays: dict) -> "pb_utils.InferenceResponse":
-        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(name, value)
-                                                          for name, value in arrays.items()])
+        for i, (request_rows, log_probs) in parsed.items():
+            request_outputs = outputs[first_row[i]:first_row[i] + len(request_rows)]
+            if any(output.cancelled for output in request_outputs):
+                responses[i] = _error("request cancelled", pb_utils.TritonError.CANCELLED)
+            else:
+                responses[i] = _response(ft_outputs(request_rows, request_outputs, with_log_probs=log_probs))
+        return responses
 
     def finalize(self) -> None:
+        if self.scheduler is not None:
+            stats = self.scheduler.stats
+            self.scheduler.stop()
+            pb_utils.Logger.log_info(
+                f"in-flight scheduler: {stats.steps} steps, {stats.admitted_rows} rows admitted "
+                f"({stats.joined_running_rows} joined a running batch), peak {stats.peak_rows} rows, "
+                f"{stats.finished_requests} requests finished, {stats.failed_requests} failed")
         self.engine = None
+
+
+def _cancelled(request_or_sender: object) -> bool:
+    check = getattr(request_or_sender, "is_cancelled", None)  # absent before Triton 23.10
+    return bool(check()) if check is not None else False
+
+
+def _response(arrays: dict) -> "pb_utils.InferenceResponse":
+    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(name, value) for name, value in arrays.items()])
+
+
+class _ResponseSink:
+    """One decoupled request's responses, sent from the scheduler thread (gpt_runtime.scheduler.ResponseSink)."""
+
+    def __init__(self, sender: object, rows: list[GenerationRequest], *, log_probs: bool) -> None:
+        self.sender, self.rows, self.log_probs = sender, rows, log_probs
+        self.sent_lengths: np.ndarray | None = None  # sequence_length of the previous response
+
+    def _arrays(self, outputs: list[RowOutput]) -> dict:
+        arrays = ft_outputs(self.rows, outputs, with_log_probs=self.log_probs)
+        # Where this response's new tokens start (stateless postprocessing needs it): the previous response's
+        # sequence_length, or the prompt length for the first one.
+        start = arrays["response_input_lengths"] if self.sent_lengths is None else self.sent_lengths
+        arrays["delta_start"] = start.astype(np.int32)
+        self.sent_lengths = arrays["sequence_length"].astype(np.int32)
+        return arrays
+
+    def update(self, outputs: list[RowOutput]) -> None:
+        self.sender.send(_response(self._arrays(outputs)))
+
+    def finish(self, outputs: list[RowOutput]) -> None:
+        if any(output.cancelled for output in outputs):
+            response = _error("request cancelled", pb_utils.TritonError.CANCELLED)
+        else:
+            response = _response(self._arrays(outputs))
+        self.sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def fail(self, error: Exception) -> None:
+        self.sender.send(_error(f"generation failed: {error}", pb_utils.TritonError.INTERNAL),
+                         flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def is_cancelled(self) -> bool:
+        return _cancelled(self.sender)

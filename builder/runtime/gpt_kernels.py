@@ -1,0 +1,258 @@
+"""Triton kernels for the decode step of `gpt.GptModel` on CUDA (the eager PyTorch ops stay the reference).
+
+A decode step is memory-bound: per layer it streams ~100 MB of fp16 weights (1.3B shape), while the small ops
+between the weight GEMMs (layer norms, residual adds, KV-cache writes, attention) each cost a kernel launch of a few
+microseconds. These kernels fuse those small ops and stream the weights for few rows (batch <= 16) at a higher share
+of the memory bandwidth than cuBLAS's GEMV choices:
+- `add_layer_norm`: residual + delta (+ bias, + split-K partial sums) and the next LayerNorm in one pass;
+- `skinny_linear`: x @ W^T for few rows, either finished (bias + activation epilogue) or as split-K fp32 partials
+  that `add_layer_norm` sums (so the split costs no extra kernel);
+- `decode_attention`: one query per row over its own cached keys (positions <= its position only, so a row never
+  reads the rest of the kv bucket), writing the step's K/V into the cache in the same kernel; split over the keys
+  when the batch alone cannot fill the GPU.
+Everything is shape-static for a given (rows, kv_len) and never syncs with the host, so it runs inside CUDA graphs.
+Import this module only where Triton is installed (gpt.py imports it lazily, on CUDA only).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+ACTIVATIONS = {"none": 0, "gelu_tanh": 1, "relu": 2}
+SKINNY_BLOCK_M = 16  # tl.dot needs >= 16 rows; rows past the batch are masked off (no memory traffic)
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Residual add + LayerNorm
+
+
+@triton.jit
+def _add_layer_norm_kernel(x_ptr, delta_ptr, bias_ptr, ln_weight_ptr, ln_bias_ptr, out_x_ptr, out_h_ptr,
+                           rows, hidden, eps,
+                           NUM_PARTS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    inside = cols < hidden
+    x = tl.load(x_ptr + row * hidden + cols, mask=inside, other=0.0).to(tl.float32)
+    delta = tl.zeros([BLOCK], dtype=tl.float32)
+    for part in tl.static_range(NUM_PARTS):  # split-K partials [parts, rows, hidden] (or one finished delta)
+        delta += tl.load(delta_ptr + (part * rows + row) * hidden + cols, mask=inside, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        delta += tl.load(bias_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    # Round the delta and the sum to the storage dtype as the eager ops do (x + linear(...) in fp16).
+    delta = delta.to(out_x_ptr.dtype.element_ty).to(tl.float32)
+    summed = (x + delta).to(out_x_ptr.dtype.element_ty)
+    tl.store(out_x_ptr + row * hidden + cols, summed, mask=inside)
+    s = summed.to(tl.float32)
+    mean = tl.sum(s, axis=0) / hidden
+    centered = tl.where(inside, s - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / hidden + eps)
+    w = tl.load(ln_weight_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    b = tl.load(ln_bias_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    tl.store(out_h_ptr + row * hidden + cols, (centered * rstd * w + b).to(out_h_ptr.dtype.element_ty), mask=inside)
+
+
+def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor | None, ln_weight: torch.Tensor,
+                   ln_bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [n, H] + delta (+ bias) -> (sum [n, H], layer_norm(sum) [n, H]).
+
+    delta is [n, H], or [parts, n, H] fp32 split-K partials of one product (summed here)."""
+    rows, hidden = x.shape
+    parts = 1 if delta.dim() == 2 else delta.shape[0]
+    out_x, out_h = torch.empty_like(x), torch.empty_like(x)
+    _add_layer_norm_kernel[(rows,)](x, delta, bias if bias is not None else x, ln_weight, ln_bias, out_x, out_h,
+                                    rows, hidden, eps, NUM_PARTS=parts, HAS_BIAS=bias is not None,
+                                    BLOCK=triton.next_power_of_2(hidden), num_warps=4 if hidden <= 4096 else 8)
+    return out_x, out_h
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Skinny GEMM (few rows): y = x @ W^T
+
+
+@triton.jit
+def _gelu_tanh(x):
+    # 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3); tanh(u) = 1 - 2 / (exp(2u) + 1) saturates cleanly.
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    return 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
+
+
+@triton.jit
+def _skinny_linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n, k, k_per_split,
+                          SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+                          IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    block_n, split = tl.program_id(0), tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    k_start = split * k_per_split
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
+        ks = k0 + offs_k
+        x = tl.load(x_ptr + offs_m[:, None] * k + ks[None, :], mask=offs_m[:, None] < rows, other=0.0)
+        w = tl.load(w_ptr + offs_n[:, None] * k + ks[None, :], mask=offs_n[:, None] < n, other=0.0)
+        if IEEE:
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w))
+    inside = (offs_m[:, None] < rows) & (offs_n[None, :] < n)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < n, other=0.0).to(tl.float32)[None, :]
+        if ACTIVATION == 1:
+            acc = _gelu_tanh(acc)
+        elif ACTIVATION == 2:
+            acc = tl.maximum(acc, 0.0)
+        tl.store(out_ptr + offs_m[:, None] * n + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=inside)
+    else:  # fp32 partial sums [SPLIT_K, rows, n]; the consumer adds them (and the bias)
+        tl.store(out_ptr + (split * rows + offs_m[:, None]) * n + offs_n[None, :], acc, mask=inside)
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                  activation: str = "none", split_k: int = 1, block_n: int = 32, block_k: int = 128,
+                  num_warps: int = 4, num_stages: int = 5) -> torch.Tensor:
+    """x [rows <= 16, K] @ weight[N, K]^T (+ bias, activation) -> [rows, N] in x's dtype; or, with split_k > 1,
+    the unreduced fp32 partials [split_k, rows, N] (no bias, no activation: `add_layer_norm` finishes them)."""
+    rows, k = x.shape
+    n = weight.shape[0]
+    if rows > SKINNY_BLOCK_M:
+        raise ValueError(f"skinny_linear takes at most {SKINNY_BLOCK_M} rows, got {rows}")
+    if k % (split_k * block_k):
+        raise ValueError(f"K={k} must be a multiple of split_k * block_k = {split_k} * {block_k}")
+    if split_k > 1 and (bias is not None or activation != "none"):
+        raise ValueError("split-K partials take no bias or activation")
+    if split_k == 1:
+        out = torch.empty((rows, n), device=x.device, dtype=x.dtype)
+    else:
+        out = torch.empty((split_k, rows, n), device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(n, block_n), split_k)
+    _skinny_linear_kernel[grid](x, weight, bias if bias is not None else weight, out, rows, n, k, k // split_k,
+                                SPLIT_K=split_k, HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation],
+                                IEEE=x.dtype == torch.float32, BLOCK_M=SKINNY_BLOCK_M, BLOCK_N=block_n,
+                                BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decode attention (one query per row) with the KV-cache write
+
+
+@triton.jit
+def _decode_attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, positions_ptr, out_ptr, partial_ptr, stats_ptr,
+                             heads, max_seq, hidden, scale,
+                             SPLIT_KEYS: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                             HEAD_DIM: tl.constexpr):
+    # SPLIT_KEYS and NUM_SPLITS are compile-time (a new kv bucket compiles a variant once; Triton caches it on disk):
+    # a runtime-valued variant measured slower at 64 rows on an H100 (3.40 vs 3.12 ms/step, separate runs).
+    row_head, split = tl.program_id(0), tl.program_id(1)
+    row = row_head // heads
+    head = row_head % heads
+    pos = tl.load(positions_ptr + row)
+    dims = tl.arange(0, HEAD_DIM)
+    qkv_row = qkv_ptr + row * 3 * hidden + head * HEAD_DIM  # qkv [n, 3, heads, d]
+    q = tl.load(qkv_row + dims).to(tl.float32) * scale
+    k_new = tl.load(qkv_row + hidden + dims)
+    v_new = tl.load(qkv_row + 2 * hidden + dims)
+    cache_offset = row_head.to(tl.int64) * max_seq * HEAD_DIM  # cache [slots, heads, max_seq, d], slot = row
+    start = split * SPLIT_KEYS
+    end = tl.minimum(start + SPLIT_KEYS, pos + 1)
+    if (pos >= start) & (pos < start + SPLIT_KEYS):  # exactly one program writes the step's K/V
+        tl.store(k_cache_ptr + cache_offset + pos * HEAD_DIM + dims, k_new)
+        tl.store(v_cache_ptr + cache_offset + pos * HEAD_DIM + dims, v_new)
+    running_max = -float("inf")
+    running_sum = 0.0
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for key0 in range(start, end, BLOCK_N):  # usually one block per program: no dependent loads in a chain
+        keys = key0 + tl.arange(0, BLOCK_N)
+        valid = keys < end
+        offsets = cache_offset + keys[:, None] * HEAD_DIM + dims[None, :]
+        # The key at `pos` comes from this step's qkv: its cache write above need not be visible yet.
+        is_new = (keys == pos)[:, None]
+        k = tl.load(k_cache_ptr + offsets, mask=valid[:, None] & ~is_new, other=0.0)
+        v = tl.load(v_cache_ptr + offsets, mask=valid[:, None] & ~is_new, other=0.0)  # issued before k is used
+        k = tl.where(is_new, k_new[None, :], k).to(tl.float32)
+        v = tl.where(is_new, v_new[None, :], v).to(tl.float32)
+        scores = tl.where(valid, tl.sum(k * q[None, :], axis=1), -float("inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, axis=0))
+        p = tl.exp(scores - new_max)
+        rescale = tl.exp(running_max - new_max)
+        acc = acc * rescale + tl.sum(p[:, None] * v, axis=0)
+        running_sum = running_sum * rescale + tl.sum(p, axis=0)
+        running_max = new_max
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + row * hidden + head * HEAD_DIM + dims, (acc / running_sum).to(out_ptr.dtype.element_ty))
+    else:  # unnormalised partials; a split past the row's position leaves (max=-inf, sum=0, acc=0)
+        slot = row_head * NUM_SPLITS + split
+        tl.store(partial_ptr + slot * HEAD_DIM + dims, acc)
+        tl.store(stats_ptr + slot * 2, running_max)
+        tl.store(stats_ptr + slot * 2 + 1, running_sum)
+
+
+@triton.jit
+def _combine_splits_kernel(partial_ptr, stats_ptr, out_ptr, heads, hidden,
+                           NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr, HEAD_DIM: tl.constexpr):
+    row_head = tl.program_id(0)
+    row = row_head // heads
+    head = row_head % heads
+    splits = tl.arange(0, SPLITS_POW2)
+    used = splits < NUM_SPLITS
+    base = row_head * NUM_SPLITS + splits
+    maxes = tl.load(stats_ptr + base * 2, mask=used, other=-float("inf"))
+    sums = tl.load(stats_ptr + base * 2 + 1, mask=used, other=0.0)
+    top = tl.max(maxes, axis=0)  # finite: split 0 always holds key 0 <= position
+    weights = tl.where(used, tl.exp(maxes - top), 0.0)
+    dims = tl.arange(0, HEAD_DIM)
+    partial = tl.load(partial_ptr + base[:, None] * HEAD_DIM + dims[None, :], mask=used[:, None], other=0.0)
+    out = tl.sum(weights[:, None] * partial, axis=0) / tl.sum(weights * sums, axis=0)
+    tl.store(out_ptr + row * hidden + head * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty))
+
+
+def attention_launch(rows: int, heads: int, kv_len: int, sms: int) -> tuple[int, int, int]:
+    """(keys per block, blocks per program, warps): one block of keys per program (its K and V loads all in flight
+    at once, no loop of dependent loads); smaller blocks when few (row, head) pairs must fill the GPU.
+
+    Chosen on an H100 (16 heads x 128) from bench/profile_decode.py runs of the whole decode step."""
+    if rows * heads < 4 * sms:
+        return 32, 1, 4
+    return 64, 1, 8
+
+
+def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+                     kv_len: int, *, launch: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """qkv [n, 3 * H] (q | k | v, heads x d each), caches [slots, heads, max_seq, d], positions [n] < kv_len
+    -> attention output [n, H]; also writes this step's k, v at (slot i, positions[i]) for each row i.
+
+    Row i attends to its keys 0..positions[i] (causal over its own sequence), as the eager masked SDPA does; splits
+    past a row's position exit at once, so a row reads only its own keys, not the whole kv bucket.
+    launch: (keys per block, blocks per program, warps), default `attention_launch`'s choice (benchmarks vary it)."""
+    rows = qkv.shape[0]
+    _, heads, max_seq, head_dim = k_cache.shape
+    hidden = heads * head_dim
+    block_n, blocks_per_split, num_warps = launch or attention_launch(rows, heads, kv_len,
+                                                                      _multiprocessors(qkv.device))
+    split_keys = block_n * max(blocks_per_split, triton.cdiv(kv_len, 64 * block_n))  # at most 64 splits
+    splits = triton.cdiv(kv_len, split_keys)
+    out = torch.empty((rows, hidden), device=qkv.device, dtype=qkv.dtype)
+    if splits > 1:
+        partial = torch.empty((rows * heads * splits, head_dim), device=qkv.device, dtype=torch.float32)
+        stats = torch.empty((rows * heads * splits, 2), device=qkv.device, dtype=torch.float32)
+    else:
+        partial = stats = out  # unused
+    _decode_attention_kernel[(rows * heads, splits)](
+        qkv, k_cache, v_cache, positions, out, partial, stats, heads, max_seq, hidden, 1.0 / math.sqrt(head_dim),
+        SPLIT_KEYS=split_keys, NUM_SPLITS=splits, BLOCK_N=block_n, HEAD_DIM=head_dim, num_warps=num_warps)
+    if splits > 1:
+        _combine_splits_kernel[(rows * heads,)](partial, stats, out, heads, hidden, NUM_SPLITS=splits,
+                                                SPLITS_POW2=triton.next_power_of_2(splits), HEAD_DIM=head_dim,
+                                                num_warps=4)
+    return out

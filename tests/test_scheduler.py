@@ -1,0 +1,331 @@
+"""InflightScheduler (in-flight batching) on the CPU: rows joining a running batch get exactly what they get alone.
+
+Oracle: the same engine's chunk path (`GptEngine.generate` of the row alone, itself checked against HF in
+test_engine*.py); greedy rows are also checked against HF directly.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+
+from builder.runtime.core_io import RequestError, RowOutput
+from builder.runtime.generation import GptEngine, ResourceError
+from builder.runtime.scheduler import InflightScheduler
+from engine_testing import TinyGpt, hf_generate, make_tiny_gpt, random_prompts, request
+
+SAMPLING = dict(top_k=20, top_p=0.9, temperature=1.3)
+WAIT_S = 30.0
+
+
+@dataclass
+class Sink:
+    """Records what the scheduler sends for one request; `on_update` may act from the scheduler thread."""
+    name: str = ""
+    events: list[str] | None = None  # shared finish order across sinks
+    on_update: Callable[[Sink, list[RowOutput]], None] | None = None
+    then: Callable[[], None] | None = None  # run once, at the second update or at the end, whichever comes first
+    cancel_after_updates: int | None = None
+    updates: list[list[RowOutput]] = field(default_factory=list)
+    outputs: list[RowOutput] | None = None
+    error: Exception | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def update(self, outputs: list[RowOutput]) -> None:
+        self.updates.append(outputs)
+        if self.on_update is not None:
+            self.on_update(self, outputs)
+        if len(self.updates) == 2:
+            self._then()
+
+    def _then(self) -> None:
+        then, self.then = self.then, None
+        if then is not None:
+            then()
+
+    def finish(self, outputs: list[RowOutput]) -> None:
+        self.outputs = outputs
+        self._close()
+
+    def fail(self, error: Exception) -> None:
+        self.error = error
+        self._close()
+
+    def _close(self) -> None:
+        if self.events is not None:
+            self.events.append(self.name)
+        self._then()
+        self.done.set()
+
+    def is_cancelled(self) -> bool:
+        return self.cancel_after_updates is not None and len(self.updates) >= self.cancel_after_updates
+
+    def result(self) -> list[RowOutput]:
+        assert self.done.wait(WAIT_S), f"{self.name}: no final response"
+        assert self.error is None, f"{self.name}: {self.error}"
+        assert self.outputs is not None
+        return self.outputs
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyGpt:
+    return make_tiny_gpt(tmp_path_factory.mktemp("tiny_gpt"))
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    return random_prompts(8, seed=4, min_len=2, max_len=12)
+
+
+@pytest.fixture(scope="module")
+def greedy(tiny: TinyGpt, prompts: list[list[int]]) -> list[list[int]]:
+    return [hf_generate(tiny.hf, p, 12) for p in prompts]
+
+
+@pytest.fixture(scope="module")
+def long_run(tiny: TinyGpt, prompts: list[list[int]]) -> tuple[list[int], int]:
+    """HF's 100-token greedy continuation of prompts[0] (no end), and an end_id it never produces."""
+    sequence = hf_generate(tiny.hf, prompts[0], 100, eos_token_id=None)
+    return sequence, next(t for t in range(1, 512) if t not in sequence[len(prompts[0]):])
+
+
+def new_engine(tiny: TinyGpt, slots: int, device: str = "cpu") -> GptEngine:
+    return GptEngine.from_ft_dir(tiny.ft_dir, max_batch_size=slots, cancel_poll_s=0.0, device=device)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="needs a CUDA GPU"))]
+
+
+def tokens(output: RowOutput) -> list[int]:
+    return output.beams[0].tolist()
+
+
+@pytest.mark.parametrize("device", DEVICES)  # CUDA: CUDA-graph decode, pinned asynchronous read-back
+def test_staggered_requests_get_exactly_their_solo_results(tiny: TinyGpt, prompts, greedy, device: str) -> None:
+    engine = new_engine(tiny, slots=4, device=device)
+    generated = [g[len(p):] for p, g in zip(prompts, greedy)]
+    rows = [
+        request(prompts[0], 12),  # greedy
+        request(prompts[1], 9, random_seed=11, return_log_probs=True, **SAMPLING),  # seeded sampling
+        request(prompts[2], 12, stop_words=((generated[2][2], generated[2][3]),)),  # stops within 4 tokens
+        request(prompts[3], 10, end_id=generated[3][1], min_length=5),  # end_id banned for 5 tokens
+        request(prompts[4], 12, end_id=generated[4][1]),  # ends within 2 tokens: frees its slot early
+        request(prompts[5], 11, repetition_penalty=1.8, presence_penalty=0.5, return_log_probs=True),
+        request(prompts[6], 8, bad_words=((generated[6][0],), (generated[6][1], generated[6][2]))),
+        request(prompts[7], 12, random_seed=5, top_k=3, temperature=0.7),
+        request(prompts[0], 7, random_seed=99, **SAMPLING),  # same prompt as row 0, joins at another step
+        request(prompts[2], 12, return_log_probs=True),
+    ]
+    solo = [engine.generate([row])[0] for row in rows]
+    for stopped in (2, 4):  # rows that must end early, so the case can fail
+        assert solo[stopped].finish_reason == "stop" and len(tokens(solo[stopped])) <= len(prompts[stopped]) + 4
+    assert len(tokens(solo[3])) >= len(prompts[3]) + 5  # without min_length it would end after 2 tokens
+
+    # Each request is sent when the previous one has streamed two tokens (or ended): they join a running batch at
+    # different steps; 10 requests share 4 slots, so later ones also wait for free slots.
+    sinks = [Sink(name=str(i)) for i in range(len(rows))]
+    with InflightScheduler(engine) as scheduler:
+        for i in range(1, len(rows)):
+            sinks[i - 1].then = partial(scheduler.submit, [rows[i]], sinks[i], stream=True)
+        scheduler.submit([rows[0]], sinks[0], stream=True)
+        results = [sink.result()[0] for sink in sinks]
+        stats = scheduler.stats
+    assert stats.joined_running_rows >= len(rows) - 2, stats
+    for i, (row, alone, result) in enumerate(zip(rows, solo, results)):
+        assert tokens(result) == tokens(alone), f"request {i}"
+        assert result.finish_reason == alone.finish_reason, f"request {i}"
+        if row.return_log_probs:
+            np.testing.assert_allclose(result.output_log_probs[0], alone.output_log_probs[0], atol=1e-5)
+            assert result.cum_log_probs[0] == pytest.approx(alone.cum_log_probs[0], abs=1e-4)
+    assert tokens(results[0]) == greedy[0]
+    assert tokens(results[9]) == greedy[2]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_streaming_updates_are_cumulative_one_token_each(tiny: TinyGpt, prompts, greedy, device: str) -> None:
+    engine = new_engine(tiny, slots=4, device=device)
+    streamed, quiet = Sink(name="streamed"), Sink(name="quiet")
+    with InflightScheduler(engine) as scheduler:
+        scheduler.submit([request(prompts[0], 12), request(prompts[1], 5)], streamed, stream=True)
+        scheduler.submit([request(prompts[2], 6)], quiet, stream=False)
+        final = streamed.result()
+        assert tokens(quiet.result()[0]) == greedy[2][:len(prompts[2]) + 6]
+    assert quiet.updates == []
+    assert [tokens(o) for o in final] == [greedy[0], greedy[1][:len(prompts[1]) + 5]]
+    assert len(streamed.updates) == 11  # the 12th token goes out with the final response
+    for step, update in enumerate(streamed.updates, start=1):
+        first, second = (tokens(o) for o in update)
+        assert first == greedy[0][:len(prompts[0]) + step]
+        assert second == greedy[1][:len(prompts[1]) + min(step, 5)]  # the finished row stays as it ended
+        assert [o.finished for o in update] == [False, step >= 5]
+
+
+def test_a_row_finishing_early_frees_its_slot_for_a_waiting_request(tiny: TinyGpt, prompts, greedy,
+                                                                    long_run) -> None:
+    engine = new_engine(tiny, slots=2)
+    events: list[str] = []
+    long, short, waiting = (Sink(name=name, events=events) for name in ("long", "short", "waiting"))
+    long_sequence, long_end_id = long_run
+    long_row = request(prompts[0], 100, end_id=long_end_id)
+    with InflightScheduler(engine) as scheduler:
+        scheduler.submit([long_row], long, stream=True)
+        scheduler.submit([request(prompts[1], 3)], short)
+        scheduler.submit([request(prompts[2], 4)], waiting)  # no free slot yet
+        long_tokens = tokens(long.result()[0])
+        assert tokens(short.result()[0]) == greedy[1][:len(prompts[1]) + 3]
+        assert tokens(waiting.result()[0]) == greedy[2][:len(prompts[2]) + 4]
+        stats = scheduler.stats
+    assert events == ["short", "waiting", "long"]
+    assert stats.peak_rows == 2 and stats.joined_running_rows >= 1  # "waiting" joined the long row
+    assert long_tokens == long_sequence
+
+
+def test_many_more_requests_than_slots_all_complete(tiny: TinyGpt) -> None:
+    engine = new_engine(tiny, slots=3)
+    many = random_prompts(24, seed=9, min_len=1, max_len=20)
+    rows = [[request(p, 3 + i % 7)] for i, p in enumerate(many[:20])] + [
+        [request(many[20], 4), request(many[21], 9)], [request(many[22], 2), request(many[23], 5),
+                                                       request(many[20], 6, random_seed=3, **SAMPLING)]]
+    solo = [engine.generate(r) for r in rows]
+    sinks = [Sink(name=str(i)) for i in range(len(rows))]
+    with InflightScheduler(engine) as scheduler:
+        for r, sink in zip(rows, sinks):
+            scheduler.submit(r, sink, stream=bool(len(r) % 2))
+        results = [sink.result() for sink in sinks]
+        assert scheduler.stats.peak_rows == 3
+    for alone, result in zip(solo, results):
+        assert [tokens(o) for o in result] == [tokens(o) for o in alone]
+
+
+def test_cancellation_stops_running_and_waiting_requests(tiny: TinyGpt, prompts, greedy, long_run) -> None:
+    engine = new_engine(tiny, slots=1)
+    running = Sink(name="running", cancel_after_updates=3)
+    behind = Sink(name="behind")
+    long_sequence, long_end_id = long_run
+    with InflightScheduler(engine, cancel_poll_s=0.0) as scheduler:
+        scheduler.submit([request(prompts[0], 100, end_id=long_end_id)], running, stream=True)
+        scheduler.submit([request(prompts[1], 5)], behind)
+        cancelled = running.result()[0]
+        assert tokens(behind.result()[0]) == greedy[1][:len(prompts[1]) + 5]  # got the freed slot
+
+        blocker, gone = Sink(name="blocker"), Sink(name="gone", cancel_after_updates=0)
+        scheduler.submit([request(prompts[2], 60)], blocker, stream=True)
+        scheduler.submit([request(prompts[3], 5)], gone)  # cancelled while it waits for the only slot
+        gone_output = gone.result()[0]
+        assert not blocker.done.is_set(), "the waiting request should have been dropped before the slot freed"
+        blocker.result()
+    assert cancelled.cancelled and cancelled.finish_reason == "cancelled"
+    generated = len(tokens(cancelled)) - len(prompts[0])
+    assert 3 <= generated < 20
+    assert tokens(cancelled) == long_sequence[:len(prompts[0]) + generated]
+    assert gone_output.cancelled and tokens(gone_output) == prompts[3]
+
+
+def test_an_engine_error_fails_only_the_affected_requests(tiny: TinyGpt, prompts, greedy,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = new_engine(tiny, slots=4)
+    poison = 511  # a prompt holding this token makes prefill fail
+    real_prefill, real_decode = engine.prefill_slots, engine.decode
+    decode_failures = {"left": 0}
+
+    def prefill_slots(prompts_: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        if bool((prompts_ == poison).any()):
+            raise RuntimeError("injected prefill fault")
+        return real_prefill(prompts_, *args, **kwargs)
+
+    def decode(*args: object) -> torch.Tensor:
+        if decode_failures["left"]:
+            decode_failures["left"] -= 1
+            raise RuntimeError("injected decode fault")
+        return real_decode(*args)
+
+    monkeypatch.setattr(engine, "prefill_slots", prefill_slots)
+    monkeypatch.setattr(engine, "decode", decode)
+    with InflightScheduler(engine) as scheduler:
+        healthy, poisoned = Sink(name="healthy"), Sink(name="poisoned")
+        joined = Sink(name="joined")
+
+        def send_poisoned(sink: Sink, _: list[RowOutput]) -> None:  # while "healthy" runs
+            if len(sink.updates) == 2:
+                scheduler.submit([request([5, poison, 7], 4)], poisoned)
+                scheduler.submit([request(prompts[1], 6)], joined)
+
+        healthy.on_update = send_poisoned
+        scheduler.submit([request(prompts[0], 12)], healthy, stream=True)
+        assert tokens(healthy.result()[0]) == greedy[0]
+        assert tokens(joined.result()[0]) == greedy[1][:len(prompts[1]) + 6]
+        assert poisoned.done.wait(WAIT_S) and "injected prefill fault" in str(poisoned.error)
+
+        first, second = Sink(name="first"), Sink(name="second")
+
+        def break_decode(sink: Sink, _: list[RowOutput]) -> None:
+            if len(sink.updates) == 1:
+                decode_failures["left"] = 1
+                scheduler.submit([request(prompts[3], 4)], second)
+
+        first.on_update = break_decode
+        scheduler.submit([request(prompts[i], 12) for i in (2, 5, 6, 7)], first, stream=True)  # every slot
+        assert first.done.wait(WAIT_S) and "injected decode fault" in str(first.error)
+        assert tokens(second.result()[0]) == greedy[3][:len(prompts[3]) + 4]  # was waiting for a slot: unaffected
+        after = Sink(name="after")
+        scheduler.submit([request(prompts[4], 5)], after)
+        assert tokens(after.result()[0]) == greedy[4][:len(prompts[4]) + 5]  # the loop keeps serving
+        assert scheduler.stats.failed_requests == 2
+
+
+def test_requests_that_can_never_fit_are_refused(tiny: TinyGpt, prompts) -> None:
+    engine = new_engine(tiny, slots=2)
+    with InflightScheduler(engine) as scheduler:
+        with pytest.raises(ResourceError, match="KV-cache slots"):
+            scheduler.submit([request(p, 4) for p in prompts[:3]], Sink())
+        with pytest.raises(RequestError, match="max_seq_len"):
+            scheduler.submit([request(prompts[0], 128)], Sink())
+        with pytest.raises(RequestError, match="beam_width"):
+            scheduler.submit([request(prompts[0], 4, beam_width=4)], Sink())
+        fits = Sink()
+        scheduler.submit([request(p, 3) for p in prompts[:2]], fits)
+        assert len(fits.result()) == 2
+    with pytest.raises(RuntimeError, match="not running"):
+        scheduler.submit([request(prompts[0], 3)], Sink())
+
+
+def test_beam_search_runs_through_the_chunk_path_between_in_flight_rows(tiny: TinyGpt, prompts, greedy) -> None:
+    engine = new_engine(tiny, slots=4)
+    beam_row = request(prompts[5], 6, beam_width=2, len_penalty=1.0, return_log_probs=True)
+    expected = engine.generate([beam_row])[0]
+    before, beam, after = Sink(name="before"), Sink(name="beam"), Sink(name="after")
+    events: list[str] = []
+    for sink in (before, beam, after):
+        sink.events = events
+    with InflightScheduler(engine) as scheduler:
+        scheduler.submit([request(prompts[0], 12)], before, stream=True)
+        scheduler.submit([beam_row], beam, stream=True)
+        scheduler.submit([request(prompts[1], 4)], after)  # FIFO: waits behind the beam request
+        result = beam.result()[0]
+        assert tokens(before.result()[0]) == greedy[0]
+        assert tokens(after.result()[0]) == greedy[1][:len(prompts[1]) + 4]
+    assert events == ["before", "beam", "after"]
+    assert [b.tolist() for b in result.beams] == [b.tolist() for b in expected.beams]
+    assert tokens(result) == hf_generate(tiny.hf, prompts[5], 6, num_beams=2, length_penalty=1.0)
+    assert len(beam.updates) >= 1
+
+
+def test_stop_fails_what_is_still_queued(tiny: TinyGpt, prompts) -> None:
+    engine = new_engine(tiny, slots=1)
+    scheduler = InflightScheduler(engine).start()
+    sinks = [Sink(name=str(i)) for i in range(3)]
+    for sink in sinks:
+        scheduler.submit([request(prompts[0], 100)], sink, stream=True)
+    while not sinks[0].updates:
+        time.sleep(0.001)
+    scheduler.stop()
+    for sink in sinks:
+        assert sink.done.is_set() and "shutting down" in str(sink.error)

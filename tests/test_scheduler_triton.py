@@ -1,0 +1,147 @@
+"""In-flight batching through a real tritonserver: a rendered streaming (decoupled) tiny repository, text in/out.
+
+Oracle: HF transformers' GPT2LMHeadModel on the same weights (the FT files read back), greedy.
+"""
+
+from __future__ import annotations
+
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+
+from builder.checkpoints.hf import hf_model_from_canonical
+from builder.render import render_repository
+from builder.render_config import RenderConfig
+from builder.runtime.ft_weights import load_ft_weights
+from builder.runtime.model_config import GptModelConfig
+from builder.runtime.tokenizer import GptTokenizer
+from builder.serve import TritonServer
+from client import TextClient
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+CORE_MODEL = "gpt3_1.3b"  # RenderConfig's default model name
+SLOTS = 8  # KV-cache slots of the core model (its Triton max_batch_size)
+LONG_PROMPT, LONG_TOKENS = "The quick brown fox jumps over", 100
+SHORT_ONES = {"hello": ("Hello", 6), "digits": ("One two three four five six seven", 10)}
+BATCH_PROMPTS, BATCH_TOKENS = ["a", "Triton serves text", "naïve café"], 8  # one request of three rows
+JOIN_LINE = re.compile(r"in-flight batching: (\d+) row\(s\) joined (\d+) running row\(s\)")
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(tiny_ft_dir: Path) -> Callable[[str, int], str]:
+    """prompt -> HF's greedy continuation text on the same (fp16-stored) weights, computed in fp32."""
+    config, tensors = load_ft_weights(tiny_ft_dir, dtype=torch.float32)
+    model = hf_model_from_canonical(config, tensors).eval()
+    tokenizer = GptTokenizer.from_directory(tiny_ft_dir)
+
+    def continuation(prompt: str, max_tokens: int) -> str:
+        ids = torch.tensor([tokenizer.encode(prompt)])
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=config.end_id,
+                                 eos_token_id=config.end_id)
+        generated = out[0, ids.shape[1]:].tolist()
+        assert len(generated) == max_tokens, "the oracle ended early: pick other prompts"
+        return tokenizer.decode(generated)
+
+    return continuation
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ft_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    model = GptModelConfig.from_ini(tiny_ft_dir / "config.ini")
+    repo = render_repository(RenderConfig(engine="torch", device="cpu", data_type="fp32", checkpoint=tiny_ft_dir,
+                                          model=model, streaming=True, max_batch_size=SLOTS,
+                                          output=tmp_path_factory.mktemp("stream") / "repo"))
+    # Verbose: the scheduler logs every admission and cancellation.
+    with TritonServer.on_free_ports(repo, startup_timeout_s=180, log_verbose=1) as running:
+        yield running
+
+
+def test_requests_sent_mid_generation_join_the_running_batch(server: TritonServer, hf_greedy) -> None:
+    answers: dict[str, str | list[str]] = {}
+    finished_at: dict[str, float] = {}
+    errors: list[BaseException] = []
+    long_started = threading.Event()
+
+    def record(name: str, ask: Callable[[TextClient], str | list[str]], delay_s: float = 0.0) -> None:
+        try:
+            if name != "long":
+                assert long_started.wait(60), "the long request never streamed"
+                time.sleep(delay_s)
+            with TextClient(server.grpc_url, protocol="grpc") as client:
+                answers[name] = ask(client)
+            finished_at[name] = time.monotonic()
+        except BaseException as err:  # noqa: BLE001  (reported by the main thread)
+            errors.append(err)
+
+    def stream_long(client: TextClient) -> str:
+        pieces = []
+        for piece in client.stream(LONG_PROMPT, max_tokens=LONG_TOKENS):
+            pieces.append(piece)
+            long_started.set()
+        return "".join(pieces)
+
+    threads = [threading.Thread(target=record, args=("long", stream_long))]
+    for delay_s, (name, (prompt, max_tokens)) in zip((0.0, 0.02), SHORT_ONES.items()):
+        threads.append(threading.Thread(target=record, args=(
+            name, lambda client, p=prompt, n=max_tokens: client.generate(p, max_tokens=n).text, delay_s)))
+    threads.append(threading.Thread(target=record, args=(
+        "batch", lambda client: [r.text for r in client.generate(BATCH_PROMPTS, max_tokens=BATCH_TOKENS)], 0.01)))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+
+    assert answers["long"] == hf_greedy(LONG_PROMPT, LONG_TOKENS)
+    for name, (prompt, max_tokens) in SHORT_ONES.items():
+        assert answers[name] == hf_greedy(prompt, max_tokens), name
+    assert answers["batch"] == [hf_greedy(p, BATCH_TOKENS) for p in BATCH_PROMPTS]
+    # Sent after the long request started, the short ones joined its batch and did not wait for it to end.
+    assert all(finished_at[name] < finished_at["long"] for name in (*SHORT_ONES, "batch")), finished_at
+    joins = [(int(rows), int(running)) for rows, running in JOIN_LINE.findall(server.log_text())]
+    assert sum(rows for rows, running in joins if running >= 1) >= len(SHORT_ONES) + len(BATCH_PROMPTS), joins
+
+
+def core_inputs(rows: int, output_len: int, *, stream: bool) -> list[grpcclient.InferInput]:
+    """The core model's FT inputs: `rows` copies of a short prompt."""
+    arrays = {"input_ids": np.full((rows, 4), 464, np.uint32), "input_lengths": np.full((rows, 1), 4, np.uint32),
+              "request_output_len": np.full((rows, 1), output_len, np.uint32), "stream": np.full((rows, 1), stream)}
+    inputs = []
+    for name, array in arrays.items():
+        tensor = grpcclient.InferInput(name, list(array.shape), "BOOL" if array.dtype == bool else "UINT32")
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def test_a_cancelled_stream_frees_its_slots(server: TritonServer) -> None:
+    responses: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    client.async_stream_infer(CORE_MODEL, core_inputs(SLOTS, 120, stream=True))  # every slot, for 120 steps
+    for _ in range(3):
+        result, error = responses.get(timeout=60)
+        assert error is None, error
+    client.stop_stream(cancel_requests=True)
+    started = time.monotonic()
+    # The next request needs every slot: it runs only once the cancelled rows left them.
+    follow_up = grpcclient.InferenceServerClient(server.grpc_url)
+    done: queue.Queue = queue.Queue()
+    follow_up.start_stream(callback=lambda result, error: done.put((result, error)))
+    follow_up.async_stream_infer(CORE_MODEL, core_inputs(SLOTS, 2, stream=False), enable_empty_final_response=False)
+    result, error = done.get(timeout=60)
+    follow_up.stop_stream()
+    assert error is None, error
+    assert result.as_numpy("sequence_length").tolist() == [[6]] * SLOTS
+    assert time.monotonic() - started < 30
+    assert "in-flight batching: a request was cancelled; its 8 running row(s) stop" in server.log_text()
