@@ -132,7 +132,7 @@ def test_staggered_requests_get_exactly_their_solo_results(tiny: TinyGpt, prompt
     # Each request is sent when the previous one has streamed two tokens (or ended): they join a running batch at
     # different steps; 10 requests share 4 slots, so later ones also wait for free slots.
     sinks = [Sink(name=str(i)) for i in range(len(rows))]
-    with InflightScheduler(engine) as scheduler:
+    with InflightScheduler(engine, admit_gather_steps=0) as scheduler:  # each joins as soon as it arrives
         for i in range(1, len(rows)):
             sinks[i - 1].then = partial(scheduler.submit, [rows[i]], sinks[i], stream=True)
         scheduler.submit([rows[0]], sinks[0], stream=True)
@@ -329,3 +329,26 @@ def test_stop_fails_what_is_still_queued(tiny: TinyGpt, prompts) -> None:
     scheduler.stop()
     for sink in sinks:
         assert sink.done.is_set() and "shutting down" in str(sink.error)
+
+
+@pytest.mark.parametrize("gather_steps,most_passes", [(0, 4), (4, 2)])
+def test_arrivals_during_decoding_are_gathered_into_few_prefill_passes(tiny: TinyGpt, prompts, greedy, long_run,
+                                                                       gather_steps: int, most_passes: int) -> None:
+    """One request arrives per decode step while a long one runs: with gathering they share prefill passes."""
+    sequence, end_id = long_run
+    engine = new_engine(tiny, slots=8)
+    late = [Sink(name=f"late{i}") for i in range(4)]
+
+    def submit_one_per_step(sink: Sink, outputs: list[RowOutput]) -> None:
+        step = len(sink.updates)
+        if 1 <= step <= len(late):
+            scheduler.submit([request(prompts[step], 6)], late[step - 1], stream=False)
+
+    long = Sink(name="long", on_update=submit_one_per_step)
+    with InflightScheduler(engine, admit_gather_steps=gather_steps) as scheduler:
+        scheduler.submit([request(prompts[0], 60, end_id=end_id)], long, stream=True)
+        results = [sink.result()[0] for sink in late]
+        assert tokens(long.result()[0]) == sequence[:len(prompts[0]) + 60]
+        passes = scheduler.stats.admissions - 1  # the long request's own admission aside
+    assert [tokens(r) for r in results] == [greedy[i][:len(prompts[i]) + 6] for i in range(1, 5)]
+    assert passes <= most_passes if gather_steps else passes == most_passes

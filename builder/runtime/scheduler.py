@@ -39,6 +39,10 @@ from .generation import GptEngine, ResourceError, row_output
 from .sampling import BadWords, SlotParams, WordTable, last_tokens, process_logits, select_tokens
 
 log = logging.getLogger(__name__)
+# Admission while rows are decoding: wait for up to this many new rows, or this many decode steps (a few ms on a
+# GPU), to prefill them in one pass.
+ADMIT_GATHER_ROWS = 8
+ADMIT_GATHER_STEPS = 4
 
 CANCEL_POLLS_PER_STEP = 8  # a poll may be an IPC round trip: spread them over steps
 INT_PARAMS = ("top_k", "greedy", "min_length", "end_id", "seed_lo", "seed_hi")  # SlotParams columns, packed by dtype
@@ -65,6 +69,7 @@ class ResponseSink(Protocol):
 @dataclass
 class SchedulerStats:
     steps: int = 0  # decode steps run by the in-flight loop
+    admissions: int = 0  # prefill passes that admitted new rows
     admitted_rows: int = 0
     joined_running_rows: int = 0  # rows admitted while other rows were mid-generation
     peak_rows: int = 0  # most rows in the batch at once
@@ -77,6 +82,7 @@ class _Request:
     sink: ResponseSink
     stream: bool
     rows: list[_Row] = field(default_factory=list)
+    queued_at_step: int = 0  # the scheduler's step count when it took the request in
     cancelled: bool = False
     last_poll: float = 0.0
     closed: bool = False  # its final response (or error) went out
@@ -245,13 +251,18 @@ class _Readback:
 
 class InflightScheduler:
     def __init__(self, engine: GptEngine, *, cancel_poll_s: float = 0.05,
-                 event_log: Callable[[str], None] | None = None) -> None:
+                 event_log: Callable[[str], None] | None = None, admit_gather_rows: int = ADMIT_GATHER_ROWS,
+                 admit_gather_steps: int = ADMIT_GATHER_STEPS) -> None:
         """engine: owned by the scheduler while it runs (do not call engine.generate from elsewhere meanwhile);
         cancel_poll_s: least time between two is_cancelled polls of one request;
         event_log: receives one line per admission (which rows joined how many running rows) and per cancelled
-            running request."""
+            running request;
+        admit_gather_rows / admit_gather_steps: while rows decode, new requests wait until this many rows are waiting
+            or the oldest has waited this many steps, and are then prefilled in one pass (0 steps: admit at once)."""
         self.engine = engine
         self.cancel_poll_s = cancel_poll_s
+        self.admit_gather_rows = admit_gather_rows
+        self.admit_gather_steps = admit_gather_steps
         self.event_log = event_log
         limits = engine.limits
         self.slot_count = limits.max_batch_size
@@ -317,21 +328,28 @@ class InflightScheduler:
 
     # -- the loop ----------------------------------------------------------------------------------------------------
     def _serve(self) -> None:
-        if self.engine.device.type == "cuda":
-            torch.cuda.set_device(self.engine.device)
-        with torch.inference_mode():
-            while self._collect_submissions():
-                try:
-                    self._poll_cancellations()
-                    self._admit()
-                    if self._occupied:
-                        self._step()
-                except Exception as err:  # noqa: BLE001  (the running requests fail; the loop keeps serving)
-                    log.exception("in-flight step failed: failing the %d running request(s)",
-                                  len({id(row.request) for row in self._occupied.values()}))
-                    self._fail_running(err)
-            error = RuntimeError("the model is shutting down")
+        error: Exception = RuntimeError("the model is shutting down")
+        try:
+            device = self.engine.device
+            if device.type == "cuda" and device.index is not None:  # bare "cuda" is the current device already
+                torch.cuda.set_device(device.index)
+            with torch.inference_mode():
+                while self._collect_submissions():
+                    try:
+                        self._poll_cancellations()
+                        self._admit()
+                        if self._occupied:
+                            self._step()
+                    except Exception as err:  # noqa: BLE001  (the running requests fail; the loop keeps serving)
+                        log.exception("in-flight step failed: failing the %d running request(s)",
+                                      len({id(row.request) for row in self._occupied.values()}))
+                        self._fail_running(err)
+        except Exception as err:  # noqa: BLE001  (the loop itself broke: no request may wait forever)
+            log.exception("the in-flight scheduler stopped")
+            error = RuntimeError(f"the in-flight scheduler stopped: {err}")
+        finally:
             with self._lock:
+                self._stopping = True
                 self._waiting.extend(self._inbox)
                 self._inbox.clear()
             for request in [*self._waiting, *self._live]:
@@ -342,6 +360,8 @@ class InflightScheduler:
         with self._lock:
             while not (self._stopping or self._inbox or self._waiting or self._occupied):
                 self._wake.wait()
+            for request in self._inbox:
+                request.queued_at_step = self.stats.steps
             self._waiting.extend(self._inbox)
             self._inbox.clear()
             return not self._stopping
@@ -377,8 +397,19 @@ class InflightScheduler:
         if self.event_log is not None:
             self.event_log(f"in-flight batching: a request was cancelled; its {len(stopping)} running row(s) stop")
 
+    def _should_wait_for_more(self) -> bool:
+        """While rows are decoding, gather a few arrivals into one prefill pass instead of one pass each: a pass
+        costs about the same for 1 or 8 prompts (the weights are read once), and the running rows stall meanwhile."""
+        if not self._occupied or not self._waiting:
+            return False
+        waiting_rows = sum(len(request.rows) for request in self._waiting)
+        oldest_wait = self.stats.steps - self._waiting[0].queued_at_step
+        return waiting_rows < min(self.admit_gather_rows, len(self._free)) and oldest_wait < self.admit_gather_steps
+
     def _admit(self) -> None:
         """Move waiting requests (FIFO) into free slots and prefill them; a beam request runs alone."""
+        if self._should_wait_for_more():
+            return
         admitted: list[_Request] = []
         while self._waiting:
             request = self._waiting[0]
@@ -413,6 +444,7 @@ class InflightScheduler:
             logits[:kept] = self._logits[:kept]
         slots = self.table.upload(torch.tensor([row.slot for row in rows]))
         self._logits = logits.index_copy_(0, slots, new_logits)
+        self.stats.admissions += 1
         self.stats.admitted_rows += len(rows)
         self.stats.joined_running_rows += len(rows) if running else 0
         self.stats.peak_rows = max(self.stats.peak_rows, len(self._occupied))
