@@ -33,10 +33,20 @@ class ServerError(RuntimeError):
     """tritonserver could not be found, did not start, or a model failed to load."""
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free on loopback right now (the sockets stay open until all are picked)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((LOCALHOST, 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOCALHOST, 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def _pytriton_root() -> Path:
@@ -134,8 +144,9 @@ class TritonServer:
 
     @classmethod
     def on_free_ports(cls, model_repository: Path | str, **kwargs: object) -> "TritonServer":
-        return cls(ServerConfig(Path(model_repository), http_port=free_port(), grpc_port=free_port(),
-                                metrics_port=free_port(), **kwargs))  # type: ignore[arg-type]
+        http_port, grpc_port, metrics_port = free_ports(3)
+        return cls(ServerConfig(Path(model_repository), http_port=http_port, grpc_port=grpc_port,
+                                metrics_port=metrics_port, **kwargs))  # type: ignore[arg-type]
 
     @property
     def http_url(self) -> str:

@@ -31,7 +31,7 @@ import pytest
 import tritonclient.http as httpclient
 
 from builder.demo import build_demo_repository
-from builder.serve import TritonServer, free_port
+from builder.serve import TritonServer, free_port, free_ports
 from builder.serve_cli import STUB_DIED_EXIT_CODE, serve_until_signal
 from client import RequestError, RequestTimeoutError, TextClient
 
@@ -264,11 +264,11 @@ def test_stop_lets_the_request_in_flight_finish(repository: Path, start_server: 
 
 
 def test_serve_cli_sigterm_lets_the_request_in_flight_finish(repository: Path) -> None:
-    http_port = free_port()
+    http_port, grpc_port, metrics_port = free_ports(3)
     url = f"127.0.0.1:{http_port}"
     process = subprocess.Popen(
         [sys.executable, "-m", "builder", "serve", str(repository), "--http-port", str(http_port),
-         "--grpc-port", str(free_port()), "--metrics-port", str(free_port()), "--exit-timeout", "10"],
+         "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), "--exit-timeout", "10"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_ready(url)

@@ -15,7 +15,7 @@ import tritonclient.http as httpclient
 from click.testing import CliRunner
 
 from builder.cli import main as builder_main
-from builder.serve import ServerError, TritonServer, free_port
+from builder.serve import ServerError, TritonServer, free_ports
 
 pytestmark = pytest.mark.server
 
@@ -114,9 +114,10 @@ def test_failing_model_is_named_and_start_fails_fast(tmp_path: Path) -> None:
 def test_serve_cli_exits_nonzero_naming_the_failing_model(tmp_path: Path) -> None:
     write_model(tmp_path, "broken_model", BROKEN_MODEL)
     started = time.monotonic()
+    http_port, grpc_port, metrics_port = free_ports(3)
     result = subprocess.run(
-        [sys.executable, "-m", "builder", "serve", str(tmp_path), "--http-port", str(free_port()),
-         "--grpc-port", str(free_port()), "--metrics-port", str(free_port()), "--startup-timeout", "60"],
+        [sys.executable, "-m", "builder", "serve", str(tmp_path), "--http-port", str(http_port),
+         "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), "--startup-timeout", "60"],
         capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert time.monotonic() - started < 60
@@ -124,10 +125,10 @@ def test_serve_cli_exits_nonzero_naming_the_failing_model(tmp_path: Path) -> Non
 
 
 def test_serve_cli_runs_until_sigterm_then_stops_cleanly(echo_repo: Path) -> None:
-    http_port = free_port()
+    http_port, grpc_port, metrics_port = free_ports(3)
     process = subprocess.Popen(
         [sys.executable, "-m", "builder", "serve", str(echo_repo), "--http-port", str(http_port),
-         "--grpc-port", str(free_port()), "--metrics-port", str(free_port())],
+         "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60

@@ -39,7 +39,7 @@ import torch
 from .core_io import CAPABILITIES, EngineLimits, GenerationRequest, RequestError, RowOutput
 from .gpt import DecodeGraphs, GptModel
 from .model_config import GptModelConfig
-from .sampling import BadWords, SlotParams, WordTable, last_tokens, process_logits, select_tokens
+from .sampling import BadWords, RowState, SlotParams, WordTable, advance_rows, last_tokens, process_logits
 
 log = logging.getLogger(__name__)
 
@@ -300,26 +300,15 @@ class GptEngine:
         streamed_log_probs: list[list[float]] = [[] for _ in requests]
         done_flag = _DoneFlag(device)
 
+        state = RowState(history=history, lengths=lengths, generated=generated, finished=finished, stopped=stopped,
+                         output_len=output_len, seen=seen)
         logits = self._prefill(history, lengths, max_prompt)
         for step in range(steps):
             processed = process_logits(logits, params, generated=generated, seen=seen, bad_words=bad_words,
                                        history=history, lengths=lengths, vocab_limit=self.vocab_limit)
-            tokens = select_tokens(processed, params, step)
-            active = ~finished
-            tokens = torch.where(active, tokens, params.end_id)  # finished rows emit end_id and stay put
-            if want_log_probs:
-                chosen = processed.log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1)
-                log_probs[:, step] = torch.where(active, chosen, 0.0)
-            history.scatter_(1, lengths[:, None], tokens[:, None])
-            lengths += active
-            generated += active
-            if seen is not None:
-                seen.scatter_(1, tokens[:, None], True)
-            hit_stop = tokens == params.end_id
-            if stop_words is not None:
-                hit_stop |= stop_words.rows_hit(last_tokens(history, lengths, stop_words.width))
-            stopped |= active & hit_stop
-            finished |= active & (hit_stop | (generated >= output_len))
+            tokens, active, step_log_probs = advance_rows(processed, params, step, state, stop_words, want_log_probs)
+            if step_log_probs is not None:
+                log_probs[:, step] = step_log_probs
 
             if on_step is not None:
                 was_active, now_finished = active.tolist(), finished.tolist()

@@ -212,10 +212,47 @@ def sample_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     return indices.gather(1, choice).squeeze(1)
 
 
-def select_tokens(logits: torch.Tensor, params: SlotParams, step: int) -> torch.Tensor:
-    """Processed logits [n, V] -> next token per slot [n] (int64)."""
+def select_tokens(logits: torch.Tensor, params: SlotParams, step: int | torch.Tensor) -> torch.Tensor:
+    """Processed logits [n, V] -> next token per slot [n] (int64). step: the decode step, for all rows or per row."""
     if not params.any_sampling:
         return logits.argmax(dim=-1)
     uniform = counter_uniform(params.seed_lo, params.seed_hi, step)
     sampled = sample_top_k_top_p(logits, params.top_k, params.top_p, uniform, params.max_top_k)
     return torch.where(params.greedy, logits.argmax(dim=-1), sampled) if params.any_greedy else sampled
+
+
+@dataclass
+class RowState:
+    """Per-row decoding state on the device, [n] (history [n, S], seen [n, >=V]); `advance_rows` updates it."""
+    history: torch.Tensor
+    lengths: torch.Tensor
+    generated: torch.Tensor
+    finished: torch.Tensor
+    stopped: torch.Tensor
+    output_len: torch.Tensor
+    seen: torch.Tensor | None
+
+
+def advance_rows(processed: torch.Tensor, params: SlotParams, step: int | torch.Tensor, state: RowState,
+                 stop_words: WordTable | None, want_log_probs: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One decode step's bookkeeping, in place and without a host sync: select each row's token, append it, and mark
+    rows that hit end_id, a stop word or their length. Returns (tokens, rows that were active, chosen log-probs)."""
+    tokens = select_tokens(processed, params, step)
+    active = ~state.finished
+    tokens = torch.where(active, tokens, params.end_id)  # finished rows emit end_id and stay put
+    log_probs = None
+    if want_log_probs:
+        chosen = processed.log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1)
+        log_probs = torch.where(active, chosen, 0.0)
+    state.history.scatter_(1, state.lengths[:, None], tokens[:, None])
+    state.lengths += active
+    state.generated += active
+    if state.seen is not None:
+        state.seen.scatter_(1, tokens[:, None], True)
+    hit_stop = tokens == params.end_id
+    if stop_words is not None:
+        hit_stop |= stop_words.rows_hit(last_tokens(state.history, state.lengths, stop_words.width))
+    state.stopped |= active & hit_stop
+    state.finished |= active & (hit_stop | (state.generated >= state.output_len))
+    return tokens, active, log_probs

@@ -36,7 +36,7 @@ import torch
 
 from .core_io import GenerationRequest, RequestError, RowOutput
 from .generation import GptEngine, ResourceError, row_output
-from .sampling import BadWords, SlotParams, WordTable, last_tokens, process_logits, select_tokens
+from .sampling import BadWords, RowState, SlotParams, WordTable, advance_rows, process_logits
 
 log = logging.getLogger(__name__)
 # Admission while rows are decoding: wait for up to this many new rows, or this many decode steps (a few ms on a
@@ -502,24 +502,12 @@ class InflightScheduler:
         processed = process_logits(self._logits[:span], params, generated=generated, seen=seen,
                                    bad_words=batch.bad_words, history=history, lengths=lengths,
                                    vocab_limit=self.engine.vocab_limit)
-        # Each row's own step index (tokens generated so far) keys its seeded sampling, exactly as when it runs alone.
-        tokens = select_tokens(processed, params, generated)  # type: ignore[arg-type]  (counter_uniform takes [n])
-        active = ~finished
-        tokens = torch.where(active, tokens, params.end_id)  # finished and free slots emit end_id and stay put
-        step_log_probs = None
-        if batch.want_log_probs:
-            chosen = processed.log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1)
-            step_log_probs = torch.where(active, chosen, 0.0)
-        history.scatter_(1, lengths[:, None], tokens[:, None])
-        lengths += active
-        generated += active
-        if seen is not None:
-            seen.scatter_(1, tokens[:, None], True)
-        hit_stop = tokens == params.end_id
-        if batch.stop_words is not None:
-            hit_stop |= batch.stop_words.rows_hit(last_tokens(history, lengths, batch.stop_words.width))
-        stopped |= active & hit_stop
-        finished |= active & (hit_stop | (generated >= table.output_len[:span]))
+        state = RowState(history=history, lengths=lengths, generated=generated, finished=finished, stopped=stopped,
+                         output_len=table.output_len[:span], seen=seen)
+        # Each row's own step index (tokens generated so far) keys its seeded sampling, exactly as when it runs alone;
+        # finished and free slots emit end_id and stay put.
+        tokens, active, step_log_probs = advance_rows(processed, params, generated, state, batch.stop_words,
+                                                      batch.want_log_probs)
         self.readback.launch(torch.stack([tokens, active.long(), finished.long(), stopped.long()]), step_log_probs)
 
         # A running row's next position is its length - 1 < prompt + selections issued. Finished and free slots
