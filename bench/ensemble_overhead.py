@@ -1,0 +1,79 @@
+"""Latency the text ensemble adds over calling the core model with token ids, one request at a time (CPU demo).
+
+    python bench/ensemble_overhead.py --requests 300 --out docs/perf/ensemble_overhead.json
+Starts tritonserver on the demo repository, alternates nothing: first N ensemble requests (16-token prompt, 1 new
+token), then N core-model requests with the same token ids, over HTTP from this process; reports p50/p99 of both,
+their difference, and Triton's per-model statistics (queue / compute times), which show where the difference goes.
+Sequential requests keep the 2 cores free of a load generator's own work, unlike perf_analyzer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import tritonclient.http as httpclient
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from builder.demo import build_demo_repository  # noqa: E402
+from builder.runtime.tokenizer import GptTokenizer  # noqa: E402
+from builder.serve import TritonServer  # noqa: E402
+
+PROMPT = " ".join(str(n) for n in range(1, 17))  # 16 tokens
+
+
+def tensor(name: str, array: np.ndarray, datatype: str) -> httpclient.InferInput:
+    infer_input = httpclient.InferInput(name, list(array.shape), datatype)
+    infer_input.set_data_from_numpy(array)
+    return infer_input
+
+
+def timed(call, count: int) -> list[float]:  # type: ignore[no-untyped-def]
+    for _ in range(20):
+        call()
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    repo = build_demo_repository(Path("demo_repository"))
+    ids = GptTokenizer.from_directory(repo / "preprocessing" / "1").encode(PROMPT)
+    with TritonServer.on_free_ports(repo) as server:
+        client = httpclient.InferenceServerClient(server.http_url)
+        text_inputs = [tensor("text_input", np.array([[PROMPT.encode()]], object), "BYTES"),
+                       tensor("max_tokens", np.array([[1]], np.int32), "INT32")]
+        core_inputs = [tensor("input_ids", np.array([ids], np.uint32), "UINT32"),
+                       tensor("input_lengths", np.array([[len(ids)]], np.uint32), "UINT32"),
+                       tensor("request_output_len", np.array([[1]], np.uint32), "UINT32")]
+        ensemble = timed(lambda: client.infer("ensemble", text_inputs), args.requests)
+        core = timed(lambda: client.infer("gpt3_1.3b", core_inputs), args.requests)
+        stats = {}
+        for model in client.get_inference_statistics()["model_stats"]:
+            inference = model["inference_stats"]
+            count = max(1, inference["success"]["count"])
+            stats[model["name"]] = {f"{key}_us": round(inference[key]["ns"] / count / 1e3, 1)
+                                    for key in ("queue", "compute_input", "compute_infer", "compute_output")}
+    result = {"prompt_tokens": len(ids), "new_tokens": 1, "requests": args.requests,
+              "ensemble_p50_ms": float(np.percentile(ensemble, 50)), "ensemble_p99_ms": float(np.percentile(ensemble, 99)),
+              "core_p50_ms": float(np.percentile(core, 50)), "core_p99_ms": float(np.percentile(core, 99)),
+              "per_model_stats": stats}
+    result["ensemble_adds_p50_ms"] = result["ensemble_p50_ms"] - result["core_p50_ms"]
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
