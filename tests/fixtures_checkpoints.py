@@ -10,7 +10,7 @@ reference forward pass over the canonical FT weight dict.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -28,6 +28,31 @@ def tiny_nemo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_ft_dir(tiny_nemo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return convert(tiny_nemo, tmp_path_factory.mktemp("tiny_ft"), weight_data_type="fp16", progress=False)
+
+
+@pytest.fixture(scope="session")
+def hf_greedy_continuation(tiny_ft_dir: Path) -> Callable[[str, int], tuple[str, int]]:
+    """(prompt, max_tokens) -> (text, tokens generated): HF transformers' greedy continuation on the tiny checkpoint's
+    weights (stored fp16, computed in fp32), the oracle for text served through Triton; stops at (and drops) end_id."""
+    from builder.checkpoints.hf import hf_model_from_canonical
+    from builder.runtime.ft_weights import load_ft_weights
+    from builder.runtime.tokenizer import GptTokenizer
+
+    config, tensors = load_ft_weights(tiny_ft_dir, dtype=torch.float32)
+    model = hf_model_from_canonical(config, tensors).eval()
+    tokenizer = GptTokenizer.from_directory(tiny_ft_dir)
+
+    def continuation(prompt: str, max_tokens: int) -> tuple[str, int]:
+        ids = torch.tensor([tokenizer.encode(prompt)])
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=config.end_id,
+                                 eos_token_id=config.end_id)
+        generated = out[0, ids.shape[1]:].tolist()
+        if config.end_id in generated:
+            generated = generated[:generated.index(config.end_id)]
+        return tokenizer.decode(generated), len(generated)
+
+    return continuation
 
 
 @pytest.fixture(scope="session")

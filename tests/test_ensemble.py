@@ -15,15 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from builder.checkpoints.hf import hf_model_from_canonical
 from builder.demo import build_demo_repository
 from builder.render import render_repository
 from builder.render_config import RenderConfig
-from builder.runtime.ft_weights import load_ft_weights
 from builder.runtime.model_config import GptModelConfig
 from builder.runtime.tokenizer import GptTokenizer
 from builder.serve import TritonServer
@@ -63,21 +60,9 @@ def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServ
 
 
 @pytest.fixture(scope="module")
-def hf_greedy(tiny_ft_dir: Path):  # type: ignore[no-untyped-def]
-    """prompt -> HF's greedy continuation text on the same (fp16-stored) weights, computed in fp32."""
-    config, tensors = load_ft_weights(tiny_ft_dir, dtype=torch.float32)
-    model = hf_model_from_canonical(config, tensors).eval()
-    tokenizer = GptTokenizer.from_directory(tiny_ft_dir)
-
-    def continuation(prompt: str, max_tokens: int) -> str:
-        ids = torch.tensor([tokenizer.encode(prompt)])
-        with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=config.end_id,
-                                 eos_token_id=config.end_id)
-        generated = [t for t in out[0, ids.shape[1]:].tolist() if t != config.end_id]
-        return tokenizer.decode(generated)
-
-    return continuation
+def hf_greedy(hf_greedy_continuation):  # type: ignore[no-untyped-def]
+    """prompt, max_tokens -> HF's greedy continuation text on the same weights (the oracle)."""
+    return lambda prompt, max_tokens: hf_greedy_continuation(prompt, max_tokens)[0]
 
 
 def generate_json(server: TritonServer, body: dict, stream: bool = False) -> list[dict]:

@@ -14,15 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import tritonclient.grpc as grpcclient
 
-from builder.checkpoints.hf import hf_model_from_canonical
 from builder.render import render_repository
 from builder.render_config import RenderConfig
-from builder.runtime.ft_weights import load_ft_weights
 from builder.runtime.model_config import GptModelConfig
-from builder.runtime.tokenizer import GptTokenizer
 from builder.serve import TritonServer
 from client import TextClient
 
@@ -37,20 +33,12 @@ JOIN_LINE = re.compile(r"in-flight batching: (\d+) row\(s\) joined (\d+) running
 
 
 @pytest.fixture(scope="module")
-def hf_greedy(tiny_ft_dir: Path) -> Callable[[str, int], str]:
-    """prompt -> HF's greedy continuation text on the same (fp16-stored) weights, computed in fp32."""
-    config, tensors = load_ft_weights(tiny_ft_dir, dtype=torch.float32)
-    model = hf_model_from_canonical(config, tensors).eval()
-    tokenizer = GptTokenizer.from_directory(tiny_ft_dir)
-
+def hf_greedy(hf_greedy_continuation: Callable[[str, int], tuple[str, int]]) -> Callable[[str, int], str]:
+    """prompt -> HF's greedy continuation text on the same weights, which must run the full length."""
     def continuation(prompt: str, max_tokens: int) -> str:
-        ids = torch.tensor([tokenizer.encode(prompt)])
-        with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=config.end_id,
-                                 eos_token_id=config.end_id)
-        generated = out[0, ids.shape[1]:].tolist()
-        assert len(generated) == max_tokens, "the oracle ended early: pick other prompts"
-        return tokenizer.decode(generated)
+        text, produced = hf_greedy_continuation(prompt, max_tokens)
+        assert produced == max_tokens, "the oracle ended early: pick other prompts"
+        return text
 
     return continuation
 
