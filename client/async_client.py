@@ -10,8 +10,8 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from .connection import ConnectionConfig, gave_up, log_retry, translate_error
-from .errors import RequestTimeoutError, ServerUnavailableError, TextClientError
+from .connection import ConnectionConfig, gave_up, log_retry, stream_failure, timed_out, translate_error
+from .errors import ServerUnavailableError, TextClientError
 from .request import GenerationResult, InputTensor, ModelInfo, SamplingParams, TextRequest, empty_results, \
     parse_results
 from .sse import SseParser, error_from_body
@@ -151,17 +151,16 @@ class AsyncTextClient:
                     except StopAsyncIteration:
                         return
                     except asyncio.TimeoutError:
-                        raise RequestTimeoutError(f"no answer from Triton at {cfg.describe()} within "
-                                                  f"{cfg.timeout_s:g} s") from None
+                        raise timed_out(cfg) from None
                     except Exception as raw:  # noqa: BLE001
                         result, error = None, raw
                     if error is not None:
-                        err = translate_error(error, cfg)
-                        if isinstance(err, ServerUnavailableError) and received == 0 and attempt < cfg.retries:
-                            attempt += 1
-                            retry_delay = log_retry(cfg, attempt, err)
-                            break
-                        raise gave_up(cfg, err) if isinstance(err, ServerUnavailableError) else err
+                        retry, err = stream_failure(error, cfg, received, attempt)
+                        if not retry:
+                            raise err
+                        attempt += 1
+                        retry_delay = log_retry(cfg, attempt, err)
+                        break
                     received += 1
                     deltas = stream_events(result, request.prompts)
                     if deltas is not None:
@@ -178,7 +177,7 @@ class AsyncTextClient:
                        **sampling: Any) -> GenerationResult | list[GenerationResult]:
         """See `TextClient.generate`."""
         single = isinstance(prompt, str)
-        prompts: tuple[str, ...] = (prompt,) if single else tuple(prompt)  # type: ignore[arg-type]
+        prompts: tuple[str, ...] = (prompt,) if single else tuple(prompt)
         params = SamplingParams.from_kwargs(**sampling)
         info = await self.model_info()
         results: list[GenerationResult] = []

@@ -92,6 +92,10 @@ def _reason(text: str) -> str:
     return clean_server_message(text)
 
 
+def timed_out(config: ConnectionConfig) -> RequestTimeoutError:
+    return RequestTimeoutError(f"no answer from Triton at {config.describe()} within {config.timeout_s:g} s")
+
+
 def translate_error(err: BaseException, config: ConnectionConfig) -> TextClientError:
     """Any transport exception as one of the client's errors, with one readable line."""
     if isinstance(err, TextClientError):
@@ -103,7 +107,7 @@ def translate_error(err: BaseException, config: ConnectionConfig) -> TextClientE
         if status == "StatusCode.UNAVAILABLE":
             return ServerUnavailableError(f"cannot reach Triton at {where}: {_reason(message)}")
         if status == "StatusCode.DEADLINE_EXCEEDED" or "timed out" in message.lower():
-            return RequestTimeoutError(f"no answer from Triton at {where} within {config.timeout_s:g} s")
+            return timed_out(config)
         return RequestError(clean_server_message(message), status=status or None)
     code = getattr(err, "code", None)
     if callable(code) and type(err).__module__.startswith("grpc"):  # a raw grpc.RpcError (aio streams)
@@ -112,12 +116,12 @@ def translate_error(err: BaseException, config: ConnectionConfig) -> TextClientE
         if status_name == "StatusCode.UNAVAILABLE":
             return ServerUnavailableError(f"cannot reach Triton at {where}: {_reason(details)}")
         if status_name == "StatusCode.DEADLINE_EXCEEDED":
-            return RequestTimeoutError(f"no answer from Triton at {where} within {config.timeout_s:g} s")
+            return timed_out(config)
         if status_name == "StatusCode.CANCELLED":
             return RequestError("the request was cancelled", status=status_name)
         return RequestError(clean_server_message(details), status=status_name)
     if isinstance(err, (TimeoutError, socket.timeout, asyncio.TimeoutError)) or type(err).__name__ == "Timeout":
-        return RequestTimeoutError(f"no answer from Triton at {where} within {config.timeout_s:g} s")
+        return timed_out(config)
     if isinstance(err, (ConnectionError, OSError)):
         return ServerUnavailableError(f"cannot reach Triton at {where}: {_reason(str(err) or type(err).__name__)}")
     try:
@@ -129,11 +133,23 @@ def translate_error(err: BaseException, config: ConnectionConfig) -> TextClientE
     return TextClientError(f"{type(err).__name__}: {err}")
 
 
-def log_retry(config: ConnectionConfig, attempt: int, err: ServerUnavailableError) -> float:
+def log_retry(config: ConnectionConfig, attempt: int, err: TextClientError) -> float:
     """Log a retry of a connection failure and return how long to wait before it."""
     delay = config.backoff(attempt)
     logger.warning("attempt %d/%d failed: %s; retrying in %.2f s", attempt, config.retries + 1, err, delay)
     return delay
+
+
+def stream_failure(error: BaseException, config: ConnectionConfig, received: int, attempt: int
+                   ) -> tuple[bool, TextClientError]:
+    """An error event of a stream -> (retry it?, the client error). Only a stream that never got an answer may be
+    retried (nothing was generated yet), and only for a connection failure, while attempts remain."""
+    err = translate_error(error, config)
+    if isinstance(err, ServerUnavailableError):
+        if received == 0 and attempt < config.retries:
+            return True, err
+        return False, gave_up(config, err)
+    return False, err
 
 
 def gave_up(config: ConnectionConfig, err: ServerUnavailableError) -> ServerUnavailableError:

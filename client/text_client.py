@@ -19,8 +19,8 @@ from typing import Any, TypeVar, overload
 
 from tritonclient.utils import InferenceServerException
 
-from .connection import ConnectionConfig, gave_up, log_retry, translate_error
-from .errors import RequestError, RequestTimeoutError, ServerUnavailableError, TextClientError
+from .connection import ConnectionConfig, gave_up, log_retry, stream_failure, timed_out, translate_error
+from .errors import RequestError, ServerUnavailableError, TextClientError
 from .request import GenerationResult, InputTensor, ModelInfo, SamplingParams, TextRequest, empty_results, \
     parse_results
 from .sse import SseParser, error_from_body
@@ -197,16 +197,14 @@ class TextClient:
                     try:
                         result, error = events.get(timeout=cfg.timeout_s)
                     except queue.Empty:
-                        raise RequestTimeoutError(f"no answer from Triton at {cfg.describe()} within "
-                                                  f"{cfg.timeout_s:g} s") from None
+                        raise timed_out(cfg) from None
                     if error is not None:
-                        err = translate_error(error, cfg)
-                        # Only a stream that never got an answer may be retried: nothing was generated yet.
-                        if isinstance(err, ServerUnavailableError) and received == 0 and attempt < cfg.retries:
-                            attempt += 1
-                            delay = log_retry(cfg, attempt, err)
-                            break
-                        raise gave_up(cfg, err) if isinstance(err, ServerUnavailableError) else err
+                        retry, err = stream_failure(error, cfg, received, attempt)
+                        if not retry:
+                            raise err
+                        attempt += 1
+                        delay = log_retry(cfg, attempt, err)
+                        break
                     received += 1
                     deltas = stream_events(result, request.prompts)
                     if deltas is not None:
@@ -235,7 +233,7 @@ class TextClient:
         stop_words (or stop), bad_words. Only the options given are sent.
         """
         single = isinstance(prompt, str)
-        prompts: tuple[str, ...] = (prompt,) if single else tuple(prompt)  # type: ignore[arg-type]
+        prompts: tuple[str, ...] = (prompt,) if single else tuple(prompt)
         params = SamplingParams.from_kwargs(**sampling)
         info = self.model_info
         results: list[GenerationResult] = []
