@@ -16,7 +16,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -157,18 +157,22 @@ def render_repository(config: RenderConfig) -> Path:
 
 
 def config_from_options(checkpoint: Path | None, **options: object) -> RenderConfig:
-    """Build the render config; the model limits come from the checkpoint's config.ini when one is given."""
-    base = RenderConfig(**options)  # type: ignore[arg-type]
+    """Build the render config; the model limits come from the checkpoint's config.ini when one is given.
+
+    The checkpoint is read first, so that every limit (--tp against head_num, --pp against num_layer) is checked
+    against this model and not against the 1.3B defaults.
+    """
     if checkpoint is None:
-        return base
+        return RenderConfig(**options)  # type: ignore[arg-type]
     try:
         model = GptModelConfig.from_ini(checkpoint / "config.ini")
     except ModelConfigError as err:
         raise RenderError(f"--checkpoint: {err}") from err
-    if base.engine == "fastertransformer" and model.tensor_para_size != base.tp:
+    config = RenderConfig(checkpoint=checkpoint, model=model, **options)  # type: ignore[arg-type]
+    if config.engine == "fastertransformer" and model.tensor_para_size != config.tp:
         raise RenderError(f"--checkpoint {checkpoint} holds weights split for {model.tensor_para_size} GPU(s) but "
-                          f"--tp is {base.tp}; convert with --infer-gpu-num {base.tp}")
-    return replace(base, checkpoint=checkpoint, model=model)
+                          f"--tp is {config.tp}; convert with --infer-gpu-num {config.tp}")
+    return config
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

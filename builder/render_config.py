@@ -162,11 +162,11 @@ class RenderConfig:
         check(self.tp >= 1, f"--tp must be >= 1, got {self.tp}")
         check(self.pp >= 1, f"--pp must be >= 1, got {self.pp}")
         check(self.model.head_num % self.tp == 0,
-              f"--tp {self.tp} must divide the model's head_num {self.model.head_num}")
+              f"--tp {self.tp} must divide the model's head_num {self.model.head_num} ({self.model_source})")
         check(self.pp == 1 or self.engine == "fastertransformer",
               f"--pp {self.pp}: the torch engine runs one pipeline stage (use --pp 1)")
         check(self.model.num_layer % self.pp == 0,
-              f"--pp {self.pp} must divide the model's num_layer {self.model.num_layer}")
+              f"--pp {self.pp} must divide the model's num_layer {self.model.num_layer} ({self.model_source})")
         check(1 <= self.max_batch_size <= 4096, f"--max-batch-size must be in 1..4096, got {self.max_batch_size}")
         check(self.data_type in DATA_TYPES, f"--data-type must be one of {', '.join(DATA_TYPES)}, "
                                             f"got {self.data_type!r}")
@@ -188,6 +188,15 @@ class RenderConfig:
         # The FT engine writes the weights' absolute path into its config: it must not be able to break the file.
         check(_config_safe(str(self.output.resolve())),
               f"--output {str(self.output)!r} must not contain quotes, backslashes or control characters")
+
+    @property
+    def model_source(self) -> str:
+        """Where the model limits come from, for error messages."""
+        if self.checkpoint is not None:
+            return f"from {self.checkpoint / 'config.ini'}"
+        if self.model == NEMO_1P3B:
+            return "NeMo GPT-3 1.3B's, assumed without --checkpoint"
+        return f"model {self.model.model_name!r}"
 
     # ---- derived values, used by the templates -------------------------------------------------------------------
 

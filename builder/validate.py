@@ -4,13 +4,21 @@ Checks: each config.pbtxt parses (protobuf text format + tritonclient's model_co
 ensemble wiring (every step input is an ensemble input or an earlier step's output, every required model input is
 fed, every ensemble output is written, data types and shapes agree end to end); the Python models' files; the
 tokenizer files; the FT weight files against config.ini (names, byte sizes, TP shards).
+
+Three kinds of findings: problems (the repository cannot work; exit status 1), warnings (it can work, but not on this
+machine as it stands, e.g. a KIND_GPU model and no GPU here; exit status 0) and notes (information, e.g. the path the
+FasterTransformer backend will read inside its container).
 """
 
 from __future__ import annotations
 
+import glob
 import json
+import shutil
+import subprocess
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
@@ -21,6 +29,36 @@ from .render import RUNTIME_FOLDER, TOKENIZER_FILES
 from .runtime.model_config import GptModelConfig, ModelConfigError
 
 TensorSpec = tuple[int, list[int]]  # (data type enum, dims without the batch dim)
+
+
+@dataclass
+class Findings:
+    problems: list[str] = field(default_factory=list)  # the repository cannot work as it is
+    warnings: list[str] = field(default_factory=list)  # it can work, but not on this machine as it stands
+    notes: list[str] = field(default_factory=list)  # information
+
+
+def gpu_available() -> bool:
+    """Whether this machine has a CUDA GPU that tritonserver could place KIND_GPU instances on.
+
+    torch's answer when torch is installed (the pip tritonserver and the torch engine use the same CUDA runtime);
+    otherwise a working `nvidia-smi -L` or an NVIDIA device node.
+    """
+    try:
+        import torch  # noqa: PLC0415  (slow to import; only needed here)
+    except ImportError:
+        pass
+    else:
+        return bool(torch.cuda.is_available())
+    smi = shutil.which("nvidia-smi")
+    if smi is not None:
+        try:
+            listing = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            listing = None
+        if listing is not None and listing.returncode == 0 and "GPU" in listing.stdout:
+            return True
+    return bool(glob.glob("/dev/nvidia[0-9]*"))
 
 
 @dataclass
@@ -144,15 +182,42 @@ def check_tokenizer(model: Model, folder: Path, problems: list[str]) -> None:
         problems.append(f"{model.name}: {folder / 'merges.txt'} is not a BPE merges table")
 
 
-def check_weights(model: Model, problems: list[str]) -> None:
+def _ft_weight_folder(model: Model, version: Path, findings: Findings) -> Path:
+    """Where to check the FasterTransformer backend's weights on this machine.
+
+    `model_checkpoint_path` is read by the backend inside its container (e.g. /models/<model>/1/<tp>-gpu with the
+    repository mounted at /models), so it usually does not exist here: the weights checked are the repository's own
+    folder, `<model>/<version>/<default_model_filename>`, and the container path is reported as a note. Only when the
+    repository holds no weights and the path exists on this machine (render's default: the repository's absolute
+    path, or weights kept outside it) is that path checked instead.
+    """
+    params = model.parameters
+    folder_name = model.config.default_model_filename or f"{params.get('tensor_para_size', '1')}-gpu"
+    local = version / folder_name
+    container = params.get("model_checkpoint_path", "")
+    if not container or Path(container).resolve() == local.resolve():
+        return local
+    if not (local / "config.ini").is_file() and (Path(container) / "config.ini").is_file():
+        return Path(container)
+    findings.notes.append(f"{model.name}: model_checkpoint_path {container} is read inside the FasterTransformer "
+                          f"container; checked this repository's {local} instead, which must be mounted there")
+    expected_tail = Path(model.name, version.name, folder_name).parts
+    if Path(container).parts[-3:] != expected_tail:
+        findings.warnings.append(f"{model.name}: model_checkpoint_path {container} does not end with "
+                                 f"{'/'.join(expected_tail)}, so mounting this repository will not put its weights "
+                                 "there; the backend reads only that path")
+    return local
+
+
+def check_weights(model: Model, findings: Findings) -> None:
     """The core GPT model's FT weight folder, wherever the engine will look for it."""
     from .runtime.ft_weights import check_weight_dir  # noqa: PLC0415  (needs numpy only)
 
+    problems = findings.problems
     params = model.parameters
     version = model.version_folders()[-1]
     if model.config.backend == "fastertransformer":
-        folder_name = model.config.default_model_filename or f"{params.get('tensor_para_size', '1')}-gpu"
-        folder = Path(params["model_checkpoint_path"]) if params.get("model_checkpoint_path") else version / folder_name
+        folder = _ft_weight_folder(model, version, findings)
     else:
         folder = version / params.get("model_dir", "")
     if not (folder / "config.ini").is_file():
@@ -177,11 +242,27 @@ def check_python_model(model: Model, problems: list[str]) -> None:
         problems.append(f"{model.name}: {version / RUNTIME_FOLDER} is missing (the runtime modules model.py imports)")
 
 
+def check_devices(model: Model, findings: Findings, has_gpu: Callable[[], bool]) -> None:
+    """A KIND_GPU instance group loads only where tritonserver sees a GPU: warn when this machine has none."""
+    kinds = {group.kind for group in model.config.instance_group}
+    if model_config_pb2.ModelInstanceGroup.KIND_GPU in kinds and not has_gpu():
+        findings.warnings.append(f"{model.name}: instance_group is KIND_GPU but this machine has no GPU, so "
+                                 "tritonserver here will refuse to load it (\"KIND_GPU but no GPUs are available\"); "
+                                 "to serve on this machine, render again with --device cpu (fine as is on a GPU host)")
+
+
 def validate_repository(repository: Path) -> list[str]:
     """Every problem found, as readable lines; an empty list means the repository is sound."""
-    problems: list[str] = []
+    return check_repository(repository, has_gpu=lambda: True).problems
+
+
+def check_repository(repository: Path, has_gpu: Callable[[], bool] = gpu_available) -> Findings:
+    """Problems, warnings for this machine (has_gpu: whether it has a GPU; asked only when it matters) and notes."""
+    findings = Findings()
+    problems = findings.problems
     if not repository.is_dir():
-        return [f"{repository}: not a directory"]
+        problems.append(f"{repository}: not a directory")
+        return findings
     models = load_models(repository, problems)
     feeds_text = {step.model_name for m in models.values() if m.config.platform == "ensemble"
                   for step in m.config.ensemble_scheduling.step}
@@ -196,21 +277,31 @@ def validate_repository(repository: Path) -> list[str]:
         if "text_input" in model.inputs or "text_output" in model.outputs:
             check_tokenizer(model, model.version_folders()[-1], problems)
         if "input_ids" in model.inputs and "output_ids" in model.outputs:
-            check_weights(model, problems)
+            check_weights(model, findings)
+        check_devices(model, findings, has_gpu)
     orphans = sorted(name for name, m in models.items() if m.config.platform != "ensemble" and name not in feeds_text)
     if any(m.config.platform == "ensemble" for m in models.values()) and orphans:
         problems.append(f"models no ensemble uses (served anyway): {', '.join(orphans)}")
-    return problems
+    return findings
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("repository", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def validate_command(repository: Path) -> None:
-    """Check REPOSITORY: configs, ensemble wiring, tokenizer and FT weight files. Exits 1 on any problem."""
-    problems = validate_repository(repository)
-    for problem in problems:
+    """Check REPOSITORY: configs, ensemble wiring, tokenizer and FT weight files.
+
+    Exits 1 on any problem. Warnings (e.g. a KIND_GPU model on a machine without a GPU) and notes are printed but
+    leave the exit status 0.
+    """
+    findings = check_repository(repository)
+    for note in findings.notes:
+        click.echo(f"note: {note}")
+    for warning in findings.warnings:
+        click.echo(f"warning: {warning}")
+    for problem in findings.problems:
         click.echo(f"problem: {problem}")
-    if problems:
-        click.echo(f"{len(problems)} problem(s) in {repository}", err=True)
+    if findings.problems:
+        click.echo(f"{len(findings.problems)} problem(s) in {repository}", err=True)
         sys.exit(1)
-    click.echo(f"{repository}: OK")
+    suffix = f" ({len(findings.warnings)} warning(s))" if findings.warnings else ""
+    click.echo(f"{repository}: OK{suffix}")
