@@ -256,8 +256,10 @@ def validate_repository(repository: Path) -> list[str]:
     return check_repository(repository, has_gpu=lambda: True).problems
 
 
-def check_repository(repository: Path, has_gpu: Callable[[], bool] = gpu_available) -> Findings:
-    """Problems, warnings for this machine (has_gpu: whether it has a GPU; asked only when it matters) and notes."""
+def check_repository(repository: Path, has_gpu: Callable[[], bool] | None = None) -> Findings:
+    """Problems, warnings for this machine and notes. has_gpu: whether this machine has a GPU (default
+    `gpu_available`), asked only when a model needs one."""
+    has_gpu = has_gpu or gpu_available
     findings = Findings()
     problems = findings.problems
     if not repository.is_dir():

@@ -12,6 +12,8 @@ from click.testing import CliRunner
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from builder import validate as validate_module
+from builder.checkpoints import convert
 from builder.cli import main as builder_main
 from builder.render import MARKER, render_repository
 from builder.render_config import FT_CAPABILITIES, NEMO_1P3B, RenderConfig, RenderError
@@ -191,3 +193,87 @@ def test_output_path_cannot_inject_into_a_rendered_config(tmp_path: Path) -> Non
         RenderConfig(output=hostile)
     with pytest.raises(RenderError, match="--ft-checkpoint-path"):
         RenderConfig(output=tmp_path / "ok", ft_checkpoint_path='/models/a"b')
+
+
+# ---- issue 11: the checkpoint's own limits, FT container paths, KIND_GPU on a machine without a GPU ---------------
+
+
+def test_tp_is_checked_against_the_checkpoints_head_num(tmp_path: Path, tiny_ft_dir: Path) -> None:
+    heads = GptModelConfig.from_ini(tiny_ft_dir / "config.ini").head_num
+    assert heads == 4 != NEMO_1P3B.head_num
+    result = CliRunner().invoke(builder_main, ["render", "--tp", "3", "--engine", "torch", "--checkpoint",
+                                               str(tiny_ft_dir), "--output", str(tmp_path / "r")])
+    assert result.exit_code != 0
+    assert f"Error: --tp 3 must divide the model's head_num {heads} (from {tiny_ft_dir / 'config.ini'})" \
+        in result.output, result.output
+    assert "head_num 16" not in result.output
+    assert not (tmp_path / "r").exists()
+    # --tp 2 divides the checkpoint's 4 heads: accepted.
+    result = CliRunner().invoke(builder_main, ["render", "--tp", "2", "--engine", "torch", "--checkpoint",
+                                               str(tiny_ft_dir), "--output", str(tmp_path / "r2")])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture
+def ft_readme_repo(tmp_path: Path, tiny_nemo: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The README's FasterTransformer render, as written (relative paths from the working folder):
+    render --tp 2 --checkpoint ft/2-gpu --ft-checkpoint-path /models/gpt3_1.3b/1/2-gpu --output model_repository"""
+    monkeypatch.chdir(tmp_path)
+    convert(tiny_nemo, Path("ft"), infer_gpu_num=2, weight_data_type="fp16", progress=False)
+    result = CliRunner().invoke(builder_main, ["render", "--tp", "2", "--checkpoint", "ft/2-gpu",
+                                               "--ft-checkpoint-path", "/models/gpt3_1.3b/1/2-gpu",
+                                               "--output", "model_repository"])
+    assert result.exit_code == 0, result.output
+    assert not Path("/models/gpt3_1.3b/1/2-gpu").exists()  # the container path is not on this machine
+    return Path("model_repository")
+
+
+def test_validate_checks_ft_weights_in_the_repository_and_notes_the_container_path(ft_readme_repo: Path) -> None:
+    result = CliRunner().invoke(builder_main, ["validate", "model_repository"])
+    assert result.exit_code == 0, result.output
+    assert "note: gpt3_1.3b: model_checkpoint_path /models/gpt3_1.3b/1/2-gpu is read inside" in result.output
+    assert "model_repository/gpt3_1.3b/1/2-gpu" in result.output
+    assert "model_repository: OK" in result.output and "problem" not in result.output
+    # The repository's weights are what is checked: a truncated shard there is a problem.
+    _truncate(sorted((ft_readme_repo / "gpt3_1.3b" / "1" / "2-gpu").glob("*query_key_value.weight.1.bin"))[0])
+    result = CliRunner().invoke(builder_main, ["validate", "model_repository"])
+    assert result.exit_code == 1 and "query_key_value.weight.1.bin" in result.output, result.output
+
+
+def test_validate_warns_when_the_container_path_cannot_hold_the_repositorys_weights(ft_readme_repo: Path) -> None:
+    _edit(ft_readme_repo / "gpt3_1.3b" / "config.pbtxt", "/models/gpt3_1.3b/1/2-gpu", "/models/other/1/2-gpu")
+    findings = validate_module.check_repository(ft_readme_repo)
+    assert findings.problems == []
+    assert any("/models/other/1/2-gpu does not end with gpt3_1.3b/1/2-gpu" in w for w in findings.warnings), findings
+
+
+@pytest.mark.parametrize("has_gpu", [False, True])
+def test_validate_warns_about_kind_gpu_on_a_machine_without_a_gpu(tmp_path: Path, tiny_ft_dir: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  has_gpu: bool) -> None:
+    repo = render_repository(RenderConfig(engine="torch", device="gpu", checkpoint=tiny_ft_dir,
+                                          model=GptModelConfig.from_ini(tiny_ft_dir / "config.ini"),
+                                          output=tmp_path / "repo"))
+    monkeypatch.setattr(validate_module, "gpu_available", lambda: has_gpu)
+    result = CliRunner().invoke(builder_main, ["validate", str(repo)])
+    assert result.exit_code == 0, result.output  # a warning, not a problem
+    warned = "warning: gpt3_1.3b: instance_group is KIND_GPU but this machine has no GPU" in result.output
+    assert warned is not has_gpu, result.output
+    if not has_gpu:
+        assert "--device cpu" in result.output and "OK (1 warning(s))" in result.output
+
+
+def test_validate_does_not_look_for_a_gpu_for_kind_cpu_models(torch_repo: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_call() -> bool:
+        raise AssertionError("gpu_available() called for a repository without KIND_GPU models")
+
+    monkeypatch.setattr(validate_module, "gpu_available", no_call)
+    findings = validate_module.check_repository(torch_repo)
+    assert findings.problems == findings.warnings == []
+
+
+def test_gpu_detection_agrees_with_torch() -> None:
+    import torch
+
+    assert validate_module.gpu_available() is torch.cuda.is_available()
