@@ -64,6 +64,17 @@ class RequestError(Exception):
         self.message = message
 
 
+def _detached(err: RequestError) -> RequestError:
+    """`err` without its traceback or chained exceptions, fit to be kept as a result.
+
+    A kept traceback pins the frames that hold the request's arrays in a reference cycle (the result list holds the
+    error, the error holds the frame that holds the list); until a full garbage collection every refused 16 MB prompt
+    then stays in the stub's heap and shared memory (+48 MB each).
+    """
+    err.__traceback__ = err.__cause__ = err.__context__ = None
+    return err
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     max_pos_seq_len: int  # prompt tokens + max_tokens must fit (the model's position table)
@@ -331,7 +342,7 @@ def preprocess_requests(requests: Sequence[Mapping[str, np.ndarray]], tokenizer:
             _check_prompt_bytes(request, tokenizer.max_token_bytes, config)
             parsed.append(request)
         except RequestError as err:
-            parsed.append(err)
+            parsed.append(_detached(err))
 
     # One batched encode for every prompt and word variant of the call; `spans` finds each request's slice.
     texts: list[str] = []
@@ -362,5 +373,5 @@ def preprocess_requests(requests: Sequence[Mapping[str, np.ndarray]], tokenizer:
         try:
             results.append(_ft_tensors(request, prompt_ids, word_ids, config))
         except RequestError as err:
-            results.append(err)
+            results.append(_detached(err))
     return results
