@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                         "Train (once, cached) the tiny counting demo model as a .nemo file."),
     "demo": ("builder.demo", "demo_command",
              "End to end: demo checkpoint -> FT weights -> repository -> tritonserver, answering the seed example."),
+    "deploy": ("builder.deploy.cli", "deploy_group",
+               "Several replicas: Kubernetes manifests (k8s), or local serve processes behind HAProxy (local)."),
 }
 
 
