@@ -7,6 +7,7 @@ here by hand from the HF weights, following Megatron's rules, independently of t
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import tarfile
 from collections.abc import Mapping
@@ -193,6 +194,47 @@ def test_hf_exact_gelu_is_refused(tmp_path: Path) -> None:
         convert(directory, tmp_path / "ft", progress=False)
 
 
+def _sharded_hf(model: GPT2LMHeadModel, directory: Path) -> Path:
+    model.save_pretrained(directory, max_shard_size="200KB")  # several model-0000x-of-0000n.safetensors + an index
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(GPT2_TOKENIZER_DIR / name, directory / name)
+    assert (directory / "model.safetensors.index.json").is_file() and len(list(directory.glob("*.safetensors"))) > 1
+    return directory
+
+
+def _repoint_first_shard(directory: Path, target: str) -> None:
+    """Point every weight_map entry of the first shard at `target`."""
+    index_path = directory / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    index["weight_map"] = {k: (target if v == first else v) for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+
+
+def test_sharded_hf_index_converts_like_one_file(hf_model: GPT2LMHeadModel, hf_tp1: Path, tmp_path: Path) -> None:
+    converted = convert(_sharded_hf(hf_model, tmp_path / "hf"), tmp_path / "ft", progress=False)
+    assert bin_files(converted) == bin_files(hf_tp1)
+
+
+@pytest.mark.parametrize("escape", ["dotdot", "absolute", "symlink"])
+def test_hf_index_shards_outside_the_folder_are_refused(hf_model: GPT2LMHeadModel, tmp_path: Path,
+                                                       escape: str) -> None:
+    directory = _sharded_hf(hf_model, tmp_path / "hf")
+    first = sorted(directory.glob("model-*.safetensors"))[0]
+    outside = tmp_path / "elsewhere.safetensors"  # a real shard, so following the path would convert fine
+    first.rename(outside)
+    if escape == "symlink":
+        first.symlink_to(outside)  # the index keeps naming the in-folder file, which is a link out of the folder
+        named = first.name
+    else:
+        named = "../elsewhere.safetensors" if escape == "dotdot" else str(outside)
+        _repoint_first_shard(directory, named)
+    with pytest.raises(CheckpointError, match="outside the checkpoint folder") as caught:
+        convert(directory, tmp_path / "ft", progress=False)
+    assert "model.safetensors.index.json: weight_map names " + repr(named) in caught.value.message
+    assert not (tmp_path / "ft" / "1-gpu").exists()
+
+
 # ---- .nemo ----------------------------------------------------------------------------------------------------
 
 
@@ -243,10 +285,88 @@ def test_megatron_amp_o2_names_convert_like_plain_names(fp16_exact_model: GPT2LM
     assert bin_files(plain) == bin_files(amp)
 
 
-def test_synthetic_tp2_archive_holds_the_tp1_weights(tiny_ft_dir: Path, tmp_path: Path) -> None:
+def megatron_legacy_rank_states(model: GPT2LMHeadModel, tp: int) -> list[dict[str, torch.Tensor]]:
+    """The Megatron state of `megatron_tp_shards`, except that each rank's fused QKV follows NeMo's
+    `megatron_legacy: true`: output rows [q of the rank's heads | their k | their v] (ParallelAttention undoes it with
+    `_transpose_last_dim(mixed_x_layer, 3, True)`: view [3, heads_local, d], swap to [heads_local, 3, d])."""
+    ranks = megatron_tp_shards(megatron_state_from_hf(model), tp)
+    sd = {k.removeprefix("transformer."): v.detach() for k, v in model.state_dict().items()}
+    local = H // tp
+    for i in range(LAYERS):
+        w_q, w_k, w_v = sd[f"h.{i}.attn.c_attn.weight"].split(H, dim=1)  # each [in, out]
+        b_q, b_k, b_v = sd[f"h.{i}.attn.c_attn.bias"].split(H)
+        key = f"model.language_model.encoder.layers.{i}.self_attention.query_key_value."
+        for rank, state in enumerate(ranks):
+            cols = slice(rank * local, (rank + 1) * local)
+            state[key + "weight"] = torch.cat([w_q[:, cols].T, w_k[:, cols].T, w_v[:, cols].T]).half().contiguous()
+            state[key + "bias"] = torch.cat([b_q[cols], b_k[cols], b_v[cols]]).half()
+    return ranks
+
+
+@pytest.mark.parametrize("training_tp", [1, 2])
+def test_megatron_legacy_qkv_converts_like_the_interleaved_layout(fp16_exact_model: GPT2LMHeadModel, tmp_path: Path,
+                                                                  training_tp: int) -> None:
+    config = nemo_config_for(fp16_exact_model)
+    plain = write_nemo(tmp_path / "plain.nemo", config, [megatron_state_from_hf(fp16_exact_model)])
+    legacy_ranks = megatron_legacy_rank_states(fp16_exact_model, training_tp)
+    legacy = write_nemo(tmp_path / "legacy.nemo", config | {"megatron_legacy": True}, legacy_ranks)
+    for infer_tp in (1, 2):
+        expected = convert(plain, tmp_path / "plain", infer_gpu_num=infer_tp, weight_data_type="fp16", progress=False)
+        converted = convert(legacy, tmp_path / "legacy", infer_gpu_num=infer_tp, weight_data_type="fp16",
+                            progress=False)
+        assert bin_files(converted) == bin_files(expected), f"infer TP {infer_tp}"
+    # The same tensors without the flag are another (scrambled) model: the flag is what makes them convert right.
+    unflagged = convert(write_nemo(tmp_path / "unflagged.nemo", config, legacy_ranks), tmp_path / "unflagged",
+                        weight_data_type="fp16", progress=False)
+    assert bin_files(unflagged) != bin_files(tmp_path / "plain" / "1-gpu")
+
+
+def test_unfused_exact_gelu_nemo_is_refused(fp16_exact_model: GPT2LMHeadModel, tmp_path: Path) -> None:
+    state, config = megatron_state_from_hf(fp16_exact_model), nemo_config_for(fp16_exact_model)
+    for extra in ({"bias_activation_fusion": False}, {"bias_activation_fusion": False, "openai_gelu": True}):
+        archive = write_nemo(tmp_path / "erf.nemo", config | extra, [state])
+        with pytest.raises(CheckpointError, match=r"bias_activation_fusion=False is not supported: NeMo then "
+                                                  r"computes the exact \(erf\) GeLU"):
+            convert(archive, tmp_path / "out", progress=False)
+        assert not (tmp_path / "out" / "1-gpu").exists()
+    fused = write_nemo(tmp_path / "fused.nemo", config | {"bias_activation_fusion": True}, [state])
+    config_ini = load_ft_weights(convert(fused, tmp_path / "fused", progress=False))[0]
+    assert config_ini.activation_type == "Gelu"  # FT's Gelu: the tanh approximation the fused kernel computes
+
+
+def test_synthetic_tp2_archive_pads_the_vocabulary_like_nemo(tiny_ft_dir: Path, tmp_path: Path) -> None:
+    """NeMo pads the word embeddings to a multiple of 128 x training TP (50432 rows for GPT-2 at TP 2); the extra
+    rows are kept (as FT's converter does) and never generated (vocab_limit = the tokenizer's 50257 ids)."""
     nemo = write_synthetic_checkpoint("tiny", tmp_path / "tiny_tp2.nemo", seed=0, tp=2)
-    converted = convert(nemo, tmp_path / "ft", weight_data_type="fp16", progress=False)
-    assert bin_files(converted) == bin_files(tiny_ft_dir)
+    with tarfile.open(nemo) as tar:
+        cfg = yaml.safe_load(tar.extractfile("./model_config.yaml"))  # type: ignore[arg-type]
+        shard = torch.load(io.BytesIO(tar.extractfile("./mp_rank_01/model_weights.ckpt").read()),  # type: ignore
+                           weights_only=True)
+    assert (cfg["tensor_model_parallel_size"], cfg["make_vocab_size_divisible_by"]) == (2, 128)
+    assert tuple(shard["model.language_model.embedding.word_embeddings.weight"].shape) == (50432 // 2, 64)
+    tp1_config, tp1 = load_ft_weights(tiny_ft_dir)
+    for infer_tp in (1, 2):
+        converted = convert(nemo, tmp_path / "ft", infer_gpu_num=infer_tp, weight_data_type="fp16", progress=False)
+        config, weights = load_ft_weights(converted)
+        assert (config.vocab_size, config.tensor_para_size) == (50432, infer_tp)
+        assert weights.keys() == tp1.keys()
+        for stem, tensor in tp1.items():  # the TP-1 archive's weights, plus padding rows
+            torch.testing.assert_close(weights[stem][:tensor.shape[0]], tensor, rtol=0, atol=0)
+        ids = [464, 2068, 7586, 21831, 18045]
+        torch.testing.assert_close(reference_logits(config, weights, ids)[:, :50304],
+                                   reference_logits(tp1_config, tp1, ids), rtol=1e-5, atol=1e-5)
+    # The served engine, on the converted folders: the same greedy tokens from the TP-2 and TP-1 trainings.
+    from builder.runtime.core_io import GenerationRequest
+    from builder.runtime.generation import GptEngine
+
+    def greedy(ft_dir: Path) -> list[list[int]]:
+        engine = GptEngine.from_ft_dir(ft_dir, device="cpu", dtype=torch.float32, max_batch_size=2,
+                                       vocab_limit=50257)
+        rows = [GenerationRequest(input_ids=(464, 2068, 7586), output_len=12, end_id=50256),
+                GenerationRequest(input_ids=(40, 1842, 257, 922), output_len=12, end_id=50256)]
+        return [out.beams[0].tolist() for out in engine.generate(rows)]
+
+    assert greedy(converted) == greedy(tiny_ft_dir)
     other_seed = convert(write_synthetic_checkpoint("tiny", tmp_path / "s1.nemo", seed=1), tmp_path / "s1",
                          weight_data_type="fp16", progress=False)
     assert bin_files(other_seed) != bin_files(tiny_ft_dir)
@@ -277,39 +397,6 @@ def test_extracted_nemo_folder_converts_like_the_archive(tiny_nemo: Path, tiny_f
         tar.extractall(tmp_path / "extracted", filter="data")
     converted = convert(tmp_path / "extracted", tmp_path / "ft", weight_data_type="fp16", progress=False)
     assert bin_files(converted) == bin_files(tiny_ft_dir)
-
-
-def _tar_with(path: Path, *members: tuple[tarfile.TarInfo, bytes | None]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        ok = tarfile.TarInfo("model_config.yaml")
-        ok.size = 3
-        tar.addfile(ok, io.BytesIO(b"a: 1"[:3]))
-        for info, data in members:
-            tar.addfile(info, io.BytesIO(data) if data is not None else None)
-    return path
-
-
-def _info(name: str, kind: bytes = tarfile.REGTYPE, size: int = 0, link: str = "") -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type, info.size, info.linkname = kind, size, link
-    return info
-
-
-@pytest.mark.parametrize(("member", "message"), [
-    ((_info("../escape.txt", size=2), b"hi"), "escapes the extraction folder"),
-    ((_info("/etc/evil.txt", size=2), b"hi"), "absolute path"),
-    ((_info("vocab.json", tarfile.SYMTYPE, link="/etc/passwd"), None), "symbolic link to '/etc/passwd'"),
-    ((_info("merges.txt", tarfile.LNKTYPE, link="model_config.yaml"), None), "hard link"),
-    ((_info("dev", tarfile.CHRTYPE), None), "device"),
-    ((_info("model_weights.ckpt", size=65 * 2**30), None), "64 GiB limit"),
-])
-def test_unsafe_archive_members_are_refused(tmp_path: Path, member: tuple[tarfile.TarInfo, bytes | None],
-                                            message: str) -> None:
-    archive = _tar_with(tmp_path / "bad.nemo", member)
-    with pytest.raises(CheckpointError, match=message) as caught:
-        convert(archive, tmp_path / "out", progress=False)
-    assert "refusing to extract" in caught.value.message
-    assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "out" / "1-gpu").exists()
 
 
 def test_mcore_checkpoint_gets_a_clear_error(tiny_nemo: Path, tmp_path: Path) -> None:

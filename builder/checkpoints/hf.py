@@ -93,6 +93,28 @@ def hf_model_from_canonical(config: GptModelConfig, tensors: Mapping[str, torch.
     return model
 
 
+def _index_shards(index_path: Path, directory: Path) -> list[Path]:
+    """The shard files an HF index (`weight_map`: tensor name -> file name) names, each required to be a file inside
+    `directory`: the index is untrusted data, so `..`, absolute paths and links leading outside are refused."""
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8")).get("weight_map")
+    except (OSError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{index_path}: unreadable index (expected JSON with a weight_map): {err}") from err
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index_path}: weight_map must be a non-empty mapping of tensor name -> shard file")
+    root = directory.resolve()
+    shards = []
+    for name in sorted(set(weight_map.values())):
+        shard = (directory / name).resolve()  # follows links: where the file really is
+        if not shard.is_relative_to(root):
+            raise CheckpointError(f"{index_path}: weight_map names {name!r}, which resolves to {shard}, outside "
+                                  f"the checkpoint folder {root}; shard files must lie inside it (copy them in)")
+        if not shard.is_file():
+            raise CheckpointError(f"{index_path}: weight_map names {name!r}, which is not a file in {root}")
+        shards.append(shard)
+    return shards
+
+
 def _weight_readers(directory: Path, stack: ExitStack) -> dict[str, Callable[[], torch.Tensor]]:
     """HF parameter name (prefix stripped) -> a function reading it, over safetensors or .bin, sharded or not."""
     from safetensors import safe_open
@@ -116,9 +138,8 @@ def _weight_readers(directory: Path, stack: ExitStack) -> dict[str, Callable[[],
                             ("pytorch_model.bin.index.json", add_bin)):
         index_path = directory / index_name
         if index_path.is_file():
-            weight_map = json.loads(index_path.read_text()).get("weight_map", {})
-            for shard in sorted(set(weight_map.values())):
-                add((directory / shard).resolve())
+            for shard in _index_shards(index_path, directory):
+                add(shard)
             return readers
     if (directory / "model.safetensors").is_file():
         add_safetensors(directory / "model.safetensors")

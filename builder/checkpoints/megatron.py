@@ -2,8 +2,9 @@
 
 Megatron stores linear weights [out, in] (torch.nn.Linear) and splits them over training TP ranks: column-parallel
 layers (QKV, h_to_4h, word embeddings) on `out`, row-parallel layers (attention dense, 4h_to_h) on `in`. Its fused
-QKV output is head-interleaved: for each local head, [q(d) | k(d) | v(d)]. The canonical layout (see
-`builder.runtime.ft_weights`) is [in, (q|k|v), heads * d] instead.
+QKV output is head-interleaved: for each local head, [q(d) | k(d) | v(d)] (with NeMo's `megatron_legacy: true`,
+each shard holds [q(all local heads) | k(...) | v(...)]). The canonical layout (see `builder.runtime.ft_weights`)
+is [in, (q|k|v), heads * d].
 
 `to_canonical` merges a tensor's training shards into the canonical TP-1 tensor; `from_canonical` is its inverse and
 is how the synthetic and demo checkpoints are written.
@@ -79,8 +80,11 @@ def _cat(parts: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(list(parts), dim=dim)  # one shard: no copy
 
 
-def to_canonical(stem: str, shards: Sequence[torch.Tensor], shape: Shape) -> torch.Tensor:
-    """Merge the training-TP shards of one Megatron tensor into its canonical TP-1 tensor."""
+def to_canonical(stem: str, shards: Sequence[torch.Tensor], shape: Shape, *,
+                 legacy_qkv: bool = False) -> torch.Tensor:
+    """Merge the training-TP shards of one Megatron tensor into its canonical TP-1 tensor. `legacy_qkv`: the yaml's
+    `megatron_legacy: true`, under which each shard's fused QKV rows are [(q|k|v), heads_local, d] instead of
+    [heads_local, (q|k|v), d] (NeMo's ParallelAttention transposes them back in its forward pass)."""
     kind = _kind(stem)
     h, d = shape.hidden, shape.size_per_head
     if kind == "replicated":
@@ -88,12 +92,19 @@ def to_canonical(stem: str, shards: Sequence[torch.Tensor], shape: Shape) -> tor
     if kind == "vocab_parallel":
         return _cat(shards, 0)
     if kind == "query_key_value.weight":
-        # each shard [heads_local * 3 * d, H] -> [heads_local, 3, d, H] -> [H, 3, heads_local, d]
-        parts = [s.reshape(-1, 3, d, h).permute(3, 1, 0, 2) for s in shards]
+        if legacy_qkv:
+            # each shard [3 * heads_local * d, H] -> [3, heads_local, d, H] -> [H, 3, heads_local, d]
+            parts = [s.reshape(3, -1, d, h).permute(3, 0, 1, 2) for s in shards]
+        else:
+            # each shard [heads_local * 3 * d, H] -> [heads_local, 3, d, H] -> [H, 3, heads_local, d]
+            parts = [s.reshape(-1, 3, d, h).permute(3, 1, 0, 2) for s in shards]
         return _cat(parts, 2).reshape(h, 3, h)
     if kind == "query_key_value.bias":
-        # each shard [heads_local * 3 * d] -> [heads_local, 3, d] -> [3, heads_local, d]
-        parts = [s.reshape(-1, 3, d).permute(1, 0, 2) for s in shards]
+        if legacy_qkv:
+            parts = [s.reshape(3, -1, d) for s in shards]  # each shard [3 * heads_local * d] -> [3, heads_local, d]
+        else:
+            # each shard [heads_local * 3 * d] -> [heads_local, 3, d] -> [3, heads_local, d]
+            parts = [s.reshape(-1, 3, d).permute(1, 0, 2) for s in shards]
         return _cat(parts, 1).reshape(3, h)
     if kind in ("attention.dense.weight", "dense_4h_to_h.weight"):
         return _cat(shards, 1).t()  # row-parallel: [out, in/t] shards -> [in, out]

@@ -10,6 +10,7 @@ memory-mapped so that converting a model never holds more than about one tensor 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 import tarfile
@@ -27,11 +28,15 @@ from builder.runtime.model_config import GptModelConfig, ModelConfigError
 
 from .megatron import (Shape, from_canonical, is_mcore_state_dict, megatron_key, strip_amp_o2_prefix,
                        to_canonical)
+from .presets import NEMO_VOCAB_DIVISOR
 from .source import END_OF_TEXT, PACKAGED_TOKENIZER, CheckpointError, TokenizerFiles
 
 CONFIG_NAME = "model_config.yaml"
 WEIGHTS_NAME = "model_weights.ckpt"
 MAX_MEMBER_BYTES = 64 * 2**30
+# The sum of all members: a 70B-parameter fp16 model (140 GB) fits; a tar whose headers claim more is refused.
+MAX_TOTAL_BYTES = 256 * 2**30
+COPY_CHUNK_BYTES = 2**20
 MCORE_MESSAGE = ("Megatron-core (mcore) checkpoints are not supported yet: {what}. Export the model with "
                  "mcore_gpt=False (legacy Megatron names model.language_model.*) or convert it with NeMo's own tools")
 RANK_DIR = re.compile(r"^(?:mp_rank_(\d{2})|tp_rank_(\d{2})_pp_rank_(\d{3}))$")
@@ -40,7 +45,15 @@ RANK_DIR = re.compile(r"^(?:mp_rank_(\d{2})|tp_rank_(\d{2})_pp_rank_(\d{3}))$")
 # ----------------------------------------------------------------------------------------------- extraction
 
 
-def _member_problem(member: tarfile.TarInfo) -> str | None:
+def _gib(size: int) -> str:
+    return f"{size // 2**30} GiB" if size % 2**30 == 0 else f"{size / 2**30:.1f} GiB"
+
+
+def _bytes(size: int) -> str:
+    return f"{size} bytes ({_gib(size)})" if size >= 2**30 else f"{size} bytes"
+
+
+def _member_problem(member: tarfile.TarInfo, seen: set[str]) -> str | None:
     path = PurePosixPath(member.name)
     if path.is_absolute() or member.name.startswith(("/", "\\")):
         return "absolute path"
@@ -51,30 +64,73 @@ def _member_problem(member: tarfile.TarInfo) -> str | None:
     if not (member.isfile() or member.isdir()):
         return "device, FIFO or other special file"
     if member.size > MAX_MEMBER_BYTES:
-        return f"{member.size} bytes, more than the {MAX_MEMBER_BYTES // 2**30} GiB limit per member"
+        return f"{member.size} bytes, more than the {_gib(MAX_MEMBER_BYTES)} limit per member"
+    # A later duplicate would silently replace an earlier file (tar semantics); no real .nemo has one.
+    if member.isfile() and path.as_posix() in seen:
+        return "duplicate member name"
+    seen.add(path.as_posix())
     return None
 
 
-def extract_nemo(archive: Path, dest: Path) -> None:
-    """Extract a `.nemo` tar (plain or gzip) into `dest`, refusing the whole archive if any member is unsafe."""
+def _write_members(tar: tarfile.TarFile, members: Sequence[tarfile.TarInfo], dest: Path) -> None:
+    """Extraction for Pythons whose tarfile lacks the "data" filter (before 3.10.12 / 3.11.4, unless the vendor
+    backported it). Members were checked already (no links, devices, absolute paths or '..'); files are written
+    0644 by us, never with the archive's modes or owners, and never through an existing link."""
+    for member in members:
+        target = dest.joinpath(*PurePosixPath(member.name).parts)
+        if member.isdir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source = tar.extractfile(member)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        with os.fdopen(fd, "wb") as out:
+            if source is not None:
+                with source:
+                    shutil.copyfileobj(source, out, COPY_CHUNK_BYTES)
+
+
+def extract_nemo(archive: Path, dest: Path, *, max_total_bytes: int | None = None) -> None:
+    """Extract a `.nemo` tar (plain or gzip) into `dest`, refusing the whole archive, before writing anything, if a
+    member is unsafe or the members together exceed `max_total_bytes` (default `MAX_TOTAL_BYTES`) or the free
+    space of `dest`."""
+    limit = MAX_TOTAL_BYTES if max_total_bytes is None else max_total_bytes
     try:
         tar = tarfile.open(archive, "r:*")
     except (tarfile.TarError, OSError) as err:
         raise CheckpointError(f"{archive}: not a readable .nemo (tar) archive: {err}") from err
     with tar:
-        members = []
+        members: list[tarfile.TarInfo] = []
+        seen: set[str] = set()
+        total = 0
         try:
-            # Headers are read one at a time: a bad member stops us before we seek past its (claimed) data.
+            # Headers are read one at a time: a bad member stops us before we seek past its (claimed) data, and in
+            # a compressed archive before we inflate it.
             for member in tar:
-                problem = _member_problem(member)
+                problem = _member_problem(member, seen)
                 if problem is not None:
                     raise CheckpointError(f"{archive}: refusing to extract unsafe archive member "
                                           f"{member.name!r}: {problem}")
+                total += member.size
+                if total > limit:
+                    raise CheckpointError(f"{archive}: refusing to extract: the members up to {member.name!r} "
+                                          f"add up to {_bytes(total)}, more than the {_bytes(limit)} limit for a "
+                                          f"whole .nemo")
                 members.append(member)
         except tarfile.TarError as err:
             raise CheckpointError(f"{archive}: corrupt .nemo (tar) archive: {err}") from err
-        # The "data" filter re-checks paths and drops permission bits; our own check gives the clearer message.
-        tar.extractall(dest, members=members, filter="data")
+        free = shutil.disk_usage(dest).free
+        if total > free:
+            raise CheckpointError(f"{archive}: refusing to extract {_bytes(total)} into {dest}: only {_bytes(free)} "
+                                  f"are free there")
+        try:
+            if hasattr(tarfile, "data_filter"):
+                # The "data" filter re-checks paths and drops permission bits; our check gives the clearer message.
+                tar.extractall(dest, members=members, filter="data")
+            else:
+                _write_members(tar, members, dest)
+        except (tarfile.TarError, OSError) as err:
+            raise CheckpointError(f"{archive}: extraction failed: {err}") from err
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -125,6 +181,13 @@ def _check_supported_architecture(cfg: Mapping[str, Any], path: Path) -> None:
         if key in cfg and cfg[key] not in allowed:
             raise CheckpointError(f"{path}: {key}={cfg[key]!r} is not supported (FasterTransformer GPT needs "
                                   f"{' or '.join(repr(a) for a in allowed)})")
+    # NeMo's MLP (megatron/mlp.py) applies the fused bias-GeLU (tanh) only with bias_activation_fusion; unfused it
+    # applies torch's exact erf GeLU, or the tanh one when openai_gelu is set, but only from NeMo 1.14 on (before, the
+    # gelu branch came first), and the yaml does not say which release wrote it.
+    if cfg.get("activation", "gelu") == "gelu" and cfg.get("bias_activation_fusion", True) is not True:
+        raise CheckpointError(f"{path}: bias_activation_fusion={cfg['bias_activation_fusion']!r} is not supported: "
+                              f"NeMo then computes the exact (erf) GeLU, and FasterTransformer GPT computes its tanh "
+                              f"approximation (only bias_activation_fusion: true matches)")
     heads = cfg.get("num_attention_heads")
     groups = cfg.get("num_query_groups")
     if groups is not None and groups != heads:
@@ -241,6 +304,10 @@ class NemoCheckpoint:
 
         self.shape = Shape(head_num=heads, size_per_head=hidden // heads,
                            inter_size=_positive_int(cfg, "ffn_hidden_size", config_path, default=4 * hidden))
+        legacy = cfg.get("megatron_legacy", False)
+        if not isinstance(legacy, bool):
+            raise CheckpointError(f"{config_path}: megatron_legacy must be true or false, got {legacy!r}")
+        self.legacy_qkv = legacy
         self.tokenizer = _resolve_tokenizer(cfg, root, config_path)
         end_id = self.tokenizer.token_id(END_OF_TEXT)
         embedding_key = megatron_key("model.wte")
@@ -278,7 +345,7 @@ class NemoCheckpoint:
         key = megatron_key(stem)
         shards = [self._tensor(rank, key) for rank in range(len(self.ranks))]
         try:
-            return to_canonical(stem, shards, self.shape)
+            return to_canonical(stem, shards, self.shape, legacy_qkv=self.legacy_qkv)
         except RuntimeError as err:
             shapes = [list(s.shape) for s in shards]
             raise CheckpointError(f"{self.files[0]}: {key} has shard shapes {shapes}, which do not fit "
@@ -307,7 +374,7 @@ def nemo_model_config(config: GptModelConfig, tensor_model_parallel_size: int = 
         "kv_channels": None,
         "apply_query_key_layer_scaling": True,
         "layernorm_epsilon": config.layernorm_eps,
-        "make_vocab_size_divisible_by": 128,
+        "make_vocab_size_divisible_by": NEMO_VOCAB_DIVISOR,
         "pre_process": True,
         "post_process": True,
         "persist_layer_norm": True,
