@@ -37,7 +37,7 @@ def cli() -> None:
       python -m client "Once upon a time" --stream --protocol grpc --temperature 0.8 --seed 1
       python -m client --file prompts.txt --concurrency 8 --only-continuation
     Benchmark with perf_analyzer (report folder with JSON, markdown and plots):
-      python -m client perf --model ensemble --concurrency 1:16:2 --output docs/perf/run1
+      python -m client perf --model ensemble --concurrency 1:16:2 --output perf-run1
 
     Run `python -m client generate --help` or `python -m client perf --help` for every option.
     """
@@ -81,14 +81,21 @@ def _result_json(result: Any) -> str:
 @click.option("-n", "--output-length", "max_tokens", type=int, default=30, show_default=True,
               help="Tokens to generate (max_tokens).")
 @click.option("--server", default=None, help="host[:port]; default localhost:8000 (http) or localhost:8001 (grpc).")
-@click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True)
+@click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True,
+              help="Triton endpoint to talk to; it must match the port of --server.")
 @click.option("--model", default="ensemble", show_default=True, help="Name of the text ensemble.")
 @click.option("--stream", is_flag=True, help="Print text as it arrives (gRPC stream or HTTP /generate_stream).")
-@click.option("--top-k", type=int, default=None)
-@click.option("--top-p", type=float, default=None)
-@click.option("--temperature", type=float, default=None)
-@click.option("--seed", type=int, default=None, help="random_seed (UINT64).")
-@click.option("--repetition-penalty", type=float, default=None)
+@click.option("--top-k", type=int, default=None,
+              help="Sample among the K most likely tokens. Unset (0) with --top-p unset: greedy decoding.")
+@click.option("--top-p", type=float, default=None,
+              help="Sample among the most likely tokens whose probabilities add up to P, in (0, 1].")
+@click.option("--temperature", type=float, default=None,
+              help="Divide the logits by this before sampling (below 1 sharper, above 1 more random; 0 = greedy). "
+                   "Takes effect with --top-k or --top-p.")
+@click.option("--seed", type=int, default=None,
+              help="random_seed (UINT64): the same seed and options give the same sampled text.")
+@click.option("--repetition-penalty", type=float, default=None,
+              help="> 1 makes tokens already in the text less likely (HF/CTRL style); 1 = off.")
 @click.option("--stop", multiple=True, help="Stop word or phrase (repeatable).")
 @click.option("--bad-word", multiple=True, help="Word or phrase never to generate (repeatable).")
 @click.option("--file", "prompt_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -115,24 +122,26 @@ def generate_command(prompt: str | None, max_tokens: int, server: str | None, pr
     if stream and as_json:
         raise click.UsageError("--stream and --json do not combine")
     sampling = _sampling(top_k, top_p, temperature, seed, repetition_penalty, stop, bad_word)
+    printed = False
     try:
         with TextClient(server, protocol=protocol, model=model, timeout_s=timeout_s, retries=retries) as client:
             if prompt_file is not None:
                 _generate_file(client, _read_prompts(prompt_file), max_tokens, concurrency, only_continuation,
                                as_json, sampling)
             elif stream:
-                if not only_continuation:
-                    click.echo(prompt, nl=False)
+                # The prompt goes out with the first delta: a request that fails prints nothing to stdout.
+                head = "" if only_continuation else prompt
                 for piece in client.stream(prompt, max_tokens, **sampling):  # type: ignore[arg-type]
-                    click.echo(piece, nl=False)
-                click.echo()
+                    click.echo(piece if printed else f"{head}{piece}", nl=False)
+                    printed = True
+                click.echo("" if printed else head)  # an empty answer still shows the prompt
             else:
                 result = client.generate(prompt, max_tokens, **sampling)  # type: ignore[arg-type]
                 click.echo(_result_json(result) if as_json else
                            result.text if only_continuation else prompt + result.text)  # type: ignore[operator]
     except TextClientError as err:
-        if stream:
-            click.echo()
+        if stream and printed:
+            click.echo()  # end the partial line on stdout; the error goes to stderr
         _fail(str(err))
     except (ValueError, TypeError) as err:  # an option the wire format cannot carry (e.g. a negative seed)
         _fail(str(err))
@@ -155,13 +164,13 @@ def _generate_file(client: Any, prompts: list[str], max_tokens: int, concurrency
 
 
 @cli.command("perf")
-@click.option("--model", default="ensemble", show_default=True)
+@click.option("--model", default="ensemble", show_default=True, help="Name of the text ensemble to load-test.")
 @click.option("--server", default=None, help="host[:port]; default localhost:8000 (http) or localhost:8001 (grpc).")
 @click.option("--protocol", type=click.Choice(["http", "grpc"]), default=None,
               help="Default: grpc with --stream, else http.")
 @click.option("--stream", is_flag=True, help="Streaming run: gRPC --async --streaming; adds TTFT and ITL.")
 @click.option("--prompt-tokens", type=int, default=128, show_default=True, help="Prompt length in GPT-2 tokens.")
-@click.option("--max-tokens", type=int, default=128, show_default=True)
+@click.option("--max-tokens", type=int, default=128, show_default=True, help="Tokens to generate per request.")
 @click.option("--concurrency", "concurrency_spec", default="1", show_default=True,
               help="start:end[:step] (end inclusive) or a comma list, e.g. 1:16:2 or 1,2,4,8.")
 @click.option("--measurement-interval", "measurement_interval_ms", type=int, default=5000, show_default=True,
@@ -174,19 +183,23 @@ def _generate_file(client: Any, prompts: list[str], max_tokens: int, concurrency
 @click.option("--compare-core", default=None, metavar="MODEL",
               help="Also measure this core model (token ids in) and report the latency the ensemble adds.")
 @click.option("--output", "output_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Report folder [default: docs/perf/<model>-<timestamp>].")
+              help="Report folder [default: a new ./perf-<model>-<timestamp> in the current directory].")
 def perf_command(model: str, server: str | None, protocol: str | None, stream: bool, prompt_tokens: int,
                  max_tokens: int, concurrency_spec: str, measurement_interval_ms: int, stability_percentage: float,
                  max_trials: int, tokenizer_dir: Path | None, compare_core: str | None,
                  output_dir: Path | None) -> None:
-    """Load-test the ensemble with perf_analyzer; write report.json, report.md and plot.png."""
+    """Load-test the ensemble with perf_analyzer; write report.json, report.md and plot.png.
+
+    A concurrency level that perf_analyzer cannot measure stably is marked "unstable" in the report and the run
+    goes on; the exit status is 1 only when no level at all was measured.
+    """
     import datetime as dt  # noqa: PLC0415
 
     from .perf import DEFAULT_TOKENIZER_DIR, PerfConfig, PerfError, parse_concurrency, run_perf  # noqa: PLC0415
 
     try:
         config = PerfConfig(
-            output_dir=output_dir or Path("docs/perf") / f"{model}-{dt.datetime.now():%Y%m%d-%H%M%S}",
+            output_dir=output_dir or Path(f"perf-{model}-{dt.datetime.now():%Y%m%d-%H%M%S}"),
             model=model, server=server, protocol=protocol or ("grpc" if stream else "http"), stream=stream,
             prompt_tokens=prompt_tokens, max_tokens=max_tokens, concurrency=parse_concurrency(concurrency_spec),
             measurement_interval_ms=measurement_interval_ms, stability_percentage=stability_percentage,
@@ -196,8 +209,10 @@ def perf_command(model: str, server: str | None, protocol: str | None, stream: b
         _fail(str(err))
         return
     click.echo((config.output_dir / "report.md").read_text())
-    click.echo(f"report: {config.output_dir}/report.json, report.md, plot.png "
-               f"({len(report['results'])} levels)", err=True)
+    click.echo(f"report: {config.output_dir}/report.json, report.md, plot.png ({len(report['results'])} levels "
+               f"measured, {len(report['unstable'])} unstable)", err=True)
+    if not report["results"]:
+        _fail(f"no level of {model} was measured stably (see {config.output_dir}/report.md)")
 
 
 def main() -> None:

@@ -12,10 +12,15 @@ from urllib.parse import quote
 from tritonclient.utils import InferenceServerException
 
 from .errors import (RequestError, RequestTimeoutError, ServerUnavailableError, TextClientError,
-                     clean_server_message)
+                     WrongEndpointError, clean_server_message)
 
 Protocol = Literal["http", "grpc"]
 DEFAULT_PORTS: dict[str, int] = {"http": 8000, "grpc": 8001}
+# What an HTTP client raises when the port speaks something else: HTTP/2 frames of the gRPC port
+# (geventhttpclient's HTTPParseError, http.client's BadStatusLine, aiohttp's BadHttpMessage) or the metrics port's
+# empty 404 body where Triton always sends JSON (JSONDecodeError, from rapidjson or json).
+NOT_TRITON_HTTP = frozenset({"HTTPParseError", "JSONDecodeError", "BadStatusLine", "BadHttpMessage",
+                             "BadStatusLineError", "ContentTypeError"})
 logger = logging.getLogger("client")
 
 
@@ -92,6 +97,12 @@ def _reason(text: str) -> str:
     return clean_server_message(text)
 
 
+def port_hint(config: ConnectionConfig) -> str:
+    name = {"http": "HTTP", "grpc": "gRPC"}[config.protocol]
+    return (f"is this the {name} port? Triton listens for HTTP on 8000, gRPC on 8001 and "
+            "metrics on 8002 by default; --protocol must match the port")
+
+
 def timed_out(config: ConnectionConfig) -> RequestTimeoutError:
     return RequestTimeoutError(f"no answer from Triton at {config.describe()} within {config.timeout_s:g} s")
 
@@ -105,16 +116,25 @@ def translate_error(err: BaseException, config: ConnectionConfig) -> TextClientE
         status = str(err.status() or "")
         message = str(err.message() or err)
         if status == "StatusCode.UNAVAILABLE":
-            return ServerUnavailableError(f"cannot reach Triton at {where}: {_reason(message)}")
+            # "Socket closed": something accepted the connection but does not speak gRPC (the HTTP or metrics port).
+            hint = f" ({port_hint(config)})" if "socket closed" in message.lower() else ""
+            return ServerUnavailableError(f"cannot reach Triton at {where}: {_reason(message)}{hint}")
         if status == "StatusCode.DEADLINE_EXCEEDED" or "timed out" in message.lower():
             return timed_out(config)
         return RequestError(clean_server_message(message), status=status or None)
+    if config.protocol == "http" and (any(kind.__name__ in NOT_TRITON_HTTP for kind in type(err).__mro__)
+                                      or "bad status line" in str(err).lower()):  # aiohttp's ClientResponseError
+        # Not the raw text: past its first words it is binary HTTP/2 framing.
+        said = "bad status line" if "bad status line" in str(err).lower() else " ".join(str(err).split())[:80]
+        return WrongEndpointError(f"{where} did not answer as Triton's HTTP endpoint ({type(err).__name__}: "
+                                  f"{said}); {port_hint(config)}")
     code = getattr(err, "code", None)
     if callable(code) and type(err).__module__.startswith("grpc"):  # a raw grpc.RpcError (aio streams)
         status_name = str(code())
         details = str(getattr(err, "details", lambda: "")() or err)
         if status_name == "StatusCode.UNAVAILABLE":
-            return ServerUnavailableError(f"cannot reach Triton at {where}: {_reason(details)}")
+            hint = f" ({port_hint(config)})" if "socket closed" in details.lower() else ""
+            return ServerUnavailableError(f"cannot reach Triton at {where}: {_reason(details)}{hint}")
         if status_name == "StatusCode.DEADLINE_EXCEEDED":
             return timed_out(config)
         if status_name == "StatusCode.CANCELLED":

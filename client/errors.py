@@ -17,6 +17,10 @@ class RequestTimeoutError(TextClientError):
     """The server accepted the connection but did not answer within the client's timeout."""
 
 
+class WrongEndpointError(TextClientError):
+    """Something answered at the address, but not in the chosen protocol: usually the wrong port. Never retried."""
+
+
 class RequestError(TextClientError):
     """The server rejected or failed the request (bad input, model error). Never retried."""
 

@@ -3,7 +3,9 @@
 Prompts of an exact GPT-2 token length are built from single-token words, so every request carries the same
 prompt length. Each concurrency level is one perf_analyzer run (non-streaming: sync HTTP or gRPC; streaming: gRPC
 `--async --streaming`); with a core model to compare, the core model is measured right after the ensemble at the
-same level, with the same prompts as token ids, so both see the same machine state.
+same level, with the same prompts as token ids, so both see the same machine state. A level perf_analyzer cannot
+measure stably is recorded as unstable and the run goes on; any other failure still writes the report of the
+levels measured before it.
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from .connection import normalize_url
-from .perf_report import LevelResult, added_latency, level_from_export, load_export, markdown_table, plot, \
-    read_csv_row
+from .perf_report import LevelResult, UnstableLevel, added_latency, added_latency_warnings, level_from_export, \
+    load_export, markdown_table, plot, read_csv_row
 from .request import ModelInfo
 
 DEFAULT_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "builder" / "assets" / "gpt2"
 WORD_PATTERN = re.compile(r"Ġ[a-z]{3,9}")  # "Ġ" marks a leading space in GPT-2's byte-level vocabulary
+# perf_analyzer's exit status when the level it measured never became stable (pa::STABILITY_ERROR); it then writes
+# no CSV and no profile export, and says "Failed to obtain stable measurement" on stderr.
+STABILITY_ERROR_EXIT = 2
 
 
 class PerfError(RuntimeError):
@@ -206,6 +211,14 @@ class LevelRun:
     csv_path: Path
     export_path: Path
 
+    @classmethod
+    def in_folder(cls, folder: Path, model: str, concurrency: int, streaming: bool, input_data: Path) -> "LevelRun":
+        # Names are built whole: Path.with_suffix would treat the dot of a model name like "gpt3_1.3b" as a suffix
+        # and give every level the same file.
+        stem = f"{model}_c{concurrency}"
+        return cls(model=model, concurrency=concurrency, streaming=streaming, input_data=input_data,
+                   csv_path=folder / f"{stem}.csv", export_path=folder / f"{stem}_export.json")
+
     def command(self, binary: Path, config: PerfConfig) -> list[str]:
         command = [str(binary), "-m", self.model, "-u", config.url, "-i", config.protocol,
                    "--input-data", str(self.input_data), "--concurrency-range", str(self.concurrency),
@@ -218,17 +231,23 @@ class LevelRun:
         return command + list(config.extra_args)
 
 
-def run_level(run: LevelRun, binary: Path, config: PerfConfig, env: dict[str, str], log: Any) -> None:
+def run_level(run: LevelRun, binary: Path, config: PerfConfig, env: dict[str, str], log: Any) -> str | None:
+    """Run perf_analyzer for one level: None when it measured, its own message when the level was unstable."""
     command = run.command(binary, config)
     log.write(f"$ {' '.join(command)}\n")
     log.flush()
     completed = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     log.write(completed.stdout + completed.stderr + "\n")
     log.flush()
+    lines = [line.strip() for line in (completed.stdout + completed.stderr).splitlines() if line.strip()]
+    if completed.returncode == STABILITY_ERROR_EXIT:
+        said = [line for line in lines if "stable measurement" in line]
+        return said[0] if said else f"perf_analyzer exit {STABILITY_ERROR_EXIT} (no stable measurement)"
     if completed.returncode != 0 or not run.csv_path.is_file():
-        detail = [line for line in (completed.stdout + completed.stderr).splitlines() if line.strip()][-5:]
+        detail = lines[-5:]
         raise PerfError(f"perf_analyzer failed for {run.model} at concurrency {run.concurrency} "
                         f"(exit {completed.returncode}): " + " | ".join(detail))
+    return None
 
 
 def measure(run: LevelRun, tokenizer: Any | None) -> LevelResult:
@@ -275,23 +294,34 @@ def run_perf(config: PerfConfig, echo: Any = print) -> dict[str, Any]:
 
     results: list[LevelResult] = []
     core_results: list[LevelResult] = []
+    unstable: list[UnstableLevel] = []
+    failure: PerfError | None = None
     with open(raw / "perf_analyzer.log", "w") as log:
-        for level in config.concurrency:
-            targets = [(config.model, ensemble, ensemble_data, results)]
-            if core is not None:
-                targets.append((config.compare_core, core, core_data, core_results))  # type: ignore[arg-type]
-            for name, info, data, sink in targets:
-                stem = raw / f"{name}_c{level}"
-                run = LevelRun(model=name, concurrency=level, streaming=config.stream or info.decoupled,
-                               input_data=data, csv_path=stem.with_suffix(".csv"),
-                               export_path=stem.with_name(stem.name + "_export.json"))
-                run.csv_path.unlink(missing_ok=True)
-                echo(f"perf_analyzer: {name} at concurrency {level} ...")
-                run_level(run, binary, config, env, log)
-                # The core model answers token ids: nothing to re-tokenize.
-                sink.append(measure(run, tokenizer if name == config.model else None))
+        try:
+            for level in config.concurrency:
+                targets = [(config.model, ensemble, ensemble_data, results)]
+                if core is not None:
+                    targets.append((config.compare_core, core, core_data, core_results))  # type: ignore[arg-type]
+                for name, info, data, sink in targets:
+                    run = LevelRun.in_folder(raw, name, level, config.stream or info.decoupled, data)
+                    run.csv_path.unlink(missing_ok=True)
+                    run.export_path.unlink(missing_ok=True)
+                    echo(f"perf_analyzer: {name} at concurrency {level} ...")
+                    detail = run_level(run, binary, config, env, log)
+                    if detail is not None:  # one noisy level must not cost the others
+                        echo(f"warning: {name} at concurrency {level} is unstable (recorded, no numbers): {detail}")
+                        unstable.append(UnstableLevel(name, level, detail))
+                        continue
+                    # The core model answers token ids: nothing to re-tokenize.
+                    sink.append(measure(run, tokenizer if name == config.model else None))
+        except PerfError as err:  # keep what was measured before the failure
+            failure = err
 
     added = added_latency(results, core_results)
+    warnings = added_latency_warnings(added)
+    for line in warnings:
+        echo(line)
+    notes = [*warnings, *([f"The run stopped early: {failure}"] if failure else [])]
     settings = {"model": config.model, "server": config.url, "protocol": config.protocol,
                 "streaming": config.stream, "prompt tokens": config.prompt_tokens,
                 "max tokens": config.max_tokens, "compared core model": config.compare_core or "-",
@@ -304,12 +334,17 @@ def run_perf(config: PerfConfig, echo: Any = print) -> dict[str, Any]:
         "settings": settings,
         "results": [result.to_json() for result in results],
         "core_results": [result.to_json() for result in core_results],
+        "unstable": [item.to_json() for item in unstable],
         "ensemble_added_latency_ms": added,
+        "warnings": warnings,
+        "error": str(failure) if failure else None,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     title = f"perf: {config.model}{' (streaming)' if config.stream else ''}"
-    (out / "report.md").write_text(markdown_table(title, settings, results, core_results, added))
+    (out / "report.md").write_text(markdown_table(title, settings, results, core_results, added, unstable, notes))
     plot(out / "plot.png", results, core_results)
+    if failure is not None:
+        raise PerfError(f"{failure} (the levels measured before it are in {out}/report.json)") from failure
     return report
 
 

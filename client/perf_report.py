@@ -57,6 +57,18 @@ class LevelResult:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class UnstableLevel:
+    """A level perf_analyzer measured but never found stable: it reports no numbers, so none are invented here."""
+
+    model: str
+    concurrency: int
+    detail: str  # perf_analyzer's own words
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def read_csv_row(path: Path) -> dict[str, str]:
     """The single data row of perf_analyzer's `-f` CSV (one concurrency level per run)."""
     with open(path, newline="") as handle:
@@ -137,12 +149,31 @@ def added_latency(ensemble: Sequence[LevelResult], core: Sequence[LevelResult]) 
     return rows
 
 
+def added_latency_warnings(added: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per level where the ensemble measured faster than the core model alone.
+
+    The ensemble runs the core model plus tokenization, so a negative difference is measurement noise: at latencies
+    of a few ms the spread between perf_analyzer's windows is larger than what the ensemble adds.
+    """
+    lines = []
+    for row in added:
+        negative = [f"{key.removesuffix('_ms').replace('_', ' ')} {row[key]:.2f} ms" for key in
+                    ("p50_ms", "p99_ms", "ttft_p50_ms", "ttft_p99_ms") if row.get(key) is not None and row[key] < 0]
+        if negative:
+            lines.append(f"warning: negative added latency at concurrency {row['concurrency']} "
+                         f"({', '.join(negative)}): the ensemble cannot be faster than the core model it runs, so "
+                         "this is noise, which at such low latencies exceeds the ensemble's overhead; lengthen "
+                         "--measurement-interval, lower --stability-percentage or repeat the run")
+    return lines
+
+
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
 def markdown_table(title: str, settings: dict[str, Any], ensemble: Sequence[LevelResult],
-                   core: Sequence[LevelResult], added: Sequence[dict[str, Any]]) -> str:
+                   core: Sequence[LevelResult], added: Sequence[dict[str, Any]],
+                   unstable: Sequence[UnstableLevel] = (), notes: Sequence[str] = ()) -> str:
     lines = [f"# {title}", "", "| setting | value |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in settings.items()]
     streaming = any(result.ttft_ms is not None for result in ensemble)
@@ -151,7 +182,14 @@ def markdown_table(title: str, settings: dict[str, Any], ensemble: Sequence[Leve
         header += ["TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"]
     header += ["output tok/s"]
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for result in (*ensemble, *core):
+    models = list(dict.fromkeys(item.model for item in (*ensemble, *core, *unstable)))
+    rows: list[LevelResult | UnstableLevel] = sorted(
+        (*ensemble, *core, *unstable), key=lambda item: (models.index(item.model), item.concurrency))
+    for result in rows:
+        if isinstance(result, UnstableLevel):
+            lines.append("| " + " | ".join([result.model, str(result.concurrency), "unstable",
+                                            *["-"] * (len(header) - 3)]) + " |")
+            continue
         cells = [result.model, str(result.concurrency), _fmt(result.throughput_rps),
                  _fmt(result.latency_ms.p50 if result.latency_ms else None),
                  _fmt(result.latency_ms.p99 if result.latency_ms else None)]
@@ -171,6 +209,12 @@ def markdown_table(title: str, settings: dict[str, Any], ensemble: Sequence[Leve
             if streaming:
                 cells += [_fmt(row.get("ttft_p50_ms")), _fmt(row.get("ttft_p99_ms"))]
             lines.append("| " + " | ".join(cells) + " |")
+    if unstable:
+        lines += ["", "Unstable levels (no numbers: perf_analyzer found no stable run of measurement windows; "
+                  "lengthen --measurement-interval or raise --stability-percentage):", ""]
+        lines += [f"- {item.model} at concurrency {item.concurrency}: {item.detail}" for item in unstable]
+    if notes:
+        lines += ["", *notes]
     return "\n".join(lines) + "\n"
 
 

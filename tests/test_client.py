@@ -13,6 +13,7 @@ import asyncio
 import inspect
 import json
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -24,9 +25,10 @@ import pytest
 from click.testing import CliRunner
 
 from builder.serve import TritonServer, free_port
-from client import AsyncTextClient, RequestError, RequestTimeoutError, ServerUnavailableError, TextClient
+from client import (AsyncTextClient, RequestError, RequestTimeoutError, ServerUnavailableError, TextClient,
+                    TextClientError, WrongEndpointError)
 from client.cli import cli
-from client.perf import PerfConfig, run_perf
+from client.perf import PerfConfig, find_perf_analyzer, run_perf
 
 pytestmark = pytest.mark.server
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,6 +173,7 @@ ENSEMBLE_OUTPUTS = [("text_output", "TYPE_STRING", "[-1]"), ("num_input_tokens",
                     ("num_output_tokens", "TYPE_INT32", "[-1]"), ("finish_reason", "TYPE_STRING", "[-1]"),
                     ("cum_log_probs", "TYPE_FP32", "[-1]"), ("output_log_probs", "TYPE_FP32", "[-1, -1]")]
 REQUIRED = {"text_input", "max_tokens"}
+DOTTED_CORE = "gpt3_1.3b"
 
 
 def _tensor_lines(kind: str, specs: list[tuple[str, str, str]], required: set[str]) -> list[str]:
@@ -195,13 +198,16 @@ def write_standin_repository(repo: Path, decoupled: bool) -> Path:
         *(["model_transaction_policy { decoupled: true }"] if decoupled else []),
         *_tensor_lines("input", inputs, REQUIRED), *_tensor_lines("output", ENSEMBLE_OUTPUTS, set())])
     if not decoupled:
-        write_model(repo, "gpt_core", STANDIN_CORE_MODEL, [
-            "max_batch_size: 8", "instance_group [{ count: 1, kind: KIND_CPU }]",
-            *_tensor_lines("input", [("input_ids", "TYPE_UINT32", "[-1]"), ("input_lengths", "TYPE_UINT32", "[1]"),
-                                     ("request_output_len", "TYPE_UINT32", "[-1]")], {"input_ids", "input_lengths",
-                                                                                       "request_output_len"}),
-            *_tensor_lines("output", [("output_ids", "TYPE_UINT32", "[-1, -1]"),
-                                      ("sequence_length", "TYPE_UINT32", "[-1]")], set())])
+        # Two names for the core model: the second has a dot, as the real "gpt3_1.3b" does.
+        for core_name in ("gpt_core", DOTTED_CORE):
+            write_model(repo, core_name, STANDIN_CORE_MODEL, [
+                "max_batch_size: 8", "instance_group [{ count: 1, kind: KIND_CPU }]",
+                *_tensor_lines("input", [("input_ids", "TYPE_UINT32", "[-1]"),
+                                         ("input_lengths", "TYPE_UINT32", "[1]"),
+                                         ("request_output_len", "TYPE_UINT32", "[-1]")],
+                               {"input_ids", "input_lengths", "request_output_len"}),
+                *_tensor_lines("output", [("output_ids", "TYPE_UINT32", "[-1, -1]"),
+                                          ("sequence_length", "TYPE_UINT32", "[-1]")], set())])
     return repo
 
 
@@ -483,3 +489,109 @@ def test_perf_refuses_decoupled_model_without_stream(streaming_server: TritonSer
     result = invoke("perf", "--server", streaming_server.grpc_url, "--protocol", "grpc", "--output",
                     str(tmp_path / "x"))
     assert result.exit_code == 1 and "--stream" in result.stderr
+
+
+def unstable_at(tmp_path: Path, model: str, level: int) -> Path:
+    """A folder with a `perf_analyzer` that is the real one, except that for `model` at concurrency `level` it must
+    find windows within 0 % of each other. Real measurements never are, so perf_analyzer itself gives up on that
+    level with its own message and exit status (2, STABILITY_ERROR)."""
+    real = find_perf_analyzer()
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    wrapper = folder / "perf_analyzer"
+    wrapper.write_text(f"""#!/bin/sh
+case " $* " in
+  *" -m {model} "*" --concurrency-range {level} "*) exec "{real}" "$@" --stability-percentage 0 ;;
+esac
+exec "{real}" "$@"
+""")
+    wrapper.chmod(0o755)
+    return folder
+
+
+def test_perf_records_an_unstable_level_and_goes_on(server: TritonServer, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PERF_ANALYZER", raising=False)
+    monkeypatch.setenv("PATH", f"{unstable_at(tmp_path, 'ensemble', 2)}{os.pathsep}{os.environ['PATH']}")
+    # The core model's name has a dot: each level must keep its own raw files.
+    config = quick_perf(tmp_path, server=server.http_url, protocol="http", concurrency=(1, 2, 3),
+                        compare_core=DOTTED_CORE)
+    lines: list[str] = []
+    report = run_perf(config, echo=lines.append)
+    assert [row["concurrency"] for row in report["results"]] == [1, 3]
+    assert [row["concurrency"] for row in report["core_results"]] == [1, 2, 3]
+    assert [(row["model"], row["concurrency"]) for row in report["unstable"]] == [("ensemble", 2)]
+    assert "Failed to obtain stable measurement" in report["unstable"][0]["detail"]
+    assert [row["concurrency"] for row in report["ensemble_added_latency_ms"]] == [1, 3]
+    assert any(line.startswith("warning: ensemble at concurrency 2 is unstable") for line in lines)
+    table = (config.output_dir / "report.md").read_text()
+    assert "| ensemble | 2 | unstable |" in table and "| ensemble | 3 |" in table
+    raw = config.output_dir / "raw"
+    for level in (1, 2, 3):
+        rows = (raw / f"{DOTTED_CORE}_c{level}.csv").read_text().splitlines()
+        assert rows[1].split(",")[0] == str(level), rows  # the CSV's Concurrency column
+        assert (raw / f"{DOTTED_CORE}_c{level}_export.json").is_file()
+
+
+def test_perf_cli_default_folder_and_a_dotted_core_name(server: TritonServer, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # As the README runs it: no --output, and a core model named like the real "gpt3_1.3b".
+    monkeypatch.chdir(tmp_path)
+    result = invoke("perf", "--server", server.http_url, "--concurrency", "1,2", "--compare-core", DOTTED_CORE,
+                    "--prompt-tokens", "8", "--max-tokens", "4", "--measurement-interval", "300",
+                    "--stability-percentage", "500", "--max-trials", "3")
+    assert result.exit_code == 0, result.output
+    folders = [path for path in tmp_path.iterdir() if path.is_dir()]
+    assert [path.name.startswith("perf-ensemble-") for path in folders] == [True], folders
+    assert (folders[0] / "report.json").is_file() and not (tmp_path / "docs").exists()
+    raw = folders[0] / "raw"
+    for level in (1, 2):
+        rows = (raw / f"{DOTTED_CORE}_c{level}.csv").read_text().splitlines()
+        assert rows[1].split(",")[0] == str(level), rows  # the CSV's Concurrency column
+
+
+def metrics_address(server: TritonServer) -> str:
+    return f"127.0.0.1:{server.config.metrics_port}"
+
+
+@pytest.mark.parametrize("protocol, port, hint", [("http", "grpc", "is this the HTTP port?"),
+                                                  ("http", "metrics", "is this the HTTP port?"),
+                                                  ("grpc", "http", "is this the gRPC port?")])
+def test_wrong_port_names_the_likely_mistake(server: TritonServer, protocol: str, port: str, hint: str) -> None:
+    url = {"grpc": server.grpc_url, "http": server.http_url, "metrics": metrics_address(server)}[port]
+    with pytest.raises(TextClientError) as caught, TextClient(url, protocol=protocol, retries=0) as client:
+        client.generate("1 2", max_tokens=2)
+    assert hint in str(caught.value), str(caught.value)
+    if protocol == "http":  # an answer in another protocol: not worth retrying
+        assert isinstance(caught.value, WrongEndpointError)
+
+    async def async_generate() -> None:
+        async with AsyncTextClient(url, protocol=protocol, retries=0) as client:
+            await client.generate("1 2", max_tokens=2)
+
+    with pytest.raises(TextClientError, match=hint.replace("?", r"\?")):
+        asyncio.run(async_generate())
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "client", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=60)
+
+
+def test_cli_at_the_grpc_port_says_so(server: TritonServer) -> None:
+    completed = run_cli("1 2", "--server", server.grpc_url, "--retries", "0")
+    assert completed.returncode == 1 and completed.stdout == ""
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "is this the HTTP port?" in lines[0], lines
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_cli_stream_error_prints_nothing_to_stdout(streaming_server: TritonServer, protocol: str) -> None:
+    completed = run_cli("1 2 3", "--stream", "--protocol", protocol, "--server", url_of(streaming_server, protocol),
+                        "--output-length", "0")
+    assert completed.returncode == 1
+    assert completed.stdout == "", "nothing (not even the prompt) may reach stdout before the first delta"
+    assert completed.stderr.startswith("error: ") and "max_tokens" in completed.stderr
+    fine = run_cli("1 2 3", "--stream", "--protocol", protocol, "--server", url_of(streaming_server, protocol),
+                   "--output-length", "3")
+    assert (fine.returncode, fine.stdout) == (0, "1 2 3" + expected("1 2 3", 3) + "\n")

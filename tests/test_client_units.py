@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from client.cli import cli
 from client.connection import ConnectionConfig, normalize_url, translate_error
-from client.errors import RequestError, RequestTimeoutError, ServerUnavailableError, clean_server_message
+from client.errors import (RequestError, RequestTimeoutError, ServerUnavailableError, WrongEndpointError,
+                           clean_server_message)
+from client.perf import LevelRun
+from client.perf_report import LevelResult, Percentiles, UnstableLevel, added_latency, added_latency_warnings, \
+    markdown_table
 from client.request import GenerationResult, ModelInfo, SamplingParams, TextRequest, parse_results
 from client.sse import SseParser, error_from_body
 from tritonclient.utils import InferenceServerException
@@ -167,3 +174,68 @@ def test_cli_usage_errors() -> None:
     assert result.exit_code == 1 and "--protocol grpc" in result.stderr
     result = runner.invoke(cli, ["perf", "--concurrency", "4:1"])
     assert result.exit_code == 1 and "end >= start" in result.stderr
+
+
+def _options(command: click.Command, path: str) -> list[tuple[str, click.Option]]:
+    found = [(f"{path} {param.opts[-1]}", param) for param in command.get_params(click.Context(command))
+             if isinstance(param, click.Option)]
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            found += _options(sub, f"{path} {name}")
+    return found
+
+
+def test_every_option_of_the_client_and_convert_has_help() -> None:
+    from builder.checkpoints.cli import convert_command
+
+    options = _options(cli, "client") + _options(convert_command, "convert")
+    names = {name for name, _ in options}
+    assert {"client generate --top-p", "client perf --output", "convert --weight-data-type"} <= names  # walked all
+    missing = [name for name, option in options if not (option.help or "").strip()]
+    assert not missing, f"options without help text: {missing}"
+
+
+def test_wrong_port_errors_say_which_port() -> None:
+    http = ConnectionConfig.create("h:8001", "http", "ensemble", 2.0, 3)
+    parse_error = type("HTTPParseError", (Exception,), {})(("Expected HTTP/", 8))  # geventhttpclient's, at gRPC
+    err = translate_error(parse_error, http)
+    assert isinstance(err, WrongEndpointError) and "is this the HTTP port?" in str(err)
+    grpc = ConnectionConfig.create("h:8000", "grpc", "ensemble", 2.0, 3)
+    closed = InferenceServerException("failed to connect to all addresses; last error: UNAVAILABLE: "
+                                      "ipv4:127.0.0.1:8000: Socket closed", status="StatusCode.UNAVAILABLE")
+    assert "is this the gRPC port?" in str(translate_error(closed, grpc))
+    refused = InferenceServerException("failed to connect to all addresses; Connection refused",
+                                       status="StatusCode.UNAVAILABLE")
+    assert "port?" not in str(translate_error(refused, grpc))  # nobody listens: no guess about the port
+
+
+def _latency(model: str, level: int, p50: float) -> LevelResult:
+    stats = Percentiles(avg=p50, p50=p50, p90=p50, p95=p50, p99=p50 + 1)
+    return LevelResult(model=model, concurrency=level, requests=10, throughput_rps=50.0, latency_ms=stats)
+
+
+def test_negative_added_latency_is_warned_as_noise() -> None:
+    ensemble = [_latency("ensemble", 1, 1.9), _latency("ensemble", 2, 4.0)]
+    core = [_latency("gpt", 1, 2.0), _latency("gpt", 2, 3.0)]
+    added = added_latency(ensemble, core)
+    warnings = added_latency_warnings(added)
+    assert len(warnings) == 1 and "concurrency 1" in warnings[0] and "p50 -0.10 ms" in warnings[0]
+    assert "noise" in warnings[0]
+    table = markdown_table("perf", {}, ensemble, core, added, notes=warnings)
+    assert warnings[0] in table
+
+
+def test_unstable_levels_are_rows_of_the_table() -> None:
+    ensemble = [_latency("ensemble", 1, 2.0), _latency("ensemble", 4, 3.0)]
+    unstable = [UnstableLevel("ensemble", 2, "Failed to obtain stable measurement within 3 measurement windows")]
+    table = markdown_table("perf", {}, ensemble, [], [], unstable).splitlines()
+    rows = [line for line in table if line.startswith("| ensemble |")]
+    assert [row.split(" | ")[1] for row in rows] == ["1", "2", "4"]  # in concurrency order
+    assert rows[1] == "| ensemble | 2 | unstable | - | - | - |"
+    assert any("within 3 measurement windows" in line for line in table)
+
+
+def test_level_files_of_a_dotted_model_name_stay_apart(tmp_path: Path) -> None:
+    runs = [LevelRun.in_folder(tmp_path, "gpt3_1.3b", level, False, tmp_path / "in.json") for level in (1, 2)]
+    assert [run.csv_path.name for run in runs] == ["gpt3_1.3b_c1.csv", "gpt3_1.3b_c2.csv"]
+    assert [run.export_path.name for run in runs] == ["gpt3_1.3b_c1_export.json", "gpt3_1.3b_c2_export.json"]

@@ -17,7 +17,9 @@ PATH = click.Path(path_type=Path)
 @click.option("--saved-dir", "-o", type=PATH, required=True, help="Output root; weights go to SAVED_DIR/<N>-gpu.")
 @click.option("--infer-gpu-num", "-i_g", type=click.IntRange(min=1), default=1, show_default=True,
               help="Inference tensor-parallel size N (must divide the head count).")
-@click.option("--weight-data-type", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--weight-data-type", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Precision of the written weight files; fp16 halves their size (the engine's data type is "
+                   "chosen at render time).")
 @click.option("--force", is_flag=True, help="Overwrite an existing SAVED_DIR/<N>-gpu.")
 def convert_command(in_file: Path, saved_dir: Path, infer_gpu_num: int, weight_data_type: str, force: bool) -> None:
     """Convert a checkpoint to FasterTransformer weights (config.ini + model.*.bin + tokenizer files)."""

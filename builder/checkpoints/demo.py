@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from builder.runtime.ft_weights import tensor_specs
 from builder.runtime.model_config import GptModelConfig
@@ -144,7 +146,10 @@ def train(recipe: DemoRecipe = RECIPE) -> tuple[GptModelConfig, dict[str, torch.
         optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: min(1.0, (step + 1) / recipe.warmup_steps) * (1 - step / recipe.steps))
-        for _ in range(recipe.steps):
+        # About a minute on a CPU, once per cache: say so, or the first `demo` looks hung.
+        steps = tqdm(range(recipe.steps), desc="training the counting demo model (first run only; cached)",
+                     unit="step", file=sys.stderr)
+        for step in steps:
             batch = training_batch(recipe, vocab, generator)
             inputs = batch.clamp(min=0)  # padding positions are masked out of the loss by their -100 labels
             logits = model(input_ids=inputs).logits  # [batch, positions, compact vocab]
@@ -154,6 +159,8 @@ def train(recipe: DemoRecipe = RECIPE) -> tuple[GptModelConfig, dict[str, torch.
             loss.backward()
             optimizer.step()
             schedule.step()
+            if step % 10 == 0 or step == recipe.steps - 1:
+                steps.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     state = {k.removeprefix("transformer."): v.detach() for k, v in model.state_dict().items()}
     compact = {spec.stem: hf_to_canonical(spec.stem, state[hf_key(spec.stem)], config.hidden_size)
                for spec in tensor_specs(config)}
