@@ -24,8 +24,10 @@ def port_option(name: str, default: int, what: str):  # type: ignore[no-untyped-
 @port_option("grpc", 8001, "gRPC")
 @port_option("metrics", 8002, "Prometheus metrics")
 @click.option("--address", default="127.0.0.1", show_default=True,
-              help="Bind address. Anything but loopback also restricts the model-repository, shared-memory, trace "
-                   "and logging APIs to callers sending the header `triton-admin: $TRITON_ADMIN_TOKEN`.")
+              help="Bind address of the HTTP, gRPC and metrics endpoints. On every address the model-repository, "
+                   "shared-memory, trace and logging APIs are closed, or open only to callers sending the header "
+                   "`triton-admin: $TRITON_ADMIN_TOKEN` (gRPC: `triton-grpc-protocol-triton-admin`) when that "
+                   "variable is set.")
 @click.option("--tritonserver", "tritonserver", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               envvar="TRITONSERVER_BIN", help="tritonserver binary [env TRITONSERVER_BIN; default: nvidia-pytriton's].")
 @click.option("--backend-directory", type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -42,7 +44,8 @@ def serve_command(repository: Path, http_port: int, grpc_port: int, metrics_port
                   exit_timeout: int, log_verbose: int, log_file: Path | None) -> None:
     """Start tritonserver on REPOSITORY and keep it in the foreground until Ctrl-C or SIGTERM.
 
-    Exits non-zero, naming the failing model and the server's own error lines, if a model fails to load.
+    Exits non-zero, naming the failing model and the server's own error lines, if a model fails to load, and
+    with "port N is in use" if another process holds one of the ports.
 
     \b
     Example:

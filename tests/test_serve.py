@@ -82,19 +82,41 @@ def test_bytes_round_trip_over_http_and_grpc(echo_repo: Path, start_server) -> N
     assert http.is_server_ready() and grpc.is_model_ready("echo")
 
 
-def test_server_binds_loopback_by_default(echo_repo: Path) -> None:
+def test_server_binds_loopback_by_default_and_closes_the_admin_apis(echo_repo: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_ADMIN_TOKEN", raising=False)
     server = TritonServer.on_free_ports(echo_repo)
-    command = " ".join(server.command())
-    assert "--http-address=127.0.0.1" in command and "--grpc-address=127.0.0.1" in command
-    assert "restricted" not in command
+    try:
+        command = server.command()
+    finally:
+        server.stop()
+    joined = " ".join(command)
+    assert "--http-address=127.0.0.1" in joined and "--grpc-address=127.0.0.1" in joined
+    # Restricted on loopback too; without a token the expected value holds a line break no client can send.
+    restricted = [arg for arg in command if arg.startswith(("--http-restricted-api=", "--grpc-restricted-protocol="))]
+    assert len(restricted) == 2
+    assert all("model-repository,shared-memory,trace,logging:triton-admin=" in arg and "\n" in arg
+               for arg in restricted)
+    assert server.admin_headers() == {}
 
 
 def test_non_loopback_bind_restricts_admin_apis(echo_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRITON_ADMIN_TOKEN", "s3cret")
+    monkeypatch.setenv("TRITON_ADMIN_TOKEN", "s3cret-token-0123456789")
     server = TritonServer.on_free_ports(echo_repo, address="0.0.0.0")
-    command = server.command()
-    assert "--http-restricted-api=model-repository,shared-memory,trace,logging:triton-admin=s3cret" in command
-    assert "--grpc-restricted-protocol=model-repository,shared-memory,trace,logging:triton-admin=s3cret" in command
+    try:
+        command = server.command()
+    finally:
+        server.stop()
+    admin = "model-repository,shared-memory,trace,logging:triton-admin=s3cret-token-0123456789"
+    assert f"--http-restricted-api={admin}" in command
+    assert f"--grpc-restricted-protocol={admin}" in command
+
+
+def test_admin_token_is_checked(echo_repo: Path) -> None:
+    with pytest.raises(ServerError, match="TRITON_ADMIN_TOKEN"):
+        TritonServer.on_free_ports(echo_repo, admin_token="short")
+    with pytest.raises(ServerError, match="TRITON_ADMIN_TOKEN"):
+        TritonServer.on_free_ports(echo_repo, admin_token="a token with spaces")
 
 
 def test_failing_model_is_named_and_start_fails_fast(tmp_path: Path) -> None:
@@ -163,15 +185,20 @@ def test_builder_help_explains_itself(args: list[str]) -> None:
 
 
 def test_restricted_admin_apis_refuse_callers_without_the_token(echo_repo: Path, start_server) -> None:
-    # The same flags the launcher adds for a non-loopback bind, exercised on loopback.
-    admin = "model-repository,shared-memory,trace,logging:triton-admin=s3cret"
-    server = start_server(echo_repo, extra_args=[f"--http-restricted-api={admin}",
-                                                 f"--grpc-restricted-protocol={admin}"])
+    token = "s3cret-token-0123456789"
+    server = start_server(echo_repo, admin_token=token)
     client = httpclient.InferenceServerClient(server.http_url)
     with pytest.raises(Exception, match="(?i)restricted|header|permission|403"):
         client.get_model_repository_index()
-    assert client.get_model_repository_index(headers={"triton-admin": "s3cret"})
+    with pytest.raises(Exception, match="(?i)restricted|header|permission|403"):
+        client.get_model_repository_index(headers={"triton-admin": "wrong-token-0123456789"})
+    assert client.get_model_repository_index(headers=server.admin_headers("http"))
     assert client.is_model_ready("echo")  # inference-side APIs stay open
+    grpc = grpcclient.InferenceServerClient(server.grpc_url)
+    with pytest.raises(Exception, match="(?i)restricted"):
+        grpc.get_model_repository_index()
+    assert server.admin_headers("grpc") == {"triton-grpc-protocol-triton-admin": token}
+    assert grpc.get_model_repository_index(headers=server.admin_headers("grpc")).models
 
 
 def test_perf_analyzer_measures_the_served_model(echo_repo: Path, start_server, tmp_path: Path) -> None:
