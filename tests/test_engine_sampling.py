@@ -9,7 +9,7 @@ import torch
 from builder.runtime.core_io import RequestError
 from builder.runtime.generation import GptEngine
 from builder.runtime.gpt import GptModel
-from builder.runtime.sampling import counter_uniform, sample_top_k_top_p
+from builder.runtime.sampling import GREEDY_TEMPERATURE, SlotParams, counter_uniform, sample_top_k_top_p
 from engine_testing import TinyGpt, hf_generate, hf_next_token_logits, make_tiny_gpt, random_prompts, request
 
 NEW_TOKENS = 12
@@ -162,3 +162,59 @@ def test_half_precision_runs_close_to_fp32(tiny: TinyGpt, engine: GptEngine, pro
     top2 = ref[0].topk(2).values
     if (top2[0] - top2[1]).item() > 2 * error:  # not a near-tie: reduced precision must pick the same token
         assert output.beams[0][len(prompts[0])] == hf_generate(tiny.hf, prompts[0], 1)[-1]
+
+
+# ---- allowed but extreme values (issue 11) ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1e-44, 1e-30, 9e-6])
+def test_tiny_temperature_is_greedy(tiny: TinyGpt, engine: GptEngine, prompts, temperature: float) -> None:
+    """logits / 1e-44 overflowed float32 and top_p then sampled random tokens: below GREEDY_TEMPERATURE a temperature
+    means greedy, exactly as 0 does (tokens and log-probs), next to a row that really samples."""
+    rows = [request(p, NEW_TOKENS, temperature=temperature, top_p=0.9, random_seed=i, return_log_probs=True)
+            for i, p in enumerate(prompts)]
+    sampler = request(prompts[0], NEW_TOKENS, random_seed=5, **SAMPLING)
+    outputs = engine.generate([*rows, sampler])
+    as_zero = engine.generate([request(p, NEW_TOKENS, temperature=0.0, top_p=0.9, return_log_probs=True)
+                               for p in prompts])
+    for prompt, output, zero in zip(prompts, outputs, as_zero):
+        assert output.beams[0].tolist() == hf_generate(tiny.hf, prompt, NEW_TOKENS)
+        np.testing.assert_allclose(output.output_log_probs[0], zero.output_log_probs[0], atol=1e-5)
+        assert np.isfinite(output.output_log_probs[0]).all()
+    assert generated(outputs[-1], prompts[0]) == generated(engine.generate([sampler])[0], prompts[0])
+
+
+def test_greedy_temperature_boundary() -> None:
+    rows = [request([1], 1, temperature=t, top_p=0.9) for t in (0.0, 1e-44, 0.99e-5, 1e-5, 1e-4)]
+    params = SlotParams.build(rows, 1, torch.device("cpu"))
+    assert params.greedy.tolist() == [True, True, True, False, False]
+    assert params.temperature.tolist() == pytest.approx([1.0, 1.0, 1.0, 1e-5, 1e-4])
+    assert GREEDY_TEMPERATURE == 1e-5
+
+
+EVERY_ID = tuple((token,) for token in range(512))  # the tiny model's whole vocabulary, one-token bad words
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sampling", "beam"])
+def test_bad_words_banning_every_id_end_the_row_with_the_end_token(engine: GptEngine, prompts, mode: str) -> None:
+    """Banning every id used to emit a banned id anyway (argmax over all -inf, or a NaN softmax); now such a row ends
+    with its end token, finish_reason "stop", whatever the decoding mode."""
+    end_id = 5  # not id 0, which argmax over all -inf happens to return
+    options = {"greedy": {}, "sampling": dict(SAMPLING, random_seed=3), "beam": dict(beam_width=2)}[mode]
+    rows = [request(p, NEW_TOKENS, end_id=end_id, bad_words=EVERY_ID, **options) for p in prompts[:3]]
+    for prompt, output in zip(prompts, engine.generate(rows)):
+        assert output.beams[0].tolist() == prompt + [end_id], output.beams[0].tolist()
+        assert output.finish_reason == "stop"
+
+
+def test_bans_that_leave_no_token_end_the_row_even_before_min_length(engine: GptEngine, prompts) -> None:
+    """Everything but end_id is a bad word and min_length bans end_id: the row ends (a conflict resolved towards
+    never emitting a banned token); a row with one id left keeps generating that id up to its length."""
+    end_id = 5
+    all_but_end = tuple(word for word in EVERY_ID if word != (end_id,))
+    all_but_seven = tuple(word for word in EVERY_ID if word != (7,))
+    ended, sevens = engine.generate([request(prompts[0], NEW_TOKENS, end_id=end_id, bad_words=all_but_end,
+                                             min_length=4),
+                                     request(prompts[1], NEW_TOKENS, end_id=end_id, bad_words=all_but_seven)])
+    assert ended.beams[0].tolist() == prompts[0] + [end_id] and ended.finish_reason == "stop"
+    assert sevens.beams[0].tolist() == prompts[1] + [7] * NEW_TOKENS and sevens.finish_reason == "length"

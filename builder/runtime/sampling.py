@@ -2,7 +2,8 @@
 
 Order of operations follows FasterTransformer: temperature, then repetition (multiplicative, HF/CTRL style) and
 presence (additive) penalties over every token seen so far (prompt included), then bad words, the min_length ban of
-end_id, and the mask of ids >= the usable vocabulary. Selection: argmax for greedy rows; otherwise top-k, then top-p
+end_id, and the mask of ids >= the usable vocabulary. A row these bans leave without any allowed token ends with
+end_id; a temperature below GREEDY_TEMPERATURE is greedy, like 0. Selection: argmax for greedy rows; otherwise top-k, then top-p
 over the renormalised top-k distribution (FT's combined semantics), then inverse-CDF sampling with one uniform number
 per row and step from a counter-based hash of (random_seed, step). The same seed therefore gives the same tokens
 whatever else is in the batch, and no per-row generator objects are needed.
@@ -22,6 +23,21 @@ WORD_PAD = -1  # left padding of right-aligned words in a WordTable
 BEFORE_START = -2  # window entries before the first token of a sequence (never equal to a token or WORD_PAD)
 TOPK_FAST_LIMIT = 1024  # when every sampling row has 0 < top_k <= this, use topk() instead of a full vocab sort
 _MASK32 = 0xFFFFFFFF
+# A temperature below this is greedy, as temperature 0 is. Dividing logits by 1e-44 overflows float32 (inf - inf =
+# NaN in the softmax, so random tokens); at 1e-5 even a logit of 1e33 stays finite, and softmax(logits / T) is
+# already one-hot in float32 for any gap >= 1e-3 between the two best logits (exp(-100) is below float32's normal
+# range), so greedy changes no outcome but near-ties. vLLM uses the same cut-off.
+GREEDY_TEMPERATURE = 1e-5
+
+
+def is_greedy(request: GenerationRequest) -> bool:
+    """The row picks the argmax: FT's greedy settings, or a temperature too small to sample with."""
+    return request.is_greedy or request.temperature < GREEDY_TEMPERATURE
+
+
+def effective_temperature(request: GenerationRequest) -> float:
+    """What the logits are divided by: 1 for rows whose temperature means greedy (log-probs as for temperature 0)."""
+    return 1.0 if request.temperature < GREEDY_TEMPERATURE else request.temperature
 
 
 @dataclass
@@ -55,14 +71,15 @@ class SlotParams:
         def column(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor([v for v in values for _ in range(repeat)], dtype=dtype, device=device)
 
-        sampling = [r for r in requests if not r.is_greedy]
+        sampling = [r for r in requests if not is_greedy(r)]
         top_ks = [r.top_k for r in sampling]
         bounded = bool(sampling) and all(0 < k <= TOPK_FAST_LIMIT for k in top_ks)
+        temperatures = [effective_temperature(r) for r in requests]
         return cls(
-            temperature=column([r.temperature if r.temperature > 0 else 1.0 for r in requests], torch.float32),
+            temperature=column(temperatures, torch.float32),
             top_k=column([r.top_k for r in requests], torch.long),
             top_p=column([r.top_p for r in requests], torch.float32),
-            greedy=column([r.is_greedy for r in requests], torch.bool),
+            greedy=column([is_greedy(r) for r in requests], torch.bool),
             repetition_penalty=column([r.repetition_penalty for r in requests], torch.float32),
             presence_penalty=column([r.presence_penalty for r in requests], torch.float32),
             min_length=column([r.min_length for r in requests], torch.long),
@@ -72,7 +89,7 @@ class SlotParams:
             any_sampling=bool(sampling),
             any_greedy=len(sampling) < len(requests),
             max_top_k=max(top_ks) if bounded else None,
-            use_temperature=any(r.temperature not in (0.0, 1.0) for r in requests),
+            use_temperature=any(t != 1.0 for t in temperatures),
             use_repetition=any(r.repetition_penalty != 1.0 for r in requests),
             use_presence=any(r.presence_penalty != 0.0 for r in requests),
             use_min_length=any(r.min_length > 0 for r in requests),
@@ -168,6 +185,13 @@ def process_logits(logits: torch.Tensor, params: SlotParams, *, generated: torch
         logits.scatter_(1, end, torch.where(too_short, NEG_INF, logits.gather(1, end)))
     if vocab_limit < vocab:
         logits[:, vocab_limit:] = NEG_INF
+    if bad_words is not None or params.use_min_length:
+        # Bans can leave a row no allowed token (bad words covering the vocabulary, or all but end_id with
+        # min_length banning end_id): argmax would then pick a banned id and sampling a random one (softmax of all
+        # -inf is NaN). Such a row ends instead: end_id becomes its only choice, so it finishes with reason "stop".
+        exhausted = (logits.amax(dim=1) == NEG_INF)[:, None]  # [n, 1]
+        end = params.end_id[:, None]
+        logits.scatter_(1, end, torch.where(exhausted, 0.0, logits.gather(1, end)))
     return logits
 
 
