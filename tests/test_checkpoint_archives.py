@@ -118,7 +118,14 @@ def _sparse_tar(path: Path, sizes: list[int]) -> Path:
     return path
 
 
-def test_members_adding_up_past_the_total_cap_are_refused_before_extracting(tmp_path: Path) -> None:
+def _disk_with_free(monkeypatch: pytest.MonkeyPatch, free: int) -> None:
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(nemo_module.shutil, "disk_usage", lambda path: usage(free + 10**6, 10**6, free))
+
+
+def test_members_adding_up_past_the_total_cap_are_refused_before_extracting(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    _disk_with_free(monkeypatch, 2**50)  # a PiB free: the cap, not the disk, is what refuses
     archive = _sparse_tar(tmp_path / "huge.nemo", [60 * 2**30] * 5)  # each under the 64 GiB member cap: 300 GiB
     dest = tmp_path / "dest"
     dest.mkdir()
@@ -154,11 +161,10 @@ def test_total_cap_is_a_module_setting(tmp_path: Path, monkeypatch: pytest.Monke
 
 def test_archive_larger_than_the_free_space_is_refused(tiny_nemo: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(nemo_module.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 5000, 5000))
+    _disk_with_free(monkeypatch, 5000)
     dest = tmp_path / "dest"
     dest.mkdir()
-    with pytest.raises(CheckpointError, match=rf"refusing to extract \d+ bytes into {dest}: only 5000 bytes are "
-                                              rf"free there"):
+    with pytest.raises(CheckpointError, match=rf"the members up to '.+' add up to \d+ bytes, more than the 5000 "
+                                              rf"bytes free in {dest}$"):
         extract_nemo(tiny_nemo, dest)
     assert list(dest.iterdir()) == []

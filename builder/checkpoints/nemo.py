@@ -103,6 +103,7 @@ def extract_nemo(archive: Path, dest: Path, *, max_total_bytes: int | None = Non
         members: list[tarfile.TarInfo] = []
         seen: set[str] = set()
         total = 0
+        free = shutil.disk_usage(dest).free
         try:
             # Headers are read one at a time: a bad member stops us before we seek past its (claimed) data, and in
             # a compressed archive before we inflate it.
@@ -116,13 +117,12 @@ def extract_nemo(archive: Path, dest: Path, *, max_total_bytes: int | None = Non
                     raise CheckpointError(f"{archive}: refusing to extract: the members up to {member.name!r} "
                                           f"add up to {_bytes(total)}, more than the {_bytes(limit)} limit for a "
                                           f"whole .nemo")
+                if total > free:
+                    raise CheckpointError(f"{archive}: refusing to extract: the members up to {member.name!r} "
+                                          f"add up to {_bytes(total)}, more than the {_bytes(free)} free in {dest}")
                 members.append(member)
         except tarfile.TarError as err:
             raise CheckpointError(f"{archive}: corrupt .nemo (tar) archive: {err}") from err
-        free = shutil.disk_usage(dest).free
-        if total > free:
-            raise CheckpointError(f"{archive}: refusing to extract {_bytes(total)} into {dest}: only {_bytes(free)} "
-                                  f"are free there")
         try:
             if hasattr(tarfile, "data_filter"):
                 # The "data" filter re-checks paths and drops permission bits; our check gives the clearer message.
@@ -304,7 +304,7 @@ class NemoCheckpoint:
 
         self.shape = Shape(head_num=heads, size_per_head=hidden // heads,
                            inter_size=_positive_int(cfg, "ffn_hidden_size", config_path, default=4 * hidden))
-        legacy = cfg.get("megatron_legacy", False)
+        legacy = cfg.get("megatron_legacy") or False  # absent or null: NeMo's default, False
         if not isinstance(legacy, bool):
             raise CheckpointError(f"{config_path}: megatron_legacy must be true or false, got {legacy!r}")
         self.legacy_qkv = legacy
