@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
+import signal
 import sys
 import tempfile
 import threading
@@ -96,9 +98,23 @@ def counts(stats: dict[str, dict[str, str]]) -> dict[str, dict[str, Any]]:
             for name, row in stats.items()}
 
 
+def kill_core_stub(cluster: LocalReplicas) -> None:
+    """SIGKILL the Python stub of r0's core model (gpt3_1.3b_0_0): tritonserver stays up and keeps saying ready."""
+    server = cluster.replicas[0].find_server()
+    assert server is not None
+    for child in Path(f"/proc/{server}/task").glob("*/children"):
+        for pid in child.read_text().split():
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if argv[0].endswith(b"triton_python_backend_stub") and b"gpt3_1.3b_0_0" in argv:
+                os.kill(int(pid), signal.SIGKILL)
+                return
+    raise RuntimeError("r0 has no stub for gpt3_1.3b_0_0")
+
+
 def run_failover(repository: Path, duration_s: float = 60.0, clients: int = 6, kill_at_s: float = 15.0,
-                 replicas: int = 2) -> dict[str, Any]:
-    """Run the load, kill r0 at `kill_at_s`, let the supervisor restart it; return the counts."""
+                 replicas: int = 2, kill: str = "replica") -> dict[str, Any]:
+    """Run the load, kill r0 (the whole replica, or only its core model's stub) at `kill_at_s`, let the supervisor
+    restart it; return the counts."""
     if not 0 < kill_at_s < duration_s:
         raise ValueError(f"kill_at_s must be in (0, {duration_s}), got {kill_at_s}")
     retries = RetryCounter()
@@ -118,7 +134,10 @@ def run_failover(repository: Path, duration_s: float = 60.0, clients: int = 6, k
             thread.start()
         time.sleep(kill_at_s)
         before = counts(cluster.server_stats())
-        cluster.kill(0)
+        if kill == "stub":
+            kill_core_stub(cluster)
+        else:
+            cluster.kill(0)
         killed_at = time.monotonic() - t0
         at_rejoin: dict[str, dict[str, Any]] | None = None
         rejoined_at = None
@@ -137,7 +156,7 @@ def run_failover(repository: Path, duration_s: float = 60.0, clients: int = 6, k
         end = counts(cluster.server_stats())
         backend = cluster.backend_stats()
         result: dict[str, Any] = {
-            "replicas": replicas, "clients": clients, "duration_s": duration_s, "killed": "r0 (SIGKILL)",
+            "replicas": replicas, "clients": clients, "duration_s": duration_s, "killed": "r0 (SIGKILL)" if kill == "replica" else "r0's core-model stub (SIGKILL)",
             "kill_at_s": round(killed_at, 2), "rejoined_at_s": None if rejoined_at is None else round(rejoined_at, 2),
             "r0_status_timeline": timeline, "startup_s": round(startup_s, 2),
             "requests_ok": load.ok, "requests_failed": load.failed, "errors": load.errors,
@@ -169,6 +188,8 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=60.0, help="Seconds of load.")
     parser.add_argument("--kill-at", type=float, default=15.0, help="Seconds into the load when r0 is killed.")
     parser.add_argument("--clients", type=int, default=6, help="Client threads.")
+    parser.add_argument("--kill", choices=("replica", "stub"), default="replica",
+                        help="What dies: the whole replica, or only the Python stub of its core model.")
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "failover_results.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="failover-") as folder:
@@ -177,8 +198,9 @@ def main() -> int:
             from builder.demo import build_demo_repository  # noqa: PLC0415
 
             repository = build_demo_repository(Path(folder) / "repository")
-        result = run_failover(repository, duration_s=args.duration, clients=args.clients, kill_at_s=args.kill_at)
-    result["machine"] = f"{platform.machine()}, {__import__('os').cpu_count()} CPUs, Python {platform.python_version()}"
+        result = run_failover(repository, duration_s=args.duration, clients=args.clients, kill_at_s=args.kill_at,
+                              kill=args.kill)
+    result["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
     result["command"] = "python " + " ".join(sys.argv)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if not k.startswith("per_replica")}, indent=2))

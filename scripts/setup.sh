@@ -14,6 +14,8 @@ pyver=$("$PYTHON" -c 'import sys; print(f"{sys.version_info.major}.{sys.version_
 need_apt=()
 ldconfig -p | grep -q 'libb64.so.0d' || need_apt+=(libb64-0d)
 ldconfig -p | grep -q "libpython${pyver}.so.1.0" || need_apt+=("libpython${pyver}")
+# HAProxy: the balancer of `builder deploy local` and of the failover test (tests/test_failover.py).
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need_apt[*]}" >&2
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
