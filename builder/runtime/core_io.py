@@ -116,10 +116,10 @@ def parse_word_list(array: np.ndarray, input_name: str, batch_size: int, vocab_s
             if end < 0:
                 break
             if end < start or end > len(ids):
-                raise RequestError(input_name, f"offsets must be non-decreasing and <= {len(ids)}, got {offsets}")
+                raise RequestError(input_name, f"offsets must be non-decreasing and <= {len(ids)}")
             word = tuple(int(token) for token in ids[start:end])
             if any(not 0 <= token < vocab_size for token in word):
-                raise RequestError(input_name, f"token ids must be in [0, {vocab_size}), got {list(word)}")
+                raise RequestError(input_name, f"token ids must be in [0, {vocab_size})")
             if word:
                 words.append(word)
             start = end
@@ -186,36 +186,36 @@ def parse_request(inputs: Mapping[str, np.ndarray], limits: EngineLimits) -> Par
                  parse_word_list(inputs["bad_words_list"], "bad_words_list", batch_size, limits.vocab_size))
 
     # One beam width per Triton request: output_ids is [B, beam, T].
-    _check(len(set(beam_widths)) == 1, "beam_width", f"must be the same for all rows of a request, got {beam_widths}")
+    _check(len(set(beam_widths)) == 1, "beam_width", "must be the same for all rows of a request")
     beam_width = beam_widths[0]
-    _check(1 <= beam_width <= MAX_BEAM_WIDTH, "beam_width", f"must be in [1, {MAX_BEAM_WIDTH}], got {beam_width}")
+    _check(1 <= beam_width <= MAX_BEAM_WIDTH, "beam_width", f"must be in [1, {MAX_BEAM_WIDTH}]")
     _check(batch_size * beam_width <= limits.max_batch_size, "beam_width",
-           f"rows x beam_width = {batch_size} x {beam_width} exceeds the engine's max_batch_size "
-           f"{limits.max_batch_size}")
+           f"rows x beam_width must be <= the engine's max_batch_size {limits.max_batch_size} (KV-cache slots); "
+           f"the request has {batch_size} rows")
 
     rows: list[GenerationRequest] = []
     for i in range(batch_size):
         length, output_len = lengths[i], output_lens[i]
-        _check(1 <= length <= padded_len, "input_lengths", f"row {i}: must be in [1, {padded_len}], got {length}")
-        _check(output_len >= 1, "request_output_len", f"row {i}: must be >= 1, got {output_len}")
+        _check(1 <= length <= padded_len, "input_lengths", f"row {i}: must be in [1, {padded_len}]")
+        _check(output_len >= 1, "request_output_len", f"row {i}: must be >= 1")
         _check(length + output_len <= limits.max_seq_len, "request_output_len",
-               f"row {i}: input_lengths + request_output_len = {length} + {output_len} exceeds the engine's "
-               f"max_seq_len {limits.max_seq_len}")
+               f"row {i}: input_lengths + request_output_len must be <= the engine's max_seq_len "
+               f"{limits.max_seq_len}")
         prompt = input_ids[i, :length]
         _check(bool((prompt >= 0).all() and (prompt < limits.vocab_size).all()), "input_ids",
                f"row {i}: token ids must be in [0, {limits.vocab_size})")
         _check(0 <= top_ks[i] <= limits.vocab_size, "runtime_top_k",
-               f"row {i}: must be in [0, {limits.vocab_size}], got {top_ks[i]}")
-        _check(0.0 <= top_ps[i] <= 1.0, "runtime_top_p", f"row {i}: must be in [0, 1], got {top_ps[i]}")
-        _check(0.0 <= temperatures[i] < float("inf"), "temperature", f"row {i}: must be >= 0, got {temperatures[i]}")
+               f"row {i}: must be in [0, {limits.vocab_size}]")
+        _check(0.0 <= top_ps[i] <= 1.0, "runtime_top_p", f"row {i}: must be in [0, 1]")
+        _check(0.0 <= temperatures[i] < float("inf"), "temperature", f"row {i}: must be >= 0 and finite")
         _check(0.0 < repetition[i] < float("inf"), "repetition_penalty",
-               f"row {i}: must be > 0 (1 = off), got {repetition[i]}")
-        _check(np.isfinite(presence[i]), "presence_penalty", f"row {i}: must be finite, got {presence[i]}")
-        _check(min_lengths[i] >= 0, "min_length", f"row {i}: must be >= 0, got {min_lengths[i]}")
-        _check(np.isfinite(len_penalties[i]), "len_penalty", f"row {i}: must be finite, got {len_penalties[i]}")
-        _check(0 <= seeds[i] <= UINT64_MAX, "random_seed", f"row {i}: must be a uint64, got {seeds[i]}")
+               f"row {i}: must be > 0 and finite (1 = off)")
+        _check(np.isfinite(presence[i]), "presence_penalty", f"row {i}: must be finite")
+        _check(min_lengths[i] >= 0, "min_length", f"row {i}: must be >= 0")
+        _check(np.isfinite(len_penalties[i]), "len_penalty", f"row {i}: must be finite")
+        _check(0 <= seeds[i] <= UINT64_MAX, "random_seed", f"row {i}: must be a uint64")
         _check(0 <= end_ids[i] < limits.vocab_size, "end_id",
-               f"row {i}: must be in [0, {limits.vocab_size}), got {end_ids[i]}")
+               f"row {i}: must be in [0, {limits.vocab_size})")
         rows.append(GenerationRequest(
             input_ids=tuple(int(t) for t in prompt.tolist()), output_len=output_len, end_id=end_ids[i],
             top_k=top_ks[i], top_p=top_ps[i], temperature=temperatures[i], repetition_penalty=repetition[i],

@@ -56,7 +56,13 @@ class PreprocessConfigError(ValueError):
 
 
 class RequestError(Exception):
-    """A request is invalid; `input_name` is the offending input, the message states the value and the limit."""
+    """A request is invalid; `input_name` is the offending input, the message states the limit.
+
+    Messages never echo a numeric input's value: any input can be read from a shared-memory region, and a client
+    that registered someone else's memory as one could otherwise read it back through our errors, four bytes per
+    refused `top_k`. The client knows what it sent; the field and the limit are what it needs. Text-derived numbers
+    (a prompt's bytes or tokens) stay: a request that passes returns its text anyway (exclude_input_in_output).
+    """
 
     def __init__(self, input_name: str, message: str):
         super().__init__(f"invalid input '{input_name}': {message}")
@@ -185,11 +191,6 @@ class _ParsedRequest:
     words: dict[str, list[list[str]]] = field(default_factory=dict)  # stop_words/bad_words -> per row variants
 
 
-def _show(value: object) -> str:
-    """A value as the client would write it (float32 inputs print without their binary noise)."""
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
-
-
 def _row_label(row: int, batch: int) -> str:
     return f" (row {row})" if batch > 1 else ""
 
@@ -232,10 +233,8 @@ def _parse_request(inputs: Mapping[str, np.ndarray], config: PreprocessConfig) -
         raise RequestError(MAX_TOKENS, "is required")
     max_tokens = max_tokens.astype(np.int64)
     for row, value in enumerate(max_tokens):
-        if value < 1:
-            raise RequestError(MAX_TOKENS, f"{value}{_row_label(row, batch)} must be >= 1")
-        if value > config.max_pos_seq_len - 1:  # the prompt takes at least one position
-            raise RequestError(MAX_TOKENS, f"{value}{_row_label(row, batch)} must be <= {config.max_pos_seq_len - 1} "
+        if not 1 <= value <= config.max_pos_seq_len - 1:  # the prompt takes at least one position
+            raise RequestError(MAX_TOKENS, f"must be in [1, {config.max_pos_seq_len - 1}]{_row_label(row, batch)} "
                                            f"(max_pos_seq_len {config.max_pos_seq_len} less one prompt token)")
 
     scalars: dict[str, np.ndarray] = {}
@@ -247,11 +246,11 @@ def _parse_request(inputs: Mapping[str, np.ndarray], config: PreprocessConfig) -
         for row, value in enumerate(given.tolist()):
             problem = spec.check(float(value), config)
             if problem:
-                raise RequestError(spec.name, f"{_show(value)}{_row_label(row, batch)} {problem}")
+                raise RequestError(spec.name, f"{problem}{_row_label(row, batch)}")
         scalars[spec.name] = given
     for row, (min_tokens, limit) in enumerate(zip(scalars["min_tokens"].tolist(), max_tokens.tolist())):
         if min_tokens > limit:
-            raise RequestError("min_tokens", f"{min_tokens}{_row_label(row, batch)} must be <= max_tokens ({limit})")
+            raise RequestError("min_tokens", f"must be <= max_tokens{_row_label(row, batch)}")
 
     words: dict[str, list[list[str]]] = {}
     for name in WORD_LIST_INPUTS:
@@ -284,9 +283,9 @@ def _check_prompt_bytes(parsed: _ParsedRequest, max_token_bytes: int, config: Pr
         room = config.max_pos_seq_len - limit  # tokens left for the prompt
         size = len(prompt.encode("utf-8"))
         if size > room * max_token_bytes:
-            raise RequestError(TEXT_INPUT, f"prompt{_row_label(row, batch)} has {size} bytes, so more than {room} "
-                                           f"tokens (a token covers at most {max_token_bytes} bytes); with max_tokens "
-                                           f"{limit} that exceeds max_pos_seq_len {config.max_pos_seq_len}")
+            raise RequestError(TEXT_INPUT, f"prompt{_row_label(row, batch)} has {size} bytes, more than fit in "
+                                           f"max_pos_seq_len {config.max_pos_seq_len} tokens less max_tokens (a token "
+                                           f"covers at most {max_token_bytes} bytes)")
 
 
 def _ft_tensors(parsed: _ParsedRequest, prompt_ids: list[list[int]], word_ids: dict[str, list[list[list[int]]]],
@@ -295,9 +294,8 @@ def _ft_tensors(parsed: _ParsedRequest, prompt_ids: list[list[int]], word_ids: d
     for row, ids in enumerate(prompt_ids):
         limit = int(parsed.max_tokens[row])
         if len(ids) + limit > config.max_pos_seq_len:
-            raise RequestError(TEXT_INPUT, f"prompt{_row_label(row, batch)} has {len(ids)} tokens; with max_tokens "
-                                           f"{limit} that is {len(ids) + limit} > max_pos_seq_len "
-                                           f"{config.max_pos_seq_len}")
+            raise RequestError(TEXT_INPUT, f"prompt{_row_label(row, batch)} has {len(ids)} tokens; prompt tokens + "
+                                           f"max_tokens must be <= max_pos_seq_len {config.max_pos_seq_len}")
     for name, rows in word_ids.items():
         for row, words in enumerate(rows):
             tokens = sum(len(word) for word in words)
