@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import http.server
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +19,8 @@ import tritonclient.http as httpclient
 from click.testing import CliRunner
 
 from builder.cli import main as builder_main
-from builder.serve import ServerError, TritonServer, free_ports
+import builder.serve as serve_module
+from builder.serve import PYTHON_STUB, ServerError, TritonServer, bundled_backend_directory, free_ports
 
 pytestmark = pytest.mark.server
 
@@ -218,3 +223,83 @@ def test_perf_analyzer_measures_the_served_model(echo_repo: Path, start_server, 
     header = rows[0].split(",")
     throughputs = [float(row.split(",")[header.index("Inferences/Second")]) for row in rows[1:]]
     assert len(throughputs) == 2 and all(t > 0 for t in throughputs)
+
+
+# -- a stub that cannot even start -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("broken", ["garbage", "not-executable"])
+def test_stub_that_cannot_exec_fails_fast_naming_the_model(echo_repo: Path, tmp_path: Path, broken: str) -> None:
+    backends = bundled_backend_directory(tmp_path)
+    stub = backends / "python" / PYTHON_STUB
+    stub.unlink()
+    stub.write_bytes(b"\x7fELF but not really")
+    stub.chmod(0o755 if broken == "garbage" else 0o644)
+    server = TritonServer.on_free_ports(echo_repo, backend_directory=backends, startup_timeout_s=120)
+    started = time.monotonic()
+    with pytest.raises(ServerError) as caught:
+        server.start()
+    elapsed = time.monotonic() - started
+    message = str(caught.value)
+    assert elapsed < 20, elapsed  # not the startup timeout
+    assert "echo" in message and PYTHON_STUB in message, message
+    assert server.process is None
+
+
+# -- ports held by someone else ----------------------------------------------------------------------------------------
+class AlwaysReady(http.server.BaseHTTPRequestHandler):
+    """Another HTTP server: answers 200 to everything, readiness probes included."""
+
+    def do_GET(self) -> None:  # noqa: N802  (http.server's naming)
+        body = b"{}"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_POST = do_GET
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def squatter() -> Iterator[callable]:
+    """`squatter(port)` starts another HTTP server on loopback `port`; all are stopped at teardown."""
+    servers: list[http.server.ThreadingHTTPServer] = []
+
+    def start(port: int) -> http.server.ThreadingHTTPServer:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), AlwaysReady)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("which", ["http", "grpc", "metrics"])
+def test_serve_cli_refuses_a_port_in_use(echo_repo: Path, squatter, which: str) -> None:
+    ports = dict(zip(("http", "grpc", "metrics"), free_ports(3)))
+    squatter(ports[which])
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "builder", "serve", str(echo_repo), "--http-port", str(ports["http"]),
+         "--grpc-port", str(ports["grpc"]), "--metrics-port", str(ports["metrics"]), "--startup-timeout", "60"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert f"port {ports[which]} is in use" in result.stderr, result.stderr
+    assert "ready:" not in result.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_port_taken_after_the_check_is_still_caught(echo_repo: Path, squatter,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # Someone binds the HTTP port between our check and tritonserver's bind: the readiness probe is then answered by
+    # them, so start() must also see that tritonserver itself listens on every port.
+    monkeypatch.setattr(serve_module, "ports_in_use", lambda address, ports: [])
+    server = TritonServer.on_free_ports(echo_repo, startup_timeout_s=60)
+    squatter(server.config.http_port)
+    with pytest.raises(ServerError, match=f"HTTP port {server.config.http_port} is in use"):
+        server.start()
+    assert server.process is None
