@@ -52,7 +52,9 @@ def python(argv: list[str]) -> list[str]:
 def wait_ready(port: int, server: subprocess.Popen[str], timeout_s: float = 240) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        assert server.poll() is None, f"serve exited with {server.returncode}:\n{server.stdout.read()}"  # type: ignore[union-attr]
+        if server.poll() is not None:
+            output = server.stdout.read() if server.stdout else ""
+            raise AssertionError(f"serve exited with {server.returncode}:\n{output}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as response:
                 if response.status == 200:

@@ -3,9 +3,9 @@
 Order of operations follows FasterTransformer: temperature, then repetition (multiplicative, HF/CTRL style) and
 presence (additive) penalties over every token seen so far (prompt included), then bad words, the min_length ban of
 end_id, and the mask of ids >= the usable vocabulary. A row these bans leave without any allowed token ends with
-end_id; a temperature below GREEDY_TEMPERATURE is greedy, like 0. Selection: argmax for greedy rows; otherwise top-k, then top-p
-over the renormalised top-k distribution (FT's combined semantics), then inverse-CDF sampling with one uniform number
-per row and step from a counter-based hash of (random_seed, step). The same seed therefore gives the same tokens
+end_id; a temperature below GREEDY_TEMPERATURE is greedy, like 0. Selection: argmax for greedy rows; otherwise top-k,
+then top-p over the renormalised top-k distribution (FT's combined semantics), then inverse-CDF sampling with one
+uniform number per row and step from a counter-based hash of (random_seed, step). The same seed therefore gives the same tokens
 whatever else is in the batch, and no per-row generator objects are needed.
 """
 
