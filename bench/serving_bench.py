@@ -1,0 +1,641 @@
+"""Serving-path benchmark (issue 17): what a user of the streaming repository gets, measured with perf_analyzer.
+
+Against a served `--streaming` repository (torch engine; built here from a random checkpoint preset, or
+`--repository`), every run a perf_analyzer process over a gRPC stream (`--async --streaming`; the models are
+decoupled), with input data of exact token lengths and `min_tokens = max_tokens` so random weights cannot stop early:
+  1. batch 1 (this process, gRPC, sequential): decode ms/token (slope of non-streamed latency over output length),
+     time to the first streamed response of a 512-token prompt through the ensemble and calling the core model with
+     token ids (-> ensemble overhead), the same overhead non-streamed with 1 new token;
+  2. sweep: streamed and not-streamed ensemble at each `--levels` concurrency (128-token prompts, 128 new tokens):
+     output tok/s, latency, TTFT, inter-token latency, responses per request / per token;
+  3. the core model alone (token ids), streamed, at `--core-levels`;
+  4. mixed workload: 64 closed-loop clients over a seeded input-data file (prompts uniform 16-1024 tokens, outputs
+     uniform 16-512, each entry its own max_tokens = min_tokens), not streamed and streamed.
+perf_analyzer's and the server's CPU are sampled during every run (psutil; /proc where psutil is missing). Writes
+--out (JSON), the same name with .md (goal / measured / met, every run) and .png (tok/s, TTFT and ITL vs
+concurrency); raw perf_analyzer files go to --work/raw. The JSON is rewritten after every stage, so a run cut short
+keeps what it measured; --merge adds to an existing JSON (run the stages in several commands).
+
+GPU host (see docs/serving_benchmark.md):
+  source .gpu/setup.sh && python bench/serving_bench.py --out docs/gpu/serving.json
+CPU check (tiny synthetic model, seconds):  python bench/serving_bench.py --device cpu --out /tmp/x/serving.json \
+  --levels 1,4 --seconds 1 ...  (tests/test_serving_bench.py runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+import gpu_bench  # noqa: E402  (bench/gpu_bench.py: the gRPC batch-1 client and the weight preparation steps)
+from builder.checkpoints import convert, write_synthetic_checkpoint  # noqa: E402
+from builder.render import render_repository  # noqa: E402
+from builder.render_config import RenderConfig  # noqa: E402
+from builder.runtime.model_config import GptModelConfig  # noqa: E402
+from builder.serve import TritonServer  # noqa: E402
+from client.perf import (DEFAULT_TOKENIZER_DIR, find_perf_analyzer, load_tokenizer, model_info,  # noqa: E402
+                         parse_concurrency, perf_analyzer_env, perf_analyzer_version, token_length_prompts)
+from client.perf_report import load_export, read_csv_row  # noqa: E402
+from serving_report import GOALS, goal_rows, markdown, plot, run_metrics  # noqa: E402
+
+log = gpu_bench.log
+
+
+# The keys issue 17 asks for by name (docs/gpu/serving.json), besides the goals' keys.
+HEADLINE_KEYS = ("gpu", "streamed_tokens_per_s_c64", "not_streamed_tokens_per_s_c64", "streamed_tokens_per_s_c256",
+                 "mixed_tokens_per_s_c64", "mixed_ttft_p99_ms", "responses_per_token_c1",
+                 "ttft_ms_prompt512_bs1_streamed", "ensemble_overhead_ms_bs1", "client_cpu_percent_max")
+
+
+MAX_WINDOW_S = 60.0
+
+
+class BenchError(RuntimeError):
+    """A setting that cannot work, or a run that failed; the message says which."""
+
+
+# -- CPU of the client and the server ----------------------------------------------------------------------------------
+class CpuSampler:
+    """Samples the CPU% (100 = one core) of a process and its children every `interval_s` in a thread.
+
+    psutil where installed; else /proc/<pid>/stat (user + system ticks), which is all psutil reads on Linux."""
+
+    def __init__(self, pid: int, interval_s: float = 0.5, children: bool = True) -> None:
+        self.pid, self.interval_s, self.children = pid, interval_s, children
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "CpuSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def max(self) -> float | None:
+        return max(self.samples) if self.samples else None
+
+    @property
+    def mean(self) -> float | None:
+        return float(np.mean(self.samples)) if self.samples else None
+
+    def _ticks(self) -> float | None:
+        """CPU seconds of the process tree so far (None once the process is gone)."""
+        try:
+            import psutil  # noqa: PLC0415
+
+            root = psutil.Process(self.pid)
+            total = 0.0
+            for proc in [root, *(root.children(recursive=True) if self.children else [])]:
+                try:
+                    times = proc.cpu_times()
+                    total += times.user + times.system
+                except psutil.Error:
+                    pass
+            return total
+        except ImportError:
+            return self._proc_ticks()
+        except Exception:  # noqa: BLE001  (psutil.NoSuchProcess: the run ended)
+            return None
+
+    def _proc_ticks(self) -> float | None:
+        hz = os.sysconf("SC_CLK_TCK")
+        pids, total = [self.pid], 0.0
+        seen: set[int] = set()
+        while pids:
+            pid = pids.pop()
+            if pid in seen:
+                continue
+            seen.add(pid)
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / hz  # utime, stime
+                for task in Path(f"/proc/{pid}/task").iterdir() if self.children else ():
+                    children = (task / "children").read_text().split()
+                    pids += [int(child) for child in children]
+            except (OSError, ValueError, IndexError):
+                if pid == self.pid:
+                    return None
+        return total
+
+    def _run(self) -> None:
+        last, last_t = self._ticks(), time.perf_counter()
+        while not self._stop.wait(self.interval_s):
+            now, now_t = self._ticks(), time.perf_counter()
+            if now is None or last is None:
+                return
+            self.samples.append(100.0 * (now - last) / (now_t - last_t))
+            last, last_t = now, now_t
+
+
+# -- input data ----------------------------------------------------------------------------------------------------------
+def ensemble_entry(text: str, new_tokens: int, stream: bool, inputs: frozenset[str]) -> dict[str, Any]:
+    entry: dict[str, Any] = {"text_input": [text], "max_tokens": [new_tokens], "min_tokens": [new_tokens]}
+    if "stream" in inputs:
+        entry["stream"] = [stream]
+    if "exclude_input_in_output" in inputs:
+        entry["exclude_input_in_output"] = [True]
+    return entry
+
+
+def core_entry(ids: list[int], new_tokens: int, stream: bool, inputs: frozenset[str]) -> dict[str, Any]:
+    """The FT-contract core request; unlike client/perf.py's core_input_data it pins min_length (random weights)."""
+    entry: dict[str, Any] = {"input_ids": {"content": ids, "shape": [len(ids)]},
+                             "input_lengths": {"content": [len(ids)], "shape": [1]},
+                             "request_output_len": {"content": [new_tokens], "shape": [1]},
+                             "min_length": {"content": [new_tokens], "shape": [1]}}
+    if "stream" in inputs:
+        entry["stream"] = [stream]
+    return entry
+
+
+def mixed_lengths(entries: int, prompt_range: tuple[int, int], output_range: tuple[int, int],
+                  seed: int) -> list[tuple[int, int]]:
+    """(prompt tokens, output tokens) per entry, each uniform over its inclusive range."""
+    rng = np.random.default_rng(seed)
+    prompts = rng.integers(prompt_range[0], prompt_range[1] + 1, size=entries)
+    outputs = rng.integers(output_range[0], output_range[1] + 1, size=entries)
+    return [(int(p), int(o)) for p, o in zip(prompts, outputs)]
+
+
+def prompts_of_lengths(tokenizer: Any, lengths: list[int], seed: int, pool: int = 32) -> list[tuple[str, list[int]]]:
+    """A prompt of exactly each length: prefixes of `pool` longest prompts made of single-token words (a prefix of
+    single-token words is again exactly that many tokens; checked by re-encoding all of them)."""
+    longest = max(lengths)
+    bases = token_length_prompts(tokenizer, longest, pool, seed)
+    prompts = []
+    for index, length in enumerate(lengths):
+        ids = bases[index % pool][1][:length]
+        prompts.append((tokenizer.decode(ids), ids))
+    encoded = tokenizer.encode_batch([text for text, _ in prompts])
+    for (text, ids), encoding in zip(prompts, encoded):
+        if list(encoding.ids) != ids:
+            raise BenchError(f"a prompt prefix of {len(ids)} tokens re-encodes to {len(encoding.ids)} tokens")
+    return prompts
+
+
+# -- perf_analyzer runs ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Runner:
+    url: str
+    raw: Path
+    seconds: float
+    stability: float
+    max_trials: int
+    server_pid: int | None
+    binary: Path = dataclasses.field(default_factory=find_perf_analyzer)
+    env: dict[str, str] = dataclasses.field(default_factory=perf_analyzer_env)
+
+    def run(self, name: str, model: str, concurrency: int, streamed: bool, data: dict[str, Any],
+            seconds: float | None = None) -> dict[str, Any]:
+        """One perf_analyzer run at one concurrency; returns the run's metrics as JSON. perf_analyzer writes nothing
+        when its windows never agree within --stability-percentage: then it is retried once with windows twice as
+        long; a second failure is recorded as {"name", "concurrency", "error"} and the benchmark goes on."""
+        seconds = seconds or self.seconds
+        try:
+            return self._run_once(name, model, concurrency, streamed, data, seconds, self.max_trials)
+        except BenchError as err:
+            log(f"  {err}; retrying with {2 * seconds:g} s windows")
+        try:
+            return self._run_once(name, model, concurrency, streamed, data, 2 * seconds, self.max_trials + 2)
+        except BenchError as err:
+            log(f"  {err}")
+            return {"name": name, "model": model, "concurrency": concurrency, "streamed": streamed,
+                    "error": str(err)}
+
+    def _run_once(self, name: str, model: str, concurrency: int, streamed: bool, data: dict[str, Any],
+                  seconds: float, max_trials: int) -> dict[str, Any]:
+        stem = f"{name}_c{concurrency}"  # whole names: Path.with_suffix would cut at a dot of the name
+        data_path, csv_path = self.raw / f"{stem}.input.json", self.raw / f"{stem}.csv"
+        export_path = self.raw / f"{stem}.export.json"
+        data_path.write_text(json.dumps(data))
+        for path in (csv_path, export_path):
+            path.unlink(missing_ok=True)
+        command = [str(self.binary), "-m", model, "-u", self.url, "-i", "grpc", "--async", "--streaming",
+                   "--input-data", str(data_path), "--concurrency-range", str(concurrency),
+                   "--measurement-mode", "time_windows", "--measurement-interval", str(int(seconds * 1000)),
+                   "--stability-percentage", f"{self.stability:g}", "--max-trials", str(max_trials),
+                   "-f", str(csv_path), "--profile-export-file", str(export_path)]
+        # Generous: every window plus start-up and the drain of requests still in flight.
+        timeout = max_trials * seconds * 2 + 180
+        log(f"perf_analyzer {name} ({model}) concurrency {concurrency} ...")
+        with open(self.raw / "perf_analyzer.log", "a") as out:
+            out.write(f"\n$ {' '.join(command)}\n")
+            out.flush()
+            started = time.perf_counter()
+            process = subprocess.Popen(command, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+            server = CpuSampler(self.server_pid) if self.server_pid else None
+            with CpuSampler(process.pid) as client:
+                if server:
+                    server.__enter__()
+                try:
+                    code = process.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+                    raise BenchError(f"perf_analyzer {name} at concurrency {concurrency} ran past {timeout:.0f} s")
+                finally:
+                    if server:
+                        server.__exit__()
+        if code != 0 or not csv_path.is_file() or not export_path.is_file():
+            with open(self.raw / "perf_analyzer.log") as out:
+                tail = [line.strip() for line in out.readlines()[-3:] if line.strip()]
+            raise BenchError(f"perf_analyzer {name} at concurrency {concurrency} failed (exit {code}): "
+                             + " | ".join(tail))
+        experiment = load_export(export_path)
+        rps = float(read_csv_row(csv_path)["Inferences/Second"])
+        metrics = run_metrics(name, model, concurrency, streamed, rps, experiment).to_json()
+        metrics.update(client_cpu_percent_max=client.max, client_cpu_percent_mean=client.mean,
+                       server_cpu_percent_mean=server.mean if server else None, window_s=seconds,
+                       wall_s=time.perf_counter() - started)
+        log(f"  {metrics['output_tokens_per_s']:.0f} tok/s, {rps:.1f} req/s, "
+            f"responses/token {metrics['responses_per_token'] or 0:.3f}, client CPU max {client.max or 0:.0f} %"
+            )
+        return metrics
+
+
+# -- batch 1, from this process -------------------------------------------------------------------------------------
+def core_call_times(triton: gpu_bench.Triton, model: str, ids: list[int], new_tokens: int,
+                    stream: bool) -> list[float]:
+    """Arrival times (s after sending) of the core model's responses (gpu_bench.Triton.core asks for one only)."""
+    inputs = [triton._input("input_ids", np.array([ids], np.uint32), "UINT32"),
+              triton._input("input_lengths", np.array([[len(ids)]], np.uint32), "UINT32"),
+              triton._input("request_output_len", np.array([[new_tokens]], np.uint32), "UINT32"),
+              triton._input("min_length", np.array([[new_tokens]], np.uint32), "UINT32"),
+              triton._input("stream", np.array([[stream]]), "BOOL")]
+    return triton._call(model, inputs)[1]
+
+
+def median_ms(call: Any, reps: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        call()
+    return 1000 * statistics.median(call() for _ in range(reps))
+
+
+def batch1(url: str, core: str, tokenizer: Any, args: argparse.Namespace, result: dict[str, Any]) -> None:
+    triton = gpu_bench.Triton(url, streaming=True)
+    (short_text, short_ids), = token_length_prompts(tokenizer, args.prompt_tokens, 1, seed=11)
+    (long_text, long_ids), = token_length_prompts(tokenizer, args.long_prompt_tokens, 1, seed=12)
+    reps = args.bs1_reps
+    sampler = CpuSampler(os.getpid(), children=False)  # tritonserver is this process's child: leave it out
+    with sampler:
+        points = {}
+        for new_tokens in sorted({max(2, round(args.new_tokens * f)) for f in (0.125, 0.375, 0.625, 1.0)}):
+            points[new_tokens] = median_ms(lambda n=new_tokens: triton.text(short_text, n)[-1], max(3, reps // 4), 1)
+        slope = float(np.polyfit(list(points), list(points.values()), 1)[0])
+        result["decode_ms_per_token_bs1"] = slope
+        result["latency_ms_bs1_not_streamed"] = {str(k): v for k, v in points.items()}
+        first = 4  # a few tokens, so the stream has a first response followed by others
+        result["ttft_ms_prompt512_bs1_streamed"] = median_ms(
+            lambda: triton.text(long_text, first, stream=True)[0], reps)
+        result["ttft_ms_prompt512_bs1_core_streamed"] = median_ms(
+            lambda: core_call_times(triton, core, long_ids, first, True)[0], reps)
+        result["ensemble_overhead_ms_bs1"] = (result["ttft_ms_prompt512_bs1_streamed"]
+                                              - result["ttft_ms_prompt512_bs1_core_streamed"])
+        result["ttft_ms_prompt512_bs1_not_streamed"] = median_ms(lambda: triton.text(long_text, 1)[-1], reps)
+        result["ttft_ms_prompt128_bs1_streamed"] = median_ms(
+            lambda: triton.text(short_text, first, stream=True)[0], reps)
+        # As bench/ensemble_overhead.py: one new token, not streamed, ensemble vs core with the same token ids.
+        ensemble_1 = median_ms(lambda: triton.text(short_text, 1)[-1], reps)
+        core_1 = median_ms(lambda: core_call_times(triton, core, short_ids, 1, False)[-1], reps)
+        result["latency_ms_bs1_1token_not_streamed"] = ensemble_1
+        result["latency_ms_bs1_1token_core_not_streamed"] = core_1
+        result["ensemble_overhead_ms_bs1_not_streamed"] = ensemble_1 - core_1
+    result["batch1_client_cpu_percent_max"] = sampler.max
+    log(f"batch 1: decode {slope:.3f} ms/token, TTFT({args.long_prompt_tokens}) streamed "
+        f"{result['ttft_ms_prompt512_bs1_streamed']:.2f} ms (core {result['ttft_ms_prompt512_bs1_core_streamed']:.2f}"
+        f" ms), overhead non-streamed {result['ensemble_overhead_ms_bs1_not_streamed']:.2f} ms")
+
+
+# -- results ----------------------------------------------------------------------------------------------------------
+def _run(result: dict[str, Any], name: str, concurrency: int) -> dict[str, Any] | None:
+    for run in result.get("runs", []):
+        if run["name"] == name and run["concurrency"] == concurrency:
+            return run
+    return None
+
+
+def _p(run: dict[str, Any] | None, key: str, quantile: str) -> float | None:
+    return run[key][quantile] if run and run.get(key) else None
+
+
+def derive(result: dict[str, Any], mixed_clients: int) -> None:
+    """The headline keys (the issue's names) from the runs; the goals."""
+    runs = result.get("runs", [])
+    for run in runs:
+        if run["name"] in ("streamed", "not_streamed", "core_streamed"):
+            result[f"{run['name']}_tokens_per_s_c{run['concurrency']}"] = run["output_tokens_per_s"]
+        if run["name"] in ("streamed", "core_streamed"):
+            c = run["concurrency"]
+            result[f"{run['name']}_ttft_p50_ms_c{c}"] = _p(run, "ttft_ms", "p50")
+            result[f"{run['name']}_ttft_p99_ms_c{c}"] = _p(run, "ttft_ms", "p99")
+            result[f"{run['name']}_itl_p50_ms_c{c}"] = _p(run, "itl_ms", "p50")
+            result[f"{run['name']}_itl_p99_ms_c{c}"] = _p(run, "itl_ms", "p99")
+            result[f"{run['name']}_responses_per_token_c{c}"] = run["responses_per_token"]
+    streamed64, plain64 = _run(result, "streamed", 64), _run(result, "not_streamed", 64)
+    if streamed64 and plain64 and plain64["output_tokens_per_s"]:
+        result["streamed_over_not_streamed_c64"] = streamed64["output_tokens_per_s"] / plain64["output_tokens_per_s"]
+    c1 = _run(result, "streamed", 1)
+    if c1:
+        result["responses_per_token_c1"] = c1["responses_per_token"]
+        result["responses_per_request_c1"] = c1["responses_per_request"]
+        result["tokens_per_request_c1"] = c1["tokens_per_request"]
+        result["itl_p50_ms_c1"] = _p(c1, "itl_ms", "p50")
+        result["inter_response_p50_ms_c1"] = _p(c1, "inter_response_ms", "p50")
+        if result.get("decode_ms_per_token_bs1") and result["itl_p50_ms_c1"] is not None:
+            result["itl_p50_over_decode_ms_c1"] = result["itl_p50_ms_c1"] / result["decode_ms_per_token_bs1"]
+    core1 = _run(result, "core_streamed", 1)
+    if c1 and core1:
+        result["ensemble_overhead_ms_c1_perf_analyzer"] = _p(c1, "latency_ms", "p50") - _p(core1, "latency_ms", "p50")
+        result["ensemble_overhead_ttft_ms_c1_perf_analyzer"] = _p(c1, "ttft_ms", "p50") - _p(core1, "ttft_ms", "p50")
+    for name, prefix in (("mixed_not_streamed", "mixed"), ("mixed_streamed", "mixed_streamed")):
+        run = _run(result, name, mixed_clients)
+        if run:
+            result[f"{prefix}_tokens_per_s_c{mixed_clients}"] = run["output_tokens_per_s"]
+            result[f"{prefix}_latency_p50_ms"] = _p(run, "latency_ms", "p50")
+            result[f"{prefix}_latency_p99_ms"] = _p(run, "latency_ms", "p99")
+            result[f"{prefix}_tokens_per_request"] = run["tokens_per_request"]
+    mixed_streamed = _run(result, "mixed_streamed", mixed_clients)
+    if mixed_streamed:
+        result["mixed_ttft_p50_ms"] = _p(mixed_streamed, "ttft_ms", "p50")
+        result["mixed_ttft_p99_ms"] = _p(mixed_streamed, "ttft_ms", "p99")
+    for key in (*HEADLINE_KEYS, *(goal.key for goal in GOALS)):  # always there; null where not measured
+        result.setdefault(key, None)
+    cpus = [run["client_cpu_percent_max"] for run in runs if run.get("client_cpu_percent_max") is not None]
+    if result.get("batch1_client_cpu_percent_max") is not None:
+        cpus.append(result["batch1_client_cpu_percent_max"])
+    result["client_cpu_percent_max"] = max(cpus) if cpus else None
+    result["goals"] = goal_rows(result)
+
+
+def write_outputs(out: Path, result: dict[str, Any], mixed_clients: int, with_plot: bool = True) -> None:
+    """JSON and table (the JSON atomically replaced); the plot too unless `with_plot` is false (it takes a second)."""
+    derive(result, mixed_clients)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if with_plot:
+        drawn = plot(out.with_suffix(".png"), result.get("runs", []), f"serving benchmark: {result.get('gpu', '?')}")
+        result["plot"] = str(out.with_suffix(".png").name) if drawn else "none: matplotlib is not importable here"
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
+    out.with_suffix(".md").write_text(markdown(result))
+
+
+def add_run(result: dict[str, Any], run: dict[str, Any]) -> None:
+    """Keep the newest run of each (name, concurrency); a failed one goes to failed_runs."""
+    key = (run["name"], run["concurrency"])
+    for group in ("runs", "failed_runs"):
+        result[group] = [r for r in result.get(group, []) if (r["name"], r["concurrency"]) != key]
+    result["failed_runs" if "error" in run else "runs"].append(run)
+
+
+# -- repository -------------------------------------------------------------------------------------------------------
+def render_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """RenderConfig fields set from the command line: --max-slots (the KV-slot field, where this version has one),
+    --render-option NAME=VALUE (any field, converted to the type of its default)."""
+    fields = {f.name: f for f in dataclasses.fields(RenderConfig)}
+    overrides: dict[str, Any] = {}
+    if args.max_slots is not None:
+        slot_fields = [name for name in fields if "slot" in name]
+        if not slot_fields:
+            raise BenchError("--max-slots: this version's RenderConfig has no KV-slot field (fields: "
+                             f"{', '.join(fields)}); KV slots follow --max-batch-size")
+        overrides[slot_fields[0]] = args.max_slots
+    for option in args.render_option:
+        name, sep, text = option.partition("=")
+        if not sep or name not in fields:
+            raise BenchError(f"--render-option {option!r}: expected NAME=VALUE with NAME one of {', '.join(fields)}")
+        default = fields[name].default
+        if isinstance(default, bool):
+            value: Any = text.lower() in ("1", "true", "yes")
+        elif isinstance(default, int):
+            value = int(text)
+        elif isinstance(default, float):
+            value = float(text)
+        else:
+            value = text
+        overrides[name] = value
+    return overrides
+
+
+def build_repository(args: argparse.Namespace, result: dict[str, Any]) -> Path:
+    """Random checkpoint preset -> FT weights -> the streaming torch repository (as bench/gpu_bench.py does)."""
+    cpu = args.device == "cpu"
+    preset = args.preset or ("tiny" if cpu else "gpt3-1.3b")
+    nemo = args.work / f"{preset}.nemo"
+    if not nemo.exists():
+        log(f"writing the random {preset} .nemo")
+        write_synthetic_checkpoint(preset, nemo, seed=0)
+    ft = args.work / f"ft-{preset}" / "1-gpu"
+    if not (ft / "config.ini").exists():
+        log("converting to fp16 FT weights")
+        convert(nemo, ft.parent, infer_gpu_num=1, weight_data_type="fp16", progress=False)
+    model = GptModelConfig.from_ini(ft / "config.ini")
+    options: dict[str, Any] = dict(engine="torch", device=args.device, data_type="fp32" if cpu else "fp16",
+                                   checkpoint=ft, model=model, max_batch_size=args.max_batch_size,
+                                   output=args.work / "repo", force=True, streaming=True,
+                                   max_queue_delay_us=args.max_queue_delay_us,
+                                   preprocessing_instances=args.preprocessing_instances,
+                                   postprocessing_instances=args.postprocessing_instances)
+    options.update(render_overrides(args))
+    config = RenderConfig(**options)
+    result["model"] = {"preset": preset, "layers": model.num_layer, "hidden": model.hidden_size,
+                       "max_pos_seq_len": model.max_pos_seq_len, "weights": "random", "data_type": config.data_type}
+    result["render"] = {key: (str(value) if isinstance(value, Path) else value)
+                        for key, value in dataclasses.asdict(config).items() if key != "model"}
+    return render_repository(config)
+
+
+def core_model_name(url: str, ensemble: str) -> str:
+    import tritonclient.grpc as grpcclient  # noqa: PLC0415
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        config = client.get_model_config(ensemble, as_json=True)["config"]
+    finally:
+        client.close()
+    steps = [step["model_name"] for step in config.get("ensemble_scheduling", {}).get("step", [])]
+    core = [name for name in steps if name not in ("preprocessing", "postprocessing")]
+    if len(core) != 1:
+        raise BenchError(f"cannot tell the core model among the ensemble's steps {steps}")
+    return core[0]
+
+
+def device_name(device: str) -> str:
+    if device == "gpu":
+        import torch  # noqa: PLC0415
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
+
+
+# -- main --------------------------------------------------------------------------------------------------------------
+def parse_range(text: str, option: str) -> tuple[int, int]:
+    try:
+        low, high = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise BenchError(f"{option} must be LOW:HIGH (inclusive token counts), got {text!r}") from None
+    if not 1 <= low <= high:
+        raise BenchError(f"{option} needs 1 <= LOW <= HIGH, got {text!r}")
+    return low, high
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="the JSON to write (.md and .png beside it)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/serving-bench"),
+                        help="scratch folder: checkpoint, FT weights, repository, raw perf_analyzer files")
+    parser.add_argument("--device", "--gpu", dest="device", choices=("gpu", "cpu"), default="gpu",
+                        help="where the torch engine runs when the repository is built here [gpu]")
+    parser.add_argument("--repository", type=Path, help="serve this rendered streaming repository instead of "
+                                                         "building one")
+    parser.add_argument("--preset", help="checkpoint preset to build [gpt3-1.3b on gpu, tiny on cpu]")
+    parser.add_argument("--max-batch-size", type=int, default=256,
+                        help="Triton max_batch_size of every model [256: 256 concurrent streams must fit]")
+    parser.add_argument("--max-slots", type=int, help="KV-cache slots, passed to the render config's slot field "
+                                                      "(only where this version has one)")
+    parser.add_argument("--render-option", action="append", default=[], metavar="NAME=VALUE",
+                        help="any other RenderConfig field (repeatable)")
+    parser.add_argument("--max-queue-delay-us", type=int, default=500)
+    parser.add_argument("--preprocessing-instances", type=int, default=2)
+    parser.add_argument("--postprocessing-instances", type=int, default=2)
+    parser.add_argument("--levels", default="1,8,32,64,128,256", help="sweep concurrencies [1,8,32,64,128,256]")
+    parser.add_argument("--core-levels", default="1,64", help="core-model (token ids) streamed concurrencies")
+    parser.add_argument("--seconds", type=float, default=4.0, help="perf_analyzer measurement window (s); a run "
+                                                                   "takes >= 3 windows")
+    parser.add_argument("--mixed-seconds", type=float, default=10.0, help="window of the mixed runs (s)")
+    parser.add_argument("--stability", type=float, default=50.0, help="perf_analyzer --stability-percentage")
+    parser.add_argument("--max-trials", type=int, default=6, help="perf_analyzer --max-trials")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--long-prompt-tokens", type=int, default=512, help="prompt of the batch-1 TTFT")
+    parser.add_argument("--bs1-reps", type=int, default=20, help="repetitions of each batch-1 timing (median)")
+    parser.add_argument("--mixed-clients", type=int, default=64)
+    parser.add_argument("--mixed-prompt", default="16:1024", help="prompt tokens, uniform LOW:HIGH")
+    parser.add_argument("--mixed-output", default="16:512", help="output tokens, uniform LOW:HIGH")
+    parser.add_argument("--mixed-entries", type=int, default=1024, help="entries of the seeded input-data file")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--merge", action="store_true", help="add to --out's existing results")
+    for stage, what in (("bs1", "batch-1 timings"), ("streamed", "streamed sweep"),
+                        ("not-streamed", "not-streamed sweep"), ("core", "core-model runs"),
+                        ("mixed", "mixed workload")):
+        parser.add_argument(f"--skip-{stage}", action="store_true", help=f"skip the {what}")
+    args = parser.parse_args(argv)
+    args.levels = parse_concurrency(args.levels)
+    args.core_levels = parse_concurrency(args.core_levels) if args.core_levels else ()
+    args.mixed_prompt = parse_range(args.mixed_prompt, "--mixed-prompt")
+    args.mixed_output = parse_range(args.mixed_output, "--mixed-output")
+    for name, low in (("seconds", 0.5), ("mixed_seconds", 0.5), ("max_trials", 3), ("prompt_tokens", 1),
+                      ("new_tokens", 2), ("long_prompt_tokens", 1), ("bs1_reps", 1), ("mixed_clients", 1),
+                      ("mixed_entries", 1), ("max_batch_size", 1)):
+        if getattr(args, name) < low:
+            raise BenchError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if max(args.levels) > args.max_batch_size and not args.repository:
+        raise BenchError(f"--levels up to {max(args.levels)} need --max-batch-size >= that")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    args.work = args.work.resolve()
+    raw = args.work / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = json.loads(args.out.read_text()) if args.merge and args.out.is_file() else {}
+    result.update(gpu=device_name(args.device), date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    repo = args.repository.resolve() if args.repository else build_repository(args, result)
+    tokenizer_dir = repo / "preprocessing" / "1"
+    tokenizer = load_tokenizer(tokenizer_dir if (tokenizer_dir / "vocab.json").is_file() else DEFAULT_TOKENIZER_DIR)
+    binary = find_perf_analyzer()
+    result["settings"] = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]), "repository": str(repo),
+        "perf_analyzer": f"{binary} ({perf_analyzer_version(binary, perf_analyzer_env())})",
+        "client host cores": os.cpu_count(), "levels": ",".join(map(str, args.levels)),
+        "core levels": ",".join(map(str, args.core_levels)), "prompt tokens": args.prompt_tokens,
+        "new tokens (= min tokens)": args.new_tokens, "window s": args.seconds, "mixed window s": args.mixed_seconds,
+        "stability %": args.stability, "max trials": args.max_trials,
+        "mixed": f"{args.mixed_clients} clients, prompts {args.mixed_prompt}, outputs {args.mixed_output}, "
+                 f"{args.mixed_entries} entries, seed {args.seed}"}
+
+    log(f"starting tritonserver on {repo}")
+    with TritonServer.on_free_ports(repo, startup_timeout_s=900) as server:
+        url = server.grpc_url
+        ensemble = model_info(url, "grpc", "ensemble")
+        if not ensemble.decoupled:
+            raise BenchError(f"{repo} is not a streaming repository (render with --streaming)")
+        core = core_model_name(url, "ensemble")
+        core_inputs = model_info(url, "grpc", core).inputs
+        runner = Runner(url=url, raw=raw, seconds=args.seconds, stability=args.stability,
+                        max_trials=args.max_trials, server_pid=server.process.pid if server.process else None)
+        def write(with_plot: bool = False) -> None:  # after every run; the plot after every stage
+            write_outputs(args.out, result, args.mixed_clients, with_plot)
+
+        if not args.skip_bs1:
+            batch1(url, core, tokenizer, args, result)
+            write()
+        prompts = token_length_prompts(tokenizer, args.prompt_tokens, 64, seed=args.seed)
+        for stage, name, stream in (("streamed", "streamed", True), ("not_streamed", "not_streamed", False)):
+            if getattr(args, f"skip_{stage}"):
+                continue
+            data = {"data": [ensemble_entry(text, args.new_tokens, stream, ensemble.inputs) for text, _ in prompts]}
+            window, previous = args.seconds, None
+            for level in args.levels:
+                if previous and previous.get("latency_ms"):
+                    # perf_analyzer counts requests that complete inside a window: keep a window a few latencies
+                    # long as latency grows with concurrency (else "No valid requests recorded" and a retry);
+                    # a saturated server's latency grows at most ~linearly with the level.
+                    ratio = min(level / previous["concurrency"], 2.0)
+                    grown = 2 * previous["latency_ms"]["p99"] / 1000 * ratio
+                    window = min(max(args.seconds, grown), MAX_WINDOW_S)
+                previous = runner.run(name, "ensemble", level, stream, data, window)
+                add_run(result, previous)
+                write()
+            write(with_plot=True)
+        if not args.skip_core:
+            data = {"data": [core_entry(ids, args.new_tokens, True, core_inputs) for _, ids in prompts]}
+            for level in args.core_levels:
+                add_run(result, runner.run("core_streamed", core, level, True, data))
+                write()
+            write(with_plot=True)
+        if not args.skip_mixed:
+            lengths = mixed_lengths(args.mixed_entries, args.mixed_prompt, args.mixed_output, args.seed)
+            texts = prompts_of_lengths(tokenizer, [p for p, _ in lengths], seed=args.seed + 1)
+            result["mixed_entries_mean_prompt_tokens"] = float(np.mean([p for p, _ in lengths]))
+            result["mixed_entries_mean_output_tokens"] = float(np.mean([o for _, o in lengths]))
+            for name, stream in (("mixed_not_streamed", False), ("mixed_streamed", True)):
+                data = {"data": [ensemble_entry(text, out, stream, ensemble.inputs)
+                                 for (text, _), (_, out) in zip(texts, lengths)]}
+                add_run(result, runner.run(name, "ensemble", args.mixed_clients, stream, data, args.mixed_seconds))
+                write()
+        (raw / "server.log").write_text(server.log_text())
+    write_outputs(args.out, result, args.mixed_clients)
+    log(f"wrote {args.out} (+ .md, .png)")
+    print(json.dumps({goal["key"]: goal["measured"] for goal in result["goals"]}
+                     | {"client_cpu_percent_max": result["client_cpu_percent_max"]}, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BenchError as err:
+        sys.exit(f"serving_bench: {err}")

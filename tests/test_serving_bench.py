@@ -1,0 +1,171 @@
+"""bench/serving_bench.py (issue 17's serving benchmark): its metrics on hand-made perf_analyzer exports, its CPU
+sampler, its exact-length prompts, and one end-to-end run on a tiny random model through a real tritonserver and
+real perf_analyzer processes (tiny levels and 1 s windows: it checks the script and its JSON, not the numbers)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+import serving_bench  # noqa: E402
+from serving_report import GOALS, goal_rows, markdown, run_metrics  # noqa: E402
+
+MS = 1_000_000  # ns
+
+
+def _experiment(requests: list[dict], windows: int = 4) -> dict:
+    return {"experiment": {"mode": "concurrency", "value": 2}, "requests": requests,
+            "window_boundaries": [i * 1000 * MS for i in range(windows + 1)]}
+
+
+def _request(sent_ms: float, stamps_ms: list[float], counts: list[int], asked: int) -> dict:
+    return {"timestamp": int(sent_ms * MS), "request_inputs": {"max_tokens": asked, "min_tokens": asked},
+            "response_timestamps": [int(t * MS) for t in stamps_ms],
+            "response_outputs": [{"num_output_tokens": c, "text_output": "x"} for c in counts]}
+
+
+def test_streamed_metrics_follow_the_definitions() -> None:
+    # Sent in the stable windows (after 1000 ms): one per-token stream and one whose responses were coalesced.
+    per_token = _request(1100, [1110, 1112, 1114, 1116], [1, 2, 3, 4], asked=4)
+    coalesced = _request(1200, [1220, 1230], [1, 4], asked=4)
+    warmup = _request(10, [20], [4], asked=4)  # first window: not counted
+    run = run_metrics("streamed", "ensemble", 2, True, throughput_rps=10.0,
+                      experiment=_experiment([warmup, per_token, coalesced]))
+    assert run.requests == 2 and run.tokens_per_request == 4 and run.token_count_mismatches == 0
+    assert run.output_tokens_per_s == pytest.approx(40.0)
+    assert run.ttft_ms.p50 == pytest.approx((10 + 20) / 2)
+    assert run.itl_ms.p50 == pytest.approx((6 / 3 + 10 / 3) / 2)
+    assert run.responses_per_request == 3 and run.responses_per_token == pytest.approx(6 / 8)
+    # Gaps per token: 2, 2, 2 ms (one token each) and 10 ms / 3 tokens.
+    assert run.inter_response_ms.p50 == pytest.approx(2.0)
+    assert run.latency_ms.p99 == pytest.approx(30, rel=0.02)
+
+
+def test_core_tokens_come_from_sequence_length_and_short_answers_are_counted() -> None:
+    core = {"timestamp": 1100 * MS, "request_inputs": {"input_lengths": 5, "request_output_len": 3},
+            "response_timestamps": [1110 * MS, 1111 * MS, 1112 * MS],
+            "response_outputs": [{"sequence_length": 6}, {"sequence_length": 7}, {"sequence_length": 8}]}
+    short = _request(1100, [1150], [2], asked=4)  # stopped early: counted as 2, flagged
+    run = run_metrics("core_streamed", "core", 1, True, 5.0, _experiment([core]))
+    assert run.tokens_per_request == 3 and run.responses_per_token == 1.0 and run.ttft_ms.p50 == 10
+    plain = run_metrics("not_streamed", "ensemble", 1, False, 5.0, _experiment([short]))
+    assert plain.tokens_per_request == 2 and plain.token_count_mismatches == 1 and plain.ttft_ms is None
+
+
+def test_goals_are_judged_and_unmeasured_ones_stay_open() -> None:
+    rows = {row["key"]: row for row in goal_rows({"streamed_tokens_per_s_c64": 30_000, "mixed_ttft_p99_ms": 301,
+                                                  "itl_p50_over_decode_ms_c1": 1.08})}
+    assert len(rows) == len(GOALS)
+    assert rows["streamed_tokens_per_s_c64"]["met"] is True
+    assert rows["mixed_ttft_p99_ms"]["met"] is False
+    assert rows["itl_p50_over_decode_ms_c1"]["met"] is True
+    assert rows["streamed_tokens_per_s_c256"]["met"] is None
+    assert "| mixed workload TTFT p99 <= 300 ms | 301 | **no** |" in markdown({"goals": list(rows.values())})
+
+
+@pytest.mark.parametrize("with_psutil", [True, False])
+def test_cpu_sampler_sees_a_busy_process(with_psutil: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not with_psutil:  # the GPU host's Python may lack psutil: /proc is read instead
+        monkeypatch.setitem(sys.modules, "psutil", None)
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 3\nwhile time.time() < end: pass"])
+    try:
+        with serving_bench.CpuSampler(busy.pid, interval_s=0.25) as sampler:
+            time.sleep(1.6)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert sampler.samples and sampler.max > 25  # a spinning process on a shared 2-core machine
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3)"])
+    time.sleep(0.5)  # past the interpreter's start-up
+    try:
+        with serving_bench.CpuSampler(idle.pid, interval_s=0.25) as sampler:
+            time.sleep(1.6)
+    finally:
+        idle.kill()
+        idle.wait()
+    assert sampler.samples and sampler.max < 25
+
+
+def test_mixed_prompts_have_exact_lengths() -> None:
+    from client.perf import DEFAULT_TOKENIZER_DIR, load_tokenizer
+
+    lengths = serving_bench.mixed_lengths(200, (16, 1024), (16, 512), seed=3)
+    assert lengths == serving_bench.mixed_lengths(200, (16, 1024), (16, 512), seed=3)
+    assert all(16 <= p <= 1024 and 16 <= o <= 512 for p, o in lengths)
+    tokenizer = load_tokenizer(DEFAULT_TOKENIZER_DIR)
+    prompts = serving_bench.prompts_of_lengths(tokenizer, [p for p, _ in lengths[:40]], seed=1)
+    assert [len(tokenizer.encode(text).ids) for text, _ in prompts] == [p for p, _ in lengths[:40]]
+
+
+def test_bad_options_name_the_option() -> None:
+    with pytest.raises(serving_bench.BenchError, match="--mixed-prompt"):
+        serving_bench.parse_args(["--out", "x.json", "--mixed-prompt", "20:10"])
+    with pytest.raises(serving_bench.BenchError, match="--max-batch-size"):
+        serving_bench.parse_args(["--out", "x.json", "--levels", "1,512"])
+    args = serving_bench.parse_args(["--out", "x.json", "--render-option", "no_such_field=1"])
+    with pytest.raises(serving_bench.BenchError, match="--render-option"):
+        serving_bench.render_overrides(args)
+
+
+SMOKE = ["--device", "cpu", "--levels", "1,64", "--core-levels", "1", "--seconds", "1", "--mixed-seconds", "1",
+         "--max-trials", "3", "--stability", "500", "--prompt-tokens", "8", "--new-tokens", "8",
+         "--long-prompt-tokens", "32", "--bs1-reps", "3", "--mixed-clients", "64", "--mixed-prompt", "4:32",
+         "--mixed-output", "4:16", "--mixed-entries", "128", "--max-batch-size", "64"]
+
+
+@pytest.mark.server
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
+    out = tmp_path / "out" / "serving.json"
+    completed = subprocess.run([sys.executable, str(ROOT / "bench" / "serving_bench.py"), "--work",
+                                str(tmp_path / "work"), "--out", str(out), *SMOKE],
+                               capture_output=True, text=True, timeout=280)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert not result.get("failed_runs"), result.get("failed_runs")
+
+    for key in (*serving_bench.HEADLINE_KEYS, *(goal.key for goal in GOALS)):
+        assert key in result, key
+    unmeasured = {"streamed_tokens_per_s_c256"}  # 256 is not among the smoke levels
+    for key in {*serving_bench.HEADLINE_KEYS, *(goal.key for goal in GOALS)} - unmeasured - {"gpu"}:
+        assert isinstance(result[key], (int, float)) and math.isfinite(result[key]), (key, result[key])
+    assert result["streamed_tokens_per_s_c256"] is None
+
+    runs = {(run["name"], run["concurrency"]): run for run in result["runs"]}
+    assert set(runs) == {("streamed", 1), ("streamed", 64), ("not_streamed", 1), ("not_streamed", 64),
+                         ("core_streamed", 1), ("mixed_not_streamed", 64), ("mixed_streamed", 64)}
+    for (name, _), run in runs.items():
+        assert run["requests"] > 0 and run["throughput_rps"] > 0, run
+        assert run["token_count_mismatches"] == 0, run  # min_tokens = max_tokens held
+        assert run["output_tokens_per_s"] == pytest.approx(run["throughput_rps"] * run["tokens_per_request"])
+        assert run["client_cpu_percent_max"] is not None and run["client_cpu_percent_max"] >= 0
+        assert 0 < run["responses_per_token"] <= 1.0 + 1e-9
+        if name.startswith("mixed"):
+            assert 4 <= run["tokens_per_request"] <= 16
+        else:
+            assert run["tokens_per_request"] == 8
+        if "not_streamed" in name:
+            assert run["responses_per_request"] == 1 and run["ttft_ms"] is None
+        else:
+            assert 0 < run["ttft_ms"]["p50"] <= run["latency_ms"]["p50"] and run["itl_ms"]["p50"] > 0
+    assert result["mixed_tokens_per_s_c64"] == runs[("mixed_not_streamed", 64)]["output_tokens_per_s"]
+    assert result["mixed_ttft_p99_ms"] == runs[("mixed_streamed", 64)]["ttft_ms"]["p99"]
+    assert 0 < result["responses_per_token_c1"] <= 1.0 + 1e-9
+    assert result["ttft_ms_prompt512_bs1_streamed"] > 0 and result["decode_ms_per_token_bs1"] is not None
+    assert result["ensemble_overhead_ms_bs1"] == pytest.approx(
+        result["ttft_ms_prompt512_bs1_streamed"] - result["ttft_ms_prompt512_bs1_core_streamed"])
+    assert result["client_cpu_percent_max"] > 0
+
+    table = out.with_suffix(".md").read_text()
+    assert "| goal | measured | met |" in table and all(goal.text in table for goal in GOALS)
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
