@@ -112,9 +112,13 @@ def kill_core_stub(cluster: LocalReplicas) -> None:
 
 
 def run_failover(repository: Path, duration_s: float = 60.0, clients: int = 6, kill_at_s: float = 15.0,
-                 replicas: int = 2, kill: str = "replica") -> dict[str, Any]:
+                 replicas: int = 2, kill: str = "replica", after_rejoin_s: float = 5.0,
+                 max_extra_s: float = 60.0) -> dict[str, Any]:
     """Run the load, kill r0 (the whole replica, or only its core model's stub) at `kill_at_s`, let the supervisor
-    restart it; return the counts."""
+    restart it; return the counts.
+
+    The load lasts `duration_s`, longer if needed (by at most `max_extra_s`) so that it still runs `after_rejoin_s`
+    after r0 is back: on a busy machine a restart can take longer than the planned load."""
     if not 0 < kill_at_s < duration_s:
         raise ValueError(f"kill_at_s must be in (0, {duration_s}), got {kill_at_s}")
     retries = RetryCounter()
@@ -142,6 +146,7 @@ def run_failover(repository: Path, duration_s: float = 60.0, clients: int = 6, k
         at_rejoin: dict[str, dict[str, Any]] | None = None
         rejoined_at = None
         last = "UP"
+        hard_deadline = load.deadline + max_extra_s
         while time.monotonic() < load.deadline:
             now = counts(cluster.server_stats())
             status = now["r0"]["status"]
@@ -150,13 +155,16 @@ def run_failover(repository: Path, duration_s: float = 60.0, clients: int = 6, k
                 last = status
             if at_rejoin is None and status == "UP" and any(s != "UP" for _, s in timeline):
                 at_rejoin, rejoined_at = now, time.monotonic() - t0
+            wanted = t0 + rejoined_at + after_rejoin_s if rejoined_at is not None else time.monotonic() + 1
+            load.deadline = max(load.deadline, min(wanted, hard_deadline))
             time.sleep(0.1)
         for thread in threads:
             thread.join(timeout=60)
         end = counts(cluster.server_stats())
         backend = cluster.backend_stats()
         result: dict[str, Any] = {
-            "replicas": replicas, "clients": clients, "duration_s": duration_s, "killed": "r0 (SIGKILL)" if kill == "replica" else "r0's core-model stub (SIGKILL)",
+            "replicas": replicas, "clients": clients, "duration_s": round(load.deadline - t0, 2),
+            "planned_duration_s": duration_s, "killed": "r0 (SIGKILL)" if kill == "replica" else "r0's core-model stub (SIGKILL)",
             "kill_at_s": round(killed_at, 2), "rejoined_at_s": None if rejoined_at is None else round(rejoined_at, 2),
             "r0_status_timeline": timeline, "startup_s": round(startup_s, 2),
             "requests_ok": load.ok, "requests_failed": load.failed, "errors": load.errors,

@@ -2,7 +2,8 @@
 
 The client's retries and HAProxy's health checks and redispatch must leave 0 failed requests (every answer is
 checked against the demo model's counting), and the killed replica, restarted by the supervisor, must serve again.
-A 20 s load here; bench/failover.py runs the same for 60 s (docs/failover.md has its committed result).
+A 20 s load here (prolonged, by at most 60 s, until r0 has been back for 5 s: a restart under load can take longer
+than planned); bench/failover.py runs the same for 60 s (docs/failover.md has its committed result).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from bench.failover import run_failover  # noqa: E402
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_replica_killed_under_load_loses_no_request(tmp_path: Path) -> None:
     assert shutil.which("haproxy") or Path("/usr/sbin/haproxy").exists(), \
         "haproxy is not installed (scripts/setup.sh installs it)"

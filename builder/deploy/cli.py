@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -116,6 +117,15 @@ def local_command(repository: Path, replicas: int, port: int, startup_timeout: f
     """
     from .local import LocalReplicas, LocalReplicasError  # noqa: PLC0415
 
+    def stop_once(signum: int, frame: object) -> None:
+        # A second signal must not interrupt the graceful stop half-way and orphan replicas.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    # SIGTERM (and SIGINT even where a shell started us with it ignored) stop everything gracefully.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop_once)
     try:
         with LocalReplicas(repository, replicas=replicas, port=port, startup_timeout_s=startup_timeout) as cluster:
             click.echo(f"serving at http://{cluster.url} ({replicas} replicas; HAProxy stats: "

@@ -251,11 +251,23 @@ class LocalReplicas:
         return self
 
     def stop(self) -> None:
+        """HAProxy first (soft stop: it stops listening and finishes the requests it holds), then the replicas
+        (SIGTERM: serve lets tritonserver finish in-flight requests). In this order no idle keep-alive connection
+        from HAProxy holds a tritonserver for its whole exit timeout."""
         with self._lock:
+            if self.haproxy is not None:
+                if self.haproxy.poll() is None:
+                    self.haproxy.send_signal(signal.SIGUSR1)
+                try:
+                    self.haproxy.wait(timeout=self.exit_timeout_s + 5)
+                except subprocess.TimeoutExpired:
+                    self.haproxy.kill()
+                    self.haproxy.wait()
+                self.haproxy = None
             for replica in self.replicas:
                 if replica.process is not None and replica.process.poll() is None:
                     replica.find_server()
-                    replica.process.send_signal(signal.SIGTERM)  # serve stops its tritonserver gracefully
+                    replica.process.send_signal(signal.SIGTERM)
             for replica in self.replicas:
                 if replica.process is None:
                     continue
@@ -265,14 +277,6 @@ class LocalReplicas:
                     replica.process.kill()
                     replica.process.wait()
                 self._reap_server(replica)
-            if self.haproxy is not None:
-                self.haproxy.terminate()
-                try:
-                    self.haproxy.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    self.haproxy.kill()
-                    self.haproxy.wait()
-                self.haproxy = None
 
     def cleanup(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -283,7 +287,7 @@ class LocalReplicas:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
-        if exc_type is None:
+        if exc_type is None or issubclass(exc_type, KeyboardInterrupt):  # keep the logs after a failure
             self.cleanup()
 
 
