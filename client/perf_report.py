@@ -240,7 +240,10 @@ def plot(path: Path, ensemble: Sequence[LevelResult], core: Sequence[LevelResult
     ax.set_ylabel("request latency p50 (ms)")
     ax.set_title("throughput vs latency (labels: concurrency)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if groups:
+        ax.legend()
+    else:  # every level was unstable: an empty plot that says so
+        ax.text(0.5, 0.5, "no stable level", ha="center", va="center", transform=ax.transAxes)
     if streaming:
         for ax, attr, label in ((axes[0][1], "ttft_ms", "time to first token (ms)"),
                                 (axes[0][2], "itl_ms", "inter-token latency (ms)")):
