@@ -277,3 +277,19 @@ def test_gpu_detection_agrees_with_torch() -> None:
     import torch
 
     assert validate_module.gpu_available() is torch.cuda.is_available()
+
+
+def test_gpu_detection_without_torch_asks_nvidia_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    monkeypatch.setattr(validate_module.glob, "glob", lambda pattern: [])  # no /dev/nvidia* nodes
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert validate_module.gpu_available() is False  # no nvidia-smi on PATH
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'\n")
+    smi.chmod(0o755)
+    assert validate_module.gpu_available() is True
+    smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the driver' >&2\n"
+                   "exit 9\n")
+    assert validate_module.gpu_available() is False
