@@ -201,3 +201,26 @@ def test_cli_writes_checked_files(repositories: dict[str, Path], tmp_path: Path)
     again = subprocess.run([sys.executable, "-m", "builder", "deploy", "k8s", str(repositories["cpu"]), "--out",
                             str(out)], capture_output=True, text=True, timeout=120, check=False)
     assert again.returncode != 0 and "--force" in again.stderr
+
+
+def test_image_installs_what_the_launcher_imports(repositories: dict[str, Path]) -> None:
+    """The server image installs this package with --no-deps: every third-party module that `python -m builder
+    serve` imports at module level must be pip-installed by the rendered Dockerfile."""
+    import ast
+
+    import builder
+
+    launcher = ["__init__.py", "__main__.py", "cli.py", "serve_cli.py", "serve.py"]
+    imported: set[str] = set()
+    for name in launcher:
+        tree = ast.parse((Path(builder.__file__).parent / name).read_text())
+        for node in tree.body:  # module level only: lazy imports inside functions are not needed by serve
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = sorted(imported - set(sys.stdlib_module_names) - {"builder", "__future__"})
+    assert third_party, "no third-party import found: the parser is broken"
+    dockerfile = rendered_for(repositories["gpu"])[0].files["Dockerfile"]
+    missing = [module for module in third_party if f'"{module}==' not in dockerfile]
+    assert not missing, f"serve imports {missing}, which the Dockerfile does not install"

@@ -39,7 +39,10 @@ KUBERNETES_VERSION = "1.30.0"
 DEFAULT_BASE_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
 DEFAULT_COPIER_IMAGE = "busybox:1.36.1"
 # Versions installed into the server image (one place; the image's Python is 3.10 in NGC 24.10).
-PINS = {"numpy": "1.26.4", "tokenizers": "0.20.3", "click": "8.1.7", "torch": "2.5.1"}
+PINS = {"numpy": "1.26.4", "tokenizers": "0.20.3", "click": "8.1.7", "psutil": "6.1.0", "torch": "2.5.1"}
+# What the launcher (`python -m builder serve`) imports beyond the standard library: the image installs this package
+# without dependencies, so each must be in the Dockerfile (tests/test_deploy.py reads serve's imports to check).
+LAUNCHER_REQUIREMENTS = ("click", "psutil")
 NGC_UID = 1000  # `triton-server`, the unprivileged user of the NGC tritonserver images
 PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 MODEL_PATH = "/models"  # the server container's view of the repository
@@ -221,7 +224,7 @@ def render_deployment(config: DeployConfig, facts: RepositoryFacts, out_hint: st
     cfg = replace(config, base_image=base_image)
     gpu_requests = {cfg.gpu_resource: str(facts.gpus)} if facts.gpus else {}
     context = {
-        "cfg": cfg, "facts": facts, "pins": PINS, "ports": PORTS, "metric_name": METRIC_NAME,
+        "cfg": cfg, "facts": facts, "pins": PINS, "launcher": LAUNCHER_REQUIREMENTS, "ports": PORTS, "metric_name": METRIC_NAME,
         "model_path": MODEL_PATH, "init_mount_path": INIT_MOUNT_PATH, "models_image_path": MODELS_IMAGE_PATH,
         "base_note": base_note, "serve_args": serve_args(cfg), "prestop_sleep_s": PRESTOP_SLEEP_S,
         "grace_period_s": cfg.exit_timeout_s + SERVE_KILL_DELAY_S + PRESTOP_SLEEP_S + 10,
