@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from builder.runtime.core_io import RequestError
 from builder.runtime.generation import GptEngine
 from builder.runtime.gpt import GptModel
 from builder.runtime.sampling import GREEDY_TEMPERATURE, SlotParams, counter_uniform, sample_top_k_top_p
+from builder.runtime.scheduler import InflightScheduler
 from engine_testing import TinyGpt, hf_generate, hf_next_token_logits, make_tiny_gpt, random_prompts, request
 
 NEW_TOKENS = 12
@@ -218,3 +221,42 @@ def test_bans_that_leave_no_token_end_the_row_even_before_min_length(engine: Gpt
                                      request(prompts[1], NEW_TOKENS, end_id=end_id, bad_words=all_but_seven)])
     assert ended.beams[0].tolist() == prompts[0] + [end_id] and ended.finish_reason == "stop"
     assert sevens.beams[0].tolist() == prompts[1] + [7] * NEW_TOKENS and sevens.finish_reason == "length"
+
+
+class _FinalSink:
+    """Keeps the final response of one request submitted to the in-flight scheduler."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.outputs: list | None = None
+        self.error: Exception | None = None
+
+    def update(self, outputs) -> None:
+        pass
+
+    def finish(self, outputs) -> None:
+        self.outputs = outputs
+        self.done.set()
+
+    def fail(self, error: Exception) -> None:
+        self.error = error
+        self.done.set()
+
+    def is_cancelled(self) -> bool:
+        return False
+
+
+def test_in_flight_scheduler_treats_tiny_temperatures_and_total_bans_alike(tiny: TinyGpt, prompts) -> None:
+    """The streaming path (InflightScheduler) builds its slot parameters and processes logits with the same code."""
+    scheduler = InflightScheduler(GptEngine.from_ft_dir(tiny.ft_dir, max_batch_size=8)).start()
+    try:
+        sinks = [_FinalSink(), _FinalSink()]
+        scheduler.submit([request(prompts[0], NEW_TOKENS, temperature=1e-44, top_p=0.9, random_seed=1)], sinks[0])
+        scheduler.submit([request(prompts[1], NEW_TOKENS, end_id=5, bad_words=EVERY_ID, **SAMPLING)], sinks[1])
+        for sink in sinks:
+            assert sink.done.wait(60) and sink.error is None, sink.error
+    finally:
+        scheduler.stop()
+    assert sinks[0].outputs[0].beams[0].tolist() == hf_generate(tiny.hf, prompts[0], NEW_TOKENS)
+    assert sinks[1].outputs[0].beams[0].tolist() == prompts[1] + [5]
+    assert sinks[1].outputs[0].finish_reason == "stop"
