@@ -47,7 +47,7 @@ def main() -> None:
     \b
     Typical flow:
       python -m builder convert --in-file model.nemo --saved-dir weights --infer-gpu-num 1 --weight-data-type fp16
-      python -m builder render --tp 1 --engine torch --checkpoint weights/1-gpu --output model_repository
+      python -m builder render --tp 1 --engine torch --device cpu --checkpoint weights/1-gpu --output model_repository
       python -m builder validate model_repository
       python -m builder serve model_repository
     """

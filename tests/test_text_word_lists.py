@@ -78,3 +78,11 @@ def test_tokenized_lists_match_the_tokenizer(tokenizer: GptTokenizer) -> None:
 
 def test_distinct_words_drops_duplicates_and_empties() -> None:
     assert distinct_words([[1, 2], [], [1, 2], [3]]) == [[1, 2], [3]]
+
+
+def test_bad_offsets_are_not_echoed() -> None:
+    # The offsets may be read from a shared-memory region: the message names the rule, never the values.
+    secret = int.from_bytes(b"TOPS", "little")
+    with pytest.raises(ValueError) as err:
+        decode_word_list(np.array([[1, 2, 3], [2, secret, 3]], dtype=np.int32))
+    assert "non-decreasing" in str(err.value) and str(secret) not in str(err.value)
