@@ -224,3 +224,20 @@ def test_image_installs_what_the_launcher_imports(repositories: dict[str, Path])
     dockerfile = rendered_for(repositories["gpu"])[0].files["Dockerfile"]
     missing = [module for module in third_party if f'"{module}==' not in dockerfile]
     assert not missing, f"serve imports {missing}, which the Dockerfile does not install"
+
+
+def test_haproxy_config_is_accepted_by_haproxy(tmp_path: Path) -> None:
+    """The config `deploy local` runs is one HAProxy itself accepts (`haproxy -c`), with every replica checked."""
+    from builder.deploy.local import Replica, haproxy_binary, render_haproxy_config
+
+    replicas = [Replica(f"r{i}", 20000 + 3 * i, 20001 + 3 * i, 20002 + 3 * i, tmp_path / f"r{i}.log") for i in range(3)]
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(render_haproxy_config(replicas, 18999, tmp_path / "haproxy.sock"))
+    check = subprocess.run([haproxy_binary(), "-c", "-f", str(config)], capture_output=True, text=True, timeout=30,
+                           check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    text = config.read_text()
+    assert "option httpchk GET /v2/health/ready" in text and "retry-on conn-failure empty-response" in text
+    assert [line.split()[1:3] for line in text.splitlines() if line.strip().startswith("server ")] == \
+        [["r0", "127.0.0.1:20000"], ["r1", "127.0.0.1:20003"], ["r2", "127.0.0.1:20006"]]
+    assert "bind 127.0.0.1:18999" in text

@@ -38,6 +38,9 @@ def test_replica_killed_under_load_loses_no_request(tmp_path: Path) -> None:
     assert result["replica_exit_codes"] == {"r0": [-9], "r1": []}, result
     assert result["replica_restarts"] == {"r0": 1, "r1": 0}, result
     assert any(status.startswith("DOWN") for _, status in result["r0_status_timeline"]), result
+    # Requests were in flight on r0 when it died, and HAProxy re-sent them to r1 (without its layer-7 retries they
+    # come back as HAProxy's 502 page: docs/failover.md).
+    assert result["haproxy_redispatches"] >= 1, result
     # The survivor carried the load meanwhile, and r0 served again after rejoining.
     assert result["rejoined_at_s"] is not None, result
     assert result["r0_requests_after_rejoin"] > 0, result
