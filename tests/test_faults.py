@@ -31,6 +31,9 @@ import pytest
 import tritonclient.http as httpclient
 
 from builder.demo import build_demo_repository
+from builder.render import render_repository
+from builder.render_config import RenderConfig
+from builder.runtime.model_config import GptModelConfig
 from builder.serve import TritonServer, free_port, free_ports
 from builder.serve_cli import STUB_DIED_EXIT_CODE, serve_until_signal
 from client import RequestError, RequestTimeoutError, TextClient
@@ -292,3 +295,41 @@ def test_serve_cli_sigterm_lets_the_request_in_flight_finish(repository: Path) -
     assert process.returncode == 0, stderr
     assert "letting in-flight requests finish" in stderr
     assert time.monotonic() - started < 10
+
+
+# -- (d) what a new user trips on ------------------------------------------------------------------------------------
+def test_demo_no_wait_refuses_a_port_held_by_another_server(server: TritonServer, tmp_path: Path) -> None:
+    # Another demo already serves on the HTTP port: its answer must not pass for ours.
+    grpc_port, metrics_port = free_ports(2)
+    result = subprocess.run(
+        [sys.executable, "-m", "builder", "demo", "--no-wait", "--output", str(tmp_path / "demo"),
+         "--http-port", str(server.config.http_port), "--grpc-port", str(grpc_port),
+         "--metrics-port", str(metrics_port)],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert f"port {server.config.http_port} is in use" in result.stderr, result.stderr
+    assert PROMPT not in result.stdout  # no answer printed
+    with TextClient(server.http_url) as client:  # the other server is left alone
+        assert client.generate(PROMPT, max_tokens=2).num_output_tokens == 2
+
+
+def test_serve_names_the_fix_for_a_gpu_repository_without_a_gpu(repository: Path, tmp_path: Path) -> None:
+    import torch  # noqa: PLC0415
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: a KIND_GPU repository loads")
+    weights = repository / CORE_MODEL / "1" / "1-gpu"
+    gpu_repository = render_repository(RenderConfig(
+        engine="torch", device="gpu", data_type="fp32", checkpoint=weights,
+        model=GptModelConfig.from_ini(weights / "config.ini"), max_batch_size=8, output=tmp_path / "gpu_repository",
+        force=True))
+    http_port, grpc_port, metrics_port = free_ports(3)
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "builder", "serve", str(gpu_repository), "--http-port", str(http_port),
+         "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), "--startup-timeout", "120"],
+        capture_output=True, text=True, timeout=180)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 60
+    assert CORE_MODEL in result.stderr and "no GPUs are available" in result.stderr
+    assert "--device cpu" in result.stderr, result.stderr
