@@ -48,7 +48,7 @@ from builder.checkpoints import convert, write_synthetic_checkpoint  # noqa: E40
 from builder.render import render_repository  # noqa: E402
 from builder.render_config import RenderConfig  # noqa: E402
 from builder.runtime.model_config import GptModelConfig  # noqa: E402
-from builder.serve import TritonServer  # noqa: E402
+from builder.serve import ServerError, TritonServer  # noqa: E402
 from client.perf import (DEFAULT_TOKENIZER_DIR, find_perf_analyzer, load_tokenizer, model_info,  # noqa: E402
                          parse_concurrency, perf_analyzer_env, perf_analyzer_version, token_length_prompts)
 from client.perf_report import load_export, read_csv_row  # noqa: E402
@@ -261,7 +261,11 @@ class Runner:
                 tail = [line.strip() for line in out.readlines()[-3:] if line.strip()]
             raise BenchError(f"perf_analyzer {name} at concurrency {concurrency} failed (exit {code}): "
                              + " | ".join(tail))
-        experiment = load_export(export_path)
+        try:
+            experiment = load_export(export_path)
+        except ValueError as err:  # e.g. cut at a 64 KiB boundary (see TEXT_OUTPUTS): retried like a failure
+            raise BenchError(f"perf_analyzer {name} at concurrency {concurrency}: unreadable profile export "
+                             f"({export_path.stat().st_size} bytes): {err}") from err
         rps = float(read_csv_row(csv_path)["Inferences/Second"])
         metrics = run_metrics(name, model, concurrency, streamed, rps, experiment).to_json()
         metrics.update(client_cpu_percent_max=client.max, client_cpu_percent_mean=client.mean,
@@ -465,15 +469,64 @@ def build_repository(args: argparse.Namespace, result: dict[str, Any]) -> Path:
     return render_repository(config)
 
 
-def core_model_name(url: str, ensemble: str) -> str:
-    import tritonclient.grpc as grpcclient  # noqa: PLC0415
+# perf_analyzer 2.51 asks for every output a model declares and, for one a response does not carry, exports whatever
+# its buffer pointer points at (seen: -1.7e+34, 2e-36, ...). When that garbage is a NaN, rapidjson refuses to write it
+# and the profile export ends at a 64 KiB buffer boundary (0 or 65536 bytes, exit status 0). The ensemble and the core
+# declare log-prob outputs that they only send when asked for. So perf_analyzer drives two bench-only ensembles from a
+# second model repository: the same text ensemble without the outputs it does not send, and a one-step ensemble
+# around the core exposing only the token outputs.
+TEXT_OUTPUTS = ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens")
+CORE_TOKEN_OUTPUTS = ("output_ids", "sequence_length")
+BENCH_TEXT, BENCH_CORE = "bench_text", "bench_core"
 
-    client = grpcclient.InferenceServerClient(url)
-    try:
-        config = client.get_model_config(ensemble, as_json=True)["config"]
-    finally:
-        client.close()
-    steps = [step["model_name"] for step in config.get("ensemble_scheduling", {}).get("step", [])]
+
+def bench_models(repo: Path, ensemble: str, core: str, out: Path) -> Path:
+    """Write the two bench-only ensembles (see above) into a model repository at `out`; return it."""
+    from google.protobuf import text_format  # noqa: PLC0415
+    from tritonclient.grpc import model_config_pb2  # noqa: PLC0415
+
+    def read(name: str) -> "model_config_pb2.ModelConfig":
+        return text_format.Parse((repo / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+
+    def write(config: "model_config_pb2.ModelConfig") -> None:
+        (out / config.name / "1").mkdir(parents=True, exist_ok=True)  # an ensemble needs an (empty) version folder
+        (out / config.name / "config.pbtxt").write_text(text_format.MessageToString(config))
+
+    text = read(ensemble)
+    text.name = BENCH_TEXT
+    kept = [o for o in text.output if o.name in TEXT_OUTPUTS]
+    del text.output[:]
+    text.output.extend(kept)
+    for step in text.ensemble_scheduling.step:
+        # Internal tensors start with "_"; the others are ensemble outputs: keep only the text ones.
+        for key in [k for k, v in step.output_map.items() if not v.startswith("_") and v not in TEXT_OUTPUTS]:
+            del step.output_map[key]
+    write(text)
+
+    source = read(core)
+    wrapper = model_config_pb2.ModelConfig(name=BENCH_CORE, platform="ensemble", max_batch_size=source.max_batch_size)
+    wrapper.input.extend(source.input)
+    for tensor in wrapper.input:
+        tensor.allow_ragged_batch = False  # a batching property of the core itself, not of an ensemble input
+    wrapper.output.extend(o for o in source.output if o.name in CORE_TOKEN_OUTPUTS)
+    step = wrapper.ensemble_scheduling.step.add(model_name=core, model_version=-1)
+    for tensor in source.input:
+        step.input_map[tensor.name] = tensor.name
+    for name in CORE_TOKEN_OUTPUTS:
+        step.output_map[name] = name
+    write(wrapper)
+    return out
+
+
+def core_model_name(repo: Path, ensemble: str) -> str:
+    from google.protobuf import text_format  # noqa: PLC0415
+    from tritonclient.grpc import model_config_pb2  # noqa: PLC0415
+
+    path = repo / ensemble / "config.pbtxt"
+    if not path.is_file():
+        raise BenchError(f"{path} does not exist: --repository must hold the text ensemble '{ensemble}'")
+    config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    steps = [step.model_name for step in config.ensemble_scheduling.step]
     core = [name for name in steps if name not in ("preprocessing", "postprocessing")]
     if len(core) != 1:
         raise BenchError(f"cannot tell the core model among the ensemble's steps {steps}")
@@ -509,6 +562,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="where the torch engine runs when the repository is built here [gpu]")
     parser.add_argument("--repository", type=Path, help="serve this rendered streaming repository instead of "
                                                          "building one")
+    parser.add_argument("--ensemble", default="ensemble", help="name of the text ensemble [ensemble]")
     parser.add_argument("--preset", help="checkpoint preset to build [gpt3-1.3b on gpu, tiny on cpu]")
     parser.add_argument("--max-batch-size", type=int, default=256,
                         help="Triton max_batch_size of every model [256: 256 concurrent streams must fit]")
@@ -576,13 +630,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "mixed": f"{args.mixed_clients} clients, prompts {args.mixed_prompt}, outputs {args.mixed_output}, "
                  f"{args.mixed_entries} entries, seed {args.seed}"}
 
-    log(f"starting tritonserver on {repo}")
-    with TritonServer.on_free_ports(repo, startup_timeout_s=900) as server:
+    core = core_model_name(repo, args.ensemble)
+    extra = bench_models(repo, args.ensemble, core, args.work / "bench_models")
+    log(f"starting tritonserver on {repo} (+ {extra})")
+    with TritonServer.on_free_ports(repo, startup_timeout_s=900,
+                                    extra_args=[f"--model-repository={extra}"]) as server:
         url = server.grpc_url
-        ensemble = model_info(url, "grpc", "ensemble")
+        ensemble = model_info(url, "grpc", args.ensemble)
         if not ensemble.decoupled:
             raise BenchError(f"{repo} is not a streaming repository (render with --streaming)")
-        core = core_model_name(url, "ensemble")
         core_inputs = model_info(url, "grpc", core).inputs
         runner = Runner(url=url, raw=raw, seconds=args.seconds, stability=args.stability,
                         max_trials=args.max_trials, server_pid=server.process.pid if server.process else None)
@@ -606,14 +662,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     ratio = min(level / previous["concurrency"], 2.0)
                     grown = 2 * previous["latency_ms"]["p99"] / 1000 * ratio
                     window = min(max(args.seconds, grown), MAX_WINDOW_S)
-                previous = runner.run(name, "ensemble", level, stream, data, window)
+                previous = runner.run(name, BENCH_TEXT, level, stream, data, window)
                 add_run(result, previous)
                 write()
             write(with_plot=True)
         if not args.skip_core:
             data = {"data": [core_entry(ids, args.new_tokens, True, core_inputs) for _, ids in prompts]}
             for level in args.core_levels:
-                add_run(result, runner.run("core_streamed", core, level, True, data))
+                add_run(result, runner.run("core_streamed", BENCH_CORE, level, True, data))
                 write()
             write(with_plot=True)
         if not args.skip_mixed:
@@ -624,7 +680,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for name, stream in (("mixed_not_streamed", False), ("mixed_streamed", True)):
                 data = {"data": [ensemble_entry(text, out, stream, ensemble.inputs)
                                  for (text, _), (_, out) in zip(texts, lengths)]}
-                add_run(result, runner.run(name, "ensemble", args.mixed_clients, stream, data, args.mixed_seconds))
+                add_run(result, runner.run(name, BENCH_TEXT, args.mixed_clients, stream, data, args.mixed_seconds))
                 write()
         (raw / "server.log").write_text(server.log_text())
     write_outputs(args.out, result, args.mixed_clients)
@@ -637,5 +693,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 if __name__ == "__main__":
     try:
         main()
-    except BenchError as err:
+    except (BenchError, ServerError) as err:
         sys.exit(f"serving_bench: {err}")

@@ -116,6 +116,31 @@ def test_bad_options_name_the_option() -> None:
         serving_bench.render_overrides(args)
 
 
+def test_bench_ensembles_declare_only_what_responses_carry(tmp_path: Path) -> None:
+    """perf_analyzer 2.51 exports garbage (and, at a NaN, a truncated file) for declared outputs a response lacks."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from builder.render import render_repository
+    from builder.render_config import RenderConfig
+
+    repo = render_repository(RenderConfig(engine="torch", device="cpu", data_type="fp32", streaming=True,
+                                          max_batch_size=8, output=tmp_path / "repo"))
+    out = serving_bench.bench_models(repo, "ensemble", serving_bench.core_model_name(repo, "ensemble"),
+                                     tmp_path / "bench")
+
+    def read(name: str):  # type: ignore[no-untyped-def]
+        return text_format.Parse((out / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+
+    text, core = read(serving_bench.BENCH_TEXT), read(serving_bench.BENCH_CORE)
+    assert sorted(o.name for o in text.output) == sorted(serving_bench.TEXT_OUTPUTS)
+    mapped = {v for step in text.ensemble_scheduling.step for v in step.output_map.values()}
+    assert not {v for v in mapped if not v.startswith("_")} - set(serving_bench.TEXT_OUTPUTS)
+    assert [o.name for o in core.output] == list(serving_bench.CORE_TOKEN_OUTPUTS)
+    assert {i.name for i in core.input} >= {"input_ids", "input_lengths", "request_output_len", "min_length"}
+    assert (out / serving_bench.BENCH_TEXT / "1").is_dir() and (out / serving_bench.BENCH_CORE / "1").is_dir()
+
+
 SMOKE = ["--device", "cpu", "--levels", "1,64", "--core-levels", "1", "--seconds", "1", "--mixed-seconds", "1",
          "--max-trials", "3", "--stability", "500", "--prompt-tokens", "8", "--new-tokens", "8",
          "--long-prompt-tokens", "32", "--bs1-reps", "3", "--mixed-clients", "64", "--mixed-prompt", "4:32",
