@@ -198,6 +198,9 @@ def config_from_options(checkpoint: Path | None, **options: object) -> RenderCon
 @click.option("--streaming", is_flag=True, help="Decoupled core model: token streaming over gRPC and "
                                                "/generate_stream.")
 @click.option("--instances", default=1, show_default=True, type=int, help="Core model instances.")
+@click.option("--kv-slots", default=0, show_default=True, type=int,
+              help="Torch engine: KV-cache slots (sequences decoded at once). 0: with --streaming on a GPU as many as "
+                   "fit the free memory, up to 256, whatever --max-batch-size; otherwise --max-batch-size.")
 @click.option("--max-queue-delay-us", default=1000, show_default=True, type=int,
               help="Dynamic-batching queue delay of the core model (microseconds).")
 @click.option("--ft-checkpoint-path", help="FT engine: where the weights are inside the FT container "

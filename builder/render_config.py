@@ -116,6 +116,11 @@ LOG_PROB_OUTPUTS = ("cum_log_probs", "output_log_probs")
 # stateless postprocessing also handles a single final response (`stream` false) and rows that advance unevenly.
 # Without it (FT engine) postprocessing assumes one new token per response, as FT's decoupled mode sends.
 DELTA_START = Tensor("delta_start", "INT32", (-1,), optional=True)
+# Also torch-only (runtime/core_io.py): why a row ended (FINISH_CODES; 0 while running), so streaming postprocessing
+# can send finish_reason; and (port, key) that postprocessing acknowledges, so the core notices an abandoned stream
+# (runtime/stream_ack.py: Triton gives a step inside an ensemble no cancellation signal).
+FINISH_CODE = Tensor("finish_code", "INT32", (-1,), optional=True)
+STREAM_ACK = Tensor("stream_ack", "INT64", (2,), optional=True)
 
 POSTPROCESSING_OUTPUTS: tuple[Tensor, ...] = (
     Tensor("text_output", "STRING", (-1,)),
@@ -146,6 +151,7 @@ class RenderConfig:
     output: Path = Path("model_repository")
     force: bool = False
     max_queue_delay_us: int = 1000
+    kv_slots: int = 0  # torch engine: KV-cache slots (0: as many as fit, up to 256, on a GPU; see core_adapter.py)
     preprocessing_instances: int = 2
     postprocessing_instances: int = 2
     int8_mode: int = 0
@@ -174,6 +180,7 @@ class RenderConfig:
         check(self.device == "gpu" or self.engine == "torch",
               "--device cpu needs --engine torch (the FasterTransformer backend runs on GPUs only)")
         check(1 <= self.instances <= 64, f"--instances must be in 1..64, got {self.instances}")
+        check(0 <= self.kv_slots <= 65536, f"--kv-slots must be in 0..65536 (0 = automatic), got {self.kv_slots}")
         check(self.max_queue_delay_us >= 0, f"max queue delay must be >= 0 us, got {self.max_queue_delay_us}")
         check(self.int8_mode in (0, 1), f"--int8-mode must be 0 or 1, got {self.int8_mode}")
         for option, name in (("--model-name", self.model_name), ("--ensemble-name", self.ensemble_name)):
@@ -236,7 +243,7 @@ class RenderConfig:
     def core_outputs(self) -> list[Tensor]:
         keep_log_probs = "is_return_log_probs" in self.capabilities
         outputs = [t for t in CORE_OUTPUTS if keep_log_probs or t.name not in LOG_PROB_OUTPUTS]
-        return outputs + [DELTA_START] if self.core_stream_input else outputs
+        return outputs + [DELTA_START, FINISH_CODE, STREAM_ACK] if self.core_stream_input else outputs
 
     @property
     def log_prob_outputs(self) -> list[Tensor]:

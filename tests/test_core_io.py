@@ -28,7 +28,10 @@ def test_seed_client_request_parses_with_ft_defaults() -> None:
     (row,) = parsed.rows
     assert row.input_ids == (5, 6, 7) and row.output_len == 10 and row.is_greedy
     assert row.end_id == 999 and row.beam_width == 1 and row.random_seed == 0 and not row.return_log_probs
-    assert parsed.stream
+    # No `stream` input: one final response, what Triton's /generate (and the seed's own client) can take.
+    assert not parsed.stream
+    streamed = parse_request(ft_inputs([[5, 6, 7, 0]], [3], 10, stream=np.array([[True]])), LIMITS)
+    assert streamed.stream
 
 
 @pytest.mark.parametrize(("inputs", "input_name", "limit"), [

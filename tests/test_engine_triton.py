@@ -30,6 +30,7 @@ OPTIONAL_SCALARS = {"runtime_top_k": "UINT32", "runtime_top_p": "FP32", "tempera
 OUTPUTS = {"output_ids": ("UINT32", "[ -1, -1 ]"), "sequence_length": ("UINT32", "[ -1 ]"),
            "response_input_lengths": ("INT32", "[ -1 ]"), "cum_log_probs": ("FP32", "[ -1 ]"),
            "output_log_probs": ("FP32", "[ -1, -1 ]")}
+STREAM_OUTPUTS = {"delta_start": ("INT32", "[ -1 ]"), "finish_code": ("INT32", "[ -1 ]"), "stream_ack": ("INT64", "[ 2 ]")}
 
 
 def core_config(name: str, *, decoupled: bool) -> str:
@@ -40,7 +41,8 @@ def core_config(name: str, *, decoupled: bool) -> str:
     inputs += [f'{{ name: "{n}" data_type: TYPE_{t} dims: [ 1 ] optional: true }}' for n, t in scalars.items()]
     inputs += [f'{{ name: "{n}" data_type: TYPE_INT32 dims: [ 2, -1 ] optional: true allow_ragged_batch: true }}'
                for n in ("stop_words_list", "bad_words_list")]
-    outputs = [f'{{ name: "{n}" data_type: TYPE_{t} dims: {d} }}' for n, (t, d) in OUTPUTS.items()]
+    streaming = STREAM_OUTPUTS if decoupled else {}
+    outputs = [f'{{ name: "{n}" data_type: TYPE_{t} dims: {d} }}' for n, (t, d) in {**OUTPUTS, **streaming}.items()]
     return "\n".join([
         f'name: "{name}"', 'backend: "python"', "max_batch_size: 8",
         f"model_transaction_policy {{ decoupled: {'true' if decoupled else 'false'} }}",
@@ -150,15 +152,23 @@ def _stream(server, inputs: list) -> list:
     return collected
 
 
-def test_streaming_sends_one_token_per_response(tiny: TinyGpt, server) -> None:
+def test_streaming_sends_the_new_tokens_of_each_step(tiny: TinyGpt, server) -> None:
+    """stream=true: every response carries the tokens since the previous one (one each at this load; several when
+    sending falls behind), as the tail of the sequence (core_io.py): together they are the generation."""
     prompt, output_len = [11, 12, 13, 14], 6
-    responses = _stream(server, seed_inputs(prompt, output_len, module=grpcclient))
+    responses = _stream(server, seed_inputs(prompt, output_len, module=grpcclient, stream=np.array([[True]])))
     expected = hf_generate(tiny.hf, prompt, output_len)
-    assert len(responses) == output_len
-    for k, result in enumerate(responses):
+    assert 1 <= len(responses) <= output_len
+    streamed, previous = [], len(prompt)
+    for result in responses:
         length = int(result.as_numpy("sequence_length")[0, 0])
-        assert length == len(prompt) + k + 1
-        assert result.as_numpy("output_ids")[0, 0, :length].tolist() == expected[:length]
+        start = int(result.as_numpy("delta_start")[0, 0])
+        tail = result.as_numpy("output_ids")[0, 0]
+        assert start == previous < length and len(tail) < length  # a tail, not the cumulative layout
+        streamed += tail[len(tail) - (length - start):].tolist()
+        previous = length
+    assert streamed == expected[len(prompt):]
+    assert result.as_numpy("finish_code")[0, 0] == 2  # "length", on the last response only
 
 
 def test_stream_false_sends_only_the_final_response(tiny: TinyGpt, server) -> None:

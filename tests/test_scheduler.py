@@ -18,6 +18,7 @@ import torch
 
 from builder.runtime.core_io import RequestError, RowOutput
 from builder.runtime.generation import GptEngine, ResourceError
+from builder.runtime import scheduler as scheduler_module
 from builder.runtime.scheduler import InflightScheduler
 from engine_testing import TinyGpt, hf_generate, make_tiny_gpt, random_prompts, request
 
@@ -224,7 +225,9 @@ def test_cancellation_stops_running_and_waiting_requests(tiny: TinyGpt, prompts,
         blocker.result()
     assert cancelled.cancelled and cancelled.finish_reason == "cancelled"
     generated = len(tokens(cancelled)) - len(prompts[0])
-    assert 3 <= generated < 20
+    # The sender thread polls and reports the cancellation; the loop applies it at the next step boundary. A step of
+    # this toy model takes ~0.1 ms on a CPU, so a few ms of thread hand-over are tens of steps (on a GPU, one or two).
+    assert 3 <= generated < 60
     assert tokens(cancelled) == long_sequence[:len(prompts[0]) + generated]
     assert gone_output.cancelled and tokens(gone_output) == prompts[3]
 
@@ -331,24 +334,32 @@ def test_stop_fails_what_is_still_queued(tiny: TinyGpt, prompts) -> None:
         assert sink.done.is_set() and "shutting down" in str(sink.error)
 
 
-@pytest.mark.parametrize("gather_steps,most_passes", [(0, 4), (4, 2)])
-def test_arrivals_during_decoding_are_gathered_into_few_prefill_passes(tiny: TinyGpt, prompts, greedy, long_run,
-                                                                       gather_steps: int, most_passes: int) -> None:
-    """One request arrives per decode step while a long one runs: with gathering they share prefill passes."""
+@pytest.mark.parametrize("min_running,most_wait", [(None, 1), (1, 4)])
+def test_arrivals_wait_for_a_shared_prefill_only_when_the_batch_is_busy(tiny: TinyGpt, prompts, greedy, long_run,
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         min_running: int | None,
+                                                                         most_wait: int) -> None:
+    """Requests arrive while one long request decodes. With one running row (below ADMIT_GATHER_MIN_RUNNING) each is
+    prefilled at the next step boundary; when the batch counts as busy they may wait up to ADMIT_GATHER_STEPS steps
+    to share a prefill pass, and do share passes."""
     sequence, end_id = long_run
+    if min_running is not None:
+        monkeypatch.setattr(scheduler_module, "ADMIT_GATHER_MIN_RUNNING", min_running)
     engine = new_engine(tiny, slots=8)
     late = [Sink(name=f"late{i}") for i in range(4)]
 
-    def submit_one_per_step(sink: Sink, outputs: list[RowOutput]) -> None:
+    def submit_while_decoding(sink: Sink, outputs: list[RowOutput]) -> None:
         step = len(sink.updates)
         if 1 <= step <= len(late):
             scheduler.submit([request(prompts[step], 6)], late[step - 1], stream=False)
 
-    long = Sink(name="long", on_update=submit_one_per_step)
-    with InflightScheduler(engine, admit_gather_steps=gather_steps) as scheduler:
+    long = Sink(name="long", on_update=submit_while_decoding)
+    with InflightScheduler(engine, admit_gather_steps=4) as scheduler:
         scheduler.submit([request(prompts[0], 60, end_id=end_id)], long, stream=True)
         results = [sink.result()[0] for sink in late]
         assert tokens(long.result()[0]) == sequence[:len(prompts[0]) + 60]
-        passes = scheduler.stats.admissions - 1  # the long request's own admission aside
+        stats = scheduler.stats
     assert [tokens(r) for r in results] == [greedy[i][:len(prompts[i]) + 6] for i in range(1, 5)]
-    assert passes <= most_passes if gather_steps else passes == most_passes
+    assert stats.max_admission_wait_steps <= most_wait
+    if min_running is not None:
+        assert stats.admissions - 1 <= 2  # four arrivals, at most two passes

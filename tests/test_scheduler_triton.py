@@ -94,8 +94,8 @@ def test_requests_sent_mid_generation_join_the_running_batch(server: TritonServe
     for name, (prompt, max_tokens) in SHORT_ONES.items():
         assert answers[name] == hf_greedy(prompt, max_tokens), name
     assert answers["batch"] == [hf_greedy(p, BATCH_TOKENS) for p in BATCH_PROMPTS]
-    # Sent after the long request started, the short ones joined its batch and did not wait for it to end.
-    assert all(finished_at[name] < finished_at["long"] for name in (*SHORT_ONES, "batch")), finished_at
+    # Sent after the long request started, the short ones joined its batch (running >= 1) and did not wait for it to
+    # end. (Which finishes first is not asserted: the long stream's 100 steps take milliseconds on this toy model.)
     joins = [(int(rows), int(running)) for rows, running in JOIN_LINE.findall(server.log_text())]
     assert sum(rows for rows, running in joins if running >= 1) >= len(SHORT_ONES) + len(BATCH_PROMPTS), joins
 

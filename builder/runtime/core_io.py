@@ -9,6 +9,17 @@ engine's per-row `RowOutput`s back into FT's output arrays (ft_backend.md §1.6)
   float32 when asked for.
 The lengths are those of this Triton request, not of the dynamic batch it was grouped into, so a response never depends
 on what else was batched with it.
+
+Streaming (decoupled torch core; not in FT's contract) adds, per row and beam:
+  delta_start [B, beam] int32: where this response's new tokens start (the previous response's sequence_length, or the
+  prompt length for the first); finish_code [B, beam] int32: FINISH_CODES (0 while running); stream_ack [B, 2] int64:
+  (port, key) that postprocessing acknowledges each response to (stream_ack.py), (0, 0) for none.
+A streamed update (`stream_outputs(..., cumulative=False)`) sends only the tail of each sequence: output_ids [B, beam, T]
+holds the LAST T tokens of each row/beam (positions sequence_length - T .. sequence_length - 1; end_id where a position
+would be < 0), with T just large enough for every row's new tokens plus up to STREAM_CONTEXT_TOKENS generated tokens
+before them (what a stateless detokenizer needs to finish a multi-byte character). So T < max(sequence_length) tells a
+tail from FT's cumulative layout (T >= every sequence_length), which the final response of a `stream: false` call
+keeps, so token-id clients read it unchanged.
 """
 
 from __future__ import annotations
@@ -26,6 +37,8 @@ CAPABILITIES: frozenset[str] = frozenset({
     "stream",
 })
 REQUIRED_INPUTS = ("input_ids", "input_lengths", "request_output_len")
+STREAM_CONTEXT_TOKENS = 4  # a UTF-8 character spans <= 4 bytes, and every token holds >= 1 byte
+FINISH_CODES = {"": 0, "stop": 1, "length": 2, "cancelled": 3}  # finish_code values; "" = still running
 MAX_BEAM_WIDTH = 8
 UINT64_MAX = (1 << 64) - 1
 
@@ -87,7 +100,7 @@ class RowOutput:
 @dataclass
 class ParsedRequest:
     rows: list[GenerationRequest]
-    stream: bool = True
+    stream: bool = False
     return_log_probs: bool = False
 
 
@@ -178,7 +191,8 @@ def parse_request(inputs: Mapping[str, np.ndarray], limits: EngineLimits) -> Par
     seeds = scalars("random_seed", 0, int)
     end_ids = scalars("end_id", limits.default_end_id, int)
     log_probs = scalars("is_return_log_probs", False, bool)
-    streams = scalars("stream", True, bool)
+    # Absent `stream` means one final response: what Triton's /generate (and any non-streaming client) can take.
+    streams = scalars("stream", False, bool)
 
     stop_words = ([()] * batch_size if inputs.get("stop_words_list") is None else
                   parse_word_list(inputs["stop_words_list"], "stop_words_list", batch_size, limits.vocab_size))
@@ -255,3 +269,77 @@ def ft_outputs(rows: Sequence[GenerationRequest], outputs: Sequence[RowOutput], 
         arrays["cum_log_probs"] = cum_log_probs
         arrays["output_log_probs"] = output_log_probs
     return arrays
+
+
+def finish_codes(rows: Sequence[GenerationRequest], outputs: Sequence[RowOutput]) -> np.ndarray:
+    """[B, beam] int32 FINISH_CODES: 0 for rows still running."""
+    codes = np.zeros((len(rows), rows[0].beam_width), dtype=np.int32)
+    for i, out in enumerate(outputs):
+        codes[i] = FINISH_CODES[out.finish_reason] if out.finished or out.cancelled else 0
+    return codes
+
+
+def stream_tail(rows: Sequence[GenerationRequest], outputs: Sequence[RowOutput], starts: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A streamed update's token arrays; work proportional to the new tokens, not to the sequences.
+
+    starts [B, beam]: where each row/beam's new tokens start (delta_start). Returns output_ids [B, beam, T] (the last T
+    tokens of each sequence, see the module notes), sequence_length [B, beam] uint32, response_input_lengths [B, beam].
+    """
+    batch, beam = len(rows), rows[0].beam_width
+    lengths = np.zeros((batch, beam), dtype=np.int64)
+    prompt_lens = np.zeros((batch, beam), dtype=np.int64)
+    for i, out in enumerate(outputs):
+        prompt_lens[i] = out.prompt_len
+        for b, tokens in enumerate(out.beams[:beam]):
+            lengths[i, b] = len(tokens)
+    window_starts = np.maximum(prompt_lens, np.minimum(starts, lengths) - STREAM_CONTEXT_TOKENS)
+    width = max(1, int((lengths - window_starts).max()))
+    output_ids = np.empty((batch, beam, width), dtype=np.uint32)
+    for i, (row, out) in enumerate(zip(rows, outputs)):
+        output_ids[i] = row.end_id
+        for b, tokens in enumerate(out.beams[:beam]):
+            first = max(0, len(tokens) - width)  # the prompt fills in where a sibling row needs a wider window
+            output_ids[i, b, width - (len(tokens) - first):] = tokens[first:]
+    return output_ids, lengths.astype(np.uint32), prompt_lens.astype(np.int32)
+
+
+class StreamState:
+    """The response arrays of one decoupled (streaming-capable) request, in the order they are sent."""
+
+    def __init__(self, rows: Sequence[GenerationRequest], *, stream: bool, log_probs: bool,
+                 ack: tuple[int, int] = (0, 0)) -> None:
+        self.rows, self.stream, self.log_probs = list(rows), stream, log_probs
+        self.sent: np.ndarray | None = None  # [B, beam] sequence_length of the previous response
+        self.ack = np.tile(np.array(ack, dtype=np.int64), (len(rows), 1))  # [B, 2]
+
+    def _starts(self, outputs: Sequence[RowOutput]) -> np.ndarray:
+        if self.sent is not None:
+            return self.sent
+        return np.array([[out.prompt_len] * self.rows[0].beam_width for out in outputs], dtype=np.int64)
+
+    def update(self, outputs: Sequence[RowOutput]) -> dict[str, np.ndarray]:
+        """A streamed response: the tails of the sequences (only the tokens since the previous response, plus
+        context), so its cost does not grow with the sequence."""
+        starts = self._starts(outputs)
+        output_ids, lengths, prompt_lens = stream_tail(self.rows, outputs, starts)
+        arrays = {"output_ids": output_ids, "sequence_length": lengths, "response_input_lengths": prompt_lens}
+        if self.log_probs:
+            full = ft_outputs(self.rows, outputs, with_log_probs=True)
+            arrays.update(cum_log_probs=full["cum_log_probs"], output_log_probs=full["output_log_probs"])
+        return self._finish_arrays(arrays, starts, outputs)
+
+    def final(self, outputs: Sequence[RowOutput]) -> dict[str, np.ndarray]:
+        """The last response: a tail when streaming, FT's cumulative layout otherwise (stream false)."""
+        if self.stream:
+            return self.update(outputs)
+        arrays = ft_outputs(self.rows, outputs, with_log_probs=self.log_probs)
+        return self._finish_arrays(arrays, self._starts(outputs), outputs)
+
+    def _finish_arrays(self, arrays: dict[str, np.ndarray], starts: np.ndarray, outputs: Sequence[RowOutput]
+                       ) -> dict[str, np.ndarray]:
+        arrays["delta_start"] = starts.astype(np.int32)
+        arrays["finish_code"] = finish_codes(self.rows, outputs)
+        arrays["stream_ack"] = self.ack
+        self.sent = arrays["sequence_length"].astype(np.int64)
+        return arrays

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -84,7 +85,7 @@ def check_weights(config: GptModelConfig, weights: dict[str, torch.Tensor]) -> N
 
 # Decode steps with more (rows x kv_len) than this use cuDNN's SDPA instead of the Triton attention: at 64 rows x
 # 1024 keys it streamed the KV cache ~25% faster than the Triton kernel (H100), at 64 x 256 ~20% slower.
-FUSED_ATTENTION_MAX_ROW_KEYS = 16384
+FUSED_ATTENTION_MAX_ROW_KEYS = int(os.environ.get("GPT_TRITON_FUSED_ATTENTION_MAX_ROW_KEYS", "16384"))  # A/B runs
 
 
 @dataclass(frozen=True)
@@ -260,7 +261,8 @@ class GptModel:
             self.v_cache[i][first_slot:first_slot + n, :, :t] = v
             # Plain causal attention is exact for right padding: a real token never sees a later (padding)
             # position, and decode overwrites padding K/V before any query can reach it.
-            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [n, heads, T, d]
+            with prefill_attention_backends():
+                attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [n, heads, T, d]
             x = x + F.linear(attn.transpose(1, 2).reshape(n, t, self.hidden), layer.attn_out_weight,
                              layer.attn_out_bias)
             h = F.layer_norm(x, (self.hidden,), layer.ln2_weight, layer.ln2_bias, self.config.layernorm_eps)
@@ -338,6 +340,14 @@ class GptModel:
 # decode is ever run on made-up inputs. Padding rows of a bucket decode token 0 at position 0 into their own (unused)
 # cache slots. All graphs share one memory pool; they never run concurrently and each result is consumed (by stream
 # order) before the next replay.
+
+
+def prefill_attention_backends():  # noqa: ANN201  (a context manager)
+    """Prefill attention without cuDNN's SDPA: it builds an execution plan per new prompt length (prompts of every
+    length arrive in serving), where flash / memory-efficient attention need none."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: PLC0415
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def batch_buckets(max_rows: int) -> list[int]:

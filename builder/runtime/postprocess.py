@@ -7,19 +7,21 @@ at the first `end_id` (dropped, finish_reason "stop"), or with a stop word: FT l
 (the model did generate them). With `exclude_input_in_output` false the text is the prompt followed by the generation.
 Every row and beam of every request in the call is decoded in one batched call.
 
-Streaming (stateless): each response of the decoupled core model carries the cumulative `output_ids` and
-`sequence_length`; the text delta is what the newest token adds (`GptTokenizer.stream_delta`: an unfinished UTF-8
-character is held back until it completes; the prompt is never included). The new tokens of a response start at its
-`delta_start` where the core sends one (our torch engine, decoupled); otherwise (FT) each response adds one token, so
-a beam "grew" when its generated length equals the longest in the request and a beam that finished earlier gets "".
+Streaming (stateless): the text delta of a response is what its new tokens add (`GptTokenizer.stream_delta`: an
+unfinished UTF-8 character is held back until it completes; the prompt is never included). Our decoupled torch core
+says where the new tokens start (`delta_start`), sends only the tail of each sequence (core_io.py: output_ids holds
+the last T tokens when T < max(sequence_length), else FT's cumulative layout), why a row ended (`finish_code`, so
+finish_reason is "stop" or "length" on the last response and "" before), and a `stream_ack` (port, key) that the
+postprocessing model acknowledges (stream_ack.py). Without `delta_start` (FT) each response adds one token, so a beam
+"grew" when its generated length equals the longest in the request and a beam that finished earlier gets "".
 What a stateless step cannot know, by design:
-- a stop word is not trimmed (its text has been streamed before the engine stops), and finish_reason is "" except when
-  the last token is the end id (the `end_id` parameter, default the tokenizer's eos): then "stop", and the end id
-  itself adds no text (a request's own `end_id` input cannot reach a streaming postprocessing);
-- the core model must send exactly one response per step: a response repeating the previous one (no beam grew) would
-  repeat the last delta, unless its last token is the end id;
-- an unfinished character at the very end of a generation stopped by length is never emitted (a full decode would show
-  U+FFFD); before the end id it is flushed as U+FFFD like a full decode;
+- a stop word is not trimmed (its text has been streamed before the engine stops); without `finish_code` (FT)
+  finish_reason is "" except when the last token is the end id (the `end_id` parameter, default the tokenizer's eos):
+  then "stop"; the end id itself adds no text (a request's own `end_id` input cannot reach a streaming postprocessing);
+- without `delta_start` the core model must send exactly one response per step: a response repeating the previous
+  one (no beam grew) would repeat the last delta, unless its last token is the end id;
+- without `finish_code`, an unfinished character at the very end of a generation stopped by length is never emitted (a
+  full decode would show U+FFFD); before the end id, or with `finish_code`, it is flushed as U+FFFD like a full decode;
 - with beam_width > 1 the beams are re-ranked every step, so per-beam deltas need not add up to the final beams.
 """
 
@@ -36,6 +38,7 @@ from .word_lists import decode_word_list
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
+FINISH_REASONS = {0: "", 1: FINISH_STOP, 2: FINISH_LENGTH, 3: "cancelled"}  # core_io.FINISH_CODES, inverted
 
 
 class PostprocessConfigError(ValueError):
@@ -63,19 +66,68 @@ class PostprocessConfig:
         return cls(streaming=raw == "true", end_id=end_id)
 
 
+CORE_INPUTS = {"output_ids": "TYPE_UINT32", "sequence_length": "TYPE_UINT32", "response_input_lengths": "TYPE_INT32"}
+# From preprocessing or the ensemble: a step after a decoupled model may not read them, so non-streaming only.
+# request_output_len is accepted for wiring symmetry but not needed: sequence_length and end_id tell how it ended.
+REQUEST_INPUTS = {"request_output_len": "TYPE_UINT32", "end_id": "TYPE_UINT32", "stop_words_list": "TYPE_INT32",
+                  "exclude_input_in_output": "TYPE_BOOL"}
+# Streaming only, from a decoupled torch core (core_io.py).
+STREAM_INPUTS = {"delta_start": "TYPE_INT32", "finish_code": "TYPE_INT32", "stream_ack": "TYPE_INT64"}
+OUTPUTS = {"text_output": "TYPE_STRING", "finish_reason": "TYPE_STRING", "num_input_tokens": "TYPE_INT32",
+           "num_output_tokens": "TYPE_INT32"}
+
+
+def check_model_tensors(config: PostprocessConfig, inputs: Mapping[str, str], outputs: Mapping[str, str]) -> None:
+    """The postprocessing model config's tensors (name -> TYPE_x) against what this code reads and writes."""
+    allowed = {**CORE_INPUTS, **(STREAM_INPUTS if config.streaming else REQUEST_INPUTS)}
+    unknown = sorted(set(inputs) - set(allowed))
+    if unknown:
+        mode = "streaming" if config.streaming else "non-streaming"
+        raise PostprocessConfigError(f"postprocessing ({mode}): config declares inputs it cannot use: {unknown}; "
+                                     f"allowed: {sorted(allowed)}")
+    missing = sorted(set(CORE_INPUTS) - set(inputs))
+    if missing:
+        raise PostprocessConfigError(f"postprocessing: config must declare the inputs {missing}")
+    for name, data_type in {**inputs, **outputs}.items():
+        expected = {**allowed, **OUTPUTS}.get(name)
+        if expected is None:
+            raise PostprocessConfigError(f"postprocessing: unknown output '{name}'; known: {sorted(OUTPUTS)}")
+        if data_type != expected:
+            raise PostprocessConfigError(f"postprocessing: '{name}' must be {expected}, config says {data_type}")
+    if "text_output" not in outputs:
+        raise PostprocessConfigError("postprocessing: config must declare the output 'text_output'")
+
+
+def stream_acks(requests: Sequence[Mapping[str, np.ndarray]]) -> list[tuple[int, int]]:
+    """(port, key) of every request that carries a stream_ack (stream_ack.py), to acknowledge."""
+    acks = []
+    for inputs in requests:
+        value = inputs.get("stream_ack")
+        if value is not None and np.asarray(value).size >= 2:
+            port, key = (int(v) for v in np.asarray(value).reshape(-1)[:2])
+            acks.append((port, key))
+    return acks
+
+
 @dataclass(frozen=True)
 class _Beams:
     """One request's core-model outputs, validated. B rows x W beams."""
     output_ids: np.ndarray  # [B, W, T]
     sequence_length: np.ndarray  # [B, W]
     input_lengths: np.ndarray  # [B, W]
+    is_tail: bool = False  # a streamed update of our torch core: output_ids holds the last T tokens of each sequence
 
     def generated(self, row: int, beam: int) -> list[int]:
+        """The generated tokens held (all of them, or for a tail the ones it holds) and their first position."""
         start, end = int(self.input_lengths[row, beam]), int(self.sequence_length[row, beam])
+        if self.is_tail:
+            width = self.output_ids.shape[2]
+            first = max(start, end - width)
+            return self.output_ids[row, beam, width - (end - first):].tolist()
         return self.output_ids[row, beam, start:end].tolist()
 
 
-def _read_beams(inputs: Mapping[str, np.ndarray]) -> _Beams:
+def _read_beams(inputs: Mapping[str, np.ndarray], allow_tail: bool = False) -> _Beams:
     for name in ("output_ids", "sequence_length", "response_input_lengths"):
         if inputs.get(name) is None:
             raise RequestError(name, "is required")
@@ -91,11 +143,13 @@ def _read_beams(inputs: Mapping[str, np.ndarray]) -> _Beams:
         raise RequestError("response_input_lengths", f"expected shape [{batch}, {beams}], got "
                                                      f"{list(input_lengths.shape)}")
     input_lengths = np.broadcast_to(input_lengths, (batch, beams))
-    if (input_lengths < 0).any() or (input_lengths > sequence_length).any() or (sequence_length > tokens).any():
+    tail = allow_tail and tokens < int(sequence_length.max(initial=0))  # a streamed tail (core_io.py)
+    if (input_lengths < 0).any() or (input_lengths > sequence_length).any() or (
+            not tail and (sequence_length > tokens).any()):
         raise RequestError("sequence_length", f"need 0 <= response_input_lengths <= sequence_length <= {tokens} "
                                               f"(output_ids length); got input lengths {input_lengths.tolist()}, "
                                               f"sequence lengths {sequence_length.tolist()}")
-    return _Beams(output_ids.astype(np.int64), sequence_length, input_lengths)
+    return _Beams(output_ids.astype(np.int64), sequence_length, input_lengths, tail)
 
 
 def _per_row(inputs: Mapping[str, np.ndarray], name: str, batch: int, default: int) -> list[int]:
@@ -190,9 +244,11 @@ def _outputs(text_output: np.ndarray, reasons: list[list[str]], beams: _Beams, c
 
 
 def _stream_deltas(inputs: Mapping[str, np.ndarray], tokenizer: GptTokenizer, end_id: int) -> dict[str, np.ndarray]:
-    beams = _read_beams(inputs)
+    beams = _read_beams(inputs, allow_tail="delta_start" in inputs)
     batch, width = beams.sequence_length.shape
     generated_lengths = beams.sequence_length - beams.input_lengths  # [B, W]
+    codes = inputs.get("finish_code")
+    codes = None if codes is None else np.asarray(codes, dtype=np.int64).reshape(batch, -1)
     if "delta_start" in inputs:  # the core says where this response's new tokens start
         new_counts = beams.sequence_length - np.asarray(inputs["delta_start"], dtype=np.int64).reshape(batch, -1)
     else:  # one new token per response (FT's decoupled mode): only the longest beams grew
@@ -206,16 +262,20 @@ def _stream_deltas(inputs: Mapping[str, np.ndarray], tokenizer: GptTokenizer, en
         counts.append([])
         for beam in range(width):
             generated = beams.generated(row, beam)
+            total = int(generated_lengths[row, beam])  # generated so far (a tail holds only the last ones)
             num_new = int(np.clip(new_counts[row, beam], 0, len(generated)))
-            ended = bool(generated) and generated[-1] == end_id
+            reason = FINISH_REASONS.get(int(codes[row, beam]), "") if codes is not None else ""
+            last_is_end = bool(generated) and generated[-1] == end_id
+            ended = last_is_end and (reason == FINISH_STOP if codes is not None else True)
             if ended:  # the end id adds no text; flush a held-back partial character as U+FFFD, once
                 delta = tokenizer.stream_delta(generated[:-1], num_new - 1, final=True) if num_new else ""
-                generated = generated[:-1]
-            else:
-                delta = tokenizer.stream_delta(generated, num_new) if num_new else ""
+                total -= 1
+                reason = FINISH_STOP
+            else:  # the last response (finish_code set) flushes a held-back character, as a full decode would
+                delta = tokenizer.stream_delta(generated, num_new, final=bool(reason)) if num_new else ""
             text_output[row, beam] = delta.encode("utf-8")
-            reasons[row].append(FINISH_STOP if ended else "")
-            counts[row].append(len(generated))
+            reasons[row].append(reason)
+            counts[row].append(total)
     return _outputs(text_output, reasons, beams, counts)
 
 

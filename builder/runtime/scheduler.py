@@ -10,20 +10,24 @@ one request; at every step boundary the thread
    depend on when it joined or what runs beside it;
 3. launches ONE decode step over those slots (GptEngine.decode: CUDA graphs on CUDA);
 4. reads the step's new tokens and finished flags back (on CUDA: pinned memory and an event recorded before the decode
-   was launched, so the host waits for the selection only while the decode keeps the device busy), sends streaming
-   updates, sends a request's final response once all its rows are done, and frees their slots.
+   was launched, so the host waits for the selection only while the decode keeps the device busy), marks the streaming
+   requests that advanced, hands a request's final response to the sender once all its rows are done, and frees
+   their slots.
 Free slots inside the decoded range compute junk that nothing reads (their finished flag stays set, so they never
 advance). Beam-search requests (beam_width > 1) run through GptEngine.generate's chunk path: they wait until the
 running rows drain (FIFO order is kept), then block the loop while they run.
 
-Callbacks run on the scheduler thread; keep them short (each one delays the next step).
+The loop never waits on the transport: a sender thread calls the sinks (`update`, `finish`, `fail`) and polls
+`is_cancelled`. Streaming is coalesced: the loop only marks a request as advanced; the sender sends each marked request
+one update with everything produced since its previous one. When sending keeps up, that is one token per update;
+when it falls behind (many streams, a slow transport), updates carry several tokens and the decode rate is kept.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -36,25 +40,32 @@ import torch
 
 from .core_io import GenerationRequest, RequestError, RowOutput
 from .generation import GptEngine, ResourceError, row_output
-from .sampling import BadWords, RowState, SlotParams, WordTable, advance_rows, process_logits
+from .sampling import (TOPK_FAST_LIMIT, BadWords, RowState, SlotParams, WordTable, advance_rows,
+                       effective_temperature, is_greedy, process_logits)
 
 log = logging.getLogger(__name__)
 # Admission while rows are decoding: wait for up to this many new rows, or this many decode steps (a few ms on a
 # GPU), to prefill them in one pass.
 ADMIT_GATHER_ROWS = 8
 ADMIT_GATHER_STEPS = 4
+PREFILL_PAD = 64  # prompt lengths of one prefill pass are padded to a multiple of this
+# ... but only while the batch is this full: below it a prefill pass is cheap next to the TTFT a wait adds.
+ADMIT_GATHER_MIN_RUNNING = 16
+# The sender thread and the loop share the GIL: CPython's default 5 ms switch interval would let a busy sender hold
+# the loop for a whole decode step; 0.5 ms keeps the loop's wait short.
+GIL_SWITCH_INTERVAL_S = 0.0005
 
-CANCEL_POLLS_PER_STEP = 8  # a poll may be an IPC round trip: spread them over steps
 INT_PARAMS = ("top_k", "greedy", "min_length", "end_id", "seed_lo", "seed_hi")  # SlotParams columns, packed by dtype
 FLOAT_PARAMS = ("temperature", "top_p", "repetition_penalty", "presence_penalty")
 HOST = torch.device("cpu")
 
 
 class ResponseSink(Protocol):
-    """Where one request's responses go. Called from the scheduler thread."""
+    """Where one request's responses go. Called from the scheduler's sender thread, one call at a time."""
 
     def update(self, outputs: list[RowOutput]) -> None:
-        """Streaming: every row's cumulative output after a step in which a row advanced (never the last step)."""
+        """Streaming: every row's cumulative output (token arrays are read-only views) after one or more steps in
+        which a row advanced; never after the final step."""
 
     def finish(self, outputs: list[RowOutput]) -> None:
         """Every row is done (rows with `cancelled` set were stopped early). Called once."""
@@ -73,8 +84,41 @@ class SchedulerStats:
     admitted_rows: int = 0
     joined_running_rows: int = 0  # rows admitted while other rows were mid-generation
     peak_rows: int = 0  # most rows in the batch at once
+    max_admission_wait_steps: int = 0  # most decode steps a request spent queued before its prefill
     finished_requests: int = 0
     failed_requests: int = 0
+    timeline: Timeline = field(default_factory=lambda: Timeline())
+
+
+@dataclass
+class Timeline:
+    """Where the loop's time goes (host clock, ms totals), and, for requests admitted while nothing ran, where their
+    time to first response goes: queued (submit -> admission), admitting (writing slot state + launching the prefill),
+    to_first_token (admission -> first token read on the host: prefill + first selection on the device), to_send
+    (first token read -> first response handed to the transport and returned)."""
+    steps: int = 0
+    rows: int = 0  # running rows, summed over steps
+    select_launch_ms: float = 0.0  # selection + decode launches
+    wait_ms: float = 0.0  # waiting for the selection's tokens (the device is behind)
+    consume_ms: float = 0.0  # appending tokens, closing requests, marking streams
+    admit_ms: float = 0.0  # admission passes (slot writes, prefill launches)
+    idle_requests: int = 0
+    queued_ms: float = 0.0
+    admitting_ms: float = 0.0
+    to_first_token_ms: float = 0.0
+    to_send_ms: float = 0.0
+
+    def summary(self) -> str:
+        steps, idle = max(1, self.steps), max(1, self.idle_requests)
+        return (f"per step (host ms, {self.steps} steps, {self.rows / steps:.1f} rows): select+launch {self.select_launch_ms / steps:.3f}, wait for "
+                f"device {self.wait_ms / steps:.3f}, consume {self.consume_ms / steps:.3f}, admission "
+                f"{self.admit_ms / steps:.3f}; first response of a request into an idle batch (ms, mean of "
+                f"{self.idle_requests}): queued {self.queued_ms / idle:.3f}, admitting {self.admitting_ms / idle:.3f}, "
+                f"to first token {self.to_first_token_ms / idle:.3f}, to send {self.to_send_ms / idle:.3f}")
+
+    def reset(self) -> None:
+        for name, value in vars(Timeline()).items():
+            setattr(self, name, value)
 
 
 @dataclass(eq=False)
@@ -85,11 +129,40 @@ class _Request:
     queued_at_step: int = 0  # the scheduler's step count when it took the request in
     cancelled: bool = False
     last_poll: float = 0.0
-    closed: bool = False  # its final response (or error) went out
+    closed: bool = False  # its final response (or error) was handed to the sender
+    latest: list[RowOutput] | None = None  # beam search: the engine's latest outputs (rows have no token buffers)
+    submitted_at: float = 0.0  # perf_counter() times for the timeline
+    admitted_at: float = 0.0
+    first_token_at: float = 0.0
+    idle_admission: bool = False  # admitted while no other row ran
+
+    def snapshot(self) -> list[RowOutput]:
+        """Every row's output so far (for an update: views, not copies; called from the sender thread)."""
+        if self.latest is not None:
+            return list(self.latest)
+        return [row.output(copy=False) for row in self.rows]
 
     @property
     def beam_width(self) -> int:
         return self.rows[0].spec.beam_width
+
+
+@dataclass(frozen=True)
+class _RowFlags:
+    """What optional selection work a row needs (SlotParams' host flags), computed once per row: rebuilding them from
+    every spec whenever a row joins or leaves cost ~1 ms per step at 256 rows."""
+    sampling: bool
+    top_k: int
+    temperature: bool
+    repetition: bool
+    presence: bool
+    min_length: bool
+
+    @classmethod
+    def of(cls, spec: GenerationRequest) -> _RowFlags:
+        return cls(sampling=not is_greedy(spec), top_k=spec.top_k, temperature=effective_temperature(spec) != 1.0,
+                   repetition=spec.repetition_penalty != 1.0, presence=spec.presence_penalty != 0.0,
+                   min_length=spec.min_length > 0)
 
 
 @dataclass(eq=False)
@@ -103,6 +176,7 @@ class _Row:
     issued: int = 0  # selection steps run while in its slot: bounds its decode position
     done: bool = False
     reason: str = "length"
+    flags: _RowFlags | None = None
 
     @classmethod
     def create(cls, spec: GenerationRequest, request: _Request, want_log_probs: bool) -> _Row:
@@ -110,7 +184,8 @@ class _Row:
         tokens = np.empty(prompt_len + spec.output_len, dtype=np.int64)
         tokens[:prompt_len] = spec.input_ids
         log_probs = np.zeros(spec.output_len, dtype=np.float32) if want_log_probs else None
-        return cls(spec=spec, request=request, tokens=tokens, log_probs=log_probs, length=prompt_len)
+        return cls(spec=spec, request=request, tokens=tokens, log_probs=log_probs, length=prompt_len,
+                   flags=_RowFlags.of(spec))
 
     @property
     def prompt_len(self) -> int:
@@ -126,12 +201,17 @@ class _Row:
         self.tokens[self.length] = token
         self.length += 1
 
-    def output(self) -> RowOutput:
-        generated = self.length - self.prompt_len
-        steps = [self.log_probs[:generated].copy()] if self.log_probs is not None else None
+    def output(self, copy: bool = True) -> RowOutput:
+        """copy=False: views of the buffers, safe to read from another thread (a position below `length` is written
+        before `length` moves past it, and never again)."""
+        length = self.length
+        generated = length - self.prompt_len
+        tokens = self.tokens[:length]
+        steps = [self.log_probs[:generated]] if self.log_probs is not None else None
+        if copy:
+            tokens, steps = tokens.copy(), [s.copy() for s in steps] if steps is not None else None
         reason = "cancelled" if self.request.cancelled else self.reason
-        return row_output(self.prompt_len, [self.tokens[:self.length].copy()], steps, finished=self.done,
-                          reason=reason)
+        return row_output(self.prompt_len, [tokens], steps, finished=self.done, reason=reason)
 
 
 @dataclass
@@ -202,9 +282,14 @@ class _SlotTable:
     def batch(self, rows: Sequence[_Row | None]) -> _Batch:
         """The selection's view of slots 0..len(rows)-1 (None = a free slot, decoded and ignored)."""
         span = len(rows)
-        specs = [row.spec for row in rows if row is not None]
-        host_flags = SlotParams.build(specs, 1, HOST)  # which optional work some row in the batch needs
-        params = dataclasses.replace(host_flags, **{name: values[:span] for name, values in self.params.items()})
+        flags = [row.flags for row in rows if row is not None and row.flags is not None]
+        top_ks = [f.top_k for f in flags if f.sampling]
+        params = SlotParams(  # the device columns of slots 0..span-1, and which optional work some row needs
+            **{name: values[:span] for name, values in self.params.items()},
+            any_sampling=bool(top_ks), any_greedy=len(top_ks) < len(flags),
+            max_top_k=max(top_ks) if top_ks and all(0 < k <= TOPK_FAST_LIMIT for k in top_ks) else None,
+            use_temperature=any(f.temperature for f in flags), use_repetition=any(f.repetition for f in flags),
+            use_presence=any(f.presence for f in flags), use_min_length=any(f.min_length for f in flags))
         stop_words = WordTable.build([row.spec.stop_words if row else () for row in rows], HOST)
         bad_words = BadWords.build([row.spec.bad_words if row else () for row in rows], HOST)
         if stop_words is not None:
@@ -249,16 +334,129 @@ class _Readback:
         return flags, self.log_probs[:self.span].tolist() if self.with_log_probs else None
 
 
+class _Sender:
+    """The sender thread: calls the sinks so that the decode loop never waits on the transport.
+
+    Updates are coalesced per request (a request marked several times before the sender reaches it gets one update
+    with all its new tokens); a request's final response goes after its updates and no update follows it. The sender
+    also polls `is_cancelled` (an IPC round trip in Triton), rate-limited per request, and reports cancellations
+    through `on_cancel`.
+    """
+
+    def __init__(self, on_cancel: Callable[[_Request], None], cancel_poll_s: float, timeline: Timeline) -> None:
+        self.on_cancel = on_cancel
+        self.timeline = timeline
+        self.cancel_poll_s = cancel_poll_s
+        self._cond = threading.Condition()
+        self._marked: dict[int, _Request] = {}  # id -> request with new tokens to send (insertion ordered)
+        self._finals: list[tuple[_Request, list[RowOutput] | None, Exception | None]] = []
+        self._live: dict[int, _Request] = {}  # submitted and not closed: polled for cancellation
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="inflight-sender", daemon=True)
+        self.updates_sent = 0
+        self.tokens_in_updates = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float) -> None:
+        """Send what is queued (finals included), then end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout_s)
+
+    def track(self, request: _Request) -> None:
+        with self._cond:
+            self._live[id(request)] = request
+
+    def mark(self, requests: Collection[_Request]) -> None:
+        with self._cond:
+            for request in requests:
+                self._marked[id(request)] = request
+            self._cond.notify()
+
+    def close(self, request: _Request, outputs: list[RowOutput] | None, error: Exception | None) -> None:
+        with self._cond:
+            self._finals.append((request, outputs, error))
+            self._live.pop(id(request), None)
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not (self._marked or self._finals or self._stopping):
+                    self._cond.wait(self.cancel_poll_s if self._live else None)
+                marked, self._marked = list(self._marked.values()), {}
+                finals, self._finals = self._finals, []
+                stopping = self._stopping
+                live = list(self._live.values())
+            closing = {id(request) for request, _, _ in finals}
+            for request in marked:
+                if id(request) not in closing and not request.closed and not request.cancelled:
+                    self._update(request)
+            for request, outputs, error in finals:
+                self._finish(request, outputs, error)
+            if stopping and not finals and not marked:
+                return
+            self._poll(live)
+
+    def _update(self, request: _Request) -> None:
+        try:
+            request.sink.update(request.snapshot())
+            self.updates_sent += 1
+            self._sent_first(request)
+        except Exception:  # noqa: BLE001  (e.g. the client went away: stop generating for it)
+            log.exception("sending a streaming update failed: cancelling the request")
+            self.on_cancel(request)
+
+    def _finish(self, request: _Request, outputs: list[RowOutput] | None, error: Exception | None) -> None:
+        try:
+            if error is not None:
+                request.sink.fail(error)
+            else:
+                request.sink.finish(outputs or [])
+                self._sent_first(request)
+        except Exception:  # noqa: BLE001
+            log.exception("sending a final response failed")
+
+    def _sent_first(self, request: _Request) -> None:
+        if request.idle_admission and request.first_token_at:
+            request.idle_admission = False
+            timeline = self.timeline
+            timeline.idle_requests += 1
+            timeline.queued_ms += (request.admitted_at - request.submitted_at) * 1e3
+            timeline.to_first_token_ms += (request.first_token_at - request.admitted_at) * 1e3
+            timeline.to_send_ms += (time.perf_counter() - request.first_token_at) * 1e3
+
+    def _poll(self, live: list[_Request]) -> None:
+        now = time.monotonic()
+        for request in live:
+            if request.cancelled or request.closed or now - request.last_poll < self.cancel_poll_s:
+                continue
+            request.last_poll = now
+            try:
+                cancelled = request.sink.is_cancelled()
+            except Exception:  # noqa: BLE001  (a broken sink must not stop the sender)
+                log.exception("is_cancelled failed")
+                cancelled = False
+            if cancelled:
+                self.on_cancel(request)
+
+
 class InflightScheduler:
     def __init__(self, engine: GptEngine, *, cancel_poll_s: float = 0.05,
                  event_log: Callable[[str], None] | None = None, admit_gather_rows: int = ADMIT_GATHER_ROWS,
-                 admit_gather_steps: int = ADMIT_GATHER_STEPS) -> None:
+                 admit_gather_steps: int = ADMIT_GATHER_STEPS, report: Callable[[str], None] | None = None,
+                 report_every_s: float = 10.0) -> None:
         """engine: owned by the scheduler while it runs (do not call engine.generate from elsewhere meanwhile);
         cancel_poll_s: least time between two is_cancelled polls of one request;
         event_log: receives one line per admission (which rows joined how many running rows) and per cancelled
             running request;
         admit_gather_rows / admit_gather_steps: while rows decode, new requests wait until this many rows are waiting
-            or the oldest has waited this many steps, and are then prefilled in one pass (0 steps: admit at once)."""
+            or the oldest has waited this many steps, and are then prefilled in one pass (0 steps: admit at once);
+        report: receives the timeline (Timeline.summary) of each `report_every_s` window in which steps ran."""
+        self.report, self.report_every_s, self._reported_at = report, report_every_s, time.monotonic()
         self.engine = engine
         self.cancel_poll_s = cancel_poll_s
         self.admit_gather_rows = admit_gather_rows
@@ -276,15 +474,20 @@ class InflightScheduler:
         self._logits: torch.Tensor | None = None  # [span, V]: next-token logits of slots 0..span-1
         self._batch: _Batch | None = None  # None: rebuild before the next step
         self._inbox: list[_Request] = []
+        self._cancels: list[_Request] = []  # reported by the sender, applied at the next step boundary
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._sender = _Sender(self._request_cancel, cancel_poll_s, self.stats.timeline)
 
     # -- public ------------------------------------------------------------------------------------------------------
     def start(self) -> InflightScheduler:
         if self._thread is not None:
             raise RuntimeError("the scheduler was already started")
+        if sys.getswitchinterval() > GIL_SWITCH_INTERVAL_S:
+            sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+        self._sender.start()
         self._thread = threading.Thread(target=self._serve, name="inflight-scheduler", daemon=True)
         self._thread.start()
         return self
@@ -296,6 +499,7 @@ class InflightScheduler:
             self._wake.notify_all()
         if self._thread is not None:
             self._thread.join(timeout_s)
+        self._sender.stop(timeout_s)
 
     def __enter__(self) -> InflightScheduler:
         return self.start()
@@ -317,13 +521,25 @@ class InflightScheduler:
         if needed > self.slot_count:
             raise ResourceError(f"rows x beam_width = {len(rows)} x {widths[0]} = {needed} exceeds the engine's "
                                 f"{self.slot_count} KV-cache slots (max_batch_size): send fewer rows")
-        request = _Request(sink=sink, stream=stream)
+        request = _Request(sink=sink, stream=stream, submitted_at=time.perf_counter())
         want_log_probs = any(row.return_log_probs for row in rows)
         request.rows = [_Row.create(spec, request, want_log_probs) for spec in rows]
         with self._lock:
             if self._stopping or self._thread is None or not self._thread.is_alive():
                 raise RuntimeError("the in-flight scheduler is not running")
+            self._sender.track(request)
             self._inbox.append(request)
+            self._wake.notify()
+
+    @property
+    def sender_stats(self) -> tuple[int, int]:
+        """(streaming updates sent, finals handed over): coalescing shows as fewer updates than tokens."""
+        return self._sender.updates_sent, self.stats.finished_requests + self.stats.failed_requests
+
+    def _request_cancel(self, request: _Request) -> None:
+        """From the sender thread: cancel at the next step boundary."""
+        with self._lock:
+            self._cancels.append(request)
             self._wake.notify()
 
     # -- the loop ----------------------------------------------------------------------------------------------------
@@ -336,10 +552,13 @@ class InflightScheduler:
             with torch.inference_mode():
                 while self._collect_submissions():
                     try:
-                        self._poll_cancellations()
+                        self._apply_cancellations()
+                        started = time.perf_counter()
                         self._admit()
+                        self.stats.timeline.admit_ms += (time.perf_counter() - started) * 1e3
                         if self._occupied:
                             self._step()
+                        self._maybe_report()
                     except Exception as err:  # noqa: BLE001  (the running requests fail; the loop keeps serving)
                         log.exception("in-flight step failed: failing the %d running request(s)",
                                       len({id(row.request) for row in self._occupied.values()}))
@@ -358,7 +577,7 @@ class InflightScheduler:
     def _collect_submissions(self) -> bool:
         """Move new submissions to the waiting queue, sleeping while there is nothing to do; False once stopping."""
         with self._lock:
-            while not (self._stopping or self._inbox or self._waiting or self._occupied):
+            while not (self._stopping or self._inbox or self._waiting or self._occupied or self._cancels):
                 self._wake.wait()
             for request in self._inbox:
                 request.queued_at_step = self.stats.steps
@@ -366,20 +585,20 @@ class InflightScheduler:
             self._inbox.clear()
             return not self._stopping
 
-    def _poll_cancellations(self) -> None:
-        now, polls = time.monotonic(), 0
-        for request in [*self._waiting, *self._live]:
-            if polls == CANCEL_POLLS_PER_STEP:
-                break
-            if request.cancelled or now - request.last_poll < self.cancel_poll_s:
-                continue
-            request.last_poll, polls = now, polls + 1
-            try:
-                cancelled = request.sink.is_cancelled()
-            except Exception:  # noqa: BLE001  (a broken sink must not stop the loop)
-                log.exception("is_cancelled failed")
-                cancelled = False
-            if cancelled:
+    def _maybe_report(self) -> None:
+        now = time.monotonic()
+        if self.report is None or now - self._reported_at < self.report_every_s:
+            return
+        self._reported_at = now
+        if self.stats.timeline.steps:
+            self.report(f"in-flight scheduler, last {self.report_every_s:.0f} s: {self.stats.timeline.summary()}")
+            self.stats.timeline.reset()
+
+    def _apply_cancellations(self) -> None:
+        with self._lock:
+            cancels, self._cancels = self._cancels, []
+        for request in cancels:
+            if not request.cancelled and not request.closed:
                 self._cancel(request)
 
     def _cancel(self, request: _Request) -> None:
@@ -400,7 +619,7 @@ class InflightScheduler:
     def _should_wait_for_more(self) -> bool:
         """While rows are decoding, gather a few arrivals into one prefill pass instead of one pass each: a pass
         costs about the same for 1 or 8 prompts (the weights are read once), and the running rows stall meanwhile."""
-        if not self._occupied or not self._waiting:
+        if len(self._occupied) < ADMIT_GATHER_MIN_RUNNING or not self._waiting:
             return False
         waiting_rows = sum(len(request.rows) for request in self._waiting)
         oldest_wait = self.stats.steps - self._waiting[0].queued_at_step
@@ -422,6 +641,10 @@ class InflightScheduler:
             if len(request.rows) > len(self._free):
                 break
             self._waiting.popleft()
+            self.stats.max_admission_wait_steps = max(self.stats.max_admission_wait_steps,
+                                                      self.stats.steps - request.queued_at_step)
+            request.admitted_at = time.perf_counter()
+            request.idle_admission = not self._occupied and not admitted
             for row in request.rows:
                 row.slot = heapq.heappop(self._free)
                 self._occupied[row.slot] = row
@@ -434,9 +657,12 @@ class InflightScheduler:
         running = len(self._occupied) - sum(len(request.rows) for request in requests)
         self._live += requests
         self._batch = None
+        started = time.perf_counter()
         rows, new_logits = self._prefill_isolating_faults(requests)
         if new_logits is None:
             return
+        idle = [request for request in requests if request.idle_admission]
+        self.stats.timeline.admitting_ms += (time.perf_counter() - started) * 1e3 * len(idle)
         span = max(self._occupied) + 1
         logits = torch.zeros((span, new_logits.shape[1]), dtype=new_logits.dtype, device=new_logits.device)
         if self._logits is not None:
@@ -481,7 +707,10 @@ class InflightScheduler:
             end = start + 1
             while end < len(rows) and rows[end].slot == rows[end - 1].slot + 1:
                 end += 1
-            longest = max(row.prompt_len for row in rows[start:end])
+            # Padded to a multiple of PREFILL_PAD so the attention sees few distinct shapes (a new shape may cost a
+            # kernel plan); padding is masked, and the width holds max_seq_len + 1 columns.
+            longest = min(-(-max(row.prompt_len for row in rows[start:end]) // PREFILL_PAD) * PREFILL_PAD,
+                          history.shape[1])
             prompts = history[start:end, :longest]
             prompts = prompts.masked_fill(prompts == vocab, 0)  # any valid id: padding is masked
             lengths = self.table.lengths[rows[start].slot:rows[start].slot + end - start]
@@ -491,6 +720,7 @@ class InflightScheduler:
 
     def _step(self) -> None:
         """Select one token for every row in slots 0..span-1, launch the next decode, then read the step back."""
+        started = time.perf_counter()
         rows = [self._occupied.get(slot) for slot in range(max(self._occupied) + 1)]
         if self._batch is None or self._batch.span != len(rows):
             self._batch = self.table.batch(rows)
@@ -517,7 +747,15 @@ class InflightScheduler:
         kv_len = max(min(row.prompt_len + row.issued, row.limit) for row in self._occupied.values())
         self._logits = self.engine.decode(tokens, (lengths - 1).masked_fill_(finished, 0), kv_len)
         self.stats.steps += 1
-        self._consume(rows, *self.readback.read())
+        timeline, launched = self.stats.timeline, time.perf_counter()
+        flags, log_probs = self.readback.read()
+        read = time.perf_counter()
+        self._consume(rows, flags, log_probs)
+        timeline.steps += 1
+        timeline.rows += len(self._occupied)
+        timeline.select_launch_ms += (launched - started) * 1e3
+        timeline.wait_ms += (read - launched) * 1e3
+        timeline.consume_ms += (time.perf_counter() - read) * 1e3
 
     def _consume(self, rows: list[_Row | None], flags: list[list[int]], log_probs: list[float] | None) -> None:
         """Apply one step's host copy: append tokens, close finished requests, free slots, stream updates."""
@@ -527,21 +765,22 @@ class InflightScheduler:
             if row is None:
                 continue
             if active[slot]:
+                if row.length == row.prompt_len and not row.request.first_token_at:
+                    row.request.first_token_at = time.perf_counter()
                 row.append(tokens[slot], log_probs[slot] if log_probs is not None else 0.0)
                 touched[id(row.request)] = row.request
             if finished[slot]:
                 row.done, row.reason = True, "stop" if stopped[slot] else "length"
                 self._release(row)
                 touched[id(row.request)] = row.request
+        advanced = []
         for request in touched.values():
             if all(row.done for row in request.rows):
                 self._close(request, outputs=[row.output() for row in request.rows])
             elif request.stream and not request.cancelled:
-                try:
-                    request.sink.update([row.output() for row in request.rows])
-                except Exception:  # noqa: BLE001  (e.g. the client went away: stop generating for it)
-                    log.exception("sending a streaming update failed: cancelling the request")
-                    self._cancel(request)
+                advanced.append(request)
+        if advanced:
+            self._sender.mark(advanced)
 
     def _release(self, row: _Row) -> None:
         del self._occupied[row.slot]
@@ -559,15 +798,11 @@ class InflightScheduler:
         request.closed = True
         if request in self._live:
             self._live.remove(request)
-        try:
-            if error is not None:
-                self.stats.failed_requests += 1
-                request.sink.fail(error)
-            else:
-                self.stats.finished_requests += 1
-                request.sink.finish(outputs or [])
-        except Exception:  # noqa: BLE001
-            log.exception("sending a final response failed")
+        if error is not None:
+            self.stats.failed_requests += 1
+        else:
+            self.stats.finished_requests += 1
+        self._sender.close(request, outputs, error)
 
     def _abort(self, request: _Request, error: Exception) -> None:
         """Fail a request and free its slots (left inert: finished set)."""
@@ -595,22 +830,18 @@ class InflightScheduler:
         latest = [RowOutput(prompt_len=row.prompt_len, beams=[row.tokens[:row.prompt_len].copy()] * row.spec.beam_width)
                   for row in request.rows]
 
+        request.latest = latest
+
         def on_step(updates: list[tuple[int, RowOutput]]) -> None:
             for index, output in updates:
                 latest[index] = output
             if not request.cancelled and not all(output.finished for output in latest):
-                try:
-                    request.sink.update(list(latest))
-                except Exception:  # noqa: BLE001
-                    log.exception("sending a streaming update failed: cancelling the request")
-                    request.cancelled = True
+                self._sender.mark([request])
 
-        def is_cancelled() -> Collection[int]:  # polled by the engine every engine.cancel_poll_s
-            if not request.cancelled:
-                try:
-                    request.cancelled = bool(request.sink.is_cancelled())
-                except Exception:  # noqa: BLE001
-                    log.exception("is_cancelled failed")
+        def is_cancelled() -> Collection[int]:  # polled by the engine; the sender reports cancellations
+            with self._lock:
+                if request in self._cancels:
+                    request.cancelled = True
             return range(len(specs)) if request.cancelled else ()
 
         try:

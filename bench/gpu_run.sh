@@ -1,0 +1,35 @@
+#!/bin/bash
+# One call on the GPU host (run from the project root; results under $OUT):
+#   bash bench/gpu_run.sh quick   # CUDA tests + a short serving benchmark (64/256 streams, batch 1, short mixed)
+#   bash bench/gpu_run.sh full    # CUDA tests + bench/serving_bench.py with its defaults -> docs/gpu/serving.*
+set -u
+mode=${1:-full}
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+source .gpu/setup.sh > "$OUT/cuda_tests.txt" 2>&1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
+start=$(date +%s)
+# CUDA tests (transformers imports only under the host's own venv).
+[ "$mode" != diag ] && timeout 240 /opt/torch/.venv/bin/python3 -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_scheduler.py \
+  >> "$OUT/cuda_tests.txt" 2>&1
+echo "cuda tests rc=$? in $(( $(date +%s) - start )) s" >> "$OUT/cuda_tests.txt"
+if [ "$mode" = diag ]; then
+  # The model's decode step alone (GPU time per step), then the serving path with its timeline in the server log.
+  timeout 150 python bench/profile_decode.py --batch 64 256 --prompt 192 --steps 32 --prefill 512 --no-profile \
+    > "$OUT/profile.txt" 2>&1
+  GPT_TRITON_FUSED_ATTENTION_MAX_ROW_KEYS=10000000 timeout 100 python bench/profile_decode.py --batch 256 64 \
+    --prompt 192 --steps 32 --prefill 0 --no-profile >> "$OUT/profile.txt" 2>&1
+  timeout 60 python bench/profile_decode.py --batch 64 --prompt 768 --steps 32 --prefill 1024 --no-profile \
+    >> "$OUT/profile.txt" 2>&1
+  timeout 330 python bench/serving_bench.py --out "$OUT/serving.json" --work /tmp/serving-bench \
+    --levels 64,256 --skip-not-streamed --skip-core --seconds 3 --mixed-seconds 6 --bs1-reps 10 > "$OUT/bench.log" 2>&1
+elif [ "$mode" = quick ]; then
+  timeout 420 python bench/serving_bench.py --out "$OUT/serving.json" --work /tmp/serving-bench \
+    --levels 1,64,256 --core-levels 64 --seconds 3 --mixed-seconds 8 --bs1-reps 10 > "$OUT/bench.log" 2>&1
+else
+  timeout 500 python bench/serving_bench.py --out "$OUT/serving.json" --work /tmp/serving-bench \
+    > "$OUT/bench.log" 2>&1
+fi
+echo "bench rc=$? in $(( $(date +%s) - start )) s" >> "$OUT/bench.log"
+tail -c 400000 /tmp/serving-bench/raw/server.log > "$OUT/server_tail.log" 2>/dev/null || true
+ls /tmp/serving-bench >> "$OUT/bench.log" 2>&1

@@ -1,0 +1,189 @@
+"""What the torch core's Triton model.py does, without Triton: load the engine from the model config, run a dynamic
+batch statically, or queue decoupled requests on the in-flight scheduler with their response sinks.
+
+model.py only turns Triton requests into input dicts and `Reply`s into pb_utils responses (`Transport`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from .core_io import EngineLimits, GenerationRequest, RequestError, RowOutput, StreamState, ft_outputs, parse_request
+
+DATA_TYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+AUTO_GPU_SLOTS = 256  # 256 x 2048 tokens of the 1.3B model: ~100 GB of KV (an H200's worth after the weights)
+# Error kinds, mapped to Triton's codes by model.py.
+INVALID, UNAVAILABLE, INTERNAL, CANCELLED = "invalid", "unavailable", "internal", "cancelled"
+
+
+@dataclass(frozen=True)
+class Reply:
+    arrays: dict[str, np.ndarray] | None = None
+    error: str | None = None
+    kind: str = ""  # one of the error kinds when `error` is set
+
+
+class Transport(Protocol):
+    """One decoupled request's way back to the client (a Triton response sender)."""
+
+    def send(self, reply: Reply, final: bool) -> None: ...
+
+    def is_cancelled(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class CoreSettings:
+    model_dir: Path
+    data_type: str
+    kv_slots: int  # 0: automatic (see slots_for)
+    triton_max_batch_size: int
+    max_seq_len: int | None
+    vocab_limit: int | None
+    decoupled: bool
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, str]) -> CoreSettings:
+        """From TritonPythonModel.initialize's args. Parameters: model_dir (relative to the version folder), data_type,
+        kv_slots (KV-cache slots, 0 = automatic), max_seq_len, vocab_limit."""
+        config = json.loads(args["model_config"])
+        params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        model_dir = Path(params.get("model_dir", f"{params.get('tensor_para_size', '1')}-gpu"))
+        if not model_dir.is_absolute():
+            model_dir = Path(args["model_repository"]) / args["model_version"] / model_dir
+        data_type = params.get("data_type", "fp32")
+        if data_type not in DATA_TYPES:
+            raise ValueError(f"parameter data_type must be one of {sorted(DATA_TYPES)}, got {data_type!r}")
+        slots = params.get("kv_slots", params.get("max_batch_size", "0")) or "0"
+        if not slots.isdigit():
+            raise ValueError(f"parameter kv_slots must be a whole number (0 = automatic), got {slots!r}")
+        decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
+        return cls(model_dir=model_dir, data_type=data_type, kv_slots=int(slots),
+                   triton_max_batch_size=int(config.get("max_batch_size") or 1),
+                   max_seq_len=int(params["max_seq_len"]) if "max_seq_len" in params else None,
+                   vocab_limit=int(params["vocab_limit"]) if "vocab_limit" in params else None, decoupled=decoupled)
+
+    def slots_for(self, device: str) -> tuple[int, bool]:
+        """(KV-cache slots wanted, whether to shrink them to the free memory). Given: exactly that many. Automatic:
+        the in-flight (decoupled) core on a GPU takes as many as fit, up to AUTO_GPU_SLOTS, whatever Triton's
+        max_batch_size (which only bounds the rows of one request there); otherwise Triton's max_batch_size (the
+        dynamic batch of the static path), shrunk to fit on a GPU."""
+        if self.kv_slots:
+            return self.kv_slots, False
+        gpu = device.startswith("cuda")
+        return (AUTO_GPU_SLOTS if self.decoupled and gpu else self.triton_max_batch_size), gpu
+
+    def load(self, device: str) -> object:
+        import torch  # noqa: PLC0415
+
+        from .generation import GptEngine  # noqa: PLC0415
+
+        slots, shrink = self.slots_for(device)
+        return GptEngine.from_ft_dir(self.model_dir, device=device, dtype=getattr(torch, DATA_TYPES[self.data_type]),
+                                     max_batch_size=slots, max_seq_len=self.max_seq_len,
+                                     vocab_limit=self.vocab_limit, shrink_to_fit=shrink)
+
+
+def run_static(engine: object, inputs: Sequence[Mapping[str, np.ndarray]],
+               cancelled: Sequence[Callable[[], bool]]) -> list[Reply]:
+    """Not decoupled: every valid request of the dynamic batch in one engine call; one reply each."""
+    replies: list[Reply | None] = [None] * len(inputs)
+    parsed = {}
+    for i, request_inputs in enumerate(inputs):
+        try:
+            parsed[i] = parse_request(request_inputs, engine.limits)  # type: ignore[attr-defined]
+        except RequestError as err:
+            replies[i] = Reply(error=str(err), kind=INVALID)
+    rows: list[GenerationRequest] = []
+    owner: list[int] = []  # engine row -> request
+    first_row: dict[int, int] = {}
+    for i, request in parsed.items():
+        first_row[i] = len(rows)
+        rows += request.rows
+        owner += [i] * len(request.rows)
+    gone: set[int] = set()
+
+    def cancelled_rows() -> list[int]:  # polled by the engine a few times a second
+        gone.update(i for i in parsed if i not in gone and cancelled[i]())
+        return [row for row, i in enumerate(owner) if i in gone]
+
+    try:
+        outputs = engine.generate(rows, is_cancelled=cancelled_rows) if rows else []  # type: ignore[attr-defined]
+    except Exception as err:  # noqa: BLE001  (one failed batch must not take the server down)
+        return [reply or Reply(error=f"generation failed: {err}", kind=INTERNAL) for reply in replies]
+    for i, request in parsed.items():
+        mine = outputs[first_row[i]:first_row[i] + len(request.rows)]
+        if any(output.cancelled for output in mine):
+            replies[i] = Reply(error="request cancelled", kind=CANCELLED)
+        else:
+            replies[i] = Reply(arrays=ft_outputs(request.rows, mine, with_log_probs=request.return_log_probs))
+    return replies  # type: ignore[return-value]
+
+
+class StreamingCore:
+    """Decoupled: validate each request and queue it on the in-flight scheduler; replies come from its sender."""
+
+    def __init__(self, engine: object, event_log: Callable[[str], None] | None = None,
+                 report: Callable[[str], None] | None = None) -> None:
+        from .scheduler import InflightScheduler  # noqa: PLC0415
+        from .stream_ack import AckListener  # noqa: PLC0415
+
+        self.limits: EngineLimits = engine.limits  # type: ignore[attr-defined]
+        self.acks = AckListener()
+        self.scheduler = InflightScheduler(engine, event_log=event_log,  # type: ignore[arg-type]
+                                           report=report).start()
+
+    def submit(self, inputs: Mapping[str, np.ndarray], transport: Transport) -> None:
+        from .generation import ResourceError  # noqa: PLC0415
+
+        try:
+            parsed = parse_request(inputs, self.limits)
+            sink = _Sink(transport, parsed.rows, self.acks, stream=parsed.stream, log_probs=parsed.return_log_probs)
+            self.scheduler.submit(parsed.rows, sink, stream=parsed.stream)
+        except (RequestError, ResourceError) as err:
+            transport.send(Reply(error=str(err), kind=INVALID), final=True)
+        except RuntimeError as err:  # the scheduler stopped (model unloading)
+            transport.send(Reply(error=str(err), kind=UNAVAILABLE), final=True)
+
+    def stop(self) -> str:
+        stats = self.scheduler.stats
+        self.scheduler.stop()
+        self.acks.close()
+        return (f"in-flight scheduler: {stats.steps} steps, {stats.admitted_rows} rows admitted "
+                f"({stats.joined_running_rows} joined a running batch), peak {stats.peak_rows} rows, "
+                f"{stats.finished_requests} requests finished, {stats.failed_requests} failed, "
+                f"{self.scheduler.sender_stats[0]} streamed updates; {stats.timeline.summary()}")
+
+
+class _Sink:
+    """scheduler.ResponseSink over a Transport; called from the scheduler's sender thread."""
+
+    def __init__(self, transport: Transport, rows: list[GenerationRequest], acks: object, *, stream: bool,
+                 log_probs: bool) -> None:
+        self.transport, self.acks = transport, acks
+        self.key = acks.new_key() if stream else 0  # type: ignore[attr-defined]
+        self.state = StreamState(rows, stream=stream, log_probs=log_probs,
+                                 ack=(acks.port, self.key) if stream else (0, 0))  # type: ignore[attr-defined]
+
+    def update(self, outputs: list[RowOutput]) -> None:
+        self.transport.send(Reply(arrays=self.state.update(outputs)), final=False)
+        self.acks.sent(self.key)  # type: ignore[attr-defined]
+
+    def finish(self, outputs: list[RowOutput]) -> None:
+        self.acks.forget(self.key)  # type: ignore[attr-defined]
+        if any(output.cancelled for output in outputs):
+            self.transport.send(Reply(error="request cancelled", kind=CANCELLED), final=True)
+        else:
+            self.transport.send(Reply(arrays=self.state.final(outputs)), final=True)
+
+    def fail(self, error: Exception) -> None:
+        self.acks.forget(self.key)  # type: ignore[attr-defined]
+        self.transport.send(Reply(error=f"generation failed: {error}", kind=INTERNAL), final=True)
+
+    def is_cancelled(self) -> bool:
+        return bool(self.transport.is_cancelled()) or (self.key != 0 and self.acks.abandoned(self.key))  # type: ignore[attr-defined]
