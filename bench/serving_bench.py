@@ -30,6 +30,7 @@ import datetime as dt
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -250,10 +251,11 @@ class Runner:
                 try:
                     code = process.wait(timeout=timeout)
                 except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
                     raise BenchError(f"perf_analyzer {name} at concurrency {concurrency} ran past {timeout:.0f} s")
                 finally:
+                    if process.poll() is None:  # timed out, or we are being stopped: no orphaned load generator
+                        process.kill()
+                        process.wait()
                     if server:
                         server.__exit__()
         if code != 0 or not csv_path.is_file() or not export_path.is_file():
@@ -690,7 +692,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
+def _stop(signum: int, _frame: object) -> None:
+    # tritonserver runs in its own session: unwind the `with` so it is stopped, not orphaned (the JSON already holds
+    # every finished run).
+    raise SystemExit(f"serving_bench: stopped by signal {signum}")
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _stop)
     try:
         main()
     except (BenchError, ServerError) as err:
