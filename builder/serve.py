@@ -97,13 +97,17 @@ def bundled_backend_directory(parent: Path | None = None) -> Path:
     if not stub.is_file():
         raise ServerError(f"nvidia-pytriton has no Python-backend stub for Python {py_version} ({stub})")
     backends = Path(tempfile.mkdtemp(prefix=f"gpt-triton-backends-py{py_version}-", dir=parent))  # 0700, O_EXCL
-    python_dir = backends / "python"
-    python_dir.mkdir(mode=0o700)
-    # Links, not copies: the stub finds its bundled libcudart through an $ORIGIN-relative RPATH, which the loader
-    # resolves from the link's target.
-    for source in (*(root / "backends" / "python").glob("*.so"), root / "backends" / "python" /
-                   "triton_python_backend_utils.py", stub):
-        (python_dir / source.name).symlink_to(source.resolve())
+    try:
+        python_dir = backends / "python"
+        python_dir.mkdir(mode=0o700)
+        # Links, not copies: the stub finds its bundled libcudart through an $ORIGIN-relative RPATH, which the
+        # loader resolves from the link's target.
+        for source in (*(root / "backends" / "python").glob("*.so"), root / "backends" / "python" /
+                       "triton_python_backend_utils.py", stub):
+            (python_dir / source.name).symlink_to(source.resolve())
+    except OSError as err:
+        shutil.rmtree(backends, ignore_errors=True)
+        raise ServerError(f"cannot prepare the backend folder {backends}: {err}") from err
     return backends
 
 
