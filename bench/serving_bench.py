@@ -148,7 +148,7 @@ class CpuSampler:
             last, last_t = now, now_t
 
 
-# -- input data ----------------------------------------------------------------------------------------------------------
+# -- input data --------------------------------------------------------------------------------------------------------
 def ensemble_entry(text: str, new_tokens: int, stream: bool, inputs: frozenset[str]) -> dict[str, Any]:
     entry: dict[str, Any] = {"text_input": [text], "max_tokens": [new_tokens], "min_tokens": [new_tokens]}
     if "stream" in inputs:
@@ -194,7 +194,7 @@ def prompts_of_lengths(tokenizer: Any, lengths: list[int], seed: int, pool: int 
     return prompts
 
 
-# -- perf_analyzer runs ----------------------------------------------------------------------------------------------
+# -- perf_analyzer runs ------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Runner:
     url: str
@@ -279,7 +279,7 @@ class Runner:
         return metrics
 
 
-# -- batch 1, from this process -------------------------------------------------------------------------------------
+# -- batch 1, from this process ----------------------------------------------------------------------------------------
 def core_call_times(triton: gpu_bench.Triton, model: str, ids: list[int], new_tokens: int,
                     stream: bool) -> list[float]:
     """Arrival times (s after sending) of the core model's responses (gpu_bench.Triton.core asks for one only)."""
@@ -332,7 +332,7 @@ def batch1(url: str, core: str, tokenizer: Any, args: argparse.Namespace, result
         f" ms), overhead non-streamed {result['ensemble_overhead_ms_bs1_not_streamed']:.2f} ms")
 
 
-# -- results ----------------------------------------------------------------------------------------------------------
+# -- results -----------------------------------------------------------------------------------------------------------
 def _run(result: dict[str, Any], name: str, concurrency: int) -> dict[str, Any] | None:
     for run in result.get("runs", []):
         if run["name"] == name and run["concurrency"] == concurrency:
@@ -414,7 +414,7 @@ def add_run(result: dict[str, Any], run: dict[str, Any]) -> None:
     result["failed_runs" if "error" in run else "runs"].append(run)
 
 
-# -- repository -------------------------------------------------------------------------------------------------------
+# -- repository --------------------------------------------------------------------------------------------------------
 def render_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """RenderConfig fields set from the command line: --max-slots (the KV-slot field, where this version has one),
     --render-option NAME=VALUE (any field, converted to the type of its default)."""
@@ -622,8 +622,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tokenizer_dir = repo / "preprocessing" / "1"
     tokenizer = load_tokenizer(tokenizer_dir if (tokenizer_dir / "vocab.json").is_file() else DEFAULT_TOKENIZER_DIR)
     binary = find_perf_analyzer()
+    # Every invocation that contributed (several with --merge), as typed.
+    result["commands"] = [*result.get("commands", []), " ".join([Path(sys.executable).name, *sys.argv])]
     result["settings"] = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]), "repository": str(repo),
+        "command": " ; ".join(result["commands"]), "repository": str(repo),
         "perf_analyzer": f"{binary} ({perf_analyzer_version(binary, perf_analyzer_env())})",
         "client host cores": os.cpu_count(), "levels": ",".join(map(str, args.levels)),
         "core levels": ",".join(map(str, args.core_levels)), "prompt tokens": args.prompt_tokens,

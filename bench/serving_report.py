@@ -152,7 +152,7 @@ def _all_tokens(experiment: dict[str, Any]) -> list[int]:
     return result
 
 
-# -- goals (issue 17, one H200) ---------------------------------------------------------------------------------------
+# -- goals (issue 17, one H200) ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Goal:
     text: str
@@ -192,7 +192,7 @@ def goal_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-# -- report -----------------------------------------------------------------------------------------------------------
+# -- report ------------------------------------------------------------------------------------------------------------
 def _fmt(value: Any, digits: int = 2) -> str:
     if value is None:
         return "-"
@@ -242,7 +242,8 @@ class RunMetricsView:
     def __init__(self, data: dict[str, Any]) -> None:
         self.data = data
         self.name, self.model, self.concurrency = data["name"], data["model"], data["concurrency"]
-        self.rps, self.tps, self.tokens = data["throughput_rps"], data["output_tokens_per_s"], data["tokens_per_request"]
+        self.rps, self.tps = data["throughput_rps"], data["output_tokens_per_s"]
+        self.tokens = data["tokens_per_request"]
 
     def pair(self, key: str, digits: int = 1) -> str:
         value = self.data.get(key)
