@@ -203,6 +203,7 @@ class Runner:
     stability: float
     max_trials: int
     server_pid: int | None
+    max_threads: int | None = None  # perf_analyzer --max-threads (its default: 16 in concurrency mode)
     binary: Path = dataclasses.field(default_factory=find_perf_analyzer)
     env: dict[str, str] = dataclasses.field(default_factory=perf_analyzer_env)
 
@@ -236,6 +237,8 @@ class Runner:
                    "--measurement-mode", "time_windows", "--measurement-interval", str(int(seconds * 1000)),
                    "--stability-percentage", f"{self.stability:g}", "--max-trials", str(max_trials),
                    "-f", str(csv_path), "--profile-export-file", str(export_path)]
+        if self.max_threads:
+            command += ["--max-threads", str(self.max_threads)]
         # Generous: every window plus start-up and the drain of requests still in flight.
         timeout = max_trials * seconds * 2 + 180
         log(f"perf_analyzer {name} ({model}) concurrency {concurrency} ...")
@@ -560,8 +563,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="the JSON to write (.md and .png beside it)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/serving-bench"),
                         help="scratch folder: checkpoint, FT weights, repository, raw perf_analyzer files")
-    parser.add_argument("--device", "--gpu", dest="device", choices=("gpu", "cpu"), default="gpu",
-                        help="where the torch engine runs when the repository is built here [gpu]")
+    parser.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
+                        help="where the torch engine runs when the repository is built here; names the JSON's "
+                             "`gpu` [gpu]")
+    parser.add_argument("--gpu", dest="device", action="store_const", const="gpu", help="same as --device gpu")
     parser.add_argument("--repository", type=Path, help="serve this rendered streaming repository instead of "
                                                          "building one")
     parser.add_argument("--ensemble", default="ensemble", help="name of the text ensemble [ensemble]")
@@ -582,6 +587,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mixed-seconds", type=float, default=10.0, help="window of the mixed runs (s)")
     parser.add_argument("--stability", type=float, default=50.0, help="perf_analyzer --stability-percentage")
     parser.add_argument("--max-trials", type=int, default=6, help="perf_analyzer --max-trials")
+    parser.add_argument("--max-threads", type=int, help="perf_analyzer --max-threads [its default, 16]")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--long-prompt-tokens", type=int, default=512, help="prompt of the batch-1 TTFT")
@@ -645,7 +651,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise BenchError(f"{repo} is not a streaming repository (render with --streaming)")
         core_inputs = model_info(url, "grpc", core).inputs
         runner = Runner(url=url, raw=raw, seconds=args.seconds, stability=args.stability,
-                        max_trials=args.max_trials, server_pid=server.process.pid if server.process else None)
+                        max_trials=args.max_trials, server_pid=server.process.pid if server.process else None,
+                        max_threads=args.max_threads)
         def write(with_plot: bool = False) -> None:  # after every run; the plot after every stage
             write_outputs(args.out, result, args.mixed_clients, with_plot)
 
