@@ -2,7 +2,9 @@
 
 Against a served `--streaming` repository (torch engine; built here from a random checkpoint preset, or
 `--repository`), every run a perf_analyzer process over a gRPC stream (`--async --streaming`; the models are
-decoupled), with input data of exact token lengths and `min_tokens = max_tokens` so random weights cannot stop early:
+decoupled) to bench-only copies of the ensemble and of the core that declare only the outputs they send (see
+TEXT_OUTPUTS: perf_analyzer 2.51 breaks on the others), with input data of exact token lengths and
+`min_tokens = max_tokens` so random weights cannot stop early:
   1. batch 1 (this process, gRPC, sequential): decode ms/token (slope of non-streamed latency over output length),
      time to the first streamed response of a 512-token prompt through the ensemble and calling the core model with
      token ids (-> ensemble overhead), the same overhead non-streamed with 1 new token;
