@@ -39,9 +39,18 @@ def port_option(name: str, default: int, what: str):  # type: ignore[no-untyped-
               help="Seconds in-flight requests get to finish on shutdown.")
 @click.option("--log-verbose", default=0, show_default=True, type=click.IntRange(0), help="tritonserver verbosity.")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), help="Server log file (default: temp).")
+@click.option("--openai-port", type=click.IntRange(1, 65535), default=None,
+              help="Also serve the OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models) on "
+                   "this port, bound to --address; off by default.")
+@click.option("--api-key", envvar="GPT_TRITON_API_KEY", default=None, show_envvar=True,
+              help="Bearer key the OpenAI API requires (16+ characters); required when --address is not loopback. "
+                   "Prefer the variable: other local users can read command lines.")
+@click.option("--chat-template", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Jinja chat template for /v1/chat/completions [default: a plain 'Role: text' transcript].")
 def serve_command(repository: Path, http_port: int, grpc_port: int, metrics_port: int, address: str,
                   tritonserver: Path | None, backend_directory: Path | None, startup_timeout: float,
-                  exit_timeout: int, log_verbose: int, log_file: Path | None) -> None:
+                  exit_timeout: int, log_verbose: int, log_file: Path | None, openai_port: int | None,
+                  api_key: str | None, chat_template: Path | None) -> None:
     """Start tritonserver on REPOSITORY and keep it in the foreground until Ctrl-C or SIGTERM.
 
     Exits non-zero, naming the failing model and the server's own error lines, if a model fails to load, and
@@ -56,7 +65,14 @@ def serve_command(repository: Path, http_port: int, grpc_port: int, metrics_port
     # loads would leave it running.
     signal.signal(signal.SIGTERM, stop_on_signal)
     server: TritonServer | None = None
+    api = None
     try:
+        if openai_port is not None:  # FastAPI is imported only when asked for
+            from .openai_api import ApiServerError, OpenAIServer, api_settings  # noqa: PLC0415
+            try:  # before tritonserver starts: a refused setting fails fast
+                api_config = api_settings(address, api_key, chat_template)
+            except ApiServerError as err:
+                raise click.ClickException(str(err)) from err
         config = ServerConfig(repository, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                               address=address, tritonserver=tritonserver, backend_directory=backend_directory,
                               startup_timeout_s=startup_timeout, exit_timeout_s=exit_timeout,
@@ -67,6 +83,13 @@ def serve_command(repository: Path, http_port: int, grpc_port: int, metrics_port
         click.echo(f"ready: HTTP http://{server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}",
                    err=True)
         click.echo(f"server log: {server.log_path}   (Ctrl-C to stop)", err=True)
+        if openai_port is not None:
+            try:
+                api = OpenAIServer(api_config(server.grpc_url), host=address, port=openai_port).start()
+            except ApiServerError as err:
+                server.stop()
+                raise click.ClickException(str(err)) from err
+            click.echo(f"OpenAI API: {api.url}" + ("  (Bearer key required)" if api_key else ""), err=True)
     except ServerError as err:
         raise click.ClickException(str(err)) from err
     except KeyboardInterrupt:
@@ -74,7 +97,10 @@ def serve_command(repository: Path, http_port: int, grpc_port: int, metrics_port
         if server is not None:
             server.stop()
         sys.exit(0)
-    sys.exit(serve_until_signal(server))
+    code = serve_until_signal(server)
+    if api is not None:
+        api.stop()
+    sys.exit(code)
 
 
 def stop_on_signal(signum: int, frame: FrameType | None) -> None:

@@ -6,6 +6,10 @@ against the GPT-2 tokenizer the repository uses.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +21,7 @@ import pytest
 from builder.demo import build_demo_repository
 from builder.openai_api import ApiServerError, ApiSettings, OpenAIServer, check_binding
 from builder.runtime.tokenizer import GptTokenizer
-from builder.serve import TritonServer, free_port
+from builder.serve import TritonServer, free_port, free_ports
 
 pytestmark = pytest.mark.server
 
@@ -220,3 +224,39 @@ def test_a_client_that_disconnects_cancels_its_triton_stream(api: OpenAIServer) 
     answer = openai.OpenAI(base_url=api.url, api_key="x", max_retries=0).completions.create(
         model="ensemble", prompt="1 2 3", max_tokens=3, temperature=0)
     assert answer.choices[0].text == " 4 5 6"
+
+
+def test_serve_cli_starts_the_api_beside_tritonserver_and_stops_it(tmp_path: Path) -> None:
+    repository = build_demo_repository(tmp_path / "repo")
+    http, grpc, metrics, port = free_ports(4)
+    command = [sys.executable, "-m", "builder", "serve", str(repository), "--http-port", str(http), "--grpc-port",
+               str(grpc), "--metrics-port", str(metrics), "--openai-port", str(port)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "GPT_TRITON_API_KEY": KEY})
+    try:
+        lines = []
+        for line in process.stderr:  # type: ignore[union-attr]
+            lines.append(line)
+            if line.startswith("OpenAI API:") or process.poll() is not None:
+                break
+        assert lines and lines[-1].strip() == f"OpenAI API: http://127.0.0.1:{port}/v1  (Bearer key required)", lines
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
+        answer = client.completions.create(model="ensemble", prompt="1 2 3 4 5 6", max_tokens=30, temperature=0)
+        assert answer.choices[0].text == COUNTED
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+
+
+def test_serve_cli_refuses_a_keyless_api_beyond_loopback_before_starting_triton(tmp_path: Path) -> None:
+    started = time.monotonic()
+    env = {k: v for k, v in os.environ.items() if k != "GPT_TRITON_API_KEY"}
+    result = subprocess.run([sys.executable, "-m", "builder", "serve", str(tmp_path), "--address", "0.0.0.0",
+                             "--openai-port", str(free_port())], capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode != 0
+    assert "without an API key" in result.stderr and "--api-key" in result.stderr
+    assert "starting tritonserver" not in result.stderr and time.monotonic() - started < 30

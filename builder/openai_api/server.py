@@ -11,10 +11,13 @@ from __future__ import annotations
 import ipaddress
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import uvicorn
 
 from .app import ApiSettings, create_app
+from .chat_template import ChatTemplate, ChatTemplateError
 from .backend import TritonBackend
 
 API_KEY_ENV = "GPT_TRITON_API_KEY"
@@ -41,6 +44,17 @@ def check_binding(address: str, api_key: str | None) -> None:
                              f"{API_KEY_ENV}), or bind to 127.0.0.1")
 
 
+def api_settings(address: str, api_key: str | None, chat_template: Path | None) -> Callable[[str], ApiSettings]:
+    """Checks what can be checked before tritonserver starts (binding policy, the template compiles); returns the
+    settings for a Triton gRPC URL."""
+    check_binding(address, api_key)
+    try:
+        ChatTemplate.load(chat_template)
+    except ChatTemplateError as err:
+        raise ApiServerError(str(err)) from err
+    return lambda grpc_url: ApiSettings(grpc_url, api_key=api_key, chat_template=chat_template)
+
+
 class OpenAIServer:
     """`start()` binds and serves in a daemon thread, returning once the port accepts connections; `stop()` ends it
     (in-flight streams are cancelled, and with them their Triton requests)."""
@@ -50,7 +64,10 @@ class OpenAIServer:
         check_binding(host, settings.api_key)
         self.settings, self.host, self.port = settings, host, port
         self.backend = TritonBackend(settings.triton_grpc_url, settings.model, settings.timeout_s)
-        app = create_app(settings, self.backend)
+        try:
+            app = create_app(settings, self.backend)
+        except ChatTemplateError as err:
+            raise ApiServerError(str(err)) from err
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=2, lifespan="on")
         self._server = uvicorn.Server(config)
