@@ -409,7 +409,8 @@ class TritonServer:
         lines = [headline]
         if failed:
             lines.append("models that failed to load: " + ", ".join(failed))
-        if loading and FATAL_LOG_PATTERN.search(text):
+        if loading and not failed and FATAL_LOG_PATTERN.search(text):
+            # A stub that cannot exec names no model in the log: the ones that never finished loading are the victims.
             lines.append("models still loading when it failed: " + ", ".join(loading))
         if NO_GPU_MESSAGE in text:
             lines.append("fix: this machine has no GPU but the repository was rendered for one (KIND_GPU); render it "
