@@ -123,3 +123,35 @@ def test_capabilities_import_without_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert {"runtime_top_k", "stop_words_list", "beam_width", "stream"} <= CAPABILITIES
+
+
+def test_stream_acks_tell_an_abandoned_stream_from_a_direct_call() -> None:
+    """stream_ack.py over real loopback UDP: a stream that postprocessing acknowledged and then stopped acknowledging
+    is abandoned after the threshold; one never acknowledged (the core called directly) never is; other keys (another
+    user's guesses) change nothing."""
+    import time
+
+    from builder.runtime.stream_ack import AckListener, AckSender
+
+    listener, sender = AckListener(abandon_after_s=0.2), AckSender()
+    try:
+        behind_ensemble, direct = listener.new_key(), listener.new_key()
+        sender.send([(listener.port, behind_ensemble), (listener.port, 12345), (0, direct), (listener.port, 0)])
+        deadline = time.monotonic() + 5
+        while behind_ensemble not in listener._ever_acked and time.monotonic() < deadline:  # noqa: SLF001
+            time.sleep(0.01)
+        start = time.monotonic()
+        for key in (behind_ensemble, direct):
+            listener.sent(key, now=start)
+        assert not listener.abandoned(behind_ensemble, now=start + 0.1)
+        assert listener.abandoned(behind_ensemble, now=start + 0.3)  # acked before, silent since its last send
+        assert not listener.abandoned(direct, now=start + 10)  # never acked: not behind postprocessing
+        sender.send([(listener.port, behind_ensemble)])  # postprocessing caught up: alive again
+        deadline = time.monotonic() + 5
+        while listener.abandoned(behind_ensemble, now=start + 0.3) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not listener.abandoned(behind_ensemble, now=start + 0.3)
+        listener.forget(behind_ensemble)
+        assert not listener.abandoned(behind_ensemble, now=start + 10)
+    finally:
+        listener.close()

@@ -6,9 +6,12 @@ Oracle: HF transformers' GPT2LMHeadModel on the same weights (the converted FT f
 from __future__ import annotations
 
 import json
+import re
+import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,6 +154,63 @@ def test_streaming_repo_answers_generate_when_stream_is_false(tiny_streaming_ser
     [answer] = generate_json(tiny_streaming_server, {"text_input": "Hello", "max_tokens": 6, "stream": False})
     [plain] = generate_json(tiny_server, {"text_input": "Hello", "max_tokens": 6})
     assert answer["text_output"] == plain["text_output"]
+
+
+def test_plain_generate_and_finish_reason_on_a_streaming_repo(tiny_streaming_server: TritonServer,
+                                                              tiny_server: TritonServer) -> None:
+    """Issue 11 item 5: `/generate` without `"stream"` works on a streaming repository (the core's `stream` input
+    defaults to false: one final response), and every way of asking there sends finish_reason."""
+    for prompt, max_tokens in (("Hello", 6), ("The quick brown fox jumps over", 12)):
+        body = {"text_input": prompt, "max_tokens": max_tokens}
+        [plain] = generate_json(tiny_server, body)  # the non-streaming repository: the reference
+        assert plain["finish_reason"] in ("stop", "length")
+        [answer] = generate_json(tiny_streaming_server, body)
+        assert "error" not in answer, answer
+        assert (answer["text_output"], answer["finish_reason"]) == (plain["text_output"], plain["finish_reason"])
+        assert answer["num_output_tokens"] == plain["num_output_tokens"]
+        [explicit] = generate_json(tiny_streaming_server, {**body, "stream": False})
+        assert explicit["finish_reason"] == plain["finish_reason"]
+        events = generate_json(tiny_streaming_server, {**body, "stream": True}, stream=True)
+        assert "".join(event["text_output"] for event in events) == plain["text_output"]
+        assert events[-1]["finish_reason"] == plain["finish_reason"]
+        assert all(event["finish_reason"] == "" for event in events[:-1])
+
+
+def test_abandoned_streams_through_the_ensemble_free_their_rows(tiny_ft_dir: Path, tmp_path: Path,
+                                                                start_server) -> None:
+    """Issue 11 item 4: clients that drop their /generate_stream connections to the ENSEMBLE stop their rows early.
+
+    Triton 2.51 never cancels the core step of an ensemble (runtime/stream_ack.py says why); the core notices that
+    postprocessing stopped acknowledging the stream. A short threshold here, so it triggers well before the toy model
+    would reach max_tokens."""
+    repo = render_tiny(tmp_path, tiny_ft_dir, streaming=True)
+    core_config = repo / "gpt3_1.3b" / "config.pbtxt"
+    core_config.write_text(core_config.read_text() +
+                           '\nparameters {\n  key: "stream_abandon_s"\n  value: { string_value: "0.05" }\n}\n')
+    server = start_server(repo, log_verbose=1)
+    max_tokens = GptModelConfig.from_ini(tiny_ft_dir / "config.ini").max_pos_seq_len - 8
+    body = json.dumps({"text_input": "Hello", "max_tokens": max_tokens, "min_tokens": max_tokens,
+                       "stream": True}).encode()
+    host, port = server.http_url.rsplit(":", 1)
+    for _ in range(4):  # each: read its first event, then hang up
+        with socket.create_connection((host, int(port)), timeout=30) as conn:
+            conn.sendall(b"POST /v2/models/ensemble/generate_stream HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() +
+                         b"\r\n\r\n" + body)
+            received = b""
+            while b"data: " not in received:
+                received += conn.recv(4096)
+    deadline = time.monotonic() + 20
+    stopped: list[list[int]] = []
+    while time.monotonic() < deadline and len(stopped) < 4:
+        stopped = [json.loads(found) for found in re.findall(r"a request was cancelled; its 1 running row\(s\) stop "
+                                                               r"after (\[\d+\]) generated tokens",
+                                                               server.log_text())]
+        time.sleep(0.1)
+    assert len(stopped) == 4, server.log_text()[-3000:]
+    assert all(tokens[0] < max_tokens for tokens in stopped), stopped
+    with TextClient(server.http_url) as client:  # and the server still answers
+        assert client.generate("Hello", max_tokens=4).finish_reason in ("stop", "length")
 
 
 def test_demo_counts_and_a_stop_word_ends_the_answer_trimmed(demo_server: TritonServer) -> None:

@@ -214,3 +214,62 @@ def test_streaming_delta_start_gives_all_new_tokens_of_a_single_final_response()
     assert whole[0]["text_output"][0][0].decode() == " 1 2 3 数字 🚀"
     last_only = postprocess_requests([inputs], tokenizer, config)  # without it: one new token per response
     assert last_only[0]["text_output"][0][0].decode() != " 1 2 3 数字 🚀"
+
+
+def byte_tokens(tokenizer: GptTokenizer, text: str) -> list[int]:
+    """Token ids that spell `text` one BYTE per token (GPT-2 has a token per byte): multi-byte characters split."""
+    single = {}
+    for i in range(50257):
+        piece = tokenizer.bytes_of([i])
+        if len(piece) == 1:
+            single.setdefault(piece, i)
+    return [single[bytes([b])] for b in text.encode()]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_coalesced_stream_tails_decode_to_the_final_text(tokenizer: GptTokenizer, seed: int) -> None:
+    """The torch core's streamed responses (core_io.StreamState: tails of the sequences, several new tokens each when
+    sending falls behind, finish_code on the last) through streaming postprocessing concatenate to exactly the
+    final text, multi-byte characters split across tokens and responses included; finish_reason only at the end."""
+    from builder.runtime.core_io import GenerationRequest, RowOutput, StreamState
+
+    rng = random.Random(seed)
+    generated = (tokenizer.encode(" naïve café, 数字と絵文字 🚀 ok") + byte_tokens(tokenizer, "é🚀字")
+                 + tokenizer.encode(" end"))[:rng.randint(8, 40)]
+    prompt = tokenizer.encode("Once upon a time")
+    ends_with_eos = seed % 2 == 0
+    if ends_with_eos:
+        generated = generated + [EOS]
+    spec = GenerationRequest(input_ids=tuple(prompt), output_len=len(generated) + (0 if ends_with_eos else 0),
+                             end_id=EOS)
+    state = StreamState([spec], stream=True, log_probs=False, ack=(1234, 99))
+    sequence = np.array(prompt + generated, dtype=np.int64)
+    produced, pieces, reasons_seen = len(prompt), [], []
+    while produced < len(sequence):
+        produced = min(len(sequence), produced + rng.choice([1, 1, 2, 3, 7]))  # coalesced: 1..7 new tokens
+        final = produced == len(sequence)
+        output = RowOutput(prompt_len=len(prompt), beams=[sequence[:produced]], finished=final,
+                           finish_reason="stop" if ends_with_eos else "length")
+        arrays = state.final([output]) if final else state.update([output])
+        assert arrays["output_ids"].shape[2] < produced  # a tail, never the whole sequence
+        assert arrays["stream_ack"].tolist() == [[1234, 99]]
+        [result] = postprocess_requests([arrays], tokenizer, STREAMING)
+        pieces.append(texts(result)[0][0])
+        reasons_seen.append(reasons(result)[0][0])
+    expected = tokenizer.decode(generated[:-1] if ends_with_eos else generated)
+    assert "".join(pieces) == expected
+    assert reasons_seen[-1] == ("stop" if ends_with_eos else "length") and set(reasons_seen[:-1]) <= {""}
+
+
+def test_stream_false_final_keeps_the_cumulative_layout(tokenizer: GptTokenizer) -> None:
+    """stream false: one final response in FT's cumulative layout (token-id clients read output_ids as before)."""
+    from builder.runtime.core_io import GenerationRequest, RowOutput, StreamState
+
+    prompt, generated = tokenizer.encode("Hello"), tokenizer.encode(" there, world")
+    spec = GenerationRequest(input_ids=tuple(prompt), output_len=len(generated) + 3, end_id=EOS)
+    arrays = StreamState([spec], stream=False, log_probs=False).final(
+        [RowOutput(prompt_len=len(prompt), beams=[np.array(prompt + generated)], finished=True)])
+    assert arrays["output_ids"][0, 0, :len(prompt) + len(generated)].tolist() == prompt + generated
+    assert arrays["delta_start"].tolist() == [[len(prompt)]] and arrays["finish_code"].tolist() == [[2]]
+    [result] = postprocess_requests([arrays], tokenizer, STREAMING)
+    assert texts(result) == [[tokenizer.decode(generated)]] and reasons(result) == [["length"]]

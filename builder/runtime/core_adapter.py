@@ -7,6 +7,7 @@ model.py only turns Triton requests into input dicts and `Reply`s into pb_utils 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from .core_io import EngineLimits, GenerationRequest, RequestError, RowOutput, StreamState, ft_outputs, parse_request
+from .stream_ack import ABANDON_AFTER_S
 
 DATA_TYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 AUTO_GPU_SLOTS = 256  # 256 x 2048 tokens of the 1.3B model: ~100 GB of KV (an H200's worth after the weights)
@@ -46,11 +48,12 @@ class CoreSettings:
     max_seq_len: int | None
     vocab_limit: int | None
     decoupled: bool
+    stream_abandon_s: float = ABANDON_AFTER_S
 
     @classmethod
     def from_args(cls, args: Mapping[str, str]) -> CoreSettings:
         """From TritonPythonModel.initialize's args. Parameters: model_dir (relative to the version folder), data_type,
-        kv_slots (KV-cache slots, 0 = automatic), max_seq_len, vocab_limit."""
+        kv_slots (KV-cache slots, 0 = automatic), max_seq_len, vocab_limit, stream_abandon_s (stream_ack.py)."""
         config = json.loads(args["model_config"])
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         model_dir = Path(params.get("model_dir", f"{params.get('tensor_para_size', '1')}-gpu"))
@@ -66,7 +69,8 @@ class CoreSettings:
         return cls(model_dir=model_dir, data_type=data_type, kv_slots=int(slots),
                    triton_max_batch_size=int(config.get("max_batch_size") or 1),
                    max_seq_len=int(params["max_seq_len"]) if "max_seq_len" in params else None,
-                   vocab_limit=int(params["vocab_limit"]) if "vocab_limit" in params else None, decoupled=decoupled)
+                   vocab_limit=int(params["vocab_limit"]) if "vocab_limit" in params else None, decoupled=decoupled,
+                   stream_abandon_s=float(params.get("stream_abandon_s", ABANDON_AFTER_S)))
 
     def slots_for(self, device: str) -> tuple[int, bool]:
         """(KV-cache slots wanted, whether to shrink them to the free memory). Given: exactly that many. Automatic:
@@ -129,12 +133,18 @@ class StreamingCore:
     """Decoupled: validate each request and queue it on the in-flight scheduler; replies come from its sender."""
 
     def __init__(self, engine: object, event_log: Callable[[str], None] | None = None,
-                 report: Callable[[str], None] | None = None) -> None:
+                 report: Callable[[str], None] | None = None, abandon_after_s: float = ABANDON_AFTER_S) -> None:
         from .scheduler import InflightScheduler  # noqa: PLC0415
         from .stream_ack import AckListener  # noqa: PLC0415
 
         self.limits: EngineLimits = engine.limits  # type: ignore[attr-defined]
-        self.acks = AckListener()
+        graphs = getattr(engine, "graphs", None)
+        if graphs is not None:  # every decode shape captured at load: no request waits ~0.1 s for a capture
+            started = time.monotonic()
+            count = graphs.capture_all()
+            if report is not None:
+                report(f"captured {count} decode CUDA graphs in {time.monotonic() - started:.1f} s")
+        self.acks = AckListener(abandon_after_s)
         self.scheduler = InflightScheduler(engine, event_log=event_log,  # type: ignore[arg-type]
                                            report=report).start()
 

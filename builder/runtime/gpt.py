@@ -367,6 +367,21 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
+    def capture_all(self) -> int:
+        """Capture every (rows, kv) bucket now (a server at load), so no request waits for a capture; returns how
+        many were captured. The junk steps write K/V at position 0 of the slots: call it before any request."""
+        kv_lens = sorted({min(self.model.max_seq_len, kv) for kv in range(self.kv_bucket, self.model.max_seq_len
+                                                                             + self.kv_bucket, self.kv_bucket)})
+        captured = 0
+        for kv_len in kv_lens:
+            for rows in self.buckets:
+                if (rows, kv_len) not in self.graphs:
+                    zeros = torch.zeros(rows, dtype=torch.long, device=self.model.device)
+                    self.decode(zeros, zeros, kv_len)
+                    captured += 1
+        torch.cuda.synchronize(self.model.device)
+        return captured
+
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         n = tokens.shape[0]
         rows = next(b for b in self.buckets if b >= n)

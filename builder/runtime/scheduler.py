@@ -614,7 +614,9 @@ class InflightScheduler:
         for row in stopping:
             self.table.finished[row.slot] = True
         if self.event_log is not None:
-            self.event_log(f"in-flight batching: a request was cancelled; its {len(stopping)} running row(s) stop")
+            generated = [row.length - row.prompt_len for row in stopping]
+            self.event_log(f"in-flight batching: a request was cancelled; its {len(stopping)} running row(s) stop "
+                           f"after {generated} generated tokens")
 
     def _should_wait_for_more(self) -> bool:
         """While rows are decoding, gather a few arrivals into one prefill pass instead of one pass each: a pass

@@ -62,8 +62,8 @@ class TritonPythonModel:
             f"{self.engine.limits.max_batch_size} KV-cache slots x {self.engine.limits.max_seq_len} tokens = "
             f"{self.engine.kv_cache_bytes / 2**30:.2f} GiB, decoupled={settings.decoupled}")
         # Verbose: a line per admission and cancellation; info: the scheduler's timeline every 10 s of work.
-        self.core = (StreamingCore(self.engine, pb_utils.Logger.log_verbose, pb_utils.Logger.log_info)
-                     if settings.decoupled else None)
+        self.core = (StreamingCore(self.engine, pb_utils.Logger.log_verbose, pb_utils.Logger.log_info,
+                                   settings.stream_abandon_s) if settings.decoupled else None)
 
     def execute(self, requests: list) -> list | None:
         if self.core is not None:
