@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
@@ -36,6 +37,7 @@ instance_group [ {{ count: 1 kind: KIND_CPU }} ]
 # Reverses the UTF-8 text of every row: proves bytes travel intact both ways (non-ASCII included).
 ECHO_MODEL = """
 import numpy as np
+import psutil
 import triton_python_backend_utils as pb_utils
 
 
@@ -303,3 +305,18 @@ def test_port_taken_after_the_check_is_still_caught(echo_repo: Path, squatter,
     with pytest.raises(ServerError, match=f"HTTP port {server.config.http_port} is in use"):
         server.start()
     assert server.process is None
+
+
+def test_stop_leaves_no_backend_folder_or_stub_region_behind(echo_repo: Path) -> None:
+    server = TritonServer.on_free_ports(echo_repo, exit_timeout_s=1).start()
+    assert server.process is not None
+    regions = [Path("/dev/shm") / child.cmdline()[2] for child in psutil.Process(server.process.pid).children()
+               if child.cmdline()[0].endswith(PYTHON_STUB)]
+    backends = Path(next(arg for arg in server.command() if arg.startswith("--backend-directory=")).split("=", 1)[1])
+    assert regions and all(region.exists() for region in regions)
+    # An idle keep-alive connection makes tritonserver wait out its exit timeout, so stop() ends up killing it.
+    client = httpclient.InferenceServerClient(server.http_url)
+    assert client.is_server_ready()
+    server.stop()
+    assert [region for region in regions if region.exists()] == []
+    assert not backends.exists()
