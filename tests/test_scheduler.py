@@ -363,3 +363,25 @@ def test_arrivals_wait_for_a_shared_prefill_only_when_the_batch_is_busy(tiny: Ti
     assert stats.max_admission_wait_steps <= most_wait
     if min_running is not None:
         assert stats.admissions - 1 <= 2  # four arrivals, at most two passes
+
+
+def test_prompt_token_budget_spreads_a_burst_of_arrivals_over_steps(tiny: TinyGpt, prompts, greedy, long_run) -> None:
+    """Four requests arrive at once while a long one decodes: with a budget of one prompt token per step, each joins
+    at its own step (one prefill per step, the running row keeps decoding between them); results are unchanged."""
+    sequence, end_id = long_run
+    engine = new_engine(tiny, slots=8)
+    late = [Sink(name=f"late{i}") for i in range(4)]
+
+    def burst(sink: Sink, outputs: list[RowOutput]) -> None:
+        if len(sink.updates) == 1:
+            for i, waiting in enumerate(late):
+                scheduler.submit([request(prompts[i + 1], 6)], waiting)
+
+    long = Sink(name="long", on_update=burst)
+    with InflightScheduler(engine, admit_gather_steps=0, step_prompt_tokens=1) as scheduler:
+        scheduler.submit([request(prompts[0], 60, end_id=end_id)], long, stream=True)
+        results = [sink.result()[0] for sink in late]
+        assert tokens(long.result()[0]) == sequence[:len(prompts[0]) + 60]
+        stats = scheduler.stats
+    assert [tokens(r) for r in results] == [greedy[i][:len(prompts[i]) + 6] for i in range(1, 5)]
+    assert stats.admissions == 5  # the long one, then one per step

@@ -138,12 +138,11 @@ class StreamingCore:
         from .stream_ack import AckListener  # noqa: PLC0415
 
         self.limits: EngineLimits = engine.limits  # type: ignore[attr-defined]
-        graphs = getattr(engine, "graphs", None)
-        if graphs is not None:  # every decode shape captured at load: no request waits ~0.1 s for a capture
+        if getattr(engine, "graphs", None) is not None:  # at load, so no request waits ~0.1 s for a capture
             started = time.monotonic()
-            count = graphs.capture_all()
+            note = engine.capture_graphs()  # type: ignore[attr-defined]
             if report is not None:
-                report(f"captured {count} decode CUDA graphs in {time.monotonic() - started:.1f} s")
+                report(f"{note} ({time.monotonic() - started:.1f} s)")
         self.acks = AckListener(abandon_after_s)
         self.scheduler = InflightScheduler(engine, event_log=event_log,  # type: ignore[arg-type]
                                            report=report).start()

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .core_io import CAPABILITIES, EngineLimits, GenerationRequest, RequestError, RowOutput
-from .gpt import DecodeGraphs, GptModel
+from .gpt import DecodeGraphs, GptModel, PrefillGraphs
 from .model_config import GptModelConfig
 from .sampling import BadWords, RowState, SlotParams, WordTable, advance_rows, last_tokens, process_logits
 
@@ -151,6 +151,7 @@ class GptEngine:
         log.info("KV cache: %d slots x %d tokens x %d layers (%s) = %.3f GiB on %s", slots, max_seq_len,
                  config.num_layer, dtype, self.kv_cache_bytes / 2**30, self.device)
         self.graphs = DecodeGraphs(self.model) if self.device.type == "cuda" and use_cuda_graphs else None
+        self.prefill_graphs = PrefillGraphs(self.model) if self.graphs is not None else None
         self.limits = EngineLimits(vocab_size=config.vocab_size, max_seq_len=max_seq_len, max_batch_size=slots,
                                    default_end_id=config.end_id)
         self._lock = threading.Lock()  # one generate() at a time: the KV cache is shared
@@ -246,10 +247,33 @@ class GptEngine:
     def prefill_slots(self, prompts: torch.Tensor, lengths: torch.Tensor, first_slot: int = 0) -> torch.Tensor:
         """Right-padded prompts [n, T] (any valid id as padding) -> logits [n, V] at each row's last prompt token;
         fills cache slots first_slot..first_slot+n-1, in passes of at most PREFILL_TOKEN_BUDGET padded tokens."""
+        if prompts.shape[0] == 1 and self.prefill_graphs is not None:
+            return self.prefill_graphs.prefill(prompts, lengths, first_slot).clone()
         rows_per_pass = max(1, PREFILL_TOKEN_BUDGET // prompts.shape[1])
         return torch.cat([self.model.prefill(prompts[start:start + rows_per_pass],
                                              lengths[start:start + rows_per_pass], first_slot=first_slot + start)
                           for start in range(0, prompts.shape[0], rows_per_pass)])
+
+    def capture_graphs(self, check: bool = True) -> str:
+        """Capture every decode and single-prompt prefill graph now (at load, before any request); with `check`,
+        first compare a graph prefill with the eager one and drop the prefill graphs if they disagree."""
+        if self.graphs is None:
+            return "no CUDA graphs on this device"
+        notes = []
+        if self.prefill_graphs is not None and check:
+            prompt = torch.randint(0, self.config.vocab_size, (1, 100), device=self.device)
+            length = torch.full((1,), 100, dtype=torch.long, device=self.device)
+            eager = self.model.prefill(prompt, length, first_slot=0)
+            graph = self.prefill_graphs.prefill(prompt, length, 0).clone()
+            error = float((eager.float() - graph.float()).abs().max())
+            scale = float(eager.float().abs().max())
+            if not error <= 1e-2 * max(1.0, scale):
+                log.warning("prefill CUDA graph disagrees with eager (max |d| %.4g): prefill runs eagerly", error)
+                self.prefill_graphs = None
+            notes.append(f"prefill graph vs eager max |d logit| {error:.3g}")
+        decode = self.graphs.capture_all()
+        prefill = self.prefill_graphs.capture_all() if self.prefill_graphs is not None else 0
+        return f"captured {decode} decode and {prefill} prefill CUDA graphs; " + "; ".join(notes)
 
     def _prompt_batch(self, requests: Sequence[GenerationRequest]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """history [n, max(prompt + output) + 1] (prompts, then the pad id V), prompt lengths [n], max prompt len.

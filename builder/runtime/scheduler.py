@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 # GPU), to prefill them in one pass.
 ADMIT_GATHER_ROWS = 8
 ADMIT_GATHER_STEPS = 4
+STEP_PROMPT_TOKENS = 2048  # prompt tokens prefilled per decode step while rows run (the first request always joins)
 PREFILL_PAD = 64  # prompt lengths of one prefill pass are padded to a multiple of this
 # ... but only while the batch is this full: below it a prefill pass is cheap next to the TTFT a wait adds.
 ADMIT_GATHER_MIN_RUNNING = 16
@@ -448,19 +449,25 @@ class InflightScheduler:
     def __init__(self, engine: GptEngine, *, cancel_poll_s: float = 0.05,
                  event_log: Callable[[str], None] | None = None, admit_gather_rows: int = ADMIT_GATHER_ROWS,
                  admit_gather_steps: int = ADMIT_GATHER_STEPS, report: Callable[[str], None] | None = None,
-                 report_every_s: float = 10.0) -> None:
+                 report_every_s: float = 10.0, step_prompt_tokens: int = STEP_PROMPT_TOKENS) -> None:
         """engine: owned by the scheduler while it runs (do not call engine.generate from elsewhere meanwhile);
         cancel_poll_s: least time between two is_cancelled polls of one request;
         event_log: receives one line per admission (which rows joined how many running rows) and per cancelled
             running request;
         admit_gather_rows / admit_gather_steps: while rows decode, new requests wait until this many rows are waiting
             or the oldest has waited this many steps, and are then prefilled in one pass (0 steps: admit at once);
+        step_prompt_tokens: while rows decode, a step admits requests until their prompts hold this many tokens (at
+            least one request), so a burst of long prompts does not stall the running rows for many prefills at once;
         report: receives the timeline (Timeline.summary) of each `report_every_s` window in which steps ran."""
         self.report, self.report_every_s, self._reported_at = report, report_every_s, time.monotonic()
         self.engine = engine
         self.cancel_poll_s = cancel_poll_s
         self.admit_gather_rows = admit_gather_rows
         self.admit_gather_steps = admit_gather_steps
+        self.step_prompt_tokens = step_prompt_tokens
+        # With single-prompt prefill graphs (CUDA) a prompt's prefill costs its math, not ~300 launches: prefill each
+        # row alone (no padding to the longest of a pass) and admit at once instead of gathering arrivals.
+        self._graph_prefill = getattr(engine, "prefill_graphs", None) is not None
         self.event_log = event_log
         limits = engine.limits
         self.slot_count = limits.max_batch_size
@@ -619,9 +626,9 @@ class InflightScheduler:
                            f"after {generated} generated tokens")
 
     def _should_wait_for_more(self) -> bool:
-        """While rows are decoding, gather a few arrivals into one prefill pass instead of one pass each: a pass
-        costs about the same for 1 or 8 prompts (the weights are read once), and the running rows stall meanwhile."""
-        if len(self._occupied) < ADMIT_GATHER_MIN_RUNNING or not self._waiting:
+        """While rows are decoding, gather a few arrivals into one eager prefill pass instead of one pass each: a
+        pass costs about the same for 1 or 8 prompts (its launches dominate), and the running rows stall meanwhile."""
+        if self._graph_prefill or len(self._occupied) < ADMIT_GATHER_MIN_RUNNING or not self._waiting:
             return False
         waiting_rows = sum(len(request.rows) for request in self._waiting)
         oldest_wait = self.stats.steps - self._waiting[0].queued_at_step
@@ -632,8 +639,13 @@ class InflightScheduler:
         if self._should_wait_for_more():
             return
         admitted: list[_Request] = []
+        running, budget = bool(self._occupied), self.step_prompt_tokens
         while self._waiting:
             request = self._waiting[0]
+            prompt_tokens = sum(row.prompt_len for row in request.rows)
+            if running and admitted and prompt_tokens > budget:
+                break  # the running rows waited for enough prefill this step: the rest joins at the next one
+            budget -= prompt_tokens
             if request.beam_width > 1:
                 if self._occupied or admitted:
                     break  # it waits for the running rows to drain
@@ -707,7 +719,7 @@ class InflightScheduler:
         logits, start = [], 0
         while start < len(rows):
             end = start + 1
-            while end < len(rows) and rows[end].slot == rows[end - 1].slot + 1:
+            while not self._graph_prefill and end < len(rows) and rows[end].slot == rows[end - 1].slot + 1:
                 end += 1
             # Padded to a multiple of PREFILL_PAD so the attention sees few distinct shapes (a new shape may cost a
             # kernel plan); padding is masked, and the width holds max_seq_len + 1 columns.
