@@ -136,6 +136,7 @@ class _Request:
     admitted_at: float = 0.0
     first_token_at: float = 0.0
     idle_admission: bool = False  # admitted while no other row ran
+    updates_sent: int = 0
 
     def snapshot(self) -> list[RowOutput]:
         """Every row's output so far (for an update: views, not copies; called from the sender thread)."""
@@ -393,11 +394,13 @@ class _Sender:
                 stopping = self._stopping
                 live = list(self._live.values())
             closing = {id(request) for request, _, _ in finals}
-            for request in marked:
-                if id(request) not in closing and not request.closed and not request.cancelled:
-                    self._update(request)
+            # Finals first (an update of a closing request is skipped: its final holds those tokens), then first
+            # responses: neither should wait behind a sweep of updates to hundreds of running streams.
             for request, outputs, error in finals:
                 self._finish(request, outputs, error)
+            for request in sorted(marked, key=lambda request: request.updates_sent > 0):  # stable: arrival order
+                if id(request) not in closing and not request.closed and not request.cancelled:
+                    self._update(request)
             if stopping and not finals and not marked:
                 return
             self._poll(live)
@@ -405,6 +408,7 @@ class _Sender:
     def _update(self, request: _Request) -> None:
         try:
             request.sink.update(request.snapshot())
+            request.updates_sent += 1
             self.updates_sent += 1
             self._sent_first(request)
         except Exception:  # noqa: BLE001  (e.g. the client went away: stop generating for it)
