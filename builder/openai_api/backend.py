@@ -100,30 +100,12 @@ class TritonBackend:
                 raise to_api_error(translate_error(raw, self.config), prompt_field) from raw
             yield parse_results(request.prompts, result.as_numpy)[0]
             return
-        stops = params.stop_words
-        if not stops:
-            async with contextlib.aclosing(self._stream(request, grpc_inputs, prompt_field)) as deltas:
-                async for delta in deltas:
-                    yield delta
-            return
-        # A streaming repository does not trim the stop word (its text was sent before the engine matched it);
-        # OpenAI leaves it out, so the text that could still become one is held back until the end.
-        holdback = max(len(word) for word in stops) + 1  # the ensemble also matches " " + word
-        held = ""
-        last: GenerationResult | None = None
-        async with contextlib.aclosing(self._stream(request, grpc_inputs, prompt_field)) as deltas:
+        stream = self._stream(request, grpc_inputs, prompt_field)
+        if params.stop_words:
+            stream = without_stop_word(stream, params.stop_words)
+        async with contextlib.aclosing(stream) as deltas:
             async for delta in deltas:
-                held += delta.text
-                last = delta
-                ready, held = held[:max(len(held) - holdback, 0)], held[max(len(held) - holdback, 0):]
-                yield replace(delta, text=ready, finish_reason=None)
-        if last is not None:
-            if last.finish_reason == "stop":
-                for word in sorted({*stops, *(" " + w for w in stops)}, key=len, reverse=True):
-                    if held.endswith(word):
-                        held = held[:-len(word)]
-                        break
-            yield replace(last, text=held)
+                yield delta
 
     async def _stream(self, request: TextRequest, grpc_inputs: list[Any],
                       prompt_field: str) -> AsyncIterator[GenerationResult]:
@@ -170,6 +152,29 @@ class TritonBackend:
         if self._client is not None:
             await self._client.close()
             self._client = None
+
+
+async def without_stop_word(stream: AsyncIterator[GenerationResult],
+                            stops: tuple[str, ...]) -> AsyncIterator[GenerationResult]:
+    """A streaming repository's deltas with the matched stop word left out, as OpenAI does (the ensemble streams its
+    text before the engine matches it). Text that could still become a stop word is held back until the end."""
+    holdback = max(len(word) for word in stops) + 1  # the ensemble also matches " " + word
+    held = ""
+    last: GenerationResult | None = None
+    async with contextlib.aclosing(stream) as deltas:  # type: ignore[type-var]
+        async for delta in deltas:
+            held += delta.text
+            last = delta
+            cut = max(len(held) - holdback, 0)
+            ready, held = held[:cut], held[cut:]
+            yield replace(delta, text=ready, finish_reason=None)
+    if last is not None:
+        if last.finish_reason != "length":  # also when the repository reports no reason
+            for word in sorted({*stops, *(" " + w for w in stops)}, key=len, reverse=True):
+                if held.endswith(word):
+                    held = held[:-len(word)]
+                    break
+        yield replace(last, text=held)
 
 
 def to_api_error(err: TextClientError, prompt_field: str) -> ApiError:

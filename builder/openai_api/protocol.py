@@ -132,6 +132,8 @@ class CompletionRequest(_Sampling):
         if self.logprobs:
             raise ValueError("logprobs: only logprobs = 0 is supported (the engine returns the log probability of "
                              "each chosen token, not alternatives)")
+        if self.logprobs is not None and self.stream:
+            raise ValueError("logprobs: not supported with stream = true")
         if isinstance(self.prompt, list) and not 1 <= len(self.prompt) <= MAX_PROMPTS:
             raise ValueError(f"prompt: a list needs 1 to {MAX_PROMPTS} strings, got {len(self.prompt)}")
         return self
