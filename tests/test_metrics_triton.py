@@ -92,23 +92,24 @@ def toy_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServe
         yield server
 
 
-def scrape(server: TritonServer) -> dict[str, float]:
-    """Samples labelled model="toy", by name (histograms: _sum and _count; buckets by le)."""
+def scrape(server: TritonServer, model: str = "toy") -> dict[str, float]:
+    """Samples labelled with `model`, by name (histograms: _sum and _count; buckets by le)."""
     with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
         text = response.read().decode()
     samples = {}
     for line in text.splitlines():
         match = SAMPLE.match(line)
-        if match and 'model="toy"' in match.group(2):
+        if match and f'model="{model}"' in match.group(2):
             le = re.search(r'le="([^"]+)"', match.group(2))
             samples[match.group(1) + (f"[{le.group(1)}]" if le else "")] = float(match.group(3))
     return samples
 
 
-def wait_for(server: TritonServer, done: Callable[[dict[str, float]], bool], timeout_s: float = 10) -> dict[str, float]:
+def wait_for(server: TritonServer, done: Callable[[dict[str, float]], bool], timeout_s: float = 10,
+             model: str = "toy") -> dict[str, float]:
     deadline = time.monotonic() + timeout_s
     while True:
-        samples = scrape(server)
+        samples = scrape(server, model)
         if done(samples) or time.monotonic() > deadline:
             return samples
         time.sleep(0.05)
