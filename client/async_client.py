@@ -1,21 +1,24 @@
-"""asyncio twin of `TextClient`, on tritonclient's aio modules (HTTP via aiohttp, gRPC via grpc.aio).
+"""asyncio counterpart of `TextClient`: HTTP through `httpx.AsyncClient`, gRPC through tritonclient's grpc.aio.
 
 Each `stream()` opens its own gRPC stream / HTTP request, so many streams can run concurrently on one client.
+Request building, answer reading and the retry policy come from `transport`, shared with the sync client.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from .connection import ConnectionConfig, gave_up, log_retry, stream_failure, timed_out, translate_error
-from .errors import ServerUnavailableError, TextClientError
-from .request import GenerationResult, InputTensor, ModelInfo, SamplingParams, TextRequest, empty_results, \
-    parse_results
-from .sse import SseParser, error_from_body
-from .text_client import DEFAULT_MAX_TOKENS, batches, check_batching, is_final, rows_per_request, stream_events
+import httpx
+
+from .connection import ConnectionConfig, timed_out, translate_error
+from .errors import TextClientError
+from .request import GenerationResult, ModelInfo, SamplingParams, TextRequest, empty_results, parse_results
+from .sse import SseParser
+from .transport import (DEFAULT_MAX_TOKENS, Attempts, HttpRequest, batches, check_batching, generate_stream_request,
+                        infer_inputs, infer_request, infer_result, is_final, model_config_request, read_json,
+                        rows_per_request, stream_events)
 
 T = TypeVar("T")
 
@@ -26,38 +29,39 @@ class AsyncTextClient:
     def __init__(self, url: str | None = None, protocol: str = "http", model: str = "ensemble",
                  timeout_s: float = 60.0, retries: int = 3, backoff_s: float = 0.25):
         self.config = ConnectionConfig.create(url, protocol, model, timeout_s, retries, backoff_s)
-        self._backend: Any = None
-        self._session: Any = None  # aiohttp session for /generate_stream
+        self._http_client: httpx.AsyncClient | None = None
+        self._grpc_client: Any = None
         self._info: ModelInfo | None = None
         self._info_lock: asyncio.Lock | None = None
 
+    # Both are created lazily: the aio clients want a running event loop.
     @property
-    def _client(self) -> Any:
-        # Created lazily: the aio clients want a running event loop.
-        if self._backend is None:
-            cfg = self.config
-            if cfg.protocol == "http":
-                import tritonclient.http.aio as triton_http  # noqa: PLC0415
-                self._backend = triton_http.InferenceServerClient(cfg.url, conn_timeout=cfg.timeout_s)
-            else:
-                import tritonclient.grpc.aio as triton_grpc  # noqa: PLC0415
-                self._backend = triton_grpc.InferenceServerClient(cfg.url)
-        return self._backend
+    def _http(self) -> httpx.AsyncClient:
+        if self._http_client is None:
+            # No pool limit: the callers' concurrency is the bound, and waiting for a pooled connection past the
+            # timeout would surface as httpx.PoolTimeout instead of queueing.
+            self._http_client = httpx.AsyncClient(base_url=f"http://{self.config.url}", timeout=self.config.timeout_s,
+                                                  limits=httpx.Limits(max_connections=None))
+        return self._http_client
+
+    @property
+    def _grpc(self) -> Any:
+        if self._grpc_client is None:
+            import tritonclient.grpc.aio as triton_grpc  # noqa: PLC0415  (heavy: only the chosen protocol)
+            self._grpc_client = triton_grpc.InferenceServerClient(self.config.url)
+        return self._grpc_client
+
+    async def _send(self, request: HttpRequest) -> httpx.Response:
+        return await self._http.request(request.method, request.path, content=request.body, headers=request.headers)
 
     async def _call(self, action: Callable[[], Awaitable[T]]) -> T:
-        """Await an idempotent call under the timeout, retrying connection failures with exponential backoff."""
-        attempt = 0
+        """Await an idempotent call under the timeout, retrying connection failures (see `Attempts`)."""
+        attempts = Attempts(self.config)
         while True:
             try:
                 return await asyncio.wait_for(action(), self.config.timeout_s)
-            except Exception as raw:  # noqa: BLE001  (every transport error is translated below)
-                err = translate_error(raw, self.config)
-                if not isinstance(err, ServerUnavailableError):
-                    raise err from raw
-                attempt += 1
-                if attempt > self.config.retries:
-                    raise gave_up(self.config, err) from raw
-                await asyncio.sleep(log_retry(self.config, attempt, err))
+            except Exception as raw:  # noqa: BLE001  (every transport error is translated by Attempts)
+                await asyncio.sleep(attempts.after(raw))
 
     async def model_info(self) -> ModelInfo:
         if self._info is None:
@@ -66,29 +70,30 @@ class AsyncTextClient:
                 if self._info is None:
                     cfg = self.config
                     if cfg.protocol == "http":
-                        config = await self._call(lambda: self._client.get_model_config(cfg.model))
+                        async def fetch() -> Any:
+                            response = await self._send(model_config_request(cfg))
+                            return read_json(cfg, response.status_code, response.content)
+                        config = await self._call(fetch)
                     else:
-                        config = await self._call(lambda: self._client.get_model_config(cfg.model, as_json=True))
+                        config = await self._call(lambda: self._grpc.get_model_config(cfg.model, as_json=True))
                     info = ModelInfo.from_config(config)
                     check_batching(info)
                     self._info = info
-        return self._info  # type: ignore[return-value]
-
-    def _infer_inputs(self, tensors: list[InputTensor]) -> list[Any]:
-        if self.config.protocol == "http":
-            import tritonclient.http as module  # noqa: PLC0415
-        else:
-            import tritonclient.grpc as module  # type: ignore[no-redef]  # noqa: PLC0415
-        inputs = []
-        for tensor in tensors:
-            item = module.InferInput(tensor.name, list(tensor.data.shape), tensor.datatype)
-            item.set_data_from_numpy(tensor.data)
-            inputs.append(item)
-        return inputs
+        return self._info  # type: ignore[return-value]  (set above, under the lock)
 
     async def _infer(self, request: TextRequest) -> list[GenerationResult]:
-        inputs = self._infer_inputs(request.tensors(await self.model_info()))
-        result = await self._call(lambda: self._client.infer(self.config.model, inputs))
+        cfg = self.config
+        tensors = request.tensors(await self.model_info())
+        if cfg.protocol == "http":
+            http_request = infer_request(cfg, tensors)
+
+            async def infer() -> Any:
+                response = await self._send(http_request)
+                return infer_result(cfg, response.status_code, response.headers, response.content)
+            result = await self._call(infer)
+        else:
+            inputs = infer_inputs(cfg.protocol, tensors)
+            result = await self._call(lambda: self._grpc.infer(cfg.model, inputs))
         return parse_results(request.prompts, result.as_numpy)
 
     async def _stream_request(self, request: TextRequest) -> AsyncIterator[list[GenerationResult]]:
@@ -100,50 +105,47 @@ class AsyncTextClient:
                 yield deltas
 
     async def _http_stream(self, request: TextRequest) -> AsyncIterator[list[GenerationResult]]:
-        import aiohttp  # noqa: PLC0415
-
         cfg = self.config
-        body = request.generate_body(await self.model_info())
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
-                sock_connect=cfg.timeout_s, sock_read=cfg.timeout_s))
+        http_request = generate_stream_request(cfg, request.generate_body(await self.model_info()))
 
-        async def open_stream() -> Any:
-            response = await self._session.post(f"http://{cfg.url}{cfg.generate_stream_path}", data=json.dumps(body),
-                                                headers={"Content-Type": "application/json",
-                                                         "Accept": "text/event-stream"})
-            if response.status != 200:
-                payload = await response.read()
-                response.release()
-                raise error_from_body(response.status, payload)
+        async def open_stream() -> httpx.Response:
+            response = await self._http.send(self._http.build_request(
+                http_request.method, http_request.path, content=http_request.body, headers=http_request.headers),
+                stream=True)
+            try:
+                if response.status_code != 200:
+                    read_json(cfg, response.status_code, await response.aread())
+            except BaseException:
+                await response.aclose()
+                raise
             return response
 
         response = await self._call(open_stream)
         parser = SseParser()
         try:
-            async for raw_line in response.content:
-                event = parser.feed(raw_line.decode("utf-8", errors="replace"))
+            async for line in response.aiter_lines():
+                event = parser.feed(line)
                 if event is not None:
                     yield parse_results(request.prompts, event.get)
             event = parser.close()
             if event is not None:
                 yield parse_results(request.prompts, event.get)
-        except (OSError, asyncio.TimeoutError, aiohttp.ClientError) as err:
+        except httpx.HTTPError as err:  # a stream that has begun is never retried: its text would repeat
             raise translate_error(err, cfg) from err
         finally:
-            response.release()
+            await response.aclose()
 
     async def _grpc_stream(self, request: TextRequest) -> AsyncIterator[list[GenerationResult]]:
         cfg = self.config
-        inputs = self._infer_inputs(request.tensors(await self.model_info()))
-        attempt = 0
+        inputs = infer_inputs(cfg.protocol, request.tensors(await self.model_info()))
+        attempts = Attempts(cfg)
         while True:
             async def requests() -> AsyncIterator[dict[str, Any]]:
                 yield {"model_name": cfg.model, "inputs": inputs, "enable_empty_final_response": True}
 
-            responses = self._client.stream_infer(requests())
+            responses = self._grpc.stream_infer(requests())
             received = 0
-            retry_delay = None
+            retry_delay = 0.0
             try:
                 while True:
                     try:
@@ -152,14 +154,10 @@ class AsyncTextClient:
                         return
                     except asyncio.TimeoutError:
                         raise timed_out(cfg) from None
-                    except Exception as raw:  # noqa: BLE001
+                    except Exception as raw:  # noqa: BLE001  (handled as the stream's error below)
                         result, error = None, raw
                     if error is not None:
-                        retry, err = stream_failure(error, cfg, received, attempt)
-                        if not retry:
-                            raise err
-                        attempt += 1
-                        retry_delay = log_retry(cfg, attempt, err)
+                        retry_delay = attempts.after(error, received)  # raises unless the stream may start again
                         break
                     received += 1
                     deltas = stream_events(result, request.prompts)
@@ -228,12 +226,12 @@ class AsyncTextClient:
         return list(outcomes)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-        if self._backend is not None:
-            await self._backend.close()
-            self._backend = None
+        if self._http_client is not None:
+            await self._http_client.aclose()
+            self._http_client = None
+        if self._grpc_client is not None:
+            await self._grpc_client.close()
+            self._grpc_client = None
 
     async def __aenter__(self) -> "AsyncTextClient":
         return self

@@ -1,14 +1,14 @@
-"""Connection settings shared by the sync and asyncio clients: URL defaults, retry policy, error translation."""
+"""Where the server is (URL defaults, validated settings) and what its failures mean (one client error each)."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import quote
 
+import httpx
 from tritonclient.utils import InferenceServerException
 
 from .errors import (RequestError, RequestTimeoutError, ServerUnavailableError, TextClientError,
@@ -16,12 +16,16 @@ from .errors import (RequestError, RequestTimeoutError, ServerUnavailableError, 
 
 Protocol = Literal["http", "grpc"]
 DEFAULT_PORTS: dict[str, int] = {"http": 8000, "grpc": 8001}
-# What an HTTP client raises when the port speaks something else: HTTP/2 frames of the gRPC port
-# (geventhttpclient's HTTPParseError, http.client's BadStatusLine, aiohttp's BadHttpMessage) or the metrics port's
-# empty 404 body where Triton always sends JSON (JSONDecodeError, from rapidjson or json).
+# What an HTTP client raises when the port speaks something else: HTTP/2 frames of the gRPC port (httpx's
+# RemoteProtocolError "illegal status line", geventhttpclient's HTTPParseError, http.client's BadStatusLine) or a
+# body that is not the JSON Triton always sends (JSONDecodeError, from rapidjson or json).
 NOT_TRITON_HTTP = frozenset({"HTTPParseError", "JSONDecodeError", "BadStatusLine", "BadHttpMessage",
                              "BadStatusLineError", "ContentTypeError"})
-logger = logging.getLogger("client")
+# Words of a parser that got bytes which are not HTTP/1.1 at all (h11, under httpx, says "illegal request line" for
+# the gRPC port's HTTP/2 frames).
+NOT_HTTP1_WORDS = ("illegal request line", "illegal status line", "bad status line", "invalid http", "malformed")
+# httpx's RemoteProtocolError also means that the server closed the connection (a restart): retried, not a wrong port.
+CLOSED_WORDS = ("disconnected", "peer closed", "connection closed")
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,15 @@ def _reason(text: str) -> str:
     return clean_server_message(text)
 
 
+def _root_cause(err: BaseException) -> BaseException:
+    for _ in range(8):  # chains are short; the bound only guards against a cycle
+        inner = err.__cause__ or err.__context__
+        if inner is None:
+            break
+        err = inner
+    return err
+
+
 def port_hint(config: ConnectionConfig) -> str:
     name = {"http": "HTTP", "grpc": "gRPC"}[config.protocol]
     return (f"is this the {name} port? Triton listens for HTTP on 8000, gRPC on 8001 and "
@@ -122,12 +135,20 @@ def translate_error(err: BaseException, config: ConnectionConfig) -> TextClientE
         if status == "StatusCode.DEADLINE_EXCEEDED" or "timed out" in message.lower():
             return timed_out(config)
         return RequestError(clean_server_message(message), status=status or None)
-    if config.protocol == "http" and (any(kind.__name__ in NOT_TRITON_HTTP for kind in type(err).__mro__)
-                                      or "bad status line" in str(err).lower()):  # aiohttp's ClientResponseError
+    text = str(err).lower()
+    garbled = isinstance(err, httpx.RemoteProtocolError) and not any(words in text for words in CLOSED_WORDS)
+    if config.protocol == "http" and (garbled or any(kind.__name__ in NOT_TRITON_HTTP for kind in type(err).__mro__)
+                                      or any(words in text for words in NOT_HTTP1_WORDS)):
         # Not the raw text: past its first words it is binary HTTP/2 framing.
-        said = "bad status line" if "bad status line" in str(err).lower() else " ".join(str(err).split())[:80]
-        return WrongEndpointError(f"{where} did not answer as Triton's HTTP endpoint ({type(err).__name__}: "
-                                  f"{said}); {port_hint(config)}")
+        said = next((words for words in NOT_HTTP1_WORDS if words in text), " ".join(str(err).split())[:80])
+        return not_triton_http(config, f"{type(err).__name__}: {said}")
+    if isinstance(err, httpx.TimeoutException):
+        return timed_out(config)
+    if isinstance(err, httpx.TransportError):  # refused, reset, closed by a restarting server, DNS
+        # The words are in the innermost cause: asyncio's "Connect call failed" under anyio's "All connection
+        # attempts failed".
+        cause = _root_cause(err)
+        return ServerUnavailableError(f"cannot reach Triton at {where}: {_reason(str(cause) or type(cause).__name__)}")
     code = getattr(err, "code", None)
     if callable(code) and type(err).__module__.startswith("grpc"):  # a raw grpc.RpcError (aio streams)
         status_name = str(code())
@@ -144,36 +165,10 @@ def translate_error(err: BaseException, config: ConnectionConfig) -> TextClientE
         return timed_out(config)
     if isinstance(err, (ConnectionError, OSError)):
         return ServerUnavailableError(f"cannot reach Triton at {where}: {_reason(str(err) or type(err).__name__)}")
-    try:
-        import aiohttp  # noqa: PLC0415  (only the asyncio HTTP client brings it in)
-    except ImportError:  # pragma: no cover
-        aiohttp = None  # type: ignore[assignment]
-    if aiohttp is not None and isinstance(err, aiohttp.ClientError):
-        return ServerUnavailableError(f"cannot reach Triton at {where}: {_reason(str(err))}")
     return TextClientError(f"{type(err).__name__}: {err}")
 
 
-def log_retry(config: ConnectionConfig, attempt: int, err: TextClientError) -> float:
-    """Log a retry of a connection failure and return how long to wait before it."""
-    delay = config.backoff(attempt)
-    logger.warning("attempt %d/%d failed: %s; retrying in %.2f s", attempt, config.retries + 1, err, delay)
-    return delay
-
-
-def stream_failure(error: BaseException, config: ConnectionConfig, received: int, attempt: int
-                   ) -> tuple[bool, TextClientError]:
-    """An error event of a stream -> (retry it?, the client error). Only a stream that never got an answer may be
-    retried (nothing was generated yet), and only for a connection failure, while attempts remain."""
-    err = translate_error(error, config)
-    if isinstance(err, ServerUnavailableError):
-        if received == 0 and attempt < config.retries:
-            return True, err
-        return False, gave_up(config, err)
-    return False, err
-
-
-def gave_up(config: ConnectionConfig, err: ServerUnavailableError) -> ServerUnavailableError:
-    if config.retries == 0:
-        return err
-    return ServerUnavailableError(f"{err} (gave up after {config.retries + 1} attempts)")
-
+def not_triton_http(config: ConnectionConfig, said: str) -> WrongEndpointError:
+    """Something answered at the address, but not as Triton's HTTP endpoint."""
+    return WrongEndpointError(f"{config.describe()} did not answer as Triton's HTTP endpoint ({said}); "
+                              f"{port_hint(config)}")

@@ -24,12 +24,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from builder import GPT2_TOKENIZER_DIR
+
 from .connection import normalize_url
+from .errors import TextClientError
 from .perf_report import LevelResult, UnstableLevel, added_latency, added_latency_warnings, level_from_export, \
     load_export, markdown_table, plot, read_csv_row
 from .request import ModelInfo
 
-DEFAULT_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "builder" / "assets" / "gpt2"
+DEFAULT_TOKENIZER_DIR = GPT2_TOKENIZER_DIR  # the GPT-2 BPE files the builder ships in its package
 WORD_PATTERN = re.compile(r"Ġ[a-z]{3,9}")  # "Ġ" marks a leading space in GPT-2's byte-level vocabulary
 # perf_analyzer's exit status when the level it measured never became stable (pa::STABILITY_ERROR); it then writes
 # no CSV and no profile export, and says "Failed to obtain stable measurement" on stderr.
@@ -188,16 +191,11 @@ def perf_analyzer_env() -> dict[str, str]:
 
 
 def model_info(url: str, protocol: str, model: str) -> ModelInfo:
-    if protocol == "http":
-        import tritonclient.http as triton  # noqa: PLC0415
-        client = triton.InferenceServerClient(url)
-        config = client.get_model_config(model)
-    else:
-        import tritonclient.grpc as triton  # type: ignore[no-redef]  # noqa: PLC0415
-        client = triton.InferenceServerClient(url)
-        config = client.get_model_config(model, as_json=True)
-    client.close()
-    return ModelInfo.from_config(config)
+    """The model's config through the text client (one try: perf_analyzer would fail the same way)."""
+    from .text_client import TextClient  # noqa: PLC0415  (keeps `--help` fast)
+
+    with TextClient(url, protocol, model, retries=0) as client:
+        return client.model_info
 
 
 @dataclass(frozen=True)
@@ -272,10 +270,8 @@ def run_perf(config: PerfConfig, echo: Any = print) -> dict[str, Any]:
     try:
         ensemble = model_info(config.url, config.protocol, config.model)
         core = model_info(config.url, config.protocol, config.compare_core) if config.compare_core else None
-    except Exception as err:  # noqa: BLE001  (any transport failure ends the run with one line)
-        from .connection import ConnectionConfig, translate_error  # noqa: PLC0415
-        raise PerfError(str(translate_error(err, ConnectionConfig.create(config.server, config.protocol,
-                                                                         config.model, 60.0, 0)))) from err
+    except TextClientError as err:  # any transport failure ends the run with one line
+        raise PerfError(str(err)) from err
     for info in (ensemble, core):
         if info is not None and info.decoupled and not config.stream:
             raise PerfError(f"model '{info.name}' is decoupled (a streaming repository): run with --stream "

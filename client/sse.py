@@ -47,8 +47,9 @@ class SseParser:
         return payload
 
 
-def error_from_body(status: int, body: bytes) -> RequestError:
-    """The error of a non-200 answer, whose body is JSON `{"error": ...}` or one SSE `data:` event carrying it."""
+def triton_error(status: int, body: bytes) -> RequestError | None:
+    """The error of a non-200 answer whose body is Triton's JSON `{"error": ...}` or one SSE `data:` event carrying
+    it; None when the body is neither (then something other than Triton answered)."""
     text = body.decode("utf-8", errors="replace").strip()
     candidates = [text] + [line.partition(":")[2].strip() for line in text.splitlines() if line.startswith("data:")]
     for candidate in candidates:
@@ -58,4 +59,11 @@ def error_from_body(status: int, body: bytes) -> RequestError:
             continue
         if isinstance(payload, dict) and "error" in payload:
             return RequestError(clean_server_message(str(payload["error"])), status=str(status))
-    return RequestError(f"HTTP {status}: {clean_server_message(text) if text else 'no details'}", status=str(status))
+    return None
+
+
+def error_from_body(status: int, body: bytes) -> RequestError:
+    """The error of a non-200 answer, whatever its body."""
+    text = body.decode("utf-8", errors="replace").strip()
+    return triton_error(status, body) or RequestError(
+        f"HTTP {status}: {clean_server_message(text) if text else 'no details'}", status=str(status))

@@ -9,54 +9,24 @@ backoff; a server's answer (4xx, model error) never is. One client is not meant 
 from __future__ import annotations
 
 import asyncio
-import http.client
-import json
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar, overload
 
+import httpx
 from tritonclient.utils import InferenceServerException
 
-from .connection import ConnectionConfig, gave_up, log_retry, stream_failure, timed_out, translate_error
-from .errors import RequestError, ServerUnavailableError, TextClientError
-from .request import GenerationResult, InputTensor, ModelInfo, SamplingParams, TextRequest, empty_results, \
-    parse_results
-from .sse import SseParser, error_from_body
+from .connection import ConnectionConfig, timed_out, translate_error
+from .errors import TextClientError
+from .request import GenerationResult, ModelInfo, SamplingParams, TextRequest, empty_results, parse_results
+from .sse import SseParser
+from .transport import (DEFAULT_MAX_TOKENS, Attempts, HttpRequest, batches, check_batching, generate_stream_request,
+                        infer_inputs, infer_request, infer_result, is_final, model_config_request, read_json,
+                        rows_per_request, stream_events)
 
 T = TypeVar("T")
-DEFAULT_MAX_TOKENS = 16
-
-
-def batches(prompts: Sequence[str], max_batch_size: int) -> list[tuple[str, ...]]:
-    """Prompts split into requests of at most the model's max_batch_size rows."""
-    return [tuple(prompts[i:i + max_batch_size]) for i in range(0, len(prompts), max_batch_size)]
-
-
-def rows_per_request(info: ModelInfo, protocol: str, params: SamplingParams) -> int:
-    """Rows per request: the model's max_batch_size, but 1 where HTTP /generate_stream cannot shape word lists."""
-    if protocol == "http" and info.decoupled and (params.stop_words or params.bad_words):
-        return 1
-    return info.max_batch_size
-
-
-def check_batching(info: ModelInfo) -> None:
-    if info.max_batch_size < 1:
-        raise RequestError(f"model '{info.name}' has max_batch_size {info.max_batch_size}; the text ensemble "
-                           "contract needs a batch dimension (max_batch_size > 0)")
-
-
-def stream_events(response: Any, prompts: Sequence[str]) -> list[GenerationResult] | None:
-    """A gRPC stream result as per-row deltas; None for the empty response that only marks the end."""
-    if not response.get_response().outputs:
-        return None
-    return parse_results(prompts, response.as_numpy)
-
-
-def is_final(response: Any) -> bool:
-    flag = response.get_response().parameters.get("triton_final_response")
-    return flag is not None and flag.bool_param
 
 
 class TextClient:
@@ -69,37 +39,35 @@ class TextClient:
     def __init__(self, url: str | None = None, protocol: str = "http", model: str = "ensemble",
                  timeout_s: float = 60.0, retries: int = 3, backoff_s: float = 0.25):
         self.config = ConnectionConfig.create(url, protocol, model, timeout_s, retries, backoff_s)
-        self._backend: Any = None
+        self._http_client: httpx.Client | None = None
+        self._grpc_client: Any = None
         self._info: ModelInfo | None = None
 
     # -- plumbing ----------------------------------------------------------------------------------------------
     @property
-    def _client(self) -> Any:
-        if self._backend is None:
-            cfg = self.config
-            if cfg.protocol == "http":
-                import tritonclient.http as triton_http  # noqa: PLC0415  (heavy: only the chosen protocol)
-                self._backend = triton_http.InferenceServerClient(cfg.url, connection_timeout=cfg.timeout_s,
-                                                                  network_timeout=cfg.timeout_s)
-            else:
-                import tritonclient.grpc as triton_grpc  # noqa: PLC0415
-                self._backend = triton_grpc.InferenceServerClient(cfg.url)
-        return self._backend
+    def _http(self) -> httpx.Client:
+        if self._http_client is None:
+            self._http_client = httpx.Client(base_url=f"http://{self.config.url}", timeout=self.config.timeout_s)
+        return self._http_client
+
+    @property
+    def _grpc(self) -> Any:
+        if self._grpc_client is None:
+            import tritonclient.grpc as triton_grpc  # noqa: PLC0415  (heavy: only the chosen protocol)
+            self._grpc_client = triton_grpc.InferenceServerClient(self.config.url)
+        return self._grpc_client
+
+    def _send(self, request: HttpRequest) -> httpx.Response:
+        return self._http.request(request.method, request.path, content=request.body, headers=request.headers)
 
     def _call(self, action: Callable[[], T]) -> T:
-        """Run an idempotent call, retrying connection failures with exponential backoff."""
-        attempt = 0
+        """Run an idempotent call, retrying connection failures (see `Attempts`)."""
+        attempts = Attempts(self.config)
         while True:
             try:
                 return action()
-            except Exception as raw:  # noqa: BLE001  (every transport error is translated below)
-                err = translate_error(raw, self.config)
-                if not isinstance(err, ServerUnavailableError):
-                    raise err from raw
-                attempt += 1
-                if attempt > self.config.retries:
-                    raise gave_up(self.config, err) from raw
-                time.sleep(log_retry(self.config, attempt, err))
+            except Exception as raw:  # noqa: BLE001  (every transport error is translated by Attempts)
+                time.sleep(attempts.after(raw))
 
     @property
     def model_info(self) -> ModelInfo:
@@ -107,34 +75,31 @@ class TextClient:
         if self._info is None:
             cfg = self.config
             if cfg.protocol == "http":
-                config = self._call(lambda: self._client.get_model_config(cfg.model))
+                def fetch() -> Any:
+                    response = self._send(model_config_request(cfg))
+                    return read_json(cfg, response.status_code, response.content)
+                config = self._call(fetch)
             else:
-                config = self._call(lambda: self._client.get_model_config(cfg.model, as_json=True,
-                                                                          client_timeout=cfg.timeout_s))
+                config = self._call(lambda: self._grpc.get_model_config(cfg.model, as_json=True,
+                                                                        client_timeout=cfg.timeout_s))
             self._info = ModelInfo.from_config(config)
             check_batching(self._info)
         return self._info
 
-    def _infer_inputs(self, tensors: list[InputTensor]) -> list[Any]:
-        if self.config.protocol == "http":
-            import tritonclient.http as module  # noqa: PLC0415
-        else:
-            import tritonclient.grpc as module  # type: ignore[no-redef]  # noqa: PLC0415
-        inputs = []
-        for tensor in tensors:
-            item = module.InferInput(tensor.name, list(tensor.data.shape), tensor.datatype)
-            item.set_data_from_numpy(tensor.data)
-            inputs.append(item)
-        return inputs
-
     # -- one request -------------------------------------------------------------------------------------------
     def _infer(self, request: TextRequest) -> list[GenerationResult]:
         cfg = self.config
-        inputs = self._infer_inputs(request.tensors(self.model_info))
+        tensors = request.tensors(self.model_info)
         if cfg.protocol == "http":
-            result = self._call(lambda: self._client.infer(cfg.model, inputs))
+            http_request = infer_request(cfg, tensors)
+
+            def infer() -> Any:
+                response = self._send(http_request)
+                return infer_result(cfg, response.status_code, response.headers, response.content)
+            result = self._call(infer)
         else:
-            result = self._call(lambda: self._client.infer(cfg.model, inputs, client_timeout=cfg.timeout_s))
+            inputs = infer_inputs(cfg.protocol, tensors)
+            result = self._call(lambda: self._grpc.infer(cfg.model, inputs, client_timeout=cfg.timeout_s))
         return parse_results(request.prompts, result.as_numpy)
 
     def _stream_request(self, request: TextRequest) -> Iterator[list[GenerationResult]]:
@@ -145,47 +110,46 @@ class TextClient:
 
     def _http_stream(self, request: TextRequest) -> Iterator[list[GenerationResult]]:
         cfg = self.config
-        body = json.dumps(request.generate_body(self.model_info)).encode("utf-8")
+        http_request = generate_stream_request(cfg, request.generate_body(self.model_info))
 
-        def open_stream() -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-            connection = http.client.HTTPConnection(cfg.host, cfg.port, timeout=cfg.timeout_s)
+        def open_stream() -> httpx.Response:
+            response = self._http.send(self._http.build_request(
+                http_request.method, http_request.path, content=http_request.body, headers=http_request.headers),
+                stream=True)
             try:
-                connection.request("POST", cfg.generate_stream_path, body=body,
-                                   headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
-                response = connection.getresponse()
-                if response.status != 200:
-                    raise error_from_body(response.status, response.read())
+                if response.status_code != 200:
+                    read_json(cfg, response.status_code, response.read())
             except BaseException:
-                connection.close()
+                response.close()
                 raise
-            return connection, response
+            return response
 
-        connection, response = self._call(open_stream)
+        response = self._call(open_stream)
         parser = SseParser()
         try:
-            for raw_line in response:
-                event = parser.feed(raw_line.decode("utf-8", errors="replace"))
+            for line in response.iter_lines():
+                event = parser.feed(line)
                 if event is not None:
                     yield parse_results(request.prompts, event.get)
             event = parser.close()
             if event is not None:
                 yield parse_results(request.prompts, event.get)
-        except (OSError, http.client.HTTPException) as err:
+        except httpx.HTTPError as err:  # a stream that has begun is never retried: its text would repeat
             raise translate_error(err, cfg) from err
         finally:
-            connection.close()
+            response.close()
 
     def _grpc_stream(self, request: TextRequest) -> Iterator[list[GenerationResult]]:
         cfg = self.config
-        inputs = self._infer_inputs(request.tensors(self.model_info))
-        attempt = 0
+        inputs = infer_inputs(cfg.protocol, request.tensors(self.model_info))
+        attempts = Attempts(cfg)
         while True:
             events: queue.Queue[tuple[Any, Any]] = queue.Queue()
-            self._client.start_stream(callback=lambda result, error: events.put((result, error)))
+            self._grpc.start_stream(callback=lambda result, error: events.put((result, error)))
             finished, delay = False, 0.0
             try:
                 try:
-                    self._client.async_stream_infer(cfg.model, inputs, enable_empty_final_response=True)
+                    self._grpc.async_stream_infer(cfg.model, inputs, enable_empty_final_response=True)
                 except InferenceServerException as err:
                     # A stream that failed to connect refuses the send; its callback already got the real error.
                     try:
@@ -199,11 +163,7 @@ class TextClient:
                     except queue.Empty:
                         raise timed_out(cfg) from None
                     if error is not None:
-                        retry, err = stream_failure(error, cfg, received, attempt)
-                        if not retry:
-                            raise err
-                        attempt += 1
-                        delay = log_retry(cfg, attempt, err)
+                        delay = attempts.after(error, received)  # raises unless the stream may start again
                         break
                     received += 1
                     deltas = stream_events(result, request.prompts)
@@ -214,7 +174,7 @@ class TextClient:
                         return
             finally:
                 # Cancel what is still running when the consumer stops early or an error ends the stream.
-                self._client.stop_stream(cancel_requests=not finished)
+                self._grpc.stop_stream(cancel_requests=not finished)
             time.sleep(delay)
 
     # -- public API --------------------------------------------------------------------------------------------
@@ -276,9 +236,12 @@ class TextClient:
         return run_coroutine_blocking(run)
 
     def close(self) -> None:
-        if self._backend is not None:
-            self._backend.close()
-            self._backend = None
+        if self._http_client is not None:
+            self._http_client.close()
+            self._http_client = None
+        if self._grpc_client is not None:
+            self._grpc_client.close()
+            self._grpc_client = None
 
     def __enter__(self) -> "TextClient":
         return self
