@@ -260,3 +260,17 @@ def test_serve_cli_refuses_a_keyless_api_beyond_loopback_before_starting_triton(
     assert result.returncode != 0
     assert "without an API key" in result.stderr and "--api-key" in result.stderr
     assert "starting tritonserver" not in result.stderr and time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize("triton", ["streaming"], indirect=True)
+def test_a_client_that_gives_up_on_a_non_streaming_request_cancels_it_too(api: OpenAIServer) -> None:
+    stats = api.backend.stats
+    before = (stats.opened, stats.completed, stats.cancelled)
+    body = {"model": "ensemble", "prompt": [str(n) for n in range(64)], "max_tokens": 120, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):  # the client stops waiting and closes the connection
+        httpx.post(f"{api.url}/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
+    deadline = time.monotonic() + 10
+    while stats.cancelled - before[2] < 32 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stats.opened - before[0] == 64 and stats.completed - before[1] == 0
+    assert stats.cancelled - before[2] >= 32
