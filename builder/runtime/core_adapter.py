@@ -140,7 +140,10 @@ class StreamingCore:
         self.limits: EngineLimits = engine.limits  # type: ignore[attr-defined]
         if getattr(engine, "graphs", None) is not None:  # at load, so no request waits ~0.1 s for a capture
             started = time.monotonic()
-            note = engine.capture_graphs()  # type: ignore[attr-defined]
+            try:
+                note = engine.capture_graphs()  # type: ignore[attr-defined]
+            except RuntimeError as err:  # graphs are then captured on first use, as without this step
+                note = f"capturing CUDA graphs at load failed ({err}); they are captured on first use"
             if report is not None:
                 report(f"{note} ({time.monotonic() - started:.1f} s)")
         self.acks = AckListener(abandon_after_s)

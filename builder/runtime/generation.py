@@ -248,7 +248,11 @@ class GptEngine:
         """Right-padded prompts [n, T] (any valid id as padding) -> logits [n, V] at each row's last prompt token;
         fills cache slots first_slot..first_slot+n-1, in passes of at most PREFILL_TOKEN_BUDGET padded tokens."""
         if prompts.shape[0] == 1 and self.prefill_graphs is not None:
-            return self.prefill_graphs.prefill(prompts, lengths, first_slot).clone()
+            try:
+                return self.prefill_graphs.prefill(prompts, lengths, first_slot).clone()
+            except RuntimeError:  # a capture that fails (memory, a backend that cannot be captured): run eagerly
+                log.exception("prefill CUDA graph failed: prefill runs eagerly from now on")
+                self.prefill_graphs = None
         rows_per_pass = max(1, PREFILL_TOKEN_BUDGET // prompts.shape[1])
         return torch.cat([self.model.prefill(prompts[start:start + rows_per_pass],
                                              lengths[start:start + rows_per_pass], first_slot=first_slot + start)

@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 ADMIT_GATHER_ROWS = 8
 ADMIT_GATHER_STEPS = 4
 STEP_PROMPT_TOKENS = 2048  # prompt tokens prefilled per decode step while rows run (the first request always joins)
+SENDER_PAUSE_AFTER_S = 0.002  # a sweep of updates longer than this is followed by a pause as long (_Sender._pause)
+SENDER_MAX_PAUSE_S = 0.025
 PREFILL_PAD = 64  # prompt lengths of one prefill pass are padded to a multiple of this
 # ... but only while the batch is this full: below it a prefill pass is cheap next to the TTFT a wait adds.
 ADMIT_GATHER_MIN_RUNNING = 16
@@ -103,6 +105,8 @@ class Timeline:
     wait_ms: float = 0.0  # waiting for the selection's tokens (the device is behind)
     consume_ms: float = 0.0  # appending tokens, closing requests, marking streams
     admit_ms: float = 0.0  # admission passes (slot writes, prefill launches)
+    updates: int = 0  # streamed updates the sender sent
+    sender_busy_ms: float = 0.0  # the sender's time sending them
     idle_requests: int = 0
     queued_ms: float = 0.0
     admitting_ms: float = 0.0
@@ -113,7 +117,8 @@ class Timeline:
         steps, idle = max(1, self.steps), max(1, self.idle_requests)
         return (f"per step (host ms, {self.steps} steps, {self.rows / steps:.1f} rows): select+launch {self.select_launch_ms / steps:.3f}, wait for "
                 f"device {self.wait_ms / steps:.3f}, consume {self.consume_ms / steps:.3f}, admission "
-                f"{self.admit_ms / steps:.3f}; first response of a request into an idle batch (ms, mean of "
+                f"{self.admit_ms / steps:.3f}; sender {self.updates} updates, busy {self.sender_busy_ms / steps:.3f} "
+                f"per step; first response of a request into an idle batch (ms, mean of "
                 f"{self.idle_requests}): queued {self.queued_ms / idle:.3f}, admitting {self.admitting_ms / idle:.3f}, "
                 f"to first token {self.to_first_token_ms / idle:.3f}, to send {self.to_send_ms / idle:.3f}")
 
@@ -356,7 +361,7 @@ class _Sender:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="inflight-sender", daemon=True)
         self.updates_sent = 0
-        self.tokens_in_updates = 0
+        self._urgent = False  # a final or a first response is waiting: no pause
 
     def start(self) -> None:
         self._thread.start()
@@ -376,11 +381,13 @@ class _Sender:
         with self._cond:
             for request in requests:
                 self._marked[id(request)] = request
+                self._urgent = self._urgent or request.updates_sent == 0
             self._cond.notify()
 
     def close(self, request: _Request, outputs: list[RowOutput] | None, error: Exception | None) -> None:
         with self._cond:
             self._finals.append((request, outputs, error))
+            self._urgent = True
             self._live.pop(id(request), None)
             self._cond.notify()
 
@@ -393,23 +400,43 @@ class _Sender:
                 finals, self._finals = self._finals, []
                 stopping = self._stopping
                 live = list(self._live.values())
+                self._urgent = False
             closing = {id(request) for request, _, _ in finals}
             # Finals first (an update of a closing request is skipped: its final holds those tokens), then first
             # responses: neither should wait behind a sweep of updates to hundreds of running streams.
             for request, outputs, error in finals:
                 self._finish(request, outputs, error)
+            started = time.perf_counter()
             for request in sorted(marked, key=lambda request: request.updates_sent > 0):  # stable: arrival order
                 if id(request) not in closing and not request.closed and not request.cancelled:
                     self._update(request)
             if stopping and not finals and not marked:
                 return
             self._poll(live)
+            busy = time.perf_counter() - started
+            self.timeline.sender_busy_ms += busy * 1e3
+            self._pause(busy)
+
+    def _pause(self, busy_s: float) -> None:
+        """After a long sweep of updates, rest as long again (up to SENDER_MAX_PAUSE_S) unless a final or a first
+        response waits: the sender then holds the GIL at most about half the time, and the decode loop keeps its
+        pace; the streams' next updates just carry more tokens."""
+        if busy_s < SENDER_PAUSE_AFTER_S:
+            return
+        deadline = time.perf_counter() + min(busy_s, SENDER_MAX_PAUSE_S)
+        with self._cond:
+            while not (self._urgent or self._stopping):
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
 
     def _update(self, request: _Request) -> None:
         try:
             request.sink.update(request.snapshot())
             request.updates_sent += 1
             self.updates_sent += 1
+            self.timeline.updates += 1
             self._sent_first(request)
         except Exception:  # noqa: BLE001  (e.g. the client went away: stop generating for it)
             log.exception("sending a streaming update failed: cancelling the request")
@@ -469,9 +496,6 @@ class InflightScheduler:
         self.admit_gather_rows = admit_gather_rows
         self.admit_gather_steps = admit_gather_steps
         self.step_prompt_tokens = step_prompt_tokens
-        # With single-prompt prefill graphs (CUDA) a prompt's prefill costs its math, not ~300 launches: prefill each
-        # row alone (no padding to the longest of a pass) and admit at once instead of gathering arrivals.
-        self._graph_prefill = getattr(engine, "prefill_graphs", None) is not None
         self.event_log = event_log
         limits = engine.limits
         self.slot_count = limits.max_batch_size
@@ -491,6 +515,12 @@ class InflightScheduler:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._sender = _Sender(self._request_cancel, cancel_poll_s, self.stats.timeline)
+
+    @property
+    def _graph_prefill(self) -> bool:
+        """With single-prompt prefill graphs (CUDA) a prompt's prefill costs its math, not ~300 launches: prefill each
+        row alone (no padding to the longest of a pass) and admit at once instead of gathering arrivals."""
+        return getattr(self.engine, "prefill_graphs", None) is not None
 
     # -- public ------------------------------------------------------------------------------------------------------
     def start(self) -> InflightScheduler:
