@@ -5,9 +5,12 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+
+if TYPE_CHECKING:  # imported where used: the GPU host's kit venv (numpy 1.26) cannot import the host's transformers
+    from transformers import GPT2LMHeadModel
 
 from builder.checkpoints import convert
 from builder.runtime.core_io import GenerationRequest
@@ -25,6 +28,8 @@ class TinyGpt:
 
 def make_tiny_gpt(tmp_dir: Path, seed: int = 0) -> TinyGpt:
     """A random GPT-2 of TINY shape, saved HF-style and converted to FT weights by `builder convert`."""
+    from transformers import GPT2Config, GPT2LMHeadModel  # noqa: PLC0415  (see the TYPE_CHECKING import)
+
     torch.manual_seed(seed)
     config = GPT2Config(**TINY, activation_function="gelu_new", bos_token_id=END_ID, eos_token_id=END_ID)
     hf = GPT2LMHeadModel(config).eval()
