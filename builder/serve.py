@@ -24,8 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -109,6 +107,22 @@ def bundled_backend_directory(parent: Path | None = None) -> Path:
         shutil.rmtree(backends, ignore_errors=True)
         raise ServerError(f"cannot prepare the backend folder {backends}: {err}") from err
     return backends
+
+
+def server_ready(http_url: str, timeout_s: float = 2.0) -> bool:
+    """Whether the tritonserver at `http_url` ("host:port") answers /v2/health/ready with 200 (tritonclient's call)."""
+    import tritonclient.http as triton_http  # noqa: PLC0415  (only while waiting for a server)
+
+    try:
+        client = triton_http.InferenceServerClient(http_url, connection_timeout=timeout_s, network_timeout=timeout_s)
+    except Exception:  # noqa: BLE001  (a malformed address is "not ready"; the caller's deadline reports it)
+        return False
+    try:
+        return bool(client.is_server_ready())
+    except Exception:  # noqa: BLE001  (refused, reset, timed out: geventhttpclient raises many kinds)
+        return False
+    finally:
+        client.close()
 
 
 def ports_in_use(address: str, ports: list[int]) -> list[int]:
@@ -350,22 +364,19 @@ class TritonServer:
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.config.startup_timeout_s
-        url = f"http://{self.http_url}/v2/health/ready"
         while time.monotonic() < deadline:
             assert self.process is not None
             code = self.process.poll()
-            if code is not None:
+            if code is not None:  # a model that failed to load ends start-up here (--exit-on-error, the default)
                 raise ServerError(self.failure_report(f"tritonserver exited with code {code} during start-up"))
             # A stub that cannot start leaves its model "loading" forever: fail now rather than at the timeout.
+            # Only the log tells: the repository index, which would show the model's state, is one of the admin
+            # APIs we close.
             fatal = FATAL_LOG_PATTERN.search(self.log_text())
             if fatal:
                 raise ServerError(self.failure_report(f"a model failed to load: {fatal.group(0).strip()}"))
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                pass
+            if server_ready(self.http_url):  # --strict-readiness: every model is ready too
+                return
             time.sleep(0.25)
         raise ServerError(self.failure_report(f"tritonserver not ready after {self.config.startup_timeout_s:.0f} s"))
 

@@ -19,15 +19,14 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
 import jinja2
+import psutil
 
-from ..serve import LOCALHOST, free_ports
+from ..serve import LOCALHOST, free_ports, server_ready
 from . import DEPLOY_TEMPLATES_DIR
 
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)  # a replica that keeps failing is retried ever more slowly
@@ -38,13 +37,10 @@ class LocalReplicasError(RuntimeError):
 
 
 def _children(pid: int) -> list[int]:
-    pids: list[int] = []
-    for path in Path(f"/proc/{pid}/task").glob("*/children"):
-        try:
-            pids += [int(p) for p in path.read_text().split()]
-        except OSError:
-            continue
-    return pids
+    try:
+        return [child.pid for child in psutil.Process(pid).children()]
+    except psutil.Error:
+        return []
 
 
 @dataclass
@@ -126,19 +122,14 @@ class LocalReplicas:
 
     def _wait_ready(self, replica: Replica) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
-        url = f"http://{LOCALHOST}:{replica.http_port}/v2/health/ready"
         while time.monotonic() < deadline:
             assert replica.process is not None
             if replica.process.poll() is not None:
                 raise LocalReplicasError(f"replica {replica.name} exited with {replica.process.returncode} while "
                                          f"starting; log: {replica.log_path}\n{tail(replica.log_path)}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        replica.find_server()
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
+            if server_ready(f"{LOCALHOST}:{replica.http_port}"):
+                replica.find_server()
+                return
             time.sleep(0.2)
         raise LocalReplicasError(f"replica {replica.name} not ready after {self.startup_timeout_s:.0f} s; "
                                  f"log: {replica.log_path}")
@@ -185,9 +176,9 @@ class LocalReplicas:
         """serve died without stopping its tritonserver (SIGKILL): never leave that server or its stubs behind."""
         pid, replica.server_pid = replica.server_pid, None
         try:  # only while that pid is still our tritonserver: a recycled pid is someone else's process
-            if pid is not None and "tritonserver" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+            if pid is not None and "tritonserver" in " ".join(psutil.Process(pid).cmdline()):
                 os.killpg(pid, signal.SIGKILL)
-        except (OSError, ProcessLookupError):
+        except (psutil.Error, OSError):
             pass
 
     # -- HAProxy ----------------------------------------------------------------------------------------------
