@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the GPU host (after `source .gpu/setup.sh`): which of our dependencies exist, the engine's CUDA tests, and the
+# On the GPU host (after `source scripts/gpu/setup.sh`): which of our dependencies exist, the engine's CUDA tests, and the
 # raw engine (no Triton) at the 1.3B shape. Output goes to $OUT (or /tmp/gpu-check).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}; mkdir -p "$OUT"
@@ -14,5 +14,5 @@ for name in ["torch", "numpy", "transformers", "tokenizers", "click", "jinja2", 
     except Exception as err:
         print(name, "MISSING", repr(err)[:120])
 PY
-python -m pytest -q tests/test_engine_cuda.py -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/cuda_tests.txt"
+"$GPU_HOST_PYTHON" -m pytest -q tests/test_engine_cuda.py -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/cuda_tests.txt"
 python bench/engine_cpu.py --preset gpt3-1.3b --device cuda:0 --dtype fp16 --batch-sizes 1 64 2>&1 | tail -20 | tee "$OUT/engine_bench.txt"

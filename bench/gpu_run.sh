@@ -8,11 +8,11 @@ set -u
 mode=${1:-full}
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
-source .gpu/setup.sh > "$OUT/cuda_tests.txt" 2>&1
+source scripts/gpu/setup.sh > "$OUT/cuda_tests.txt" 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 start=$(date +%s)
-# CUDA tests (transformers imports only under the host's own venv).
-[ "$mode" != diag ] && timeout 240 /opt/torch/.venv/bin/python3 -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_scheduler.py \
+# CUDA tests (transformers imports only under the host's own Python: README.md, "On a GPU host").
+[ "$mode" != diag ] && timeout 240 "$GPU_HOST_PYTHON" -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_scheduler.py \
   >> "$OUT/cuda_tests.txt" 2>&1
 echo "cuda tests rc=$? in $(( $(date +%s) - start )) s" >> "$OUT/cuda_tests.txt"
 if [ "$mode" = diag ]; then

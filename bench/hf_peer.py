@@ -1,7 +1,7 @@
 """The HF transformers peer of bench/gpu_bench.py, run in its own process.
 
 It runs apart because the GPU host's transformers needs its own numpy 2 stack, while the Triton Python backend there
-needs numpy 1.26 (see .gpu/setup.sh). Reads the FT weights (same files the server loads), writes JSON:
+needs numpy 1.26 (see README.md, "On a GPU host"). Reads the FT weights (same files the server loads), writes JSON:
   hf_eager_ms_per_token_bs1, hf_static_ms_per_token_bs1 (slope of `generate` latency over new tokens, batch 1),
   greedy agreement of our tokens (from --ours) with HF fp16: exact position-wise, identical sequences, and
   teacher-forced (HF, fed our prefix, ranks our token first within an fp16 tolerance).

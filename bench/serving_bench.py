@@ -19,7 +19,7 @@ concurrency); raw perf_analyzer files go to --work/raw. The JSON is rewritten af
 keeps what it measured; --merge adds to an existing JSON (run the stages in several commands).
 
 GPU host (see docs/serving_benchmark.md):
-  source .gpu/setup.sh && python bench/serving_bench.py --out docs/gpu/serving.json
+  source scripts/gpu/setup.sh && python bench/serving_bench.py --out docs/gpu/serving.json
 CPU check (tiny synthetic model, seconds):  python bench/serving_bench.py --device cpu --out /tmp/x/serving.json \
   --levels 1,4 --seconds 1 ...  (tests/test_serving_bench.py runs it).
 """

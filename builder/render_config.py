@@ -21,13 +21,13 @@ DEVICES = ("gpu", "cpu")
 # break a config file.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
-# The FT backend's optional GPT inputs that the text ensemble can drive (ft_backend.md §1.4).
+# The FT backend's optional GPT inputs that the text ensemble can drive (docs/ft_contract.md §1).
 FT_CAPABILITIES = frozenset({
     "runtime_top_k", "runtime_top_p", "temperature", "repetition_penalty", "len_penalty", "beam_width",
     "random_seed", "end_id", "is_return_log_probs", "stop_words_list", "bad_words_list",
 })
 
-# NeMo GPT-3 1.3B (ft_backend.md §4): the limits used when no checkpoint is given at render time.
+# NeMo GPT-3 1.3B (docs/ft_contract.md §4): the limits used when no checkpoint is given at render time.
 NEMO_1P3B = GptModelConfig(head_num=16, size_per_head=128, inter_size=8192, num_layer=24, vocab_size=50304,
                            max_pos_seq_len=2048, weight_data_type="fp16", model_name="gpt3_1.3b")
 
@@ -65,7 +65,7 @@ def _scalar(name: str, data_type: str, optional: bool = True) -> Tensor:
     return Tensor(name, data_type, (1,), optional)
 
 
-# Public contract of the text ensemble (DESIGN.md). Order is the order they appear in configs.
+# Public contract of the text ensemble (README.md, "The text ensemble's contract"), in the order of the configs.
 ENSEMBLE_OPTIONAL_INPUTS: tuple[EnsembleInput, ...] = (
     EnsembleInput(Tensor("stop_words", "STRING", (-1,), True), "stop_words_list"),
     EnsembleInput(Tensor("bad_words", "STRING", (-1,), True), "bad_words_list"),
@@ -272,7 +272,7 @@ class RenderConfig:
 
     @property
     def core_instance_kind(self) -> str:
-        # The FT backend places its instances on GPUs itself and requires KIND_CPU (ft_backend.md §1.4).
+        # The FT backend places its instances on GPUs itself and requires KIND_CPU (docs/ft_contract.md §1).
         if self.engine == "fastertransformer" or self.device == "cpu":
             return "KIND_CPU"
         return "KIND_GPU"
@@ -289,7 +289,7 @@ class RenderConfig:
     def postprocessing_outputs(self) -> list[Tensor]:
         return list(POSTPROCESSING_OUTPUTS)
 
-    # ---- the FasterTransformer backend's own tensor list (ft_backend.md §1.4) ----
+    # ---- the FasterTransformer backend's own tensor list (docs/ft_contract.md §1) ----
 
     @property
     def ft_inputs(self) -> list[Tensor]:

@@ -1,7 +1,7 @@
 """What travels over the wire: request tensors (or the generate-endpoint JSON body) and parsed results.
 
 Shared by the sync and asyncio clients and by both protocols. The tensor names and dtypes are the text ensemble's
-public contract (DESIGN.md): every input has the batch dimension first.
+public contract (README.md, "The text ensemble's contract"): every input has the batch dimension first.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ class ModelInfo:
         config = config.get("config", config)
         policy = config.get("model_transaction_policy") or {}
         inputs = frozenset(str(item["name"]) for item in config.get("input", []))
-        # A `stream` input exists only in a streaming repository (DESIGN.md), whose ensemble Triton makes
+        # A `stream` input exists only in a streaming repository (README.md, "Streaming"), whose ensemble Triton makes
         # decoupled even where its own config does not say so. The streaming transports also serve
         # non-decoupled models, so erring this way is safe.
         decoupled = bool(policy.get("decoupled", False)) or "stream" in inputs

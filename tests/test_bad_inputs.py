@@ -12,7 +12,7 @@ max_batch_size 64 rows (= KV-cache slots of the engine), beam_width <= 8, <= 64 
 <= 1024 tokens per row.
 
 Malformed JSON on HTTP is answered by Triton's own HTTP frontend (before any model runs) with status 500, not 400: the
-table pins that upstream behaviour (docs/limits_and_security.md).
+table pins that upstream behaviour (README.md, "Errors returned").
 """
 
 from __future__ import annotations
@@ -240,7 +240,7 @@ CASES: list[Case] = [
     # names
     Case("unknown input name", request(temprature=scalar(0.5, np.float32)), Fails(400, ("'temprature'",))),
 
-    # /generate: JSON -> tensors (modern_backends.md §3.1)
+    # /generate: Triton's HTTP frontend turns the JSON body into tensors itself
     Case("generate: array for max_tokens", {"text_input": "1 2", "max_tokens": [3, 4]},
          Fails(400, ("batch size",)), ("generate",)),
     Case("generate: array for text_input", {"text_input": ["1 2", "3"], "max_tokens": 3},

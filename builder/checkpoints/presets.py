@@ -22,7 +22,7 @@ PRESETS: dict[str, GptModelConfig] = {
     # Seconds to write and convert: for tests. vocab_size is the TP-1 padding; `--tp N` pads further, as NeMo does.
     "tiny": GptModelConfig(head_num=4, size_per_head=16, inter_size=256, num_layer=2, vocab_size=PADDED_GPT2_VOCAB,
                            max_pos_seq_len=128, weight_data_type="fp16", model_name="tiny"),
-    # The public nemo_gpt1.3B_fp16.nemo (reference/ft_backend.md section 4).
+    # The public nemo_gpt1.3B_fp16.nemo (docs/ft_contract.md §4).
     "gpt3-1.3b": GptModelConfig(head_num=16, size_per_head=128, inter_size=8192, num_layer=24,
                                 vocab_size=PADDED_GPT2_VOCAB, max_pos_seq_len=2048, weight_data_type="fp16",
                                 model_name="gpt3-1.3b"),

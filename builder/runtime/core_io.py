@@ -2,7 +2,7 @@
 
 One Triton request carries B rows of FT inputs (numpy arrays with the batch dim first). `parse_request` turns them into
 validated per-row `GenerationRequest`s, or raises `RequestError` naming the input and the limit. `ft_outputs` turns the
-engine's per-row `RowOutput`s back into FT's output arrays (ft_backend.md §1.6):
+engine's per-row `RowOutput`s back into FT's output arrays (docs/ft_contract.md §2):
   output_ids [B, beam, max_input_len + max_request_output_len] uint32: the prompt without padding, the generated tokens,
   then end_id fill; sequence_length [B, beam] uint32 (prompt + generated, a final end_id or stop word counted);
   response_input_lengths [B, beam] int32; cum_log_probs [B, beam] and output_log_probs [B, beam, max_request_output_len]
