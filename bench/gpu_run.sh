@@ -12,7 +12,7 @@ source scripts/gpu/setup.sh > "$OUT/cuda_tests.txt" 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 start=$(date +%s)
 # CUDA tests (transformers imports only under the host's own Python: README.md, "On a GPU host").
-[ "$mode" != diag ] && timeout 240 "$GPU_HOST_PYTHON" -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_scheduler.py \
+[ "$mode" != diag ] && [ "$mode" != bench ] && timeout 240 "$GPU_HOST_PYTHON" -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_scheduler.py \
   >> "$OUT/cuda_tests.txt" 2>&1
 echo "cuda tests rc=$? in $(( $(date +%s) - start )) s" >> "$OUT/cuda_tests.txt"
 if [ "$mode" = diag ]; then
@@ -28,8 +28,19 @@ if [ "$mode" = diag ]; then
 elif [ "$mode" = quick ]; then
   timeout 420 python bench/serving_bench.py --out "$OUT/serving.json" --work /tmp/serving-bench \
     --levels 1,64,256 --core-levels 64 --seconds 3 --mixed-seconds 8 --bs1-reps 10 > "$OUT/bench.log" 2>&1
-else  # final: the goals' runs (one command must stay under 10 minutes on the device)
-  timeout 520 python bench/serving_bench.py --out "$OUT/serving.json" --work /tmp/serving-bench \
+else  # final (or bench: the same without the CUDA tests): the goals' runs, under the device's 10-minute limit.
+  # builder.serve.server_ready uses tritonclient.http, which the GPU kit lacks (gRPC only): plain urllib there.
+  timeout 520 python -c '
+import runpy, sys, urllib.request
+import builder.serve
+def ready(url, timeout_s=2.0):
+    try:
+        return urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=timeout_s).status == 200
+    except Exception:
+        return False
+builder.serve.server_ready = ready
+sys.argv = ["bench/serving_bench.py", *sys.argv[1:]]
+runpy.run_path("bench/serving_bench.py", run_name="__main__")' --out "$OUT/serving.json" --work /tmp/serving-bench \
     --levels 1,64,256 --core-levels 1,64 --seconds 3 --mixed-seconds 8 --bs1-reps 20 > "$OUT/bench.log" 2>&1
 fi
 echo "bench rc=$? in $(( $(date +%s) - start )) s" >> "$OUT/bench.log"
