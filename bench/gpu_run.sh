@@ -30,7 +30,7 @@ elif [ "$mode" = quick ]; then
     --levels 1,64,256 --core-levels 64 --seconds 3 --mixed-seconds 8 --bs1-reps 10 > "$OUT/bench.log" 2>&1
 else  # final (or bench: the same without the CUDA tests): the goals' runs, under the device's 10-minute limit.
   # builder.serve.server_ready uses tritonclient.http, which the GPU kit lacks (gRPC only): plain urllib there.
-  timeout 520 python -c '
+  timeout ${BENCH_TIMEOUT:-520} python -c '
 import runpy, sys, urllib.request
 import builder.serve
 def ready(url, timeout_s=2.0):
@@ -41,7 +41,8 @@ def ready(url, timeout_s=2.0):
 builder.serve.server_ready = ready
 sys.argv = ["bench/serving_bench.py", *sys.argv[1:]]
 runpy.run_path("bench/serving_bench.py", run_name="__main__")' --out "$OUT/serving.json" --work /tmp/serving-bench \
-    --levels 1,64,256 --core-levels 1,64 --seconds 3 --mixed-seconds 8 --bs1-reps 20 > "$OUT/bench.log" 2>&1
+    --levels ${LEVELS:-1,64,256} --core-levels ${CORE_LEVELS:-1,64} --seconds ${SECONDS_PER_RUN:-3} \
+    --mixed-seconds ${MIXED_SECONDS:-8} --max-trials ${MAX_TRIALS:-6} --bs1-reps 20 > "$OUT/bench.log" 2>&1
 fi
 echo "bench rc=$? in $(( $(date +%s) - start )) s" >> "$OUT/bench.log"
 tail -c 400000 /tmp/serving-bench/raw/server.log > "$OUT/server_tail.log" 2>/dev/null || true

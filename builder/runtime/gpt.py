@@ -273,7 +273,8 @@ class GptModel:
             h = F.layer_norm(x, (self.hidden,), layer.ln2_weight, layer.ln2_bias, self.config.layernorm_eps)
             x = x + F.linear(self._activation(F.linear(h, layer.fc1_weight, layer.fc1_bias)), layer.fc2_weight,
                              layer.fc2_bias)
-        last = x[torch.arange(n, device=self.device), lengths - 1]  # [n, H]
+        # Clamped: a graph's warm-up runs with whatever length its static buffer holds (replays copy the real one).
+        last = x[torch.arange(n, device=self.device), (lengths - 1).clamp(0, t - 1)]  # [n, H]
         h = F.layer_norm(last, (self.hidden,), *self.final_ln, self.config.layernorm_eps)
         return F.linear(h, self.lm_head)
 
