@@ -8,18 +8,19 @@ from pathlib import Path
 import pytest
 
 from builder.serve import TritonServer
+from servers import server_on_free_ports
 
 pytest_plugins = ["fixtures_checkpoints"]
 
 
 @pytest.fixture
 def start_server() -> Iterator[Callable[..., TritonServer]]:
-    """Factory: `start_server(repo, **ServerConfig fields)` starts tritonserver on free ports; stopped at teardown."""
+    """Factory: `start_server(repo, **ServerConfig fields)` starts tritonserver on free ports; stopped at teardown.
+    Default timeouts: tests/servers.py (a short exit timeout)."""
     servers: list[TritonServer] = []
 
     def start(repository: Path | str, **kwargs: object) -> TritonServer:
-        kwargs.setdefault("startup_timeout_s", 180.0)
-        server = TritonServer.on_free_ports(repository, **kwargs)
+        server = server_on_free_ports(repository, **kwargs)
         servers.append(server)
         return server.start()
 

@@ -35,6 +35,7 @@ from tritonclient.utils import InferenceServerException
 
 from builder.demo import build_demo_repository
 from builder.serve import TritonServer
+from servers import server_on_free_ports
 
 pytestmark = pytest.mark.server
 
@@ -338,7 +339,7 @@ def is_ready(server: TritonServer) -> bool:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     repository = build_demo_repository(tmp_path_factory.mktemp("bad-inputs") / "repository")
-    with TritonServer.on_free_ports(repository, startup_timeout_s=180.0) as running:
+    with server_on_free_ports(repository) as running:
         yield running
 
 

@@ -29,6 +29,7 @@ from client import (AsyncTextClient, RequestError, RequestTimeoutError, ServerUn
                     TextClientError, WrongEndpointError)
 from client.cli import cli
 from client.perf import PerfConfig, find_perf_analyzer, run_perf
+from servers import server_on_free_ports
 
 pytestmark = pytest.mark.server
 ROOT = Path(__file__).resolve().parent.parent
@@ -231,7 +232,7 @@ def core_model_name() -> str:
 
 def _module_server(repository: Path) -> Iterator[TritonServer]:
     # Module-scoped twin of conftest's `start_server` (function-scoped): one server start per repository.
-    server = TritonServer.on_free_ports(repository, startup_timeout_s=180.0, exit_timeout_s=2)
+    server = server_on_free_ports(repository)
     server.start()
     try:
         yield server

@@ -14,7 +14,6 @@ A generation of LONG_TOKENS new tokens takes about 1.5-2 s on the demo model (2 
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 import subprocess
@@ -27,6 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import tritonclient.http as httpclient
 
@@ -34,9 +34,10 @@ from builder.demo import build_demo_repository
 from builder.render import render_repository
 from builder.render_config import RenderConfig
 from builder.runtime.model_config import GptModelConfig
-from builder.serve import TritonServer, free_port, free_ports
+from builder.serve import PYTHON_STUB, TritonServer, free_port, free_ports
 from builder.serve_cli import STUB_DIED_EXIT_CODE, serve_until_signal
 from client import RequestError, RequestTimeoutError, TextClient
+from servers import server_on_free_ports
 
 pytestmark = pytest.mark.server
 
@@ -52,7 +53,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repository: Path) -> Iterator[TritonServer]:
-    with TritonServer.on_free_ports(repository, startup_timeout_s=180.0) as running:
+    with server_on_free_ports(repository) as running:
         yield running
 
 
@@ -93,19 +94,39 @@ def generate_in_background(url: str, max_tokens: int) -> tuple[threading.Thread,
     return in_background(generate)
 
 
-def core_stub_pid(server_pid: int) -> int:
-    """The core model's Python-backend stub: a child of tritonserver running the stub on gpt3_1.3b's model.py."""
+def core_stub(root_pid: int) -> psutil.Process:
+    """The core model's Python-backend stub: a descendant of `root_pid` (tritonserver, or the serve CLI above it)
+    running the stub on gpt3_1.3b's model.py."""
     found = []
-    for children in Path(f"/proc/{server_pid}/task").glob("*/children"):
-        for pid in children.read_text().split():
-            try:
-                argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if "triton_python_backend_stub" in argv and f"/{CORE_MODEL}/" in argv:
-                found.append(int(pid))
+    for process in psutil.Process(root_pid).children(recursive=True):
+        try:
+            argv = " ".join(process.cmdline())
+        except psutil.Error:
+            continue
+        if PYTHON_STUB in argv and f"/{CORE_MODEL}/" in argv:
+            found.append(process)
     assert len(found) == 1, f"expected one {CORE_MODEL} stub, found {found}"
     return found[0]
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Return once `condition()` holds; fail the test naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def generating(stub: psutil.Process) -> Callable[[], bool]:
+    """A condition: the idle core stub has started computing (a generation of LONG_TOKENS takes ~1 s of its CPU
+    here, an idle stub none), so a request sent just before is in flight inside the core model."""
+    def cpu_s() -> float:
+        times = stub.cpu_times()
+        return times.user + times.system
+
+    idle = cpu_s()
+    return lambda: cpu_s() - idle >= 0.05
 
 
 # -- (b) the client against the real ensemble ----------------------------------------------------------------------
@@ -196,13 +217,14 @@ def test_core_stub_killed_mid_request(repository: Path, start_server: Callable[.
                                       capsys: pytest.CaptureFixture[str]) -> None:
     server = start_server(repository)
     assert server.process is not None
-    stub = core_stub_pid(server.process.pid)
+    stub = core_stub(server.process.pid)
     assert server.dead_stubs() == []
     with TextClient(server.http_url) as client:
         assert client.generate(PROMPT, max_tokens=3).num_output_tokens == 3
+        started = generating(stub)
         thread, outcome = generate_in_background(server.http_url, LONG_TOKENS)
-        time.sleep(0.4)
-        os.kill(stub, signal.SIGKILL)
+        wait_until(started, 10, "the core model to start generating")
+        stub.send_signal(signal.SIGKILL)
         thread.join(timeout=30)
     # The request in flight fails with a clear error naming the instance.
     error = outcome.get("error")
@@ -232,18 +254,14 @@ def test_core_stub_killed_mid_request(repository: Path, start_server: Callable[.
     code = serve_until_signal(server)
     assert code == STUB_DIED_EXIT_CODE
     assert time.monotonic() - started < 20
-    assert server.process is None and not Path(f"/proc/{pid}").exists()  # stopped and reaped
+    assert server.process is None and not psutil.pid_exists(pid)  # stopped and reaped
     assert f"{CORE_MODEL}_0_0 died" in capsys.readouterr().err
 
 
 # -- (c) graceful shutdown ---------------------------------------------------------------------------------------------
 def wait_ready(http_url: str, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if http_status(f"http://{http_url}/v2/health/ready") == 200:
-            return
-        time.sleep(0.25)
-    pytest.fail(f"server at {http_url} not ready after {timeout_s} s")
+    wait_until(lambda: http_status(f"http://{http_url}/v2/health/ready") == 200, timeout_s,
+               f"the server at {http_url} to be ready")
 
 
 # Triton's HTTP frontend also waits, within the same exit timeout, for idle keep-alive connections to close: a client
@@ -253,8 +271,10 @@ def test_stop_lets_the_request_in_flight_finish(repository: Path, start_server: 
     server = start_server(repository, exit_timeout_s=10)
     with TextClient(server.http_url) as client:
         client.generate(PROMPT, max_tokens=3)  # warm
+    assert server.process is not None
+    in_core = generating(core_stub(server.process.pid))
     thread, outcome = generate_in_background(server.http_url, LONG_TOKENS)
-    time.sleep(0.4)
+    wait_until(in_core, 10, "the core model to start generating")
     started = time.monotonic()
     code = server.stop()  # SIGTERM, then waits up to the exit timeout
     stopped_after = time.monotonic() - started
@@ -277,13 +297,14 @@ def test_serve_cli_sigterm_lets_the_request_in_flight_finish(repository: Path) -
         wait_ready(url)
         with TextClient(url) as client:
             client.generate(PROMPT, max_tokens=3)  # warm
+        in_core = generating(core_stub(process.pid))
         thread, outcome = generate_in_background(url, LONG_TOKENS)
-        time.sleep(0.4)
+        wait_until(in_core, 10, "the core model to start generating")
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
         # New connections are refused once shutdown begins, while the request in flight goes on.
-        assert http_status(f"http://{url}/v2/health/live") != 200
+        wait_until(lambda: http_status(f"http://{url}/v2/health/live") != 200, 5,
+                   "the HTTP frontend to refuse new connections")
         thread.join(timeout=30)
         _, stderr = process.communicate(timeout=30)
     finally:

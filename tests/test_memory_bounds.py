@@ -25,6 +25,7 @@ from builder.demo import build_demo_repository
 from builder.runtime.preprocess import PreprocessConfig, RequestError, preprocess_requests
 from builder.runtime.tokenizer import GptTokenizer
 from builder.serve import PYTHON_STUB, TritonServer
+from servers import server_on_free_ports
 
 ASSETS = Path(__file__).resolve().parents[1] / "builder" / "assets" / "gpt2"
 PROMPT_BYTES = 16 * 1024 * 1024
@@ -53,7 +54,7 @@ def test_a_refused_request_keeps_no_reference_to_its_inputs() -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     repository = build_demo_repository(tmp_path_factory.mktemp("memory") / "repository")
-    with TritonServer.on_free_ports(repository, startup_timeout_s=180.0) as running:
+    with server_on_free_ports(repository) as running:
         yield running
 
 

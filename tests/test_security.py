@@ -29,6 +29,7 @@ import tritonclient.http as httpclient
 
 import builder.serve as serve_module
 from builder.serve import PYTHON_STUB, ServerError, TritonServer
+from servers import server_on_free_ports
 
 from test_serve import ECHO_MODEL, write_model
 
@@ -97,7 +98,7 @@ def test_backend_folder_planted_by_another_user_is_never_used(echo_repo: Path, s
     as_other_user = {"user": ATTACKER_UID, "group": ATTACKER_UID} if os.getuid() == 0 else {}
     attacker = subprocess.Popen([ATTACKER_PYTHON, "-I", str(script), str(predictable), str(marker), "60"],
                                 stdout=subprocess.PIPE, text=True, **as_other_user)
-    server = TritonServer.on_free_ports(echo_repo, startup_timeout_s=30)
+    server = server_on_free_ports(echo_repo, startup_timeout_s=30)
     try:
         assert attacker.stdout is not None and attacker.stdout.readline().strip() == "planted"
         if as_other_user:
@@ -140,7 +141,7 @@ def fake_pytriton(root: Path, py_version: str) -> Path:
 def test_two_installs_never_relink_each_others_stub(echo_repo: Path, tmp_path: Path, shared_tmp: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     py_version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    ours, theirs = TritonServer.on_free_ports(echo_repo), TritonServer.on_free_ports(echo_repo)
+    ours, theirs = server_on_free_ports(echo_repo), server_on_free_ports(echo_repo)
     try:
         our_dir = backend_dir_of(ours.command())
         our_stub = os.readlink(our_dir / "python" / PYTHON_STUB)

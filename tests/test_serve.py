@@ -22,6 +22,7 @@ from click.testing import CliRunner
 from builder.cli import main as builder_main
 import builder.serve as serve_module
 from builder.serve import PYTHON_STUB, ServerError, TritonServer, bundled_backend_directory, free_ports
+from servers import server_on_free_ports
 
 pytestmark = pytest.mark.server
 
@@ -92,7 +93,7 @@ def test_bytes_round_trip_over_http_and_grpc(echo_repo: Path, start_server) -> N
 def test_server_binds_loopback_by_default_and_closes_the_admin_apis(echo_repo: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_ADMIN_TOKEN", raising=False)
-    server = TritonServer.on_free_ports(echo_repo)
+    server = server_on_free_ports(echo_repo)
     try:
         command = server.command()
     finally:
@@ -109,7 +110,7 @@ def test_server_binds_loopback_by_default_and_closes_the_admin_apis(echo_repo: P
 
 def test_non_loopback_bind_restricts_admin_apis(echo_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRITON_ADMIN_TOKEN", "s3cret-token-0123456789")
-    server = TritonServer.on_free_ports(echo_repo, address="0.0.0.0")
+    server = server_on_free_ports(echo_repo, address="0.0.0.0")
     try:
         command = server.command()
     finally:
@@ -129,7 +130,7 @@ def test_admin_token_is_checked(echo_repo: Path) -> None:
 def test_failing_model_is_named_and_start_fails_fast(tmp_path: Path) -> None:
     write_model(tmp_path, "echo", ECHO_MODEL)
     write_model(tmp_path, "broken_model", BROKEN_MODEL)
-    server = TritonServer.on_free_ports(tmp_path, startup_timeout_s=120)
+    server = server_on_free_ports(tmp_path, startup_timeout_s=120)
     started = time.monotonic()
     with pytest.raises(ServerError) as caught:
         server.start()
@@ -235,7 +236,7 @@ def test_stub_that_cannot_exec_fails_fast_naming_the_model(echo_repo: Path, tmp_
     stub.unlink()
     stub.write_bytes(b"\x7fELF but not really")
     stub.chmod(0o755 if broken == "garbage" else 0o644)
-    server = TritonServer.on_free_ports(echo_repo, backend_directory=backends, startup_timeout_s=120)
+    server = server_on_free_ports(echo_repo, backend_directory=backends, startup_timeout_s=120)
     started = time.monotonic()
     with pytest.raises(ServerError) as caught:
         server.start()
@@ -300,7 +301,7 @@ def test_port_taken_after_the_check_is_still_caught(echo_repo: Path, squatter,
     # Someone binds the HTTP port between our check and tritonserver's bind: the readiness probe is then answered by
     # them, so start() must also see that tritonserver itself listens on every port.
     monkeypatch.setattr(serve_module, "ports_in_use", lambda address, ports: [])
-    server = TritonServer.on_free_ports(echo_repo, startup_timeout_s=60)
+    server = server_on_free_ports(echo_repo, startup_timeout_s=60)
     squatter(server.config.http_port)
     with pytest.raises(ServerError, match=f"HTTP port {server.config.http_port} is in use"):
         server.start()
