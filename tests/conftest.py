@@ -7,10 +7,24 @@ from pathlib import Path
 
 import pytest
 
+from builder.demo import build_demo_repository
 from builder.serve import TritonServer
-from servers import server_on_free_ports
+from servers import ECHO_MODEL, server_on_free_ports, write_model
 
 pytest_plugins = ["fixtures_checkpoints"]
+
+
+@pytest.fixture(scope="session")
+def demo_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo ensemble (torch engine, CPU), rendered once; servers only read it."""
+    return build_demo_repository(tmp_path_factory.mktemp("demo") / "repository")
+
+
+@pytest.fixture
+def echo_repo(tmp_path: Path) -> Path:
+    """A repository with one Python model, `echo` (tests/servers.py)."""
+    write_model(tmp_path / "repo", "echo", ECHO_MODEL)
+    return tmp_path / "repo"
 
 
 @pytest.fixture

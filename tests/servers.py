@@ -19,3 +19,37 @@ def server_on_free_ports(repository: Path | str, **kwargs: object) -> TritonServ
     kwargs.setdefault("startup_timeout_s", STARTUP_TIMEOUT_S)
     kwargs.setdefault("exit_timeout_s", EXIT_TIMEOUT_S)
     return TritonServer.on_free_ports(repository, **kwargs)
+
+
+ECHO_CONFIG = """
+name: "{name}"
+backend: "python"
+max_batch_size: 8
+input [ {{ name: "INPUT" data_type: TYPE_STRING dims: [ 1 ] }} ]
+output [ {{ name: "OUTPUT" data_type: TYPE_STRING dims: [ 1 ] }} ]
+instance_group [ {{ count: 1 kind: KIND_CPU }} ]
+"""
+
+# A Python model for tests of the server itself. It reverses the UTF-8 text of every row: bytes travel intact both
+# ways (non-ASCII included).
+ECHO_MODEL = """
+import numpy as np
+import psutil
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            rows = pb_utils.get_input_tensor_by_name(request, "INPUT").as_numpy()
+            out = np.array([[row[0].decode("utf-8")[::-1].encode("utf-8")] for row in rows], dtype=object)
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT", out)]))
+        return responses
+"""
+
+
+def write_model(repo: Path, name: str, source: str) -> None:
+    (repo / name / "1").mkdir(parents=True)
+    (repo / name / "config.pbtxt").write_text(ECHO_CONFIG.format(name=name))
+    (repo / name / "1" / "model.py").write_text(source)

@@ -25,6 +25,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,6 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from builder.demo import build_demo_repository
 from builder.serve import TritonServer
 from servers import server_on_free_ports
 
@@ -337,9 +337,8 @@ def is_ready(server: TritonServer) -> bool:
 
 # -- fixtures ------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    repository = build_demo_repository(tmp_path_factory.mktemp("bad-inputs") / "repository")
-    with server_on_free_ports(repository) as running:
+def server(demo_repository: Path) -> Iterator[TritonServer]:
+    with server_on_free_ports(demo_repository) as running:
         yield running
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from builder.demo import build_demo_repository
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -25,11 +24,10 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 
 @pytest.mark.timeout(300)
-def test_replica_killed_under_load_loses_no_request(tmp_path: Path) -> None:
+def test_replica_killed_under_load_loses_no_request(demo_repository: Path) -> None:
     assert shutil.which("haproxy") or Path("/usr/sbin/haproxy").exists(), \
         "haproxy is not installed (scripts/setup.sh installs it)"
-    repository = build_demo_repository(tmp_path / "repository")
-    result = run_failover(repository, duration_s=20, clients=4, kill_at_s=5)
+    result = run_failover(demo_repository, duration_s=20, clients=4, kill_at_s=5)
 
     assert result["requests_failed"] == 0, result["errors"]
     assert result["requests_ok"] >= 20, result

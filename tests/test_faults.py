@@ -30,7 +30,6 @@ import psutil
 import pytest
 import tritonclient.http as httpclient
 
-from builder.demo import build_demo_repository
 from builder.render import render_repository
 from builder.render_config import RenderConfig
 from builder.runtime.model_config import GptModelConfig
@@ -47,8 +46,8 @@ LONG_TOKENS = 120  # + 6 prompt tokens fits max_pos_seq_len 128
 
 
 @pytest.fixture(scope="module")
-def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_demo_repository(tmp_path_factory.mktemp("faults") / "repository")
+def repository(demo_repository: Path) -> Path:
+    return demo_repository
 
 
 @pytest.fixture(scope="module")

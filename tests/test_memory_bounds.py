@@ -21,7 +21,6 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from builder.demo import build_demo_repository
 from builder.runtime.preprocess import PreprocessConfig, RequestError, preprocess_requests
 from builder.runtime.tokenizer import GptTokenizer
 from builder.serve import PYTHON_STUB, TritonServer
@@ -52,9 +51,8 @@ def test_a_refused_request_keeps_no_reference_to_its_inputs() -> None:
 
 # -- against the served demo ensemble --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    repository = build_demo_repository(tmp_path_factory.mktemp("memory") / "repository")
-    with server_on_free_ports(repository) as running:
+def server(demo_repository: Path) -> Iterator[TritonServer]:
+    with server_on_free_ports(demo_repository) as running:
         yield running
 
 

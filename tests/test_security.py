@@ -28,10 +28,9 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 import builder.serve as serve_module
-from builder.serve import PYTHON_STUB, ServerError, TritonServer
+from builder.serve import PYTHON_STUB, ServerError
 from servers import server_on_free_ports
 
-from test_serve import ECHO_MODEL, write_model
 
 pytestmark = pytest.mark.server
 
@@ -65,12 +64,6 @@ while time.monotonic() < deadline:
         os.replace(swap, stub)
     time.sleep(0.002)
 """
-
-
-@pytest.fixture
-def echo_repo(tmp_path: Path) -> Path:
-    write_model(tmp_path / "repo", "echo", ECHO_MODEL)
-    return tmp_path / "repo"
 
 
 @pytest.fixture

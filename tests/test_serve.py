@@ -22,51 +22,13 @@ from click.testing import CliRunner
 from builder.cli import main as builder_main
 import builder.serve as serve_module
 from builder.serve import PYTHON_STUB, ServerError, TritonServer, bundled_backend_directory, free_ports
-from servers import server_on_free_ports
+from servers import ECHO_MODEL, server_on_free_ports, write_model
 
 pytestmark = pytest.mark.server
-
-ECHO_CONFIG = """
-name: "{name}"
-backend: "python"
-max_batch_size: 8
-input [ {{ name: "INPUT" data_type: TYPE_STRING dims: [ 1 ] }} ]
-output [ {{ name: "OUTPUT" data_type: TYPE_STRING dims: [ 1 ] }} ]
-instance_group [ {{ count: 1 kind: KIND_CPU }} ]
-"""
-
-# Reverses the UTF-8 text of every row: proves bytes travel intact both ways (non-ASCII included).
-ECHO_MODEL = """
-import numpy as np
-import psutil
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def execute(self, requests):
-        responses = []
-        for request in requests:
-            rows = pb_utils.get_input_tensor_by_name(request, "INPUT").as_numpy()
-            out = np.array([[row[0].decode("utf-8")[::-1].encode("utf-8")] for row in rows], dtype=object)
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT", out)]))
-        return responses
-"""
 
 BROKEN_MODEL = """
 raise ImportError("this model is broken on purpose")
 """
-
-
-def write_model(repo: Path, name: str, source: str) -> None:
-    (repo / name / "1").mkdir(parents=True)
-    (repo / name / "config.pbtxt").write_text(ECHO_CONFIG.format(name=name))
-    (repo / name / "1" / "model.py").write_text(source)
-
-
-@pytest.fixture
-def echo_repo(tmp_path: Path) -> Path:
-    write_model(tmp_path, "echo", ECHO_MODEL)
-    return tmp_path
 
 
 def test_bytes_round_trip_over_http_and_grpc(echo_repo: Path, start_server) -> None:
