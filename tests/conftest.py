@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from builder.demo import build_demo_repository
 from builder.serve import TritonServer
 from servers import ECHO_MODEL, server_on_free_ports, write_model
+
+if TYPE_CHECKING:
+    from engine_testing import TinyGpt
 
 pytest_plugins = ["fixtures_checkpoints"]
 
@@ -18,6 +22,14 @@ pytest_plugins = ["fixtures_checkpoints"]
 def demo_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo ensemble (torch engine, CPU), rendered once; servers only read it."""
     return build_demo_repository(tmp_path_factory.mktemp("demo") / "repository")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyGpt:
+    """A random tiny HF GPT-2 (the oracle) and its FT weight folder (engine_testing.TinyGpt), one per module."""
+    from engine_testing import make_tiny_gpt  # noqa: PLC0415  (torch + transformers only for the engine tests)
+
+    return make_tiny_gpt(tmp_path_factory.mktemp("tiny_gpt"))
 
 
 @pytest.fixture
