@@ -516,12 +516,6 @@ class InflightScheduler:
         self._thread: threading.Thread | None = None
         self._sender = _Sender(self._request_cancel, cancel_poll_s, self.stats.timeline)
 
-    @property
-    def _graph_prefill(self) -> bool:
-        """With single-prompt prefill graphs (CUDA) a prompt's prefill costs its math, not ~300 launches: prefill each
-        row alone (no padding to the longest of a pass) and admit at once instead of gathering arrivals."""
-        return getattr(self.engine, "prefill_graphs", None) is not None
-
     # -- public ------------------------------------------------------------------------------------------------------
     def start(self) -> InflightScheduler:
         if self._thread is not None:
@@ -660,9 +654,12 @@ class InflightScheduler:
                            f"after {generated} generated tokens")
 
     def _should_wait_for_more(self) -> bool:
-        """While rows are decoding, gather a few arrivals into one eager prefill pass instead of one pass each: a
-        pass costs about the same for 1 or 8 prompts (its launches dominate), and the running rows stall meanwhile."""
-        if self._graph_prefill or len(self._occupied) < ADMIT_GATHER_MIN_RUNNING or not self._waiting:
+        """While many rows decode, gather a few arrivals into one prefill pass instead of one pass each: a pass of
+        short prompts costs about the same for 1 or 8 of them (it reads the 2.6 GB of weights once, and eager passes
+        are launch-bound), and the running rows stall meanwhile. Measured on an H200 at 256 streams: one graph prefill
+        per arrival instead lost ~25 % of tokens/s (docs/benchmarks.md). A pass of one prompt (low load) runs from
+        the prefill CUDA graphs (generation.py)."""
+        if len(self._occupied) < ADMIT_GATHER_MIN_RUNNING or not self._waiting:
             return False
         waiting_rows = sum(len(request.rows) for request in self._waiting)
         oldest_wait = self.stats.steps - self._waiting[0].queued_at_step
@@ -753,7 +750,7 @@ class InflightScheduler:
         logits, start = [], 0
         while start < len(rows):
             end = start + 1
-            while not self._graph_prefill and end < len(rows) and rows[end].slot == rows[end - 1].slot + 1:
+            while end < len(rows) and rows[end].slot == rows[end - 1].slot + 1:
                 end += 1
             # Padded to a multiple of PREFILL_PAD so the attention sees few distinct shapes (a new shape may cost a
             # kernel plan); padding is masked, and the width holds max_seq_len + 1 columns.
