@@ -16,9 +16,10 @@ from .errors import (RequestError, RequestTimeoutError, ServerUnavailableError, 
 
 Protocol = Literal["http", "grpc"]
 DEFAULT_PORTS: dict[str, int] = {"http": 8000, "grpc": 8001}
-# What an HTTP client raises when the port speaks something else: HTTP/2 frames of the gRPC port (httpx's
-# RemoteProtocolError "illegal status line", geventhttpclient's HTTPParseError, http.client's BadStatusLine) or a
-# body that is not the JSON Triton always sends (JSONDecodeError, from rapidjson or json).
+# Exception types that mean the port speaks something else: HTTP/2 frames of the gRPC port, or a body that is not
+# the JSON Triton always sends (JSONDecodeError, from rapidjson or json). Besides httpx's (below), the names of the
+# other HTTP stacks' parse errors (geventhttpclient's HTTPParseError, http.client's BadStatusLine, aiohttp's), for
+# callers that translate errors of tritonclient.http.
 NOT_TRITON_HTTP = frozenset({"HTTPParseError", "JSONDecodeError", "BadStatusLine", "BadHttpMessage",
                              "BadStatusLineError", "ContentTypeError"})
 # Words of a parser that got bytes which are not HTTP/1.1 at all (h11, under httpx, says "illegal request line" for
