@@ -24,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -110,19 +112,17 @@ def bundled_backend_directory(parent: Path | None = None) -> Path:
 
 
 def server_ready(http_url: str, timeout_s: float = 2.0) -> bool:
-    """Whether the tritonserver at `http_url` ("host:port") answers /v2/health/ready with 200 (tritonclient's call)."""
-    import tritonclient.http as triton_http  # noqa: PLC0415  (only while waiting for a server)
+    """Whether the tritonserver at `http_url` ("host:port") answers /v2/health/ready with 200.
 
+    The standard library on purpose, not tritonclient: this launcher also runs in the server image `deploy k8s`
+    renders (NGC tritonserver plus LAUNCHER_REQUIREMENTS, no tritonclient) and on the GPU host, whose kit carries only
+    tritonclient's gRPC client (tritonclient.http needs geventhttpclient).
+    """
     try:
-        client = triton_http.InferenceServerClient(http_url, connection_timeout=timeout_s, network_timeout=timeout_s)
-    except Exception:  # noqa: BLE001  (a malformed address is "not ready"; the caller's deadline reports it)
+        with urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=timeout_s) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, ValueError):
         return False
-    try:
-        return bool(client.is_server_ready())
-    except Exception:  # noqa: BLE001  (refused, reset, timed out: geventhttpclient raises many kinds)
-        return False
-    finally:
-        client.close()
 
 
 def ports_in_use(address: str, ports: list[int]) -> list[int]:
