@@ -29,18 +29,7 @@ elif [ "$mode" = quick ]; then
   timeout 420 python bench/serving_bench.py --out "$OUT/serving.json" --work /tmp/serving-bench \
     --levels 1,64,256 --core-levels 64 --seconds 3 --mixed-seconds 8 --bs1-reps 10 > "$OUT/bench.log" 2>&1
 else  # final (or bench: the same without the CUDA tests): the goals' runs, under the device's 10-minute limit.
-  # builder.serve.server_ready uses tritonclient.http, which the GPU kit lacks (gRPC only): plain urllib there.
-  timeout ${BENCH_TIMEOUT:-520} python -c '
-import runpy, sys, urllib.request
-import builder.serve
-def ready(url, timeout_s=2.0):
-    try:
-        return urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=timeout_s).status == 200
-    except Exception:
-        return False
-builder.serve.server_ready = ready
-sys.argv = ["bench/serving_bench.py", *sys.argv[1:]]
-runpy.run_path("bench/serving_bench.py", run_name="__main__")' --out "$OUT/serving.json" --work /tmp/serving-bench \
+  timeout ${BENCH_TIMEOUT:-520} python bench/serving_bench.py --out "$OUT/serving.json" --work /tmp/serving-bench \
     --levels ${LEVELS:-1,64,256} --core-levels ${CORE_LEVELS:-1,64} --seconds ${SECONDS_PER_RUN:-3} \
     --mixed-seconds ${MIXED_SECONDS:-8} --max-trials ${MAX_TRIALS:-6} --bs1-reps 20 > "$OUT/bench.log" 2>&1
 fi
