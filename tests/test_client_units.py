@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+import httpx
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -207,6 +208,27 @@ def test_wrong_port_errors_say_which_port() -> None:
     refused = InferenceServerException("failed to connect to all addresses; Connection refused",
                                        status="StatusCode.UNAVAILABLE")
     assert "port?" not in str(translate_error(refused, grpc))  # nobody listens: no guess about the port
+
+
+def test_httpx_errors_map_to_the_client_errors() -> None:
+    http = ConnectionConfig.create("h:8001", "http", "ensemble", 2.0, 3)
+    # h11's words for the gRPC port's HTTP/2 frames: another endpoint, with the hint.
+    garbled = translate_error(httpx.RemoteProtocolError("illegal request line"), http)
+    assert isinstance(garbled, WrongEndpointError) and "is this the HTTP port?" in str(garbled)
+    # A server that closes the connection (a restart) is unavailable, so retried, and no port is blamed.
+    closed = translate_error(httpx.RemoteProtocolError("Server disconnected without sending a response."), http)
+    assert isinstance(closed, ServerUnavailableError) and "port?" not in str(closed)
+    # asyncio's refusal sits under anyio's "All connection attempts failed": the words come from the innermost cause.
+    refused = httpx.ConnectError("All connection attempts failed")
+    try:
+        try:
+            raise ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 1)")
+        except ConnectionRefusedError as inner:
+            raise refused from inner
+    except httpx.ConnectError:
+        pass
+    assert "connection refused" in str(translate_error(refused, http))
+    assert isinstance(translate_error(httpx.ReadTimeout("timed out"), http), RequestTimeoutError)
 
 
 def _latency(model: str, level: int, p50: float) -> LevelResult:
