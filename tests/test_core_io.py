@@ -155,3 +155,26 @@ def test_stream_acks_tell_an_abandoned_stream_from_a_direct_call() -> None:
         assert not listener.abandoned(behind_ensemble, now=start + 10)
     finally:
         listener.close()
+
+
+@pytest.mark.parametrize(("kv_slots", "decoupled", "device", "expected"), [
+    ("0", True, "cuda:0", (256, True)),  # streaming on a GPU: as many as fit, up to 256, whatever max_batch_size
+    ("0", True, "cpu", (8, False)),  # no free-memory reading on a CPU: Triton's max_batch_size
+    ("0", False, "cuda:0", (8, True)),  # static batching: the dynamic batch, shrunk to fit
+    ("96", True, "cuda:0", (96, False)),  # given: exactly that many
+])
+def test_kv_slots_are_sized_apart_from_tritons_max_batch_size(kv_slots: str, decoupled: bool, device: str,
+                                                               expected: tuple[int, bool]) -> None:
+    import json
+
+    from builder.runtime.core_adapter import CoreSettings
+
+    config = {"max_batch_size": 8, "model_transaction_policy": {"decoupled": decoupled},
+              "parameters": {"kv_slots": {"string_value": kv_slots}, "data_type": {"string_value": "fp16"}}}
+    settings = CoreSettings.from_args({"model_config": json.dumps(config), "model_repository": "/repo/core",
+                                       "model_version": "1"})
+    assert settings.slots_for(device) == expected
+    assert str(settings.model_dir) == "/repo/core/1/1-gpu"
+    config["parameters"]["kv_slots"] = {"string_value": "-3"}
+    with pytest.raises(ValueError, match="kv_slots"):
+        CoreSettings.from_args({"model_config": json.dumps(config), "model_repository": "/r", "model_version": "1"})

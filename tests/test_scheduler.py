@@ -385,3 +385,29 @@ def test_prompt_token_budget_spreads_a_burst_of_arrivals_over_steps(tiny: TinyGp
         stats = scheduler.stats
     assert [tokens(r) for r in results] == [greedy[i][:len(prompts[i]) + 6] for i in range(1, 5)]
     assert stats.admissions == 5  # the long one, then one per step
+
+
+def test_a_slow_transport_never_slows_the_decode_loop(tiny: TinyGpt, prompts, long_run) -> None:
+    """Each update takes 20 ms to send (a congested transport): the loop keeps decoding, updates coalesce (each
+    carries every token since the previous one, none lost or repeated), and the final response is not held back."""
+    sequence, end_id = long_run
+    engine = new_engine(tiny, slots=2)
+
+    @dataclass
+    class SlowSink(Sink):
+        def update(self, outputs: list[RowOutput]) -> None:
+            time.sleep(0.02)
+            super().update([RowOutput(prompt_len=o.prompt_len, beams=[b.copy() for b in o.beams]) for o in outputs])
+
+    slow = SlowSink(name="slow")
+    with InflightScheduler(engine) as scheduler:
+        started = time.monotonic()
+        scheduler.submit([request(prompts[0], 80, end_id=end_id)], slow, stream=True)
+        final = slow.result()[0]
+        elapsed = time.monotonic() - started
+    assert tokens(final) == sequence[:len(prompts[0]) + 80]
+    lengths = [len(update[0].beams[0]) for update in slow.updates]
+    assert lengths == sorted(set(lengths))  # each update is newer than the one before
+    assert all(tokens(update[0])[:n] == sequence[:n] for update, n in zip(slow.updates, lengths))
+    assert len(slow.updates) < 40 and max(b - a for a, b in zip(lengths, lengths[1:])) > 1  # coalesced
+    assert elapsed < 80 * 0.02 / 2  # sending one update per token would have taken >= 1.6 s
