@@ -753,9 +753,10 @@ class InflightScheduler:
             while end < len(rows) and rows[end].slot == rows[end - 1].slot + 1:
                 end += 1
             # Padded to a multiple of PREFILL_PAD so the attention sees few distinct shapes (a new shape may cost a
-            # kernel plan); padding is masked, and the width holds max_seq_len + 1 columns.
+            # kernel plan); padding is masked. At most max_seq_len (history has one column more): the KV cache's
+            # length, and within the position embeddings.
             longest = min(-(-max(row.prompt_len for row in rows[start:end]) // PREFILL_PAD) * PREFILL_PAD,
-                          history.shape[1])
+                          history.shape[1] - 1)
             prompts = history[start:end, :longest]
             prompts = prompts.masked_fill(prompts == vocab, 0)  # any valid id: padding is masked
             lengths = self.table.lengths[rows[start].slot:rows[start].slot + end - start]
