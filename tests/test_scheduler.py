@@ -411,3 +411,15 @@ def test_a_slow_transport_never_slows_the_decode_loop(tiny: TinyGpt, prompts, lo
     assert all(tokens(update[0])[:n] == sequence[:n] for update, n in zip(slow.updates, lengths))
     assert len(slow.updates) < 40 and max(b - a for a, b in zip(lengths, lengths[1:])) > 1  # coalesced
     assert elapsed < 80 * 0.02 / 2  # sending one update per token would have taken >= 1.6 s
+
+
+def test_prompts_near_max_seq_len_prefill_within_the_cache(tiny: TinyGpt) -> None:
+    """Prefill passes pad prompts to a multiple of 64 tokens, never past max_seq_len (here 67: not a multiple)."""
+    engine = GptEngine.from_ft_dir(tiny.ft_dir, max_batch_size=4, max_seq_len=67, cancel_poll_s=0.0)
+    rows = [request([5 + k] * (66 - k), 1) for k in range(3)]
+    solo = [tokens(engine.generate([row])[0]) for row in rows]
+    sinks = [Sink(name=str(k)) for k in range(3)]
+    with InflightScheduler(engine) as scheduler:
+        for row, sink in zip(rows, sinks):
+            scheduler.submit([row], sink)
+        assert [tokens(sink.result()[0]) for sink in sinks] == solo
