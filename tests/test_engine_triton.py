@@ -30,7 +30,8 @@ OPTIONAL_SCALARS = {"runtime_top_k": "UINT32", "runtime_top_p": "FP32", "tempera
 OUTPUTS = {"output_ids": ("UINT32", "[ -1, -1 ]"), "sequence_length": ("UINT32", "[ -1 ]"),
            "response_input_lengths": ("INT32", "[ -1 ]"), "cum_log_probs": ("FP32", "[ -1 ]"),
            "output_log_probs": ("FP32", "[ -1, -1 ]")}
-STREAM_OUTPUTS = {"delta_start": ("INT32", "[ -1 ]"), "finish_code": ("INT32", "[ -1 ]"), "stream_ack": ("INT64", "[ 2 ]")}
+STREAM_OUTPUTS = {"delta_start": ("INT32", "[ -1 ]"), "finish_code": ("INT32", "[ -1 ]"),
+                  "stream_ack": ("INT64", "[ 2 ]")}
 
 
 def core_config(name: str, *, decoupled: bool) -> str:

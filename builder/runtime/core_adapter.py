@@ -198,4 +198,5 @@ class _Sink:
         self.transport.send(Reply(error=f"generation failed: {error}", kind=INTERNAL), final=True)
 
     def is_cancelled(self) -> bool:
-        return bool(self.transport.is_cancelled()) or (self.key != 0 and self.acks.abandoned(self.key))  # type: ignore[attr-defined]
+        abandoned = self.key != 0 and self.acks.abandoned(self.key)  # type: ignore[attr-defined]
+        return bool(self.transport.is_cancelled()) or abandoned

@@ -14,10 +14,10 @@ Streaming (decoupled torch core; not in FT's contract) adds, per row and beam:
   delta_start [B, beam] int32: where this response's new tokens start (the previous response's sequence_length, or the
   prompt length for the first); finish_code [B, beam] int32: FINISH_CODES (0 while running); stream_ack [B, 2] int64:
   (port, key) that postprocessing acknowledges each response to (stream_ack.py), (0, 0) for none.
-A streamed update (`stream_outputs(..., cumulative=False)`) sends only the tail of each sequence: output_ids [B, beam, T]
-holds the LAST T tokens of each row/beam (positions sequence_length - T .. sequence_length - 1; end_id where a position
-would be < 0), with T just large enough for every row's new tokens plus up to STREAM_CONTEXT_TOKENS generated tokens
-before them (what a stateless detokenizer needs to finish a multi-byte character). So T < max(sequence_length) tells a
+A streamed update (`StreamState.update`) sends only the tail of each sequence: output_ids [B, beam, T] holds the
+LAST T tokens of each row/beam (positions sequence_length - T .. sequence_length - 1; end_id where a position would
+be < 0), with T just large enough for every row's new tokens plus up to STREAM_CONTEXT_TOKENS generated tokens before
+them (what a stateless detokenizer needs to finish a multi-byte character). So T < max(sequence_length) tells a
 tail from FT's cumulative layout (T >= every sequence_length), which the final response of a `stream: false` call
 keeps, so token-id clients read it unchanged.
 """

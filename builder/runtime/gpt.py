@@ -248,8 +248,9 @@ class GptModel:
         """tokens [n, T] right-padded, lengths [n] -> logits [n, V] at each row's last prompt token.
 
         Writes K/V of positions 0..T-1 into cache slots first_slot..first_slot+n-1 (padding positions too; decode
-        overwrites them), or into the slots slot_index [n] names (a device tensor: capturable in a CUDA graph). Eager ops only, whatever `self.kernels` says: at T x n rows the GEMMs are compute-bound
-        and cuBLAS's plain kernels win (its GELU epilogue ran slower than GEMM + GELU at 512 rows on an H100).
+        overwrites them), or into the slots slot_index [n] names (a device tensor: capturable in a CUDA graph).
+        Eager ops only, whatever `self.kernels` says: at T x n rows the GEMMs are compute-bound and cuBLAS's plain
+        kernels win (its GELU epilogue ran slower than GEMM + GELU at 512 rows on an H100).
         """
         n, t = tokens.shape
         positions = torch.arange(t, device=self.device)

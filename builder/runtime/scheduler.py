@@ -115,9 +115,9 @@ class Timeline:
 
     def summary(self) -> str:
         steps, idle = max(1, self.steps), max(1, self.idle_requests)
-        return (f"per step (host ms, {self.steps} steps, {self.rows / steps:.1f} rows): select+launch {self.select_launch_ms / steps:.3f}, wait for "
-                f"device {self.wait_ms / steps:.3f}, consume {self.consume_ms / steps:.3f}, admission "
-                f"{self.admit_ms / steps:.3f}; sender {self.updates} updates, busy {self.sender_busy_ms / steps:.3f} "
+        return (f"per step (host ms, {self.steps} steps, {self.rows / steps:.1f} rows): select+launch "
+                f"{self.select_launch_ms / steps:.3f}, wait for device {self.wait_ms / steps:.3f}, consume "
+                f"{self.consume_ms / steps:.3f}, admission {self.admit_ms / steps:.3f}; sender {self.updates} updates, busy {self.sender_busy_ms / steps:.3f} "
                 f"per step; first response of a request into an idle batch (ms, mean of "
                 f"{self.idle_requests}): queued {self.queued_ms / idle:.3f}, admitting {self.admitting_ms / idle:.3f}, "
                 f"to first token {self.to_first_token_ms / idle:.3f}, to send {self.to_send_ms / idle:.3f}")
