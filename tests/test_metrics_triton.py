@@ -154,3 +154,23 @@ def test_engine_metrics_appear_at_metrics_and_change_as_requests_run(toy_server:
     assert final["gpt_generated_tokens_total"] == 1520 and final["gpt_prompt_tokens_total"] == 8
     assert final["gpt_requests_running"] == 0 and final["gpt_kv_slots_in_use"] == 0
     assert final["gpt_time_to_first_token_seconds_count"] == 2
+
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["in-flight", "static"])
+def test_the_torch_core_reports_engine_metrics(tmp_path: Path, streaming: bool) -> None:
+    from builder.demo import build_demo_repository
+    from client import TextClient
+
+    repository = build_demo_repository(tmp_path / "repo", streaming=streaming)
+    core = "gpt3_1.3b"  # the demo's core model name
+    with TritonServer.on_free_ports(repository, startup_timeout_s=180) as server:
+        before = wait_for(server, lambda s: "gpt_kv_slots_total" in s, model=core)
+        assert before["gpt_kv_slots_total"] > 0 and before["gpt_generated_tokens_total"] == 0
+        with TextClient(server.grpc_url, protocol="grpc") as client:
+            assert client.generate("1 2 3 4 5 6", max_tokens=30).num_output_tokens == 30
+        after = wait_for(server, lambda s: s["gpt_generated_tokens_total"] == 30, model=core)
+        assert after["gpt_generated_tokens_total"] == 30 and after["gpt_prompt_tokens_total"] == 6
+        if streaming:  # latencies come from the in-flight scheduler's steps; the static path has none
+            assert after["gpt_time_to_first_token_seconds_count"] == 1
+            assert 29 <= after["gpt_inter_token_latency_seconds_count"] <= 30
+        assert after["gpt_requests_running"] == 0 and after["gpt_kv_slots_in_use"] == 0

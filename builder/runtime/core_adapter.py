@@ -16,6 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from .core_io import EngineLimits, GenerationRequest, RequestError, RowOutput, StreamState, ft_outputs, parse_request
+from .metrics import EngineMetrics
 from .stream_ack import ABANDON_AFTER_S
 
 DATA_TYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -92,9 +93,16 @@ class CoreSettings:
                                      max_batch_size=slots, max_seq_len=self.max_seq_len,
                                      vocab_limit=self.vocab_limit, shrink_to_fit=shrink)
 
+    def describe(self, engine: object, device: str) -> str:
+        """The load line of the model's log: where the weights came from and the KV cache they got."""
+        limits = engine.limits  # type: ignore[attr-defined]
+        return (f"{self.model_dir} on {device} ({self.data_type}), {limits.max_batch_size} KV-cache slots x "
+                f"{limits.max_seq_len} tokens = {engine.kv_cache_bytes / 2**30:.2f} GiB, "  # type: ignore[attr-defined]
+                f"decoupled={self.decoupled}")
+
 
 def run_static(engine: object, inputs: Sequence[Mapping[str, np.ndarray]],
-               cancelled: Sequence[Callable[[], bool]]) -> list[Reply]:
+               cancelled: Sequence[Callable[[], bool]], metrics: EngineMetrics | None = None) -> list[Reply]:
     """Not decoupled: every valid request of the dynamic batch in one engine call; one reply each."""
     replies: list[Reply | None] = [None] * len(inputs)
     parsed = {}
@@ -116,10 +124,18 @@ def run_static(engine: object, inputs: Sequence[Mapping[str, np.ndarray]],
         gone.update(i for i in parsed if i not in gone and cancelled[i]())
         return [row for row, i in enumerate(owner) if i in gone]
 
+    if metrics is not None:  # the static path has no per-step view: tokens and load only
+        metrics.set_load(slots_in_use=len(rows), running=len(parsed))
+        metrics.add_prompt_tokens(sum(len(row.input_ids) for row in rows))
     try:
         outputs = engine.generate(rows, is_cancelled=cancelled_rows) if rows else []  # type: ignore[attr-defined]
     except Exception as err:  # noqa: BLE001  (one failed batch must not take the server down)
         return [reply or Reply(error=f"generation failed: {err}", kind=INTERNAL) for reply in replies]
+    finally:
+        if metrics is not None:
+            metrics.set_load(slots_in_use=0, running=0)
+    if metrics is not None:
+        metrics.add_generated_tokens(sum(len(output.beams[0]) - output.prompt_len for output in outputs))
     for i, request in parsed.items():
         mine = outputs[first_row[i]:first_row[i] + len(request.rows)]
         if any(output.cancelled for output in mine):
@@ -133,7 +149,8 @@ class StreamingCore:
     """Decoupled: validate each request and queue it on the in-flight scheduler; replies come from its sender."""
 
     def __init__(self, engine: object, event_log: Callable[[str], None] | None = None,
-                 report: Callable[[str], None] | None = None, abandon_after_s: float = ABANDON_AFTER_S) -> None:
+                 report: Callable[[str], None] | None = None, abandon_after_s: float = ABANDON_AFTER_S,
+                 metrics: EngineMetrics | None = None) -> None:
         from .scheduler import InflightScheduler  # noqa: PLC0415
         from .stream_ack import AckListener  # noqa: PLC0415
 
@@ -148,7 +165,7 @@ class StreamingCore:
                 report(f"{note} ({time.monotonic() - started:.1f} s)")
         self.acks = AckListener(abandon_after_s)
         self.scheduler = InflightScheduler(engine, event_log=event_log,  # type: ignore[arg-type]
-                                           report=report).start()
+                                           report=report, metrics=metrics).start()
 
     def submit(self, inputs: Mapping[str, np.ndarray], transport: Transport) -> None:
         from .generation import ResourceError  # noqa: PLC0415

@@ -40,6 +40,7 @@ import torch
 
 from .core_io import GenerationRequest, RequestError, RowOutput
 from .generation import GptEngine, ResourceError, row_output
+from .metrics import EngineMetrics, StepClock
 from .sampling import (TOPK_FAST_LIMIT, BadWords, RowState, SlotParams, WordTable, advance_rows,
                        effective_temperature, is_greedy, process_logits)
 
@@ -480,7 +481,8 @@ class InflightScheduler:
     def __init__(self, engine: GptEngine, *, cancel_poll_s: float = 0.05,
                  event_log: Callable[[str], None] | None = None, admit_gather_rows: int = ADMIT_GATHER_ROWS,
                  admit_gather_steps: int = ADMIT_GATHER_STEPS, report: Callable[[str], None] | None = None,
-                 report_every_s: float = 10.0, step_prompt_tokens: int = STEP_PROMPT_TOKENS) -> None:
+                 report_every_s: float = 10.0, step_prompt_tokens: int = STEP_PROMPT_TOKENS,
+                 metrics: EngineMetrics | None = None) -> None:
         """engine: owned by the scheduler while it runs (do not call engine.generate from elsewhere meanwhile);
         cancel_poll_s: least time between two is_cancelled polls of one request;
         event_log: receives one line per admission (which rows joined how many running rows) and per cancelled
@@ -492,6 +494,7 @@ class InflightScheduler:
         report: receives the timeline (Timeline.summary) of each `report_every_s` window in which steps ran."""
         self.report, self.report_every_s, self._reported_at = report, report_every_s, time.monotonic()
         self.engine = engine
+        self.metrics, self._step_clock = metrics, StepClock()
         self.cancel_poll_s = cancel_poll_s
         self.admit_gather_rows = admit_gather_rows
         self.admit_gather_steps = admit_gather_steps
@@ -594,6 +597,9 @@ class InflightScheduler:
                         if self._occupied:
                             self._step()
                         self._maybe_report()
+                        if self.metrics is not None:
+                            self.metrics.set_load(slots_in_use=len(self._occupied), waiting=len(self._waiting),
+                                                  running=len(self._live))
                     except Exception as err:  # noqa: BLE001  (the running requests fail; the loop keeps serving)
                         log.exception("in-flight step failed: failing the %d running request(s)",
                                       len({id(row.request) for row in self._occupied.values()}))
@@ -717,6 +723,8 @@ class InflightScheduler:
         self._logits = logits.index_copy_(0, slots, new_logits)
         self.stats.admissions += 1
         self.stats.admitted_rows += len(rows)
+        if self.metrics is not None:
+            self.metrics.add_prompt_tokens(sum(row.prompt_len for row in rows))
         self.stats.joined_running_rows += len(rows) if running else 0
         self.stats.peak_rows = max(self.stats.peak_rows, len(self._occupied))
         if self.event_log is not None:
@@ -796,6 +804,7 @@ class InflightScheduler:
         timeline, launched = self.stats.timeline, time.perf_counter()
         flags, log_probs = self.readback.read()
         read = time.perf_counter()
+        self._step_clock.tick(self.metrics)  # before _consume, whose _release may mark the engine idle
         self._consume(rows, flags, log_probs)
         timeline.steps += 1
         timeline.rows += len(self._occupied)
@@ -806,6 +815,8 @@ class InflightScheduler:
     def _consume(self, rows: list[_Row | None], flags: list[list[int]], log_probs: list[float] | None) -> None:
         """Apply one step's host copy: append tokens, close finished requests, free slots, stream updates."""
         tokens, active, finished, stopped = flags
+        if self.metrics is not None:
+            self.metrics.add_generated_tokens(sum(1 for s, row in enumerate(rows) if row is not None and active[s]))
         touched: dict[int, _Request] = {}
         for slot, row in enumerate(rows):
             if row is None:
@@ -813,6 +824,9 @@ class InflightScheduler:
             if active[slot]:
                 if row.length == row.prompt_len and not row.request.first_token_at:
                     row.request.first_token_at = time.perf_counter()
+                    if self.metrics is not None:
+                        request = row.request
+                        self.metrics.observe_time_to_first_token(request.first_token_at - request.submitted_at)
                 row.append(tokens[slot], log_probs[slot] if log_probs is not None else 0.0)
                 touched[id(row.request)] = row.request
             if finished[slot]:
@@ -835,6 +849,7 @@ class InflightScheduler:
         self._batch = None
         if not self._occupied:
             self._logits = None
+            self._step_clock.idle()
 
     def _close(self, request: _Request, *, outputs: list[RowOutput] | None = None,
                error: Exception | None = None) -> None:

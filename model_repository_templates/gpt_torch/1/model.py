@@ -15,7 +15,7 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpt_runtime.core_adapter import (  # noqa: E402  (needs the sys.path entry above)
-    CANCELLED, INTERNAL, INVALID, UNAVAILABLE, CoreSettings, Reply, StreamingCore, run_static)
+    CANCELLED, INTERNAL, INVALID, UNAVAILABLE, CoreSettings, EngineMetrics, Reply, StreamingCore, run_static)
 from gpt_runtime.core_io import CAPABILITIES, REQUIRED_INPUTS  # noqa: E402
 
 INPUT_NAMES = (*REQUIRED_INPUTS, *sorted(CAPABILITIES))
@@ -57,23 +57,24 @@ class TritonPythonModel:
         settings = CoreSettings.from_args(args)
         device = f"cuda:{args['model_instance_device_id']}" if args["model_instance_kind"] == "GPU" else "cpu"
         self.engine = settings.load(device)
-        pb_utils.Logger.log_info(
-            f"{args['model_name']}: {settings.model_dir} on {device} ({settings.data_type}), "
-            f"{self.engine.limits.max_batch_size} KV-cache slots x {self.engine.limits.max_seq_len} tokens = "
-            f"{self.engine.kv_cache_bytes / 2**30:.2f} GiB, decoupled={settings.decoupled}")
+        self.metrics = EngineMetrics(pb_utils, args["model_name"], args["model_instance_name"],
+                                     slots_total=self.engine.limits.max_batch_size).start()
+        pb_utils.Logger.log_info(f"{args['model_name']}: {settings.describe(self.engine, device)}")
         # Verbose: a line per admission and cancellation; info: the scheduler's timeline every 10 s of work.
         self.core = (StreamingCore(self.engine, pb_utils.Logger.log_verbose, pb_utils.Logger.log_info,
-                                   settings.stream_abandon_s) if settings.decoupled else None)
+                                   settings.stream_abandon_s, self.metrics) if settings.decoupled else None)
 
     def execute(self, requests: list) -> list | None:
         if self.core is not None:
             for request in requests:
                 self.core.submit(_inputs(request), _Transport(request.get_response_sender()))
             return None
-        replies = run_static(self.engine, [_inputs(r) for r in requests], [lambda r=r: _cancelled(r) for r in requests])
+        replies = run_static(self.engine, [_inputs(r) for r in requests], [lambda r=r: _cancelled(r) for r in requests],
+                             self.metrics)
         return [_response(reply) for reply in replies]
 
     def finalize(self) -> None:
         if self.core is not None:
             pb_utils.Logger.log_info(self.core.stop())
         self.engine = None
+        self.metrics.stop()
