@@ -24,6 +24,16 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q "${need_apt[@]}" >/dev/null; }
 fi
 
+# genai-perf 0.0.16 (tests/test_real_clients.py runs it unchanged) gets a venv of its own: it pulls numpy 2 and
+# transformers 5, and this project pins numpy<2 (~45 s and ~950 MB from a warm pip cache). It drives the
+# perf_analyzer of .venv (tritonclient's; its `perf-analyzer` pip dependency is an empty placeholder).
+if [ ! -x .venv-genai-perf/bin/genai-perf ]; then
+  echo "setup: installing genai-perf 0.0.16 into .venv-genai-perf" >&2
+  rm -rf .venv-genai-perf
+  "$PYTHON" -m venv .venv-genai-perf
+  PIP_DISABLE_PIP_VERSION_CHECK=1 .venv-genai-perf/bin/pip install -q genai-perf==0.0.16
+fi
+
 stamp=.venv/.setup-stamp
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x .venv/bin/python ]; then

@@ -24,6 +24,12 @@ def demo_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_demo_repository(tmp_path_factory.mktemp("demo") / "repository")
 
 
+@pytest.fixture(scope="session")
+def demo_streaming_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo ensemble rendered with --streaming (decoupled torch core), once; servers only read it."""
+    return build_demo_repository(tmp_path_factory.mktemp("demo_streaming") / "repository", streaming=True)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyGpt:
     """A random tiny HF GPT-2 (the oracle) and its FT weight folder (engine_testing.TinyGpt), one per module."""
