@@ -325,10 +325,9 @@ def test_openai_frontend_trtllm_tensors(request: pytest.FixtureRequest, which: s
 
 def printed_arrays(output: str) -> dict[str, np.ndarray]:
     """issue_request.py prints `name:\\n<numpy array>\\n`; the numbers of each, flat (float64)."""
-    arrays = {}
-    for name, body in re.findall(r"^(\w+):\n(.*?)(?:\n\n|\Z)", output, flags=re.M | re.S):
-        arrays[name] = np.array([float(x) for x in re.findall(r"-?\d+(?:\.\d*)?(?:e[+-]?\d+)?", body)])
-    return arrays
+    parts = re.split(r"^(\w+):\n", output, flags=re.M)  # numpy prints blank lines inside 3-D arrays
+    return {name: np.array([float(x) for x in re.findall(r"-?\d+(?:\.\d*)?(?:e[+-]?\d+)?", body)])
+            for name, body in zip(parts[1::2], parts[2::2])}
 
 
 def ft_request(name: str) -> dict[str, np.ndarray]:
