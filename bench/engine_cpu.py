@@ -19,11 +19,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from builder.checkpoints.presets import PRESETS  # noqa: E402
-from builder.runtime.core_io import GenerationRequest  # noqa: E402
-from builder.runtime.generation import GptEngine  # noqa: E402
-from builder.runtime.gpt import expected_shapes  # noqa: E402
-from builder.runtime.model_config import GptModelConfig  # noqa: E402
+from builder.checkpoints.presets import PRESETS
+from builder.runtime.core_io import GenerationRequest
+from builder.runtime.generation import GptEngine
+from builder.runtime.gpt import expected_shapes
+from builder.runtime.model_config import GptModelConfig
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 REAL_VOCAB = 50257  # GPT-2's tokens; ids above are padding and never generated here
@@ -60,7 +60,7 @@ def bench(engine: GptEngine, batch: int, prompt_len: int, new_tokens: int, repea
     def rows(output_len: int) -> list[GenerationRequest]:
         prompts = torch.randint(0, vocab_limit, (batch, prompt_len), generator=generator).tolist()
         return [GenerationRequest(tuple(p), output_len=output_len, end_id=engine.config.vocab_size - 1,
-                                  random_seed=i, **sampling) for i, p in enumerate(prompts)]  # type: ignore[arg-type]
+                                  random_seed=i, **sampling) for i, p in enumerate(prompts)]
 
     timed_generate(engine, rows(new_tokens), engine.device)  # warm-up (CUDA graphs are captured here)
     first = min(timed_generate(engine, rows(1), engine.device) for _ in range(repeats))

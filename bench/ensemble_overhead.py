@@ -20,9 +20,9 @@ import tritonclient.http as httpclient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from builder.demo import build_demo_repository  # noqa: E402
-from builder.runtime.tokenizer import GptTokenizer  # noqa: E402
-from builder.serve import TritonServer  # noqa: E402
+from builder.demo import build_demo_repository
+from builder.runtime.tokenizer import GptTokenizer
+from builder.serve import TritonServer
 
 PROMPT = " ".join(str(n) for n in range(1, 17))  # 16 tokens
 
@@ -33,7 +33,7 @@ def tensor(name: str, array: np.ndarray, datatype: str) -> httpclient.InferInput
     return infer_input
 
 
-def timed(call, count: int) -> list[float]:  # type: ignore[no-untyped-def]
+def timed(call, count: int) -> list[float]:
     for _ in range(20):
         call()
     times = []
@@ -67,7 +67,8 @@ def main() -> None:
             stats[model["name"]] = {f"{key}_us": round(inference[key]["ns"] / count / 1e3, 1)
                                     for key in ("queue", "compute_input", "compute_infer", "compute_output")}
     result = {"prompt_tokens": len(ids), "new_tokens": 1, "requests": args.requests,
-              "ensemble_p50_ms": float(np.percentile(ensemble, 50)), "ensemble_p99_ms": float(np.percentile(ensemble, 99)),
+              "ensemble_p50_ms": float(np.percentile(ensemble, 50)),
+              "ensemble_p99_ms": float(np.percentile(ensemble, 99)),
               "core_p50_ms": float(np.percentile(core, 50)), "core_p99_ms": float(np.percentile(core, 99)),
               "per_model_stats": stats}
     result["ensemble_adds_p50_ms"] = result["ensemble_p50_ms"] - result["core_p50_ms"]

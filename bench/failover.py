@@ -32,8 +32,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from builder.deploy.local import LocalReplicas  # noqa: E402
-from client import TextClient  # noqa: E402
+from builder.deploy.local import LocalReplicas
+from client import TextClient
 
 MAX_TOKENS = 8
 PROMPT_NUMBERS = 4
@@ -164,11 +164,13 @@ def run_failover(repository: Path, duration_s: float = 60.0, clients: int = 6, k
         backend = cluster.backend_stats()
         result: dict[str, Any] = {
             "replicas": replicas, "clients": clients, "duration_s": round(load.deadline - t0, 2),
-            "planned_duration_s": duration_s, "killed": "r0 (SIGKILL)" if kill == "replica" else "r0's core-model stub (SIGKILL)",
+            "planned_duration_s": duration_s,
+            "killed": "r0 (SIGKILL)" if kill == "replica" else "r0's core-model stub (SIGKILL)",
             "kill_at_s": round(killed_at, 2), "rejoined_at_s": None if rejoined_at is None else round(rejoined_at, 2),
             "r0_status_timeline": timeline, "startup_s": round(startup_s, 2),
             "requests_ok": load.ok, "requests_failed": load.failed, "errors": load.errors,
-            "latency_p50_ms": round(1000 * sorted(load.latencies)[len(load.latencies) // 2], 1) if load.latencies else None,
+            "latency_p50_ms": (round(1000 * sorted(load.latencies)[len(load.latencies) // 2], 1)
+                               if load.latencies else None),
             "latency_max_ms": round(1000 * max(load.latencies), 1) if load.latencies else None,
             "per_replica_before_kill": before, "per_replica_at_rejoin": at_rejoin, "per_replica_end": end,
             "r0_requests_after_rejoin": (end["r0"]["requests_2xx"] - at_rejoin["r0"]["requests_2xx"]
@@ -203,7 +205,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="failover-") as folder:
         repository = args.repository
         if repository is None:
-            from builder.demo import build_demo_repository  # noqa: PLC0415
+            from builder.demo import build_demo_repository
 
             repository = build_demo_repository(Path(folder) / "repository")
         result = run_failover(repository, duration_s=args.duration, clients=args.clients, kill_at_s=args.kill_at,

@@ -30,12 +30,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from builder.checkpoints import convert, write_synthetic_checkpoint  # noqa: E402
-from builder.render import render_repository  # noqa: E402
-from builder.render_config import RenderConfig  # noqa: E402
-from builder.runtime.model_config import GptModelConfig  # noqa: E402
-from builder.runtime.tokenizer import GptTokenizer  # noqa: E402
-from builder.serve import TritonServer  # noqa: E402
+from builder.checkpoints import convert, write_synthetic_checkpoint
+from builder.render import render_repository
+from builder.render_config import RenderConfig
+from builder.runtime.model_config import GptModelConfig
+from builder.runtime.tokenizer import GptTokenizer
+from builder.serve import TritonServer
 
 MODEL = "gpt3_1.3b"
 
@@ -80,7 +80,7 @@ class Triton:
     decoupled); `stream` then asks the core for one response per token, else for one final response."""
 
     def __init__(self, url: str, streaming: bool) -> None:
-        import tritonclient.grpc as grpcclient  # noqa: PLC0415
+        import tritonclient.grpc as grpcclient
 
         self.grpc = grpcclient
         self.url = url
@@ -252,7 +252,7 @@ def main() -> None:
         points = {}
         for new_tokens in slope_points:
             points[new_tokens] = statistics.median(triton.text(p128, new_tokens)[-1] for _ in range(5))
-        xs = np.array(list(points)); ys = np.array(list(points.values()))
+        xs, ys = np.array(list(points)), np.array(list(points.values()))
         slope = float(np.polyfit(xs, ys, 1)[0]) * 1000
         result["decode_ms_per_token_bs1"] = slope
         result["latency_ms_bs1_prompt128"] = {int(k): v * 1000 for k, v in points.items()}

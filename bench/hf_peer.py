@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from builder.checkpoints.hf import hf_model_from_canonical  # noqa: E402
-from builder.runtime.ft_weights import load_ft_weights  # noqa: E402
+from builder.checkpoints.hf import hf_model_from_canonical
+from builder.runtime.ft_weights import load_ft_weights
 
 END_ID = 50256
 REAL_VOCAB = 50257  # ids above are embedding padding; the server never generates them (vocab_limit), nor may HF

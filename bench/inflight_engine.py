@@ -17,11 +17,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine_cpu import random_weights  # noqa: E402
-from builder.checkpoints.presets import PRESETS  # noqa: E402
-from builder.runtime.core_io import GenerationRequest, RowOutput  # noqa: E402
-from builder.runtime.generation import GptEngine  # noqa: E402
-from builder.runtime.scheduler import InflightScheduler  # noqa: E402
+from bench.engine_cpu import random_weights
+from builder.checkpoints.presets import PRESETS
+from builder.runtime.core_io import GenerationRequest, RowOutput
+from builder.runtime.generation import GptEngine
+from builder.runtime.scheduler import InflightScheduler
 
 
 class LoopingClient:

@@ -29,13 +29,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from builder.demo import build_demo_repository  # noqa: E402
-from builder.serve import free_ports  # noqa: E402
-from client.perf import perf_analyzer_env  # noqa: E402
+from builder.demo import build_demo_repository
+from builder.serve import free_ports
+from client.perf import perf_analyzer_env
 
 MODEL = "ensemble"
-TOKENIZER_CHECK = "import sys; from transformers import AutoTokenizer; t = AutoTokenizer.from_pretrained(sys.argv[1]); " \
-                  "print(t.encode(' world 7 8 9', add_special_tokens=False))"
+TOKENIZER_CHECK = ("import sys; from transformers import AutoTokenizer; "
+                   "t = AutoTokenizer.from_pretrained(sys.argv[1]); "
+                   "print(t.encode(' world 7 8 9', add_special_tokens=False))")
 
 
 def write_tokenizer(folder: Path) -> Path:
@@ -71,7 +72,7 @@ def start_serve(repository: Path, port: int, log: Path) -> subprocess.Popen:
                "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--openai-port", str(port)]
     process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     with log.open("w") as out:
-        for line in process.stderr:  # type: ignore[union-attr]
+        for line in process.stderr:
             out.write(line)
             if line.startswith("OpenAI API:"):
                 return process
@@ -152,7 +153,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     args = parser.parse_args()
 
-    from builder.runtime.tokenizer import GptTokenizer  # noqa: PLC0415
+    from builder.runtime.tokenizer import GptTokenizer
 
     work = Path(tempfile.mkdtemp(prefix="openai-genai-perf-"))
     tokenizer = write_tokenizer(work / "tokenizer")
@@ -166,7 +167,8 @@ def main() -> None:
     serve = start_serve(repository, port, work / "serve.log")
     try:
         runs = {mode: genai_perf(args.genai_perf, port, work, tokenizer, args.max_tokens, args.concurrency,
-                                 args.requests, streaming=mode == "streaming") for mode in ("non_streaming", "streaming")}
+                                 args.requests, streaming=mode == "streaming")
+                for mode in ("non_streaming", "streaming")}
     finally:
         serve.send_signal(signal.SIGTERM)
         serve.wait(timeout=60)

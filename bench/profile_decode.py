@@ -22,9 +22,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from builder.checkpoints.presets import PRESETS  # noqa: E402
-from builder.runtime.gpt import DecodeGraphs, DecodeKernels, GptModel, _skinny_plan, expected_shapes  # noqa: E402
-from builder.runtime.model_config import GptModelConfig  # noqa: E402
+from builder.checkpoints.presets import PRESETS
+from builder.runtime.gpt import DecodeGraphs, DecodeKernels, GptModel, _skinny_plan, expected_shapes
+from builder.runtime.model_config import GptModelConfig
 
 
 def random_model(config: GptModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> GptModel:
@@ -68,7 +68,7 @@ def greedy_run(model: GptModel, prompt: torch.Tensor, steps: int, *, timed: bool
             end.record()
     torch.cuda.synchronize()
     ms = start.elapsed_time(end) / steps if timed else float("nan")
-    return ms, torch.stack(tokens, 1), first_logits  # type: ignore[arg-type]
+    return ms, torch.stack(tokens, 1), first_logits
 
 
 def kernel_choices(best: DecodeKernels) -> dict[str, DecodeKernels]:
@@ -148,9 +148,9 @@ def check_gelu_epilogue(device: torch.device) -> None:
 
 def bench_gemm(device: torch.device, rows_list: list[int]) -> None:
     """Skinny GEMM launch shapes vs cuBLAS (F.linear) on the 1.3B matrices; L2 flushed between runs (do_bench)."""
-    import triton  # noqa: PLC0415
+    import triton
 
-    from builder.runtime import gpt_kernels  # noqa: PLC0415
+    from builder.runtime import gpt_kernels
 
     shapes = {"qkv": (6144, 2048), "out": (2048, 2048), "fc1": (8192, 2048), "fc2": (2048, 8192),
               "lm_head": (50304, 2048)}
@@ -176,9 +176,9 @@ def bench_gemm(device: torch.device, rows_list: list[int]) -> None:
 
 def bench_attention(device: torch.device) -> None:
     """Decode attention launch shapes vs the eager ops (index_copy_ of K/V + masked SDPA), ragged positions."""
-    import triton  # noqa: PLC0415
+    import triton
 
-    from builder.runtime import gpt_kernels  # noqa: PLC0415
+    from builder.runtime import gpt_kernels
 
     heads, d = 16, 128
     launches = [(bn, bps, nw) for bn in (32, 64, 128) for bps in (1, 2, 4) for nw in (4, 8)]

@@ -46,16 +46,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-import gpu_bench  # noqa: E402  (bench/gpu_bench.py: the gRPC batch-1 client and the weight preparation steps)
-from builder.checkpoints import convert, write_synthetic_checkpoint  # noqa: E402
-from builder.render import render_repository  # noqa: E402
-from builder.render_config import RenderConfig  # noqa: E402
-from builder.runtime.model_config import GptModelConfig  # noqa: E402
-from builder.serve import ServerError, TritonServer  # noqa: E402
-from client.perf import (DEFAULT_TOKENIZER_DIR, find_perf_analyzer, load_tokenizer, model_info,  # noqa: E402
+import gpu_bench  # bench/gpu_bench.py: the gRPC batch-1 client and the weight preparation steps
+from builder.checkpoints import convert, write_synthetic_checkpoint
+from builder.render import render_repository
+from builder.render_config import RenderConfig
+from builder.runtime.model_config import GptModelConfig
+from builder.serve import ServerError, TritonServer
+from client.perf import (DEFAULT_TOKENIZER_DIR, find_perf_analyzer, load_tokenizer, model_info,
                          parse_concurrency, perf_analyzer_env, perf_analyzer_version, token_length_prompts)
-from client.perf_report import load_export, read_csv_row  # noqa: E402
-from serving_report import GOALS, goal_rows, markdown, plot, run_metrics  # noqa: E402
+from client.perf_report import load_export, read_csv_row
+from serving_report import GOALS, goal_rows, markdown, plot, run_metrics
 
 log = gpu_bench.log
 
@@ -85,7 +85,7 @@ class CpuSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "CpuSampler":
+    def __enter__(self) -> CpuSampler:
         self._thread.start()
         return self
 
@@ -104,7 +104,7 @@ class CpuSampler:
     def _ticks(self) -> float | None:
         """CPU seconds of the process tree so far (None once the process is gone)."""
         try:
-            import psutil  # noqa: PLC0415
+            import psutil
 
             root = psutil.Process(self.pid)
             total = 0.0
@@ -190,7 +190,7 @@ def prompts_of_lengths(tokenizer: Any, lengths: list[int], seed: int, pool: int 
         ids = bases[index % pool][1][:length]
         prompts.append((tokenizer.decode(ids), ids))
     encoded = tokenizer.encode_batch([text for text, _ in prompts])
-    for (text, ids), encoding in zip(prompts, encoded):
+    for (_, ids), encoding in zip(prompts, encoded):
         if list(encoding.ids) != ids:
             raise BenchError(f"a prompt prefix of {len(ids)} tokens re-encodes to {len(encoding.ids)} tokens")
     return prompts
@@ -255,8 +255,9 @@ class Runner:
                     server.__enter__()
                 try:
                     code = process.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    raise BenchError(f"perf_analyzer {name} at concurrency {concurrency} ran past {timeout:.0f} s")
+                except subprocess.TimeoutExpired as err:
+                    raise BenchError(f"perf_analyzer {name} at concurrency {concurrency} ran past {timeout:.0f} s") \
+                        from err
                 finally:
                     if process.poll() is None:  # timed out, or we are being stopped: no orphaned load generator
                         process.kill()
@@ -489,13 +490,13 @@ BENCH_TEXT, BENCH_CORE = "bench_text", "bench_core"
 
 def bench_models(repo: Path, ensemble: str, core: str, out: Path) -> Path:
     """Write the two bench-only ensembles (see above) into a model repository at `out`; return it."""
-    from google.protobuf import text_format  # noqa: PLC0415
-    from tritonclient.grpc import model_config_pb2  # noqa: PLC0415
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
 
-    def read(name: str) -> "model_config_pb2.ModelConfig":
+    def read(name: str) -> model_config_pb2.ModelConfig:
         return text_format.Parse((repo / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
 
-    def write(config: "model_config_pb2.ModelConfig") -> None:
+    def write(config: model_config_pb2.ModelConfig) -> None:
         (out / config.name / "1").mkdir(parents=True, exist_ok=True)  # an ensemble needs an (empty) version folder
         (out / config.name / "config.pbtxt").write_text(text_format.MessageToString(config))
 
@@ -526,8 +527,8 @@ def bench_models(repo: Path, ensemble: str, core: str, out: Path) -> Path:
 
 
 def core_model_name(repo: Path, ensemble: str) -> str:
-    from google.protobuf import text_format  # noqa: PLC0415
-    from tritonclient.grpc import model_config_pb2  # noqa: PLC0415
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
 
     path = repo / ensemble / "config.pbtxt"
     if not path.is_file():
@@ -542,7 +543,7 @@ def core_model_name(repo: Path, ensemble: str) -> str:
 
 def device_name(device: str) -> str:
     if device == "gpu":
-        import torch  # noqa: PLC0415
+        import torch
 
         if torch.cuda.is_available():
             return torch.cuda.get_device_name(0)

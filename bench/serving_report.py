@@ -254,13 +254,13 @@ def plot(path: Path, runs: Sequence[dict[str, Any]], title: str) -> bool:
     """tok/s vs concurrency (streamed, not streamed, core), TTFT and ITL percentiles vs concurrency. False: no
     matplotlib here (the JSON and the table are written anyway)."""
     try:
-        import matplotlib  # noqa: PLC0415
+        import matplotlib
     except ImportError:
         return False
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
-    from matplotlib.ticker import FuncFormatter  # noqa: PLC0415
+    from matplotlib.ticker import FuncFormatter
 
     figure, axes = plt.subplots(1, 3, figsize=(17, 4.6))
     series = sorted({run["name"] for run in runs})

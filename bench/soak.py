@@ -37,8 +37,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from builder.serve import TritonServer  # noqa: E402
-from client import TextClient, TextClientError  # noqa: E402
+from builder.serve import TritonServer
+from client import TextClient, TextClientError
 
 PAGE_RSS_KEY = "VmRSS:"
 POOL_SIZE = 64
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="soak-") as scratch:
         repository = args.repository
         if repository is None:
-            from builder.demo import build_demo_repository  # noqa: PLC0415  (torch-heavy)
+            from builder.demo import build_demo_repository  # torch-heavy
             log("building the demo repository ...")
             repository = build_demo_repository(Path(scratch) / "repository")
         log(f"starting tritonserver on {repository} (loopback) ...")

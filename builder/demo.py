@@ -25,8 +25,8 @@ SEED_OUTPUT_LENGTH = 30
 
 def build_demo_repository(output: Path, streaming: bool = False) -> Path:
     """Demo checkpoint -> fp32 FT weights -> rendered torch/CPU repository at `output` (replaced if it exists)."""
-    from .checkpoints import convert  # noqa: PLC0415  (torch-heavy; only needed here)
-    from .checkpoints.demo import demo_checkpoint  # noqa: PLC0415
+    from .checkpoints import convert  # torch-heavy; only needed here
+    from .checkpoints.demo import demo_checkpoint
 
     nemo = demo_checkpoint()
     weights_root = nemo.parent / f"{nemo.stem}-ft"
@@ -56,7 +56,7 @@ def demo_command(output: Path, http_port: int, grpc_port: int, metrics_port: int
     The demo model is a tiny GPT trained on this machine to count (about a minute the first time, then cached), so
     "1 2 3 4 5 6" continues with " 7 8 9 ... 36". Everything runs offline on the CPU.
     """
-    from client import TextClient  # noqa: PLC0415
+    from client import TextClient
 
     # SIGTERM takes the graceful path from the start: tritonserver runs in its own session and would outlive us.
     signal.signal(signal.SIGTERM, stop_on_signal)
@@ -84,6 +84,7 @@ def demo_command(output: Path, http_port: int, grpc_port: int, metrics_port: int
     click.echo(f"""
 Serving at HTTP http://{server.http_url}, gRPC {server.grpc_url}. Try, in another shell:
   .venv/bin/python -m client "10 11 12" --output-length 8 --server {server.http_url}
-  curl -s -X POST http://{server.http_url}/v2/models/ensemble/generate -d '{{"text_input": "40 41 42", "max_tokens": 8}}'
+  curl -s -X POST http://{server.http_url}/v2/models/ensemble/generate \\
+       -d '{{"text_input": "40 41 42", "max_tokens": 8}}'
 Ctrl-C stops the server.""", err=True)
     sys.exit(serve_until_signal(server))

@@ -29,6 +29,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import psutil
 
@@ -71,7 +72,7 @@ def free_port() -> int:
 
 def _pytriton_root() -> Path:
     try:
-        import pytriton  # noqa: PLC0415  (optional dependency: only needed for the bundled server)
+        import pytriton  # optional dependency: only needed for the bundled server
     except ImportError as err:
         raise ServerError("nvidia-pytriton is not installed: install it, or pass --tritonserver and "
                           "--backend-directory (env TRITONSERVER_BIN / TRITON_BACKEND_DIR)") from err
@@ -211,10 +212,10 @@ class TritonServer:
         self.log_path = config.log_file or Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
 
     @classmethod
-    def on_free_ports(cls, model_repository: Path | str, **kwargs: object) -> "TritonServer":
+    def on_free_ports(cls, model_repository: Path | str, **kwargs: Any) -> TritonServer:
         http_port, grpc_port, metrics_port = free_ports(3)
         return cls(ServerConfig(Path(model_repository), http_port=http_port, grpc_port=grpc_port,
-                                metrics_port=metrics_port, **kwargs))  # type: ignore[arg-type]
+                                metrics_port=metrics_port, **kwargs))
 
     @property
     def http_url(self) -> str:
@@ -284,7 +285,7 @@ class TritonServer:
                                         f"{port_owners(port)}" for name, port in self.ports.items() if port in busy)
                               + ": stop it or choose other ports (--http-port, --grpc-port, --metrics-port)")
 
-    def start(self) -> "TritonServer":
+    def start(self) -> TritonServer:
         if self.process is not None:
             raise ServerError("server already started")
         # Bound before we start, not after: otherwise our readiness probe would be answered by whoever holds the
@@ -461,7 +462,7 @@ class TritonServer:
         assert self.process is not None
         return self.process.wait()
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

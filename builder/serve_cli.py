@@ -5,15 +5,17 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import click
 
 from .serve import ServerConfig, ServerError, TritonServer
 
 
-def port_option(name: str, default: int, what: str):  # type: ignore[no-untyped-def]
+def port_option(name: str, default: int, what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return click.option(f"--{name}-port", default=default, show_default=True, type=click.IntRange(1, 65535),
                         help=f"{what} port.")
 
@@ -68,7 +70,7 @@ def serve_command(repository: Path, http_port: int, grpc_port: int, metrics_port
     api = None
     try:
         if openai_port is not None:  # FastAPI is imported only when asked for
-            from .openai_api import ApiServerError, OpenAIServer, api_settings  # noqa: PLC0415
+            from .openai_api import ApiServerError, OpenAIServer, api_settings
             try:  # before tritonserver starts: a refused setting fails fast
                 api_config = api_settings(address, api_key, chat_template)
             except ApiServerError as err:

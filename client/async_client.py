@@ -47,7 +47,7 @@ class AsyncTextClient:
     @property
     def _grpc(self) -> Any:
         if self._grpc_client is None:
-            import tritonclient.grpc.aio as triton_grpc  # noqa: PLC0415  (heavy: only the chosen protocol)
+            import tritonclient.grpc.aio as triton_grpc  # heavy: only the chosen protocol
             self._grpc_client = triton_grpc.InferenceServerClient(self.config.url)
         return self._grpc_client
 
@@ -79,7 +79,8 @@ class AsyncTextClient:
                     info = ModelInfo.from_config(config)
                     check_batching(info)
                     self._info = info
-        return self._info  # type: ignore[return-value]  (set above, under the lock)
+        assert self._info is not None  # set above, under the lock
+        return self._info
 
     async def _infer(self, request: TextRequest) -> list[GenerationResult]:
         cfg = self.config
@@ -175,7 +176,7 @@ class AsyncTextClient:
                        **sampling: Any) -> GenerationResult | list[GenerationResult]:
         """See `TextClient.generate`."""
         single = isinstance(prompt, str)
-        prompts: tuple[str, ...] = (prompt,) if single else tuple(prompt)
+        prompts: tuple[str, ...] = (prompt,) if isinstance(prompt, str) else tuple(prompt)
         params = SamplingParams.from_kwargs(**sampling)
         info = await self.model_info()
         results: list[GenerationResult] = []
@@ -211,7 +212,7 @@ class AsyncTextClient:
 
         async def one(prompt: str) -> GenerationResult:
             async with gate:
-                return await self.generate(prompt, max_tokens, **sampling)  # type: ignore[return-value]
+                return await self.generate(prompt, max_tokens, **sampling)  # type: ignore[return-value]  # one prompt
 
         tasks = [asyncio.ensure_future(one(prompt)) for prompt in prompts]
         try:
@@ -219,11 +220,13 @@ class AsyncTextClient:
         finally:
             for task in tasks:
                 task.cancel()
-        if return_exceptions:
-            for outcome in outcomes:
-                if isinstance(outcome, BaseException) and not isinstance(outcome, TextClientError):
-                    raise outcome
-        return list(outcomes)
+        results: list[GenerationResult | TextClientError] = []
+        for outcome in outcomes:
+            if isinstance(outcome, TextClientError) or not isinstance(outcome, BaseException):
+                results.append(outcome)
+            else:  # not the client's own error (only with return_exceptions: gather raises them otherwise)
+                raise outcome
+        return results
 
     async def close(self) -> None:
         if self._http_client is not None:
@@ -233,7 +236,7 @@ class AsyncTextClient:
             await self._grpc_client.close()
             self._grpc_client = None
 
-    async def __aenter__(self) -> "AsyncTextClient":
+    async def __aenter__(self) -> AsyncTextClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -113,7 +113,7 @@ def generate_command(prompt: str | None, max_tokens: int, server: str | None, pr
                      prompt_file: Path | None, concurrency: int, only_continuation: bool, as_json: bool,
                      timeout_s: float, retries: int) -> None:
     """Send PROMPT (or each line of --file) to the ensemble and print the prompt and its continuation."""
-    from .text_client import TextClient  # noqa: PLC0415  (keeps `--help` fast)
+    from .text_client import TextClient  # keeps `--help` fast
 
     if (prompt is None) == (prompt_file is None):
         raise click.UsageError("give either a PROMPT or --file")
@@ -131,14 +131,14 @@ def generate_command(prompt: str | None, max_tokens: int, server: str | None, pr
             elif stream:
                 # The prompt goes out with the first delta: a request that fails prints nothing to stdout.
                 head = "" if only_continuation else prompt
-                for piece in client.stream(prompt, max_tokens, **sampling):  # type: ignore[arg-type]
+                for piece in client.stream(prompt, max_tokens, **sampling):  # type: ignore[arg-type]  # no --file: PROMPT is set
                     click.echo(piece if printed else f"{head}{piece}", nl=False)
                     printed = True
                 click.echo("" if printed else head)  # an empty answer still shows the prompt
             else:
-                result = client.generate(prompt, max_tokens, **sampling)  # type: ignore[arg-type]
+                result = client.generate(prompt, max_tokens, **sampling)  # type: ignore[arg-type]  # as above
                 click.echo(_result_json(result) if as_json else
-                           result.text if only_continuation else prompt + result.text)  # type: ignore[operator]
+                           result.text if only_continuation else prompt + result.text)  # type: ignore[operator]  # as above
     except TextClientError as err:
         if stream and printed:
             click.echo()  # end the partial line on stdout; the error goes to stderr
@@ -193,9 +193,9 @@ def perf_command(model: str, server: str | None, protocol: str | None, stream: b
     A concurrency level that perf_analyzer cannot measure stably is marked "unstable" in the report and the run
     goes on; the exit status is 1 only when no level at all was measured.
     """
-    import datetime as dt  # noqa: PLC0415
+    import datetime as dt
 
-    from .perf import DEFAULT_TOKENIZER_DIR, PerfConfig, PerfError, parse_concurrency, run_perf  # noqa: PLC0415
+    from .perf import DEFAULT_TOKENIZER_DIR, PerfConfig, PerfError, parse_concurrency, run_perf
 
     try:
         config = PerfConfig(

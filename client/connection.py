@@ -43,7 +43,7 @@ class ConnectionConfig:
 
     @classmethod
     def create(cls, url: str | None, protocol: str, model: str, timeout_s: float, retries: int,
-               backoff_s: float = 0.25) -> "ConnectionConfig":
+               backoff_s: float = 0.25) -> ConnectionConfig:
         if protocol not in DEFAULT_PORTS:
             raise ValueError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
         if not model:
@@ -54,7 +54,7 @@ class ConnectionConfig:
             raise ValueError(f"retries must be >= 0, got {retries}")
         if backoff_s < 0:
             raise ValueError(f"backoff_s must be >= 0, got {backoff_s}")
-        return cls(url=normalize_url(url, protocol), protocol=protocol, model=model,  # type: ignore[arg-type]
+        return cls(url=normalize_url(url, protocol), protocol=protocol, model=model,  # type: ignore[arg-type]  # checked
                    timeout_s=float(timeout_s), retries=int(retries), backoff_s=float(backoff_s))
 
     @property

@@ -109,8 +109,8 @@ class PerfConfig:
 # -- prompts -----------------------------------------------------------------------------------------------------
 def load_tokenizer(directory: Path) -> Any:
     """A GPT-2 style tokenizer from tokenizer.json, or from vocab.json + merges.txt."""
-    from tokenizers import Tokenizer  # noqa: PLC0415
-    from tokenizers.implementations import ByteLevelBPETokenizer  # noqa: PLC0415
+    from tokenizers import Tokenizer
+    from tokenizers.implementations import ByteLevelBPETokenizer
 
     if (directory / "tokenizer.json").is_file():
         return Tokenizer.from_file(str(directory / "tokenizer.json"))
@@ -192,7 +192,7 @@ def perf_analyzer_env() -> dict[str, str]:
 
 def model_info(url: str, protocol: str, model: str) -> ModelInfo:
     """The model's config through the text client (one try: perf_analyzer would fail the same way)."""
-    from .text_client import TextClient  # noqa: PLC0415  (keeps `--help` fast)
+    from .text_client import TextClient  # keeps `--help` fast
 
     with TextClient(url, protocol, model, retries=0) as client:
         return client.model_info
@@ -210,7 +210,7 @@ class LevelRun:
     export_path: Path
 
     @classmethod
-    def in_folder(cls, folder: Path, model: str, concurrency: int, streaming: bool, input_data: Path) -> "LevelRun":
+    def in_folder(cls, folder: Path, model: str, concurrency: int, streaming: bool, input_data: Path) -> LevelRun:
         # Names are built whole: Path.with_suffix would treat the dot of a model name like "gpt3_1.3b" as a suffix
         # and give every level the same file.
         stem = f"{model}_c{concurrency}"
@@ -248,7 +248,7 @@ def run_level(run: LevelRun, binary: Path, config: PerfConfig, env: dict[str, st
     return None
 
 
-def measure(run: LevelRun, tokenizer: Any | None) -> LevelResult:
+def measure(run: LevelRun, tokenizer: Any) -> LevelResult:
     """Metrics of one finished perf_analyzer run; `tokenizer` counts output tokens (None: not counted)."""
     def count(texts: list[str]) -> list[int]:
         return [len(encoding.ids) for encoding in tokenizer.encode_batch(texts)]
@@ -297,7 +297,7 @@ def run_perf(config: PerfConfig, echo: Any = print) -> dict[str, Any]:
             for level in config.concurrency:
                 targets = [(config.model, ensemble, ensemble_data, results)]
                 if core is not None:
-                    targets.append((config.compare_core, core, core_data, core_results))  # type: ignore[arg-type]
+                    targets.append((config.compare_core, core, core_data, core_results))  # type: ignore[arg-type]  # set with core
                 for name, info, data, sink in targets:
                     run = LevelRun.in_folder(raw, name, level, config.stream or info.decoupled, data)
                     run.csv_path.unlink(missing_ok=True)

@@ -31,7 +31,7 @@ class Percentiles:
     p99: float
 
     @classmethod
-    def of(cls, values: Sequence[float]) -> "Percentiles | None":
+    def of(cls, values: Sequence[float]) -> Percentiles | None:
         if not values:
             return None
         data = np.asarray(values, dtype=np.float64)
@@ -182,9 +182,9 @@ def markdown_table(title: str, settings: dict[str, Any], ensemble: Sequence[Leve
         header += ["TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms"]
     header += ["output tok/s"]
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    models = list(dict.fromkeys(item.model for item in (*ensemble, *core, *unstable)))
-    rows: list[LevelResult | UnstableLevel] = sorted(
-        (*ensemble, *core, *unstable), key=lambda item: (models.index(item.model), item.concurrency))
+    everything: list[LevelResult | UnstableLevel] = [*ensemble, *core, *unstable]
+    models = list(dict.fromkeys(item.model for item in everything))
+    rows = sorted(everything, key=lambda item: (models.index(item.model), item.concurrency))
     for result in rows:
         if isinstance(result, UnstableLevel):
             lines.append("| " + " | ".join([result.model, str(result.concurrency), "unstable",
@@ -220,11 +220,11 @@ def markdown_table(title: str, settings: dict[str, Any], ensemble: Sequence[Leve
 
 def plot(path: Path, ensemble: Sequence[LevelResult], core: Sequence[LevelResult]) -> None:
     """Throughput vs latency (one line per model, points labelled by concurrency); TTFT and ITL when streaming."""
-    import matplotlib  # noqa: PLC0415  (heavy; only when a report is written)
+    import matplotlib  # heavy; only when a report is written
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     streaming = any(result.ttft_ms is not None for result in ensemble)
     panels = 3 if streaming else 1
@@ -248,9 +248,9 @@ def plot(path: Path, ensemble: Sequence[LevelResult], core: Sequence[LevelResult
         for ax, attr, label in ((axes[0][1], "ttft_ms", "time to first token (ms)"),
                                 (axes[0][2], "itl_ms", "inter-token latency (ms)")):
             for results in groups:
-                points = [(r.concurrency, getattr(r, attr)) for r in results if getattr(r, attr)]
+                levels = [(r.concurrency, getattr(r, attr)) for r in results if getattr(r, attr)]
                 for quantile in ("p50", "p99"):
-                    ax.plot([p[0] for p in points], [getattr(p[1], quantile) for p in points], marker="o",
+                    ax.plot([p[0] for p in levels], [getattr(p[1], quantile) for p in levels], marker="o",
                             label=f"{results[0].model} {quantile}")
             ax.set_xlabel("concurrency")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))

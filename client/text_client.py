@@ -53,7 +53,7 @@ class TextClient:
     @property
     def _grpc(self) -> Any:
         if self._grpc_client is None:
-            import tritonclient.grpc as triton_grpc  # noqa: PLC0415  (heavy: only the chosen protocol)
+            import tritonclient.grpc as triton_grpc  # heavy: only the chosen protocol
             self._grpc_client = triton_grpc.InferenceServerClient(self.config.url)
         return self._grpc_client
 
@@ -145,7 +145,7 @@ class TextClient:
         attempts = Attempts(cfg)
         while True:
             events: queue.Queue[tuple[Any, Any]] = queue.Queue()
-            self._grpc.start_stream(callback=lambda result, error: events.put((result, error)))
+            self._grpc.start_stream(callback=lambda result, error, events=events: events.put((result, error)))
             finished, delay = False, 0.0
             try:
                 try:
@@ -193,7 +193,7 @@ class TextClient:
         stop_words (or stop), bad_words. Only the options given are sent.
         """
         single = isinstance(prompt, str)
-        prompts: tuple[str, ...] = (prompt,) if single else tuple(prompt)
+        prompts: tuple[str, ...] = (prompt,) if isinstance(prompt, str) else tuple(prompt)
         params = SamplingParams.from_kwargs(**sampling)
         info = self.model_info
         results: list[GenerationResult] = []
@@ -224,7 +224,7 @@ class TextClient:
 
         With `return_exceptions`, a failed prompt's slot holds its `TextClientError` instead of raising.
         """
-        from .async_client import AsyncTextClient  # noqa: PLC0415  (asyncio machinery only when needed)
+        from .async_client import AsyncTextClient  # asyncio machinery only when needed
 
         cfg = self.config
 
@@ -243,7 +243,7 @@ class TextClient:
             self._grpc_client.close()
             self._grpc_client = None
 
-    def __enter__(self) -> "TextClient":
+    def __enter__(self) -> TextClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -63,7 +63,7 @@ def model_config_request(config: ConnectionConfig) -> HttpRequest:
 
 def infer_request(config: ConnectionConfig, tensors: list[InputTensor]) -> HttpRequest:
     """POST /infer with the tensors in Triton's binary extension (tritonclient lays out the body)."""
-    import tritonclient.http as triton_http  # noqa: PLC0415  (only HTTP clients need it)
+    import tritonclient.http as triton_http  # only HTTP clients need it
 
     body, json_size = triton_http.InferenceServerClient.generate_request_body(infer_inputs("http", tensors))
     # Uncompressed answers, as tritonclient asks for by default (httpx would otherwise offer gzip).
@@ -100,7 +100,7 @@ def read_json(config: ConnectionConfig, status: int, body: bytes) -> Any:
 
 def infer_result(config: ConnectionConfig, status: int, headers: Any, body: bytes) -> Any:
     """A tritonclient `InferResult` (its `as_numpy` reads the binary tensors) from an /infer answer."""
-    import tritonclient.http as triton_http  # noqa: PLC0415
+    import tritonclient.http as triton_http
 
     check_answer(config, status, body)
     length = headers.get(HEADER_LENGTH)
@@ -115,9 +115,9 @@ def infer_result(config: ConnectionConfig, status: int, headers: Any, body: byte
 def infer_inputs(protocol: str, tensors: list[InputTensor]) -> list[Any]:
     """tritonclient `InferInput`s of the protocol's module."""
     if protocol == "http":
-        import tritonclient.http as module  # noqa: PLC0415  (heavy: only the chosen protocol)
+        import tritonclient.http as module  # heavy: only the chosen protocol
     else:
-        import tritonclient.grpc as module  # type: ignore[no-redef]  # noqa: PLC0415  (same module API)
+        import tritonclient.grpc as module  # same module API
     inputs = []
     for tensor in tensors:
         item = module.InferInput(tensor.name, list(tensor.data.shape), tensor.datatype)

@@ -33,7 +33,7 @@ def demo_streaming_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyGpt:
     """A random tiny HF GPT-2 (the oracle) and its FT weight folder (engine_testing.TinyGpt), one per module."""
-    from engine_testing import make_tiny_gpt  # noqa: PLC0415  (torch + transformers only for the engine tests)
+    from engine_testing import make_tiny_gpt  # torch + transformers only for the engine tests
 
     return make_tiny_gpt(tmp_path_factory.mktemp("tiny_gpt"))
 

@@ -28,7 +28,7 @@ class TinyGpt:
 
 def make_tiny_gpt(tmp_dir: Path, seed: int = 0) -> TinyGpt:
     """A random GPT-2 of TINY shape, saved HF-style and converted to FT weights by `builder convert`."""
-    from transformers import GPT2Config, GPT2LMHeadModel  # noqa: PLC0415  (see the TYPE_CHECKING import)
+    from transformers import GPT2Config, GPT2LMHeadModel  # see the TYPE_CHECKING import
 
     torch.manual_seed(seed)
     config = GPT2Config(**TINY, activation_function="gelu_new", bos_token_id=END_ID, eos_token_id=END_ID)
@@ -48,7 +48,7 @@ def random_prompts(count: int, *, seed: int, min_len: int = 1, max_len: int = 12
 
 def request(prompt: list[int], output_len: int, **kwargs: object) -> GenerationRequest:
     kwargs.setdefault("end_id", END_ID)
-    return GenerationRequest(input_ids=tuple(prompt), output_len=output_len, **kwargs)  # type: ignore[arg-type]
+    return GenerationRequest(input_ids=tuple(prompt), output_len=output_len, **kwargs)
 
 
 @torch.inference_mode()

@@ -28,7 +28,7 @@ def tarfile_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 
         def extractall(self: tarfile.TarFile, path: str | Path = ".", members: object = None, *,
                        numeric_owner: bool = False) -> None:  # the old signature: passing filter= is a TypeError
-            original(self, path, members, numeric_owner=numeric_owner, filter="fully_trusted")  # type: ignore
+            original(self, path, members, numeric_owner=numeric_owner, filter="fully_trusted")
 
         monkeypatch.delattr(tarfile, "data_filter")
         monkeypatch.setattr(tarfile.TarFile, "extractall", extractall)

@@ -339,8 +339,8 @@ def test_synthetic_tp2_archive_pads_the_vocabulary_like_nemo(tiny_ft_dir: Path, 
     rows are kept (as FT's converter does) and never generated (vocab_limit = the tokenizer's 50257 ids)."""
     nemo = write_synthetic_checkpoint("tiny", tmp_path / "tiny_tp2.nemo", seed=0, tp=2)
     with tarfile.open(nemo) as tar:
-        cfg = yaml.safe_load(tar.extractfile("./model_config.yaml"))  # type: ignore[arg-type]
-        shard = torch.load(io.BytesIO(tar.extractfile("./mp_rank_01/model_weights.ckpt").read()),  # type: ignore
+        cfg = yaml.safe_load(tar.extractfile("./model_config.yaml"))
+        shard = torch.load(io.BytesIO(tar.extractfile("./mp_rank_01/model_weights.ckpt").read()),
                            weights_only=True)
     assert (cfg["tensor_model_parallel_size"], cfg["make_vocab_size_divisible_by"]) == (2, 128)
     assert tuple(shard["model.language_model.embedding.word_embeddings.weight"].shape) == (50432 // 2, 64)
@@ -375,8 +375,8 @@ def test_synthetic_tp2_archive_pads_the_vocabulary_like_nemo(tiny_ft_dir: Path, 
 def test_tiny_preset_archive_layout(tiny_nemo: Path, tiny_ft_dir: Path) -> None:
     with tarfile.open(tiny_nemo) as tar:
         names = tar.getnames()
-        cfg = yaml.safe_load(tar.extractfile("./model_config.yaml"))  # type: ignore[arg-type]
-        weights = torch.load(io.BytesIO(tar.extractfile("./model_weights.ckpt").read()),  # type: ignore[union-attr]
+        cfg = yaml.safe_load(tar.extractfile("./model_config.yaml"))
+        weights = torch.load(io.BytesIO(tar.extractfile("./model_weights.ckpt").read()),
                              weights_only=True)
     tokenizer = cfg["tokenizer"]
     assert tokenizer["library"] == "megatron" and tokenizer["type"] == "GPT2BPETokenizer"

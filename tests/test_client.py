@@ -338,7 +338,7 @@ def test_async_client(server: TritonServer, streaming_server: TritonServer, prot
             streams = await asyncio.gather(*[collect(client.stream(f"{i}", max_tokens=4)) for i in range(3)])
             assert streams == [[" " + w for w in continuation(f"{i}", 4, set())[0]] for i in range(3)]
 
-    async def collect(stream) -> list[str]:  # type: ignore[no-untyped-def]
+    async def collect(stream) -> list[str]:
         return [piece async for piece in stream]
 
     asyncio.run(scenario())
@@ -348,7 +348,7 @@ def test_generate_many_keeps_order_and_reports_failures(server: TritonServer) ->
     prompts = [f"{i}" for i in range(10)]
     with TextClient(server.grpc_url, protocol="grpc") as client:
         results = client.generate_many(prompts, max_tokens=2, concurrency=3)
-        assert [r.text for r in results] == [expected(p, 2) for p in prompts]  # type: ignore[union-attr]
+        assert [r.text for r in results] == [expected(p, 2) for p in prompts]
         mixed = client.generate_many(["1", "2"], max_tokens=0, concurrency=2, return_exceptions=True)
     assert all(isinstance(item, RequestError) for item in mixed)
 
@@ -459,7 +459,7 @@ def quick_perf(tmp_path: Path, **overrides: object) -> PerfConfig:
                                        concurrency=(1, 2), measurement_interval_ms=300,
                                        stability_percentage=LOOSE_STABILITY, max_trials=5, num_prompts=4)
     settings.update(overrides)
-    return PerfConfig(**settings)  # type: ignore[arg-type]
+    return PerfConfig(**settings)
 
 
 def test_perf_run_with_core_comparison(server: TritonServer, core_model_name: str, tmp_path: Path) -> None:

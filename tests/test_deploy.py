@@ -31,7 +31,7 @@ def repositories(tiny_nemo: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     def render(name: str, weights: Path, **options: object) -> Path:
         model = GptModelConfig.from_ini(weights / "config.ini")
         return render_repository(RenderConfig(checkpoint=weights, model=model, max_batch_size=8,
-                                              output=root / name, **options))  # type: ignore[arg-type]
+                                              output=root / name, **options))
 
     return {
         "cpu": render("cpu", one, engine="torch", device="cpu", data_type="fp32"),
@@ -43,7 +43,7 @@ def repositories(tiny_nemo: Path, tmp_path_factory: pytest.TempPathFactory) -> d
 
 
 def rendered_for(repository: Path, **options: object) -> tuple[Rendered, RepositoryFacts, DeployConfig]:
-    config = DeployConfig(**options)  # type: ignore[arg-type]
+    config = DeployConfig(**options)
     facts = RepositoryFacts.read(repository)
     return render_deployment(config, facts), facts, config
 
@@ -85,7 +85,8 @@ def test_manifests_validate_and_are_wired(repositories: dict[str, Path], kind: s
     # The model names reach the autoscaler's metric rule.
     assert f'model="{facts.core_model}"' in rendered.files["prometheus-adapter-values.yaml"]
     dockerfile = rendered.files["Dockerfile"]
-    assert ("FROM registry.example/tritonserver-ft:24.10" if kind == "ft" else f"FROM {DEFAULT_BASE_IMAGE}") in dockerfile
+    base = "FROM registry.example/tritonserver-ft:24.10" if kind == "ft" else f"FROM {DEFAULT_BASE_IMAGE}"
+    assert base in dockerfile
     assert ("torch==" in dockerfile) == (kind != "ft")
     assert ("whl/cpu" in dockerfile) == (kind == "cpu")
 

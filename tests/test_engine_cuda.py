@@ -86,6 +86,6 @@ def test_fused_decode_kernels_match_eager_ops(tiny: TinyGpt, dtype: torch.dtype)
                     replace(DecodeKernels(), gemm_epilogue=True), replace(DecodeKernels(), skinny_rows=16), best):
         logits, cache = run(kernels, eager_logits)
         for got, want in zip(logits, eager_logits):
-            torch.testing.assert_close(got.float(), want.float(), **tolerance, msg=lambda m: f"{kernels}: {m}")
+            torch.testing.assert_close(got.float(), want.float(), **tolerance, msg=lambda m, k=kernels: f"{k}: {m}")
         for got, want in zip(cache, eager_cache):
-            torch.testing.assert_close(got.float(), want.float(), **tolerance, msg=lambda m: f"{kernels}: {m}")
+            torch.testing.assert_close(got.float(), want.float(), **tolerance, msg=lambda m, k=kernels: f"{k}: {m}")

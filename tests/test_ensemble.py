@@ -63,7 +63,7 @@ def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServ
 
 
 @pytest.fixture(scope="module")
-def hf_greedy(hf_greedy_continuation):  # type: ignore[no-untyped-def]
+def hf_greedy(hf_greedy_continuation):
     """prompt, max_tokens -> HF's greedy continuation text on the same weights (the oracle)."""
     return lambda prompt, max_tokens: hf_greedy_continuation(prompt, max_tokens)[0]
 
@@ -124,7 +124,8 @@ def test_emoji_and_cjk_round_trip_intact(tiny_server: TritonServer) -> None:
     [answer] = generate_json(tiny_server, {"text_input": prompt, "max_tokens": 4, "exclude_input_in_output": False})
     assert answer["text_output"].startswith(prompt)
     http = httpclient.InferenceServerClient(tiny_server.http_url)
-    inputs = [httpclient.InferInput("text_input", [1, 1], "BYTES"), httpclient.InferInput("max_tokens", [1, 1], "INT32")]
+    inputs = [httpclient.InferInput("text_input", [1, 1], "BYTES"),
+              httpclient.InferInput("max_tokens", [1, 1], "INT32")]
     inputs[0].set_data_from_numpy(np.array([[prompt.encode()]], dtype=object))
     inputs[1].set_data_from_numpy(np.array([[4]], dtype=np.int32))
     result = http.infer("ensemble", inputs)

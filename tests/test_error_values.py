@@ -75,6 +75,8 @@ PREPROCESS_CASES = [
     ("end_id", text_request(end_id=i32(AS_INT32)), "'end_id'", "[0, 50304)", AS_INT32),
     ("pad_id", text_request(pad_id=i32(AS_INT32)), "'pad_id'", "[0, 50304)", AS_INT32),
     ("min_tokens negative", text_request(min_tokens=i32(-AS_INT32)), "'min_tokens'", ">= 0", -AS_INT32),
+    ("num_return_sequences", text_request(num_return_sequences=i32(AS_INT32)), "'num_return_sequences'", "must be 1",
+     AS_INT32),
     # max_tokens passed its own check here, but its value still must not leak through another input's error.
     ("min_tokens above max_tokens", text_request(37, min_tokens=i32(61)), "'min_tokens'", "<= max_tokens", 61, 37),
     ("prompt tokens + max_tokens", text_request(61), "'text_input'", "max_pos_seq_len 64", 61, 66),
@@ -94,8 +96,10 @@ def test_preprocessing_errors_name_input_and_limit_but_not_the_value(tokenizer: 
 
 
 def test_every_numeric_preprocessing_input_is_covered() -> None:
-    numeric = {spec.name for spec in preprocess.SCALAR_INPUTS if spec.name not in ("random_seed", "return_log_probs")}
-    numeric -= {"presence_penalty", "len_penalty"}  # refused only as inf/NaN: nothing but "finite" to tell
+    flags = ("random_seed", "return_log_probs", "stream", "exclude_input_in_output")  # any value fits / true-false
+    numeric = {spec.name for spec in preprocess.SCALAR_INPUTS if spec.name not in flags}
+    # refused only as inf/NaN: nothing but "finite" to tell
+    numeric -= {"presence_penalty", "frequency_penalty", "len_penalty"}
     covered = {case[0].split()[0] for case in PREPROCESS_CASES}
     assert numeric | {"max_tokens"} <= covered
 

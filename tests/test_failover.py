@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.failover import run_failover  # noqa: E402
+from bench.failover import run_failover  # noqa: E402  (bench/ is no package: after the sys.path entry)
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 

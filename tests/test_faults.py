@@ -280,7 +280,7 @@ def test_stop_lets_the_request_in_flight_finish(repository: Path, start_server: 
     thread.join(timeout=30)
     assert "error" not in outcome, outcome.get("error")
     result = outcome["result"]
-    assert result.num_output_tokens == LONG_TOKENS and result.finish_reason == "length"  # type: ignore[attr-defined]
+    assert result.num_output_tokens == LONG_TOKENS and result.finish_reason == "length"
     assert code == 0  # tritonserver's own verdict: everything finished within the exit timeout
     assert stopped_after < 10
 
@@ -311,7 +311,7 @@ def test_serve_cli_sigterm_lets_the_request_in_flight_finish(repository: Path) -
             process.kill()
             process.wait()
     assert "error" not in outcome, outcome.get("error")
-    assert outcome["result"].num_output_tokens == LONG_TOKENS  # type: ignore[attr-defined]
+    assert outcome["result"].num_output_tokens == LONG_TOKENS
     assert process.returncode == 0, stderr
     assert "letting in-flight requests finish" in stderr
     assert time.monotonic() - started < 10
@@ -334,7 +334,7 @@ def test_demo_no_wait_refuses_a_port_held_by_another_server(server: TritonServer
 
 
 def test_serve_names_the_fix_for_a_gpu_repository_without_a_gpu(repository: Path, tmp_path: Path) -> None:
-    import torch  # noqa: PLC0415
+    import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: a KIND_GPU repository loads")

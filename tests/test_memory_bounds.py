@@ -100,12 +100,12 @@ def test_refused_16mb_prompts_do_not_grow_the_stubs(server: TritonServer) -> Non
     # The first oversized prompt per instance sets the high-water mark (Triton 2.51 cannot refuse it sooner).
     send_refused_prompts(server, 4)
     before = preprocessing_memory(server)
-    server_rss_before = psutil.Process(server.process.pid).memory_info().rss  # type: ignore[union-attr]
+    server_rss_before = psutil.Process(server.process.pid).memory_info().rss
     started = time.monotonic()
     send_refused_prompts(server, REFUSED_PROMPTS)
     sending_s = time.monotonic() - started
     after = preprocessing_memory(server)
-    server_rss_after = psutil.Process(server.process.pid).memory_info().rss  # type: ignore[union-attr]
+    server_rss_after = psutil.Process(server.process.pid).memory_info().rss
     report = {name: f"RSS {before[name][0] / 1e6:.0f} -> {after[name][0] / 1e6:.0f} MB, "
                     f"shm {before[name][1] / 1e6:.1f} -> {after[name][1] / 1e6:.1f} MB" for name in before}
     print(f"{REFUSED_PROMPTS} refused 16 MB prompts in {sending_s:.1f} s: {report}; tritonserver RSS "

@@ -11,7 +11,7 @@ from builder.runtime.metrics import COUNTERS, GAUGES, HISTOGRAMS, EngineMetrics,
 
 
 class FakeMetric:
-    def __init__(self, family: "FakeFamily", labels: dict[str, str], buckets: list[float] | None) -> None:
+    def __init__(self, family: FakeFamily, labels: dict[str, str], buckets: list[float] | None) -> None:
         self.family, self.labels, self.buckets = family, labels, buckets
         self.value = 0.0
         self.observed: list[float] = []
@@ -34,7 +34,7 @@ class FakeMetric:
 
 class FakeFamily:
     COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
-    created: dict[str, "FakeFamily"] = {}
+    created: dict[str, FakeFamily] = {}
 
     def __init__(self, name: str, description: str, kind: str) -> None:
         assert description
@@ -42,7 +42,7 @@ class FakeFamily:
         self.metrics: list[FakeMetric] = []
         FakeFamily.created[name] = self
 
-    def Metric(self, labels: dict[str, str] | None = None, buckets: list[float] | None = None) -> FakeMetric:  # noqa: N802
+    def Metric(self, labels: dict[str, str] | None = None, buckets: list[float] | None = None) -> FakeMetric:
         assert (buckets is not None) == (self.kind == "histogram"), "histograms (only) need buckets"
         assert buckets is None or buckets == sorted(buckets)
         metric = FakeMetric(self, dict(labels or {}), buckets)

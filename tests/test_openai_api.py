@@ -163,10 +163,10 @@ def test_a_bad_request_is_a_bad_request_error_naming_the_field(client: openai.Op
 def test_chat_bad_role_and_unknown_model(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="ensemble", messages=[{"role": "robot", "content": "x"}])
-    assert caught.value.body["param"] == "messages.0.role"  # type: ignore[index]
+    assert caught.value.body["param"] == "messages.0.role"
     with pytest.raises(openai.NotFoundError) as missing:
         client.completions.create(model="gpt-4", prompt="x", max_tokens=1)
-    assert missing.value.body["param"] == "model"  # type: ignore[index]
+    assert missing.value.body["param"] == "model"
 
 
 def test_body_size_limit_and_malformed_json(api: OpenAIServer) -> None:
@@ -231,10 +231,11 @@ def test_serve_cli_starts_the_api_beside_tritonserver_and_stops_it(tmp_path: Pat
     http, grpc, metrics, port = free_ports(4)
     command = [sys.executable, "-m", "builder", "serve", str(repository), "--http-port", str(http), "--grpc-port",
                str(grpc), "--metrics-port", str(metrics), "--openai-port", str(port)]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ, "GPT_TRITON_API_KEY": KEY})
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "GPT_TRITON_API_KEY": KEY})
     try:
         lines = []
-        for line in process.stderr:  # type: ignore[union-attr]
+        for line in process.stderr:
             lines.append(line)
             if line.startswith("OpenAI API:") or process.poll() is not None:
                 break

@@ -53,7 +53,7 @@ def backend() -> FakeBackend:
 
 @pytest.fixture
 def api(backend: FakeBackend) -> TestClient:
-    return TestClient(create_app(ApiSettings("unused:1", max_body_bytes=4096), backend))  # type: ignore[arg-type]
+    return TestClient(create_app(ApiSettings("unused:1", max_body_bytes=4096), backend))
 
 
 def test_sampling_fields_map_to_ensemble_inputs(api: TestClient, backend: FakeBackend) -> None:
@@ -149,7 +149,7 @@ def test_body_limit_counts_bytes_even_without_a_content_length(api: TestClient) 
 
 
 def test_api_key_compared_as_a_bearer_token(backend: FakeBackend) -> None:
-    keyed = TestClient(create_app(ApiSettings("unused:1", api_key="k" * 20), backend))  # type: ignore[arg-type]
+    keyed = TestClient(create_app(ApiSettings("unused:1", api_key="k" * 20), backend))
     assert keyed.get("/v1/models").status_code == 401
     assert keyed.get("/v1/models", headers={"Authorization": "Basic " + "k" * 20}).status_code == 401
     assert keyed.get("/v1/models", headers={"Authorization": "Bearer " + "k" * 20}).status_code == 200

@@ -17,7 +17,7 @@ from client.request import ModelInfo
 
 
 @pytest.fixture(scope="module")
-def tokenizer():  # type: ignore[no-untyped-def]
+def tokenizer():
     loaded = load_tokenizer(DEFAULT_TOKENIZER_DIR)
     assert loaded.encode(" world").ids == [995]  # the real GPT-2 tables, not an empty tokenizer
     return loaded
@@ -35,7 +35,7 @@ def test_parse_concurrency_rejects(spec: str) -> None:
         parse_concurrency(spec)
 
 
-def test_prompts_have_exactly_the_requested_token_length(tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_prompts_have_exactly_the_requested_token_length(tokenizer) -> None:
     prompts = token_length_prompts(tokenizer, 128, 8, seed=3)
     assert len({text for text, _ in prompts}) == 8
     for text, ids in prompts:
@@ -43,7 +43,7 @@ def test_prompts_have_exactly_the_requested_token_length(tokenizer) -> None:  # 
     assert prompts == token_length_prompts(tokenizer, 128, 8, seed=3)  # reproducible
 
 
-def test_input_data_gives_every_tensor_of_a_batch_1_request(tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_input_data_gives_every_tensor_of_a_batch_1_request(tokenizer) -> None:
     prompts = token_length_prompts(tokenizer, 5, 2)
     streaming = ModelInfo("ensemble", frozenset({"text_input", "max_tokens", "stream", "exclude_input_in_output"}),
                           True, 8)

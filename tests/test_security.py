@@ -101,7 +101,7 @@ def test_backend_folder_planted_by_another_user_is_never_used(echo_repo: Path, s
         except ServerError as err:
             pytest.fail(f"the server did not start: {err}\nattacker's stub ran: {marker.exists()}")
         backends = server.backend_directory
-        stubs = [p.cmdline()[0] for p in psutil.Process(server.process.pid).children()  # type: ignore[union-attr]
+        stubs = [p.cmdline()[0] for p in psutil.Process(server.process.pid).children()
                  if p.cmdline() and p.cmdline()[0].endswith(PYTHON_STUB)]
         time.sleep(0.5)  # the attacker keeps swapping; give a late exec the chance to show
         assert not marker.exists(), f"the planted stub ran as uid {marker.read_text().strip()}"
@@ -150,7 +150,7 @@ def test_two_installs_never_relink_each_others_stub(echo_repo: Path, tmp_path: P
 
 
 # -- admin APIs over loopback ------------------------------------------------------------------------------------------
-def refused(call) -> str:  # type: ignore[no-untyped-def]
+def refused(call) -> str:
     """Run `call`, which must be refused by the admin restriction; the error text."""
     with pytest.raises(Exception) as caught:
         call()
@@ -205,7 +205,7 @@ def test_admin_apis_refused_on_loopback_without_the_token(echo_repo: Path, start
 
     # Nothing changed, and inference stays open.
     assert http.is_model_ready("echo") and grpc.is_model_ready("echo")
-    data = np.array([["abc".encode()]], dtype=object)
+    data = np.array([[b"abc"]], dtype=object)
     inputs = [httpclient.InferInput("INPUT", [1, 1], "BYTES")]
     inputs[0].set_data_from_numpy(data)
     assert http.infer("echo", inputs).as_numpy("OUTPUT")[0][0] == b"cba"

@@ -16,8 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-import serving_bench  # noqa: E402
-from serving_report import GOALS, goal_rows, markdown, run_metrics  # noqa: E402
+import serving_bench  # noqa: E402  (bench/'s scripts import each other by bare name: after the sys.path entry)
+from serving_report import GOALS, goal_rows, markdown, run_metrics  # noqa: E402  (as above)
 
 MS = 1_000_000  # ns
 
@@ -129,7 +129,7 @@ def test_bench_ensembles_declare_only_what_responses_carry(tmp_path: Path) -> No
     out = serving_bench.bench_models(repo, "ensemble", serving_bench.core_model_name(repo, "ensemble"),
                                      tmp_path / "bench")
 
-    def read(name: str):  # type: ignore[no-untyped-def]
+    def read(name: str):
         return text_format.Parse((out / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
 
     text, core = read(serving_bench.BENCH_TEXT), read(serving_bench.BENCH_CORE)

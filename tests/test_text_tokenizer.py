@@ -13,7 +13,8 @@ ASSETS = Path(__file__).resolve().parents[1] / "builder" / "assets" / "gpt2"
 
 SAMPLES = [
     "Hello world", " world", "1 2 3 4 5 6", " The quick brown fox", "", " ", "   leading and trailing   ",
-    "line one\nline two\r\n\ttabbed", "naïve café résumé Ærøskøbing", "日本語のテキストと中文文本", "emoji 😀👍🏽 family 👨‍👩‍👧",
+    "line one\nline two\r\n\ttabbed", "naïve café résumé Ærøskøbing", "日本語のテキストと中文文本",
+    "emoji 😀👍🏽 family 👨‍👩‍👧",
     "code: def f(x):\n    return x ** 2  # comment", "it's they're we've I'm you'll he'd",
     "<|endoftext|>", "a<|endoftext|>b",
     "ÿ\x00\x01 control \x7f", "Ω≈ç√∫˜µ≤≥÷ ①②③", "🇫🇷 flags and ñ",

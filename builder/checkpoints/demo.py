@@ -74,7 +74,8 @@ def number_token_ids(max_number: int) -> tuple[list[int], list[int]]:
     from tokenizers import ByteLevelBPETokenizer
 
     tokenizer = ByteLevelBPETokenizer(str(PACKAGED_TOKENIZER.vocab), str(PACKAGED_TOKENIZER.merges))
-    bare, spaced = [], []
+    bare: list[int] = []
+    spaced: list[int] = []
     for n in range(max_number + 1):
         for text, into in ((str(n), bare), (f" {n}", spaced)):
             ids = tokenizer.encode(text).ids

@@ -7,6 +7,7 @@ the demo checkpoint to check its own export).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import warnings
@@ -36,6 +37,10 @@ _LAYER_RENAMES = {
     "mlp.dense_h_to_4h": "mlp.c_fc",
     "mlp.dense_4h_to_h": "mlp.c_proj",
 }
+
+
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def hf_key(stem: str) -> str:
@@ -127,12 +132,12 @@ def _weight_readers(directory: Path, stack: ExitStack) -> dict[str, Callable[[],
     def add_safetensors(path: Path) -> None:
         handle = stack.enter_context(safe_open(str(path), framework="pt"))
         for key in handle.keys():
-            readers[strip(key)] = lambda handle=handle, key=key: handle.get_tensor(key)
+            readers[strip(key)] = functools.partial(handle.get_tensor, key)
 
     def add_bin(path: Path) -> None:
         state = load_state_dict(path)
         for key, tensor in state.items():
-            readers[strip(key)] = lambda tensor=tensor: tensor
+            readers[strip(key)] = functools.partial(_same, tensor)
 
     for index_name, add in (("model.safetensors.index.json", add_safetensors),
                             ("pytorch_model.bin.index.json", add_bin)):
@@ -216,7 +221,7 @@ class HfGpt2Checkpoint:
     def close(self) -> None:
         self._stack.close()
 
-    def __enter__(self) -> "HfGpt2Checkpoint":
+    def __enter__(self) -> HfGpt2Checkpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:

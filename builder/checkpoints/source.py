@@ -49,5 +49,5 @@ class CheckpointSource(Protocol):
     has_lm_head: bool  # an untied output layer (model.lm_head.weight) exists
     tokenizer: TokenizerFiles
 
-    def read(self, stem: str) -> "torch.Tensor": ...
+    def read(self, stem: str) -> torch.Tensor: ...
 

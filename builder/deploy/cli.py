@@ -115,7 +115,7 @@ def local_command(repository: Path, replicas: int, port: int, startup_timeout: f
     a replica that exits (a dead Python stub makes serve exit 3) is started again. Needs the `haproxy` binary
     (Debian: apt-get install haproxy).
     """
-    from .local import LocalReplicas, LocalReplicasError  # noqa: PLC0415
+    from .local import LocalReplicas, LocalReplicasError
 
     def stop_once(signum: int, frame: object) -> None:
         # A second signal must not interrupt the graceful stop half-way and orphan replicas.

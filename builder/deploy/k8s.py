@@ -81,8 +81,8 @@ class RepositoryFacts:
     ft_checkpoint_path: str | None = None
 
     @classmethod
-    def read(cls, repository: Path) -> "RepositoryFacts":
-        from ..validate import load_models, validate_repository  # noqa: PLC0415  (protobuf: only when used)
+    def read(cls, repository: Path) -> RepositoryFacts:
+        from ..validate import load_models, validate_repository  # protobuf: only when used
 
         repository = Path(repository).resolve()
         problems = validate_repository(repository)
@@ -104,7 +104,7 @@ class RepositoryFacts:
             engine, device, gpus = "fastertransformer", "gpu", tp * pp
         else:
             kinds = {group.kind for group in core.config.instance_group}
-            from tritonclient.grpc import model_config_pb2  # noqa: PLC0415
+            from tritonclient.grpc import model_config_pb2
 
             engine = "torch"
             device = "gpu" if model_config_pb2.ModelInstanceGroup.KIND_GPU in kinds else "cpu"
@@ -224,7 +224,8 @@ def render_deployment(config: DeployConfig, facts: RepositoryFacts, out_hint: st
     cfg = replace(config, base_image=base_image)
     gpu_requests = {cfg.gpu_resource: str(facts.gpus)} if facts.gpus else {}
     context = {
-        "cfg": cfg, "facts": facts, "pins": PINS, "launcher": LAUNCHER_REQUIREMENTS, "ports": PORTS, "metric_name": METRIC_NAME,
+        "cfg": cfg, "facts": facts, "pins": PINS, "launcher": LAUNCHER_REQUIREMENTS, "ports": PORTS,
+        "metric_name": METRIC_NAME,
         "model_path": MODEL_PATH, "init_mount_path": INIT_MOUNT_PATH, "models_image_path": MODELS_IMAGE_PATH,
         "base_note": base_note, "serve_args": serve_args(cfg), "prestop_sleep_s": PRESTOP_SLEEP_S,
         "grace_period_s": cfg.exit_timeout_s + SERVE_KILL_DELAY_S + PRESTOP_SLEEP_S + 10,
@@ -347,9 +348,11 @@ def check_wiring(rendered: Rendered, facts: RepositoryFacts, config: DeployConfi
             problems.append("Service: must expose exactly the ports http and grpc")
     annotation = _get(deployment, "spec", "template", "metadata", "annotations", "prometheus.io/port")
     if annotation != str(ports.get("metrics")):
-        problems.append(f"pod annotation prometheus.io/port {annotation!r} is not the metrics port {ports.get('metrics')}")
+        problems.append(f"pod annotation prometheus.io/port {annotation!r} is not the metrics port "
+                        f"{ports.get('metrics')}")
 
-    for probe_name, path in (("startupProbe", READY_PATH), ("readinessProbe", READY_PATH), ("livenessProbe", LIVE_PATH)):
+    probes = (("startupProbe", READY_PATH), ("readinessProbe", READY_PATH), ("livenessProbe", LIVE_PATH))
+    for probe_name, path in probes:
         probe = server.get(probe_name)
         if probe is None:
             problems.append(f"tritonserver: no {probe_name}")
@@ -359,10 +362,12 @@ def check_wiring(rendered: Rendered, facts: RepositoryFacts, config: DeployConfi
         if _probe_port(probe, ports) != ports.get("http"):
             problems.append(f"tritonserver {probe_name}: port {_get(probe, 'httpGet', 'port')!r} is not the HTTP "
                             f"port {ports.get('http')} that serves {path}")
-    budget = (_get(server, "startupProbe", "periodSeconds") or 10) * (_get(server, "startupProbe", "failureThreshold") or 3)
+    budget = ((_get(server, "startupProbe", "periodSeconds") or 10)
+              * (_get(server, "startupProbe", "failureThreshold") or 3))
     timeout = _flag(args, "--startup-timeout")
     if timeout is None or budget < float(timeout):
-        problems.append(f"tritonserver startupProbe: {budget} s budget is shorter than serve's --startup-timeout {timeout}")
+        problems.append(f"tritonserver startupProbe: {budget} s budget is shorter than serve's --startup-timeout "
+                        f"{timeout}")
     grace = pod.get("terminationGracePeriodSeconds") or 30
     exit_timeout = _flag(args, "--exit-timeout")
     if exit_timeout is None or grace <= int(exit_timeout) + SERVE_KILL_DELAY_S + PRESTOP_SLEEP_S:
@@ -398,7 +403,8 @@ def check_wiring(rendered: Rendered, facts: RepositoryFacts, config: DeployConfi
             problems.append(f"init container model-repository: image {_get(copier, 'image')!r}, expected "
                             f"{config.models_image!r}")
     if "/dev/shm" not in server_mounts:
-        problems.append("tritonserver: no volume at /dev/shm (the container default, 64 MiB, starves the Python backend)")
+        problems.append("tritonserver: no volume at /dev/shm (the container default, 64 MiB, starves the Python "
+                        "backend)")
     if f" {MODELS_IMAGE_PATH}" not in rendered.files.get("Dockerfile.models", ""):
         problems.append(f"Dockerfile.models does not copy the repository to {MODELS_IMAGE_PATH}")
 
@@ -443,7 +449,7 @@ def check_wiring(rendered: Rendered, facts: RepositoryFacts, config: DeployConfi
 
 def check_schemas(rendered: Rendered, kubernetes_version: str = KUBERNETES_VERSION) -> list[str]:
     """Validate every manifest against the (strict) schemas of `kubernetes_version`, offline."""
-    import kubernetes_validate  # noqa: PLC0415  (jsonschema + schema files: only when checking)
+    import kubernetes_validate  # jsonschema + schema files: only when checking
 
     problems = []
     for path, doc in rendered.manifests().items():

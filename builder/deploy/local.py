@@ -95,8 +95,8 @@ class LocalReplicas:
         ports = free_ports(3 * replicas + (0 if port else 1))
         self.port = port or ports.pop()
         self.folder = Path(tempfile.mkdtemp(prefix="gpt-triton-replicas-"))  # 0700: the stats socket is private
-        self.replicas = [Replica(f"r{i}", *ports[3 * i:3 * i + 3], log_path=self.folder / f"r{i}.log")
-                         for i in range(replicas)]
+        self.replicas = [Replica(f"r{i}", ports[3 * i], ports[3 * i + 1], ports[3 * i + 2],
+                                 log_path=self.folder / f"r{i}.log") for i in range(replicas)]
         self.stats_socket = self.folder / "haproxy.sock"
         self.haproxy: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
@@ -228,7 +228,7 @@ class LocalReplicas:
         return next(row for row in self._stats_csv() if row["pxname"] == "replicas" and row["svname"] == "BACKEND")
 
     # -- lifecycle --------------------------------------------------------------------------------------------
-    def start(self) -> "LocalReplicas":
+    def start(self) -> LocalReplicas:
         try:
             haproxy_binary()
             for replica in self.replicas:
@@ -272,7 +272,7 @@ class LocalReplicas:
     def cleanup(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def __enter__(self) -> "LocalReplicas":
+    def __enter__(self) -> LocalReplicas:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -3,4 +3,5 @@
 from .app import ApiSettings, create_app
 from .server import API_KEY_ENV, ApiServerError, OpenAIServer, api_settings, check_binding
 
-__all__ = ["API_KEY_ENV", "ApiServerError", "ApiSettings", "OpenAIServer", "api_settings", "check_binding", "create_app"]
+__all__ = ["API_KEY_ENV", "ApiServerError", "ApiSettings", "OpenAIServer", "api_settings", "check_binding",
+           "create_app"]

@@ -12,7 +12,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -231,7 +231,7 @@ class _Job:
         # Repositories that do not report it: the token budget tells.
         return "length" if (result.num_output_tokens or 0) >= self.max_tokens else "stop"
 
-    def deltas(self, index: int) -> AsyncIterator[GenerationResult]:
+    def deltas(self, index: int) -> AsyncGenerator[GenerationResult, None]:
         return self.backend.generate(self.prompts[index], self.max_tokens, self.inputs, self.stream,
                                      self.prompt_field if len(self.prompts) == 1 else f"{self.prompt_field}")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -53,7 +53,7 @@ class TritonBackend:
 
     def _grpc(self) -> Any:
         if self._client is None:  # created on the serving event loop
-            import tritonclient.grpc.aio as triton_grpc  # noqa: PLC0415
+            import tritonclient.grpc.aio as triton_grpc
             self._client = triton_grpc.InferenceServerClient(self.config.url)
         return self._client
 
@@ -62,7 +62,7 @@ class TritonBackend:
             try:
                 config = await asyncio.wait_for(self._grpc().get_model_config(self.model, as_json=True),
                                                 self.config.timeout_s)
-            except Exception as raw:  # noqa: BLE001  (translated below)
+            except Exception as raw:
                 raise to_api_error(translate_error(raw, self.config), "") from raw
             self._info = ModelInfo.from_config(config)
         return self._info
@@ -77,17 +77,17 @@ class TritonBackend:
                                     f"'{needed}' input)", param=name, code="unsupported_parameter")
 
     async def generate(self, prompt: str, max_tokens: int, inputs: Mapping[str, object], stream: bool,
-                       prompt_field: str) -> AsyncIterator[GenerationResult]:
+                       prompt_field: str) -> AsyncGenerator[GenerationResult, None]:
         """Deltas of one prompt's answer (one item when not streaming or on a plain repository); the last one
         carries the counts and finish reason. `inputs` maps ensemble input names to values."""
         info = await self.model_info()
-        params = SamplingParams(**{k: v for k, v in inputs.items()})  # type: ignore[arg-type]
+        params = SamplingParams(**inputs)  # type: ignore[arg-type]  # app._inputs built them from the typed body
         request = TextRequest((prompt,), max_tokens, params, stream=stream)
         try:
             tensors = request.tensors(info)
         except TextClientError as err:
             raise to_api_error(err, prompt_field) from err
-        import tritonclient.grpc as grpc_module  # noqa: PLC0415
+        import tritonclient.grpc as grpc_module
         grpc_inputs = []
         for tensor in tensors:
             item = grpc_module.InferInput(tensor.name, list(tensor.data.shape), tensor.datatype)
@@ -96,19 +96,19 @@ class TritonBackend:
         if not info.decoupled:
             try:
                 result = await asyncio.wait_for(self._grpc().infer(self.model, grpc_inputs), self.config.timeout_s)
-            except Exception as raw:  # noqa: BLE001
+            except Exception as raw:
                 raise to_api_error(translate_error(raw, self.config), prompt_field) from raw
             yield parse_results(request.prompts, result.as_numpy)[0]
             return
-        stream = self._stream(request, grpc_inputs, prompt_field)
+        answer = self._stream(request, grpc_inputs, prompt_field)
         if params.stop_words:
-            stream = without_stop_word(stream, params.stop_words)
-        async with contextlib.aclosing(stream) as deltas:
+            answer = without_stop_word(answer, params.stop_words)
+        async with contextlib.aclosing(answer) as deltas:
             async for delta in deltas:
                 yield delta
 
     async def _stream(self, request: TextRequest, grpc_inputs: list[Any],
-                      prompt_field: str) -> AsyncIterator[GenerationResult]:
+                      prompt_field: str) -> AsyncGenerator[GenerationResult, None]:
         async def requests() -> AsyncIterator[dict[str, Any]]:
             yield {"model_name": self.model, "inputs": grpc_inputs, "enable_empty_final_response": True}
 
@@ -126,7 +126,7 @@ class TritonBackend:
                     raise to_api_error(timed_out(self.config), prompt_field) from None
                 except asyncio.CancelledError:
                     raise
-                except Exception as raw:  # noqa: BLE001
+                except Exception as raw:  # noqa: BLE001  (handled with the server's own errors below)
                     result, error = None, raw
                 if error is not None:
                     finished = True  # the server ended the call
@@ -154,14 +154,14 @@ class TritonBackend:
             self._client = None
 
 
-async def without_stop_word(stream: AsyncIterator[GenerationResult],
-                            stops: tuple[str, ...]) -> AsyncIterator[GenerationResult]:
+async def without_stop_word(stream: AsyncGenerator[GenerationResult, None],
+                            stops: tuple[str, ...]) -> AsyncGenerator[GenerationResult, None]:
     """A streaming repository's deltas with the matched stop word left out, as OpenAI does (the ensemble streams its
     text before the engine matches it). Text that could still become a stop word is held back until the end."""
     holdback = max(len(word) for word in stops) + 1  # the ensemble also matches " " + word
     held = ""
     last: GenerationResult | None = None
-    async with contextlib.aclosing(stream) as deltas:  # type: ignore[type-var]
+    async with contextlib.aclosing(stream) as deltas:
         async for delta in deltas:
             held += delta.text
             last = delta

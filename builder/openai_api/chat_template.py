@@ -34,10 +34,10 @@ class ChatTemplate:
             raise ChatTemplateError(f"chat template {origin}: {err}") from err
 
     @classmethod
-    def load(cls, path: Path | None = None) -> "ChatTemplate":
+    def load(cls, path: Path | None = None) -> ChatTemplate:
         """`path`, or the package's default plain template when None."""
         if path is None:
-            source = resources.files(__package__).joinpath("templates", DEFAULT_TEMPLATE).read_text("utf-8")
+            source = resources.files(__package__).joinpath("templates").joinpath(DEFAULT_TEMPLATE).read_text("utf-8")
             return cls(source, f"(default {DEFAULT_TEMPLATE})")
         try:
             if path.stat().st_size > MAX_TEMPLATE_BYTES:

@@ -64,7 +64,7 @@ class _Sampling(_Strict):
     logit_bias: dict[str, float] | None = None
 
     @model_validator(mode="after")
-    def _supported(self) -> "_Sampling":
+    def _supported(self) -> _Sampling:
         if self.n != 1:
             raise ValueError("n: only n = 1 is supported (one choice per prompt)")
         if self.logit_bias:
@@ -122,7 +122,7 @@ class CompletionRequest(_Sampling):
     suffix: StrictStr | None = None
 
     @model_validator(mode="after")
-    def _completion_supported(self) -> "CompletionRequest":
+    def _completion_supported(self) -> CompletionRequest:
         if self.echo:
             raise ValueError("echo: only echo = false is supported")
         if self.best_of not in (None, 1):
@@ -170,7 +170,7 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: StrictInt | None = None
 
     @model_validator(mode="after")
-    def _chat_supported(self) -> "ChatCompletionRequest":
+    def _chat_supported(self) -> ChatCompletionRequest:
         if self.logprobs:
             raise ValueError("logprobs: not supported for chat completions (use /v1/completions with logprobs=0)")
         if self.top_logprobs is not None:

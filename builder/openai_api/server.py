@@ -79,7 +79,7 @@ class OpenAIServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/v1"
 
-    def start(self) -> "OpenAIServer":
+    def start(self) -> OpenAIServer:
         self._thread = threading.Thread(target=self._server.run, name="openai-api", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + self.startup_timeout_s
@@ -98,7 +98,7 @@ class OpenAIServer:
             self._thread.join(timeout=10)
             self._thread = None
 
-    def __enter__(self) -> "OpenAIServer":
+    def __enter__(self) -> OpenAIServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -149,7 +149,7 @@ def check_weight_dir(model_dir: str | Path) -> list[str]:
     return problems
 
 
-def _read_file(path: Path, shape: tuple[int, ...], config: GptModelConfig) -> "torch.Tensor":
+def _read_file(path: Path, shape: tuple[int, ...], config: GptModelConfig) -> torch.Tensor:
     import torch
 
     array = np.fromfile(path, dtype=FILE_DTYPES[config.weight_data_type]).reshape(shape)
@@ -159,8 +159,8 @@ def _read_file(path: Path, shape: tuple[int, ...], config: GptModelConfig) -> "t
     return tensor
 
 
-def load_ft_weights(model_dir: str | Path, *, dtype: "torch.dtype | None" = None,
-                    device: "str | torch.device" = "cpu") -> tuple[GptModelConfig, dict[str, "torch.Tensor"]]:
+def load_ft_weights(model_dir: str | Path, *, dtype: torch.dtype | None = None,
+                    device: str | torch.device = "cpu") -> tuple[GptModelConfig, dict[str, torch.Tensor]]:
     """Read a weight directory into the canonical dict (TP shards concatenated back, TP-1 shapes).
 
     `dtype` defaults to torch.float32. Raises `WeightFileError` listing every problem `check_weight_dir` finds.

@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -175,13 +176,13 @@ class GptEngine:
         return int(fitting)
 
     @classmethod
-    def from_ft_dir(cls, model_dir: str | Path, **kwargs: object) -> "GptEngine":
+    def from_ft_dir(cls, model_dir: str | Path, **kwargs: Any) -> GptEngine:
         """Load an FT weight directory (config.ini + model.*.bin); kwargs as for the constructor."""
-        from .ft_weights import load_ft_weights  # noqa: PLC0415  (written alongside; keeps import order simple)
+        from .ft_weights import load_ft_weights  # written alongside; keeps import order simple
 
-        config, weights = load_ft_weights(model_dir, dtype=kwargs.get("dtype", torch.float32),  # type: ignore[arg-type]
-                                          device=kwargs.get("device", "cpu"))  # type: ignore[arg-type]
-        return cls(config, weights, **kwargs)  # type: ignore[arg-type]
+        config, weights = load_ft_weights(model_dir, dtype=kwargs.get("dtype", torch.float32),
+                                          device=kwargs.get("device", "cpu"))
+        return cls(config, weights, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------------------
     def check_request(self, request: GenerationRequest) -> None:
@@ -235,7 +236,7 @@ class GptEngine:
                                         f"send fewer rows or shorter prompts") from err
                 for index, output in zip(chunk, chunk_outputs):
                     outputs[index] = output
-        return outputs  # type: ignore[return-value]
+        return outputs  # type: ignore[return-value]  # every index was filled by its chunk
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """One decode step over cache slots 0..n-1 (tokens [n], positions [n]) -> logits [n, V], from CUDA graphs
@@ -366,7 +367,7 @@ class GptEngine:
         stopped_host = stopped.tolist()
         log_probs_host = log_probs.cpu().numpy() if want_log_probs else None
         outputs = []
-        for i, r in enumerate(requests):
+        for i in range(len(requests)):
             tokens_i = history_host[i, :lengths_host[i]].numpy()
             steps_lp = ([log_probs_host[i, :lengths_host[i] - prompt_lens[i]].copy()]
                         if log_probs_host is not None else None)
@@ -443,7 +444,7 @@ class GptEngine:
             cand_step_log_probs[..., step] = cand_log_prob
             keep = torch.cat([pool_score, norm_score], dim=1).topk(width, dim=1).indices  # [n, W]
 
-            def pick(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            def pick(old: torch.Tensor, new: torch.Tensor, keep: torch.Tensor = keep) -> torch.Tensor:
                 merged = torch.cat([old, new], dim=1)
                 index = keep.view(n, width, *([1] * (merged.dim() - 2))).expand(n, width, *merged.shape[2:])
                 return merged.gather(1, index)

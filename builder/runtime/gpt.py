@@ -18,15 +18,20 @@ CPU every op stays the eager PyTorch one, so fp32 results match HF there exactly
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from .model_config import GptModelConfig
+
+# One layer's attention of a step: (layer, qkv [n, 3H], positions [n], kv_len) -> [n, H].
+Attention = Callable[[int, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 class WeightError(ValueError):
@@ -98,7 +103,7 @@ class DecodeKernels:
     skinny_rows: int = 0  # decode batches of at most this many rows (<= 16) run the Triton skinny GEMM
 
     @classmethod
-    def for_model(cls, config: GptModelConfig, device: torch.device, dtype: torch.dtype) -> "DecodeKernels":
+    def for_model(cls, config: GptModelConfig, device: torch.device, dtype: torch.dtype) -> DecodeKernels:
         """Every kernel that applies: CUDA with Triton installed; the attention kernel needs a power-of-two head
         size; the skinny GEMM runs fp16/bf16 only (fp32 would need slow IEEE dots: cuBLAS is better there)."""
         if device.type != "cuda" or importlib.util.find_spec("triton") is None:
@@ -207,7 +212,7 @@ class GptModel:
         eps = self.config.layernorm_eps
         partials = delta.dim() == x.dim() + 1
         if self.kernels.fused_norm:
-            from . import gpt_kernels  # noqa: PLC0415  (Triton: CUDA only)
+            from . import gpt_kernels  # Triton: CUDA only
 
             return gpt_kernels.add_layer_norm(x, delta, bias, weight, ln_bias, eps)
         if partials:  # the skinny GEMM's split-K partials without the fused norm
@@ -219,10 +224,11 @@ class GptModel:
                 skinny: bool, activation: bool = False) -> torch.Tensor:
         """x @ weight^T + bias (then the MLP activation if asked): the skinny GEMM, cuBLASLt epilogue, or eager."""
         if skinny:
-            from . import gpt_kernels  # noqa: PLC0415
+            from . import gpt_kernels
 
             act = ("gelu_tanh" if self._gelu else "relu") if activation else "none"
             shape = self.skinny_plans[plan]
+            assert shape is not None  # skinny is off (skinny_rows=0) when any weight has no plan: see __init__
             return gpt_kernels.skinny_linear(x, weight, bias, activation=act, block_k=shape.block_k,
                                              block_n=shape.block_n, num_stages=shape.num_stages)
         if activation and self.kernels.gemm_epilogue and bias is not None:
@@ -236,8 +242,8 @@ class GptModel:
                               skinny: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(delta, bias still to add): skinny split-K partials leave the reduction and bias to `_add_norm`."""
         shape = self.skinny_plans[plan]
-        if skinny and shape.split_k > 1:  # type: ignore[union-attr]
-            from . import gpt_kernels  # noqa: PLC0415
+        if skinny and shape is not None and shape.split_k > 1:
+            from . import gpt_kernels
 
             return gpt_kernels.skinny_linear(x, weight, split_k=shape.split_k, block_k=shape.block_k,
                                              block_n=shape.block_n, num_stages=shape.num_stages), bias
@@ -309,11 +315,11 @@ class GptModel:
         return self._linear(h, self.lm_head, None, "lm_head", skinny=skinny)
 
     def _fused_attention(self, i: int, qkv: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
-        from . import gpt_kernels  # noqa: PLC0415
+        from . import gpt_kernels
 
         return gpt_kernels.decode_attention(qkv, self.k_cache[i], self.v_cache[i], positions, kv_len)
 
-    def _eager_attention(self, positions: torch.Tensor, kv_len: int):  # noqa: ANN202  (a closure over the step)
+    def _eager_attention(self, positions: torch.Tensor, kv_len: int) -> Attention:
         """The eager step attention: index_copy_ the new K/V into the cache, then masked SDPA over kv_len keys."""
         n = positions.shape[0]
         key_pos = torch.arange(kv_len, device=self.device)
@@ -349,10 +355,10 @@ class GptModel:
 # order) before the next replay.
 
 
-def prefill_attention_backends():  # noqa: ANN201  (a context manager)
+def prefill_attention_backends() -> contextlib.AbstractContextManager[None]:
     """Prefill attention without cuDNN's SDPA: it builds an execution plan per new prompt length (prompts of every
     length arrive in serving), where flash / memory-efficient attention need none."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: PLC0415
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 

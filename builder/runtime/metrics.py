@@ -139,10 +139,10 @@ class EngineMetrics:
                 if count:
                     self._counters[key].increment(count)
             for key, values in pending.observations.items():
-                for value in values:
-                    self._histograms[key].observe(value)
+                for seconds in values:
+                    self._histograms[key].observe(seconds)
 
-    def start(self) -> "EngineMetrics":
+    def start(self) -> EngineMetrics:
         self.flush()  # the totals are visible from the first scrape
         self._thread = threading.Thread(target=self._run, name="engine-metrics", daemon=True)
         self._thread.start()

@@ -75,13 +75,13 @@ class GptModelConfig:
         """Bytes of K and V cached per token, all layers together."""
         return 2 * self.num_layer * self.hidden_size * dtype_bytes
 
-    def with_tensor_para_size(self, tp: int) -> "GptModelConfig":
+    def with_tensor_para_size(self, tp: int) -> GptModelConfig:
         values = asdict(self)
         values["tensor_para_size"] = tp
         return GptModelConfig(**values)
 
     @classmethod
-    def from_ini(cls, path: str | Path) -> "GptModelConfig":
+    def from_ini(cls, path: str | Path) -> GptModelConfig:
         path = Path(path)
         if not path.is_file():
             raise ModelConfigError(f"{path}: config.ini not found")
@@ -108,7 +108,7 @@ class GptModelConfig:
         if missing:
             raise ModelConfigError(f"{path}: [{SECTION}] is missing {', '.join(missing)}")
         try:
-            return cls(**values)  # type: ignore[arg-type]
+            return cls(**values)  # type: ignore[arg-type]  # each value parsed to its field's type above
         except ModelConfigError as err:
             raise ModelConfigError(f"{path}: {err}") from err
 

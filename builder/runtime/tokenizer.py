@@ -16,6 +16,10 @@ import json
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 VOCAB_FILE = "vocab.json"
 MERGES_FILE = "merges.txt"
@@ -50,8 +54,8 @@ def _is_utf8_continuation(byte: int) -> bool:
 class GptTokenizer:
     """GPT-2 byte-level BPE tokenizer. Build with `from_directory`; thread-safe for reads."""
 
-    def __init__(self, tokenizer: "object", token_bytes: list[bytes], eos_id: int):
-        self._tokenizer = tokenizer  # a tokenizers.Tokenizer
+    def __init__(self, tokenizer: Tokenizer, token_bytes: list[bytes], eos_id: int):
+        self._tokenizer = tokenizer
         self.token_bytes = token_bytes  # id -> the exact bytes the token stands for
         self.eos_id = eos_id
         # Every token covers at most this many bytes of text, so a text of n bytes has >= n / max_token_bytes
@@ -59,8 +63,8 @@ class GptTokenizer:
         self.max_token_bytes = max(len(EOS_TOKEN.encode()), *(len(token) for token in token_bytes))
 
     @classmethod
-    def from_directory(cls, directory: Path | str) -> "GptTokenizer":
-        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers  # noqa: PLC0415
+    def from_directory(cls, directory: Path | str) -> GptTokenizer:
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
         directory = Path(directory)
         vocab_path, merges_path = directory / VOCAB_FILE, directory / MERGES_FILE
@@ -90,6 +94,10 @@ class GptTokenizer:
                 raise TokenizerError(f"{vocab_path}: token {token!r} has a character outside the byte-level "
                                      "alphabet; not a byte-level BPE vocabulary") from err
         return cls(tokenizer, token_bytes, vocab[EOS_TOKEN])
+
+    def tokenizer_json(self) -> str:
+        """The whole tokenizer as a `tokenizers` JSON document (tokenizer.json), which HF's AutoTokenizer loads."""
+        return self._tokenizer.to_str()
 
     @property
     def vocab_size(self) -> int:

@@ -44,7 +44,7 @@ def distinct_words(encoded_words: Iterable[Sequence[int]]) -> list[list[int]]:
     return [list(ids) for ids in distinct]
 
 
-def tokenize_word_lists(tokenizer: "GptTokenizer", rows: Sequence[Sequence[str]]) -> list[list[list[int]]]:
+def tokenize_word_lists(tokenizer: GptTokenizer, rows: Sequence[Sequence[str]]) -> list[list[list[int]]]:
     """Per row, the distinct token-id sequences of all variants of its words (one batched encode for all rows)."""
     row_variants = [word_variants(words) for words in rows]
     encoded = tokenizer.encode_batch([variant for variants in row_variants for variant in variants])
