@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from builder import GPT2_TOKENIZER_DIR
 from builder.demo import build_demo_repository
 from builder.serve import free_ports
 from client.perf import perf_analyzer_env
@@ -44,8 +45,7 @@ def write_tokenizer(folder: Path) -> Path:
     from tokenizers import Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import BPE
 
-    assets = ROOT / "builder" / "assets" / "gpt2"
-    tokenizer = Tokenizer(BPE.from_file(str(assets / "vocab.json"), str(assets / "merges.txt")))
+    tokenizer = Tokenizer(BPE.from_file(str(GPT2_TOKENIZER_DIR / "vocab.json"), str(GPT2_TOKENIZER_DIR / "merges.txt")))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     folder.mkdir(parents=True, exist_ok=True)
@@ -173,7 +173,7 @@ def main() -> None:
         serve.send_signal(signal.SIGTERM)
         serve.wait(timeout=60)
 
-    gpt2 = GptTokenizer.from_directory(ROOT / "builder" / "assets" / "gpt2")
+    gpt2 = GptTokenizer.from_directory(GPT2_TOKENIZER_DIR)
     ours = {row["prompt"]: row for row in runs["non_streaming"][2]}
     result: dict[str, object] = {"genai_perf_version": "0.0.16", "requests": args.requests,
                                  "concurrency": args.concurrency, "max_tokens": args.max_tokens,

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from builder.demo import build_demo_repository
 from builder.serve import TritonServer
 from servers import ECHO_MODEL, server_on_free_ports, write_model
 
@@ -21,12 +20,17 @@ pytest_plugins = ["fixtures_checkpoints"]
 @pytest.fixture(scope="session")
 def demo_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo ensemble (torch engine, CPU), rendered once; servers only read it."""
+    # Imported here: collecting the engine's CUDA tests on the GPU host's own Python needs no renderer packages.
+    from builder.demo import build_demo_repository
+
     return build_demo_repository(tmp_path_factory.mktemp("demo") / "repository")
 
 
 @pytest.fixture(scope="session")
 def demo_streaming_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo ensemble rendered with --streaming (decoupled torch core), once; servers only read it."""
+    from builder.demo import build_demo_repository
+
     return build_demo_repository(tmp_path_factory.mktemp("demo_streaming") / "repository", streaming=True)
 
 

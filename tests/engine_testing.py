@@ -12,10 +12,10 @@ import torch
 if TYPE_CHECKING:  # imported where used: the GPU host's kit venv (numpy 1.26) cannot import the host's transformers
     from transformers import GPT2LMHeadModel
 
+from builder import GPT2_TOKENIZER_DIR
 from builder.checkpoints import convert
 from builder.runtime.core_io import GenerationRequest
 
-GPT2_ASSETS = Path(__file__).resolve().parents[1] / "builder" / "assets" / "gpt2"
 TINY = dict(n_embd=64, n_layer=2, n_head=4, n_inner=256, vocab_size=512, n_positions=128)
 END_ID = 0  # the tiny model's end_id (config.ini); tests that need end_id to occur pick a likelier token
 
@@ -35,7 +35,7 @@ def make_tiny_gpt(tmp_dir: Path, seed: int = 0) -> TinyGpt:
     hf = GPT2LMHeadModel(config).eval()
     hf.save_pretrained(tmp_dir / "hf")
     for name in ("vocab.json", "merges.txt"):  # the converter copies the tokenizer next to the weights
-        shutil.copyfile(GPT2_ASSETS / name, tmp_dir / "hf" / name)
+        shutil.copyfile(GPT2_TOKENIZER_DIR / name, tmp_dir / "hf" / name)
     ft_dir = convert(tmp_dir / "hf", tmp_dir / "ft", infer_gpu_num=1, weight_data_type="fp32", progress=False)
     return TinyGpt(hf=hf, ft_dir=ft_dir)
 

@@ -14,14 +14,9 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from builder.runtime.core_io import ft_outputs
 from builder.runtime.generation import GptEngine
-from engine_testing import END_ID, TinyGpt, hf_generate, make_tiny_gpt, random_prompts, request
+from engine_testing import END_ID, TinyGpt, hf_generate, random_prompts, request
 
 NEW_TOKENS = 10
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyGpt:
-    return make_tiny_gpt(tmp_path_factory.mktemp("tiny_gpt"))
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,10 @@ import torch
 
 from builder.runtime.generation import GptEngine
 from builder.runtime.gpt import DecodeKernels
-from engine_testing import TinyGpt, hf_generate, make_tiny_gpt, random_prompts, request
+from engine_testing import TinyGpt, hf_generate, random_prompts, request
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 NEW_TOKENS = 12
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyGpt:
-    return make_tiny_gpt(tmp_path_factory.mktemp("tiny_gpt"))
 
 
 @pytest.fixture(scope="module")

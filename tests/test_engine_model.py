@@ -7,12 +7,7 @@ import torch
 
 from builder.runtime.generation import GptEngine
 from builder.runtime.gpt import DecodeKernels, GptModel, WeightError, batch_buckets, check_weights
-from engine_testing import TinyGpt, make_tiny_gpt
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyGpt:
-    return make_tiny_gpt(tmp_path_factory.mktemp("tiny_gpt"))
+from engine_testing import TinyGpt
 
 
 @torch.inference_mode()

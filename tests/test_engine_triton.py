@@ -18,7 +18,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from engine_testing import TinyGpt, hf_generate, make_tiny_gpt, random_prompts
+from engine_testing import TinyGpt, hf_generate, random_prompts
+from servers import server_on_free_ports
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -57,11 +58,6 @@ def core_config(name: str, *, decoupled: bool) -> str:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyGpt:
-    return make_tiny_gpt(tmp_path_factory.mktemp("tiny_gpt"))
-
-
-@pytest.fixture(scope="module")
 def repository(tiny: TinyGpt, tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("repo")
     for name, decoupled in (("gpt3_1.3b", False), ("gpt_stream", True)):
@@ -77,9 +73,7 @@ def repository(tiny: TinyGpt, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(repository: Path):
-    from builder.serve import TritonServer
-
-    with TritonServer.on_free_ports(repository, startup_timeout_s=180.0) as running:  # __enter__ starts it
+    with server_on_free_ports(repository) as running:  # __enter__ starts it
         yield running
 
 

@@ -21,6 +21,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
+from builder import GPT2_TOKENIZER_DIR
 from builder.demo import build_demo_repository
 from builder.render import render_repository
 from builder.render_config import RenderConfig
@@ -28,6 +29,7 @@ from builder.runtime.model_config import GptModelConfig
 from builder.runtime.tokenizer import GptTokenizer
 from builder.serve import TritonServer
 from client import TextClient
+from servers import server_on_free_ports
 
 pytestmark = pytest.mark.server
 
@@ -36,7 +38,7 @@ PROMPTS = ["Hello", "The quick brown fox jumps over", "数字と絵文字 🚀",
 
 
 def serve(repository: Path) -> Iterator[TritonServer]:
-    with TritonServer.on_free_ports(repository, startup_timeout_s=180) as server:
+    with server_on_free_ports(repository) as server:
         yield server
 
 
@@ -129,8 +131,8 @@ def test_emoji_and_cjk_round_trip_intact(tiny_server: TritonServer) -> None:
     inputs[0].set_data_from_numpy(np.array([[prompt.encode()]], dtype=object))
     inputs[1].set_data_from_numpy(np.array([[4]], dtype=np.int32))
     result = http.infer("ensemble", inputs)
-    assert int(result.as_numpy("num_input_tokens")[0][0]) == len(GptTokenizer.from_directory(
-        Path(__file__).resolve().parents[1] / "builder" / "assets" / "gpt2").encode(prompt))
+    prompt_ids = GptTokenizer.from_directory(GPT2_TOKENIZER_DIR).encode(prompt)
+    assert int(result.as_numpy("num_input_tokens")[0][0]) == len(prompt_ids)
 
 
 def test_streaming_deltas_concatenate_to_the_non_streaming_text(tiny_server: TritonServer,
@@ -251,7 +253,7 @@ def test_core_model_answers_the_seed_token_id_request(demo_server: TritonServer)
     assert output_ids.shape == (1, 1, 36)
     assert output_ids[0, 0, :6].tolist() == prompt
     assert result.as_numpy("sequence_length").tolist() == [[36]]
-    tokenizer = GptTokenizer.from_directory(Path(__file__).resolve().parents[1] / "builder" / "assets" / "gpt2")
+    tokenizer = GptTokenizer.from_directory(GPT2_TOKENIZER_DIR)
     assert tokenizer.decode(output_ids[0, 0, 6:].tolist()) == "".join(f" {n}" for n in range(7, 37))
 
 

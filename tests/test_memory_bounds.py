@@ -21,12 +21,13 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
+from builder import GPT2_TOKENIZER_DIR
 from builder.runtime.preprocess import PreprocessConfig, RequestError, preprocess_requests
 from builder.runtime.tokenizer import GptTokenizer
 from builder.serve import PYTHON_STUB, TritonServer
 from servers import server_on_free_ports
 
-ASSETS = Path(__file__).resolve().parents[1] / "builder" / "assets" / "gpt2"
+ASSETS = GPT2_TOKENIZER_DIR
 PROMPT_BYTES = 16 * 1024 * 1024
 REFUSED_PROMPTS = 50  # half over HTTP, half over gRPC
 GROWTH_ALLOWED = 1.10

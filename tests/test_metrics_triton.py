@@ -17,6 +17,7 @@ import pytest
 import tritonclient.http as httpclient
 
 from builder.serve import TritonServer
+from servers import server_on_free_ports
 
 pytestmark = pytest.mark.server
 
@@ -88,7 +89,7 @@ def toy_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServe
     (repository / "toy" / "config.pbtxt").write_text(CONFIG)
     (version / "model.py").write_text(MODEL)
     shutil.copy(METRICS_MODULE, version / "metrics.py")
-    with TritonServer.on_free_ports(repository, startup_timeout_s=120) as server:
+    with server_on_free_ports(repository, startup_timeout_s=120) as server:
         yield server
 
 
@@ -163,7 +164,7 @@ def test_the_torch_core_reports_engine_metrics(tmp_path: Path, streaming: bool) 
 
     repository = build_demo_repository(tmp_path / "repo", streaming=streaming)
     core = "gpt3_1.3b"  # the demo's core model name
-    with TritonServer.on_free_ports(repository, startup_timeout_s=180) as server:
+    with server_on_free_ports(repository) as server:
         before = wait_for(server, lambda s: "gpt_kv_slots_total" in s, model=core)
         assert before["gpt_kv_slots_total"] > 0 and before["gpt_generated_tokens_total"] == 0
         with TextClient(server.grpc_url, protocol="grpc") as client:

@@ -18,22 +18,24 @@ import httpx
 import openai
 import pytest
 
+from builder import GPT2_TOKENIZER_DIR
 from builder.demo import build_demo_repository
 from builder.openai_api import ApiServerError, ApiSettings, OpenAIServer, check_binding
 from builder.runtime.tokenizer import GptTokenizer
 from builder.serve import TritonServer, free_port, free_ports
+from servers import server_on_free_ports
 
 pytestmark = pytest.mark.server
 
 COUNTED = "".join(f" {n}" for n in range(7, 37))
 KEY = "test-key-0123456789abcdef"
-TOKENIZER = GptTokenizer.from_directory(Path(__file__).resolve().parents[1] / "builder" / "assets" / "gpt2")
+TOKENIZER = GptTokenizer.from_directory(GPT2_TOKENIZER_DIR)
 
 
 @pytest.fixture(scope="module", params=["plain", "streaming"])
 def triton(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     repository = build_demo_repository(tmp_path_factory.mktemp("demo") / "repo", streaming=request.param == "streaming")
-    with TritonServer.on_free_ports(repository, startup_timeout_s=180) as server:
+    with server_on_free_ports(repository) as server:
         yield server
 
 

@@ -21,6 +21,7 @@ from builder.render_config import RenderConfig
 from builder.runtime.model_config import GptModelConfig
 from builder.serve import TritonServer
 from client import TextClient
+from servers import server_on_free_ports
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -50,7 +51,7 @@ def server(tiny_ft_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
                                           model=model, streaming=True, max_batch_size=SLOTS,
                                           output=tmp_path_factory.mktemp("stream") / "repo"))
     # Verbose: the scheduler logs every admission and cancellation.
-    with TritonServer.on_free_ports(repo, startup_timeout_s=180, log_verbose=1) as running:
+    with server_on_free_ports(repo, log_verbose=1) as running:
         yield running
 
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from builder import GPT2_TOKENIZER_DIR
 from builder.runtime.tokenizer import GptTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-ASSETS = ROOT / "builder" / "assets" / "gpt2"
+ASSETS = GPT2_TOKENIZER_DIR
 EOS = 50256
 
 pytestmark = pytest.mark.server

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from builder import GPT2_TOKENIZER_DIR
 from builder.runtime.tokenizer import GptTokenizer, TokenizerError, byte_level_alphabet
 
-ASSETS = Path(__file__).resolve().parents[1] / "builder" / "assets" / "gpt2"
+ASSETS = GPT2_TOKENIZER_DIR
 
 SAMPLES = [
     "Hello world", " world", "1 2 3 4 5 6", " The quick brown fox", "", " ", "   leading and trailing   ",

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from builder import GPT2_TOKENIZER_DIR
 from builder.runtime.tokenizer import GptTokenizer
 from builder.runtime.word_lists import (decode_word_list, distinct_words, encode_word_lists, tokenize_word_lists,
                                         word_variants)
 
-ASSETS = Path(__file__).resolve().parents[1] / "builder" / "assets" / "gpt2"
+ASSETS = GPT2_TOKENIZER_DIR
 
 
 @pytest.fixture(scope="module")
