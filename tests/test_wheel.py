@@ -86,3 +86,11 @@ def test_installed_wheel_renders_and_validates_the_demo_repository(wheel_venv: P
     assert sorted(rendered) == sorted(expected)
     assert [name for name in rendered if rendered[name] != expected[name]] == []
     assert any(name.endswith("1/model.py") for name in rendered)
+
+    # The other package data: deploy's templates (manifests, Dockerfiles) and the OpenAI API's chat template.
+    run([str(wheel_venv), "-m", "builder", "deploy", "k8s", str(output), "--out", str(tmp_path / "deploy")],
+        cwd=cwd, env=env)
+    assert (tmp_path / "deploy" / "manifests" / "deployment.yaml").is_file()
+    template = run([str(wheel_venv), "-c", "from builder.openai_api.chat_template import ChatTemplate; "
+                    "print(ChatTemplate.load().origin)"], cwd=cwd, env=env)
+    assert "default" in template
