@@ -20,7 +20,7 @@ from builder.runtime.core_io import RequestError, RowOutput
 from builder.runtime.generation import GptEngine, ResourceError
 from builder.runtime import scheduler as scheduler_module
 from builder.runtime.scheduler import InflightScheduler
-from engine_testing import TinyGpt, hf_generate, make_tiny_gpt, random_prompts, request
+from engine_testing import TinyGpt, hf_generate, random_prompts, request
 
 SAMPLING = dict(top_k=20, top_p=0.9, temperature=1.3)
 WAIT_S = 30.0
@@ -73,11 +73,6 @@ class Sink:
         assert self.error is None, f"{self.name}: {self.error}"
         assert self.outputs is not None
         return self.outputs
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyGpt:
-    return make_tiny_gpt(tmp_path_factory.mktemp("tiny_gpt"))
 
 
 @pytest.fixture(scope="module")
