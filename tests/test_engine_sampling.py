@@ -13,15 +13,10 @@ from builder.runtime.generation import GptEngine
 from builder.runtime.gpt import GptModel
 from builder.runtime.sampling import GREEDY_TEMPERATURE, SlotParams, counter_uniform, sample_top_k_top_p
 from builder.runtime.scheduler import InflightScheduler
-from engine_testing import TinyGpt, hf_generate, hf_next_token_logits, make_tiny_gpt, random_prompts, request
+from engine_testing import TinyGpt, hf_generate, hf_next_token_logits, random_prompts, request
 
 NEW_TOKENS = 12
 SAMPLING = dict(top_k=20, top_p=0.9, temperature=1.3)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyGpt:
-    return make_tiny_gpt(tmp_path_factory.mktemp("tiny_gpt"))
 
 
 @pytest.fixture(scope="module")
