@@ -9,11 +9,11 @@ value and checks that no rendering of it (nor of another input's value) appears,
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from builder import GPT2_TOKENIZER_DIR
 from builder.runtime import core_io, preprocess
 from builder.runtime.tokenizer import GptTokenizer
 
@@ -21,7 +21,7 @@ SECRET = b"TOPS"
 AS_INT32 = int(np.frombuffer(SECRET, np.int32)[0])  # 1397772116
 AS_FP32 = float(np.frombuffer(SECRET, np.float32)[0])
 NEGATIVE_FP32 = float(np.frombuffer(SECRET[:3] + bytes([SECRET[3] | 0x80]), np.float32)[0])  # sign bit set
-ASSETS = Path(__file__).resolve().parents[1] / "builder" / "assets" / "gpt2"
+ASSETS = GPT2_TOKENIZER_DIR
 CONFIG = preprocess.PreprocessConfig(max_pos_seq_len=64, vocab_size=50304)
 
 
