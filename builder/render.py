@@ -149,11 +149,27 @@ def render_repository(config: RenderConfig) -> Path:
         if template in ("preprocessing", "postprocessing"):
             for name in TOKENIZER_FILES:
                 shutil.copy2(tokenizer_dir / name, version_dir / name)
+            write_hf_tokenizer_files(tokenizer_dir, version_dir, config.model.max_pos_seq_len)
     if config.checkpoint is not None:
         _copy_weights(config.checkpoint, output / config.model_name / "1" / config.weights_folder)
     manifest = {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()}
     (output / MARKER).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     return output
+
+
+def write_hf_tokenizer_files(tokenizer_dir: Path, folder: Path, max_length: int) -> None:
+    """tokenizer.json + tokenizer_config.json + special_tokens_map.json beside vocab.json/merges.txt, so the folder
+    loads with `transformers.AutoTokenizer.from_pretrained` (what genai-perf's --tokenizer and TRT-LLM's
+    --tokenizer-dir use). GPT2Tokenizer: the fast one from tokenizer.json in transformers 4 and 5 alike."""
+    from .runtime.tokenizer import EOS_TOKEN, GptTokenizer  # noqa: PLC0415  (loads the Rust tokenizer)
+
+    (folder / "tokenizer.json").write_text(GptTokenizer.from_directory(tokenizer_dir).tokenizer_json(),
+                                           encoding="utf-8")
+    special = {"bos_token": EOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN}
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": max_length, "add_prefix_space": False,
+              "add_bos_token": False, "clean_up_tokenization_spaces": False, **special}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
 
 
 def config_from_options(checkpoint: Path | None, **options: object) -> RenderConfig:

@@ -26,6 +26,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from .render import RUNTIME_FOLDER, TOKENIZER_FILES
+from .runtime import contract
 from .runtime.model_config import GptModelConfig, ModelConfigError
 
 TensorSpec = tuple[int, list[int]]  # (data type enum, dims without the batch dim)
@@ -155,6 +156,21 @@ def check_ensemble(ensemble: Model, models: dict[str, Model], problems: list[str
                 problems.append(f"{step_where}: output_map key {key!r} is not an output of {model.name}")
                 continue
             available[value] = (model_output.data_type, list(model_output.dims))
+    # Triton refuses an ensemble whose step writes a tensor nothing reads ("ensemble tensor 'x' is unused").
+    read = {value for step in ensemble.config.ensemble_scheduling.step for value in step.input_map.values()}
+    for step in ensemble.config.ensemble_scheduling.step:
+        for value in step.output_map.values():
+            if value not in read and value not in ensemble.outputs:
+                problems.append(f"{where}: tensor {value!r} written by {step.model_name} is never read")
+    # The inputs are the text ensemble's contract (runtime/contract.py): a name or type it lacks reaches no model.
+    for name, tensor in ensemble.inputs.items():
+        declared = contract.ENSEMBLE.get(name)
+        if declared is None:
+            problems.append(f"{where}: input {name!r} is not in the text ensemble's contract "
+                            f"(builder/runtime/contract.py)")
+        elif _type_name(tensor.data_type) != f"TYPE_{declared.tensor.data_type}":
+            problems.append(f"{where}: input {name!r} is {_type_name(tensor.data_type)}; the contract says "
+                            f"TYPE_{declared.tensor.data_type}")
     for name, output in ensemble.outputs.items():
         if name not in available or name in ensemble.inputs:
             problems.append(f"{where}: output {name!r} is not written by any step")

@@ -12,26 +12,17 @@ from typing import Any
 
 import numpy as np
 
+from builder.runtime import contract
+
 from .errors import RequestError
 
-# Optional scalar inputs: keyword name == tensor name -> Triton datatype.
+# Optional scalar inputs: keyword name == tensor name -> Triton datatype, from the one contract. `stream` is the
+# transport's business (TextRequest.stream); aliases are keyword aliases here.
 SCALAR_INPUTS: dict[str, str] = {
-    "top_k": "INT32",
-    "top_p": "FP32",
-    "temperature": "FP32",
-    "repetition_penalty": "FP32",
-    "presence_penalty": "FP32",
-    "min_tokens": "INT32",
-    "len_penalty": "FP32",
-    "beam_width": "INT32",
-    "random_seed": "UINT64",
-    "end_id": "INT32",
-    "pad_id": "INT32",
-    "return_log_probs": "BOOL",
-    "exclude_input_in_output": "BOOL",
-}
-WORD_LIST_INPUTS = ("stop_words", "bad_words")
-KEYWORD_ALIASES = {"seed": "random_seed", "stop": "stop_words", "length_penalty": "len_penalty"}
+    i.name: i.tensor.data_type for i in contract.ENSEMBLE_INPUTS
+    if i.tensor.optional and i.tensor.dims == (1,) and not i.alias_of and i.name != contract.STREAM and i.client_option}
+WORD_LIST_INPUTS = tuple(contract.WORD_LIST_INPUTS)
+KEYWORD_ALIASES = {**contract.ALIASES, "stop": "stop_words"}
 _NUMPY_DTYPES = {"INT32": np.int32, "UINT64": np.uint64, "FP32": np.float32, "BOOL": np.bool_}
 _INT_LIMITS = {"INT32": (-(2**31), 2**31 - 1), "UINT64": (0, 2**64 - 1)}
 
@@ -64,6 +55,7 @@ class SamplingParams:
     temperature: float | None = None
     repetition_penalty: float | None = None
     presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     min_tokens: int | None = None
     len_penalty: float | None = None
     beam_width: int | None = None
@@ -71,6 +63,7 @@ class SamplingParams:
     end_id: int | None = None
     pad_id: int | None = None
     return_log_probs: bool | None = None
+    num_return_sequences: int | None = None
     exclude_input_in_output: bool | None = None
     stop_words: tuple[str, ...] = ()
     bad_words: tuple[str, ...] = ()
@@ -88,7 +81,8 @@ class SamplingParams:
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "SamplingParams":
-        """Keyword arguments of `generate()`; `seed`, `stop` and `length_penalty` are accepted as aliases."""
+        """Keyword arguments of `generate()`; `stop` and the contract's aliases (`seed`, `min_length`,
+        `length_penalty`) are accepted too."""
         known = {f.name for f in fields(cls)}
         values: dict[str, Any] = {}
         for key, value in kwargs.items():
@@ -121,10 +115,14 @@ class ModelInfo:
         config = config.get("config", config)
         policy = config.get("model_transaction_policy") or {}
         inputs = frozenset(str(item["name"]) for item in config.get("input", []))
-        # A `stream` input exists only in a streaming repository (README.md, "Streaming"), whose ensemble Triton makes
-        # decoupled even where its own config does not say so. The streaming transports also serve
+        # Triton makes the ensemble of a streaming repository decoupled even where its own config does not say so;
+        # the render marks it with the parameter `streaming` (every repository declares `stream` since issue 13;
+        # before, only streaming ones did, and had no exclude_input_in_output). The streaming transports also serve
         # non-decoupled models, so erring this way is safe.
-        decoupled = bool(policy.get("decoupled", False)) or "stream" in inputs
+        parameters = config.get("parameters") or {}
+        marked = str((parameters.get("streaming") or {}).get("string_value", "")).lower() == "true"
+        legacy = "stream" in inputs and "exclude_input_in_output" not in inputs
+        decoupled = bool(policy.get("decoupled", False)) or marked or legacy
         return cls(name=str(config.get("name", "")), inputs=inputs, decoupled=decoupled,
                    max_batch_size=int(config.get("max_batch_size", 0)))
 
@@ -167,8 +165,8 @@ class TextRequest:
         if missing:
             raise RequestError(f"model '{model.name}' has no input {', '.join(map(repr, missing))} (its engine does "
                                f"not support it); it accepts: {', '.join(sorted(model.inputs))}")
-        # `stream` exists only in a streaming repository; elsewhere one response is all there is.
-        if "stream" in model.inputs:
+        # `stream` matters only in a streaming repository; elsewhere one response is all there is.
+        if "stream" in model.inputs and model.decoupled:
             values["stream"] = self.stream
         return values
 

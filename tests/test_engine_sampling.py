@@ -11,9 +11,10 @@ import torch
 from builder.runtime.core_io import RequestError
 from builder.runtime.generation import GptEngine
 from builder.runtime.gpt import GptModel
-from builder.runtime.sampling import GREEDY_TEMPERATURE, SlotParams, counter_uniform, sample_top_k_top_p
+from builder.runtime.sampling import (GREEDY_TEMPERATURE, SlotParams, counter_uniform, generated_counts,
+                                       sample_top_k_top_p)
 from builder.runtime.scheduler import InflightScheduler
-from engine_testing import TinyGpt, hf_generate, hf_next_token_logits, random_prompts, request
+from engine_testing import END_ID, TinyGpt, hf_generate, hf_next_token_logits, random_prompts, request
 
 NEW_TOKENS = 12
 SAMPLING = dict(top_k=20, top_p=0.9, temperature=1.3)
@@ -255,3 +256,50 @@ def test_in_flight_scheduler_treats_tiny_temperatures_and_total_bans_alike(tiny:
     assert sinks[0].outputs[0].beams[0].tolist() == hf_generate(tiny.hf, prompts[0], NEW_TOKENS)
     assert sinks[1].outputs[0].beams[0].tolist() == prompts[1] + [5]
     assert sinks[1].outputs[0].finish_reason == "stop"
+
+
+# ---- frequency_penalty (issue 13: the name TRT-LLM's clients and OpenAI's API send) --------------------------------
+
+def frequency_reference(tiny: TinyGpt, prompt: list[int], new_tokens: int, penalty: float) -> list[int]:
+    """Greedy decoding with OpenAI's frequency penalty, step by step on HF's logits: each step subtracts penalty x
+    (times the token occurs in the generated text so far; the prompt does not count)."""
+    sequence = list(prompt)
+    for _ in range(new_tokens):
+        logits = hf_next_token_logits(tiny.hf, sequence)[-1].clone()
+        for token in set(sequence[len(prompt):]):
+            logits[token] -= penalty * sequence[len(prompt):].count(token)
+        token = int(logits.argmax())
+        sequence.append(token)
+        if token == END_ID:
+            break
+    return sequence
+
+
+def test_generated_counts_match_a_plain_count() -> None:
+    history = torch.tensor([[5, 6, 5, 5, 7, 9], [1, 1, 2, 3, 3, 9]])  # rows: prompt, generated, padding
+    lengths, generated = torch.tensor([5, 5]), torch.tensor([3, 4])  # row 0 generated [5, 5, 7]; row 1 [1, 2, 3, 3]
+    counts = generated_counts(history, lengths, generated, vocab=10)
+    for row in range(2):
+        tokens = history[row, int(lengths[row] - generated[row]):int(lengths[row])].tolist()
+        assert counts[row].tolist() == [float(tokens.count(t)) for t in range(10)]
+
+
+@pytest.mark.parametrize("penalty", [1.5, -0.5])
+def test_frequency_penalty_matches_the_reference(tiny: TinyGpt, engine: GptEngine, prompts, penalty: float) -> None:
+    rows = [request(p, NEW_TOKENS, frequency_penalty=penalty) for p in prompts]
+    expected = [frequency_reference(tiny, p, NEW_TOKENS, penalty) for p in prompts]
+    static = engine.generate([*rows, request(prompts[0], NEW_TOKENS)])  # a row without the penalty alongside
+    assert [o.beams[0].tolist() for o in static[:-1]] == expected
+    assert static[-1].beams[0].tolist() == hf_generate(tiny.hf, prompts[0], NEW_TOKENS)
+    # The penalty changes something (else this test could not fail): greedy without it differs for some prompt.
+    assert any(e != hf_generate(tiny.hf, p, NEW_TOKENS) for e, p in zip(expected, prompts))
+    scheduler = InflightScheduler(GptEngine.from_ft_dir(tiny.ft_dir, max_batch_size=8)).start()
+    try:
+        sinks = [_FinalSink() for _ in rows]
+        for row, sink in zip(rows, sinks):
+            scheduler.submit([row], sink)
+        for sink in sinks:
+            assert sink.done.wait(60) and sink.error is None, sink.error
+    finally:
+        scheduler.stop()
+    assert [sink.outputs[0].beams[0].tolist() for sink in sinks] == expected

@@ -96,7 +96,9 @@ def test_preprocessing_errors_name_input_and_limit_but_not_the_value(tokenizer: 
 
 
 def test_every_numeric_preprocessing_input_is_covered() -> None:
-    flags = ("random_seed", "return_log_probs", "stream", "exclude_input_in_output")  # any value fits / true-false
+    # any value fits, or true/false
+    flags = ("random_seed", "return_log_probs", "stream", "exclude_input_in_output", "return_num_input_tokens",
+             "return_num_output_tokens")
     numeric = {spec.name for spec in preprocess.SCALAR_INPUTS if spec.name not in flags}
     # refused only as inf/NaN: nothing but "finite" to tell
     numeric -= {"presence_penalty", "frequency_penalty", "len_penalty"}

@@ -143,20 +143,15 @@ def refused(reason: str) -> pytest.MarkDecorator:
     return pytest.mark.xfail(strict=True, raises=ClientFailed, reason=f"issue 13: {reason}")
 
 
-EXCLUDE_REFUSED = refused("the streaming repository does not declare exclude_input_in_output, which genai-perf "
-                          "always sends: perf_analyzer exits 99")
 GENAI_PERF_CASES = [
     # (server, genai-perf flags, --tokenizer: the repository's own folder, or one written from its files)
-    pytest.param("plain", [], False, id="plain"),  # works today: a regression guard
-    pytest.param("plain", [], True, id="plain-repository-tokenizer",
-                 marks=refused("genai-perf's --tokenizer cannot load the rendered tokenizer folder (AutoTokenizer: "
-                               "no tokenizer_config.json / tokenizer.json)")),
-    pytest.param("streaming", [], False, id="streaming-repo", marks=EXCLUDE_REFUSED),
-    pytest.param("streaming", ["--streaming"], False, id="streaming-repo-streamed", marks=EXCLUDE_REFUSED),
-    pytest.param("plain", ["--output-tokens-mean-deterministic"], False, id="plain-deterministic",
-                 marks=refused("--output-tokens-mean-deterministic sends min_length (ours: min_tokens)")),
+    pytest.param("plain", [], False, id="plain"),
+    pytest.param("plain", [], True, id="plain-repository-tokenizer"),
+    pytest.param("streaming", [], False, id="streaming-repo"),
+    pytest.param("streaming", ["--streaming"], False, id="streaming-repo-streamed"),
+    pytest.param("plain", ["--output-tokens-mean-deterministic"], False, id="plain-deterministic"),
     pytest.param("streaming", ["--streaming", "--output-tokens-mean-deterministic"], False,
-                 id="streamed-deterministic", marks=EXCLUDE_REFUSED),
+                 id="streamed-deterministic"),
 ]
 
 
@@ -222,11 +217,6 @@ TRTLLM_CASES = [
 ]
 
 
-@pytest.mark.xfail(strict=True, raises=ClientFailed,
-                   reason="issue 13: the non-streaming repository refuses `stream` (always sent); the streaming one "
-                          "refuses `exclude_input_in_output` (always sent); `num_return_sequences` and "
-                          "`frequency_penalty` are not declared; where answered, the client's "
-                          "as_numpy('text_output')[0].decode() fails on our [batch, beams] layout")
 @pytest.mark.parametrize(("which", "flags", "expected"), TRTLLM_CASES)
 def test_trtllm_end_to_end_grpc_client(request: pytest.FixtureRequest, which: str, flags: list[str], expected: str,
                                        tmp_path: Path) -> None:
@@ -291,16 +281,13 @@ OPENAI_CASES = [
     pytest.param("plain", False, "v2.71", id="plain-v2.71"),
     pytest.param("plain", False, "v2.52", id="plain-v2.52"),
     pytest.param("streaming", False, "v2.71", id="streaming-repo-v2.71"),
-    pytest.param("streaming", True, "v2.71", id="streamed-v2.71"),
+    pytest.param("streaming", True, "v2.71", id="streamed-v2.71", marks=pytest.mark.xfail(
+        strict=True, raises=AssertionError, reason="streamed num_output_tokens are cumulative (1, 2, 3, ...); the "
+                                                   "frontend sums them over the responses (docs/client_compat.md)")),
     pytest.param("streaming", True, "v2.52", id="streamed-v2.52"),
 ]
 
 
-@pytest.mark.xfail(strict=True, raises=ClientFailed,
-                   reason="issue 13: the non-streaming repository refuses `stream` (always sent); the streaming one "
-                          "refuses `frequency_penalty` (always sent, default 0) and v2.59+'s `seed` (ours: "
-                          "random_seed); v2.64+ also sends exclude_input_in_output and return_num_input_tokens / "
-                          "return_num_output_tokens")
 @pytest.mark.parametrize(("which", "stream", "version"), OPENAI_CASES)
 def test_openai_frontend_trtllm_tensors(request: pytest.FixtureRequest, which: str, stream: bool,
                                         version: str) -> None:
@@ -351,9 +338,6 @@ def core_oracle(server: TritonServer, request: dict[str, np.ndarray]) -> tuple[n
     return result.as_numpy("output_ids"), result.as_numpy("sequence_length")
 
 
-@pytest.mark.xfail(strict=True, raises=ClientFailed,
-                   reason="issue 13: the torch core refuses `start_id` and `beam_search_diversity_rate`, which FT's "
-                          "samples send and the FT-engine render declares")
 @pytest.mark.parametrize("sample", ["sample_request.json", "sample_request_runtime_top_k.json"])
 def test_ft_issue_request_samples_against_the_torch_core(plain: TritonServer, sample: str, tmp_path: Path) -> None:
     params = json.dumps({"config": {"model_name": CORE, "url": plain.http_url}})
@@ -371,9 +355,6 @@ def test_ft_issue_request_samples_against_the_torch_core(plain: TritonServer, sa
     assert printed["cum_log_probs"].shape == (rows,)  # is_return_log_probs was true
 
 
-@pytest.mark.xfail(strict=True, raises=ClientFailed,
-                   reason="issue 13: the torch core refuses `start_id` and `beam_search_diversity_rate`; FT's stream "
-                          "sample sends no `stream` input, and today's decoupled torch core then answers once")
 def test_ft_issue_request_stream_sample_against_the_streaming_core(plain: TritonServer, streaming: TritonServer,
                                                                    tmp_path: Path) -> None:
     params = json.dumps({"config": {"model_name": CORE, "url": streaming.grpc_url}})

@@ -58,8 +58,9 @@ def test_every_combination_renders_and_parses(tmp_path: Path, engine: str, strea
     capabilities = FT_CAPABILITIES if engine == "fastertransformer" else TORCH_CAPABILITIES
     assert ("presence_penalty" in ensemble_inputs) == ("presence_penalty" in capabilities)
     assert ("min_tokens" in ensemble_inputs) == ("min_length" in capabilities)
-    assert ("stream" in ensemble_inputs) == (streaming and "stream" in capabilities)
-    assert ("exclude_input_in_output" in ensemble_inputs) is not streaming
+    # Every repository declares both (clients always send them); a value it cannot honour is refused by name.
+    assert {"stream", "exclude_input_in_output", "num_return_sequences", "seed"} <= ensemble_inputs
+    assert ("frequency_penalty" in ensemble_inputs) == ("frequency_penalty" in capabilities)
     assert {"text_input", "max_tokens", "stop_words", "bad_words", "top_k", "top_p", "temperature"} <= ensemble_inputs
     assert {"text_output", "finish_reason", "num_input_tokens", "num_output_tokens"} <= {t.name for t in ensemble.output}
     # Every rendered repository is internally consistent (weights aside: none were given).

@@ -52,7 +52,7 @@ def pb_utils(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
     module.get_input_tensor_by_name = lambda request, name: request.get(name)
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", module)
     monkeypatch.setitem(sys.modules, "gpt_runtime", builder.runtime)  # the renderer copies it as gpt_runtime/
-    for name in ("tokenizer", "preprocess", "postprocess", "word_lists"):
+    for name in ("contract", "tokenizer", "preprocess", "postprocess", "word_lists"):
         monkeypatch.setitem(sys.modules, f"gpt_runtime.{name}", importlib.import_module(f"builder.runtime.{name}"))
     return module
 
@@ -105,7 +105,7 @@ def test_preprocessing_execute_answers_each_request(tmp_path: Path, pb_utils: ty
 
 
 @pytest.mark.parametrize("config, fragment", [
-    (pre_config(inputs={**PRE_INPUTS, "frequency_penalty": "TYPE_FP32"}), "frequency_penalty"),
+    (pre_config(inputs={**PRE_INPUTS, "embedding_bias_words": "TYPE_STRING"}), "embedding_bias_words"),
     (pre_config(inputs={"text_input": "TYPE_STRING"}), "max_tokens"),
     (pre_config(inputs={**PRE_INPUTS, "top_k": "TYPE_FP32"}), "top_k"),
     (pre_config(outputs={**PRE_OUTPUTS, "runtime_top_k": "TYPE_INT32"}), "runtime_top_k"),
@@ -138,7 +138,7 @@ def test_postprocessing_streaming_deltas(tmp_path: Path, pb_utils: types.ModuleT
                "response_input_lengths": FakeTensor("", np.array([[1]], dtype=np.int32))}
     (response,) = model.execute([request])
     assert response.error is None
-    assert response.tensors["text_output"].tolist() == [[b" 3"]]  # only the newest token
+    assert response.tensors["text_output"].tolist() == [b" 3"]  # only the newest token; [B * beams] (TRT-LLM's)
     assert list(response.tensors) == list(POST_OUTPUTS)
 
 

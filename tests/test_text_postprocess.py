@@ -47,7 +47,9 @@ def single(tokenizer: GptTokenizer, prompt: str, generated: list[int], **extra: 
 
 
 def texts(result: dict[str, np.ndarray]) -> list[list[str]]:
-    return [[value.decode() for value in row] for row in result["text_output"]]
+    """text_output is [B * beams], row-major (TRT-LLM's layout); finish_reason is [B, beams]."""
+    assert result["text_output"].ndim == 1 and result["text_output"].size == result["finish_reason"].size
+    return [[value.decode() for value in row] for row in result["text_output"].reshape(result["finish_reason"].shape)]
 
 
 def reasons(result: dict[str, np.ndarray]) -> list[list[str]]:
@@ -211,9 +213,9 @@ def test_streaming_delta_start_gives_all_new_tokens_of_a_single_final_response()
               "response_input_lengths": np.array([[len(prompt)]], np.int32)}
     config = PostprocessConfig(streaming=True, end_id=tokenizer.eos_id)
     whole = postprocess_requests([{**inputs, "delta_start": np.array([[len(prompt)]], np.int32)}], tokenizer, config)
-    assert whole[0]["text_output"][0][0].decode() == " 1 2 3 数字 🚀"
+    assert whole[0]["text_output"][0].decode() == " 1 2 3 数字 🚀"
     last_only = postprocess_requests([inputs], tokenizer, config)  # without it: one new token per response
-    assert last_only[0]["text_output"][0][0].decode() != " 1 2 3 数字 🚀"
+    assert last_only[0]["text_output"][0].decode() != " 1 2 3 数字 🚀"
 
 
 def byte_tokens(tokenizer: GptTokenizer, text: str) -> list[int]:

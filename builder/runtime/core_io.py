@@ -11,9 +11,12 @@ The lengths are those of this Triton request, not of the dynamic batch it was gr
 on what else was batched with it.
 
 Streaming (decoupled torch core; not in FT's contract) adds, per row and beam:
-  delta_start [B, beam] int32: where this response's new tokens start (the previous response's sequence_length, or the
-  prompt length for the first); finish_code [B, beam] int32: FINISH_CODES (0 while running); stream_ack [B, 2] int64:
-  (port, key) that postprocessing acknowledges each response to (stream_ack.py), (0, 0) for none.
+  delta_start [B, beam] int32: where this response's text starts (the previous response's sequence_length, or the
+  prompt length for the first; 0 for a final response that was not streamed and must repeat the prompt, i.e.
+  exclude_input_in_output false); stop_length [B, beam] int32: the tokens of a stop word that ends a response that
+  was not streamed (postprocessing trims them; 0 on streamed responses); finish_code [B, beam] int32: FINISH_CODES
+  (0 while running); stream_ack [B, 2] int64: (port, key) that postprocessing acknowledges each response to
+  (stream_ack.py), (0, 0) for none.
 A streamed update (`StreamState.update`) sends only the tail of each sequence: output_ids [B, beam, T] holds the
 LAST T tokens of each row/beam (positions sequence_length - T .. sequence_length - 1; end_id where a position would
 be < 0), with T just large enough for every row's new tokens plus up to STREAM_CONTEXT_TOKENS generated tokens before
@@ -29,26 +32,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# The FT optional inputs the PyTorch engine honours (plus `stream` in decoupled mode). Render templates expose exactly
-# these; anything else a client sends is refused by Triton, never silently ignored.
-CAPABILITIES: frozenset[str] = frozenset({
-    "runtime_top_k", "runtime_top_p", "temperature", "repetition_penalty", "presence_penalty", "min_length",
-    "random_seed", "end_id", "stop_words_list", "bad_words_list", "beam_width", "len_penalty", "is_return_log_probs",
-    "stream",
-})
-REQUIRED_INPUTS = ("input_ids", "input_lengths", "request_output_len")
+from . import contract
+from .contract import MAX_BEAM_WIDTH, UINT64_MAX, RequestError
+
+# The FT optional inputs the PyTorch engine honours (the contract's; `stream` and `exclude_input_in_output` are
+# rendered in decoupled mode only). Render templates expose exactly these; anything else a client sends is refused by
+# Triton, never silently ignored.
+CAPABILITIES: frozenset[str] = frozenset(i.name for i in contract.core_inputs(contract.TORCH) if i.tensor.optional)
+REQUIRED_INPUTS = contract.REQUIRED_CORE_INPUTS
 STREAM_CONTEXT_TOKENS = 4  # a UTF-8 character spans <= 4 bytes, and every token holds >= 1 byte
 FINISH_CODES = {"": 0, "stop": 1, "length": 2, "cancelled": 3}  # finish_code values; "" = still running
-MAX_BEAM_WIDTH = 8
-UINT64_MAX = (1 << 64) - 1
-
-
-class RequestError(ValueError):
-    """A request the engine cannot serve; `input_name` is the FT input at fault."""
-
-    def __init__(self, input_name: str, message: str) -> None:
-        super().__init__(f"{input_name}: {message}")
-        self.input_name = input_name
+__all__ = ["MAX_BEAM_WIDTH", "UINT64_MAX", "RequestError"]  # re-exported: the engine's modules import them from here
 
 
 @dataclass(frozen=True)
@@ -71,6 +65,7 @@ class GenerationRequest:
     temperature: float = 1.0
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     min_length: int = 0
     random_seed: int = 0
     beam_width: int = 1
@@ -81,8 +76,7 @@ class GenerationRequest:
 
     @property
     def is_greedy(self) -> bool:
-        """FT: top_k 1, or top_k 0 with top_p 0, selects the argmax; so does temperature 0 (FT divides by T + 1e-6)."""
-        return self.top_k == 1 or (self.top_k == 0 and self.top_p == 0.0) or self.temperature == 0.0
+        return contract.is_greedy(self.top_k, self.top_p, self.temperature)
 
 
 @dataclass
@@ -102,6 +96,10 @@ class ParsedRequest:
     rows: list[GenerationRequest]
     stream: bool = False
     return_log_probs: bool = False
+    exclude_input: bool = True  # a final response that was not streamed: its text starts with the prompt when False
+    # No `stream` input (FT's own clients, e.g. issue_request.py): a decoupled core streams as FT's does, every
+    # response in FT's cumulative layout. The ensemble always sends `stream`, and gets tails (module notes).
+    ft_stream: bool = False
 
 
 def parse_word_list(array: np.ndarray, input_name: str, batch_size: int, vocab_size: int
@@ -174,42 +172,38 @@ def parse_request(inputs: Mapping[str, np.ndarray], limits: EngineLimits) -> Par
     batch_size, padded_len = input_ids.shape
     _check(batch_size >= 1 and padded_len >= 1, "input_ids", "must hold at least one token per row")
 
-    def scalars(name: str, default: float | int, dtype: type) -> list:
-        values = _per_row(inputs, name, batch_size)
-        return [default] * batch_size if values is None else [dtype(v) for v in values.tolist()]
-
-    lengths = scalars("input_lengths", 0, int)
-    output_lens = scalars("request_output_len", 0, int)
-    top_ks = scalars("runtime_top_k", 0, int)
-    top_ps = scalars("runtime_top_p", 0.0, float)
-    temperatures = scalars("temperature", 1.0, float)
-    repetition = scalars("repetition_penalty", 1.0, float)
-    presence = scalars("presence_penalty", 0.0, float)
-    min_lengths = scalars("min_length", 0, int)
-    len_penalties = scalars("len_penalty", 0.0, float)
-    beam_widths = scalars("beam_width", 1, int)
-    seeds = scalars("random_seed", 0, int)
-    end_ids = scalars("end_id", limits.default_end_id, int)
-    log_probs = scalars("is_return_log_probs", False, bool)
-    # Absent `stream` means one final response: what Triton's /generate (and any non-streaming client) can take.
-    streams = scalars("stream", False, bool)
+    values: dict[str, list] = {}
+    for name in (*REQUIRED_INPUTS[1:], *sorted(CAPABILITIES - {"stop_words_list", "bad_words_list"})):
+        spec = contract.CORE[name]
+        given = _per_row(inputs, name, batch_size)
+        if given is None:  # FT's default; the end id is the engine's; absent `stream`: one final response
+            default = limits.default_end_id if name in ("end_id", "start_id") else (spec.default or 0)
+            values[name] = [default] * batch_size
+            continue
+        values[name] = given.tolist()
+        for i, value in enumerate(values[name]):
+            problem = spec.check(value, limits.vocab_size) if spec.check else None
+            _check(problem is None, name, f"row {i}: {problem}")
 
     stop_words = ([()] * batch_size if inputs.get("stop_words_list") is None else
                   parse_word_list(inputs["stop_words_list"], "stop_words_list", batch_size, limits.vocab_size))
     bad_words = ([()] * batch_size if inputs.get("bad_words_list") is None else
                  parse_word_list(inputs["bad_words_list"], "bad_words_list", batch_size, limits.vocab_size))
 
-    # One beam width per Triton request: output_ids is [B, beam, T].
-    _check(len(set(beam_widths)) == 1, "beam_width", "must be the same for all rows of a request")
+    beam_widths = [int(v) for v in values["beam_width"]]
+    problem = contract.same_beam_width(beam_widths)
+    _check(problem is None, "beam_width", str(problem))
     beam_width = beam_widths[0]
-    _check(1 <= beam_width <= MAX_BEAM_WIDTH, "beam_width", f"must be in [1, {MAX_BEAM_WIDTH}]")
     _check(batch_size * beam_width <= limits.max_batch_size, "beam_width",
            f"rows x beam_width must be <= the engine's max_batch_size {limits.max_batch_size} (KV-cache slots); "
            f"the request has {batch_size} rows")
 
+    def row_values(i: int, *names: str) -> list:
+        return [values[name][i] for name in names]
+
     rows: list[GenerationRequest] = []
     for i in range(batch_size):
-        length, output_len = lengths[i], output_lens[i]
+        length, output_len = int(values["input_lengths"][i]), int(values["request_output_len"][i])
         _check(1 <= length <= padded_len, "input_lengths", f"row {i}: must be in [1, {padded_len}]")
         _check(output_len >= 1, "request_output_len", f"row {i}: must be >= 1")
         _check(length + output_len <= limits.max_seq_len, "request_output_len",
@@ -218,25 +212,21 @@ def parse_request(inputs: Mapping[str, np.ndarray], limits: EngineLimits) -> Par
         prompt = input_ids[i, :length]
         _check(bool((prompt >= 0).all() and (prompt < limits.vocab_size).all()), "input_ids",
                f"row {i}: token ids must be in [0, {limits.vocab_size})")
-        _check(0 <= top_ks[i] <= limits.vocab_size, "runtime_top_k",
-               f"row {i}: must be in [0, {limits.vocab_size}]")
-        _check(0.0 <= top_ps[i] <= 1.0, "runtime_top_p", f"row {i}: must be in [0, 1]")
-        _check(0.0 <= temperatures[i] < float("inf"), "temperature", f"row {i}: must be >= 0 and finite")
-        _check(0.0 < repetition[i] < float("inf"), "repetition_penalty",
-               f"row {i}: must be > 0 and finite (1 = off)")
-        _check(np.isfinite(presence[i]), "presence_penalty", f"row {i}: must be finite")
-        _check(min_lengths[i] >= 0, "min_length", f"row {i}: must be >= 0")
-        _check(np.isfinite(len_penalties[i]), "len_penalty", f"row {i}: must be finite")
-        _check(0 <= seeds[i] <= UINT64_MAX, "random_seed", f"row {i}: must be a uint64")
-        _check(0 <= end_ids[i] < limits.vocab_size, "end_id",
-               f"row {i}: must be in [0, {limits.vocab_size})")
+        top_k, end_id, min_length, seed = (int(v) for v in row_values(i, "runtime_top_k", "end_id", "min_length",
+                                                                       "random_seed"))
+        top_p, temperature, repetition, presence, frequency, len_penalty = (float(v) for v in row_values(
+            i, "runtime_top_p", "temperature", "repetition_penalty", "presence_penalty", "frequency_penalty",
+            "len_penalty"))
         rows.append(GenerationRequest(
-            input_ids=tuple(int(t) for t in prompt.tolist()), output_len=output_len, end_id=end_ids[i],
-            top_k=top_ks[i], top_p=top_ps[i], temperature=temperatures[i], repetition_penalty=repetition[i],
-            presence_penalty=presence[i], min_length=min_lengths[i], random_seed=seeds[i], beam_width=beam_width,
-            len_penalty=len_penalties[i], return_log_probs=log_probs[i], stop_words=stop_words[i],
-            bad_words=bad_words[i]))
-    return ParsedRequest(rows=rows, stream=all(streams), return_log_probs=any(log_probs))
+            input_ids=tuple(int(t) for t in prompt.tolist()), output_len=output_len, end_id=end_id,
+            top_k=top_k, top_p=top_p, temperature=temperature, repetition_penalty=repetition,
+            presence_penalty=presence, frequency_penalty=frequency, min_length=min_length, random_seed=seed,
+            beam_width=beam_width, len_penalty=len_penalty, return_log_probs=bool(values["is_return_log_probs"][i]),
+            stop_words=stop_words[i], bad_words=bad_words[i]))
+    streams = [bool(v) for v in values.get("stream", [False] * batch_size)]
+    excludes = [bool(v) for v in values.get("exclude_input_in_output", [True] * batch_size)]
+    return ParsedRequest(rows=rows, stream=all(streams), return_log_probs=any(r.return_log_probs for r in rows),
+                         exclude_input=all(excludes), ft_stream="stream" not in inputs)
 
 
 def ft_outputs(rows: Sequence[GenerationRequest], outputs: Sequence[RowOutput], *, with_log_probs: bool
@@ -249,7 +239,7 @@ def ft_outputs(rows: Sequence[GenerationRequest], outputs: Sequence[RowOutput], 
     max_output_len = max(r.output_len for r in rows)
     total_len = max_input_len + max_output_len
     output_ids = np.empty((batch_size, beam, total_len), dtype=np.uint32)
-    sequence_length = np.zeros((batch_size, beam), dtype=np.uint32)
+    sequence_length: np.ndarray = np.zeros((batch_size, beam), dtype=np.uint32)
     input_lengths = np.zeros((batch_size, beam), dtype=np.int32)
     cum_log_probs = np.zeros((batch_size, beam), dtype=np.float32)
     output_log_probs = np.zeros((batch_size, beam, max_output_len), dtype=np.float32)
@@ -277,6 +267,23 @@ def finish_codes(rows: Sequence[GenerationRequest], outputs: Sequence[RowOutput]
     for i, out in enumerate(outputs):
         codes[i] = FINISH_CODES[out.finish_reason] if out.finished or out.cancelled else 0
     return codes
+
+
+def stop_lengths(rows: Sequence[GenerationRequest], outputs: Sequence[RowOutput]) -> np.ndarray:
+    """[B, beam] int32: tokens of the longest stop word each row/beam ends with (0 when none, or when it ended at
+    end_id): what postprocessing trims from a text that was not streamed."""
+    lengths = np.zeros((len(rows), rows[0].beam_width), dtype=np.int32)
+    for i, (row, out) in enumerate(zip(rows, outputs)):
+        if out.finish_reason != "stop":
+            continue
+        for b, tokens in enumerate(out.beams[:rows[0].beam_width]):
+            generated = tokens[out.prompt_len:].tolist()
+            if generated and generated[-1] == row.end_id:
+                continue
+            matched = [len(w) for w in row.stop_words if 0 < len(w) <= len(generated) and
+                       tuple(generated[-len(w):]) == w]
+            lengths[i, b] = max(matched, default=0)
+    return lengths
 
 
 def stream_tail(rows: Sequence[GenerationRequest], outputs: Sequence[RowOutput], starts: np.ndarray
@@ -308,8 +315,10 @@ class StreamState:
     """The response arrays of one decoupled (streaming-capable) request, in the order they are sent."""
 
     def __init__(self, rows: Sequence[GenerationRequest], *, stream: bool, log_probs: bool,
-                 ack: tuple[int, int] = (0, 0)) -> None:
+                 ack: tuple[int, int] = (0, 0), exclude_input: bool = True, cumulative: bool = False) -> None:
         self.rows, self.stream, self.log_probs = list(rows), stream, log_probs
+        self.exclude_input = exclude_input  # honoured by a final response that was not streamed (stream false)
+        self.cumulative = cumulative  # every update in FT's cumulative layout (ParsedRequest.ft_stream)
         self.sent: np.ndarray | None = None  # [B, beam] sequence_length of the previous response
         self.ack = np.tile(np.array(ack, dtype=np.int64), (len(rows), 1))  # [B, 2]
 
@@ -322,6 +331,8 @@ class StreamState:
         """A streamed response: the tails of the sequences (only the tokens since the previous response, plus
         context), so its cost does not grow with the sequence."""
         starts = self._starts(outputs)
+        if self.cumulative:
+            return self._finish_arrays(ft_outputs(self.rows, outputs, with_log_probs=self.log_probs), starts, outputs)
         output_ids, lengths, prompt_lens = stream_tail(self.rows, outputs, starts)
         arrays = {"output_ids": output_ids, "sequence_length": lengths, "response_input_lengths": prompt_lens}
         if self.log_probs:
@@ -331,15 +342,20 @@ class StreamState:
 
     def final(self, outputs: Sequence[RowOutput]) -> dict[str, np.ndarray]:
         """The last response: a tail when streaming, FT's cumulative layout otherwise (stream false)."""
-        if self.stream:
+        if self.stream or self.cumulative:
             return self.update(outputs)
         arrays = ft_outputs(self.rows, outputs, with_log_probs=self.log_probs)
-        return self._finish_arrays(arrays, self._starts(outputs), outputs)
+        # Not streamed, so the text can still start with the prompt (delta_start 0) and drop a stop word.
+        starts = np.zeros_like(self._starts(outputs)) if not self.exclude_input else self._starts(outputs)
+        arrays = self._finish_arrays(arrays, starts, outputs)
+        arrays["stop_length"] = stop_lengths(self.rows, outputs)
+        return arrays
 
     def _finish_arrays(self, arrays: dict[str, np.ndarray], starts: np.ndarray, outputs: Sequence[RowOutput]
                        ) -> dict[str, np.ndarray]:
         arrays["delta_start"] = starts.astype(np.int32)
         arrays["finish_code"] = finish_codes(self.rows, outputs)
+        arrays["stop_length"] = np.zeros_like(arrays["finish_code"])  # streamed text cannot take a stop word back
         arrays["stream_ack"] = self.ack
         self.sent = arrays["sequence_length"].astype(np.int64)
         return arrays

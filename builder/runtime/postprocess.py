@@ -15,7 +15,9 @@ finish_reason is "stop" or "length" on the last response and "" before), and a `
 postprocessing model acknowledges (stream_ack.py). Without `delta_start` (FT) each response adds one token, so a beam
 "grew" when its generated length equals the longest in the request and a beam that finished earlier gets "".
 What a stateless step cannot know, by design:
-- a stop word is not trimmed (its text has been streamed before the engine stops); without `finish_code` (FT)
+- a streamed stop word is not trimmed (its text has been streamed before the engine stops); a response that was not
+  streamed (`stream` false) is trimmed by the core's `stop_length`, and starts with the prompt where the core's
+  `delta_start` says so (exclude_input_in_output false); without `finish_code` (FT)
   finish_reason is "" except when the last token is the end id (the `end_id` parameter, default the tokenizer's eos):
   then "stop"; the end id itself adds no text (a request's own `end_id` input cannot reach a streaming postprocessing);
 - without `delta_start` the core model must send exactly one response per step: a response repeating the previous
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .preprocess import RequestError
+from .contract import RequestError, detached
 from .tokenizer import GptTokenizer
 from .word_lists import decode_word_list
 
@@ -72,7 +74,8 @@ CORE_INPUTS = {"output_ids": "TYPE_UINT32", "sequence_length": "TYPE_UINT32", "r
 REQUEST_INPUTS = {"request_output_len": "TYPE_UINT32", "end_id": "TYPE_UINT32", "stop_words_list": "TYPE_INT32",
                   "exclude_input_in_output": "TYPE_BOOL"}
 # Streaming only, from a decoupled torch core (core_io.py).
-STREAM_INPUTS = {"delta_start": "TYPE_INT32", "finish_code": "TYPE_INT32", "stream_ack": "TYPE_INT64"}
+STREAM_INPUTS = {"delta_start": "TYPE_INT32", "finish_code": "TYPE_INT32", "stop_length": "TYPE_INT32",
+                 "stream_ack": "TYPE_INT64"}
 OUTPUTS = {"text_output": "TYPE_STRING", "finish_reason": "TYPE_STRING", "num_input_tokens": "TYPE_INT32",
            "num_output_tokens": "TYPE_INT32"}
 
@@ -146,9 +149,9 @@ def _read_beams(inputs: Mapping[str, np.ndarray], allow_tail: bool = False) -> _
     tail = allow_tail and tokens < int(sequence_length.max(initial=0))  # a streamed tail (core_io.py)
     if (input_lengths < 0).any() or (input_lengths > sequence_length).any() or (
             not tail and (sequence_length > tokens).any()):
+        # The values are not echoed: they can come from a shared-memory region (contract.RequestError).
         raise RequestError("sequence_length", f"need 0 <= response_input_lengths <= sequence_length <= {tokens} "
-                                              f"(output_ids length); got input lengths {input_lengths.tolist()}, "
-                                              f"sequence lengths {sequence_length.tolist()}")
+                                              f"(output_ids length) for every row and beam")
     return _Beams(output_ids.astype(np.int64), sequence_length, input_lengths, tail)
 
 
@@ -194,7 +197,7 @@ def _final_texts(requests: Sequence[Mapping[str, np.ndarray]], tokenizer: GptTok
             exclude_input = _per_row(inputs, "exclude_input_in_output", batch, 1)
             stop_words = _stop_words(inputs, batch)
         except RequestError as err:
-            plans.append(err)
+            plans.append(detached(err))  # a kept traceback would pin the request's arrays
             continue
         reasons: list[list[str]] = []
         counts: list[list[int]] = []
@@ -236,7 +239,8 @@ def _final_texts(requests: Sequence[Mapping[str, np.ndarray]], tokenizer: GptTok
 def _outputs(text_output: np.ndarray, reasons: list[list[str]], beams: _Beams, counts: list[list[int]]
              ) -> dict[str, np.ndarray]:
     return {
-        "text_output": text_output,  # [B, W] UTF-8 bytes
+        # [B * W] UTF-8 bytes, row-major: TRT-LLM's layout, which its clients read as text_output[0] (contract.py)
+        "text_output": text_output.reshape(-1),
         "finish_reason": np.array([[reason.encode() for reason in row] for row in reasons], dtype=np.object_),
         "num_input_tokens": beams.input_lengths[:, :1].astype(np.int32),  # [B, 1]
         "num_output_tokens": np.array(counts, dtype=np.int32),  # [B, W]
@@ -254,6 +258,10 @@ def _stream_deltas(inputs: Mapping[str, np.ndarray], tokenizer: GptTokenizer, en
     else:  # one new token per response (FT's decoupled mode): only the longest beams grew
         newest = int(generated_lengths.max(initial=0))
         new_counts = np.where((generated_lengths == newest) & (generated_lengths > 0), 1, 0)
+    trims = np.asarray(inputs.get("stop_length", np.zeros((batch, width))), dtype=np.int64).reshape(batch, -1)
+    # delta_start before the prompt's end: a final response repeats the prompt (exclude_input_in_output false)
+    starts = np.asarray(inputs.get("delta_start", np.full((batch, width), -1)), dtype=np.int64).reshape(batch, -1)
+    echo = None if beams.is_tail or not (starts[starts >= 0] < beams.input_lengths[starts >= 0]).any() else starts
     text_output = np.empty((batch, width), dtype=np.object_)
     reasons: list[list[str]] = []
     counts: list[list[int]] = []
@@ -271,6 +279,12 @@ def _stream_deltas(inputs: Mapping[str, np.ndarray], tokenizer: GptTokenizer, en
                 delta = tokenizer.stream_delta(generated[:-1], num_new - 1, final=True) if num_new else ""
                 total -= 1
                 reason = FINISH_STOP
+            elif echo is not None or trims[row, beam]:  # a final response that was not streamed
+                tokens = generated if echo is None else beams.output_ids[row, beam, :int(beams.sequence_length[
+                    row, beam])].tolist()
+                num_new = len(generated) if echo is None else len(tokens) - int(echo[row, beam])
+                keep = len(tokens) - int(np.clip(trims[row, beam], 0, len(generated)))
+                delta = tokenizer.stream_delta(tokens[:keep], num_new - (len(tokens) - keep), final=True)
             else:  # the last response (finish_code set) flushes a held-back character, as a full decode would
                 delta = tokenizer.stream_delta(generated, num_new, final=bool(reason)) if num_new else ""
             text_output[row, beam] = delta.encode("utf-8")
@@ -290,5 +304,5 @@ def postprocess_requests(requests: Sequence[Mapping[str, np.ndarray]], tokenizer
         try:
             results.append(_stream_deltas(inputs, tokenizer, config.end_id))
         except RequestError as err:
-            results.append(err)
+            results.append(detached(err))
     return results

@@ -9,76 +9,38 @@ temperature alone does not switch it on), temperature 1, repetition_penalty 1, p
 beam_width 1, len_penalty 0, random_seed 0, end_id = the configured end id (GPT-2 eos 50256), pad_id = end_id,
 no stop/bad words, no log probs.
 
+Names other clients send (`seed`, `min_length`, `length_penalty`) are aliases; `num_return_sequences` must be 1;
+`stream` is checked here where the core cannot take it (contract.py says which values each repository honours).
+
 temperature 0 is accepted and means greedy (what OpenAI-style clients send): it becomes runtime_top_k 1,
 runtime_top_p 0, temperature 1, so the engine never divides by zero.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
+from . import contract
+from .contract import MAX_TOKENS, TEXT_INPUT, WORD_LIST_INPUTS, RequestError, detached
 from .tokenizer import GptTokenizer
 from .word_lists import distinct_words, encode_word_lists, word_variants
 
-# FT input names the preprocessing model can produce, with FT's dtypes.
+# FT input names the preprocessing model can produce, with FT's dtypes (the contract's core inputs it fills).
 FT_OUTPUT_DTYPES: dict[str, type[np.generic]] = {
-    "input_ids": np.uint32,
-    "input_lengths": np.uint32,
-    "request_output_len": np.uint32,
-    "runtime_top_k": np.uint32,
-    "runtime_top_p": np.float32,
-    "temperature": np.float32,
-    "repetition_penalty": np.float32,
-    "presence_penalty": np.float32,
-    "min_length": np.uint32,
-    "len_penalty": np.float32,
-    "beam_width": np.uint32,
-    "random_seed": np.uint64,
-    "end_id": np.uint32,
-    "is_return_log_probs": np.bool_,
-    "stop_words_list": np.int32,
-    "bad_words_list": np.int32,
-}
-REQUIRED_OUTPUTS = ("input_ids", "input_lengths", "request_output_len")
-
-TEXT_INPUT = "text_input"
-MAX_TOKENS = "max_tokens"
-WORD_LIST_INPUTS = {"stop_words": "stop_words_list", "bad_words": "bad_words_list"}  # ensemble input -> FT output
+    name: contract.CORE[name].tensor.numpy_type
+    for name in (*contract.REQUIRED_CORE_INPUTS, *(i.core for i in contract.ENSEMBLE_INPUTS if i.core),
+                 *contract.STREAMING_CORE_INPUTS)}  # the last: for a streaming torch core, always sent explicitly
+REQUIRED_OUTPUTS = contract.REQUIRED_CORE_INPUTS
+# Every ensemble input preprocessing can read, with its Triton type (a mismatch would feed us misread values).
+INPUT_TYPES = {i.name: f"TYPE_{i.tensor.data_type}" for i in contract.ENSEMBLE_INPUTS}
+KNOWN_INPUTS = frozenset(INPUT_TYPES)
 
 
 class PreprocessConfigError(ValueError):
     """The preprocessing model's parameters are missing or out of range."""
-
-
-class RequestError(Exception):
-    """A request is invalid; `input_name` is the offending input, the message states the limit.
-
-    Messages never echo a numeric input's value: any input can be read from a shared-memory region, and a client
-    that registered someone else's memory as one could otherwise read it back through our errors, four bytes per
-    refused `top_k`. The client knows what it sent; the field and the limit are what it needs. Text-derived numbers
-    (a prompt's bytes or tokens) stay: a request that passes returns its text anyway (exclude_input_in_output).
-    """
-
-    def __init__(self, input_name: str, message: str):
-        super().__init__(f"invalid input '{input_name}': {message}")
-        self.input_name = input_name
-        self.message = message
-
-
-def _detached(err: RequestError) -> RequestError:
-    """`err` without its traceback or chained exceptions, fit to be kept as a result.
-
-    A kept traceback pins the frames that hold the request's arrays in a reference cycle (the result list holds the
-    error, the error holds the frame that holds the list); until a full garbage collection every refused 16 MB prompt
-    then stays in the stub's heap and shared memory (+48 MB each).
-    """
-    err.__traceback__ = err.__cause__ = err.__context__ = None
-    return err
 
 
 @dataclass(frozen=True)
@@ -92,6 +54,7 @@ class PreprocessConfig:
     max_words: int = 64  # words per stop/bad list and row, before adding the leading-space variants
     max_word_chars: int = 256
     max_word_list_tokens: int = 1024  # N of the [2, N] list
+    streaming: bool = False  # the repository streams (decides which `stream` values can be honoured)
 
     def __post_init__(self) -> None:
         for name in ("max_pos_seq_len", "vocab_size", "max_beam_width", "max_words", "max_word_chars",
@@ -102,6 +65,8 @@ class PreprocessConfig:
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:
                 raise PreprocessConfigError(f"{name} must be in [0, vocab_size={self.vocab_size}), got {value}")
+        if self.max_beam_width > contract.MAX_BEAM_WIDTH:
+            raise PreprocessConfigError(f"max_beam_width must be <= {contract.MAX_BEAM_WIDTH}")
         unknown = [name for name in self.outputs if name not in FT_OUTPUT_DTYPES]
         if unknown:
             raise PreprocessConfigError(f"unknown FT outputs {unknown}; known: {sorted(FT_OUTPUT_DTYPES)}")
@@ -129,58 +94,45 @@ class PreprocessConfig:
                 raise PreprocessConfigError(f"parameter '{key}' must be an integer, got {raw!r}") from None
 
         end_id = integer("end_id", required=False)
-        return cls(max_pos_seq_len=integer("max_pos_seq_len", True), vocab_size=integer("vocab_size", True),
+        max_pos_seq_len, vocab_size = integer("max_pos_seq_len", True), integer("vocab_size", True)
+        assert max_pos_seq_len is not None and vocab_size is not None  # required=True raised otherwise
+        streaming = parameters.get("streaming", "false").strip().lower()
+        if streaming not in ("true", "false"):
+            raise PreprocessConfigError(f"parameter 'streaming' must be \"true\" or \"false\", got {streaming!r}")
+        return cls(max_pos_seq_len=max_pos_seq_len, vocab_size=vocab_size,
                    end_id=default_end_id if end_id is None else end_id, pad_id=integer("pad_id", False),
-                   outputs=tuple(outputs))
+                   outputs=tuple(outputs), streaming=streaming == "true")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Scalar inputs: one value per row, validated, defaulted, mapped to an FT output.
-
-Check = Callable[[float, PreprocessConfig], "str | None"]  # returns the broken rule, or None when the value is fine
-
+# Scalar inputs: one value per row, validated by the contract's rule, defaulted, mapped to an FT output.
 
 @dataclass(frozen=True)
 class ScalarInput:
-    name: str  # ensemble input
-    output: str  # FT output it becomes
-    default: Callable[[PreprocessConfig], float]
-    check: Check
+    name: str  # ensemble input (aliases resolved)
+    output: str  # FT output it becomes ("" for inputs used here only)
+    check: contract.Check
+
+    def default(self, config: PreprocessConfig) -> float:
+        if self.name in ("end_id", "pad_id"):
+            return config.end_id if self.name == "end_id" else config.default_pad_id
+        value = contract.ENSEMBLE[self.name].fallback
+        return 0 if value is None else value
+
+    def problem(self, value: float, config: PreprocessConfig) -> str | None:
+        if self.name == "beam_width" and value > config.max_beam_width:
+            return f"must be in [1, {config.max_beam_width}]"
+        if self.name == contract.STREAM:  # a streaming torch core honours both; FT's decoupled mode always streams
+            if config.streaming and contract.STREAM not in config.outputs:
+                return None if value else "must be true: this repository's engine streams every request"
+            return contract.stream_rule(config.streaming)(value, config.vocab_size)
+        return self.check(value, config.vocab_size)
 
 
-def _finite(value: float, _: PreprocessConfig) -> str | None:
-    return None if math.isfinite(value) else "must be finite"
-
-
-def _in_closed(low: float, high_of: Callable[[PreprocessConfig], float]) -> Check:
-    def check(value: float, config: PreprocessConfig) -> str | None:
-        high = high_of(config)
-        return None if low <= value <= high else f"must be in [{low:g}, {high:g}]"
-    return check
-
-
-def _token_id(value: float, config: PreprocessConfig) -> str | None:
-    return None if 0 <= value < config.vocab_size else f"must be a token id in [0, {config.vocab_size})"
-
-
-SCALAR_INPUTS: tuple[ScalarInput, ...] = (
-    ScalarInput("top_k", "runtime_top_k", lambda c: 0, _in_closed(0, lambda c: c.vocab_size)),
-    ScalarInput("top_p", "runtime_top_p", lambda c: 0.0, _in_closed(0.0, lambda c: 1.0)),
-    ScalarInput("temperature", "temperature", lambda c: 1.0,
-                lambda v, c: None if math.isfinite(v) and v >= 0 else "must be >= 0 (0 = greedy) and finite"),
-    ScalarInput("repetition_penalty", "repetition_penalty", lambda c: 1.0,
-                lambda v, c: None if math.isfinite(v) and v > 0 else "must be > 0 and finite"),
-    ScalarInput("presence_penalty", "presence_penalty", lambda c: 0.0, _finite),
-    ScalarInput("len_penalty", "len_penalty", lambda c: 0.0, _finite),
-    ScalarInput("beam_width", "beam_width", lambda c: 1, _in_closed(1, lambda c: c.max_beam_width)),
-    ScalarInput("random_seed", "random_seed", lambda c: 0, lambda v, c: None),
-    ScalarInput("end_id", "end_id", lambda c: c.end_id, _token_id),
-    ScalarInput("pad_id", "", lambda c: c.default_pad_id, _token_id),  # used here, not an FT input
-    ScalarInput("return_log_probs", "is_return_log_probs", lambda c: 0, lambda v, c: None),
-    # min_tokens <= max_tokens is checked per row once both are known.
-    ScalarInput("min_tokens", "min_length", lambda c: 0, lambda v, c: None if v >= 0 else "must be >= 0"),
-)
-KNOWN_INPUTS = frozenset({TEXT_INPUT, MAX_TOKENS, *WORD_LIST_INPUTS, *(s.name for s in SCALAR_INPUTS)})
+SCALAR_INPUTS: tuple[ScalarInput, ...] = tuple(
+    ScalarInput(i.name, i.core or "", i.rule or contract.stream_rule(True))
+    for i in contract.ENSEMBLE_INPUTS
+    if i.tensor.dims == (1,) and i.tensor.data_type != "STRING" and i.name != MAX_TOKENS and not i.alias_of)
 
 
 @dataclass
@@ -210,7 +162,7 @@ def _text(value: object, name: str, row: int, batch: int) -> str:
     if isinstance(value, str):
         return value
     try:
-        return bytes(value).decode("utf-8")  # type: ignore[arg-type]
+        return bytes(value).decode("utf-8")  # type: ignore[call-overload]  # numpy hands over bytes objects
     except (UnicodeDecodeError, TypeError) as err:
         raise RequestError(name, f"element{_row_label(row, batch)} is not valid UTF-8 text ({err})") from None
 
@@ -223,6 +175,7 @@ def _parse_request(inputs: Mapping[str, np.ndarray], config: PreprocessConfig) -
     if batch < 1:
         raise RequestError(TEXT_INPUT, "must hold at least one prompt")
     prompt_values = _per_row(inputs, TEXT_INPUT, batch)
+    assert prompt_values is not None  # present: checked above
     prompts = [_text(value, TEXT_INPUT, row, batch) for row, value in enumerate(prompt_values)]
     for row, prompt in enumerate(prompts):
         if not prompt:
@@ -237,6 +190,11 @@ def _parse_request(inputs: Mapping[str, np.ndarray], config: PreprocessConfig) -
             raise RequestError(MAX_TOKENS, f"must be in [1, {config.max_pos_seq_len - 1}]{_row_label(row, batch)} "
                                            f"(max_pos_seq_len {config.max_pos_seq_len} less one prompt token)")
 
+    for alias, name in contract.ALIASES.items():  # the names other clients use (contract.py)
+        if inputs.get(alias) is not None:
+            if inputs.get(name) is not None:
+                raise RequestError(alias, f"is another name for '{name}'; send one of them")
+            inputs = {**inputs, name: inputs[alias]}
     scalars: dict[str, np.ndarray] = {}
     for spec in SCALAR_INPUTS:
         given = _per_row(inputs, spec.name, batch)
@@ -244,10 +202,13 @@ def _parse_request(inputs: Mapping[str, np.ndarray], config: PreprocessConfig) -
             scalars[spec.name] = np.full(batch, spec.default(config))
             continue
         for row, value in enumerate(given.tolist()):
-            problem = spec.check(float(value), config)
+            problem = spec.problem(value, config)
             if problem:
                 raise RequestError(spec.name, f"{problem}{_row_label(row, batch)}")
         scalars[spec.name] = given
+    problem = contract.same_beam_width(scalars["beam_width"].astype(np.int64).tolist())
+    if problem:
+        raise RequestError("beam_width", problem)
     for row, (min_tokens, limit) in enumerate(zip(scalars["min_tokens"].tolist(), max_tokens.tolist())):
         if min_tokens > limit:
             raise RequestError("min_tokens", f"must be <= max_tokens{_row_label(row, batch)}")
@@ -305,7 +266,7 @@ def _ft_tensors(parsed: _ParsedRequest, prompt_ids: list[list[int]], word_ids: d
 
     scalars = dict(parsed.scalars)
     greedy = scalars["temperature"].astype(np.float64) == 0.0
-    if greedy.any():  # temperature 0 = greedy: k=1 picks the argmax whatever top_p says
+    if greedy.any():  # temperature 0 = greedy (contract.is_greedy), said FT's way: k=1 picks the argmax
         scalars["top_k"] = np.where(greedy, 1, scalars["top_k"])
         scalars["top_p"] = np.where(greedy, 0.0, scalars["top_p"])
         scalars["temperature"] = np.where(greedy, 1.0, scalars["temperature"])
@@ -323,8 +284,10 @@ def _ft_tensors(parsed: _ParsedRequest, prompt_ids: list[list[int]], word_ids: d
         "request_output_len": parsed.max_tokens.reshape(batch, 1).astype(np.uint32),
     }
     for spec in SCALAR_INPUTS:
-        if spec.output:
+        if spec.output in config.outputs:
             tensors[spec.output] = scalars[spec.name].reshape(batch, 1).astype(FT_OUTPUT_DTYPES[spec.output])
+    for name in contract.STREAMING_CORE_INPUTS:  # a streaming torch core's; same names
+        tensors[name] = scalars[name].reshape(batch, 1).astype(np.bool_)
     for name, output in WORD_LIST_INPUTS.items():
         tensors[output] = encode_word_lists(word_ids.get(name, [[] for _ in range(batch)]))
     return {name: tensors[name] for name in config.outputs}
@@ -340,26 +303,27 @@ def preprocess_requests(requests: Sequence[Mapping[str, np.ndarray]], tokenizer:
             _check_prompt_bytes(request, tokenizer.max_token_bytes, config)
             parsed.append(request)
         except RequestError as err:
-            parsed.append(_detached(err))
+            parsed.append(detached(err))
 
     # One batched encode for every prompt and word variant of the call; `spans` finds each request's slice.
     texts: list[str] = []
     spans: list[tuple[int, int]] = []
-    for request in parsed:
+    for parsed_request in parsed:
         start = len(texts)
-        if isinstance(request, _ParsedRequest):
-            texts.extend(request.prompts)
-            for rows in request.words.values():
+        if isinstance(parsed_request, _ParsedRequest):
+            texts.extend(parsed_request.prompts)
+            for rows in parsed_request.words.values():
                 for variants in rows:
                     texts.extend(variants)
         spans.append((start, len(texts)))
     encoded = tokenizer.encode_batch(texts)
 
     results: list[dict[str, np.ndarray] | RequestError] = []
-    for request, (start, _) in zip(parsed, spans):
-        if isinstance(request, RequestError):
-            results.append(request)
+    for item, (start, _) in zip(parsed, spans):
+        if isinstance(item, RequestError):
+            results.append(item)
             continue
+        request = item
         cursor = start + len(request.prompts)
         prompt_ids = encoded[start:cursor]
         word_ids: dict[str, list[list[list[int]]]] = {}
@@ -371,5 +335,5 @@ def preprocess_requests(requests: Sequence[Mapping[str, np.ndarray]], tokenizer:
         try:
             results.append(_ft_tensors(request, prompt_ids, word_ids, config))
         except RequestError as err:
-            results.append(_detached(err))
+            results.append(detached(err))
     return results

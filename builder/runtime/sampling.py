@@ -1,12 +1,13 @@
 """Logit processing and token selection on the device, one entry per KV-cache slot, without host syncs.
 
 Order of operations follows FasterTransformer: temperature, then repetition (multiplicative, HF/CTRL style) and
-presence (additive) penalties over every token seen so far (prompt included), then bad words, the min_length ban of
+presence (additive) penalties over every token seen so far (prompt included), the frequency penalty (OpenAI's: the
+count of each token in the generated text so far, times the penalty, subtracted), then bad words, the min_length ban of
 end_id, and the mask of ids >= the usable vocabulary. A row these bans leave without any allowed token ends with
 end_id; a temperature below GREEDY_TEMPERATURE is greedy, like 0. Selection: argmax for greedy rows; otherwise top-k,
 then top-p over the renormalised top-k distribution (FT's combined semantics), then inverse-CDF sampling with one
-uniform number per row and step from a counter-based hash of (random_seed, step). The same seed therefore gives the same tokens
-whatever else is in the batch, and no per-row generator objects are needed.
+uniform number per row and step from a counter-based hash of (random_seed, step). The same seed therefore gives the
+same tokens whatever else is in the batch, and no per-row generator objects are needed.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class SlotParams:
     greedy: torch.Tensor  # [n] bool
     repetition_penalty: torch.Tensor  # [n] float32
     presence_penalty: torch.Tensor  # [n] float32
+    frequency_penalty: torch.Tensor  # [n] float32
     min_length: torch.Tensor  # [n] int64
     end_id: torch.Tensor  # [n] int64
     seed_lo: torch.Tensor  # [n] int64 in [0, 2^32)
@@ -60,6 +62,7 @@ class SlotParams:
     use_repetition: bool
     use_presence: bool
     use_min_length: bool
+    use_frequency: bool = False
 
     @property
     def uses_seen_tokens(self) -> bool:
@@ -82,6 +85,7 @@ class SlotParams:
             greedy=column([is_greedy(r) for r in requests], torch.bool),
             repetition_penalty=column([r.repetition_penalty for r in requests], torch.float32),
             presence_penalty=column([r.presence_penalty for r in requests], torch.float32),
+            frequency_penalty=column([r.frequency_penalty for r in requests], torch.float32),
             min_length=column([r.min_length for r in requests], torch.long),
             end_id=column([r.end_id for r in requests], torch.long),
             seed_lo=column([r.random_seed & _MASK32 for r in requests], torch.long),
@@ -93,6 +97,7 @@ class SlotParams:
             use_repetition=any(r.repetition_penalty != 1.0 for r in requests),
             use_presence=any(r.presence_penalty != 0.0 for r in requests),
             use_min_length=any(r.min_length > 0 for r in requests),
+            use_frequency=any(r.frequency_penalty != 0.0 for r in requests),
         )
 
 
@@ -159,6 +164,18 @@ class BadWords:
         logits.index_put_((self.prefixes.rows, self.banned), penalty, accumulate=True)  # -inf + x = -inf
 
 
+def generated_counts(history: torch.Tensor, lengths: torch.Tensor, generated: torch.Tensor, vocab: int
+                     ) -> torch.Tensor:
+    """[n, vocab] float32: how often each token occurs among each row's generated tokens (OpenAI's frequency
+    penalty counts the completion only, not the prompt). Counted from the history on demand, so rows that never ask
+    for the penalty keep no per-token state; history [n, S] holds positions lengths - generated .. lengths - 1."""
+    positions = torch.arange(history.shape[1], device=history.device)[None, :]  # [1, S]
+    mask = (positions >= (lengths - generated)[:, None]) & (positions < lengths[:, None])  # [n, S]
+    tokens = torch.where(mask, history, 0).clamp(max=vocab - 1)
+    counts = torch.zeros((history.shape[0], vocab), dtype=torch.float32, device=history.device)
+    return counts.scatter_add_(1, tokens, mask.to(torch.float32))
+
+
 def process_logits(logits: torch.Tensor, params: SlotParams, *, generated: torch.Tensor, seen: torch.Tensor | None,
                    bad_words: BadWords | None, history: torch.Tensor, lengths: torch.Tensor,
                    vocab_limit: int) -> torch.Tensor:
@@ -177,6 +194,8 @@ def process_logits(logits: torch.Tensor, params: SlotParams, *, generated: torch
             logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
         if params.use_presence:
             logits -= seen.to(torch.float32) * params.presence_penalty[:, None]
+    if params.use_frequency:
+        logits -= generated_counts(history, lengths, generated, vocab) * params.frequency_penalty[:, None]
     if bad_words is not None:
         bad_words.apply(logits, history, lengths)
     if params.use_min_length:

@@ -60,7 +60,7 @@ ADMIT_GATHER_MIN_RUNNING = 16
 GIL_SWITCH_INTERVAL_S = 0.0005
 
 INT_PARAMS = ("top_k", "greedy", "min_length", "end_id", "seed_lo", "seed_hi")  # SlotParams columns, packed by dtype
-FLOAT_PARAMS = ("temperature", "top_p", "repetition_penalty", "presence_penalty")
+FLOAT_PARAMS = ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 HOST = torch.device("cpu")
 
 
@@ -165,12 +165,13 @@ class _RowFlags:
     repetition: bool
     presence: bool
     min_length: bool
+    frequency: bool = False
 
     @classmethod
     def of(cls, spec: GenerationRequest) -> _RowFlags:
         return cls(sampling=not is_greedy(spec), top_k=spec.top_k, temperature=effective_temperature(spec) != 1.0,
                    repetition=spec.repetition_penalty != 1.0, presence=spec.presence_penalty != 0.0,
-                   min_length=spec.min_length > 0)
+                   min_length=spec.min_length > 0, frequency=spec.frequency_penalty != 0.0)
 
 
 @dataclass(eq=False)
@@ -297,7 +298,8 @@ class _SlotTable:
             any_sampling=bool(top_ks), any_greedy=len(top_ks) < len(flags),
             max_top_k=max(top_ks) if top_ks and all(0 < k <= TOPK_FAST_LIMIT for k in top_ks) else None,
             use_temperature=any(f.temperature for f in flags), use_repetition=any(f.repetition for f in flags),
-            use_presence=any(f.presence for f in flags), use_min_length=any(f.min_length for f in flags))
+            use_presence=any(f.presence for f in flags), use_min_length=any(f.min_length for f in flags),
+            use_frequency=any(f.frequency for f in flags))
         stop_words = WordTable.build([row.spec.stop_words if row else () for row in rows], HOST)
         bad_words = BadWords.build([row.spec.bad_words if row else () for row in rows], HOST)
         if stop_words is not None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from gpt_runtime.postprocess import PostprocessConfig, check_model_tensors, postprocess_requests, stream_acks
-from gpt_runtime.preprocess import RequestError
+from gpt_runtime.contract import RequestError
 from gpt_runtime.stream_ack import AckSender
 from gpt_runtime.tokenizer import GptTokenizer
 

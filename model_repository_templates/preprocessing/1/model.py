@@ -8,28 +8,20 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from gpt_runtime.preprocess import (FT_OUTPUT_DTYPES, KNOWN_INPUTS, TEXT_INPUT, MAX_TOKENS, PreprocessConfig,
-                                    RequestError, preprocess_requests)
+from gpt_runtime.contract import RequestError
+from gpt_runtime.preprocess import (FT_OUTPUT_DTYPES, INPUT_TYPES, MAX_TOKENS, TEXT_INPUT, PreprocessConfig,
+                                    preprocess_requests)
 from gpt_runtime.tokenizer import GptTokenizer
-
-# Triton config dtype of each input we read (a mismatch would feed us misread values).
-INPUT_TYPES = {
-    "text_input": "TYPE_STRING", "max_tokens": "TYPE_INT32", "stop_words": "TYPE_STRING",
-    "bad_words": "TYPE_STRING", "top_k": "TYPE_INT32", "top_p": "TYPE_FP32", "temperature": "TYPE_FP32",
-    "repetition_penalty": "TYPE_FP32", "presence_penalty": "TYPE_FP32", "min_tokens": "TYPE_INT32",
-    "len_penalty": "TYPE_FP32", "beam_width": "TYPE_INT32", "random_seed": "TYPE_UINT64", "end_id": "TYPE_INT32",
-    "pad_id": "TYPE_INT32", "return_log_probs": "TYPE_BOOL",
-}
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         model_config = json.loads(args["model_config"])
         inputs = {tensor["name"]: tensor["data_type"] for tensor in model_config.get("input", [])}
-        unknown = sorted(set(inputs) - KNOWN_INPUTS)
+        unknown = sorted(set(inputs) - set(INPUT_TYPES))
         if unknown:
             raise ValueError(f"preprocessing: config declares inputs it cannot handle: {unknown}; "
-                             f"known: {sorted(KNOWN_INPUTS)}")
+                             f"known: {sorted(INPUT_TYPES)}")
         for name in (TEXT_INPUT, MAX_TOKENS):
             if name not in inputs:
                 raise ValueError(f"preprocessing: config must declare the input '{name}'")
@@ -58,12 +50,8 @@ class TritonPythonModel:
     def execute(self, requests: list) -> list:
         batch_inputs = []
         for request in requests:
-            tensors = {}
-            for name in self.input_names:
-                tensor = pb_utils.get_input_tensor_by_name(request, name)
-                if tensor is not None:
-                    tensors[name] = tensor.as_numpy()
-            batch_inputs.append(tensors)
+            tensors = ((name, pb_utils.get_input_tensor_by_name(request, name)) for name in self.input_names)
+            batch_inputs.append({name: tensor.as_numpy() for name, tensor in tensors if tensor is not None})
         try:
             results = preprocess_requests(batch_inputs, self.tokenizer, self.config)
         except Exception as err:  # a bug, not a bad request: say so to every request of the call
