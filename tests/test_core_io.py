@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from builder.runtime.core_io import (CAPABILITIES, EngineLimits, GenerationRequest, RequestError, RowOutput,
-                                     ft_outputs, parse_request, parse_word_list)
+                                     StreamState, ft_outputs, parse_request, parse_word_list)
 from builder.runtime.word_lists import encode_word_lists
 
 LIMITS = EngineLimits(vocab_size=1000, max_seq_len=64, max_batch_size=8, default_end_id=999)
@@ -178,3 +178,46 @@ def test_kv_slots_are_sized_apart_from_tritons_max_batch_size(kv_slots: str, dec
     config["parameters"]["kv_slots"] = {"string_value": "-3"}
     with pytest.raises(ValueError, match="kv_slots"):
         CoreSettings.from_args({"model_config": json.dumps(config), "model_repository": "/r", "model_version": "1"})
+
+
+# ---- FT's own clients and the streaming repository's single answers (issue 13) ------------------------------------
+
+def test_ft_samples_start_id_and_diversity_rate_zero_are_accepted() -> None:
+    parsed = parse_request(ft_inputs([[1, 2, 3]], [3], 4, start_id=np.array([[999]], np.uint32),
+                                     beam_search_diversity_rate=np.array([[0.0]], np.float32)), LIMITS)
+    assert parsed.rows[0].input_ids == (1, 2, 3) and parsed.ft_stream  # no `stream`: FT's decoupled behaviour
+    with pytest.raises(RequestError, match=r"\[0, 1000\)") as info:
+        parse_request(ft_inputs([[1, 2, 3]], [3], 4, start_id=np.array([[1000]], np.uint32)), LIMITS)
+    assert info.value.input_name == "start_id"
+
+
+def test_frequency_penalty_is_parsed_and_checked() -> None:
+    parsed = parse_request(ft_inputs([[1, 2]], [2], 4, frequency_penalty=np.array([[0.5]], np.float32)), LIMITS)
+    assert parsed.rows[0].frequency_penalty == 0.5
+    with pytest.raises(RequestError, match="finite"):
+        parse_request(ft_inputs([[1, 2]], [2], 4, frequency_penalty=np.array([[np.inf]], np.float32)), LIMITS)
+
+
+def test_stream_false_answer_carries_stop_length_and_echo_start() -> None:
+    request = ft_inputs([[1, 2]], [2], 5, stop_words_list=encode_word_lists([[[7, 8]]]),
+                        stream=np.array([[False]]), exclude_input_in_output=np.array([[False]]))
+    parsed = parse_request(request, LIMITS)
+    assert not parsed.stream and not parsed.exclude_input and not parsed.ft_stream
+    out = RowOutput(prompt_len=2, beams=[np.array([1, 2, 5, 7, 8])], finished=True, finish_reason="stop")
+    arrays = StreamState(parsed.rows, stream=False, log_probs=False, exclude_input=False).final([out])
+    assert arrays["stop_length"].tolist() == [[2]]  # the stop word [7, 8] ends it: postprocessing trims it
+    assert arrays["delta_start"].tolist() == [[0]]  # the text starts with the prompt
+    assert arrays["output_ids"][0, 0, :5].tolist() == [1, 2, 5, 7, 8]  # FT's layout, stop word kept for token clients
+    streamed = StreamState(parsed.rows, stream=True, log_probs=False)
+    assert streamed.final([out])["stop_length"].tolist() == [[0]]  # streamed text cannot take it back
+
+
+def test_ft_stream_updates_use_the_cumulative_layout() -> None:
+    rows = parse_request(ft_inputs([[1, 2, 3]], [3], 20), LIMITS).rows
+    state = StreamState(rows, stream=False, log_probs=False, cumulative=True)
+    for step in range(1, 8):
+        out = RowOutput(prompt_len=3, beams=[np.array([1, 2, 3, *range(10, 10 + step)])])
+        arrays = state.update([out])
+        length = int(arrays["sequence_length"][0, 0])
+        assert length == 3 + step
+        assert arrays["output_ids"][0, 0, :length].tolist() == [1, 2, 3, *range(10, 10 + step)]  # prompt included

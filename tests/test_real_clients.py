@@ -10,10 +10,9 @@ Facts behind each request (names, dtypes, defaults, the output layout each clien
 Oracle: the demo model counts, so "1 2 3 4 5 6" continues " 7 8 9 ..."; GPT-2 token counts come from the repository's
 own tokenizer files; FT's token-id samples are checked against the same ids sent through the core's accepted inputs.
 
-All but one case (genai-perf, non-streaming repository, which works today) are strict xfails raising `ClientFailed`
-today: the repositories refuse names these clients send (the reasons are in each mark). Once the contract of issue 13
-is in, they pass, strict xfail turns that into a failure, and the marks must go. A failure of another kind (a bug in a
-test) is not swallowed: `raises=ClientFailed`.
+Before issue 13's contract (builder/runtime/contract.py) every case but one failed: the repositories refused names
+these clients send. They pass now; the one strict xfail left (streamed num_output_tokens, which the OpenAI frontend
+sums over the responses while ours are cumulative) names its reason.
 """
 
 from __future__ import annotations

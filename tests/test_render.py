@@ -294,3 +294,35 @@ def test_gpu_detection_without_torch_asks_nvidia_smi(tmp_path: Path, monkeypatch
     smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the driver' >&2\n"
                    "exit 9\n")
     assert validate_module.gpu_available() is False
+
+
+def test_the_input_names_live_in_the_contract_module_only() -> None:
+    """Issue 13: one declaration of the tensor contract. The compatibility names (and a few others that used to be
+    written out in nine places) appear as string literals in builder/runtime/contract.py and nowhere else in the
+    code that renders, validates, parses or sends requests."""
+    root = Path(__file__).resolve().parents[1]
+    derived = [root / "builder" / "render_config.py", root / "builder" / "validate.py",
+               root / "builder" / "runtime" / "preprocess.py", root / "builder" / "runtime" / "core_io.py",
+               root / "client" / "request.py", *sorted((root / "model_repository_templates").rglob("*.py")),
+               *sorted((root / "model_repository_templates").rglob("*.j2"))]
+    names = ("top_k", "presence_penalty", "frequency_penalty", "min_tokens", "length_penalty", "seed",
+             "num_return_sequences", "beam_search_diversity_rate", "start_id", "return_log_probs")
+    contract_text = (root / "builder" / "runtime" / "contract.py").read_text()
+    for name in names:
+        assert f'"{name}"' in contract_text, name
+        for path in derived:
+            assert f'"{name}"' not in path.read_text(), f"{name!r} written out in {path.relative_to(root)}"
+
+
+def test_validate_finds_an_unused_ensemble_tensor_and_an_input_outside_the_contract(tmp_path: Path) -> None:
+    repo = render_repository(RenderConfig(engine="torch", streaming=True, output=tmp_path / "r"))
+    config = repo / "ensemble" / "config.pbtxt"
+    text = config.read_text()
+    # What an earlier draft of this change rendered: the core read the ensemble's own input, leaving preprocessing's
+    # copy unread. Triton refuses such an ensemble at load ("ensemble tensor ... is unused").
+    config.write_text(text.replace('input_map { key: "stream" value: "_stream" }',
+                                   'input_map { key: "stream" value: "stream" }')
+                      .replace('name: "top_k"', 'name: "topk"'))
+    problems = validate_repository(repo)
+    assert any("'_stream'" in p and "never read" in p for p in problems), problems
+    assert any("'topk'" in p and "contract" in p for p in problems), problems

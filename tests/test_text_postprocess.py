@@ -275,3 +275,19 @@ def test_stream_false_final_keeps_the_cumulative_layout(tokenizer: GptTokenizer)
     assert arrays["delta_start"].tolist() == [[len(prompt)]] and arrays["finish_code"].tolist() == [[2]]
     [result] = postprocess_requests([arrays], tokenizer, STREAMING)
     assert texts(result) == [[tokenizer.decode(generated)]] and reasons(result) == [["length"]]
+
+
+def test_stream_false_answer_of_a_streaming_repository_trims_the_stop_word_and_can_echo(
+        tokenizer: GptTokenizer) -> None:
+    """One final response (delta_start = the prompt's end, or 0 to echo it) with the core's stop_length."""
+    prompt, generated = tokenizer.encode("1 2 3"), tokenizer.encode(" 4 5 6")
+    base = single(tokenizer, "1 2 3", generated, finish_code=np.array([[1]], np.int32),
+                  stop_length=np.array([[len(tokenizer.encode(" 6"))]], np.int32))
+    (trimmed,) = postprocess_requests([{**base, "delta_start": np.array([[len(prompt)]], np.int32)}], tokenizer,
+                                      STREAMING)
+    assert texts(trimmed) == [[" 4 5"]] and reasons(trimmed) == [["stop"]]
+    assert trimmed["num_output_tokens"].tolist() == [[len(generated)]]  # the stop word was generated: counted
+    (echoed,) = postprocess_requests([{**base, "delta_start": np.array([[0]], np.int32)}], tokenizer, STREAMING)
+    assert texts(echoed) == [["1 2 3 4 5"]]
+    untrimmed = {**base, "delta_start": np.array([[len(prompt)]], np.int32), "stop_length": np.array([[0]], np.int32)}
+    assert texts(postprocess_requests([untrimmed], tokenizer, STREAMING)[0]) == [[" 4 5 6"]]

@@ -222,3 +222,62 @@ def test_config_from_parameters() -> None:
     config = PreprocessConfig.from_parameters({"max_pos_seq_len": "2048", "vocab_size": "50304", "pad_id": "0"},
                                               ["input_ids", "input_lengths", "request_output_len"])
     assert (config.max_pos_seq_len, config.vocab_size, config.end_id, config.default_pad_id) == (2048, 50304, 50256, 0)
+
+
+# ---- names other clients send (issue 13; docs/client_compat.md) ---------------------------------------------------
+
+@pytest.mark.parametrize(("alias", "name", "value", "dtype", "output"), [
+    ("seed", "random_seed", 7, np.uint64, "random_seed"),
+    ("min_length", "min_tokens", 3, np.int32, "min_length"),
+    ("length_penalty", "len_penalty", 0.5, np.float32, "len_penalty"),
+])
+def test_client_aliases_mean_our_names(tokenizer: GptTokenizer, alias: str, name: str, value: float, dtype: type,
+                                       output: str) -> None:
+    (by_alias,) = preprocess_requests([request(**{alias: scalar(value, dtype)})], tokenizer, CONFIG)
+    (by_name,) = preprocess_requests([request(**{name: scalar(value, dtype)})], tokenizer, CONFIG)
+    assert not isinstance(by_alias, RequestError) and not isinstance(by_name, RequestError), (by_alias, by_name)
+    assert by_alias[output].tolist() == by_name[output].tolist() == [[value]]
+    (both,) = preprocess_requests([request(**{alias: scalar(value, dtype), name: scalar(value, dtype)})], tokenizer,
+                                  CONFIG)
+    assert isinstance(both, RequestError) and both.input_name == alias and f"'{name}'" in str(both)
+
+
+def test_num_return_sequences_one_is_accepted_and_more_refused(tokenizer: GptTokenizer) -> None:
+    (one,) = preprocess_requests([request(num_return_sequences=scalar(1, np.int32))], tokenizer, CONFIG)
+    assert not isinstance(one, RequestError), one
+    (two,) = preprocess_requests([request(num_return_sequences=scalar(2, np.int32))], tokenizer, CONFIG)
+    assert isinstance(two, RequestError) and two.input_name == "num_return_sequences" and "beam_width" in str(two)
+
+
+def test_stream_is_refused_by_name_where_the_repository_cannot_honour_it(tokenizer: GptTokenizer) -> None:
+    plain = CONFIG
+    ft_streaming = PreprocessConfig(max_pos_seq_len=64, vocab_size=50304, streaming=True,
+                                    outputs=tuple(n for n in FT_OUTPUT_DTYPES if n != "stream"))
+    torch_streaming = PreprocessConfig(max_pos_seq_len=64, vocab_size=50304, streaming=True)
+    cases = [(plain, False, None), (plain, True, "--streaming"), (ft_streaming, True, None),
+             (ft_streaming, False, "must be true"), (torch_streaming, True, None), (torch_streaming, False, None)]
+    for config, stream, refusal in cases:
+        (result,) = preprocess_requests([request(stream=scalar(stream, np.bool_))], tokenizer, config)
+        if refusal is None:
+            assert not isinstance(result, RequestError), (config, stream, result)
+            if "stream" in config.outputs:  # a streaming torch core gets it explicitly
+                assert result["stream"].tolist() == [[stream]]
+        else:
+            assert isinstance(result, RequestError) and result.input_name == "stream" and refusal in str(result)
+
+
+def test_exclude_input_in_output_reaches_a_streaming_core(tokenizer: GptTokenizer) -> None:
+    config = PreprocessConfig(max_pos_seq_len=64, vocab_size=50304, streaming=True)
+    (absent,) = preprocess_requests([request()], tokenizer, config)
+    (echo,) = preprocess_requests([request(exclude_input_in_output=scalar(False, np.bool_))], tokenizer, config)
+    assert not isinstance(absent, RequestError) and not isinstance(echo, RequestError)
+    assert absent["exclude_input_in_output"].tolist() == [[True]]
+    assert echo["exclude_input_in_output"].tolist() == [[False]]
+    assert absent["stream"].tolist() == [[False]]  # always explicit: no `stream` means FT's streaming to the core
+
+
+def test_frequency_penalty_reaches_the_core(tokenizer: GptTokenizer) -> None:
+    (result,) = preprocess_requests([request(frequency_penalty=scalar(0.5, np.float32))], tokenizer, CONFIG)
+    assert not isinstance(result, RequestError) and result["frequency_penalty"].tolist() == [[0.5]]
+    (bad,) = preprocess_requests([request(frequency_penalty=scalar(math.inf, np.float32))], tokenizer, CONFIG)
+    assert isinstance(bad, RequestError) and bad.input_name == "frequency_penalty" and "finite" in str(bad)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -112,6 +112,14 @@ def is_greedy(top_k: int, top_p: float, temperature: float) -> bool:
     return top_k == 1 or (top_k == 0 and top_p == 0.0) or temperature == 0.0
 
 
+def greedy_for_ft(top_k: np.ndarray, top_p: np.ndarray, temperature: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-row ensemble values with temperature 0 said FT's way: top_k 1, top_p 0, temperature 1 (k=1 picks the
+    argmax whatever top_p says; FT would divide by T + 1e-6)."""
+    greedy = temperature.astype(np.float64) == 0.0
+    return np.where(greedy, 1, top_k), np.where(greedy, 0.0, top_p), np.where(greedy, 1.0, temperature)
+
+
 def same_beam_width(widths: list[int]) -> str | None:
     """One beam width per request: output_ids is [B, beam, T]."""
     return None if len(set(widths)) <= 1 else "must be the same for all rows of a request"
@@ -142,8 +150,14 @@ class CoreInput:
     tensor: Tensor
     engines: tuple[str, ...] = ENGINES
     check: Check | None = None
-    default: float | None = None  # None: the end id (end_id) or no default needed
+    default: float | None = None  # None: the engine's end id (end_id, start_id) or no default needed
     ft_dims: tuple[int, ...] | None = None  # where FT's own config declares other dims
+    field: str | None = None  # the torch engine's GenerationRequest field it sets (core_io.py)
+
+    def value(self, raw: Any) -> bool | int | float:
+        """A request's value (a numpy or Python number) as the engine's Python type."""
+        kind: type = {"BOOL": bool, "FP32": float, "FP16": float}.get(self.tensor.data_type, int)
+        return kind(raw)
 
     @property
     def name(self) -> str:
@@ -151,8 +165,8 @@ class CoreInput:
 
 
 def _core(name: str, data_type: str, engines: tuple[str, ...] = ENGINES, check: Check | None = None,
-          default: float | None = None, dims: tuple[int, ...] = (1,)) -> CoreInput:
-    return CoreInput(Tensor(name, data_type, dims, optional=True), engines, check, default)
+          default: float | None = None, field: str | None = None) -> CoreInput:
+    return CoreInput(Tensor(name, data_type, optional=True), engines, check, default, field=field)
 
 
 # Every FT GPT input (fastertransformer_backend's all_models/gpt config; docs/ft_contract.md §1), plus the torch
@@ -162,23 +176,23 @@ CORE_INPUTS: tuple[CoreInput, ...] = (
     CoreInput(Tensor("input_ids", "UINT32", (-1,), ragged=True)),
     CoreInput(Tensor("input_lengths", "UINT32")),
     CoreInput(Tensor("request_output_len", "UINT32"), ft_dims=(-1,)),
-    _core("runtime_top_k", "UINT32", check=_top_k, default=0),
-    _core("runtime_top_p", "FP32", check=_closed(0, 1), default=0.0),
+    _core("runtime_top_k", "UINT32", check=_top_k, default=0, field="top_k"),
+    _core("runtime_top_p", "FP32", check=_closed(0, 1), default=0.0, field="top_p"),
     # The torch engine has no diverse beam search: it takes FT's neutral value, 0, and refuses the others by name.
     _core("beam_search_diversity_rate", "FP32", check=_zero_or("diverse beam search"), default=0.0),
-    _core("temperature", "FP32", check=_temperature, default=1.0),
-    _core("len_penalty", "FP32", check=_finite, default=0.0),
-    _core("repetition_penalty", "FP32", check=_positive, default=1.0),
-    _core("presence_penalty", "FP32", (TORCH,), _finite, 0.0),
-    _core("frequency_penalty", "FP32", (TORCH,), _finite, 0.0),
-    _core("min_length", "UINT32", (TORCH,), _non_negative, 0),
-    _core("random_seed", "UINT64", check=_uint64, default=0),
-    _core("is_return_log_probs", "BOOL", check=_any, default=0),
+    _core("temperature", "FP32", check=_temperature, default=1.0, field="temperature"),
+    _core("len_penalty", "FP32", check=_finite, default=0.0, field="len_penalty"),
+    _core("repetition_penalty", "FP32", check=_positive, default=1.0, field="repetition_penalty"),
+    _core("presence_penalty", "FP32", (TORCH,), _finite, 0.0, "presence_penalty"),
+    _core("frequency_penalty", "FP32", (TORCH,), _finite, 0.0, "frequency_penalty"),
+    _core("min_length", "UINT32", (TORCH,), _non_negative, 0, "min_length"),
+    _core("random_seed", "UINT64", check=_uint64, default=0, field="random_seed"),
+    _core("is_return_log_probs", "BOOL", check=_any, default=0, field="return_log_probs"),
     _core("is_return_context_embeddings", "BOOL", (FT,)),
     _core("beam_width", "UINT32", check=_closed(1, MAX_BEAM_WIDTH), default=1),
     # GPT starts from the prompt, so start_id changes nothing; the torch core accepts it (FT's samples send it).
     _core("start_id", "UINT32", check=_token_id),
-    _core("end_id", "UINT32", check=_token_id),
+    _core("end_id", "UINT32", check=_token_id, field="end_id"),
     CoreInput(Tensor("stop_words_list", "INT32", (2, -1), optional=True)),
     CoreInput(Tensor("bad_words_list", "INT32", (2, -1), optional=True)),
     _core("prompt_learning_task_name_ids", "UINT32", (FT,)),
@@ -235,6 +249,7 @@ def _in(name: str, data_type: str, core: str | None = None, check: Check | None 
 
 
 TEXT_INPUT, MAX_TOKENS, STREAM, EXCLUDE_INPUT = "text_input", "max_tokens", "stream", "exclude_input_in_output"
+MIN_TOKENS = "min_tokens"  # checked against max_tokens per row, once both are known (preprocess.py)
 WORD_LIST_INPUTS = {"stop_words": "stop_words_list", "bad_words": "bad_words_list"}  # ensemble input -> core input
 
 # The text ensemble's public contract (README.md, "The text ensemble's contract"), in the order of the configs.
@@ -250,8 +265,8 @@ ENSEMBLE_INPUTS: tuple[EnsembleInput, ...] = (
     _in("presence_penalty", "FP32", "presence_penalty"),
     _in("frequency_penalty", "FP32", "frequency_penalty"),
     # min_tokens <= max_tokens is checked per row once both are known (preprocess.py).
-    _in("min_tokens", "INT32", "min_length"),
-    _in("min_length", "INT32", "min_length", alias_of="min_tokens"),  # TRT-LLM's name (genai-perf sends it)
+    _in(MIN_TOKENS, "INT32", "min_length"),
+    _in("min_length", "INT32", "min_length", alias_of=MIN_TOKENS),  # TRT-LLM's name (genai-perf sends it)
     _in("len_penalty", "FP32", "len_penalty"),
     _in("length_penalty", "FP32", "len_penalty", alias_of="len_penalty"),  # TRT-LLM's name
     _in("beam_width", "INT32", "beam_width"),

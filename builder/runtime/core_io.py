@@ -176,8 +176,8 @@ def parse_request(inputs: Mapping[str, np.ndarray], limits: EngineLimits) -> Par
     for name in (*REQUIRED_INPUTS[1:], *sorted(CAPABILITIES - {"stop_words_list", "bad_words_list"})):
         spec = contract.CORE[name]
         given = _per_row(inputs, name, batch_size)
-        if given is None:  # FT's default; the end id is the engine's; absent `stream`: one final response
-            default = limits.default_end_id if name in ("end_id", "start_id") else (spec.default or 0)
+        if given is None:  # FT's default (the contract's; None: the engine's end id); absent `stream`: see ft_stream
+            default = limits.default_end_id if spec.default is None else spec.default
             values[name] = [default] * batch_size
             continue
         values[name] = given.tolist()
@@ -198,9 +198,6 @@ def parse_request(inputs: Mapping[str, np.ndarray], limits: EngineLimits) -> Par
            f"rows x beam_width must be <= the engine's max_batch_size {limits.max_batch_size} (KV-cache slots); "
            f"the request has {batch_size} rows")
 
-    def row_values(i: int, *names: str) -> list:
-        return [values[name][i] for name in names]
-
     rows: list[GenerationRequest] = []
     for i in range(batch_size):
         length, output_len = int(values["input_lengths"][i]), int(values["request_output_len"][i])
@@ -212,17 +209,12 @@ def parse_request(inputs: Mapping[str, np.ndarray], limits: EngineLimits) -> Par
         prompt = input_ids[i, :length]
         _check(bool((prompt >= 0).all() and (prompt < limits.vocab_size).all()), "input_ids",
                f"row {i}: token ids must be in [0, {limits.vocab_size})")
-        top_k, end_id, min_length, seed = (int(v) for v in row_values(i, "runtime_top_k", "end_id", "min_length",
-                                                                       "random_seed"))
-        top_p, temperature, repetition, presence, frequency, len_penalty = (float(v) for v in row_values(
-            i, "runtime_top_p", "temperature", "repetition_penalty", "presence_penalty", "frequency_penalty",
-            "len_penalty"))
+        fields = {spec.field: spec.value(values[spec.name][i]) for spec in contract.CORE_INPUTS
+                  if spec.field and spec.name in values}  # the contract maps each FT input to its field
         rows.append(GenerationRequest(
-            input_ids=tuple(int(t) for t in prompt.tolist()), output_len=output_len, end_id=end_id,
-            top_k=top_k, top_p=top_p, temperature=temperature, repetition_penalty=repetition,
-            presence_penalty=presence, frequency_penalty=frequency, min_length=min_length, random_seed=seed,
-            beam_width=beam_width, len_penalty=len_penalty, return_log_probs=bool(values["is_return_log_probs"][i]),
-            stop_words=stop_words[i], bad_words=bad_words[i]))
+            input_ids=tuple(int(t) for t in prompt.tolist()), output_len=output_len, beam_width=beam_width,
+            stop_words=stop_words[i], bad_words=bad_words[i],
+            **fields))  # type: ignore[arg-type]  # each value cast to its field's type by the contract
     streams = [bool(v) for v in values.get("stream", [False] * batch_size)]
     excludes = [bool(v) for v in values.get("exclude_input_in_output", [True] * batch_size)]
     return ParsedRequest(rows=rows, stream=all(streams), return_log_probs=any(r.return_log_probs for r in rows),

@@ -209,9 +209,9 @@ def _parse_request(inputs: Mapping[str, np.ndarray], config: PreprocessConfig) -
     problem = contract.same_beam_width(scalars["beam_width"].astype(np.int64).tolist())
     if problem:
         raise RequestError("beam_width", problem)
-    for row, (min_tokens, limit) in enumerate(zip(scalars["min_tokens"].tolist(), max_tokens.tolist())):
+    for row, (min_tokens, limit) in enumerate(zip(scalars[contract.MIN_TOKENS].tolist(), max_tokens.tolist())):
         if min_tokens > limit:
-            raise RequestError("min_tokens", f"must be <= max_tokens{_row_label(row, batch)}")
+            raise RequestError(contract.MIN_TOKENS, f"must be <= max_tokens{_row_label(row, batch)}")
 
     words: dict[str, list[list[str]]] = {}
     for name in WORD_LIST_INPUTS:
@@ -265,11 +265,9 @@ def _ft_tensors(parsed: _ParsedRequest, prompt_ids: list[list[int]], word_ids: d
                                          f"leading-space variants); the limit is {config.max_word_list_tokens}")
 
     scalars = dict(parsed.scalars)
-    greedy = scalars["temperature"].astype(np.float64) == 0.0
-    if greedy.any():  # temperature 0 = greedy (contract.is_greedy), said FT's way: k=1 picks the argmax
-        scalars["top_k"] = np.where(greedy, 1, scalars["top_k"])
-        scalars["top_p"] = np.where(greedy, 0.0, scalars["top_p"])
-        scalars["temperature"] = np.where(greedy, 1.0, scalars["temperature"])
+    top_k, top_p, temperature = (spec.name for spec in SCALAR_INPUTS[:3])  # the contract's order
+    scalars[top_k], scalars[top_p], scalars[temperature] = contract.greedy_for_ft(
+        scalars[top_k], scalars[top_p], scalars[temperature])
 
     pad_ids = scalars["pad_id"].astype(np.int64)
     width = max(len(ids) for ids in prompt_ids)
