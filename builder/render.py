@@ -18,6 +18,7 @@ import tarfile
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import click
 import jinja2
@@ -66,21 +67,21 @@ def tokenizer_from_nemo(nemo: Path) -> Path:
     Nothing else is extracted, and the member names never become paths, so a hostile archive cannot write outside.
     """
     target = Path(tempfile.mkdtemp(prefix="gpt-triton-tokenizer-"))
-    wanted = {"vocab.json": None, "merges.txt": None}
+    wanted: dict[str, bytes | None] = {"vocab.json": None, "merges.txt": None}
     try:
         with tarfile.open(nemo, "r:*") as archive:
             for member in archive:
                 base = member.name.rsplit("/", 1)[-1]
                 for name in wanted:
                     if base.endswith(name) and member.isfile() and member.size < MAX_TOKENIZER_BYTES:
-                        wanted[name] = archive.extractfile(member).read()  # type: ignore[union-attr]
+                        wanted[name] = archive.extractfile(member).read()  # type: ignore[union-attr]  # isfile()
     except (tarfile.TarError, OSError) as err:
         raise RenderError(f"--tokenizer {nemo}: not a readable .nemo archive: {err}") from err
     missing = [name for name, data in wanted.items() if data is None]
     if missing:
         raise RenderError(f"--tokenizer {nemo}: the archive holds no *{' or *'.join(missing)}")
     for name, data in wanted.items():
-        (target / name).write_bytes(data)  # type: ignore[arg-type]
+        (target / name).write_bytes(data)  # type: ignore[arg-type]  # none missing (checked above)
     return target
 
 
@@ -161,7 +162,7 @@ def write_hf_tokenizer_files(tokenizer_dir: Path, folder: Path, max_length: int)
     """tokenizer.json + tokenizer_config.json + special_tokens_map.json beside vocab.json/merges.txt, so the folder
     loads with `transformers.AutoTokenizer.from_pretrained` (what genai-perf's --tokenizer and TRT-LLM's
     --tokenizer-dir use). GPT2Tokenizer: the fast one from tokenizer.json in transformers 4 and 5 alike."""
-    from .runtime.tokenizer import EOS_TOKEN, GptTokenizer  # noqa: PLC0415  (loads the Rust tokenizer)
+    from .runtime.tokenizer import EOS_TOKEN, GptTokenizer  # loads the Rust tokenizer
 
     (folder / "tokenizer.json").write_text(GptTokenizer.from_directory(tokenizer_dir).tokenizer_json(),
                                            encoding="utf-8")
@@ -172,19 +173,19 @@ def write_hf_tokenizer_files(tokenizer_dir: Path, folder: Path, max_length: int)
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
 
 
-def config_from_options(checkpoint: Path | None, **options: object) -> RenderConfig:
+def config_from_options(checkpoint: Path | None, **options: Any) -> RenderConfig:
     """Build the render config; the model limits come from the checkpoint's config.ini when one is given.
 
     The checkpoint is read first, so that every limit (--tp against head_num, --pp against num_layer) is checked
     against this model and not against the 1.3B defaults.
     """
     if checkpoint is None:
-        return RenderConfig(**options)  # type: ignore[arg-type]
+        return RenderConfig(**options)
     try:
         model = GptModelConfig.from_ini(checkpoint / "config.ini")
     except ModelConfigError as err:
         raise RenderError(f"--checkpoint: {err}") from err
-    config = RenderConfig(checkpoint=checkpoint, model=model, **options)  # type: ignore[arg-type]
+    config = RenderConfig(checkpoint=checkpoint, model=model, **options)
     if config.engine == "fastertransformer" and model.tensor_para_size != config.tp:
         raise RenderError(f"--checkpoint {checkpoint} holds weights split for {model.tensor_para_size} GPU(s) but "
                           f"--tp is {config.tp}; convert with --infer-gpu-num {config.tp}")

@@ -46,7 +46,7 @@ def gpu_available() -> bool:
     otherwise a working `nvidia-smi -L` or an NVIDIA device node.
     """
     try:
-        import torch  # noqa: PLC0415  (slow to import; only needed here)
+        import torch  # slow to import; only needed here
     except ImportError:
         pass
     else:
@@ -227,7 +227,7 @@ def _ft_weight_folder(model: Model, version: Path, findings: Findings) -> Path:
 
 def check_weights(model: Model, findings: Findings) -> None:
     """The core GPT model's FT weight folder, wherever the engine will look for it."""
-    from .runtime.ft_weights import check_weight_dir  # noqa: PLC0415  (needs numpy only)
+    from .runtime.ft_weights import check_weight_dir  # needs numpy only
 
     problems = findings.problems
     params = model.parameters

@@ -80,7 +80,7 @@ class SamplingParams:
             object.__setattr__(self, name, tuple(words))
 
     @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> "SamplingParams":
+    def from_kwargs(cls, **kwargs: Any) -> SamplingParams:
         """Keyword arguments of `generate()`; `stop` and the contract's aliases (`seed`, `min_length`,
         `length_penalty`) are accepted too."""
         known = {f.name for f in fields(cls)}
@@ -110,7 +110,7 @@ class ModelInfo:
     max_batch_size: int
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "ModelInfo":
+    def from_config(cls, config: Mapping[str, Any]) -> ModelInfo:
         # gRPC's JSON wraps the config in {"config": ...}; HTTP returns it bare.
         config = config.get("config", config)
         policy = config.get("model_transaction_policy") or {}
@@ -176,7 +176,7 @@ class TextRequest:
         tensors = [InputTensor("text_input", "BYTES", prompts)]
         for name, value in self._named_values(model).items():
             if name in WORD_LIST_INPUTS:
-                words = [word.encode("utf-8") for word in value]  # type: ignore[attr-defined]
+                words = [word.encode("utf-8") for word in value]  # type: ignore[attr-defined]  # word lists: str tuples
                 tensors.append(InputTensor(name, "BYTES", np.array([words] * rows, dtype=np.object_)))  # [B, W]
             else:
                 datatype = "INT32" if name == "max_tokens" else "BOOL" if name == "stream" else SCALAR_INPUTS[name]
@@ -208,7 +208,7 @@ class GenerationResult:
     cum_log_prob: float | None = None
     output_log_probs: tuple[float, ...] | None = None
 
-    def merged(self, delta: "GenerationResult") -> "GenerationResult":
+    def merged(self, delta: GenerationResult) -> GenerationResult:
         """This (accumulated) result followed by a streamed delta: texts concatenate, counts and reasons update."""
         width = max(len(self.beams), len(delta.beams))
         beams = tuple((self.beams[i] if i < len(self.beams) else "") + (delta.beams[i] if i < len(delta.beams) else "")

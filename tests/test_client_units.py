@@ -32,7 +32,8 @@ STREAMING = ModelInfo(name="ensemble", decoupled=True, max_batch_size=8, inputs=
      "'preprocessing_0_0', message: ValueError: max_tokens must be >= 1, got 0", "max_tokens must be >= 1, got 0"),
     ("in ensemble 'ensemble', Failed to process the request(s) for model instance 'preprocessing_0_1', message: "
      "TritonModelException: Traceback (most recent call last):\n  File \"model.py\", line 3, in execute\n"
-     "AttributeError: 'int' object has no attribute 'decode'", "AttributeError: 'int' object has no attribute 'decode'"),
+     "AttributeError: 'int' object has no attribute 'decode'",
+     "AttributeError: 'int' object has no attribute 'decode'"),
     ("unexpected inference input 'max_tokenz' for model 'ensemble'",
      "unexpected inference input 'max_tokenz' for model 'ensemble'"),
     ("  top_p must be in (0, 1],\n  got 2.0 ", "top_p must be in (0, 1], got 2.0"),
@@ -79,7 +80,7 @@ def test_sampling_params_name_the_bad_field() -> None:
     with pytest.raises(ValueError, match="top_k must be in"):
         SamplingParams(top_k=2**31)
     with pytest.raises(TypeError, match="return_log_probs must be a bool"):
-        SamplingParams(return_log_probs=1)  # type: ignore[arg-type]
+        SamplingParams(return_log_probs=1)  # type: ignore[arg-type]  # the wrong type, on purpose
     with pytest.raises(TypeError, match="unknown generation option 'topk'"):
         SamplingParams.from_kwargs(topk=3)
     params = SamplingParams.from_kwargs(seed=7, stop="end", length_penalty=1.0)

@@ -138,7 +138,7 @@ def test_stream_acks_tell_an_abandoned_stream_from_a_direct_call() -> None:
         behind_ensemble, direct = listener.new_key(), listener.new_key()
         sender.send([(listener.port, behind_ensemble), (listener.port, 12345), (0, direct), (listener.port, 0)])
         deadline = time.monotonic() + 5
-        while behind_ensemble not in listener._ever_acked and time.monotonic() < deadline:  # noqa: SLF001
+        while behind_ensemble not in listener._ever_acked and time.monotonic() < deadline:
             time.sleep(0.01)
         start = time.monotonic()
         for key in (behind_ensemble, direct):

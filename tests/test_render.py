@@ -29,7 +29,7 @@ def parse(path: Path) -> model_config_pb2.ModelConfig:
 @pytest.mark.parametrize("engine,streaming,tp", list(itertools.product(("fastertransformer", "torch"),
                                                                        (False, True), (1, 2, 4))))
 def test_every_combination_renders_and_parses(tmp_path: Path, engine: str, streaming: bool, tp: int) -> None:
-    config = RenderConfig(tp=tp, engine=engine, streaming=streaming, output=tmp_path / "repo")  # type: ignore[arg-type]
+    config = RenderConfig(tp=tp, engine=engine, streaming=streaming, output=tmp_path / "repo")
     repo = render_repository(config)
     configs = {p.parent.name: parse(p) for p in repo.glob("*/config.pbtxt")}
     assert set(configs) == {"ensemble", "preprocessing", "gpt3_1.3b", "postprocessing"}
@@ -43,7 +43,8 @@ def test_every_combination_renders_and_parses(tmp_path: Path, engine: str, strea
         assert core.backend == "fastertransformer"
         assert core.default_model_filename == f"{tp}-gpu"
         assert params["tensor_para_size"] == str(tp) and params["pipeline_para_size"] == "1"
-        assert {"data_type", "model_type", "model_checkpoint_path", "int8_mode", "enable_custom_all_reduce"} <= set(params)
+        assert {"data_type", "model_type", "model_checkpoint_path", "int8_mode",
+                "enable_custom_all_reduce"} <= set(params)
         assert [g.kind for g in core.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_CPU]
         assert list(core.batch_input[0].target_name) == ["input_ids_item_shape"]
         ragged = [t.name for t in core.input if t.allow_ragged_batch]
@@ -62,7 +63,8 @@ def test_every_combination_renders_and_parses(tmp_path: Path, engine: str, strea
     assert {"stream", "exclude_input_in_output", "num_return_sequences", "seed"} <= ensemble_inputs
     assert ("frequency_penalty" in ensemble_inputs) == ("frequency_penalty" in capabilities)
     assert {"text_input", "max_tokens", "stop_words", "bad_words", "top_k", "top_p", "temperature"} <= ensemble_inputs
-    assert {"text_output", "finish_reason", "num_input_tokens", "num_output_tokens"} <= {t.name for t in ensemble.output}
+    ensemble_outputs = {t.name for t in ensemble.output}
+    assert {"text_output", "finish_reason", "num_input_tokens", "num_output_tokens"} <= ensemble_outputs
     # Every rendered repository is internally consistent (weights aside: none were given).
     problems = [p for p in validate_repository(repo) if "no FT weights" not in p]
     assert problems == []

@@ -114,7 +114,7 @@ def test_one_decode_call_for_the_whole_execute(tokenizer: GptTokenizer) -> None:
     calls: list[int] = []
 
     class CountingTokenizer(GptTokenizer):
-        def decode_batch(self, sequences):  # type: ignore[no-untyped-def]
+        def decode_batch(self, sequences):
             calls.append(len(sequences))
             return super().decode_batch(sequences)
 

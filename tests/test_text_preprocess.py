@@ -184,7 +184,7 @@ def test_one_encode_call_per_execute(tokenizer: GptTokenizer) -> None:
     calls: list[int] = []
 
     class CountingTokenizer(GptTokenizer):
-        def encode_batch(self, texts):  # type: ignore[no-untyped-def]
+        def encode_batch(self, texts):
             calls.append(len(texts))
             return super().encode_batch(texts)
 

@@ -11,13 +11,17 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from .core_io import EngineLimits, GenerationRequest, RequestError, RowOutput, StreamState, ft_outputs, parse_request
 from .metrics import EngineMetrics
 from .stream_ack import ABANDON_AFTER_S
+
+if TYPE_CHECKING:  # torch-heavy: imported at run time only where an engine is built
+    from .generation import GptEngine
+    from .stream_ack import AckListener
 
 DATA_TYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 AUTO_GPU_SLOTS = 256  # 256 x 2048 tokens of the 1.3B model: ~100 GB of KV (an H200's worth after the weights)
@@ -83,32 +87,32 @@ class CoreSettings:
         gpu = device.startswith("cuda")
         return (AUTO_GPU_SLOTS if self.decoupled and gpu else self.triton_max_batch_size), gpu
 
-    def load(self, device: str) -> object:
-        import torch  # noqa: PLC0415
+    def load(self, device: str) -> GptEngine:
+        import torch
 
-        from .generation import GptEngine  # noqa: PLC0415
+        from .generation import GptEngine
 
         slots, shrink = self.slots_for(device)
         return GptEngine.from_ft_dir(self.model_dir, device=device, dtype=getattr(torch, DATA_TYPES[self.data_type]),
                                      max_batch_size=slots, max_seq_len=self.max_seq_len,
                                      vocab_limit=self.vocab_limit, shrink_to_fit=shrink)
 
-    def describe(self, engine: object, device: str) -> str:
+    def describe(self, engine: GptEngine, device: str) -> str:
         """The load line of the model's log: where the weights came from and the KV cache they got."""
-        limits = engine.limits  # type: ignore[attr-defined]
+        limits = engine.limits
         return (f"{self.model_dir} on {device} ({self.data_type}), {limits.max_batch_size} KV-cache slots x "
-                f"{limits.max_seq_len} tokens = {engine.kv_cache_bytes / 2**30:.2f} GiB, "  # type: ignore[attr-defined]
+                f"{limits.max_seq_len} tokens = {engine.kv_cache_bytes / 2**30:.2f} GiB, "
                 f"decoupled={self.decoupled}")
 
 
-def run_static(engine: object, inputs: Sequence[Mapping[str, np.ndarray]],
+def run_static(engine: GptEngine, inputs: Sequence[Mapping[str, np.ndarray]],
                cancelled: Sequence[Callable[[], bool]], metrics: EngineMetrics | None = None) -> list[Reply]:
     """Not decoupled: every valid request of the dynamic batch in one engine call; one reply each."""
     replies: list[Reply | None] = [None] * len(inputs)
     parsed = {}
     for i, request_inputs in enumerate(inputs):
         try:
-            parsed[i] = parse_request(request_inputs, engine.limits)  # type: ignore[attr-defined]
+            parsed[i] = parse_request(request_inputs, engine.limits)
         except RequestError as err:
             replies[i] = Reply(error=str(err), kind=INVALID)
     rows: list[GenerationRequest] = []
@@ -128,7 +132,7 @@ def run_static(engine: object, inputs: Sequence[Mapping[str, np.ndarray]],
         metrics.set_load(slots_in_use=len(rows), running=len(parsed))
         metrics.add_prompt_tokens(sum(len(row.input_ids) for row in rows))
     try:
-        outputs = engine.generate(rows, is_cancelled=cancelled_rows) if rows else []  # type: ignore[attr-defined]
+        outputs = engine.generate(rows, is_cancelled=cancelled_rows) if rows else []
     except Exception as err:  # noqa: BLE001  (one failed batch must not take the server down)
         return [reply or Reply(error=f"generation failed: {err}", kind=INTERNAL) for reply in replies]
     finally:
@@ -142,33 +146,33 @@ def run_static(engine: object, inputs: Sequence[Mapping[str, np.ndarray]],
             replies[i] = Reply(error="request cancelled", kind=CANCELLED)
         else:
             replies[i] = Reply(arrays=ft_outputs(request.rows, mine, with_log_probs=request.return_log_probs))
-    return replies  # type: ignore[return-value]
+    return replies  # type: ignore[return-value]  # every index was set above
 
 
 class StreamingCore:
     """Decoupled: validate each request and queue it on the in-flight scheduler; replies come from its sender."""
 
-    def __init__(self, engine: object, event_log: Callable[[str], None] | None = None,
+    def __init__(self, engine: GptEngine, event_log: Callable[[str], None] | None = None,
                  report: Callable[[str], None] | None = None, abandon_after_s: float = ABANDON_AFTER_S,
                  metrics: EngineMetrics | None = None) -> None:
-        from .scheduler import InflightScheduler  # noqa: PLC0415
-        from .stream_ack import AckListener  # noqa: PLC0415
+        from .scheduler import InflightScheduler
+        from .stream_ack import AckListener
 
-        self.limits: EngineLimits = engine.limits  # type: ignore[attr-defined]
+        self.limits: EngineLimits = engine.limits
         if getattr(engine, "graphs", None) is not None:  # at load, so no request waits ~0.1 s for a capture
             started = time.monotonic()
             try:
-                note = engine.capture_graphs()  # type: ignore[attr-defined]
+                note = engine.capture_graphs()
             except RuntimeError as err:  # graphs are then captured on first use, as without this step
                 note = f"capturing CUDA graphs at load failed ({err}); they are captured on first use"
             if report is not None:
                 report(f"{note} ({time.monotonic() - started:.1f} s)")
         self.acks = AckListener(abandon_after_s)
-        self.scheduler = InflightScheduler(engine, event_log=event_log,  # type: ignore[arg-type]
+        self.scheduler = InflightScheduler(engine, event_log=event_log,
                                            report=report, metrics=metrics).start()
 
     def submit(self, inputs: Mapping[str, np.ndarray], transport: Transport) -> None:
-        from .generation import ResourceError  # noqa: PLC0415
+        from .generation import ResourceError
 
         try:
             parsed = parse_request(inputs, self.limits)
@@ -193,30 +197,30 @@ class StreamingCore:
 class _Sink:
     """scheduler.ResponseSink over a Transport; called from the scheduler's sender thread."""
 
-    def __init__(self, transport: Transport, rows: list[GenerationRequest], acks: object, *, stream: bool,
+    def __init__(self, transport: Transport, rows: list[GenerationRequest], acks: AckListener, *, stream: bool,
                  log_probs: bool, exclude_input: bool = True, ft_stream: bool = False) -> None:
         self.transport, self.acks = transport, acks
         # Only our postprocessing acknowledges (stream_ack.py); an FT client's stream has no such partner.
-        self.key = acks.new_key() if stream else 0  # type: ignore[attr-defined]
+        self.key = acks.new_key() if stream else 0
         self.state = StreamState(rows, stream=stream, log_probs=log_probs, exclude_input=exclude_input,
                                  cumulative=ft_stream,
-                                 ack=(acks.port, self.key) if stream else (0, 0))  # type: ignore[attr-defined]
+                                 ack=(acks.port, self.key) if stream else (0, 0))
 
     def update(self, outputs: list[RowOutput]) -> None:
         self.transport.send(Reply(arrays=self.state.update(outputs)), final=False)
-        self.acks.sent(self.key)  # type: ignore[attr-defined]
+        self.acks.sent(self.key)
 
     def finish(self, outputs: list[RowOutput]) -> None:
-        self.acks.forget(self.key)  # type: ignore[attr-defined]
+        self.acks.forget(self.key)
         if any(output.cancelled for output in outputs):
             self.transport.send(Reply(error="request cancelled", kind=CANCELLED), final=True)
         else:
             self.transport.send(Reply(arrays=self.state.final(outputs)), final=True)
 
     def fail(self, error: Exception) -> None:
-        self.acks.forget(self.key)  # type: ignore[attr-defined]
+        self.acks.forget(self.key)
         self.transport.send(Reply(error=f"generation failed: {error}", kind=INTERNAL), final=True)
 
     def is_cancelled(self) -> bool:
-        abandoned = self.key != 0 and self.acks.abandoned(self.key)  # type: ignore[attr-defined]
+        abandoned = self.key != 0 and self.acks.abandoned(self.key)
         return bool(self.transport.is_cancelled()) or abandoned

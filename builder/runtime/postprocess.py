@@ -53,7 +53,7 @@ class PostprocessConfig:
     end_id: int  # default end id (a request's `end_id` input wins); in streaming the token that means "stop"
 
     @classmethod
-    def from_parameters(cls, parameters: Mapping[str, str], default_end_id: int) -> "PostprocessConfig":
+    def from_parameters(cls, parameters: Mapping[str, str], default_end_id: int) -> PostprocessConfig:
         """From a model config's string parameters: streaming ("true"/"false", required), end_id (optional)."""
         raw = parameters.get("streaming", "").strip().lower()
         if raw not in ("true", "false"):

@@ -80,7 +80,7 @@ class PreprocessConfig:
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, str], outputs: Iterable[str],
-                        default_end_id: int = 50256) -> "PreprocessConfig":
+                        default_end_id: int = 50256) -> PreprocessConfig:
         """From a model config's string parameters: max_pos_seq_len, vocab_size (required), end_id, pad_id."""
         def integer(key: str, required: bool) -> int | None:
             raw = parameters.get(key, "").strip()

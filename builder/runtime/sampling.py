@@ -69,7 +69,7 @@ class SlotParams:
         return self.use_repetition or self.use_presence
 
     @classmethod
-    def build(cls, requests: Sequence[GenerationRequest], repeat: int, device: torch.device) -> "SlotParams":
+    def build(cls, requests: Sequence[GenerationRequest], repeat: int, device: torch.device) -> SlotParams:
         """One entry per slot: each request's values repeated `repeat` times (its beams)."""
         def column(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor([v for v in values for _ in range(repeat)], dtype=dtype, device=device)
@@ -118,7 +118,7 @@ class WordTable:
         return self.tokens.shape[1]
 
     @classmethod
-    def build(cls, words_per_row: Sequence[Sequence[Sequence[int]]], device: torch.device) -> "WordTable | None":
+    def build(cls, words_per_row: Sequence[Sequence[Sequence[int]]], device: torch.device) -> WordTable | None:
         entries = [(row, tuple(word)) for row, words in enumerate(words_per_row) for word in words]
         if not entries:
             return None
@@ -151,7 +151,7 @@ class BadWords:
     banned: torch.Tensor  # [W] each word's last token
 
     @classmethod
-    def build(cls, words_per_slot: Sequence[Sequence[Sequence[int]]], device: torch.device) -> "BadWords | None":
+    def build(cls, words_per_slot: Sequence[Sequence[Sequence[int]]], device: torch.device) -> BadWords | None:
         prefixes = WordTable.build([[word[:-1] for word in words] for words in words_per_slot], device)
         if prefixes is None:
             return None
@@ -214,7 +214,7 @@ def process_logits(logits: torch.Tensor, params: SlotParams, *, generated: torch
     return logits
 
 
-def _mix32(x: "int | torch.Tensor") -> "int | torch.Tensor":
+def _mix32(x: int | torch.Tensor) -> int | torch.Tensor:
     """A 32-bit integer hash (xorshift-multiply rounds) of a Python int or int64 lanes holding values in [0, 2^32).
 
     The multipliers are odd and below 2^31, so no product reaches 2^63: the arithmetic is exact on every device.
@@ -233,7 +233,7 @@ def counter_uniform(seed_lo: torch.Tensor, seed_hi: torch.Tensor, step: int | to
     """
     step_key = _mix32((step + 0x632BE5AB) & _MASK32)
     h = _mix32(seed_lo ^ _mix32(seed_hi ^ step_key))
-    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # type: ignore[union-attr]  # seeds: tensors
 
 
 def sample_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor,

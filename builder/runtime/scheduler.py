@@ -118,7 +118,8 @@ class Timeline:
         steps, idle = max(1, self.steps), max(1, self.idle_requests)
         return (f"per step (host ms, {self.steps} steps, {self.rows / steps:.1f} rows): select+launch "
                 f"{self.select_launch_ms / steps:.3f}, wait for device {self.wait_ms / steps:.3f}, consume "
-                f"{self.consume_ms / steps:.3f}, admission {self.admit_ms / steps:.3f}; sender {self.updates} updates, busy {self.sender_busy_ms / steps:.3f} "
+                f"{self.consume_ms / steps:.3f}, admission {self.admit_ms / steps:.3f}; sender {self.updates} updates, "
+                f"busy {self.sender_busy_ms / steps:.3f} "
                 f"per step; first response of a request into an idle batch (ms, mean of "
                 f"{self.idle_requests}): queued {self.queued_ms / idle:.3f}, admitting {self.admitting_ms / idle:.3f}, "
                 f"to first token {self.to_first_token_ms / idle:.3f}, to send {self.to_send_ms / idle:.3f}")
@@ -441,7 +442,7 @@ class _Sender:
             self.updates_sent += 1
             self.timeline.updates += 1
             self._sent_first(request)
-        except Exception:  # noqa: BLE001  (e.g. the client went away: stop generating for it)
+        except Exception:  # e.g. the client went away: stop generating for it
             log.exception("sending a streaming update failed: cancelling the request")
             self.on_cancel(request)
 
@@ -452,7 +453,7 @@ class _Sender:
             else:
                 request.sink.finish(outputs or [])
                 self._sent_first(request)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("sending a final response failed")
 
     def _sent_first(self, request: _Request) -> None:
@@ -472,7 +473,7 @@ class _Sender:
             request.last_poll = now
             try:
                 cancelled = request.sink.is_cancelled()
-            except Exception:  # noqa: BLE001  (a broken sink must not stop the sender)
+            except Exception:  # a broken sink must not stop the sender
                 log.exception("is_cancelled failed")
                 cancelled = False
             if cancelled:
@@ -602,11 +603,11 @@ class InflightScheduler:
                         if self.metrics is not None:
                             self.metrics.set_load(slots_in_use=len(self._occupied), waiting=len(self._waiting),
                                                   running=len(self._live))
-                    except Exception as err:  # noqa: BLE001  (the running requests fail; the loop keeps serving)
+                    except Exception as err:  # the running requests fail; the loop keeps serving
                         log.exception("in-flight step failed: failing the %d running request(s)",
                                       len({id(row.request) for row in self._occupied.values()}))
                         self._fail_running(err)
-        except Exception as err:  # noqa: BLE001  (the loop itself broke: no request may wait forever)
+        except Exception as err:  # the loop itself broke: no request may wait forever
             log.exception("the in-flight scheduler stopped")
             error = RuntimeError(f"the in-flight scheduler stopped: {err}")
         finally:
@@ -739,7 +740,7 @@ class InflightScheduler:
         rows = sorted((row for request in requests for row in request.rows), key=lambda row: row.slot)
         try:
             return rows, self._prefill(rows)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             if len(requests) == 1:
                 log.exception("prefill failed for %d row(s)", len(rows))
                 self._abort(requests[0], err)
@@ -785,6 +786,7 @@ class InflightScheduler:
         history, lengths, generated = table.history[:span], table.lengths[:span], table.generated[:span]
         finished, stopped = table.finished[:span], table.stopped[:span]
         seen = table.seen[:span] if params.uses_seen_tokens else None
+        assert self._logits is not None  # set by the prefill that admitted the occupied slots
         processed = process_logits(self._logits[:span], params, generated=generated, seen=seen,
                                    bad_words=batch.bad_words, history=history, lengths=lengths,
                                    vocab_limit=self.engine.vocab_limit)
@@ -873,7 +875,7 @@ class InflightScheduler:
             if row.slot >= 0:
                 try:
                     self.table.finished[row.slot] = True
-                except Exception:  # noqa: BLE001  (a broken device fails every later step anyway)
+                except Exception:  # a broken device fails every later step anyway
                     log.exception("could not reset slot %d", row.slot)
                 self._release(row)
             row.done = True
@@ -910,7 +912,7 @@ class InflightScheduler:
         try:
             outputs = self.engine.generate(specs, on_step=on_step if request.stream else None,
                                            is_cancelled=is_cancelled)
-        except Exception as err:  # noqa: BLE001  (only this request fails)
+        except Exception as err:  # only this request fails
             log.exception("beam search failed")
             self._close(request, error=err)
             return

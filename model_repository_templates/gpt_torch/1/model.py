@@ -14,9 +14,9 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpt_runtime.core_adapter import (  # noqa: E402  (needs the sys.path entry above)
+from gpt_runtime.core_adapter import (  # needs the sys.path entry above
     CANCELLED, INTERNAL, INVALID, UNAVAILABLE, CoreSettings, EngineMetrics, Reply, StreamingCore, run_static)
-from gpt_runtime.core_io import CAPABILITIES, REQUIRED_INPUTS  # noqa: E402
+from gpt_runtime.core_io import CAPABILITIES, REQUIRED_INPUTS
 
 INPUT_NAMES = (*REQUIRED_INPUTS, *sorted(CAPABILITIES))
 CODES = {INVALID: "INVALID_ARG", UNAVAILABLE: "UNAVAILABLE", INTERNAL: "INTERNAL", CANCELLED: "CANCELLED"}
@@ -27,7 +27,7 @@ def _inputs(request: object) -> dict:
     return {name: tensor.as_numpy() for name, tensor in tensors if tensor is not None}
 
 
-def _response(reply: Reply) -> "pb_utils.InferenceResponse":
+def _response(reply: Reply) -> pb_utils.InferenceResponse:
     if reply.error is not None:
         error = pb_utils.TritonError(reply.error, getattr(pb_utils.TritonError, CODES[reply.kind]))
         return pb_utils.InferenceResponse(output_tensors=[], error=error)

@@ -42,7 +42,7 @@ class TritonPythonModel:
             self.acks.send(stream_acks(batch_inputs))
         try:
             results = postprocess_requests(batch_inputs, self.tokenizer, self.config)
-        except Exception as err:  # a bug, not a bad request: say so to every request of the call
+        except Exception as err:  # noqa: BLE001  (a bug, not a bad request: say so to every request of the call)
             self.logger.log_error(f"postprocessing failed: {err!r}")
             error = pb_utils.TritonError(f"postprocessing failed: {err}", pb_utils.TritonError.INTERNAL)
             return [pb_utils.InferenceResponse(error=error) for _ in requests]

@@ -54,7 +54,7 @@ class TritonPythonModel:
             batch_inputs.append({name: tensor.as_numpy() for name, tensor in tensors if tensor is not None})
         try:
             results = preprocess_requests(batch_inputs, self.tokenizer, self.config)
-        except Exception as err:  # a bug, not a bad request: say so to every request of the call
+        except Exception as err:  # noqa: BLE001  (a bug, not a bad request: say so to every request of the call)
             self.logger.log_error(f"preprocessing failed: {err!r}")
             error = pb_utils.TritonError(f"preprocessing failed: {err}", pb_utils.TritonError.INTERNAL)
             return [pb_utils.InferenceResponse(error=error) for _ in requests]
