@@ -54,7 +54,7 @@ class ConnectionConfig:
             raise ValueError(f"retries must be >= 0, got {retries}")
         if backoff_s < 0:
             raise ValueError(f"backoff_s must be >= 0, got {backoff_s}")
-        return cls(url=normalize_url(url, protocol), protocol=protocol, model=model,  # type: ignore[arg-type]  # checked
+        return cls(url=normalize_url(url, protocol), protocol=protocol, model=model,  # type: ignore[arg-type]  # protocol: checked
                    timeout_s=float(timeout_s), retries=int(retries), backoff_s=float(backoff_s))
 
     @property

@@ -297,7 +297,7 @@ def run_perf(config: PerfConfig, echo: Any = print) -> dict[str, Any]:
             for level in config.concurrency:
                 targets = [(config.model, ensemble, ensemble_data, results)]
                 if core is not None:
-                    targets.append((config.compare_core, core, core_data, core_results))  # type: ignore[arg-type]  # set with core
+                    targets.append((config.compare_core, core, core_data, core_results))  # type: ignore[arg-type]  # name set with core
                 for name, info, data, sink in targets:
                     run = LevelRun.in_folder(raw, name, level, config.stream or info.decoupled, data)
                     run.csv_path.unlink(missing_ok=True)
