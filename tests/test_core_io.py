@@ -221,3 +221,18 @@ def test_ft_stream_updates_use_the_cumulative_layout() -> None:
         length = int(arrays["sequence_length"][0, 0])
         assert length == 3 + step
         assert arrays["output_ids"][0, 0, :length].tolist() == [1, 2, 3, *range(10, 10 + step)]  # prompt included
+
+
+@pytest.mark.parametrize("per_response", [False, True])
+def test_streamed_counts_cumulative_or_per_response(per_response: bool) -> None:
+    """return_num_output_tokens (the OpenAI frontend sums the streamed counts): `counted` says what earlier responses
+    counted, so postprocessing's num_output_tokens is per response; without it 0 keeps the counts cumulative."""
+    inputs = ft_inputs([[1, 2, 3]], [3], 20, stream=np.array([[True]]),
+                       return_num_output_tokens=np.array([[per_response]]))
+    parsed = parse_request(inputs, LIMITS)
+    state = StreamState(parsed.rows, stream=True, log_probs=False, count_per_response=parsed.count_per_response)
+    counted = []
+    for generated in (1, 3, 4):
+        out = RowOutput(prompt_len=3, beams=[np.array([1, 2, 3, *range(10, 10 + generated)])])
+        counted.append(int(state.update([out])["counted"][0, 0]))
+    assert counted == ([0, 1, 3] if per_response else [0, 0, 0])

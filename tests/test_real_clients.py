@@ -11,8 +11,7 @@ Oracle: the demo model counts, so "1 2 3 4 5 6" continues " 7 8 9 ..."; GPT-2 to
 own tokenizer files; FT's token-id samples are checked against the same ids sent through the core's accepted inputs.
 
 Before issue 13's contract (builder/runtime/contract.py) every case but one failed: the repositories refused names
-these clients send. They pass now; the one strict xfail left (streamed num_output_tokens, which the OpenAI frontend
-sums over the responses while ours are cumulative) names its reason.
+these clients send, or answered in a layout they cannot read.
 """
 
 from __future__ import annotations
@@ -280,9 +279,7 @@ OPENAI_CASES = [
     pytest.param("plain", False, "v2.71", id="plain-v2.71"),
     pytest.param("plain", False, "v2.52", id="plain-v2.52"),
     pytest.param("streaming", False, "v2.71", id="streaming-repo-v2.71"),
-    pytest.param("streaming", True, "v2.71", id="streamed-v2.71", marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError, reason="streamed num_output_tokens are cumulative (1, 2, 3, ...); the "
-                                                   "frontend sums them over the responses (docs/client_compat.md)")),
+    pytest.param("streaming", True, "v2.71", id="streamed-v2.71"),
     pytest.param("streaming", True, "v2.52", id="streamed-v2.52"),
 ]
 

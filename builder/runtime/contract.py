@@ -205,10 +205,11 @@ CORE_INPUTS: tuple[CoreInput, ...] = (
     # Torch core in a streaming repository only (render_config adds them there): one final response when false.
     _core("stream", "BOOL", (TORCH,), _any, 0),
     _core("exclude_input_in_output", "BOOL", (TORCH,), _any, 1),
+    _core("return_num_output_tokens", "BOOL", (TORCH,), _any, 0),
 )
 CORE: dict[str, CoreInput] = {i.name: i for i in CORE_INPUTS}
 REQUIRED_CORE_INPUTS = tuple(i.name for i in CORE_INPUTS if not i.tensor.optional)
-STREAMING_CORE_INPUTS = ("stream", "exclude_input_in_output")  # decoupled torch core only
+STREAMING_CORE_INPUTS = ("stream", "exclude_input_in_output", "return_num_output_tokens")  # decoupled torch core only
 
 
 def core_inputs(engine: str) -> list[CoreInput]:
@@ -282,7 +283,9 @@ ENSEMBLE_INPUTS: tuple[EnsembleInput, ...] = (
     # Triton's OpenAI frontend (v2.64+) asks for the token counts; they are always returned.
     EnsembleInput(Tensor("return_num_input_tokens", "BOOL", optional=True), check=_any, default=1,
                   client_option=False),
-    EnsembleInput(Tensor("return_num_output_tokens", "BOOL", optional=True), check=_any, default=1,
+    # Asked for (OpenAI frontend v2.64+, TRT-LLM's later ensemble), a streamed response counts only its own tokens,
+    # which is what that frontend sums; otherwise the counts are cumulative (our client, the benchmarks).
+    EnsembleInput(Tensor("return_num_output_tokens", "BOOL", optional=True), check=_any, default=0,
                   client_option=False),
     # Where each is honoured: stream_rule below; exclude_input_in_output: postprocessing or the streaming core.
     _in(EXCLUDE_INPUT, "BOOL", default=1),
@@ -319,12 +322,15 @@ FT_EXTRA_OUTPUTS = (Tensor("context_embeddings", "FP32", (-1, -1)),)
 # Not in FT's contract: a decoupled torch core says where in output_ids each response's text starts, so the
 # stateless postprocessing also handles a single final response (`stream` false) and rows that advance unevenly;
 # why a row ended (finish_code); how many tokens at the end are a stop word to trim (stop_length: set only on a
-# response that is not streamed, whose text can still drop it); and (port, key) that postprocessing acknowledges
+# response that is not streamed, whose text can still drop it); how many generated tokens earlier responses counted
+# (counted: 0 unless return_num_output_tokens asks for per-response counts); and (port, key) that postprocessing
+# acknowledges
 # (stream_ack.py: Triton gives a step inside an ensemble no cancellation signal).
 STREAM_OUTPUTS: tuple[Tensor, ...] = (
     Tensor("delta_start", "INT32", (-1,), optional=True),
     Tensor("finish_code", "INT32", (-1,), optional=True),
     Tensor("stop_length", "INT32", (-1,), optional=True),
+    Tensor("counted", "INT32", (-1,), optional=True),
     Tensor("stream_ack", "INT64", (2,), optional=True),
 )
 

@@ -177,7 +177,8 @@ class StreamingCore:
         try:
             parsed = parse_request(inputs, self.limits)
             sink = _Sink(transport, parsed.rows, self.acks, stream=parsed.stream, log_probs=parsed.return_log_probs,
-                         exclude_input=parsed.exclude_input, ft_stream=parsed.ft_stream)
+                         exclude_input=parsed.exclude_input, ft_stream=parsed.ft_stream,
+                         count_per_response=parsed.count_per_response)
             self.scheduler.submit(parsed.rows, sink, stream=parsed.stream or parsed.ft_stream)
         except (RequestError, ResourceError) as err:
             transport.send(Reply(error=str(err), kind=INVALID), final=True)
@@ -198,12 +199,13 @@ class _Sink:
     """scheduler.ResponseSink over a Transport; called from the scheduler's sender thread."""
 
     def __init__(self, transport: Transport, rows: list[GenerationRequest], acks: AckListener, *, stream: bool,
-                 log_probs: bool, exclude_input: bool = True, ft_stream: bool = False) -> None:
+                 log_probs: bool, exclude_input: bool = True, ft_stream: bool = False,
+                 count_per_response: bool = False) -> None:
         self.transport, self.acks = transport, acks
         # Only our postprocessing acknowledges (stream_ack.py); an FT client's stream has no such partner.
         self.key = acks.new_key() if stream else 0
         self.state = StreamState(rows, stream=stream, log_probs=log_probs, exclude_input=exclude_input,
-                                 cumulative=ft_stream,
+                                 cumulative=ft_stream, count_per_response=count_per_response,
                                  ack=(acks.port, self.key) if stream else (0, 0))
 
     def update(self, outputs: list[RowOutput]) -> None:

@@ -14,7 +14,8 @@ Streaming (decoupled torch core; not in FT's contract) adds, per row and beam:
   delta_start [B, beam] int32: where this response's text starts (the previous response's sequence_length, or the
   prompt length for the first; 0 for a final response that was not streamed and must repeat the prompt, i.e.
   exclude_input_in_output false); stop_length [B, beam] int32: the tokens of a stop word that ends a response that
-  was not streamed (postprocessing trims them; 0 on streamed responses); finish_code [B, beam] int32: FINISH_CODES
+  was not streamed (postprocessing trims them; 0 on streamed responses); counted [B, beam] int32: generated tokens
+  that earlier responses already counted (0 unless return_num_output_tokens); finish_code [B, beam] int32: FINISH_CODES
   (0 while running); stream_ack [B, 2] int64: (port, key) that postprocessing acknowledges each response to
   (stream_ack.py), (0, 0) for none.
 A streamed update (`StreamState.update`) sends only the tail of each sequence: output_ids [B, beam, T] holds the
@@ -100,6 +101,7 @@ class ParsedRequest:
     # No `stream` input (FT's own clients, e.g. issue_request.py): a decoupled core streams as FT's does, every
     # response in FT's cumulative layout. The ensemble always sends `stream`, and gets tails (module notes).
     ft_stream: bool = False
+    count_per_response: bool = False  # return_num_output_tokens: a streamed response counts only its own tokens
 
 
 def parse_word_list(array: np.ndarray, input_name: str, batch_size: int, vocab_size: int
@@ -218,7 +220,8 @@ def parse_request(inputs: Mapping[str, np.ndarray], limits: EngineLimits) -> Par
     streams = [bool(v) for v in values.get("stream", [False] * batch_size)]
     excludes = [bool(v) for v in values.get("exclude_input_in_output", [True] * batch_size)]
     return ParsedRequest(rows=rows, stream=all(streams), return_log_probs=any(r.return_log_probs for r in rows),
-                         exclude_input=all(excludes), ft_stream="stream" not in inputs)
+                         exclude_input=all(excludes), ft_stream="stream" not in inputs,
+                         count_per_response=any(bool(v) for v in values.get("return_num_output_tokens", [])))
 
 
 def ft_outputs(rows: Sequence[GenerationRequest], outputs: Sequence[RowOutput], *, with_log_probs: bool
@@ -307,10 +310,12 @@ class StreamState:
     """The response arrays of one decoupled (streaming-capable) request, in the order they are sent."""
 
     def __init__(self, rows: Sequence[GenerationRequest], *, stream: bool, log_probs: bool,
-                 ack: tuple[int, int] = (0, 0), exclude_input: bool = True, cumulative: bool = False) -> None:
+                 ack: tuple[int, int] = (0, 0), exclude_input: bool = True, cumulative: bool = False,
+                 count_per_response: bool = False) -> None:
         self.rows, self.stream, self.log_probs = list(rows), stream, log_probs
         self.exclude_input = exclude_input  # honoured by a final response that was not streamed (stream false)
         self.cumulative = cumulative  # every update in FT's cumulative layout (ParsedRequest.ft_stream)
+        self.count_per_response = count_per_response
         self.sent: np.ndarray | None = None  # [B, beam] sequence_length of the previous response
         self.ack = np.tile(np.array(ack, dtype=np.int64), (len(rows), 1))  # [B, 2]
 
@@ -348,6 +353,9 @@ class StreamState:
         arrays["delta_start"] = starts.astype(np.int32)
         arrays["finish_code"] = finish_codes(self.rows, outputs)
         arrays["stop_length"] = np.zeros_like(arrays["finish_code"])  # streamed text cannot take a stop word back
+        prompt_lens = np.array([[out.prompt_len] for out in outputs], dtype=np.int64)  # [B, 1]
+        counted = (self.sent - prompt_lens) if self.count_per_response and self.sent is not None else 0
+        arrays["counted"] = (np.zeros_like(arrays["finish_code"]) + counted).astype(np.int32)  # [B, beam]
         arrays["stream_ack"] = self.ack
         self.sent = arrays["sequence_length"].astype(np.int64)
         return arrays

@@ -11,7 +11,9 @@ Streaming (stateless): the text delta of a response is what its new tokens add (
 unfinished UTF-8 character is held back until it completes; the prompt is never included). Our decoupled torch core
 says where the new tokens start (`delta_start`), sends only the tail of each sequence (core_io.py: output_ids holds
 the last T tokens when T < max(sequence_length), else FT's cumulative layout), why a row ended (`finish_code`, so
-finish_reason is "stop" or "length" on the last response and "" before), and a `stream_ack` (port, key) that the
+finish_reason is "stop" or "length" on the last response and "" before), how many generated tokens earlier
+responses counted (`counted`: num_output_tokens is then per response, as return_num_output_tokens asks), and a
+`stream_ack` (port, key) that the
 postprocessing model acknowledges (stream_ack.py). Without `delta_start` (FT) each response adds one token, so a beam
 "grew" when its generated length equals the longest in the request and a beam that finished earlier gets "".
 What a stateless step cannot know, by design:
@@ -75,7 +77,7 @@ REQUEST_INPUTS = {"request_output_len": "TYPE_UINT32", "end_id": "TYPE_UINT32", 
                   "exclude_input_in_output": "TYPE_BOOL"}
 # Streaming only, from a decoupled torch core (core_io.py).
 STREAM_INPUTS = {"delta_start": "TYPE_INT32", "finish_code": "TYPE_INT32", "stop_length": "TYPE_INT32",
-                 "stream_ack": "TYPE_INT64"}
+                 "counted": "TYPE_INT32", "stream_ack": "TYPE_INT64"}
 OUTPUTS = {"text_output": "TYPE_STRING", "finish_reason": "TYPE_STRING", "num_input_tokens": "TYPE_INT32",
            "num_output_tokens": "TYPE_INT32"}
 
@@ -259,6 +261,8 @@ def _stream_deltas(inputs: Mapping[str, np.ndarray], tokenizer: GptTokenizer, en
         newest = int(generated_lengths.max(initial=0))
         new_counts = np.where((generated_lengths == newest) & (generated_lengths > 0), 1, 0)
     trims = np.asarray(inputs.get("stop_length", np.zeros((batch, width))), dtype=np.int64).reshape(batch, -1)
+    # Tokens earlier responses counted (core_io.py): 0 gives cumulative counts, else each response counts its own.
+    counted = np.asarray(inputs.get("counted", np.zeros((batch, width))), dtype=np.int64).reshape(batch, -1)
     # delta_start before the prompt's end: a final response repeats the prompt (exclude_input_in_output false)
     starts = np.asarray(inputs.get("delta_start", np.full((batch, width), -1)), dtype=np.int64).reshape(batch, -1)
     echo = None if beams.is_tail or not (starts[starts >= 0] < beams.input_lengths[starts >= 0]).any() else starts
@@ -289,7 +293,7 @@ def _stream_deltas(inputs: Mapping[str, np.ndarray], tokenizer: GptTokenizer, en
                 delta = tokenizer.stream_delta(generated, num_new, final=bool(reason)) if num_new else ""
             text_output[row, beam] = delta.encode("utf-8")
             reasons[row].append(reason)
-            counts[row].append(total)
+            counts[row].append(total - int(counted[row, beam]))
     return _outputs(text_output, reasons, beams, counts)
 
 
