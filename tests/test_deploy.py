@@ -4,6 +4,7 @@ strict), Dockerfiles linted with hadolint, and the wiring checker shown to catch
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -220,9 +221,15 @@ def test_image_installs_what_the_launcher_imports(repositories: dict[str, Path])
                 imported |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 imported.add(node.module.split(".")[0])
-    third_party = sorted(imported - set(sys.stdlib_module_names) - {"builder", "__future__"})
+    ours = {"builder", "client", "model_repository_templates"}  # pyproject's packages: COPY'd, not pip-installed
+    third_party = sorted(imported - set(sys.stdlib_module_names) - ours - {"__future__"})
     assert third_party, "no third-party import found: the parser is broken"
     dockerfile = rendered_for(repositories["gpu"])[0].files["Dockerfile"]
+    # `pip install --no-deps .` in the image needs every package pyproject lists.
+    pyproject = (Path(builder.__file__).parents[1] / "pyproject.toml").read_text()
+    listed = re.search(r"\[tool\.setuptools\.packages\.find\]\ninclude = \[(.*)\]", pyproject)
+    assert listed and {name.strip(' "*') for name in listed.group(1).split(",")} == ours
+    assert not [name for name in sorted(ours) if f"COPY {name} ./{name}" not in dockerfile]
     missing = [module for module in third_party if f'"{module}==' not in dockerfile]
     assert not missing, f"serve imports {missing}, which the Dockerfile does not install"
 
