@@ -38,9 +38,7 @@ class RenderError(ValueError):
     """A render option that cannot work; the message names the option and the limit."""
 
 
-# Tensors postprocessing reads from preprocessing (non-streaming only: Triton refuses a step that mixes tensors of a
-# decoupled model with tensors of another origin).
-POSTPROCESSING_FROM_PREPROCESSING = ("request_output_len", "end_id", "stop_words_list")
+POSTPROCESSING_FROM_PREPROCESSING = contract.POSTPROCESSING_FROM_PREPROCESSING
 # The ensemble input that bypasses preprocessing: to postprocessing (non-streaming repositories).
 PASSED_ON = (contract.EXCLUDE_INPUT,)
 FT_CAPABILITIES = frozenset(i.name for i in contract.core_inputs(contract.FT) if i.tensor.optional)

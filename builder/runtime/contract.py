@@ -209,7 +209,7 @@ CORE_INPUTS: tuple[CoreInput, ...] = (
 )
 CORE: dict[str, CoreInput] = {i.name: i for i in CORE_INPUTS}
 REQUIRED_CORE_INPUTS = tuple(i.name for i in CORE_INPUTS if not i.tensor.optional)
-STREAMING_CORE_INPUTS = ("stream", "exclude_input_in_output", "return_num_output_tokens")  # decoupled torch core only
+STREAMING_CORE_INPUTS = ("stream", "exclude_input_in_output", "return_num_output_tokens")  # decoupled torch core
 
 
 def core_inputs(engine: str) -> list[CoreInput]:
@@ -333,6 +333,11 @@ STREAM_OUTPUTS: tuple[Tensor, ...] = (
     Tensor("counted", "INT32", (-1,), optional=True),
     Tensor("stream_ack", "INT64", (2,), optional=True),
 )
+
+# Tensors postprocessing reads from preprocessing (non-streaming only: Triton refuses a step that mixes tensors of a
+# decoupled model with tensors of another origin).
+POSTPROCESSING_FROM_PREPROCESSING = ("request_output_len", "end_id", "stop_words_list")
+RETURN_NUM_OUTPUT_TOKENS = "return_num_output_tokens"
 
 # ---- the text outputs -----------------------------------------------------------------------------------------
 

@@ -217,11 +217,11 @@ def parse_request(inputs: Mapping[str, np.ndarray], limits: EngineLimits) -> Par
             input_ids=tuple(int(t) for t in prompt.tolist()), output_len=output_len, beam_width=beam_width,
             stop_words=stop_words[i], bad_words=bad_words[i],
             **fields))  # type: ignore[arg-type]  # each value cast to its field's type by the contract
-    streams = [bool(v) for v in values.get("stream", [False] * batch_size)]
-    excludes = [bool(v) for v in values.get("exclude_input_in_output", [True] * batch_size)]
+    streams = [bool(v) for v in values.get(contract.STREAM, [False] * batch_size)]
+    excludes = [bool(v) for v in values.get(contract.EXCLUDE_INPUT, [True] * batch_size)]
     return ParsedRequest(rows=rows, stream=all(streams), return_log_probs=any(r.return_log_probs for r in rows),
-                         exclude_input=all(excludes), ft_stream="stream" not in inputs,
-                         count_per_response=any(bool(v) for v in values.get("return_num_output_tokens", [])))
+                         exclude_input=all(excludes), ft_stream=contract.STREAM not in inputs,
+                         count_per_response=any(bool(v) for v in values.get(contract.RETURN_NUM_OUTPUT_TOKENS, [])))
 
 
 def ft_outputs(rows: Sequence[GenerationRequest], outputs: Sequence[RowOutput], *, with_log_probs: bool

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import contract
 from .contract import RequestError, detached
 from .tokenizer import GptTokenizer
 from .word_lists import decode_word_list
@@ -70,16 +71,19 @@ class PostprocessConfig:
         return cls(streaming=raw == "true", end_id=end_id)
 
 
-CORE_INPUTS = {"output_ids": "TYPE_UINT32", "sequence_length": "TYPE_UINT32", "response_input_lengths": "TYPE_INT32"}
+def _types(tensors: Sequence[contract.Tensor]) -> dict[str, str]:
+    return {t.name: f"TYPE_{t.data_type}" for t in tensors}
+
+
+# The core outputs postprocessing reads, from the contract (log-probs go to the ensemble's outputs directly).
+CORE_INPUTS = _types([t for t in contract.CORE_OUTPUTS if t.name not in contract.LOG_PROB_OUTPUTS])
 # From preprocessing or the ensemble: a step after a decoupled model may not read them, so non-streaming only.
 # request_output_len is accepted for wiring symmetry but not needed: sequence_length and end_id tell how it ended.
-REQUEST_INPUTS = {"request_output_len": "TYPE_UINT32", "end_id": "TYPE_UINT32", "stop_words_list": "TYPE_INT32",
-                  "exclude_input_in_output": "TYPE_BOOL"}
+REQUEST_INPUTS = _types([*(contract.CORE[n].tensor for n in contract.POSTPROCESSING_FROM_PREPROCESSING),
+                         contract.ENSEMBLE[contract.EXCLUDE_INPUT].tensor])
 # Streaming only, from a decoupled torch core (core_io.py).
-STREAM_INPUTS = {"delta_start": "TYPE_INT32", "finish_code": "TYPE_INT32", "stop_length": "TYPE_INT32",
-                 "counted": "TYPE_INT32", "stream_ack": "TYPE_INT64"}
-OUTPUTS = {"text_output": "TYPE_STRING", "finish_reason": "TYPE_STRING", "num_input_tokens": "TYPE_INT32",
-           "num_output_tokens": "TYPE_INT32"}
+STREAM_INPUTS = _types(contract.STREAM_OUTPUTS)
+OUTPUTS = _types(contract.ENSEMBLE_OUTPUTS)
 
 
 def check_model_tensors(config: PostprocessConfig, inputs: Mapping[str, str], outputs: Mapping[str, str]) -> None:
