@@ -43,6 +43,16 @@ class PerfError(RuntimeError):
     """perf_analyzer is missing, failed, or the models do not fit the requested run."""
 
 
+class ExportUnreadable(PerfError):
+    """perf_analyzer 2.51 exited 0 but its profile export is cut short: it exports uninitialised memory for an output
+    that a response does not carry (the log-probs, sent only when asked), and a NaN there truncates the JSON. Random,
+    about one run in four on a small CPU host, so the level is measured again."""
+
+
+# Runs of one level before a truncated export (ExportUnreadable) ends the whole run.
+EXPORT_ATTEMPTS = 4
+
+
 def parse_concurrency(spec: str) -> tuple[int, ...]:
     """'1:16:2' (start:end:step, end inclusive, step default 1), '1,2,4,8', or '4'."""
     spec = spec.strip()
@@ -254,10 +264,14 @@ def measure(run: LevelRun, tokenizer: Any) -> LevelResult:
         return [len(encoding.ids) for encoding in tokenizer.encode_batch(texts)]
 
     try:
+        experiment = load_export(run.export_path)
+    except ValueError as err:
+        raise ExportUnreadable(f"perf_analyzer's export for {run.model} at concurrency {run.concurrency} is "
+                               f"unreadable: {err}") from err
+    try:
         row = read_csv_row(run.csv_path)
-        return level_from_export(run.model, run.concurrency, float(row["Inferences/Second"]),
-                                 load_export(run.export_path), count if tokenizer is not None else None,
-                                 run.streaming)
+        return level_from_export(run.model, run.concurrency, float(row["Inferences/Second"]), experiment,
+                                 count if tokenizer is not None else None, run.streaming)
     except (ValueError, KeyError) as err:
         raise PerfError(f"cannot read perf_analyzer's results for {run.model} at concurrency "
                         f"{run.concurrency}: {err}") from err
@@ -300,16 +314,24 @@ def run_perf(config: PerfConfig, echo: Any = print) -> dict[str, Any]:
                     targets.append((config.compare_core, core, core_data, core_results))  # type: ignore[arg-type]  # name set with core
                 for name, info, data, sink in targets:
                     run = LevelRun.in_folder(raw, name, level, config.stream or info.decoupled, data)
-                    run.csv_path.unlink(missing_ok=True)
-                    run.export_path.unlink(missing_ok=True)
-                    echo(f"perf_analyzer: {name} at concurrency {level} ...")
-                    detail = run_level(run, binary, config, env, log)
-                    if detail is not None:  # one noisy level must not cost the others
-                        echo(f"warning: {name} at concurrency {level} is unstable (recorded, no numbers): {detail}")
-                        unstable.append(UnstableLevel(name, level, detail))
-                        continue
-                    # The core model answers token ids: nothing to re-tokenize.
-                    sink.append(measure(run, tokenizer if name == config.model else None))
+                    for attempt in range(1, EXPORT_ATTEMPTS + 1):
+                        run.csv_path.unlink(missing_ok=True)
+                        run.export_path.unlink(missing_ok=True)
+                        echo(f"perf_analyzer: {name} at concurrency {level} ...")
+                        detail = run_level(run, binary, config, env, log)
+                        if detail is not None:  # one noisy level must not cost the others
+                            echo(f"warning: {name} at concurrency {level} is unstable (recorded, no numbers): "
+                                 f"{detail}")
+                            unstable.append(UnstableLevel(name, level, detail))
+                            break
+                        try:  # the core model answers token ids: nothing to re-tokenize
+                            sink.append(measure(run, tokenizer if name == config.model else None))
+                            break
+                        except ExportUnreadable as err:
+                            if attempt == EXPORT_ATTEMPTS:
+                                raise PerfError(str(err)) from err
+                            echo(f"warning: {err}; measuring the level again (a perf_analyzer 2.51 fault, see "
+                                 "README Troubleshooting)")
         except PerfError as err:  # keep what was measured before the failure
             failure = err
 

@@ -541,6 +541,39 @@ def test_perf_records_an_unstable_level_and_goes_on(server: TritonServer, tmp_pa
         assert (raw / f"{DOTTED_CORE}_c{level}_export.json").is_file()
 
 
+def truncating_first_export(tmp_path: Path, model: str) -> Path:
+    """A folder with a `perf_analyzer` that is the real one, except that the first export it writes for `model` is
+    cut short, as perf_analyzer 2.51's own fault leaves it (exit 0, JSON truncated)."""
+    real = find_perf_analyzer()
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    marker = tmp_path / "truncated-once"
+    wrapper = folder / "perf_analyzer"
+    wrapper.write_text(f"""#!/bin/sh
+"{real}" "$@" || exit $?
+case " $* " in
+  *" -m {model} "*) [ -e "{marker}" ] && exit 0; touch "{marker}"
+    while [ $# -gt 1 ]; do [ "$1" = --profile-export-file ] && path="$2"; shift; done
+    head -c 100 "$path" > "$path.cut" && mv "$path.cut" "$path" ;;
+esac
+""")
+    wrapper.chmod(0o755)
+    return folder
+
+
+def test_perf_measures_a_level_again_when_its_export_is_cut_short(server: TritonServer, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PERF_ANALYZER", raising=False)
+    monkeypatch.setenv("PATH", f"{truncating_first_export(tmp_path, 'ensemble')}{os.pathsep}{os.environ['PATH']}")
+    lines: list[str] = []
+    report = run_perf(quick_perf(tmp_path, server=server.http_url, protocol="http", concurrency=(1,)),
+                      echo=lines.append)
+    assert (tmp_path / "truncated-once").exists()  # the fault really happened once
+    assert [row["concurrency"] for row in report["results"]] == [1] and report["error"] is None
+    assert report["results"][0]["output_tokens_per_request"] == pytest.approx(8)
+    assert sum("measuring the level again" in line for line in lines) == 1
+
+
 def test_perf_cli_fails_when_no_level_is_stable(server: TritonServer, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PERF_ANALYZER", raising=False)
