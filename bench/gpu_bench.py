@@ -187,6 +187,22 @@ def closed_loop_tokens_per_s(triton: Triton, prompts: list[str], clients: int, n
             "latency_p99_ms": 1000 * float(np.percentile(latencies, 99))}
 
 
+def random_ft_weights(work: Path, preset: str) -> tuple[Path, float | None]:
+    """The random `preset` checkpoint as fp16 FT weights under `work` (cached): (the 1-gpu folder, seconds the
+    conversion took, None when cached)."""
+    nemo = work / f"{preset}.nemo"
+    if not nemo.exists():
+        log(f"writing the random {preset} .nemo")
+        write_synthetic_checkpoint(preset, nemo, seed=0)
+    ft = work / f"ft-{preset}" / "1-gpu"
+    if (ft / "config.ini").exists():
+        return ft, None
+    log("converting to fp16 FT weights")
+    t0 = time.perf_counter()
+    convert(nemo, ft.parent, infer_gpu_num=1, weight_data_type="fp16", progress=False)
+    return ft, time.perf_counter() - t0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/gpu-bench"), help="scratch folder (checkpoints)")
@@ -209,16 +225,9 @@ def main() -> None:
     result: dict[str, object] = {"gpu": "cpu (smoke run)" if cpu else torch.cuda.get_device_name(0),
                                  "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
 
-    nemo = args.work / f"{preset}.nemo"
-    if not nemo.exists():
-        log(f"writing the random {preset} .nemo")
-        write_synthetic_checkpoint(preset, nemo, seed=0)
-    ft = args.work / f"ft-{preset}" / "1-gpu"
-    if not (ft / "config.ini").exists():
-        log("converting to fp16 FT weights")
-        t0 = time.perf_counter()
-        convert(nemo, ft.parent, infer_gpu_num=1, weight_data_type="fp16", progress=False)
-        result["convert_seconds"] = time.perf_counter() - t0
+    ft, convert_seconds = random_ft_weights(args.work, preset)
+    if convert_seconds is not None:
+        result["convert_seconds"] = convert_seconds
     config = GptModelConfig.from_ini(ft / "config.ini")
 
     bandwidth = 10.0 if cpu else copy_bandwidth_gbps()

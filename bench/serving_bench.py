@@ -47,7 +47,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import gpu_bench  # bench/gpu_bench.py: the gRPC batch-1 client and the weight preparation steps
-from builder.checkpoints import convert, write_synthetic_checkpoint
 from builder.render import render_repository
 from builder.render_config import RenderConfig
 from builder.runtime.model_config import GptModelConfig
@@ -453,14 +452,7 @@ def build_repository(args: argparse.Namespace, result: dict[str, Any]) -> Path:
     """Random checkpoint preset -> FT weights -> the streaming torch repository (as bench/gpu_bench.py does)."""
     cpu = args.device == "cpu"
     preset = args.preset or ("tiny" if cpu else "gpt3-1.3b")
-    nemo = args.work / f"{preset}.nemo"
-    if not nemo.exists():
-        log(f"writing the random {preset} .nemo")
-        write_synthetic_checkpoint(preset, nemo, seed=0)
-    ft = args.work / f"ft-{preset}" / "1-gpu"
-    if not (ft / "config.ini").exists():
-        log("converting to fp16 FT weights")
-        convert(nemo, ft.parent, infer_gpu_num=1, weight_data_type="fp16", progress=False)
+    ft, _ = gpu_bench.random_ft_weights(args.work, preset)
     model = GptModelConfig.from_ini(ft / "config.ini")
     options: dict[str, Any] = dict(engine="torch", device=args.device, data_type="fp32" if cpu else "fp16",
                                    checkpoint=ft, model=model, max_batch_size=args.max_batch_size,
