@@ -34,7 +34,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from builder.serve import TritonServer
+from builder.serve import TritonServer, server_ready
 from servers import server_on_free_ports
 
 pytestmark = pytest.mark.server
@@ -327,14 +327,6 @@ def send(server: TritonServer, protocol: str, payload: Any) -> Answer:
     return generate(server, payload) if protocol == "generate" else infer(server, protocol, payload)
 
 
-def is_ready(server: TritonServer) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://{server.http_url}/v2/health/ready", timeout=5) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 # -- fixtures ------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(demo_repository: Path) -> Iterator[TritonServer]:
@@ -351,7 +343,7 @@ def reference(server: TritonServer) -> Outputs:
 
 
 def assert_still_serving(server: TritonServer, reference: Outputs) -> None:
-    assert is_ready(server), "server not ready after the bad request"
+    assert server_ready(server.http_url, timeout_s=5), "server not ready after the bad request"
     assert server.process is not None and server.process.poll() is None, "tritonserver exited"
     again = generate(server, REFERENCE)
     assert again.status == 200, again.message
