@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-from builder.serve import TritonServer
+from builder.serve import TritonServer, free_ports
 
 STARTUP_TIMEOUT_S = 180.0  # a loaded 2-core machine starts the demo ensemble in ~10 s; CI may be slower
 # At SIGTERM tritonserver waits up to its exit timeout for the models to unload, polling once a second, and Python
@@ -19,6 +20,13 @@ def server_on_free_ports(repository: Path | str, **kwargs: object) -> TritonServ
     kwargs.setdefault("startup_timeout_s", STARTUP_TIMEOUT_S)
     kwargs.setdefault("exit_timeout_s", EXIT_TIMEOUT_S)
     return TritonServer.on_free_ports(repository, **kwargs)
+
+
+def serve_command(repository: Path | str, *options: str) -> tuple[list[str], int]:
+    """`python -m builder serve REPOSITORY` on three free ports, plus `options`: (the command, its HTTP port)."""
+    http_port, grpc_port, metrics_port = free_ports(3)
+    return [sys.executable, "-m", "builder", "serve", str(repository), "--http-port", str(http_port), "--grpc-port",
+            str(grpc_port), "--metrics-port", str(metrics_port), *options], http_port
 
 
 ECHO_CONFIG = """

@@ -36,7 +36,7 @@ from builder.runtime.model_config import GptModelConfig
 from builder.serve import PYTHON_STUB, TritonServer, free_port, free_ports
 from builder.serve_cli import STUB_DIED_EXIT_CODE, serve_until_signal
 from client import RequestError, RequestTimeoutError, TextClient
-from servers import server_on_free_ports
+from servers import serve_command, server_on_free_ports
 
 pytestmark = pytest.mark.server
 
@@ -286,12 +286,9 @@ def test_stop_lets_the_request_in_flight_finish(repository: Path, start_server: 
 
 
 def test_serve_cli_sigterm_lets_the_request_in_flight_finish(repository: Path) -> None:
-    http_port, grpc_port, metrics_port = free_ports(3)
+    command, http_port = serve_command(repository, "--exit-timeout", "10")
     url = f"127.0.0.1:{http_port}"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "builder", "serve", str(repository), "--http-port", str(http_port),
-         "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), "--exit-timeout", "10"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_ready(url)
         with TextClient(url) as client:
@@ -343,12 +340,9 @@ def test_serve_names_the_fix_for_a_gpu_repository_without_a_gpu(repository: Path
         engine="torch", device="gpu", data_type="fp32", checkpoint=weights,
         model=GptModelConfig.from_ini(weights / "config.ini"), max_batch_size=8, output=tmp_path / "gpu_repository",
         force=True))
-    http_port, grpc_port, metrics_port = free_ports(3)
+    command, _ = serve_command(gpu_repository, "--startup-timeout", "120")
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "builder", "serve", str(gpu_repository), "--http-port", str(http_port),
-         "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), "--startup-timeout", "120"],
-        capture_output=True, text=True, timeout=180)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert result.returncode != 0
     assert time.monotonic() - started < 60
     assert CORE_MODEL in result.stderr and "no GPUs are available" in result.stderr

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from builder.cli import main as builder_main
 import builder.serve as serve_module
 from builder.serve import PYTHON_STUB, ServerError, TritonServer, bundled_backend_directory, free_ports
-from servers import ECHO_MODEL, server_on_free_ports, write_model
+from servers import ECHO_MODEL, serve_command, server_on_free_ports, write_model
 
 pytestmark = pytest.mark.server
 
@@ -104,23 +104,17 @@ def test_failing_model_is_named_and_start_fails_fast(tmp_path: Path) -> None:
 
 def test_serve_cli_exits_nonzero_naming_the_failing_model(tmp_path: Path) -> None:
     write_model(tmp_path, "broken_model", BROKEN_MODEL)
+    command, _ = serve_command(tmp_path, "--startup-timeout", "60")
     started = time.monotonic()
-    http_port, grpc_port, metrics_port = free_ports(3)
-    result = subprocess.run(
-        [sys.executable, "-m", "builder", "serve", str(tmp_path), "--http-port", str(http_port),
-         "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), "--startup-timeout", "60"],
-        capture_output=True, text=True, timeout=120)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert time.monotonic() - started < 60
     assert "broken_model" in result.stderr
 
 
 def test_serve_cli_runs_until_sigterm_then_stops_cleanly(echo_repo: Path) -> None:
-    http_port, grpc_port, metrics_port = free_ports(3)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "builder", "serve", str(echo_repo), "--http-port", str(http_port),
-         "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command, http_port = serve_command(echo_repo)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
         client = httpclient.InferenceServerClient(f"127.0.0.1:{http_port}")
