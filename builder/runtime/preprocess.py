@@ -50,7 +50,7 @@ class PreprocessConfig:
     end_id: int = 50256
     pad_id: int | None = None  # default: end_id
     outputs: tuple[str, ...] = tuple(FT_OUTPUT_DTYPES)  # FT tensors to produce, in this order
-    max_beam_width: int = 8
+    max_beam_width: int = contract.MAX_BEAM_WIDTH
     max_words: int = 64  # words per stop/bad list and row, before adding the leading-space variants
     max_word_chars: int = 256
     max_word_list_tokens: int = 1024  # N of the [2, N] list
