@@ -571,7 +571,8 @@ def test_perf_measures_a_level_again_when_its_export_is_cut_short(server: Triton
     assert (tmp_path / "truncated-once").exists()  # the fault really happened once
     assert [row["concurrency"] for row in report["results"]] == [1] and report["error"] is None
     assert report["results"][0]["output_tokens_per_request"] == pytest.approx(8)
-    assert sum("measuring the level again" in line for line in lines) == 1
+    # At least the forced one: perf_analyzer's own fault may cut a later export of the same level too.
+    assert sum("measuring the level again" in line for line in lines) >= 1
 
 
 def test_perf_cli_fails_when_no_level_is_stable(server: TritonServer, tmp_path: Path,
