@@ -173,6 +173,13 @@ def write_hf_tokenizer_files(tokenizer_dir: Path, folder: Path, max_length: int)
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
 
 
+def _gpu_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",")) if text.strip() else ()
+    except ValueError:
+        raise click.BadParameter(f"must be comma-separated GPU ids such as 0,1, got {text!r}") from None
+
+
 def config_from_options(checkpoint: Path | None, **options: Any) -> RenderConfig:
     """Build the render config; the model limits come from the checkpoint's config.ini when one is given.
 
@@ -186,7 +193,8 @@ def config_from_options(checkpoint: Path | None, **options: Any) -> RenderConfig
     except ModelConfigError as err:
         raise RenderError(f"--checkpoint: {err}") from err
     config = RenderConfig(checkpoint=checkpoint, model=model, **options)
-    if config.engine == "fastertransformer" and model.tensor_para_size != config.tp:
+    # The torch engine merges any split at --tp 1; with --tp N each rank loads its own shard files as written.
+    if (config.engine == "fastertransformer" or config.tp > 1) and model.tensor_para_size != config.tp:
         raise RenderError(f"--checkpoint {checkpoint} holds weights split for {model.tensor_para_size} GPU(s) but "
                           f"--tp is {config.tp}; convert with --infer-gpu-num {config.tp}")
     return config
@@ -214,6 +222,9 @@ def config_from_options(checkpoint: Path | None, **options: Any) -> RenderConfig
               help="Where the torch engine runs (KIND_GPU / KIND_CPU).")
 @click.option("--streaming", is_flag=True, help="Decoupled core model: token streaming over gRPC and "
                                                "/generate_stream.")
+@click.option("--gpus", default="", callback=lambda _c, _p, v: _gpu_list(v),
+              help="Torch engine with --tp N on GPUs: the GPU id of each rank, e.g. 2,3 [default: 0..N-1]. The "
+                   "core model's instance (rank 0) is placed on the first; it starts the other ranks.")
 @click.option("--instances", default=1, show_default=True, type=int, help="Core model instances.")
 @click.option("--kv-slots", default=0, show_default=True, type=int,
               help="Torch engine: KV-cache slots (sequences decoded at once). 0: with --streaming on a GPU as many as "
@@ -233,6 +244,7 @@ def render_command(checkpoint: Path | None, **options: object) -> None:
       python -m builder render --tp 1                      # FasterTransformer engine, as NVIDIA's NeMo 1.3B guide
       python -m builder render --engine torch --device cpu --data-type fp32 --checkpoint ft/1-gpu
       python -m builder render --engine torch --checkpoint ft/1-gpu --streaming --force
+      python -m builder render --engine torch --tp 2 --checkpoint ft/2-gpu --streaming   # two GPUs, one model
     """
     try:
         config = config_from_options(checkpoint, **options)

@@ -62,6 +62,7 @@ class RenderConfig:
     force: bool = False
     max_queue_delay_us: int = 1000
     kv_slots: int = 0  # torch engine: KV-cache slots (0: as many as fit, up to 256, on a GPU; see core_adapter.py)
+    gpus: tuple[int, ...] = ()  # torch engine, --tp > 1 on GPUs: the GPU of each rank (default 0..tp-1)
     preprocessing_instances: int = 2
     postprocessing_instances: int = 2
     int8_mode: int = 0
@@ -90,6 +91,16 @@ class RenderConfig:
         check(self.device == "gpu" or self.engine == "torch",
               "--device cpu needs --engine torch (the FasterTransformer backend runs on GPUs only)")
         check(1 <= self.instances <= 64, f"--instances must be in 1..64, got {self.instances}")
+        torch_tp = self.engine == "torch" and self.tp > 1
+        check(not torch_tp or self.instances == 1,
+              f"--instances {self.instances}: with --tp {self.tp} the torch engine runs one instance (rank 0) that "
+              f"starts the other {self.tp - 1} rank(s); use --instances 1")
+        check(not self.gpus or (torch_tp and self.device == "gpu"),
+              "--gpus places the ranks of the torch engine's --tp > 1 on GPUs (--device gpu)")
+        check(not self.gpus or (len(self.gpus) == self.tp and len(set(self.gpus)) == self.tp
+                                and all(0 <= g < 1024 for g in self.gpus)),
+              f"--gpus must list {self.tp} distinct GPU ids (one per rank of --tp {self.tp}), got "
+              f"{','.join(map(str, self.gpus))}")
         check(0 <= self.kv_slots <= 65536, f"--kv-slots must be in 0..65536 (0 = automatic), got {self.kv_slots}")
         check(self.max_queue_delay_us >= 0, f"max queue delay must be >= 0 us, got {self.max_queue_delay_us}")
         check(self.int8_mode in (0, 1), f"--int8-mode must be 0 or 1, got {self.int8_mode}")
@@ -189,6 +200,18 @@ class RenderConfig:
     @property
     def ensemble_outputs(self) -> list[Tensor]:
         return list(contract.ENSEMBLE_OUTPUTS) + self.log_prob_outputs
+
+    @property
+    def tp_devices(self) -> str:
+        """Torch engine on GPUs with --tp > 1: the GPU ids of ranks 0..tp-1, comma-separated; else empty."""
+        if self.engine != "torch" or self.tp == 1 or self.device != "gpu":
+            return ""
+        return ",".join(map(str, self.gpus or range(self.tp)))
+
+    @property
+    def core_instance_gpus(self) -> list[int]:
+        """Torch engine, --tp > 1 on GPUs: the instance (rank 0) on the first rank's GPU; it starts the others."""
+        return [int(self.tp_devices.split(",")[0])] if self.tp_devices else []
 
     @property
     def core_instance_kind(self) -> str:

@@ -245,9 +245,42 @@ def check_weights(model: Model, findings: Findings) -> None:
         problems.append(f"{model.name}: {err}")
         return
     problems.extend(f"{model.name}: {problem}" for problem in check_weight_dir(folder))
-    if model.config.backend == "fastertransformer" and params.get("tensor_para_size") != str(gpt.tensor_para_size):
+    # FT always loads the split it is told; the torch engine merges any split at tensor_para_size 1 and otherwise
+    # loads each rank's own shard files, so those must be split for exactly that many ranks.
+    split_matters = model.config.backend == "fastertransformer" or params.get("tensor_para_size", "1") != "1"
+    if split_matters and params.get("tensor_para_size", "1") != str(gpt.tensor_para_size):
         problems.append(f"{model.name}: parameter tensor_para_size={params.get('tensor_para_size')} but the weights "
                         f"in {folder} are split for {gpt.tensor_para_size} GPU(s)")
+    if model.config.backend == "python":
+        check_tensor_parallel_placement(model, problems)
+
+
+def check_tensor_parallel_placement(model: Model, problems: list[str]) -> None:
+    """The torch engine with tensor_para_size N > 1: one instance (rank 0, which starts the other ranks), on the first
+    GPU of tp_devices when KIND_GPU."""
+    params = model.parameters
+    tp_text = params.get("tensor_para_size", "1")
+    if not tp_text.isdigit() or int(tp_text) < 1:
+        problems.append(f"{model.name}: parameter tensor_para_size={tp_text!r} is not a positive whole number")
+        return
+    tp = int(tp_text)
+    if tp == 1:
+        return
+    groups = list(model.config.instance_group)
+    if len(groups) != 1 or groups[0].count != 1:
+        problems.append(f"{model.name}: tensor_para_size={tp} needs exactly one instance (rank 0 starts the other "
+                        f"ranks), found {sum(g.count for g in groups)}")
+        return
+    devices = [d for d in params.get("tp_devices", "").split(",") if d]
+    if groups[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU:
+        if len(devices) != tp or len(set(devices)) != tp or not all(d.isdigit() for d in devices):
+            problems.append(f"{model.name}: tensor_para_size={tp} on GPUs needs parameter tp_devices listing {tp} "
+                            f"distinct GPU ids, got {params.get('tp_devices', '')!r}")
+        elif list(groups[0].gpus) != [int(devices[0])]:
+            problems.append(f"{model.name}: instance_group gpus {list(groups[0].gpus)} must be [{devices[0]}], the "
+                            f"GPU of rank 0 in tp_devices {','.join(devices)}")
+    elif devices:
+        problems.append(f"{model.name}: parameter tp_devices is set but the instance group is not KIND_GPU")
 
 
 def check_python_model(model: Model, problems: list[str]) -> None:

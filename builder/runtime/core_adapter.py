@@ -7,6 +7,9 @@ model.py only turns Triton requests into input dicts and `Reply`s into pb_utils 
 from __future__ import annotations
 
 import json
+import os
+import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,6 +28,8 @@ if TYPE_CHECKING:  # torch-heavy: imported at run time only where an engine is b
 
 DATA_TYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 AUTO_GPU_SLOTS = 256  # 256 x 2048 tokens of the 1.3B model: ~100 GB of KV (an H200's worth after the weights)
+# A broken tensor-parallel group: time for the failed requests' errors to reach Triton before the stub exits.
+TP_FAILURE_EXIT_S = 2.0
 # Error kinds, mapped to Triton's codes by model.py.
 INVALID, UNAVAILABLE, INTERNAL, CANCELLED = "invalid", "unavailable", "internal", "cancelled"
 
@@ -54,11 +59,14 @@ class CoreSettings:
     vocab_limit: int | None
     decoupled: bool
     stream_abandon_s: float = ABANDON_AFTER_S
+    tp: int = 1  # tensor-parallel ranks: this process is rank 0 and starts the others (tensor_parallel.py)
+    tp_devices: tuple[int, ...] = ()  # GPU ids of ranks 0..tp-1 (KIND_GPU); rank 0's is the instance's
 
     @classmethod
     def from_args(cls, args: Mapping[str, str]) -> CoreSettings:
         """From TritonPythonModel.initialize's args. Parameters: model_dir (relative to the version folder), data_type,
-        kv_slots (KV-cache slots, 0 = automatic), max_seq_len, vocab_limit, stream_abandon_s (stream_ack.py)."""
+        kv_slots (KV-cache slots, 0 = automatic), max_seq_len, vocab_limit, stream_abandon_s (stream_ack.py),
+        tensor_para_size and tp_devices (GPU ids, comma-separated, one per rank)."""
         config = json.loads(args["model_config"])
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         model_dir = Path(params.get("model_dir", f"{params.get('tensor_para_size', '1')}-gpu"))
@@ -71,7 +79,14 @@ class CoreSettings:
         if not slots.isdigit():
             raise ValueError(f"parameter kv_slots must be a whole number (0 = automatic), got {slots!r}")
         decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
-        return cls(model_dir=model_dir, data_type=data_type, kv_slots=int(slots),
+        tp_text, devices_text = params.get("tensor_para_size", "1") or "1", params.get("tp_devices", "")
+        if not tp_text.isdigit() or int(tp_text) < 1:
+            raise ValueError(f"parameter tensor_para_size must be a positive whole number, got {tp_text!r}")
+        devices = tuple(int(d) for d in devices_text.split(",") if d.strip().isdigit())
+        if devices_text and (len(devices) != int(tp_text) or len(set(devices)) != len(devices)):
+            raise ValueError(f"parameter tp_devices must list {tp_text} distinct GPU ids (one per rank), "
+                             f"got {devices_text!r}")
+        return cls(tp=int(tp_text), tp_devices=devices, model_dir=model_dir, data_type=data_type, kv_slots=int(slots),
                    triton_max_batch_size=int(config.get("max_batch_size") or 1),
                    max_seq_len=int(params["max_seq_len"]) if "max_seq_len" in params else None,
                    vocab_limit=int(params["vocab_limit"]) if "vocab_limit" in params else None, decoupled=decoupled,
@@ -93,16 +108,58 @@ class CoreSettings:
         from .generation import GptEngine
 
         slots, shrink = self.slots_for(device)
+        if self.tp > 1:
+            return self._load_tensor_parallel(device, slots, shrink)
         return GptEngine.from_ft_dir(self.model_dir, device=device, dtype=getattr(torch, DATA_TYPES[self.data_type]),
                                      max_batch_size=slots, max_seq_len=self.max_seq_len,
                                      vocab_limit=self.vocab_limit, shrink_to_fit=shrink)
 
+    def worker_devices(self, device: str) -> list[str]:
+        """Devices of ranks 1..tp-1: on CPU the CPU; on a GPU the other ids of tp_devices (rank 0 is the one
+        Triton gave this instance), or the next GPUs after it when the list is not given."""
+        if not device.startswith("cuda"):
+            return ["cpu"] * (self.tp - 1)
+        mine = int(device.split(":")[1])
+        ids = list(self.tp_devices) or [mine + rank for rank in range(self.tp)]
+        if ids[0] != mine:
+            raise ValueError(f"parameter tp_devices {ids} puts rank 0 on GPU {ids[0]} but Triton placed this "
+                             f"instance on GPU {mine}: the instance group's gpus must be [{ids[0]}]")
+        return [f"cuda:{i}" for i in ids[1:]]
+
+    def _load_tensor_parallel(self, device: str, slots: int, shrink: bool) -> GptEngine:
+        import torch
+
+        from .tensor_parallel import launch_engine
+
+        return launch_engine(self.model_dir, self.tp, device=device, worker_devices=self.worker_devices(device),
+                             dtype=getattr(torch, DATA_TYPES[self.data_type]), on_failure=exit_after_tp_failure,
+                             max_batch_size=slots, max_seq_len=self.max_seq_len, vocab_limit=self.vocab_limit,
+                             shrink_to_fit=shrink)
+
     def describe(self, engine: GptEngine, device: str) -> str:
         """The load line of the model's log: where the weights came from and the KV cache they got."""
         limits = engine.limits
-        return (f"{self.model_dir} on {device} ({self.data_type}), {limits.max_batch_size} KV-cache slots x "
+        where = device if self.tp == 1 else f"{device} + {', '.join(self.worker_devices(device))} (tensor-parallel)"
+        return (f"{self.model_dir} on {where} ({self.data_type}), {limits.max_batch_size} KV-cache slots x "
                 f"{limits.max_seq_len} tokens = {engine.kv_cache_bytes / 2**30:.2f} GiB, "
                 f"decoupled={self.decoupled}")
+
+
+def release(engine: GptEngine | None) -> None:
+    """Drop the engine at unload; a tensor-parallel one first stops its workers."""
+    close = getattr(engine, "close", None)
+    if close is not None:
+        close()
+
+
+def exit_after_tp_failure(reason: str) -> None:
+    """A tensor-parallel worker died: the requests in flight fail with `reason` (TensorParallelError), then this
+    Python stub exits, so that `serve` sees a dead stub and stops the server (exit 3) for its supervisor to restart
+    (Triton 2.51 would keep the instance 'ready' while every request failed)."""
+    print(f"{reason}: the model instance stops in {TP_FAILURE_EXIT_S:.0f} s", file=sys.stderr, flush=True)
+    timer = threading.Timer(TP_FAILURE_EXIT_S, os._exit, args=(1,))  # no teardown: a broken group aborts in it
+    timer.daemon = True
+    timer.start()
 
 
 def run_static(engine: GptEngine, inputs: Sequence[Mapping[str, np.ndarray]],

@@ -3,7 +3,8 @@
 A weight directory is `config.ini` plus one raw little-endian `.tofile()` dump per tensor (no header, no pickle):
 `model.<stem>.bin` for tensors every rank holds whole and `model.<stem>.<rank>.bin` for tensors split across
 tensor-parallel ranks. Linear weights are stored [in, out]. This module is the single description of that layout:
-the converter writes through `TensorSpec` and the engine reads through `load_ft_weights`.
+the converter writes through `TensorSpec` and the engine reads through `load_ft_weights` (shards merged) or,
+tensor-parallel, `load_ft_shard` (one rank's files as they are).
 
 FasterTransformer itself only warns about a missing or short file and then serves random weights; we refuse to load
 instead, naming every bad file.
@@ -159,12 +160,8 @@ def _read_file(path: Path, shape: tuple[int, ...], config: GptModelConfig) -> to
     return tensor
 
 
-def load_ft_weights(model_dir: str | Path, *, dtype: torch.dtype | None = None,
-                    device: str | torch.device = "cpu") -> tuple[GptModelConfig, dict[str, torch.Tensor]]:
-    """Read a weight directory into the canonical dict (TP shards concatenated back, TP-1 shapes).
-
-    `dtype` defaults to torch.float32. Raises `WeightFileError` listing every problem `check_weight_dir` finds.
-    """
+def _load(model_dir: str | Path, rank: int | None, dtype: torch.dtype | None,
+          device: str | torch.device) -> tuple[GptModelConfig, dict[str, torch.Tensor]]:
     import torch
 
     model_dir = Path(model_dir)
@@ -174,10 +171,31 @@ def load_ft_weights(model_dir: str | Path, *, dtype: torch.dtype | None = None,
     dtype = torch.float32 if dtype is None else dtype
     config = GptModelConfig.from_ini(model_dir / CONFIG_FILE)
     tp = config.tensor_para_size
+    if rank is not None and not 0 <= rank < tp:
+        raise WeightFileError(model_dir, [f"rank {rank} is outside tensor_para_size={tp}"])
     with_lm_head = (model_dir / f"{LM_HEAD_STEM}.bin").is_file()
     tensors: dict[str, torch.Tensor] = {}
     for spec in tensor_specs(config, with_lm_head=with_lm_head):
-        shards = [_read_file(model_dir / name, spec.rank_shape(tp), config) for name in spec.file_names(tp)]
-        merged = shards[0] if spec.split_axis is None else torch.cat(shards, dim=spec.split_axis)
+        names = spec.file_names(tp)
+        if spec.split_axis is not None and rank is not None:
+            names = [names[rank]]  # this rank's shard, as it is on disk
+        shards = [_read_file(model_dir / name, spec.rank_shape(tp), config) for name in names]
+        merged = shards[0] if spec.split_axis is None or len(shards) == 1 else torch.cat(shards, dim=spec.split_axis)
         tensors[spec.stem] = merged.to(device=device, dtype=dtype)
     return config, tensors
+
+
+def load_ft_weights(model_dir: str | Path, *, dtype: torch.dtype | None = None,
+                    device: str | torch.device = "cpu") -> tuple[GptModelConfig, dict[str, torch.Tensor]]:
+    """Read a weight directory into the canonical dict (TP shards concatenated back, TP-1 shapes).
+
+    `dtype` defaults to torch.float32. Raises `WeightFileError` listing every problem `check_weight_dir` finds.
+    """
+    return _load(model_dir, None, dtype, device)
+
+
+def load_ft_shard(model_dir: str | Path, rank: int, *, dtype: torch.dtype | None = None,
+                  device: str | torch.device = "cpu") -> tuple[GptModelConfig, dict[str, torch.Tensor]]:
+    """Read what tensor-parallel rank `rank` holds: its `.<rank>.bin` shard of every split tensor, as written (shape
+    `TensorSpec.rank_shape`, nothing merged), and the whole tensors every rank holds. For tensor_parallel.py."""
+    return _load(model_dir, rank, dtype, device)

@@ -24,11 +24,15 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from .model_config import GptModelConfig
+
+if TYPE_CHECKING:
+    from .tensor_parallel import TensorShard
 
 # One layer's attention of a step: (layer, qkv [n, 3H], positions [n], kv_len) -> [n, H].
 Attention = Callable[[int, torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -54,28 +58,31 @@ class _Layer:
     fc2_bias: torch.Tensor
 
 
-def expected_shapes(config: GptModelConfig) -> dict[str, tuple[int, ...]]:
-    """The canonical weight names and shapes a config implies (lm_head excluded: optional)."""
+def expected_shapes(config: GptModelConfig, tp: int = 1) -> dict[str, tuple[int, ...]]:
+    """The canonical weight names and shapes a config implies (lm_head excluded: optional); with tp > 1, those of
+    one tensor-parallel rank (ft_weights.TensorSpec.split_axis: QKV and FC1 by columns, attention-out and FC2 by
+    rows; the embedding whole)."""
     h, f, v = config.hidden_size, config.inter_size, config.vocab_size
+    hs, fs = h // tp, f // tp
     shapes = {"model.wte": (v, h), "model.wpe": (config.max_pos_seq_len, h),
               "model.final_layernorm.weight": (h,), "model.final_layernorm.bias": (h,)}
     for i in range(config.num_layer):
         p = f"model.layers.{i}."
         shapes.update({
             p + "input_layernorm.weight": (h,), p + "input_layernorm.bias": (h,),
-            p + "attention.query_key_value.weight": (h, 3, h), p + "attention.query_key_value.bias": (3, h),
-            p + "attention.dense.weight": (h, h), p + "attention.dense.bias": (h,),
+            p + "attention.query_key_value.weight": (h, 3, hs), p + "attention.query_key_value.bias": (3, hs),
+            p + "attention.dense.weight": (hs, h), p + "attention.dense.bias": (h,),
             p + "post_attention_layernorm.weight": (h,), p + "post_attention_layernorm.bias": (h,),
-            p + "mlp.dense_h_to_4h.weight": (h, f), p + "mlp.dense_h_to_4h.bias": (f,),
-            p + "mlp.dense_4h_to_h.weight": (f, h), p + "mlp.dense_4h_to_h.bias": (h,),
+            p + "mlp.dense_h_to_4h.weight": (h, fs), p + "mlp.dense_h_to_4h.bias": (fs,),
+            p + "mlp.dense_4h_to_h.weight": (fs, h), p + "mlp.dense_4h_to_h.bias": (h,),
         })
     return shapes
 
 
-def check_weights(config: GptModelConfig, weights: dict[str, torch.Tensor]) -> None:
-    """Raise WeightError listing every missing or mis-shaped tensor."""
+def check_weights(config: GptModelConfig, weights: dict[str, torch.Tensor], tp: int = 1) -> None:
+    """Raise WeightError listing every missing or mis-shaped tensor (of one rank of `tp`)."""
     problems = []
-    expected = expected_shapes(config)
+    expected = expected_shapes(config, tp)
     expected_optional = {"model.lm_head.weight": (config.vocab_size, config.hidden_size)}
     for name, shape in {**expected, **expected_optional}.items():
         tensor = weights.get(name)
@@ -142,12 +149,18 @@ def _skinny_plan(out_features: int, in_features: int, *, may_split: bool, block_
 class GptModel:
     def __init__(self, config: GptModelConfig, weights: dict[str, torch.Tensor], *, device: torch.device,
                  dtype: torch.dtype) -> None:
-        """Loads the weights; call `allocate_cache` before running anything."""
-        check_weights(config, weights)
+        """Loads the weights; call `allocate_cache` before running anything.
+
+        Tensor parallelism: weights of one rank (tensor_parallel.RankWeights) carry their `shard` (rank, size,
+        process group); this model then holds heads/size of the heads and FC1 columns, all-reduces the row-parallel
+        outputs and gathers the vocabulary-split logits. Without a shard (tp 1) none of that code runs."""
+        self.shard: TensorShard | None = getattr(weights, "shard", None)
+        tp = 1 if self.shard is None else self.shard.size
+        check_weights(config, weights, tp)
         self.config = config
         self.device, self.dtype = torch.device(device), dtype
         self.slots, self.max_seq_len = 0, 0
-        self.heads, self.head_dim, self.hidden = config.head_num, config.size_per_head, config.hidden_size
+        self.heads, self.head_dim, self.hidden = config.head_num // tp, config.size_per_head, config.hidden_size
 
         def load(name: str) -> torch.Tensor:
             return weights[name].to(device=device, dtype=dtype)
@@ -159,6 +172,8 @@ class GptModel:
         self.wte = load("model.wte")
         self.wpe = load("model.wpe")
         self.lm_head = load("model.lm_head.weight") if "model.lm_head.weight" in weights else self.wte
+        if self.shard is not None:  # this rank's vocabulary rows; the embedding lookup keeps the whole table
+            self.lm_head = self.shard.vocab_rows(self.lm_head)
         self.final_ln = (load("model.final_layernorm.weight"), load("model.final_layernorm.bias"))
         self.layers: list[_Layer] = []
         for i in range(config.num_layer):
@@ -166,7 +181,7 @@ class GptModel:
             self.layers.append(_Layer(
                 ln1_weight=load(p + "input_layernorm.weight"), ln1_bias=load(p + "input_layernorm.bias"),
                 qkv_weight=linear(p + "attention.query_key_value.weight"),  # [H, 3, H] -> [H, 3H] -> [3H, H]
-                qkv_bias=load(p + "attention.query_key_value.bias").reshape(3 * h),
+                qkv_bias=load(p + "attention.query_key_value.bias").reshape(-1),  # [3, H/tp] -> [3H/tp]
                 attn_out_weight=linear(p + "attention.dense.weight"), attn_out_bias=load(p + "attention.dense.bias"),
                 ln2_weight=load(p + "post_attention_layernorm.weight"),
                 ln2_bias=load(p + "post_attention_layernorm.bias"),
@@ -177,12 +192,12 @@ class GptModel:
         self.v_cache: list[torch.Tensor] = []
         self._gelu = config.activation_type == "Gelu"
         self._activation = (lambda x: F.gelu(x, approximate="tanh")) if self._gelu else F.relu
-        f = config.inter_size
+        f, hs = config.inter_size // tp, self.heads * self.head_dim  # this rank's FC1 columns and attention width
         # Launch shapes of the skinny GEMM per weight (benchmarks may replace them); None: it does not apply.
         self.skinny_plans: dict[str, _SkinnyPlan | None] = {
-            "qkv": _skinny_plan(3 * h, h, may_split=False), "out": _skinny_plan(h, h, may_split=True),
+            "qkv": _skinny_plan(3 * hs, h, may_split=False), "out": _skinny_plan(h, hs, may_split=True),
             "fc1": _skinny_plan(f, h, may_split=False), "fc2": _skinny_plan(h, f, may_split=True),
-            "lm_head": _skinny_plan(config.vocab_size, h, may_split=False)}
+            "lm_head": _skinny_plan(self.lm_head.shape[0], h, may_split=False)}
         kernels = DecodeKernels.for_model(config, self.device, dtype)
         if any(plan is None for plan in self.skinny_plans.values()):
             kernels = replace(kernels, skinny_rows=0)
@@ -241,6 +256,8 @@ class GptModel:
     def _linear_into_residual(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, plan: str, *,
                               skinny: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(delta, bias still to add): skinny split-K partials leave the reduction and bias to `_add_norm`."""
+        if self.shard is not None:  # a row-parallel partial product: whole (no split-K), summed over the ranks
+            return self.shard.all_reduce(self._linear(x, weight, None, plan, skinny=skinny)), bias
         shape = self.skinny_plans[plan]
         if skinny and shape is not None and shape.split_k > 1:
             from . import gpt_kernels
@@ -275,15 +292,22 @@ class GptModel:
             # position, and decode overwrites padding K/V before any query can reach it.
             with prefill_attention_backends():
                 attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [n, heads, T, d]
-            x = x + F.linear(attn.transpose(1, 2).reshape(n, t, self.hidden), layer.attn_out_weight,
-                             layer.attn_out_bias)
+            x = x + self._row_linear(attn.transpose(1, 2).reshape(n, t, -1), layer.attn_out_weight,
+                                     layer.attn_out_bias)
             h = F.layer_norm(x, (self.hidden,), layer.ln2_weight, layer.ln2_bias, self.config.layernorm_eps)
-            x = x + F.linear(self._activation(F.linear(h, layer.fc1_weight, layer.fc1_bias)), layer.fc2_weight,
-                             layer.fc2_bias)
+            x = x + self._row_linear(self._activation(F.linear(h, layer.fc1_weight, layer.fc1_bias)),
+                                     layer.fc2_weight, layer.fc2_bias)
         # Clamped: a graph's warm-up runs with whatever length its static buffer holds (replays copy the real one).
         last = x[torch.arange(n, device=self.device), (lengths - 1).clamp(0, t - 1)]  # [n, H]
         h = F.layer_norm(last, (self.hidden,), *self.final_ln, self.config.layernorm_eps)
-        return F.linear(h, self.lm_head)
+        logits = F.linear(h, self.lm_head)
+        return logits if self.shard is None else self.shard.gather_vocab(logits)
+
+    def _row_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """x @ weight^T + bias; tensor-parallel: this rank's partial product summed over the ranks, then the bias."""
+        if self.shard is None:
+            return F.linear(x, weight, bias)
+        return self.shard.all_reduce(F.linear(x, weight)) + bias
 
     def _next_norm(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The LayerNorm after layer i's residual stream: layer i+1's input norm, or the final norm."""
@@ -312,7 +336,8 @@ class GptModel:
             up = self._linear(h, layer.fc1_weight, layer.fc1_bias, "fc1", skinny=skinny, activation=True)
             delta, bias = self._linear_into_residual(up, layer.fc2_weight, layer.fc2_bias, "fc2", skinny=skinny)
             x, h = self._add_norm(x, delta, bias, *self._next_norm(i))
-        return self._linear(h, self.lm_head, None, "lm_head", skinny=skinny)
+        logits = self._linear(h, self.lm_head, None, "lm_head", skinny=skinny)
+        return logits if self.shard is None else self.shard.gather_vocab(logits)
 
     def _fused_attention(self, i: int, qkv: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         from . import gpt_kernels
@@ -336,7 +361,7 @@ class GptModel:
             v_cache.view(-1, self.head_dim).index_copy_(0, write_rows, v.reshape(-1, self.head_dim))
             attn = F.scaled_dot_product_attention(q[:, :, None], k_cache[:n, :, :kv_len], v_cache[:n, :, :kv_len],
                                                   attn_mask=mask)  # [n, heads, 1, d]
-            return attn.reshape(n, self.hidden)
+            return attn.reshape(n, -1)  # [n, heads * d] (this rank's heads)
 
         return attend
 

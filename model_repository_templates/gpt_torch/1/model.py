@@ -15,7 +15,7 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpt_runtime.core_adapter import (  # needs the sys.path entry above
-    CANCELLED, INTERNAL, INVALID, UNAVAILABLE, CoreSettings, EngineMetrics, Reply, StreamingCore, run_static)
+    CANCELLED, INTERNAL, INVALID, UNAVAILABLE, CoreSettings, EngineMetrics, Reply, StreamingCore, release, run_static)
 from gpt_runtime.core_io import CAPABILITIES, REQUIRED_INPUTS
 
 INPUT_NAMES = (*REQUIRED_INPUTS, *sorted(CAPABILITIES))
@@ -76,5 +76,5 @@ class TritonPythonModel:
     def finalize(self) -> None:
         if self.core is not None:
             pb_utils.Logger.log_info(self.core.stop())
-        self.engine = None
+        self.engine = release(self.engine)  # a tensor-parallel engine stops its worker processes
         self.metrics.stop()
