@@ -1,0 +1,285 @@
+"""Tensor parallelism of the torch engine (builder/runtime/tensor_parallel.py) on CPU: gloo, two processes.
+
+- the sharding math, without processes: the converter's 2-gpu shard files, used as each rank uses them, reproduce
+  the unsharded products (column split: concatenated; row split: summed; LM head: vocabulary rows gathered);
+- a TP-2 engine (rank 0 here, a worker process) against the TP-1 engine on the same random weights: logits, greedy,
+  beam and seeded sampling tokens;
+- a worker killed mid-generation fails the call with an error naming it, and every later one;
+- through real tritonservers: the TP-2 repository answers the seed's token-id request and the text ensemble with
+  TP-1's tokens, and a worker killed during a streamed request fails it by name and ends the core's stub, which
+  `dead_stubs()` (serve's check) then reports.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+
+from builder.checkpoints import convert
+from builder.render import render_repository
+from builder.render_config import RenderConfig
+from builder.runtime.core_adapter import CoreSettings
+from builder.runtime.core_io import GenerationRequest
+from builder.runtime.ft_weights import load_ft_shard, load_ft_weights, tensor_specs
+from builder.runtime.generation import GptEngine
+from builder.runtime.model_config import GptModelConfig
+from builder.runtime.tensor_parallel import TensorParallelEngine, TensorParallelError, TensorShard, launch_engine
+from builder.runtime.tokenizer import GptTokenizer
+from builder.serve import TritonServer
+from builder.validate import validate_repository
+from client import TextClient
+from engine_testing import END_ID, TinyGpt, random_prompts
+from servers import server_on_free_ports
+
+SEED_PROMPT = "1 2 3 4 5 6"
+TEXT_PROMPTS = [SEED_PROMPT, "40 41 42", "Hello world", "The quick brown fox", "7 9 11"]
+
+
+@pytest.fixture(scope="module")
+def tiny_tp(tiny: TinyGpt, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The random tiny GPT as fp32 FT weights: (1-gpu folder, 2-gpu folder)."""
+    out = tmp_path_factory.mktemp("tiny_tp")
+    return tiny.ft_dir, convert(tiny.ft_dir.parent.parent / "hf", out, infer_gpu_num=2, weight_data_type="fp32",
+                                progress=False)
+
+
+def tp2_engine(model_dir: Path, **kwargs: object) -> TensorParallelEngine:
+    return launch_engine(model_dir, 2, device="cpu", worker_devices=["cpu"], dtype=torch.float32, max_batch_size=8,
+                         **kwargs)
+
+
+def workers_of(pid: int) -> list[psutil.Process]:
+    return [p for p in psutil.Process(pid).children() if "tensor_parallel" in " ".join(p.cmdline())]
+
+
+# ---- the sharding math, no processes --------------------------------------------------------------------------------
+
+
+def test_shard_files_reproduce_the_unsharded_layer(tiny_tp: tuple[Path, Path]) -> None:
+    config, merged = load_ft_weights(tiny_tp[1])
+    ranks = [load_ft_shard(tiny_tp[1], rank)[1] for rank in range(2)]
+    for spec in tensor_specs(config):  # each rank holds its file as written: the TP-2 shape, nothing merged
+        assert all(tuple(r[spec.stem].shape) == spec.rank_shape(2) for r in ranks), spec.stem
+    h, n = config.hidden_size, 3
+    x = torch.randn(n, h, generator=torch.Generator().manual_seed(0))
+    p = "model.layers.0."
+    # Column-parallel QKV [in, 3, out]: each rank computes its heads of q, k and v; side by side they are the whole.
+    qkv = (x @ merged[p + "attention.query_key_value.weight"].reshape(h, -1)).view(n, 3, h)
+    parts = [(x @ r[p + "attention.query_key_value.weight"].reshape(h, -1)).view(n, 3, h // 2) for r in ranks]
+    torch.testing.assert_close(torch.cat(parts, dim=2), qkv)
+    # Row-parallel attention-out: rank r multiplies its heads' columns of the attention output; the sum is the whole.
+    attn = torch.randn(n, h, generator=torch.Generator().manual_seed(1))
+    whole = attn @ merged[p + "attention.dense.weight"]
+    partial = [attn[:, r * h // 2:(r + 1) * h // 2] @ ranks[r][p + "attention.dense.weight"] for r in range(2)]
+    torch.testing.assert_close(partial[0] + partial[1], whole)
+    # The MLP: FC1 by columns, FC2 by rows, one sum at the end.
+    up = torch.nn.functional.gelu(x @ merged[p + "mlp.dense_h_to_4h.weight"] + merged[p + "mlp.dense_h_to_4h.bias"],
+                                  approximate="tanh")
+    whole = up @ merged[p + "mlp.dense_4h_to_h.weight"]
+    partial = [torch.nn.functional.gelu(x @ r[p + "mlp.dense_h_to_4h.weight"] + r[p + "mlp.dense_h_to_4h.bias"],
+                                        approximate="tanh") @ r[p + "mlp.dense_4h_to_h.weight"] for r in ranks]
+    torch.testing.assert_close(partial[0] + partial[1], whole)
+
+
+@pytest.mark.parametrize("vocab", [512, 5])
+def test_lm_head_vocabulary_rows_gather_to_the_whole_logits(vocab: int) -> None:
+    table = torch.randn(vocab, 8, generator=torch.Generator().manual_seed(vocab))
+    h = torch.randn(3, 8)
+    shards = [TensorShard(rank=r, size=2, vocab_size=vocab) for r in range(2)]
+    rows = [s.vocab_rows(table) for s in shards]
+    assert all(r.shape == (-(-vocab // 2), 8) for r in rows)  # equal shapes: the last rank zero-padded
+    gathered = torch.cat([h @ r.t() for r in rows], dim=1)[:, :vocab]  # what gather_vocab assembles
+    torch.testing.assert_close(gathered, h @ table.t())
+
+
+# ---- a TP-2 engine (this process + one worker) against TP 1 ---------------------------------------------------------
+
+
+def test_tp2_engine_generates_tp1_tokens(tiny: TinyGpt, tiny_tp: tuple[Path, Path]) -> None:
+    tp1 = GptEngine.from_ft_dir(tiny_tp[0], max_batch_size=8)
+    tp2 = tp2_engine(tiny_tp[1])
+    try:
+        worker = workers_of(os.getpid())
+        assert len(worker) == 1
+        assert tp2.model.heads == tp1.model.heads // 2 and tp2.model.lm_head.shape[0] == 256  # it holds half
+        prompts = torch.tensor(random_prompts(4, seed=3, min_len=6, max_len=6))
+        lengths = torch.full((4,), 6)
+        with torch.inference_mode():
+            torch.testing.assert_close(tp2.prefill_slots(prompts, lengths), tp1.prefill_slots(prompts, lengths),
+                                       rtol=1e-4, atol=1e-4)
+        requests = [GenerationRequest(input_ids=tuple(p), output_len=12, end_id=END_ID)
+                    for p in random_prompts(6, seed=4)]
+        requests += [GenerationRequest(input_ids=tuple(p), output_len=8, end_id=END_ID, beam_width=2)
+                     for p in random_prompts(2, seed=5)]
+        requests += [GenerationRequest(input_ids=tuple(p), output_len=10, end_id=END_ID, top_k=8, random_seed=11)
+                     for p in random_prompts(2, seed=6)]
+        expected = [[b.tolist() for b in out.beams] for out in tp1.generate(requests)]
+        got = [[b.tolist() for b in out.beams] for out in tp2.generate(requests)]
+        assert got == expected
+    finally:
+        tp2.close()
+    assert not worker[0].is_running()
+    assert [w.returncode for w in tp2._leader.workers] == [0]  # told to stop, it exited cleanly
+
+
+def test_killed_worker_fails_the_call_by_name_and_every_later_one(tiny_tp: tuple[Path, Path]) -> None:
+    failures: list[str] = []
+    tp2 = tp2_engine(tiny_tp[1], on_failure=failures.append)
+    try:
+        (worker,) = workers_of(os.getpid())
+        long = [GenerationRequest(input_ids=(1, 2, 3), output_len=120, end_id=END_ID, bad_words=((END_ID,),))]
+        errors: list[BaseException] = []
+        steps = threading.Event()
+
+        def run() -> None:
+            try:
+                tp2.generate(long, on_step=lambda _updates: steps.set())
+            except BaseException as err:  # noqa: BLE001  (the test inspects it)
+                errors.append(err)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        assert steps.wait(30)
+        worker.send_signal(signal.SIGKILL)
+        thread.join(30)
+        assert not thread.is_alive()
+        expected = f"tensor-parallel worker rank 1 (pid {worker.pid}) died (killed by signal SIGKILL)"
+        assert len(errors) == 1 and isinstance(errors[0], TensorParallelError), errors
+        assert expected in str(errors[0])
+        assert failures == [expected]  # told once
+        with pytest.raises(TensorParallelError, match="rank 1"):  # at once: no collective with a dead rank
+            tp2.generate(long)
+    finally:
+        tp2.close()
+
+
+# ---- settings, render and validate ----------------------------------------------------------------------------------
+
+
+def test_core_settings_place_the_ranks() -> None:
+    def settings(**params: str) -> CoreSettings:
+        config = {"parameters": {k: {"string_value": v} for k, v in params.items()}, "max_batch_size": 8}
+        import json
+
+        return CoreSettings.from_args({"model_config": json.dumps(config), "model_repository": "/r",
+                                       "model_version": "1"})
+
+    assert settings().tp == 1
+    gpus = settings(tensor_para_size="2", tp_devices="2,3")
+    assert gpus.worker_devices("cuda:2") == ["cuda:3"] and gpus.model_dir == Path("/r/1/2-gpu")
+    with pytest.raises(ValueError, match="Triton placed this instance on GPU 0"):
+        gpus.worker_devices("cuda:0")
+    assert settings(tensor_para_size="4").worker_devices("cuda:0") == ["cuda:1", "cuda:2", "cuda:3"]
+    assert settings(tensor_para_size="2").worker_devices("cpu") == ["cpu"]
+    with pytest.raises(ValueError, match="tp_devices must list 2 distinct GPU ids"):
+        settings(tensor_para_size="2", tp_devices="1,1")
+
+
+def test_render_and_validate_place_and_check_the_shards(tmp_path: Path, tiny_tp: tuple[Path, Path]) -> None:
+    model = GptModelConfig.from_ini(tiny_tp[1] / "config.ini")
+    repo = render_repository(RenderConfig(engine="torch", tp=2, gpus=(2, 3), checkpoint=tiny_tp[1], model=model,
+                                          output=tmp_path / "gpu"))
+    text = (repo / "gpt3_1.3b" / "config.pbtxt").read_text()
+    assert "kind: KIND_GPU gpus: [2]" in text and 'string_value: "2,3"' in text
+    assert validate_repository(repo) == []
+    # A shard of the wrong shape, a placement that disagrees with tp_devices: both named.
+    shard = repo / "gpt3_1.3b" / "1" / "2-gpu" / "model.layers.0.mlp.dense_h_to_4h.weight.1.bin"
+    shard.unlink()
+    shard.write_bytes(b"\0" * 16)
+    (repo / "gpt3_1.3b" / "config.pbtxt").write_text(text.replace("gpus: [2]", "gpus: [3]"))
+    problems = validate_repository(repo)
+    assert any("model.layers.0.mlp.dense_h_to_4h.weight.1.bin: 16 bytes" in p for p in problems), problems
+    assert any("instance_group gpus [3] must be [2]" in p for p in problems), problems
+    with pytest.raises(ValueError, match="holds weights split for 1 GPU"):
+        from builder.render import config_from_options
+
+        config_from_options(tiny_tp[0], engine="torch", tp=2, output=tmp_path / "x")
+    with pytest.raises(ValueError, match="--instances 2: with --tp 2"):
+        RenderConfig(engine="torch", tp=2, instances=2, checkpoint=tiny_tp[1], model=model)
+
+
+# ---- through tritonserver ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_tp2_dir(demo_nemo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return convert(demo_nemo, tmp_path_factory.mktemp("demo_tp2"), infer_gpu_num=2, weight_data_type="fp32",
+                   progress=False)
+
+
+def render_tp2(ft_dir: Path, output: Path, streaming: bool) -> Path:
+    model = GptModelConfig.from_ini(ft_dir / "config.ini")
+    return render_repository(RenderConfig(engine="torch", device="cpu", data_type="fp32", tp=2, checkpoint=ft_dir,
+                                          model=model, max_batch_size=16, streaming=streaming, output=output))
+
+
+@pytest.fixture(scope="module")
+def tp1_server(demo_repository: Path) -> Iterator[TritonServer]:
+    with server_on_free_ports(demo_repository) as server:
+        yield server
+
+
+def token_id_request(server: TritonServer, prompt: list[int], output_len: int) -> np.ndarray:
+    """The seed's token-id request to the core model (FT's contract, greedy), as test_ensemble sends it."""
+    arrays = {"input_ids": np.array([prompt], np.uint32), "input_lengths": np.array([[len(prompt)]], np.uint32),
+              "request_output_len": np.array([[output_len]], np.uint32),
+              "runtime_top_k": np.array([[1]], np.uint32), "runtime_top_p": np.array([[0.0]], np.float32),
+              "temperature": np.array([[1.0]], np.float32)}
+    inputs = []
+    for name, array in arrays.items():
+        tensor = grpcclient.InferInput(name, list(array.shape), "FP32" if array.dtype == np.float32 else "UINT32")
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    result = grpcclient.InferenceServerClient(server.grpc_url).infer("gpt3_1.3b", inputs)
+    return result.as_numpy("output_ids")
+
+
+@pytest.mark.server
+def test_served_tp2_answers_with_tp1_tokens(demo_tp2_dir: Path, tmp_path: Path, tp1_server: TritonServer) -> None:
+    tokenizer = GptTokenizer.from_directory(demo_tp2_dir)
+    with server_on_free_ports(render_tp2(demo_tp2_dir, tmp_path / "tp2", streaming=False)) as tp2_server:
+        assert any("2-gpu on cpu + cpu (tensor-parallel)" in line
+                   for line in Path(tp2_server.log_path).read_text().splitlines())
+        for prompt in TEXT_PROMPTS:
+            ids = tokenizer.encode(prompt)
+            expected = token_id_request(tp1_server, ids, 30)
+            assert token_id_request(tp2_server, ids, 30).tolist() == expected.tolist(), prompt
+        with TextClient(tp1_server.http_url) as tp1, TextClient(tp2_server.http_url) as tp2:
+            answers = [tp2.generate(prompt, max_tokens=24).text for prompt in TEXT_PROMPTS]
+            assert answers == [tp1.generate(prompt, max_tokens=24).text for prompt in TEXT_PROMPTS]
+    assert answers[0] == "".join(f" {n}" for n in range(7, 31))  # the seed example, as the demo answers it
+
+
+@pytest.mark.server
+def test_killed_worker_fails_the_streamed_request_and_ends_the_stub(demo_tp2_dir: Path, tmp_path: Path,
+                                                                    tp1_server: TritonServer) -> None:
+    with server_on_free_ports(render_tp2(demo_tp2_dir, tmp_path / "tp2s", streaming=True)) as server:
+        (stub,) = [pid for pid, name in server.python_stubs().items() if name == "gpt3_1.3b_0_0"]
+        (worker,) = workers_of(stub)
+        with TextClient(server.grpc_url, protocol="grpc") as client, TextClient(tp1_server.http_url) as tp1:
+            # The in-flight scheduler's path first: the same tokens as TP 1.
+            assert "".join(client.stream("40 41 42", max_tokens=20)) == tp1.generate("40 41 42", max_tokens=20).text
+            received: list[str] = []
+            with pytest.raises(Exception) as failure:  # noqa: PT011  (the client's error type is not the point)
+                for delta in client.stream("1", max_tokens=120):
+                    if not received:
+                        worker.send_signal(signal.SIGKILL)
+                    received.append(delta)
+        assert received  # it was generating when the worker died
+        expected = f"tensor-parallel worker rank 1 (pid {worker.pid}) died (killed by signal SIGKILL)"
+        assert expected in str(failure.value)
+        deadline = time.monotonic() + 20
+        while server.dead_stubs() != ["gpt3_1.3b_0_0"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert server.dead_stubs() == ["gpt3_1.3b_0_0"]  # what makes `serve` stop with exit status 3
+        assert expected in Path(server.log_path).read_text()
