@@ -201,7 +201,7 @@ def test_output_path_cannot_inject_into_a_rendered_config(tmp_path: Path) -> Non
 # ---- issue 11: the checkpoint's own limits, FT container paths, KIND_GPU on a machine without a GPU ---------------
 
 
-def test_tp_is_checked_against_the_checkpoints_head_num(tmp_path: Path, tiny_ft_dir: Path) -> None:
+def test_tp_is_checked_against_the_checkpoints_head_num(tmp_path: Path, tiny_ft_dir: Path, tiny_nemo: Path) -> None:
     heads = GptModelConfig.from_ini(tiny_ft_dir / "config.ini").head_num
     assert heads == 4 != NEMO_1P3B.head_num
     result = CliRunner().invoke(builder_main, ["render", "--tp", "3", "--engine", "torch", "--checkpoint",
@@ -211,9 +211,13 @@ def test_tp_is_checked_against_the_checkpoints_head_num(tmp_path: Path, tiny_ft_
         in result.output, result.output
     assert "head_num 16" not in result.output
     assert not (tmp_path / "r").exists()
-    # --tp 2 divides the checkpoint's 4 heads: accepted.
+    # --tp 2 divides the checkpoint's 4 heads: accepted, for weights split for 2 (each rank loads its own shard).
     result = CliRunner().invoke(builder_main, ["render", "--tp", "2", "--engine", "torch", "--checkpoint",
                                                str(tiny_ft_dir), "--output", str(tmp_path / "r2")])
+    assert "holds weights split for 1 GPU(s) but --tp is 2" in result.output, result.output
+    split = convert(tiny_nemo, tmp_path / "ft", infer_gpu_num=2, weight_data_type="fp16", progress=False)
+    result = CliRunner().invoke(builder_main, ["render", "--tp", "2", "--engine", "torch", "--checkpoint",
+                                               str(split), "--output", str(tmp_path / "r2")])
     assert result.exit_code == 0, result.output
 
 
