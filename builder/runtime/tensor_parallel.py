@@ -133,6 +133,8 @@ class _Channel:
             tensors.append(value.contiguous())
             return {"tensor": len(tensors) - 1, "shape": list(value.shape), "dtype": str(value.dtype),
                     "host": value.device.type == "cpu" and self.device.type != "cpu"}
+        if isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float)) for v in value):
+            return {"value": list(value)}  # the common case (slot and position lists): plain JSON
         if isinstance(value, (list, tuple)):
             return {"list": [self._encode(v, tensors) for v in value]}
         if value is None or isinstance(value, (bool, int, float, str)):
@@ -264,6 +266,7 @@ class _Leader:
             except subprocess.TimeoutExpired:
                 worker.kill()
                 worker.wait()
+        dist.destroy_process_group()  # the process group is per process: another engine may start after this one
 
 
 class _MirroredModel:
@@ -405,6 +408,9 @@ def launch_engine(model_dir: str | Path, world: int, *, device: str, worker_devi
                   on_failure: Callable[[str], None] | None = None, **engine_kwargs: Any) -> TensorParallelEngine:
     """Rank 0: start workers 1..world-1 (on worker_devices), form the group, load every shard; returns rank 0's
     engine. `on_failure(reason)` is called once if the group breaks later (from a watcher thread)."""
+    if dist.is_initialized():
+        raise TensorParallelError("this process already runs a tensor-parallel engine (its process group is "
+                                  "per process): close() it first")
     if len(worker_devices) != world - 1:
         raise ValueError(f"tensor parallelism over {world} ranks needs {world - 1} worker device(s), "
                          f"got {worker_devices}")
