@@ -3,6 +3,8 @@
 #   bash bench/gpu_run.sh quick   # CUDA tests + a short serving benchmark (64/256 streams, batch 1, short mixed)
 #   bash bench/gpu_run.sh diag    # decode-step profile (bench/profile_decode.py) + a short serving run with timeline
 #   bash bench/gpu_run.sh final   # CUDA tests + the goals' runs of bench/serving_bench.py -> docs/gpu/serving.*
+#   bash bench/gpu_run.sh kernels # CUDA tests + decode-step kernel choices at batch 1/8/64/256 with a batch-1
+#                                 # kernel profile, and the attention launch sweep
 # The server log (tail) comes back too: the in-flight scheduler logs its timeline every 10 s of work.
 set -u
 mode=${1:-full}
@@ -12,10 +14,23 @@ source scripts/gpu/setup.sh > "$OUT/cuda_tests.txt" 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 start=$(date +%s)
 # CUDA tests (transformers imports only under the host's own Python: README.md, "On a GPU host").
-[ "$mode" != diag ] && [ "$mode" != bench ] && timeout 240 "$GPU_HOST_PYTHON" -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_scheduler.py \
+[ "$mode" != diag ] && [ "$mode" != bench ] && [ "$mode" != kernels ] && timeout 240 "$GPU_HOST_PYTHON" -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_scheduler.py \
   >> "$OUT/cuda_tests.txt" 2>&1
 echo "cuda tests rc=$? in $(( $(date +%s) - start )) s" >> "$OUT/cuda_tests.txt"
-if [ "$mode" = diag ]; then
+if [ "$mode" = kernels ]; then
+  timeout 150 "$GPU_HOST_PYTHON" -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py >> "$OUT/cuda_tests.txt" 2>&1
+  echo "engine cuda tests rc=$? in $(( $(date +%s) - start )) s" >> "$OUT/cuda_tests.txt"
+  timeout 150 python bench/profile_decode.py --batch 1 8 64 --prompt 128 --steps 64 --prefill 0 --no-profile \
+    > "$OUT/profile.txt" 2>&1
+  echo "rc=$? at $(( $(date +%s) - start )) s" >> "$OUT/profile.txt"
+  timeout 90 python bench/profile_decode.py --batch 256 --prompt 192 --steps 32 --prefill 0 --no-profile \
+    >> "$OUT/profile.txt" 2>&1
+  echo "rc=$? at $(( $(date +%s) - start )) s" >> "$OUT/profile.txt"
+  timeout 150 python bench/profile_decode.py --batch 1 --prompt 128 --steps 32 --prefill 0 --no-profile --tune-skinny \
+    --gemm > "$OUT/tune.txt" 2>&1
+  echo "rc=$? at $(( $(date +%s) - start )) s" >> "$OUT/tune.txt"
+  exit 0
+elif [ "$mode" = diag ]; then
   # The model's decode step alone (GPU time per step), then the serving path with its timeline in the server log.
   timeout 150 python bench/profile_decode.py --batch 64 256 --prompt 192 --steps 32 --prefill 512 --no-profile \
     > "$OUT/profile.txt" 2>&1

@@ -12,6 +12,7 @@ Then a torch.profiler table of the top CUDA kernels with every kernel on, and th
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 from dataclasses import replace
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.gpu_bench import copy_bandwidth_gbps, weight_bytes_per_step
 from builder.checkpoints.presets import PRESETS
 from builder.runtime.gpt import DecodeGraphs, DecodeKernels, GptModel, _skinny_plan, expected_shapes
 from builder.runtime.model_config import GptModelConfig
@@ -77,10 +79,20 @@ def kernel_choices(best: DecodeKernels) -> dict[str, DecodeKernels]:
             "+attention": replace(eager, attention=best.attention),
             "+gemm_epilogue": replace(eager, gemm_epilogue=best.gemm_epilogue),
             "+skinny_gemm": replace(eager, skinny_rows=best.skinny_rows),
-            "all but skinny": replace(best, skinny_rows=0), "all": best}
+            "all but skinny": replace(best, skinny_rows=0),
+            "all, plain launches": replace(best, pdl=False),
+            "all, prefetch 512": replace(best, prefetch_k=512),
+            "all, skinny <= 64": replace(best, skinny_rows=64), "all": best}
 
 
-def compare_choices(model: GptModel, batches: list[int], steps: int, prompt_len: int) -> None:
+def floor_ms(model: GptModel, batch: int, mean_kv: float, bandwidth_gbps: float) -> float:
+    """The step's bandwidth floor: the weights once plus each row's cached keys and values, at copy bandwidth."""
+    kv = batch * mean_kv * model.config.kv_cache_bytes_per_token(2)
+    return (weight_bytes_per_step(model.config) + kv) / (bandwidth_gbps * 1e9) * 1000
+
+
+def compare_choices(model: GptModel, batches: list[int], steps: int, prompt_len: int,
+                    bandwidth_gbps: float) -> None:
     best = model.kernels
     generator = torch.Generator(device=model.device).manual_seed(1)
     for batch in batches:
@@ -96,7 +108,9 @@ def compare_choices(model: GptModel, batches: list[int], steps: int, prompt_len:
             first_diff = (tokens != base_tokens).int().argmax(1)
             agree = torch.where((tokens != base_tokens).any(1), first_diff, steps).float().mean().item()
             err = (logits - base_logits).abs().max().item()
-            print(f"batch {batch:3d} {name:15s} {ms:7.3f} ms/step | vs eager: max |dlogit| {err:.4f} "
+            floor = floor_ms(model, batch, prompt_len + steps / 2, bandwidth_gbps)
+            print(f"batch {batch:3d} {name:19s} {ms:7.3f} ms/step ({floor / ms:4.0%} of floor {floor:.3f}) | "
+                  f"vs eager: max |dlogit| {err:.4f} "
                   f"(logit std {base_logits.std().item():.3f}), tokens equal {same:.3f}, "
                   f"mean greedy-agreement prefix {agree:.1f}/{steps}", flush=True)
     model.kernels = best
@@ -154,18 +168,19 @@ def bench_gemm(device: torch.device, rows_list: list[int]) -> None:
 
     shapes = {"qkv": (6144, 2048), "out": (2048, 2048), "fc1": (8192, 2048), "fc2": (2048, 8192),
               "lm_head": (50304, 2048)}
-    configs = [dict(block_n=bn, block_k=bk, split_k=s, num_warps=nw, num_stages=ns)
-               for bn in (16, 32) for bk in (128, 256) for s in (1, 2, 4) for nw in (4,) for ns in (3, 5)]
+    configs = [dict(block_n=bn, block_k=128, split_k=s, num_warps=nw, num_stages=4)
+               for bn in (16, 32, 64) for s in (1, 2, 4) for nw in (4, 8)]
     for rows in rows_list:
         for name, (n, k) in shapes.items():
             w = torch.randn(n, k, device=device, dtype=torch.float16) * 0.02
             x = torch.randn(rows, k, device=device, dtype=torch.float16)
-            cublas = triton.testing.do_bench(lambda: F.linear(x, w))
+            cublas = triton.testing.do_bench(lambda: F.linear(x, w), warmup=10, rep=30)
             timings = []
             for config in configs:
                 if k % (config["split_k"] * config["block_k"]):
                     continue
-                us = triton.testing.do_bench(lambda: gpt_kernels.skinny_linear(x, w, **config)) * 1000
+                us = triton.testing.do_bench(lambda: gpt_kernels.skinny_linear(x, w, **config), warmup=10,
+                                             rep=30) * 1000
                 timings.append((us, config))
             timings.sort(key=lambda item: item[0])
             gbps = n * k * 2 / (timings[0][0] * 1e-6) / 1e9
@@ -181,8 +196,8 @@ def bench_attention(device: torch.device) -> None:
     from builder.runtime import gpt_kernels
 
     heads, d = 16, 128
-    launches = [(bn, bps, nw) for bn in (32, 64, 128) for bps in (1, 2, 4) for nw in (4, 8)]
-    for rows, kv in ((1, 256), (8, 256), (64, 256), (1, 1024), (16, 1024), (64, 1024)):
+    launches = [(bn, bps, nw) for bn in (16, 32, 64, 128) for bps in (1, 2, 4) for nw in (2, 4, 8)]
+    for rows, kv in ((1, 256), (8, 256), (64, 256), (256, 256), (1, 1024), (16, 1024), (64, 1024), (256, 1024)):
         k_cache = torch.randn(rows, heads, kv, d, device=device, dtype=torch.float16)
         v_cache = torch.randn_like(k_cache)
         qkv = torch.randn(rows, 3 * heads * d, device=device, dtype=torch.float16)
@@ -210,32 +225,41 @@ def bench_attention(device: torch.device) -> None:
         default = gpt_kernels.attention_launch(rows, heads, kv, torch.cuda.get_device_properties(device)
                                                .multi_processor_count)
         default_us = next(us for us, launch, _ in timings if launch == default)
-        print(f"attention rows {rows:2d} kv {kv:4d}: eager {eager_us:6.1f} us | default {default} {default_us:6.1f} us"
+        read_gb = float((positions + 1).sum()) * heads * d * 2 * 2 / 1e9  # each row's keys and values, fp16
+        print(f"attention rows {rows:3d} kv {kv:4d} ({read_gb * 1e3:.0f} MB): eager {eager_us:6.1f} us | default "
+              f"{default} {default_us:6.1f} us ({read_gb / (default_us * 1e-6):.0f} GB/s)"
               f" | best " + ", ".join(f"{us:.1f} us {launch} (err {err:.1e})" for us, launch, err in timings[:3]),
               flush=True)
 
 
 def tune_skinny(model: GptModel, batches: list[int], steps: int, prompt_len: int) -> None:
-    """Skinny GEMM launch shapes in the real decode step (CUDA graphs): block_n, pipeline stages, split-K."""
-    saved = dict(model.skinny_plans)
+    """Skinny GEMM launch shapes in the real decode step (CUDA graphs, the model's other kernels as chosen):
+    block_n, pipeline stages, warps, split-K target and the L2 prefetch."""
+    saved_plans, saved_kernels = dict(model.skinny_plans), model.kernels
     config = model.config
     h, f = config.hidden_size, config.inter_size
     for batch in batches:
         prompt = torch.randint(100, 50000, (batch, prompt_len), device=model.device)
-        for block_n in (16, 32):
-            for stages in (3, 5):
-                for target in (256, 512):
-                    plans = {"qkv": _skinny_plan(3 * h, h, may_split=False, block_n=block_n),
-                             "out": _skinny_plan(h, h, may_split=True, block_n=block_n, target_programs=target),
-                             "fc1": _skinny_plan(f, h, may_split=False, block_n=block_n),
-                             "fc2": _skinny_plan(h, f, may_split=True, block_n=block_n, target_programs=target),
-                             "lm_head": _skinny_plan(config.vocab_size, h, may_split=False, block_n=block_n)}
-                    model.skinny_plans = {name: replace(plan, num_stages=stages) for name, plan in plans.items()}
-                    ms = greedy_run(model, prompt, steps, timed=True)[0]
-                    print(f"skinny batch {batch:2d} block_n {block_n} stages {stages} split-K target {target}: "
-                          f"{ms:.3f} ms/step (out split {plans['out'].split_k}, fc2 split {plans['fc2'].split_k})",
-                          flush=True)
-    model.skinny_plans = saved
+        results = []
+        for block_n, stages, warps, target, prefetch in itertools.product((16, 32), (3, 5), (2, 4), (256, 512),
+                                                                          (0, 512)):
+            plans = {"qkv": _skinny_plan(3 * h, h, may_split=False, block_n=block_n),
+                     "out": _skinny_plan(h, h, may_split=True, block_n=block_n, target_programs=target),
+                     "fc1": _skinny_plan(f, h, may_split=False, block_n=block_n),
+                     "fc2": _skinny_plan(h, f, may_split=True, block_n=block_n, target_programs=target),
+                     "lm_head": _skinny_plan(config.vocab_size, h, may_split=False, block_n=block_n)}
+            model.skinny_plans = {name: replace(plan, num_stages=stages, num_warps=warps)
+                                  for name, plan in plans.items() if plan is not None}
+            model.kernels = replace(saved_kernels, prefetch_k=prefetch)
+            ms = greedy_run(model, prompt, steps, timed=True)[0]
+            results.append((ms, f"block_n {block_n} stages {stages} warps {warps} split-K target {target} "
+                                f"prefetch {prefetch} (out split {plans['out'].split_k}, fc2 split "
+                                f"{plans['fc2'].split_k})"))
+        results.sort()
+        for ms, what in results[:6]:
+            print(f"skinny batch {batch:2d} {ms:.3f} ms/step: {what}", flush=True)
+        print(f"skinny batch {batch:2d} worst {results[-1][0]:.3f} ms/step: {results[-1][1]}", flush=True)
+    model.skinny_plans, model.kernels = saved_plans, saved_kernels
 
 
 def main() -> None:
@@ -246,6 +270,7 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=512, help="prompt length of the prefill timing (0: skip)")
     parser.add_argument("--gemm", action="store_true", help="benchmark the skinny GEMM's launch shapes")
     parser.add_argument("--tune", action="store_true", help="benchmark attention and skinny GEMM launch shapes")
+    parser.add_argument("--tune-skinny", action="store_true", help="only the skinny GEMM's launch shapes")
     parser.add_argument("--no-profile", action="store_true")
     args = parser.parse_args()
     device = torch.device("cuda:0")
@@ -254,18 +279,22 @@ def main() -> None:
         config = PRESETS["gpt3-1.3b"]
         model = random_model(config, device, torch.float16)
         model.allocate_cache(max(args.batch), 1024)
-        print(f"kernels for this model: {model.kernels}", flush=True)
+        bandwidth = copy_bandwidth_gbps()
+        print(f"kernels for this model: {model.kernels}; copy bandwidth {bandwidth:.0f} GB/s, weights "
+              f"{weight_bytes_per_step(config) / 1e9:.2f} GB per step", flush=True)
         check_gelu_epilogue(device)
-        compare_choices(model, args.batch, args.steps, args.prompt)
+        compare_choices(model, args.batch, args.steps, args.prompt, bandwidth)
         if args.prefill:
             time_prefill(model, args.prefill)
         if not args.no_profile:
             for batch in args.batch:
                 profile(model, batch, args.steps, args.prompt)
         if args.gemm:
-            bench_gemm(device, [1, 16])
+            bench_gemm(device, [1, 8, 32, 64])
         if args.tune:
             bench_attention(device)
+            tune_skinny(model, [b for b in args.batch if b <= model.kernels.skinny_rows], args.steps, args.prompt)
+        elif args.tune_skinny:
             tune_skinny(model, [b for b in args.batch if b <= model.kernels.skinny_rows], args.steps, args.prompt)
 
 

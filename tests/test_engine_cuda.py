@@ -7,9 +7,10 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from builder.runtime.generation import GptEngine
-from builder.runtime.gpt import DecodeKernels
+from builder.runtime.gpt import DecodeGraphs, DecodeKernels
 from engine_testing import TinyGpt, hf_generate, random_prompts, request
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -84,3 +85,52 @@ def test_fused_decode_kernels_match_eager_ops(tiny: TinyGpt, dtype: torch.dtype)
             torch.testing.assert_close(got.float(), want.float(), **tolerance, msg=lambda m, k=kernels: f"{k}: {m}")
         for got, want in zip(cache, eager_cache):
             torch.testing.assert_close(got.float(), want.float(), **tolerance, msg=lambda m, k=kernels: f"{k}: {m}")
+
+
+@torch.inference_mode()
+def test_dependent_launches_in_cuda_graphs_change_no_bit(tiny: TinyGpt) -> None:
+    """Programmatic dependent launch (and the skinny GEMM's L2 prefetch) only move kernel starts earlier: inside the
+    decode CUDA graphs the logits and the KV cache equal plainly launched kernels' bit for bit, over several steps
+    (a kernel reading its predecessor's output before it is complete would show here)."""
+    model = GptEngine.from_ft_dir(tiny.ft_dir, device="cuda:0", dtype=torch.float16, max_batch_size=16).model
+    assert model.kernels.pdl == (torch.cuda.get_device_capability()[0] >= 9)  # on by default where supported
+    if not model.kernels.pdl:
+        pytest.skip("programmatic dependent launch needs a Hopper GPU")
+    prompts = torch.randint(1, 500, (3, 9), generator=torch.Generator().manual_seed(6)).cuda()
+    lengths = torch.tensor([9, 3, 6], device="cuda")
+
+    def run(kernels: DecodeKernels) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        model.kernels = kernels
+        graphs = DecodeGraphs(model, kv_bucket=16)
+        token = model.prefill(prompts, lengths).argmax(-1)
+        positions, logits = lengths.clone(), []
+        for _ in range(8):
+            step = graphs.decode(token, positions, int(positions.max()) + 1).clone()
+            logits.append(step)
+            token, positions = step.argmax(-1), positions + 1
+        return logits, [cache[:3, :, :24].clone() for cache in model.k_cache + model.v_cache]
+
+    pdl = replace(model.kernels, skinny_rows=16, pdl=True, prefetch_k=256)
+    plain_logits, plain_cache = run(replace(pdl, pdl=False, prefetch_k=0))
+    pdl_logits, pdl_cache = run(pdl)
+    for got, want in zip(pdl_logits + pdl_cache, plain_logits + plain_cache):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 40, 64])
+@torch.inference_mode()
+def test_skinny_linear_matches_the_eager_product(rows: int) -> None:
+    """The skinny GEMM at every row tile (16, 32, 64): finished (bias + GELU epilogue) and as split-K partials."""
+    from builder.runtime import gpt_kernels
+
+    generator = torch.Generator(device="cuda").manual_seed(rows)
+    x = torch.randn(rows, 512, device="cuda", dtype=torch.float16, generator=generator)
+    w = torch.randn(384, 512, device="cuda", dtype=torch.float16, generator=generator) * 0.05
+    b = torch.randn(384, device="cuda", dtype=torch.float16, generator=generator)
+    exact = F.linear(x.float(), w.float(), b.float())
+    finished = gpt_kernels.skinny_linear(x, w, b, activation="gelu_tanh", block_n=32, block_k=128)
+    torch.testing.assert_close(finished.float(), F.gelu(exact, approximate="tanh"), rtol=1e-2, atol=1e-2)
+    pdl = gpt_kernels.pdl_supported(x.device)
+    partials = gpt_kernels.skinny_linear(x, w, split_k=2, block_n=16, block_k=128, pdl=pdl, prefetch_k=256)
+    assert partials.shape == (2, rows, 384) and partials.dtype == torch.float32
+    torch.testing.assert_close(partials.sum(0), exact - b.float(), rtol=1e-3, atol=1e-3)

@@ -95,9 +95,10 @@ def check_weights(config: GptModelConfig, weights: dict[str, torch.Tensor], tp: 
         raise WeightError("weights do not match the model config:\n  " + "\n  ".join(problems))
 
 
-# Decode steps with more (rows x kv_len) than this use cuDNN's SDPA instead of the Triton attention: at 64 rows x
-# 1024 keys it streamed the KV cache ~25% faster than the Triton kernel (H100), at 64 x 256 ~20% slower.
-FUSED_ATTENTION_MAX_ROW_KEYS = int(os.environ.get("GPT_TRITON_FUSED_ATTENTION_MAX_ROW_KEYS", "16384"))  # A/B runs
+# Decode steps with more (rows x kv_len) than this would use cuDNN's SDPA instead of the Triton attention. With its
+# H200 launch shapes (gpt_kernels.attention_launch) the Triton kernel was faster at every shape measured, up to 256
+# rows x 1024 keys (442 vs 518 us), so no step is excluded unless a run asks (A/B runs).
+FUSED_ATTENTION_MAX_ROW_KEYS = int(os.environ.get("GPT_TRITON_FUSED_ATTENTION_MAX_ROW_KEYS", str(1 << 62)))
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,9 @@ class DecodeKernels:
     fused_norm: bool = False  # Triton residual add (+ bias, + split-K partials) and LayerNorm in one kernel
     attention: bool = False  # Triton decode attention that also writes the step's K/V (for small enough steps)
     gemm_epilogue: bool = False  # cuBLASLt bias + GELU(tanh)/ReLU epilogue on the MLP's first GEMM
-    skinny_rows: int = 0  # decode batches of at most this many rows (<= 16) run the Triton skinny GEMM
+    skinny_rows: int = 0  # decode batches of at most this many rows (<= 64) run the Triton skinny GEMM
+    pdl: bool = False  # launch the Triton kernels as programmatic dependents (Hopper): no launch gap between them
+    prefetch_k: int = 0  # skinny GEMM programs first pull this many columns of their weights into L2 (with pdl)
 
     @classmethod
     def for_model(cls, config: GptModelConfig, device: torch.device, dtype: torch.dtype) -> DecodeKernels:
@@ -115,9 +118,12 @@ class DecodeKernels:
         size; the skinny GEMM runs fp16/bf16 only (fp32 would need slow IEEE dots: cuBLAS is better there)."""
         if device.type != "cuda" or importlib.util.find_spec("triton") is None:
             return cls()
+        from . import gpt_kernels
+
         d = config.size_per_head
+        pdl = gpt_kernels.pdl_supported(device) and os.environ.get("GPT_TRITON_PDL", "1") != "0"  # A/B runs
         return cls(fused_norm=True, attention=d >= 16 and d & (d - 1) == 0, gemm_epilogue=True,
-                   skinny_rows=16 if dtype in (torch.float16, torch.bfloat16) else 0)
+                   skinny_rows=16 if dtype in (torch.float16, torch.bfloat16) else 0, pdl=pdl)
 
 
 @dataclass(frozen=True)
@@ -128,6 +134,7 @@ class _SkinnyPlan:
     block_k: int
     block_n: int = 32
     num_stages: int = 5
+    num_warps: int = 4
 
 
 def _skinny_plan(out_features: int, in_features: int, *, may_split: bool, block_n: int = 32,
@@ -229,7 +236,7 @@ class GptModel:
         if self.kernels.fused_norm:
             from . import gpt_kernels  # Triton: CUDA only
 
-            return gpt_kernels.add_layer_norm(x, delta, bias, weight, ln_bias, eps)
+            return gpt_kernels.add_layer_norm(x, delta, bias, weight, ln_bias, eps, pdl=self.kernels.pdl)
         if partials:  # the skinny GEMM's split-K partials without the fused norm
             delta = delta.sum(0).to(x.dtype)
         x = x + (delta if bias is None else delta + bias)
@@ -245,7 +252,9 @@ class GptModel:
             shape = self.skinny_plans[plan]
             assert shape is not None  # skinny is off (skinny_rows=0) when any weight has no plan: see __init__
             return gpt_kernels.skinny_linear(x, weight, bias, activation=act, block_k=shape.block_k,
-                                             block_n=shape.block_n, num_stages=shape.num_stages)
+                                             block_n=shape.block_n, num_stages=shape.num_stages,
+                                             num_warps=shape.num_warps, pdl=self.kernels.pdl,
+                                             prefetch_k=self.kernels.prefetch_k)
         if activation and self.kernels.gemm_epilogue and bias is not None:
             # cuBLASLt's GELU epilogue is the tanh approximation (ATen's own fallback for it is gelu(tanh)); on an
             # H100 it was closer to fp32 gelu(tanh) than fp16 linear + gelu (bench/profile_decode.py).
@@ -263,7 +272,9 @@ class GptModel:
             from . import gpt_kernels
 
             return gpt_kernels.skinny_linear(x, weight, split_k=shape.split_k, block_k=shape.block_k,
-                                             block_n=shape.block_n, num_stages=shape.num_stages), bias
+                                             block_n=shape.block_n, num_stages=shape.num_stages,
+                                             num_warps=shape.num_warps, pdl=self.kernels.pdl,
+                                             prefetch_k=self.kernels.prefetch_k), bias
         return self._linear(x, weight, bias, plan, skinny=skinny), None
 
     def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, first_slot: int = 0,
@@ -342,7 +353,8 @@ class GptModel:
     def _fused_attention(self, i: int, qkv: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         from . import gpt_kernels
 
-        return gpt_kernels.decode_attention(qkv, self.k_cache[i], self.v_cache[i], positions, kv_len)
+        return gpt_kernels.decode_attention(qkv, self.k_cache[i], self.v_cache[i], positions, kv_len,
+                                            pdl=self.kernels.pdl)
 
     def _eager_attention(self, positions: torch.Tensor, kv_len: int) -> Attention:
         """The eager step attention: index_copy_ the new K/V into the cache, then masked SDPA over kv_len keys."""
