@@ -165,6 +165,15 @@ def test_killed_worker_fails_the_call_by_name_and_every_later_one(tiny_tp: tuple
         tp2.close()
 
 
+def test_a_worker_that_cannot_start_is_named(tiny_tp: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from builder.runtime import tensor_parallel
+
+    monkeypatch.setattr(tensor_parallel, "worker_python", lambda: "/bin/false")  # exits at once, status 1
+    with pytest.raises(TensorParallelError, match="worker rank 1 exited with status 1 while starting"):
+        tp2_engine(tiny_tp[1])
+    assert not torch.distributed.is_initialized()  # rank 0 never waited for it to join
+
+
 # ---- settings, render and validate ----------------------------------------------------------------------------------
 
 

@@ -273,7 +273,11 @@ class _MirroredModel:
     """Rank 0's engine.model: the calls in MODEL_CALLS are mirrored; everything else is the shard's GptModel."""
 
     def __init__(self, model: Any, leader: _Leader) -> None:
-        self._model, self._leader = model, leader
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_leader", leader)
+
+    def __setattr__(self, name: str, value: Any) -> None:  # e.g. a benchmark choosing `kernels`: the shard's
+        setattr(self._model, name, value)
 
     def __getattr__(self, name: str) -> Any:
         attribute = getattr(self._model, name)
