@@ -229,6 +229,11 @@ def config_from_options(checkpoint: Path | None, **options: Any) -> RenderConfig
 @click.option("--kv-slots", default=0, show_default=True, type=int,
               help="Torch engine: KV-cache slots (sequences decoded at once). 0: with --streaming on a GPU as many as "
                    "fit the free memory, up to 256, whatever --max-batch-size; otherwise --max-batch-size.")
+@click.option("--step-prompt-tokens", default=0, show_default=True, type=int,
+              help="Torch engine with --streaming: prompt tokens prefilled per step while other rows decode; longer "
+                   "prompts join in chunks over several steps (chunked prefill), so running streams never stall for "
+                   "a whole long prompt. Larger: faster prefill, longer stalls. 0: the engine's default (512). With "
+                   "no row decoding a prompt is prefilled whole.")
 @click.option("--max-queue-delay-us", default=1000, show_default=True, type=int,
               help="Dynamic-batching queue delay of the core model (microseconds).")
 @click.option("--ft-checkpoint-path", help="FT engine: where the weights are inside the FT container "

@@ -231,13 +231,13 @@ def test_an_engine_error_fails_only_the_affected_requests(tiny: TinyGpt, prompts
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     engine = new_engine(tiny, slots=4)
     poison = 511  # a prompt holding this token makes prefill fail
-    real_prefill, real_decode = engine.prefill_slots, engine.decode
+    real_prefill, real_decode = engine.prefill_chunks, engine.decode
     decode_failures = {"left": 0}
 
-    def prefill_slots(prompts_: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        if bool((prompts_ == poison).any()):
+    def prefill_chunks(chunks: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        if bool((chunks == poison).any()):
             raise RuntimeError("injected prefill fault")
-        return real_prefill(prompts_, *args, **kwargs)
+        return real_prefill(chunks, *args, **kwargs)
 
     def decode(*args: object) -> torch.Tensor:
         if decode_failures["left"]:
@@ -245,7 +245,7 @@ def test_an_engine_error_fails_only_the_affected_requests(tiny: TinyGpt, prompts
             raise RuntimeError("injected decode fault")
         return real_decode(*args)
 
-    monkeypatch.setattr(engine, "prefill_slots", prefill_slots)
+    monkeypatch.setattr(engine, "prefill_chunks", prefill_chunks)
     monkeypatch.setattr(engine, "decode", decode)
     with InflightScheduler(engine) as scheduler:
         healthy, poisoned = Sink(name="healthy"), Sink(name="poisoned")
@@ -361,8 +361,9 @@ def test_arrivals_wait_for_a_shared_prefill_only_when_the_batch_is_busy(tiny: Ti
 
 
 def test_prompt_token_budget_spreads_a_burst_of_arrivals_over_steps(tiny: TinyGpt, prompts, greedy, long_run) -> None:
-    """Four requests arrive at once while a long one decodes: with a budget of one prompt token per step, each joins
-    at its own step (one prefill per step, the running row keeps decoding between them); results are unchanged."""
+    """Four requests arrive at once while a long one decodes: with a budget of one prompt token per step, each
+    prompt is prefilled one token per step and the next request joins only once the one before it is cached (one
+    admission per request, the running row keeps decoding meanwhile); results are unchanged."""
     sequence, end_id = long_run
     engine = new_engine(tiny, slots=8)
     late = [Sink(name=f"late{i}") for i in range(4)]

@@ -61,12 +61,13 @@ class CoreSettings:
     stream_abandon_s: float = ABANDON_AFTER_S
     tp: int = 1  # tensor-parallel ranks: this process is rank 0 and starts the others (tensor_parallel.py)
     tp_devices: tuple[int, ...] = ()  # GPU ids of ranks 0..tp-1 (KIND_GPU); rank 0's is the instance's
+    step_prompt_tokens: int = 0  # in-flight scheduler's prompt tokens per step (chunked prefill); 0: its default
 
     @classmethod
     def from_args(cls, args: Mapping[str, str]) -> CoreSettings:
         """From TritonPythonModel.initialize's args. Parameters: model_dir (relative to the version folder), data_type,
         kv_slots (KV-cache slots, 0 = automatic), max_seq_len, vocab_limit, stream_abandon_s (stream_ack.py),
-        tensor_para_size and tp_devices (GPU ids, comma-separated, one per rank)."""
+        tensor_para_size and tp_devices (GPU ids, comma-separated, one per rank), step_prompt_tokens (scheduler.py)."""
         config = json.loads(args["model_config"])
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         model_dir = Path(params.get("model_dir", f"{params.get('tensor_para_size', '1')}-gpu"))
@@ -79,6 +80,9 @@ class CoreSettings:
         if not slots.isdigit():
             raise ValueError(f"parameter kv_slots must be a whole number (0 = automatic), got {slots!r}")
         decoupled = bool(config.get("model_transaction_policy", {}).get("decoupled", False))
+        step_tokens = params.get("step_prompt_tokens", "0") or "0"
+        if not step_tokens.isdigit():
+            raise ValueError(f"parameter step_prompt_tokens must be a whole number (0 = default), got {step_tokens!r}")
         tp_text, devices_text = params.get("tensor_para_size", "1") or "1", params.get("tp_devices", "")
         if not tp_text.isdigit() or int(tp_text) < 1:
             raise ValueError(f"parameter tensor_para_size must be a positive whole number, got {tp_text!r}")
@@ -90,7 +94,8 @@ class CoreSettings:
                    triton_max_batch_size=int(config.get("max_batch_size") or 1),
                    max_seq_len=int(params["max_seq_len"]) if "max_seq_len" in params else None,
                    vocab_limit=int(params["vocab_limit"]) if "vocab_limit" in params else None, decoupled=decoupled,
-                   stream_abandon_s=float(params.get("stream_abandon_s", ABANDON_AFTER_S)))
+                   stream_abandon_s=float(params.get("stream_abandon_s", ABANDON_AFTER_S)),
+                   step_prompt_tokens=int(step_tokens))
 
     def slots_for(self, device: str) -> tuple[int, bool]:
         """(KV-cache slots wanted, whether to shrink them to the free memory). Given: exactly that many. Automatic:
@@ -210,9 +215,9 @@ class StreamingCore:
     """Decoupled: validate each request and queue it on the in-flight scheduler; replies come from its sender."""
 
     def __init__(self, engine: GptEngine, event_log: Callable[[str], None] | None = None,
-                 report: Callable[[str], None] | None = None, abandon_after_s: float = ABANDON_AFTER_S,
+                 report: Callable[[str], None] | None = None, settings: CoreSettings | None = None,
                  metrics: EngineMetrics | None = None) -> None:
-        from .scheduler import InflightScheduler
+        from .scheduler import STEP_PROMPT_TOKENS, InflightScheduler
         from .stream_ack import AckListener
 
         self.limits: EngineLimits = engine.limits
@@ -224,9 +229,10 @@ class StreamingCore:
                 note = f"capturing CUDA graphs at load failed ({err}); they are captured on first use"
             if report is not None:
                 report(f"{note} ({time.monotonic() - started:.1f} s)")
-        self.acks = AckListener(abandon_after_s)
-        self.scheduler = InflightScheduler(engine, event_log=event_log,
-                                           report=report, metrics=metrics).start()
+        self.acks = AckListener(settings.stream_abandon_s if settings is not None else ABANDON_AFTER_S)
+        step_tokens = settings.step_prompt_tokens if settings is not None else 0
+        self.scheduler = InflightScheduler(engine, event_log=event_log, report=report, metrics=metrics,
+                                           step_prompt_tokens=step_tokens or STEP_PROMPT_TOKENS).start()
 
     def submit(self, inputs: Mapping[str, np.ndarray], transport: Transport) -> None:
         from .generation import ResourceError

@@ -19,7 +19,8 @@ is 0 (no length normalisation); pass len_penalty=1 to match HF's default. The fi
 cum_log_probs are their raw (unnormalised) cumulative log-probs.
 
 `generate` runs one static batch to completion. For serving, scheduler.py's `InflightScheduler` drives the same
-engine (its `prefill_slots` and `decode`) with in-flight batching: rows join and leave the running batch at every step.
+engine (its `prefill_chunks` and `decode`) with in-flight batching: rows join and leave the running batch at every
+step, their prompts prefilled in chunks within a per-step token budget.
 
 Log-probs are those of the chosen token under the processed distribution (after temperature, penalties and bans,
 before top-k/top-p truncation); for plain greedy they equal HF's `output_scores` log-softmax.
@@ -258,6 +259,40 @@ class GptEngine:
         return torch.cat([self.model.prefill(prompts[start:start + rows_per_pass],
                                              lengths[start:start + rows_per_pass], first_slot=first_slot + start)
                           for start in range(0, prompts.shape[0], rows_per_pass)])
+
+    def prefill_chunks(self, tokens: torch.Tensor, starts: Sequence[int], lengths: Sequence[int],
+                       slots: Sequence[int]) -> torch.Tensor:
+        """Chunked prefill (scheduler.py): row i of tokens [n, T] (host, right-padded with any valid id) holds prompt
+        positions starts[i]..starts[i]+lengths[i]-1 of cache slot slots[i], whose positions [0, starts[i]) are cached
+        already -> logits [n, V] at each chunk's last token (for a chunk that ends its prompt: the first token's).
+
+        One row runs from the prefill CUDA graphs (GptModel.prefill's chunk path at an offset); several rows run as
+        eager passes of at most PREFILL_TOKEN_BUDGET padded tokens: one pass reads the weights once for all of them."""
+        n, t = tokens.shape
+        ints = torch.tensor([list(starts), list(lengths), list(slots)], dtype=torch.long)  # [3, n]
+        if self.device.type == "cuda":  # pinned: the copies do not wait for the device to drain
+            tokens, ints = (x.pin_memory().to(self.device, non_blocking=True) for x in (tokens, ints))
+        else:
+            tokens, ints = tokens.to(self.device), ints.to(self.device)
+        start_dev, length_dev, slot_dev = ints
+        if n == 1 and self.prefill_graphs is not None:
+            try:
+                return self.prefill_graphs.prefill_chunk(tokens, length_dev, slots[0], starts[0]).clone()
+            except RuntimeError:  # a capture that fails (memory, a backend that cannot be captured): run eagerly
+                log.exception("prefill CUDA graph failed: prefill runs eagerly from now on")
+                self.prefill_graphs = None
+        chunked = any(starts)  # whole prompts keep the plain causal pass (no mask, no cache read)
+        rows_per_pass = max(1, PREFILL_TOKEN_BUDGET // t)
+        logits = []
+        for first in range(0, n, rows_per_pass):
+            part = slice(first, first + rows_per_pass)
+            if chunked:
+                kv_len = min(self.model.max_seq_len, max(starts[part]) + t)
+                logits.append(self.model.prefill(tokens[part], length_dev[part], slot_index=slot_dev[part],
+                                                 starts=start_dev[part], kv_len=kv_len))
+            else:
+                logits.append(self.model.prefill(tokens[part], length_dev[part], slot_index=slot_dev[part]))
+        return torch.cat(logits)
 
     def capture_graphs(self, check: bool = True) -> str:
         """Capture every decode and single-prompt prefill graph now (at load, before any request); with `check`,

@@ -278,31 +278,58 @@ class GptModel:
         return self._linear(x, weight, bias, plan, skinny=skinny), None
 
     def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, first_slot: int = 0,
-                slot_index: torch.Tensor | None = None) -> torch.Tensor:
+                slot_index: torch.Tensor | None = None, starts: torch.Tensor | None = None,
+                kv_len: int = 0) -> torch.Tensor:
         """tokens [n, T] right-padded, lengths [n] -> logits [n, V] at each row's last prompt token.
 
         Writes K/V of positions 0..T-1 into cache slots first_slot..first_slot+n-1 (padding positions too; decode
         overwrites them), or into the slots slot_index [n] names (a device tensor: capturable in a CUDA graph).
         Eager ops only, whatever `self.kernels` says: at T x n rows the GEMMs are compute-bound and cuBLAS's plain
         kernels win (its GELU epilogue ran slower than GEMM + GELU at 512 rows on an H100).
+
+        Chunked prefill: with `starts` [n] (device), row i's tokens are the prompt positions starts[i].. of a slot
+        whose cache already holds positions [0, starts[i]); its queries attend to those cached keys and causally to
+        the chunk (an explicit mask over cache positions [0, kv_len), kv_len >= every starts[i] + lengths[i]), and
+        its K/V go to positions starts[i]..starts[i]+T-1. Padding positions past the cache (or the position
+        embeddings) are clamped to the last one: only padding lands there, and a prompt never reaches it (a request
+        generates at least one token). No host sync either way: capturable with starts and kv_len fixed per graph.
         """
         n, t = tokens.shape
-        positions = torch.arange(t, device=self.device)
-        x = F.embedding(tokens, self.wte) + F.embedding(positions, self.wpe)  # [n, T, H]
+        chunk_slots = torch.arange(first_slot, first_slot + n, device=self.device) if slot_index is None else slot_index
+        if starts is not None:
+            kv_len = kv_len or self.max_seq_len
+            positions = starts[:, None] + torch.arange(t, device=self.device)[None, :]  # [n, T]
+            embedded = F.embedding(positions.clamp(max=self.config.max_pos_seq_len - 1), self.wpe)
+            mask = (torch.arange(kv_len, device=self.device)[None, None, :] <= positions[:, :, None])[:, None]
+            head_rows = chunk_slots[:, None] * self.heads + torch.arange(self.heads, device=self.device)[None, :]
+            write_rows = (head_rows[:, :, None] * self.max_seq_len  # [n, heads, T] -> flat cache rows
+                          + positions.clamp(max=self.max_seq_len - 1)[:, None, :]).reshape(-1)
+        else:
+            embedded = F.embedding(torch.arange(t, device=self.device), self.wpe)
+        x = F.embedding(tokens, self.wte) + embedded  # [n, T, H]
         for i, layer in enumerate(self.layers):
             h = F.layer_norm(x, (self.hidden,), layer.ln1_weight, layer.ln1_bias, self.config.layernorm_eps)
             qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias).view(n, t, 3, self.heads, self.head_dim)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [n, heads, T, d]
-            if slot_index is None:
-                self.k_cache[i][first_slot:first_slot + n, :, :t] = k
-                self.v_cache[i][first_slot:first_slot + n, :, :t] = v
+            if starts is not None:
+                k_cache, v_cache = self.k_cache[i], self.v_cache[i]
+                k_cache.view(-1, self.head_dim).index_copy_(0, write_rows, k.reshape(-1, self.head_dim))
+                v_cache.view(-1, self.head_dim).index_copy_(0, write_rows, v.reshape(-1, self.head_dim))
+                keys = k_cache[:, :, :kv_len].index_select(0, chunk_slots)  # [n, heads, kv_len, d]: cached + chunk
+                values = v_cache[:, :, :kv_len].index_select(0, chunk_slots)
+                with prefill_attention_backends():
+                    attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [n, heads, T, d]
             else:
-                self.k_cache[i].narrow(2, 0, t).index_copy_(0, slot_index, k)
-                self.v_cache[i].narrow(2, 0, t).index_copy_(0, slot_index, v)
-            # Plain causal attention is exact for right padding: a real token never sees a later (padding)
-            # position, and decode overwrites padding K/V before any query can reach it.
-            with prefill_attention_backends():
-                attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [n, heads, T, d]
+                if slot_index is None:
+                    self.k_cache[i][first_slot:first_slot + n, :, :t] = k
+                    self.v_cache[i][first_slot:first_slot + n, :, :t] = v
+                else:
+                    self.k_cache[i].narrow(2, 0, t).index_copy_(0, slot_index, k)
+                    self.v_cache[i].narrow(2, 0, t).index_copy_(0, slot_index, v)
+                # Plain causal attention is exact for right padding: a real token never sees a later (padding)
+                # position, and decode overwrites padding K/V before any query can reach it.
+                with prefill_attention_backends():
+                    attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [n, heads, T, d]
             x = x + self._row_linear(attn.transpose(1, 2).reshape(n, t, -1), layer.attn_out_weight,
                                      layer.attn_out_bias)
             h = F.layer_norm(x, (self.hidden,), layer.ln2_weight, layer.ln2_bias, self.config.layernorm_eps)
@@ -401,52 +428,83 @@ def prefill_attention_backends() -> contextlib.AbstractContextManager[None]:
 
 
 class PrefillGraphs:
-    """The prefill of ONE prompt from CUDA graphs, one per padded length (a multiple of `step` tokens).
+    """The prefill of ONE prompt, or one chunk of it, from CUDA graphs, one per padded length (a multiple of `step`
+    tokens).
 
     An eager prefill launches ~300 kernels; on an H200 that took ~5.7 ms whatever the prompt length (512 or 1024
     tokens), where the math of 512 tokens is ~2 ms: launches, not compute, set the time to first token at low load.
-    Padding positions write K/V that decode overwrites, as in a batched eager prefill."""
+    Padding positions write K/V that decode overwrites, as in a batched eager prefill.
 
-    def __init__(self, model: GptModel, step: int = 64) -> None:
-        self.model, self.step = model, step
+    A chunk at prompt position start > 0 (chunked prefill, scheduler.py) replays a graph keyed by (width, kv bucket)
+    with the start in a device tensor: a graph per offset would be one per (width, start), thousands. The number of
+    cached keys the chunk attends to must be fixed in a graph (it is the attention's shape), so it is rounded up to a
+    multiple of `kv_step`; the causal mask hides the keys past each query. Chunk graphs are captured on first use
+    (a few dozen at most for a per-step budget of 512 tokens: 8 widths x 8 kv buckets)."""
+
+    def __init__(self, model: GptModel, step: int = 64, kv_step: int = 256) -> None:
+        self.model, self.step, self.kv_step = model, step, kv_step
         device, width = model.device, model.max_seq_len
         self.tokens = torch.zeros((1, width), dtype=torch.long, device=device)
         self.lengths = torch.ones(1, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.start = torch.zeros(1, dtype=torch.long, device=device)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.chunk_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def width(self, length: int) -> int:
         return min(self.model.max_seq_len, -(-length // self.step) * self.step)
 
-    def prefill(self, tokens: torch.Tensor, length: torch.Tensor, slot: int) -> torch.Tensor:
-        """tokens [1, T] (T >= the prompt length), length [1] on the device -> logits [1, V] (a view of the graph's
-        output: consume it before the next call). Captures the bucket's graph on first use."""
+    def _load(self, tokens: torch.Tensor, length: torch.Tensor, slot: int) -> int:
+        """Copy one row's inputs into the static buffers; returns its padded width."""
         t = min(tokens.shape[1], self.model.max_seq_len)
         width = self.width(t)
         self.tokens[:, :t].copy_(tokens[:, :t])
         self.tokens[:, t:width].zero_()
         self.lengths.copy_(length)
         self.slot.fill_(slot)
-        captured = self.graphs.get(width)
-        if captured is None:
-            captured = self._capture(width)
-        graph, logits = captured
+        return width
+
+    def prefill(self, tokens: torch.Tensor, length: torch.Tensor, slot: int) -> torch.Tensor:
+        """tokens [1, T] (T >= the prompt length), length [1] on the device -> logits [1, V] (a view of the graph's
+        output: consume it before the next call). Captures the bucket's graph on first use."""
+        width = self._load(tokens, length, slot)
+        graph, logits = self.graphs.get(width) or self._capture(width)
         graph.replay()
         return logits
 
-    def _capture(self, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        args = (self.tokens[:, :width], self.lengths, 0, self.slot)
+    def prefill_chunk(self, tokens: torch.Tensor, length: torch.Tensor, slot: int, start: int) -> torch.Tensor:
+        """As `prefill`, for a chunk holding prompt positions start..start+length-1 of a slot that caches [0, start)
+        already (GptModel.prefill's `starts`)."""
+        if start == 0:
+            return self.prefill(tokens, length, slot)
+        width = self._load(tokens, length, slot)
+        kv_len = min(self.model.max_seq_len, -(-(start + width) // self.kv_step) * self.kv_step)
+        self.start.fill_(start)
+        graph, logits = self.chunk_graphs.get((width, kv_len)) or self._capture_chunk(width, kv_len)
+        graph.replay()
+        return logits
+
+    def _graph(self, run: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         side = torch.cuda.Stream(device=self.model.device)
         side.wait_stream(torch.cuda.current_stream(self.model.device))
-        with torch.cuda.stream(side):  # warm-up outside the graph (lazy library init)
-            self.model.prefill(*args)
+        with torch.cuda.stream(side):  # warm-up outside the graph (lazy library init); it is the real pass
+            run()
         torch.cuda.current_stream(self.model.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            logits = self.model.prefill(*args)
-        self.graphs[width] = (graph, logits)
+            logits = run()
         return graph, logits
+
+    def _capture(self, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        self.graphs[width] = self._graph(lambda: self.model.prefill(self.tokens[:, :width], self.lengths, 0,
+                                                                    self.slot))
+        return self.graphs[width]
+
+    def _capture_chunk(self, width: int, kv_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        self.chunk_graphs[(width, kv_len)] = self._graph(lambda: self.model.prefill(
+            self.tokens[:, :width], self.lengths, 0, self.slot, starts=self.start, kv_len=kv_len))
+        return self.chunk_graphs[(width, kv_len)]
 
     def capture_all(self) -> int:
         widths = sorted({self.width(t) for t in range(self.step, self.model.max_seq_len + self.step, self.step)})

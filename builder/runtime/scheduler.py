@@ -2,9 +2,14 @@
 
 A background thread owns the engine. `InflightScheduler.submit(rows, sink, stream=...)` queues the validated rows of
 one request; at every step boundary the thread
-1. admits waiting requests (FIFO; all rows of a request at once) into the lowest free KV-cache slots, writes their
-   per-slot state (history, lengths, sampling parameters) into preallocated device tensors and prefills only the new
-   rows, into their own slots;
+1. runs this step's prefill within a per-step prompt-token budget (`step_prompt_tokens`): first the next chunk of
+   the rows whose prompts are partly cached (oldest first), then waiting requests (FIFO; all rows of a request get
+   slots at once) in the lowest free KV-cache slots, each with its first chunk. A prompt longer than what is left of
+   the budget is prefilled in chunks over several steps while the running rows keep decoding (chunked prefill: a
+   chunk attends to its slot's cached positions, GptModel.prefill). When a row's last chunk is done its per-slot state
+   (history, lengths, sampling parameters) is written into preallocated device tensors and that chunk's logits give
+   its first token at this step's selection. While no row decodes, nothing waits on the prefill: the budget is then
+   IDLE_PREFILL_TOKENS, so a lone request at low load prefills its whole prompt in one pass (lowest TTFT);
 2. processes the logits of slots 0..highest occupied slot with sampling.py and selects one token per slot; each row
    uses its OWN step index (the tokens it generated so far) for the seeded counter-based RNG, so its tokens do not
    depend on when it joined or what runs beside it;
@@ -14,8 +19,9 @@ one request; at every step boundary the thread
    requests that advanced, hands a request's final response to the sender once all its rows are done, and frees
    their slots.
 Free slots inside the decoded range compute junk that nothing reads (their finished flag stays set, so they never
-advance). Beam-search requests (beam_width > 1) run through GptEngine.generate's chunk path: they wait until the
-running rows drain (FIFO order is kept), then block the loop while they run.
+advance); so do slots whose prompt is still being prefilled, parked at their next uncached position (the next chunk
+overwrites what the junk step wrote there). Beam-search requests (beam_width > 1) run through GptEngine.generate's
+chunk path: they wait until the running rows drain (FIFO order is kept), then block the loop while they run.
 
 The loop never waits on the transport: a sender thread calls the sinks (`update`, `finish`, `fail`) and polls
 `is_cancelled`. Streaming is coalesced: the loop only marks a request as advanced; the sender sends each marked request
@@ -49,7 +55,13 @@ log = logging.getLogger(__name__)
 # GPU), to prefill them in one pass.
 ADMIT_GATHER_ROWS = 8
 ADMIT_GATHER_STEPS = 4
-STEP_PROMPT_TOKENS = 2048  # prompt tokens prefilled per decode step while rows run (the first request always joins)
+# Prompt tokens prefilled per step while rows decode (prompts beyond it are chunked). On an H200 a decode step of 64
+# rows took ~3 ms and a 512-token prefill ~2 ms of math: a step with a full chunk stays within about twice a plain
+# one, and the mixed workload (prompts 16-1024, outputs 16-512) needs ~130 prompt tokens per step on average, so the
+# budget keeps up with arrivals with room for bursts. A 1024-token prompt joins in 2 steps.
+STEP_PROMPT_TOKENS = 512
+# ... and while no row decodes (no one to stall): whole prompts, up to this many tokens per pass.
+IDLE_PREFILL_TOKENS = 8192
 SENDER_PAUSE_AFTER_S = 0.002  # a sweep of updates longer than this is followed by a pause as long (_Sender._pause)
 SENDER_MAX_PAUSE_S = 0.025
 PREFILL_PAD = 64  # prompt lengths of one prefill pass are padded to a multiple of this
@@ -91,7 +103,17 @@ class SchedulerStats:
     max_admission_wait_steps: int = 0  # most decode steps a request spent queued before its prefill
     finished_requests: int = 0
     failed_requests: int = 0
+    prefill_chunks: int = 0  # row chunks prefilled (a prompt prefilled in one pass counts one)
+    chunked_rows: int = 0  # rows whose prompt took more than one chunk
     timeline: Timeline = field(default_factory=lambda: Timeline())
+
+
+@dataclass
+class StepRecord:
+    """What one pass of the loop did, for InflightScheduler's `on_step` hook (tests, traces)."""
+    chunks: list[tuple[int, int, int]] = field(default_factory=list)  # (slot, first prompt position, end) prefilled
+    decoded: bool = False  # a decode step ran
+    advanced: list[int] = field(default_factory=list)  # slots whose row appended a token
 
 
 @dataclass
@@ -183,6 +205,7 @@ class _Row:
     log_probs: np.ndarray | None  # [output_len] float32, when the request asked for log-probs
     length: int  # tokens so far (prompt included)
     slot: int = -1
+    prefilled: int = 0  # prompt positions in its slot's KV cache; the row decodes once all are
     issued: int = 0  # selection steps run while in its slot: bounds its decode position
     done: bool = False
     reason: str = "length"
@@ -204,6 +227,10 @@ class _Row:
     @property
     def limit(self) -> int:
         return self.prompt_len + self.spec.output_len
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < self.prompt_len
 
     def append(self, token: int, log_prob: float) -> None:
         if self.log_probs is not None:
@@ -252,6 +279,9 @@ class _SlotTable:
         self.finished = full((slots,), True, torch.bool)
         self.stopped = full((slots,), False, torch.bool)
         self.seen = full((slots, vocab + 1), False, torch.bool)  # + 1: the pad id's column
+        # Where a finished or free slot's junk decode step writes its K/V: 0, or for a row still being prefilled its
+        # next uncached prompt position (its next chunk overwrites it; position 0 holds its first chunk).
+        self.park = full((slots,), 0, torch.long)
         defaults = SlotParams.build([GenerationRequest(input_ids=(0,), output_len=1, end_id=0)], slots, device)
         self.params = {name: getattr(defaults, name) for name in (*INT_PARAMS, *FLOAT_PARAMS)}
 
@@ -262,7 +292,8 @@ class _SlotTable:
         return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def write(self, rows: Sequence[_Row]) -> torch.Tensor:
-        """Write the rows' state into their slots; returns their histories [k, seq_width] on the device."""
+        """Write the rows' state into their slots (once their prompts are cached: a prefilling row's slot stays
+        finished, so the selection's junk writes never touch its state); returns their histories [k, seq_width]."""
         k, (_, width), vocab = len(rows), self.history.shape, self.seen.shape[1] - 1
         specs = [row.spec for row in rows]
         host = SlotParams.build(specs, 1, HOST)  # the same per-row values the chunk path uses
@@ -283,6 +314,7 @@ class _SlotTable:
         self.lengths.index_copy_(0, slots, prompt_lens)
         self.output_len.index_copy_(0, slots, output_lens)
         self.generated.index_fill_(0, slots, 0)
+        self.park.index_fill_(0, slots, 0)
         self.stopped.index_fill_(0, slots, False)
         seen = torch.zeros((k, vocab + 1), dtype=torch.bool, device=self.device)
         self.seen.index_copy_(0, slots, seen.scatter_(1, history, True))  # the prompt (and the pad column)
@@ -485,16 +517,19 @@ class InflightScheduler:
                  event_log: Callable[[str], None] | None = None, admit_gather_rows: int = ADMIT_GATHER_ROWS,
                  admit_gather_steps: int = ADMIT_GATHER_STEPS, report: Callable[[str], None] | None = None,
                  report_every_s: float = 10.0, step_prompt_tokens: int = STEP_PROMPT_TOKENS,
-                 metrics: EngineMetrics | None = None) -> None:
+                 metrics: EngineMetrics | None = None, on_step: Callable[[StepRecord], None] | None = None) -> None:
         """engine: owned by the scheduler while it runs (do not call engine.generate from elsewhere meanwhile);
         cancel_poll_s: least time between two is_cancelled polls of one request;
         event_log: receives one line per admission (which rows joined how many running rows) and per cancelled
             running request;
         admit_gather_rows / admit_gather_steps: while rows decode, new requests wait until this many rows are waiting
             or the oldest has waited this many steps, and are then prefilled in one pass (0 steps: admit at once);
-        step_prompt_tokens: while rows decode, a step admits requests until their prompts hold this many tokens (at
-            least one request), so a burst of long prompts does not stall the running rows for many prefills at once;
-        report: receives the timeline (Timeline.summary) of each `report_every_s` window in which steps ran."""
+        step_prompt_tokens: while rows decode, each step prefills at most this many prompt tokens (chunks of one or
+            several prompts), so long prompts join over several steps while the running rows keep decoding (>= 1);
+        report: receives the timeline (Timeline.summary) of each `report_every_s` window in which steps ran;
+        on_step: called on the loop's thread after each pass with what it prefilled and decoded (keep it cheap)."""
+        if step_prompt_tokens < 1:
+            raise ValueError(f"step_prompt_tokens must be >= 1, got {step_prompt_tokens}")
         self.report, self.report_every_s, self._reported_at = report, report_every_s, time.monotonic()
         self.engine = engine
         self.metrics, self._step_clock = metrics, StepClock()
@@ -503,6 +538,8 @@ class InflightScheduler:
         self.admit_gather_steps = admit_gather_steps
         self.step_prompt_tokens = step_prompt_tokens
         self.event_log = event_log
+        self.on_step = on_step
+        self._record: StepRecord | None = None  # this pass's, while on_step is set
         limits = engine.limits
         self.slot_count = limits.max_batch_size
         self.table = _SlotTable(self.slot_count, limits.max_seq_len + 1, engine.config.vocab_size, engine.device)
@@ -510,6 +547,7 @@ class InflightScheduler:
         self.stats = SchedulerStats()
         self._free = list(range(self.slot_count))  # a heap: the lowest free slot first keeps the decoded span small
         self._occupied: dict[int, _Row] = {}  # slot -> row
+        self._prefilling: list[_Row] = []  # rows in slots whose prompt is not all cached yet, oldest first
         self._waiting: deque[_Request] = deque()
         self._live: list[_Request] = []  # admitted, not closed
         self._logits: torch.Tensor | None = None  # [span, V]: next-token logits of slots 0..span-1
@@ -594,11 +632,15 @@ class InflightScheduler:
                 while self._collect_submissions():
                     try:
                         self._apply_cancellations()
+                        if self.on_step is not None:
+                            self._record = StepRecord()
                         started = time.perf_counter()
                         self._admit()
                         self.stats.timeline.admit_ms += (time.perf_counter() - started) * 1e3
-                        if self._occupied:
+                        if len(self._occupied) > len(self._prefilling):  # some row decodes
                             self._step()
+                        if self.on_step is not None and self._record is not None:
+                            self.on_step(self._record)
                         self._maybe_report()
                         if self.metrics is not None:
                             self.metrics.set_load(slots_in_use=len(self._occupied), waiting=len(self._waiting),
@@ -656,7 +698,13 @@ class InflightScheduler:
             return
         stopping = [row for row in request.rows if row.slot >= 0 and not row.done]
         for row in stopping:
-            self.table.finished[row.slot] = True
+            if row.prefilling:  # never decoded: its slot frees now
+                row.done = True
+                self._release(row)
+            else:
+                self.table.finished[row.slot] = True  # stops at the next step
+        if all(row.done for row in request.rows):
+            self._close(request, outputs=[row.output() for row in request.rows])
         if self.event_log is not None:
             generated = [row.length - row.prompt_len for row in stopping]
             self.event_log(f"in-flight batching: a request was cancelled; its {len(stopping)} running row(s) stop "
@@ -668,24 +716,28 @@ class InflightScheduler:
         are launch-bound), and the running rows stall meanwhile. Measured on an H200 at 256 streams: one graph prefill
         per arrival instead lost ~25 % of tokens/s (docs/benchmarks.md). A pass of one prompt (low load) runs from
         the prefill CUDA graphs (generation.py)."""
-        if len(self._occupied) < ADMIT_GATHER_MIN_RUNNING or not self._waiting:
+        if len(self._occupied) - len(self._prefilling) < ADMIT_GATHER_MIN_RUNNING or not self._waiting:
             return False
         waiting_rows = sum(len(request.rows) for request in self._waiting)
         oldest_wait = self.stats.steps - self._waiting[0].queued_at_step
         return waiting_rows < min(self.admit_gather_rows, len(self._free)) and oldest_wait < self.admit_gather_steps
 
     def _admit(self) -> None:
-        """Move waiting requests (FIFO) into free slots and prefill them; a beam request runs alone."""
-        if self._should_wait_for_more():
-            return
+        """This step's prefill, within its prompt-token budget: the next chunk of each partly cached row (oldest
+        first), then waiting requests (FIFO) into free slots with their first chunk. A beam request runs alone."""
+        decoding = len(self._occupied) - len(self._prefilling)
+        budget = self.step_prompt_tokens if decoding else max(self.step_prompt_tokens, IDLE_PREFILL_TOKENS)
+        work: list[tuple[_Row, int]] = []  # (row, prompt tokens to prefill this step)
+        for row in self._prefilling:
+            if budget <= 0:
+                break
+            take = min(budget, row.prompt_len - row.prefilled)
+            work.append((row, take))
+            budget -= take
         admitted: list[_Request] = []
-        running, budget = bool(self._occupied), self.step_prompt_tokens
-        while self._waiting:
+        gather = self._should_wait_for_more()
+        while budget > 0 and self._waiting and not gather:
             request = self._waiting[0]
-            prompt_tokens = sum(row.prompt_len for row in request.rows)
-            if running and admitted and prompt_tokens > budget:
-                break  # the running rows waited for enough prefill this step: the rest joins at the next one
-            budget -= prompt_tokens
             if request.beam_width > 1:
                 if self._occupied or admitted:
                     break  # it waits for the running rows to drain
@@ -702,20 +754,34 @@ class InflightScheduler:
             for row in request.rows:
                 row.slot = heapq.heappop(self._free)
                 self._occupied[row.slot] = row
+                self._prefilling.append(row)
+                take = min(budget, row.prompt_len)
+                if take > 0:  # else its first chunk comes at the next step
+                    work.append((row, take))
+                    budget -= take
             admitted.append(request)
         if admitted:
-            self._start(admitted)
+            self._live += admitted
+            rows = [row for request in admitted for row in request.rows]
+            self.stats.admissions += 1
+            self.stats.admitted_rows += len(rows)
+            self.stats.joined_running_rows += len(rows) if decoding else 0
+            self.stats.peak_rows = max(self.stats.peak_rows, len(self._occupied))
+            if self.event_log is not None:
+                self.event_log(f"in-flight batching: {len(rows)} row(s) joined {decoding} running row(s), "
+                               f"slots {[row.slot for row in rows]}")
+        if work:
+            self._start(work)
 
-    def _start(self, requests: list[_Request]) -> None:
-        """Prefill newly admitted requests and add their first-token logits to the batch's."""
-        running = len(self._occupied) - sum(len(request.rows) for request in requests)
-        self._live += requests
-        self._batch = None
+    def _start(self, work: list[tuple[_Row, int]]) -> None:
+        """Prefill this step's chunks; rows whose prompts are now cached add their first-token logits to the batch's."""
         started = time.perf_counter()
-        rows, new_logits = self._prefill_isolating_faults(requests)
+        if self._record is not None:
+            self._record.chunks += [(row.slot, row.prefilled, row.prefilled + take) for row, take in work]
+        rows, new_logits = self._prefill_isolating_faults(work)
         if new_logits is None:
             return
-        idle = [request for request in requests if request.idle_admission]
+        idle = {id(row.request) for row in rows if row.request.idle_admission}
         self.stats.timeline.admitting_ms += (time.perf_counter() - started) * 1e3 * len(idle)
         span = max(self._occupied) + 1
         logits = torch.zeros((span, new_logits.shape[1]), dtype=new_logits.dtype, device=new_logits.device)
@@ -724,61 +790,71 @@ class InflightScheduler:
             logits[:kept] = self._logits[:kept]
         slots = self.table.upload(torch.tensor([row.slot for row in rows]))
         self._logits = logits.index_copy_(0, slots, new_logits)
-        self.stats.admissions += 1
-        self.stats.admitted_rows += len(rows)
-        if self.metrics is not None:
-            self.metrics.add_prompt_tokens(sum(row.prompt_len for row in rows))
-        self.stats.joined_running_rows += len(rows) if running else 0
-        self.stats.peak_rows = max(self.stats.peak_rows, len(self._occupied))
-        if self.event_log is not None:
-            self.event_log(f"in-flight batching: {len(rows)} row(s) joined {running} running row(s), "
-                           f"slots {[row.slot for row in rows]}")
+        self._batch = None
 
-    def _prefill_isolating_faults(self, requests: list[_Request]) -> tuple[list[_Row], torch.Tensor | None]:
-        """Prefill the requests' rows together; if that fails, one request at a time, so only the requests that fail
-        on their own are failed. Returns the prefilled rows (slot order per request) and their logits [k, V]."""
-        rows = sorted((row for request in requests for row in request.rows), key=lambda row: row.slot)
+    def _prefill_isolating_faults(self, work: list[tuple[_Row, int]]) -> tuple[list[_Row], torch.Tensor | None]:
+        """Prefill the chunks together; if that fails, one request at a time, so only the requests that fail on their
+        own are failed. Returns the rows whose prompts are now all cached and their logits [k, V]."""
         try:
-            return rows, self._prefill(rows)
+            return self._prefill(work)
         except Exception as err:
+            requests = list({id(row.request): row.request for row, _ in work}.values())
             if len(requests) == 1:
-                log.exception("prefill failed for %d row(s)", len(rows))
+                log.exception("prefill failed for %d row(s)", len(work))
                 self._abort(requests[0], err)
                 return [], None
             log.warning("prefill of %d requests failed (%s): retrying them one at a time", len(requests), err)
         kept_rows, kept_logits = [], []
         for request in requests:
-            request_rows, logits = self._prefill_isolating_faults([request])
+            request_rows, logits = self._prefill_isolating_faults([item for item in work if item[0].request is request])
             if logits is not None:
                 kept_rows += request_rows
                 kept_logits.append(logits)
         return kept_rows, torch.cat(kept_logits) if kept_logits else None
 
-    def _prefill(self, rows: list[_Row]) -> torch.Tensor:
-        """Write the rows' slot state and prefill them, one pass per run of consecutive slots -> logits [k, V]."""
-        history = self.table.write(rows)
-        vocab = self.engine.config.vocab_size
-        logits, start = [], 0
-        while start < len(rows):
-            end = start + 1
-            while end < len(rows) and rows[end].slot == rows[end - 1].slot + 1:
-                end += 1
-            # Padded to a multiple of PREFILL_PAD so the attention sees few distinct shapes (a new shape may cost a
-            # kernel plan); padding is masked. At most max_seq_len (history has one column more): the KV cache's
-            # length, and within the position embeddings.
-            longest = min(-(-max(row.prompt_len for row in rows[start:end]) // PREFILL_PAD) * PREFILL_PAD,
-                          history.shape[1] - 1)
-            prompts = history[start:end, :longest]
-            prompts = prompts.masked_fill(prompts == vocab, 0)  # any valid id: padding is masked
-            lengths = self.table.lengths[rows[start].slot:rows[start].slot + end - start]
-            logits.append(self.engine.prefill_slots(prompts, lengths, first_slot=rows[start].slot))
-            start = end
-        return torch.cat(logits)
+    def _prefill(self, work: list[tuple[_Row, int]]) -> tuple[list[_Row], torch.Tensor | None]:
+        """One engine pass over one chunk per row -> (rows whose prompts are now all cached, their logits [k, V])."""
+        takes = [take for _, take in work]
+        starts = [row.prefilled for row, _ in work]
+        # Padded to a multiple of PREFILL_PAD so the attention sees few distinct shapes (a new shape may cost a
+        # kernel plan); padding is masked. At most max_seq_len: the KV cache's length.
+        width = min(-(-max(takes) // PREFILL_PAD) * PREFILL_PAD, self.engine.limits.max_seq_len)
+        tokens = np.zeros((len(work), width), dtype=np.int64)  # 0: any valid id as padding
+        for i, (row, take) in enumerate(work):
+            tokens[i, :take] = row.tokens[row.prefilled:row.prefilled + take]
+        logits = self.engine.prefill_chunks(torch.from_numpy(tokens), starts, takes, [row.slot for row, _ in work])
+        if self.metrics is not None:
+            self.metrics.add_prompt_tokens(sum(takes))
+        self.stats.prefill_chunks += len(work)
+        complete, parked = [], []
+        for i, (row, take) in enumerate(work):
+            row.prefilled += take
+            if row.prefilling:
+                parked.append(row)
+            else:
+                complete.append(i)
+                if take < row.prompt_len:
+                    self.stats.chunked_rows += 1
+                    if self.event_log is not None:
+                        self.event_log(f"in-flight batching: a prompt of {row.prompt_len} tokens was prefilled in "
+                                       f"chunks (slot {row.slot}, last chunk {take} tokens)")
+        if parked:  # their slots' junk decode steps write at the next chunk's first position, never into the prompt
+            at = self.table.upload(torch.tensor([[row.slot for row in parked], [row.prefilled for row in parked]]))
+            self.table.park.index_copy_(0, at[0], at[1])
+        if not complete:
+            return [], None
+        rows = [work[i][0] for i in complete]
+        self.table.write(rows)
+        for row in rows:
+            self._prefilling.remove(row)
+        return rows, logits.index_select(0, self.table.upload(torch.tensor(complete)))
 
     def _step(self) -> None:
         """Select one token for every row in slots 0..span-1, launch the next decode, then read the step back."""
         started = time.perf_counter()
-        rows = [self._occupied.get(slot) for slot in range(max(self._occupied) + 1)]
+        # A row still being prefilled takes no part (None, as a free slot): it is finished on the device until then.
+        rows: list[_Row | None] = [self._occupied.get(slot) for slot in range(max(self._occupied) + 1)]
+        rows = [None if row is None or row.prefilling else row for row in rows]
         if self._batch is None or self._batch.span != len(rows):
             self._batch = self.table.batch(rows)
         batch, table, span = self._batch, self.table, len(rows)
@@ -786,7 +862,12 @@ class InflightScheduler:
         history, lengths, generated = table.history[:span], table.lengths[:span], table.generated[:span]
         finished, stopped = table.finished[:span], table.stopped[:span]
         seen = table.seen[:span] if params.uses_seen_tokens else None
-        assert self._logits is not None  # set by the prefill that admitted the occupied slots
+        if self._logits is None or self._logits.shape[0] < span:  # slots up to a prefilling row's: never read
+            logits = torch.zeros((span, self.engine.config.vocab_size), device=table.device,
+                                 dtype=torch.float32 if self._logits is None else self._logits.dtype)
+            if self._logits is not None:
+                logits[:self._logits.shape[0]] = self._logits
+            self._logits = logits
         processed = process_logits(self._logits[:span], params, generated=generated, seen=seen,
                                    bad_words=batch.bad_words, history=history, lengths=lengths,
                                    vocab_limit=self.engine.vocab_limit)
@@ -799,11 +880,17 @@ class InflightScheduler:
         self.readback.launch(torch.stack([tokens, active.long(), finished.long(), stopped.long()]), step_log_probs)
 
         # A running row's next position is its length - 1 < prompt + selections issued. Finished and free slots
-        # decode at position 0 (junk nothing reads), so every position stays < kv_len as decode requires.
+        # decode at their parking position (junk nothing reads): 0, or a prefilling row's next uncached position, so
+        # every position stays < kv_len as decode requires.
+        kv_len = 1
         for row in self._occupied.values():
-            row.issued += 1
-        kv_len = max(min(row.prompt_len + row.issued, row.limit) for row in self._occupied.values())
-        self._logits = self.engine.decode(tokens, (lengths - 1).masked_fill_(finished, 0), kv_len)
+            if row.prefilling:
+                kv_len = max(kv_len, row.prefilled + 1)
+            else:
+                row.issued += 1
+                kv_len = max(kv_len, min(row.prompt_len + row.issued, row.limit))
+        positions = torch.where(finished, table.park[:span], lengths - 1)
+        self._logits = self.engine.decode(tokens, positions, kv_len)
         self.stats.steps += 1
         timeline, launched = self.stats.timeline, time.perf_counter()
         flags, log_probs = self.readback.read()
@@ -819,6 +906,9 @@ class InflightScheduler:
     def _consume(self, rows: list[_Row | None], flags: list[list[int]], log_probs: list[float] | None) -> None:
         """Apply one step's host copy: append tokens, close finished requests, free slots, stream updates."""
         tokens, active, finished, stopped = flags
+        if self._record is not None:
+            self._record.decoded = True
+            self._record.advanced = [slot for slot, row in enumerate(rows) if row is not None and active[slot]]
         if self.metrics is not None:
             self.metrics.add_generated_tokens(sum(1 for s, row in enumerate(rows) if row is not None and active[s]))
         touched: dict[int, _Request] = {}
@@ -847,6 +937,12 @@ class InflightScheduler:
             self._sender.mark(advanced)
 
     def _release(self, row: _Row) -> None:
+        if row.prefilling:  # left mid-prefill (cancelled or failed): its junk steps park at 0 again
+            self._prefilling.remove(row)
+            try:
+                self.table.park[row.slot] = 0
+            except Exception:  # a broken device fails every later step anyway
+                log.exception("could not reset slot %d", row.slot)
         del self._occupied[row.slot]
         heapq.heappush(self._free, row.slot)
         row.slot = -1

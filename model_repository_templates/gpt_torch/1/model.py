@@ -61,8 +61,8 @@ class TritonPythonModel:
                                      slots_total=self.engine.limits.max_batch_size).start()
         pb_utils.Logger.log_info(f"{args['model_name']}: {settings.describe(self.engine, device)}")
         # Verbose: a line per admission and cancellation; info: the scheduler's timeline every 10 s of work.
-        self.core = (StreamingCore(self.engine, pb_utils.Logger.log_verbose, pb_utils.Logger.log_info,
-                                   settings.stream_abandon_s, self.metrics) if settings.decoupled else None)
+        self.core = (StreamingCore(self.engine, pb_utils.Logger.log_verbose, pb_utils.Logger.log_info, settings,
+                                   self.metrics) if settings.decoupled else None)
 
     def execute(self, requests: list) -> list | None:
         if self.core is not None:

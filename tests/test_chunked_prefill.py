@@ -1,0 +1,328 @@
+"""Chunked prefill (issue 17): a prompt prefilled in pieces at offsets gives exactly what one whole prefill gives, and
+the in-flight scheduler's per-step prompt-token budget lets long prompts join in chunks while running rows decode.
+
+Oracles: GptModel.prefill of the whole prompt (itself checked against HF in test_engine_model.py) and the engine's
+unchunked chunk path (`GptEngine.generate` of a row alone). CPU in fp32; the CUDA cases (graph-replayed chunks) run
+where a GPU is.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from google.protobuf import json_format
+
+from builder.render import parse_model_config, render_repository
+from builder.render_config import RenderConfig, RenderError
+from builder.runtime.core_adapter import CoreSettings
+from builder.runtime.core_io import GenerationRequest, RowOutput
+from builder.runtime.model_config import GptModelConfig
+from builder.runtime.generation import GptEngine
+from builder.runtime.scheduler import InflightScheduler, StepRecord
+from engine_testing import TinyGpt, hf_generate, random_prompts, request
+from client import TextClient
+from servers import server_on_free_ports
+from test_scheduler import DEVICES, SAMPLING, Sink, tokens
+
+CHUNKS = (10, 3, 24)  # uneven pieces of a 37-token prompt
+
+
+def new_engine(tiny: TinyGpt, slots: int, device: str = "cpu") -> GptEngine:
+    return GptEngine.from_ft_dir(tiny.ft_dir, max_batch_size=slots, cancel_poll_s=0.0, device=device)
+
+
+@pytest.fixture(scope="module")
+def long_prompt() -> list[int]:
+    return random_prompts(1, seed=21, min_len=37, max_len=37)[0]
+
+
+@pytest.mark.parametrize("device", DEVICES)  # CUDA: single-row chunks replay the prefill CUDA graphs at offsets
+@torch.inference_mode()
+def test_a_prompt_prefilled_in_chunks_matches_one_whole_prefill(tiny: TinyGpt, long_prompt: list[int],
+                                                                device: str) -> None:
+    engine = new_engine(tiny, slots=4, device=device)
+    model, n = engine.model, len(long_prompt)
+    prompt = torch.tensor([long_prompt], device=engine.device)
+    whole = model.prefill(prompt, torch.tensor([n], device=engine.device), first_slot=0)  # slot 0
+
+    start = 0
+    for size in CHUNKS:  # slot 2, one chunk per call, each attending to what the calls before it cached
+        chunk = torch.tensor([long_prompt[start:start + size]])
+        chunked = engine.prefill_chunks(chunk, [start], [size], [2])
+        start += size
+    assert start == n
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    for layer in range(len(model.layers)):
+        for cache in (model.k_cache[layer], model.v_cache[layer]):
+            torch.testing.assert_close(cache[2, :, :n], cache[0, :, :n], rtol=1e-5, atol=1e-5)
+
+    # Several rows in one pass, at different offsets, in slots out of order: slot 3 takes the prompt from 0 to 20,
+    # then slot 3 (20..37) and slot 1 (0..15) share a pass; slot 1 is then finished alone.
+    engine.prefill_chunks(torch.tensor([long_prompt[:20]]), [0], [20], [3])
+    pair = torch.zeros((2, 17), dtype=torch.long)
+    pair[0, :17], pair[1, :15] = torch.tensor(long_prompt[20:]), torch.tensor(long_prompt[:15])
+    both = engine.prefill_chunks(pair, [20, 0], [17, 15], [3, 1])
+    last = engine.prefill_chunks(torch.tensor([long_prompt[15:]]), [15], [n - 15], [1])
+    torch.testing.assert_close(both[:1], whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last, whole, rtol=1e-5, atol=1e-5)
+
+    # Greedy decoding from each slot's cache gives the same continuation as HF's from the whole prompt.
+    expected = hf_generate(tiny.hf, long_prompt, 12, eos_token_id=None)[n:]
+    first = torch.cat([whole, whole, chunked, both[:1]]).argmax(-1)  # slots 0..3
+    generated, tokens_, position = [first.tolist()], first, n
+    for _ in range(11):
+        logits = engine.decode(tokens_, torch.full((4,), position, device=engine.device), position + 1)
+        tokens_, position = logits.argmax(-1), position + 1
+        generated.append(tokens_.tolist())
+    for slot in range(4):
+        assert [step[slot] for step in generated] == expected, f"slot {slot}"
+
+
+@dataclass
+class Trace:
+    """The scheduler's on_step records, appended from its thread."""
+    records: list[StepRecord]
+
+    def chunks_of(self, slot: int) -> list[tuple[int, StepRecord]]:
+        return [(i, r) for i, r in enumerate(self.records) if any(c[0] == slot for c in r.chunks)]
+
+
+def solo_results(engine: GptEngine, rows: list) -> list[RowOutput]:
+    return [engine.generate([row])[0] for row in rows]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_chunked_and_unchunked_scheduling_give_identical_results(tiny: TinyGpt, long_run, device: str) -> None:
+    """Prompts of 5-40 tokens with a budget of 8 prompt tokens per step, sent while a long row decodes: every
+    prompt over 8 tokens joins in several chunks, next to other rows' decoding and chunks, in slots freed by others;
+    every request gets exactly what it gets alone (unchunked)."""
+    engine = new_engine(tiny, slots=4, device=device)
+    long_row, long_sequence = long_run(100)
+    prompts = random_prompts(10, seed=31, min_len=5, max_len=40)
+    rows = [request(p, 6 + i % 5, **(dict(random_seed=i, return_log_probs=True, **SAMPLING) if i % 3 == 1 else {}))
+            for i, p in enumerate(prompts)]
+    solo = solo_results(engine, rows)
+    sinks = [Sink(name=str(i)) for i in range(len(rows))]
+    long = Sink(name="long")
+    with InflightScheduler(engine, step_prompt_tokens=8, admit_gather_steps=0) as scheduler:
+        scheduler.submit([long_row], long, stream=True)
+        while not long.updates:  # decoding: from now on the budget applies
+            time.sleep(0.001)
+        for i, (row, sink) in enumerate(zip(rows, sinks)):
+            scheduler.submit([row], sink, stream=bool(i % 2))
+        results = [sink.result()[0] for sink in sinks]
+        assert tokens(long.result()[0]) == long_sequence, "the long row must outlast the others"
+        stats = scheduler.stats
+    for i, (row, alone, result) in enumerate(zip(rows, solo, results)):
+        assert tokens(result) == tokens(alone), f"request {i}"
+        assert result.finish_reason == alone.finish_reason, f"request {i}"
+        if row.return_log_probs:
+            np.testing.assert_allclose(result.output_log_probs[0], alone.output_log_probs[0], atol=1e-5)
+    # Every prompt over the budget was chunked (a shorter one may be too, when a chunk before it used part of it).
+    assert stats.chunked_rows >= sum(len(p) > 8 for p in prompts) >= 7, stats
+    assert stats.prefill_chunks >= 1 + sum(-(-len(p) // 8) for p in prompts), stats  # at most 8 tokens per chunk
+    assert stats.joined_running_rows == len(rows), stats
+
+
+def test_running_rows_decode_every_step_while_a_long_prompt_joins_in_chunks(tiny: TinyGpt, long_prompt: list[int],
+                                                                              long_run) -> None:
+    """A 37-token prompt arrives while a row decodes; with a budget of 8 it is prefilled over 5 steps, and in each of
+    them the running row appends one token (the decode is not held back); the new row decodes only after its last
+    chunk, whose step also samples its first token. A lone request in an idle engine prefills in one pass."""
+    engine = new_engine(tiny, slots=4)
+    running_row, running_sequence = long_run(60)
+    late_row = request(long_prompt, 6)
+    expected_late = tokens(engine.generate([late_row])[0])
+    trace = Trace(records=[])
+    late = Sink(name="late")
+
+    def send_late(sink: Sink, _: list[RowOutput]) -> None:
+        if len(sink.updates) == 2:
+            scheduler.submit([late_row], late, stream=True)
+
+    running = Sink(name="running", on_update=send_late)
+    with InflightScheduler(engine, step_prompt_tokens=8, admit_gather_steps=0, on_step=trace.records.append
+                           ) as scheduler:
+        scheduler.submit([running_row], running, stream=True)
+        assert tokens(late.result()[0]) == expected_late
+        assert tokens(running.result()[0]) == running_sequence
+        alone = Sink(name="alone")  # the engine is idle again: the budget does not apply
+        scheduler.submit([late_row], alone)
+        assert tokens(alone.result()[0]) == expected_late
+
+    assert trace.records[0].chunks == [(0, 0, len(running_row.input_ids))]
+    late_chunks = trace.chunks_of(1)
+    spans = [c[1:] for _, r in late_chunks for c in r.chunks if c[0] == 1]
+    assert spans == [(0, 8), (8, 16), (16, 24), (24, 32), (32, 37)], spans
+    for k, (_, record) in enumerate(late_chunks):
+        assert record.decoded and 0 in record.advanced, f"chunk {k}: the running row did not advance"
+        assert (1 in record.advanced) == (k == len(late_chunks) - 1), f"chunk {k}"
+    between = trace.records[late_chunks[0][0]:late_chunks[-1][0] + 1]
+    assert all(0 in r.advanced for r in between)
+    # Idle: the whole prompt in one chunk, in whichever slot it got.
+    idle_chunks = [c for r in trace.records[late_chunks[-1][0] + 1:] for c in r.chunks]
+    assert [c[1:] for c in idle_chunks] == [(0, len(long_prompt))]
+
+
+@pytest.fixture(scope="module")
+def long_run(tiny: TinyGpt) -> Callable[[int], tuple[GenerationRequest, list[int]]]:
+    """steps -> a greedy request that runs that many steps without ending (<= 100), and its expected tokens."""
+    prompt = random_prompts(1, seed=5, min_len=6, max_len=6)[0]
+    sequence = hf_generate(tiny.hf, prompt, 100, eos_token_id=None)
+    end_id = next(t for t in range(1, 512) if t not in sequence[len(prompt):])
+    return lambda steps: (request(prompt, steps, end_id=end_id), sequence[:len(prompt) + steps])
+
+
+def test_streamed_text_equals_not_streamed_with_chunked_prompts(tiny: TinyGpt, long_run) -> None:
+    """Same requests streamed and not, sent while a long row decodes, with prompts chunked (budget 4): the final
+    outputs are equal, every update is a prefix of the final one, and no update comes before the prompt is fully
+    prefilled (none shows a partial prompt or a token past it that is not in the final)."""
+    engine = new_engine(tiny, slots=5)
+    long_row, _ = long_run(100)
+    prompts = random_prompts(4, seed=41, min_len=9, max_len=30)
+    rows = [request(p, 8, random_seed=7 + i, **SAMPLING) for i, p in enumerate(prompts)]
+    outputs = {}
+    for stream in (True, False):
+        sinks = [Sink(name=f"{stream}{i}") for i in range(len(rows))]
+        with InflightScheduler(engine, step_prompt_tokens=4, admit_gather_steps=0) as scheduler:
+            long = Sink(name="long")
+            scheduler.submit([long_row], long, stream=True)
+            while not long.updates:  # decoding: from now on the budget applies
+                time.sleep(0.001)
+            for row, sink in zip(rows, sinks):
+                scheduler.submit([row], sink, stream=stream)
+            outputs[stream] = [tokens(sink.result()[0]) for sink in sinks]
+            assert scheduler.stats.chunked_rows == len(rows)
+        if stream:
+            for sink, prompt, final in zip(sinks, prompts, outputs[stream]):
+                assert sink.updates, sink.name
+                for update in sink.updates:
+                    seen = tokens(update[0])
+                    assert len(prompt) < len(seen) <= len(final) and final[:len(seen)] == seen
+        else:
+            assert all(sink.updates == [] for sink in sinks)
+    assert outputs[True] == outputs[False]
+
+
+def test_cancelling_or_failing_a_request_mid_prefill_frees_its_slot(tiny: TinyGpt, long_prompt: list[int], long_run,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """One request is cancelled after its first chunk, another fails in its third chunk (an injected fault): both
+    end at once (cancelled with the prompt only; the error), the running row is unaffected, and a request that then
+    gets the freed slot is exact (nothing the partial prefill left in the cache leaks into it)."""
+    engine = new_engine(tiny, slots=2)
+    running_row, running_sequence = long_run(100)
+    poison = 511
+    poisoned_prompt = long_prompt[:20] + [poison] + long_prompt[21:]
+    real_prefill = engine.prefill_chunks
+
+    def prefill_chunks(chunks: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        if bool((chunks == poison).any()):
+            raise RuntimeError("injected prefill fault")
+        return real_prefill(chunks, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "prefill_chunks", prefill_chunks)
+    chunked = threading.Event()  # set once the cancelled request's first chunk is cached
+
+    def on_step(record: StepRecord) -> None:
+        if any(c[0] == 1 and c[1] == 0 for c in record.chunks):
+            chunked.set()
+
+    @dataclass
+    class CancelledSink(Sink):
+        def is_cancelled(self) -> bool:
+            return chunked.is_set()
+
+    follow_row = request(long_prompt[::-1], 5)
+    expected_follow = tokens(engine.generate([follow_row])[0])
+    cancelled, failed, follow = CancelledSink(name="cancelled"), Sink(name="failed"), Sink(name="follow")
+
+    def send(sink: Sink, _: list[RowOutput]) -> None:  # FIFO, one token per step: each runs while the others wait
+        if len(sink.updates) == 2:
+            scheduler.submit([request(long_prompt, 6)], cancelled)  # slot 1, cancelled after its first chunk
+            scheduler.submit([request(poisoned_prompt, 6)], failed)  # then slot 1: fails at prompt position 20
+            scheduler.submit([follow_row], follow)  # then slot 1 again
+
+    running = Sink(name="running", on_update=send)
+    with InflightScheduler(engine, step_prompt_tokens=1, admit_gather_steps=0, cancel_poll_s=0.0,
+                           on_step=on_step) as scheduler:
+        scheduler.submit([running_row], running, stream=True)
+        result = cancelled.result()[0]
+        assert failed.done.wait(30) and "injected prefill fault" in str(failed.error)
+        assert tokens(follow.result()[0]) == expected_follow
+        assert tokens(running.result()[0]) == running_sequence
+        stats = scheduler.stats
+    assert result.cancelled and result.finish_reason == "cancelled" and tokens(result) == long_prompt
+    assert stats.failed_requests == 1 and stats.finished_requests == 3
+
+
+# ---- the render option, through tritonserver ------------------------------------------------------------------------
+LONG_TOKENS = 120  # with its 6-token prompt, nearly the tiny model's 128 positions
+CHUNK_LINE = re.compile(r"a prompt of (\d+) tokens was prefilled in chunks")
+
+
+def test_step_prompt_tokens_is_a_checked_render_option(tiny_ft_dir: Path, tmp_path: Path) -> None:
+    model = GptModelConfig.from_ini(tiny_ft_dir / "config.ini")
+    with pytest.raises(RenderError, match="--step-prompt-tokens must be in 0..65536"):
+        RenderConfig(engine="torch", device="cpu", streaming=True, model=model, step_prompt_tokens=-1)
+    repo = render_repository(RenderConfig(engine="torch", device="cpu", data_type="fp32", checkpoint=tiny_ft_dir,
+                                          model=model, streaming=True, step_prompt_tokens=24, output=tmp_path / "r"))
+    path = repo / "gpt3_1.3b" / "config.pbtxt"
+    config = json_format.MessageToDict(parse_model_config(path.read_text(), str(path)),
+                                       preserving_proto_field_name=True)
+    args = {"model_config": json.dumps(config), "model_repository": str(repo / "gpt3_1.3b"), "model_version": "1"}
+    assert CoreSettings.from_args(args).step_prompt_tokens == 24  # as tritonserver hands the config to model.py
+    config["parameters"]["step_prompt_tokens"] = {"string_value": "lots"}
+    with pytest.raises(ValueError, match="parameter step_prompt_tokens must be a whole number"):
+        CoreSettings.from_args({**args, "model_config": json.dumps(config)})
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_chunked_prompts_through_the_streaming_ensemble(tiny_ft_dir: Path, tmp_path: Path,
+                                                        hf_greedy_continuation: Callable[[str, int], tuple[str, int]]
+                                                        ) -> None:
+    """A streaming repository rendered with --step-prompt-tokens 4: prompts sent while a long stream decodes join in
+    chunks (the core's log says so), and their text, streamed or not, is HF's greedy continuation."""
+    model = GptModelConfig.from_ini(tiny_ft_dir / "config.ini")
+    repo = render_repository(RenderConfig(engine="torch", device="cpu", data_type="fp32", checkpoint=tiny_ft_dir,
+                                          model=model, streaming=True, max_batch_size=8, step_prompt_tokens=4,
+                                          output=tmp_path / "repo"))
+    long_prompt, prompts = "The quick brown fox jumps over", [
+        "One two three four five six seven eight nine ten eleven twelve",
+        "Triton serves text to many clients at once, and each of them gets its own answer back"]
+    answers: dict[tuple[str, bool], str] = {}
+
+    def ask(url: str, prompt: str, stream: bool) -> None:
+        with TextClient(url, protocol="grpc") as client:
+            answers[(prompt, stream)] = ("".join(client.stream(prompt, max_tokens=12)) if stream else
+                                         client.generate(prompt, max_tokens=12).text)
+
+    with server_on_free_ports(repo, log_verbose=1) as server, \
+            TextClient(server.grpc_url, protocol="grpc") as client:
+        long_stream = client.stream(long_prompt, max_tokens=LONG_TOKENS)
+        long_text = next(long_stream)  # the long row decodes from here on: the others arrive meanwhile, at once
+        threads = [threading.Thread(target=ask, args=(server.grpc_url, p, stream)) for p in prompts
+                   for stream in (True, False)]
+        for thread in threads:
+            thread.start()
+        long_text += "".join(long_stream)
+        for thread in threads:
+            thread.join(60)
+        log_text = server.log_text()
+    for prompt in prompts:
+        expected, produced = hf_greedy_continuation(prompt, 12)
+        assert produced == 12, "the oracle ended early: pick other prompts"
+        assert answers[(prompt, True)] == answers[(prompt, False)] == expected, prompt
+    assert long_text == hf_greedy_continuation(long_prompt, LONG_TOKENS)[0]
+    chunked = [int(n) for n in CHUNK_LINE.findall(log_text)]
+    # At least those that came while the long row decoded (a later one may find the engine idle and go whole).
+    assert chunked and min(chunked) > 4, chunked
