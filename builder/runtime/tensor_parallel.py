@@ -39,7 +39,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -419,24 +419,27 @@ def launch_engine(model_dir: str | Path, world: int, *, device: str, worker_devi
         raise ValueError(f"tensor parallelism over {world} ranks needs {world - 1} worker device(s), "
                          f"got {worker_devices}")
     private = Path(tempfile.mkdtemp(prefix="gpt-tp-"))  # 0700: no other local user can join the rendezvous
-    base = dict(model_dir=str(model_dir), world=world, device=device, dtype=str(dtype).removeprefix("torch."),
-                store_path=str(private / "store"), engine_kwargs=engine_kwargs)
+    spec0 = RankSpec(model_dir=str(model_dir), world=world, rank=0, device=device,
+                     dtype=str(dtype).removeprefix("torch."), store_path=str(private / "store"),
+                     engine_kwargs=engine_kwargs)
     package_root = Path(__file__).resolve().parents[len(__package__.split("."))]
     env = {**os.environ, **NCCL_ENV, "PYTHONPATH": os.pathsep.join(
         [str(package_root), *filter(None, [os.environ.get("PYTHONPATH")])])}
     workers: list[subprocess.Popen[bytes]] = []
     try:
         for rank in range(1, world):
-            spec = RankSpec(rank=rank, **{**base, "device": worker_devices[rank - 1]})  # type: ignore[arg-type]
+            spec = replace(spec0, rank=rank, device=worker_devices[rank - 1])
             worker = subprocess.Popen([worker_python(), "-m", f"{__package__}.tensor_parallel"], env=env,
                                       cwd=str(package_root), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             workers.append(worker)
             assert worker.stdin is not None
-            worker.stdin.write(spec.to_json().encode())
-            worker.stdin.close()
+            try:
+                worker.stdin.write(spec.to_json().encode())
+                worker.stdin.close()
+            except BrokenPipeError:  # it exited already: _wait_ready says how
+                pass
         for rank, worker in enumerate(workers, start=1):
             _wait_ready(rank, worker)
-        spec0 = RankSpec(rank=0, **base)  # type: ignore[arg-type]
         control, data, torch_device = _join_group(spec0)
         leader = _Leader(_Channel(control, data, torch_device), workers, None)
         try:
