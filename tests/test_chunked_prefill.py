@@ -60,10 +60,11 @@ def test_a_prompt_prefilled_in_chunks_matches_one_whole_prefill(tiny: TinyGpt, l
         chunked = engine.prefill_chunks(chunk, [start], [size], [2])
         start += size
     assert start == n
-    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    tolerance = dict(rtol=1e-5, atol=1e-5 if device == "cpu" else 1e-4)  # fp32; CUDA: other attention kernels
+    torch.testing.assert_close(chunked, whole, **tolerance)
     for layer in range(len(model.layers)):
         for cache in (model.k_cache[layer], model.v_cache[layer]):
-            torch.testing.assert_close(cache[2, :, :n], cache[0, :, :n], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(cache[2, :, :n], cache[0, :, :n], **tolerance)
 
     # Several rows in one pass, at different offsets, in slots out of order: slot 3 takes the prompt from 0 to 20,
     # then slot 3 (20..37) and slot 1 (0..15) share a pass; slot 1 is then finished alone.
@@ -72,8 +73,8 @@ def test_a_prompt_prefilled_in_chunks_matches_one_whole_prefill(tiny: TinyGpt, l
     pair[0, :17], pair[1, :15] = torch.tensor(long_prompt[20:]), torch.tensor(long_prompt[:15])
     both = engine.prefill_chunks(pair, [20, 0], [17, 15], [3, 1])
     last = engine.prefill_chunks(torch.tensor([long_prompt[15:]]), [15], [n - 15], [1])
-    torch.testing.assert_close(both[:1], whole, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(last, whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(both[:1], whole, **tolerance)
+    torch.testing.assert_close(last, whole, **tolerance)
 
     # Greedy decoding from each slot's cache gives the same continuation as HF's from the whole prompt.
     expected = hf_generate(tiny.hf, long_prompt, 12, eos_token_id=None)[n:]
@@ -126,7 +127,8 @@ def test_chunked_and_unchunked_scheduling_give_identical_results(tiny: TinyGpt, 
         assert tokens(result) == tokens(alone), f"request {i}"
         assert result.finish_reason == alone.finish_reason, f"request {i}"
         if row.return_log_probs:
-            np.testing.assert_allclose(result.output_log_probs[0], alone.output_log_probs[0], atol=1e-5)
+            np.testing.assert_allclose(result.output_log_probs[0], alone.output_log_probs[0],
+                                       atol=1e-5 if device == "cpu" else 1e-4)
     # Every prompt over the budget was chunked (a shorter one may be too, when a chunk before it used part of it).
     assert stats.chunked_rows >= sum(len(p) > 8 for p in prompts) >= 7, stats
     assert stats.prefill_chunks >= 1 + sum(-(-len(p) // 8) for p in prompts), stats  # at most 8 tokens per chunk

@@ -29,6 +29,7 @@ before top-k/top-p truncation); for plain greedy they equal HF's `output_scores`
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -49,6 +50,16 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SCORE_FLOOR = -1.0e9  # HF's "impossible" beam score
 ACTIVATION_RESERVE = 0.15  # share of free device memory left for activations when sizing the KV cache
 PREFILL_TOKEN_BUDGET = 16384  # prompt tokens (rows x padded length) per prefill pass: bounds activation memory
+# The in-flight scheduler's default prompt tokens per step (scheduler.py, chunked prefill). On an H200 a decode step of
+# 64 rows took ~3 ms and a 512-token prefill ~2 ms of math: a step with a full chunk stays within about twice a plain
+# one, and the mixed workload (prompts 16-1024, outputs 16-512) needs ~130 prompt tokens per step on average, so the
+# budget keeps up with arrivals with room for bursts; a 1024-token prompt joins in 2 steps. Here because the prefill
+# graphs of chunks up to it are captured at load (the same on every tensor-parallel rank).
+STEP_PROMPT_TOKENS = 512
+# Chunk passes of up to this many rows replay one prefill graph per row instead of one eager pass: an eager pass is
+# launch-bound (~5.7 ms of host time on an H200 for ~300 launches) where a replay of a short chunk costs ~1 ms of
+# device time (the weights read once per row). Not measured on a GPU yet: GPT_TRITON_GRAPH_PREFILL_ROWS for A/B runs.
+GRAPH_PREFILL_ROWS = int(os.environ.get("GPT_TRITON_GRAPH_PREFILL_ROWS", "4"))
 # (request index, its cumulative output) for every row that was running during the step
 StepCallback = Callable[[list[tuple[int, RowOutput]]], None]
 CancelCheck = Callable[[], Collection[int]]  # -> indices of the requests cancelled so far
@@ -153,7 +164,8 @@ class GptEngine:
         log.info("KV cache: %d slots x %d tokens x %d layers (%s) = %.3f GiB on %s", slots, max_seq_len,
                  config.num_layer, dtype, self.kv_cache_bytes / 2**30, self.device)
         self.graphs = DecodeGraphs(self.model) if self.device.type == "cuda" and use_cuda_graphs else None
-        self.prefill_graphs = PrefillGraphs(self.model) if self.graphs is not None else None
+        self.prefill_graphs = (PrefillGraphs(self.model, chunk_width=STEP_PROMPT_TOKENS) if self.graphs is not None
+                               else None)
         self.limits = EngineLimits(vocab_size=config.vocab_size, max_seq_len=max_seq_len, max_batch_size=slots,
                                    default_end_id=config.end_id)
         self._lock = threading.Lock()  # one generate() at a time: the KV cache is shared
@@ -266,8 +278,8 @@ class GptEngine:
         positions starts[i]..starts[i]+lengths[i]-1 of cache slot slots[i], whose positions [0, starts[i]) are cached
         already -> logits [n, V] at each chunk's last token (for a chunk that ends its prompt: the first token's).
 
-        One row runs from the prefill CUDA graphs (GptModel.prefill's chunk path at an offset); several rows run as
-        eager passes of at most PREFILL_TOKEN_BUDGET padded tokens: one pass reads the weights once for all of them."""
+        Up to GRAPH_PREFILL_ROWS rows replay the prefill CUDA graphs, one per row (GptModel.prefill's chunk path at
+        an offset); more rows run as eager passes of at most PREFILL_TOKEN_BUDGET padded tokens."""
         n, t = tokens.shape
         ints = torch.tensor([list(starts), list(lengths), list(slots)], dtype=torch.long)  # [3, n]
         if self.device.type == "cuda":  # pinned: the copies do not wait for the device to drain
@@ -275,9 +287,13 @@ class GptEngine:
         else:
             tokens, ints = tokens.to(self.device), ints.to(self.device)
         start_dev, length_dev, slot_dev = ints
-        if n == 1 and self.prefill_graphs is not None:
+        if n <= GRAPH_PREFILL_ROWS and self.prefill_graphs is not None:
+            graphs = self.prefill_graphs
+            # Each row at its own padded width; each replay's output is the graph's buffer: copied before the next.
+            widths = [min(t, -(-lengths[i] // graphs.step) * graphs.step) for i in range(n)]
             try:
-                return self.prefill_graphs.prefill_chunk(tokens, length_dev, slots[0], starts[0]).clone()
+                return torch.cat([graphs.prefill_chunk(tokens[i:i + 1, :widths[i]], length_dev[i:i + 1], slots[i],
+                                                       starts[i]).clone() for i in range(n)])
             except RuntimeError:  # a capture that fails (memory, a backend that cannot be captured): run eagerly
                 log.exception("prefill CUDA graph failed: prefill runs eagerly from now on")
                 self.prefill_graphs = None
@@ -286,8 +302,8 @@ class GptEngine:
         logits = []
         for first in range(0, n, rows_per_pass):
             part = slice(first, first + rows_per_pass)
-            if chunked:
-                kv_len = min(self.model.max_seq_len, max(starts[part]) + t)
+            if chunked:  # keys rounded up to a multiple of 64: few distinct shapes, aligned mask rows
+                kv_len = min(self.model.max_seq_len, -(-(max(starts[part]) + t) // 64) * 64)
                 logits.append(self.model.prefill(tokens[part], length_dev[part], slot_index=slot_dev[part],
                                                  starts=start_dev[part], kv_len=kv_len))
             else:
@@ -311,6 +327,17 @@ class GptEngine:
                 log.warning("prefill CUDA graph disagrees with eager (max |d| %.4g): prefill runs eagerly", error)
                 self.prefill_graphs = None
             notes.append(f"prefill graph vs eager max |d logit| {error:.3g}")
+            if self.prefill_graphs is not None:  # a chunk at an offset, after the prompt's first 60 tokens
+                chunk, chunk_length = prompt[:, 60:], torch.full((1,), 40, dtype=torch.long, device=self.device)
+                start = torch.full((1,), 60, dtype=torch.long, device=self.device)
+                eager = self.model.prefill(chunk, chunk_length, first_slot=0, starts=start)
+                graph = self.prefill_graphs.prefill_chunk(chunk, chunk_length, 0, 60).clone()
+                error = float((eager.float() - graph.float()).abs().max())
+                if not error <= 1e-2 * max(1.0, scale):
+                    log.warning("chunk prefill CUDA graph disagrees with eager (max |d| %.4g): prefill runs eagerly",
+                                error)
+                    self.prefill_graphs = None
+                notes.append(f"chunk graph vs eager max |d logit| {error:.3g}")
         decode = self.graphs.capture_all()
         prefill = self.prefill_graphs.capture_all() if self.prefill_graphs is not None else 0
         return f"captured {decode} decode and {prefill} prefill CUDA graphs; " + "; ".join(notes)

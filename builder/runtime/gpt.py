@@ -438,11 +438,12 @@ class PrefillGraphs:
     A chunk at prompt position start > 0 (chunked prefill, scheduler.py) replays a graph keyed by (width, kv bucket)
     with the start in a device tensor: a graph per offset would be one per (width, start), thousands. The number of
     cached keys the chunk attends to must be fixed in a graph (it is the attention's shape), so it is rounded up to a
-    multiple of `kv_step`; the causal mask hides the keys past each query. Chunk graphs are captured on first use
-    (a few dozen at most for a per-step budget of 512 tokens: 8 widths x 8 kv buckets)."""
+    multiple of `kv_step`; the causal mask hides the keys past each query. `capture_all` captures the chunk graphs of
+    widths up to `chunk_width` (~50 for 512 tokens of 2048 positions: 8 widths x up to 8 kv buckets); wider chunks
+    (a larger per-step budget) are captured on first use."""
 
-    def __init__(self, model: GptModel, step: int = 64, kv_step: int = 256) -> None:
-        self.model, self.step, self.kv_step = model, step, kv_step
+    def __init__(self, model: GptModel, step: int = 64, kv_step: int = 256, chunk_width: int = 0) -> None:
+        self.model, self.step, self.kv_step, self.chunk_width = model, step, kv_step, chunk_width
         device, width = model.device, model.max_seq_len
         self.tokens = torch.zeros((1, width), dtype=torch.long, device=device)
         self.lengths = torch.ones(1, dtype=torch.long, device=device)
@@ -479,7 +480,7 @@ class PrefillGraphs:
         if start == 0:
             return self.prefill(tokens, length, slot)
         width = self._load(tokens, length, slot)
-        kv_len = min(self.model.max_seq_len, -(-(start + width) // self.kv_step) * self.kv_step)
+        kv_len = self.kv_bucket(start, width)
         self.start.fill_(start)
         graph, logits = self.chunk_graphs.get((width, kv_len)) or self._capture_chunk(width, kv_len)
         graph.replay()
@@ -506,13 +507,22 @@ class PrefillGraphs:
             self.tokens[:, :width], self.lengths, 0, self.slot, starts=self.start, kv_len=kv_len))
         return self.chunk_graphs[(width, kv_len)]
 
+    def kv_bucket(self, start: int, width: int) -> int:
+        return min(self.model.max_seq_len, -(-(start + width) // self.kv_step) * self.kv_step)
+
     def capture_all(self) -> int:
+        """Capture every whole-prompt graph and the chunk graphs up to `chunk_width` now (at load: the warm-up passes
+        write junk K/V into slot 0); returns how many graphs there are."""
         widths = sorted({self.width(t) for t in range(self.step, self.model.max_seq_len + self.step, self.step)})
         for width in widths:
             if width not in self.graphs:
                 self._capture(width)
+        for width in (w for w in widths if w <= self.width(self.chunk_width)) if self.chunk_width > 0 else ():
+            for kv_len in sorted({self.kv_bucket(start, width) for start in range(1, self.model.max_seq_len)}):
+                if (width, kv_len) not in self.chunk_graphs:
+                    self._capture_chunk(width, kv_len)
         torch.cuda.synchronize(self.model.device)
-        return len(widths)
+        return len(self.graphs) + len(self.chunk_graphs)
 
 
 def batch_buckets(max_rows: int) -> list[int]:

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from .core_io import GenerationRequest, RequestError, RowOutput
-from .generation import GptEngine, ResourceError, row_output
+from .generation import STEP_PROMPT_TOKENS, GptEngine, ResourceError, row_output
 from .metrics import EngineMetrics, StepClock
 from .sampling import (TOPK_FAST_LIMIT, BadWords, RowState, SlotParams, WordTable, advance_rows,
                        effective_temperature, is_greedy, process_logits)
@@ -55,12 +55,8 @@ log = logging.getLogger(__name__)
 # GPU), to prefill them in one pass.
 ADMIT_GATHER_ROWS = 8
 ADMIT_GATHER_STEPS = 4
-# Prompt tokens prefilled per step while rows decode (prompts beyond it are chunked). On an H200 a decode step of 64
-# rows took ~3 ms and a 512-token prefill ~2 ms of math: a step with a full chunk stays within about twice a plain
-# one, and the mixed workload (prompts 16-1024, outputs 16-512) needs ~130 prompt tokens per step on average, so the
-# budget keeps up with arrivals with room for bursts. A 1024-token prompt joins in 2 steps.
-STEP_PROMPT_TOKENS = 512
-# ... and while no row decodes (no one to stall): whole prompts, up to this many tokens per pass.
+# Prompt tokens prefilled per step while rows decode (prompts beyond it are chunked): generation.STEP_PROMPT_TOKENS,
+# 512 (why: there) by default; while no row decodes (no one to stall): whole prompts, up to this many tokens per pass.
 IDLE_PREFILL_TOKENS = 8192
 SENDER_PAUSE_AFTER_S = 0.002  # a sweep of updates longer than this is followed by a pause as long (_Sender._pause)
 SENDER_MAX_PAUSE_S = 0.025
@@ -128,6 +124,8 @@ class Timeline:
     wait_ms: float = 0.0  # waiting for the selection's tokens (the device is behind)
     consume_ms: float = 0.0  # appending tokens, closing requests, marking streams
     admit_ms: float = 0.0  # admission passes (slot writes, prefill launches)
+    prefill_passes: int = 0  # engine prefill calls (one per step that prefilled)
+    prefill_tokens: int = 0  # prompt tokens they prefilled (chunks included)
     updates: int = 0  # streamed updates the sender sent
     sender_busy_ms: float = 0.0  # the sender's time sending them
     idle_requests: int = 0
@@ -140,7 +138,9 @@ class Timeline:
         steps, idle = max(1, self.steps), max(1, self.idle_requests)
         return (f"per step (host ms, {self.steps} steps, {self.rows / steps:.1f} rows): select+launch "
                 f"{self.select_launch_ms / steps:.3f}, wait for device {self.wait_ms / steps:.3f}, consume "
-                f"{self.consume_ms / steps:.3f}, admission {self.admit_ms / steps:.3f}; sender {self.updates} updates, "
+                f"{self.consume_ms / steps:.3f}, admission {self.admit_ms / steps:.3f} ({self.prefill_passes} prefill "
+                f"passes, {self.prefill_tokens / max(1, self.prefill_passes):.0f} prompt tokens each); sender "
+                f"{self.updates} updates, "
                 f"busy {self.sender_busy_ms / steps:.3f} "
                 f"per step; first response of a request into an idle batch (ms, mean of "
                 f"{self.idle_requests}): queued {self.queued_ms / idle:.3f}, admitting {self.admitting_ms / idle:.3f}, "
@@ -826,6 +826,8 @@ class InflightScheduler:
         if self.metrics is not None:
             self.metrics.add_prompt_tokens(sum(takes))
         self.stats.prefill_chunks += len(work)
+        self.stats.timeline.prefill_passes += 1
+        self.stats.timeline.prefill_tokens += sum(takes)
         complete, parked = [], []
         for i, (row, take) in enumerate(work):
             row.prefilled += take
