@@ -823,33 +823,32 @@ class InflightScheduler:
         for i, (row, take) in enumerate(work):
             tokens[i, :take] = row.tokens[row.prefilled:row.prefilled + take]
         logits = self.engine.prefill_chunks(torch.from_numpy(tokens), starts, takes, [row.slot for row, _ in work])
+        # Device state first, rows' host state last: if anything here fails, the fault isolation above retries the
+        # same chunks.
+        parked = [(row, row.prefilled + take) for row, take in work if row.prefilled + take < row.prompt_len]
+        complete = [i for i, (row, take) in enumerate(work) if row.prefilled + take == row.prompt_len]
+        if parked:  # their slots' junk decode steps write at the next chunk's first position, never into the prompt
+            at = self.table.upload(torch.tensor([[row.slot for row, _ in parked], [end for _, end in parked]]))
+            self.table.park.index_copy_(0, at[0], at[1])
+        rows = [work[i][0] for i in complete]
+        if rows:
+            self.table.write(rows)
+            logits = logits.index_select(0, self.table.upload(torch.tensor(complete)))
         if self.metrics is not None:
             self.metrics.add_prompt_tokens(sum(takes))
         self.stats.prefill_chunks += len(work)
         self.stats.timeline.prefill_passes += 1
         self.stats.timeline.prefill_tokens += sum(takes)
-        complete, parked = [], []
-        for i, (row, take) in enumerate(work):
+        for row, take in work:
             row.prefilled += take
-            if row.prefilling:
-                parked.append(row)
-            else:
-                complete.append(i)
-                if take < row.prompt_len:
-                    self.stats.chunked_rows += 1
-                    if self.event_log is not None:
-                        self.event_log(f"in-flight batching: a prompt of {row.prompt_len} tokens was prefilled in "
-                                       f"chunks (slot {row.slot}, last chunk {take} tokens)")
-        if parked:  # their slots' junk decode steps write at the next chunk's first position, never into the prompt
-            at = self.table.upload(torch.tensor([[row.slot for row in parked], [row.prefilled for row in parked]]))
-            self.table.park.index_copy_(0, at[0], at[1])
-        if not complete:
-            return [], None
-        rows = [work[i][0] for i in complete]
-        self.table.write(rows)
-        for row in rows:
+        for row, take in (work[i] for i in complete):
             self._prefilling.remove(row)
-        return rows, logits.index_select(0, self.table.upload(torch.tensor(complete)))
+            if take < row.prompt_len:
+                self.stats.chunked_rows += 1
+                if self.event_log is not None:
+                    self.event_log(f"in-flight batching: a prompt of {row.prompt_len} tokens was prefilled in chunks "
+                                   f"(slot {row.slot}, last chunk {take} tokens)")
+        return (rows, logits) if rows else ([], None)
 
     def _step(self) -> None:
         """Select one token for every row in slots 0..span-1, launch the next decode, then read the step back."""
