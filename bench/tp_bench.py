@@ -68,10 +68,13 @@ def measure(ft: Path, tp: int, args: argparse.Namespace, shapes: dict[str, Any])
     cpu = args.smoke_on_cpu
     repo = render_repository(RenderConfig(
         engine="torch", device="cpu" if cpu else "gpu", data_type="fp32" if cpu else "fp16", tp=tp, checkpoint=ft,
-        model=config, max_batch_size=64, streaming=True, output=args.work / f"repo-tp{tp}", force=True,
-        gpus=() if cpu or tp == 1 else tuple(int(g) for g in args.gpus.split(","))[:tp]))
+        model=config, max_batch_size=64, streaming=True, output=args.work / f"repo-tp{tp}", force=True))
     tokenizer = GptTokenizer.from_directory(repo / "preprocessing" / "1")
-    result: dict[str, Any] = {"tp": tp}
+    result: dict[str, Any] = {"tp": tp, "gpus": [] if cpu else args.gpus.split(",")[:tp]}
+    if not cpu:
+        # The server sees exactly the GPUs of this TP size: a KIND_GPU group without a gpus list would otherwise put an
+        # instance on every visible GPU and TP 1 would serve from two.
+        os.environ.update(CUDA_DEVICE_ORDER="PCI_BUS_ID", CUDA_VISIBLE_DEVICES=",".join(result["gpus"]))
     gpu_bench.log(f"TP {tp}: starting tritonserver")
     with TritonServer.on_free_ports(repo, startup_timeout_s=900) as server:
         triton = gpu_bench.Triton(server.grpc_url, streaming=True)
@@ -147,7 +150,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0, help="duration of the 64-stream level")
     parser.add_argument("--streams", type=int, default=64, help="concurrent streams of the throughput level")
     parser.add_argument("--reps", type=int, default=5, help="repetitions per batch-1 point")
-    parser.add_argument("--gpus", default="0,1", help="GPU ids of TP 2's ranks (TP 1 runs on the first)")
+    parser.add_argument("--gpus", default="0,1",
+                        help="GPU ids of TP 2's ranks (TP 1 runs on the first); given to the servers as "
+                             "CUDA_VISIBLE_DEVICES, so the ids are as nvidia-smi numbers them")
     parser.add_argument("--skip-hf", action="store_true", help="no HF agreement (e.g. no transformers here)")
     parser.add_argument("--smoke-on-cpu", action="store_true",
                         help="check this script without GPUs: tiny preset, CPU, gloo (numbers mean nothing)")
@@ -166,8 +171,13 @@ def main() -> None:
     result: dict[str, Any] = {
         "device": "cpu (smoke run)" if cpu else ", ".join(torch.cuda.get_device_name(i) for i in range(2)),
         "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "env": NCCL_ENV}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     for tp in (1, 2):
         result[f"tp{tp}"] = measure(split_weights(args.work, preset, tp, data_type), tp, args, shapes)
+    if visible is None:
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible
     one, two = result["tp1"], result["tp2"]
     result["decode_ratio"] = two["decode_ms_per_token_bs1"] / one["decode_ms_per_token_bs1"]
     result["streams_throughput_ratio"] = two["streams"]["tokens_per_s"] / one["streams"]["tokens_per_s"]
