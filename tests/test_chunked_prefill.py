@@ -105,13 +105,23 @@ def solo_results(engine: GptEngine, rows: list) -> list[RowOutput]:
 def test_chunked_and_unchunked_scheduling_give_identical_results(tiny: TinyGpt, long_run, device: str) -> None:
     """Prompts of 5-40 tokens with a budget of 8 prompt tokens per step, sent while a long row decodes: every
     prompt over 8 tokens joins in several chunks, next to other rows' decoding and chunks, in slots freed by others;
-    every request gets exactly what it gets alone (unchunked)."""
+    every request gets exactly what it gets alone (unchunked), stop words, bans and penalties included (they read
+    the slot state written once the prompt is cached)."""
     engine = new_engine(tiny, slots=4, device=device)
     long_row, long_sequence = long_run(100)
-    prompts = random_prompts(10, seed=31, min_len=5, max_len=40)
+    prompts = random_prompts(14, seed=31, min_len=5, max_len=40)
     rows = [request(p, 6 + i % 5, **(dict(random_seed=i, return_log_probs=True, **SAMPLING) if i % 3 == 1 else {}))
-            for i, p in enumerate(prompts)]
+            for i, p in enumerate(prompts[:10])]
+    greedy = [tokens(engine.generate([request(p, 8)])[0])[len(p):] for p in prompts[10:]]
+    rows += [
+        request(prompts[10], 8, stop_words=((greedy[0][2], greedy[0][3]),)),  # stops within 4 tokens
+        request(prompts[11], 8, bad_words=((greedy[1][0],), (greedy[1][1], greedy[1][2]))),
+        request(prompts[12], 8, repetition_penalty=1.8, presence_penalty=0.5, return_log_probs=True),
+        request(prompts[13], 8, end_id=greedy[3][1], min_length=5),  # end_id banned for 5 tokens
+    ]
     solo = solo_results(engine, rows)
+    assert solo[10].finish_reason == "stop" and len(tokens(solo[10])) <= len(prompts[10]) + 4  # the case can fail
+    assert tokens(solo[11])[len(prompts[11])] != greedy[1][0]
     sinks = [Sink(name=str(i)) for i in range(len(rows))]
     long = Sink(name="long")
     with InflightScheduler(engine, step_prompt_tokens=8, admit_gather_steps=0) as scheduler:
@@ -130,7 +140,7 @@ def test_chunked_and_unchunked_scheduling_give_identical_results(tiny: TinyGpt, 
             np.testing.assert_allclose(result.output_log_probs[0], alone.output_log_probs[0],
                                        atol=1e-5 if device == "cpu" else 1e-4)
     # Every prompt over the budget was chunked (a shorter one may be too, when a chunk before it used part of it).
-    assert stats.chunked_rows >= sum(len(p) > 8 for p in prompts) >= 7, stats
+    assert stats.chunked_rows >= sum(len(p) > 8 for p in prompts) >= 10, stats
     assert stats.prefill_chunks >= 1 + sum(-(-len(p) // 8) for p in prompts), stats  # at most 8 tokens per chunk
     assert stats.joined_running_rows == len(rows), stats
 
