@@ -855,7 +855,8 @@ class InflightScheduler:
         started = time.perf_counter()
         # A row still being prefilled takes no part (None, as a free slot): it is finished on the device until then.
         rows: list[_Row | None] = [self._occupied.get(slot) for slot in range(max(self._occupied) + 1)]
-        rows = [None if row is None or row.prefilling else row for row in rows]
+        if self._prefilling:
+            rows = [None if row is None or row.prefilling else row for row in rows]
         if self._batch is None or self._batch.span != len(rows):
             self._batch = self.table.batch(rows)
         batch, table, span = self._batch, self.table, len(rows)
@@ -883,11 +884,9 @@ class InflightScheduler:
         # A running row's next position is its length - 1 < prompt + selections issued. Finished and free slots
         # decode at their parking position (junk nothing reads): 0, or a prefilling row's next uncached position, so
         # every position stays < kv_len as decode requires.
-        kv_len = 1
-        for row in self._occupied.values():
-            if row.prefilling:
-                kv_len = max(kv_len, row.prefilled + 1)
-            else:
+        kv_len = max((row.prefilled + 1 for row in self._prefilling), default=1)
+        for row in rows:
+            if row is not None:
                 row.issued += 1
                 kv_len = max(kv_len, min(row.prompt_len + row.issued, row.limit))
         positions = torch.where(finished, table.park[:span], lengths - 1)
