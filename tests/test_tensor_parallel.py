@@ -228,10 +228,11 @@ def demo_tp2_dir(demo_nemo: Path, tmp_path_factory: pytest.TempPathFactory) -> P
                    progress=False)
 
 
-def render_tp2(ft_dir: Path, output: Path, streaming: bool) -> Path:
+def render_tp2(ft_dir: Path, output: Path, streaming: bool, step_prompt_tokens: int = 0) -> Path:
     model = GptModelConfig.from_ini(ft_dir / "config.ini")
     return render_repository(RenderConfig(engine="torch", device="cpu", data_type="fp32", tp=2, checkpoint=ft_dir,
-                                          model=model, max_batch_size=16, streaming=streaming, output=output))
+                                          model=model, max_batch_size=16, streaming=streaming, output=output,
+                                          step_prompt_tokens=step_prompt_tokens))
 
 
 @pytest.fixture(scope="module")
@@ -274,12 +275,26 @@ def test_served_tp2_answers_with_tp1_tokens(demo_tp2_dir: Path, tmp_path: Path, 
 @pytest.mark.server
 def test_killed_worker_fails_the_streamed_request_and_ends_the_stub(demo_tp2_dir: Path, tmp_path: Path,
                                                                     tp1_server: TritonServer) -> None:
-    with server_on_free_ports(render_tp2(demo_tp2_dir, tmp_path / "tp2s", streaming=True)) as server:
+    # 16 prompt tokens per step: the 30-token prompt below is prefilled in chunks (GptEngine.prefill_chunks).
+    repo = render_tp2(demo_tp2_dir, tmp_path / "tp2s", streaming=True, step_prompt_tokens=16)
+    with server_on_free_ports(repo, log_verbose=1) as server:  # verbose: the scheduler's line about chunks
         (stub,) = [pid for pid, name in server.python_stubs().items() if name == "gpt3_1.3b_0_0"]
         (worker,) = workers_of(stub)
         with TextClient(server.grpc_url, protocol="grpc") as client, TextClient(tp1_server.http_url) as tp1:
-            # The in-flight scheduler's path first: the same tokens as TP 1.
-            assert "".join(client.stream("40 41 42", max_tokens=20)) == tp1.generate("40 41 42", max_tokens=20).text
+            # The in-flight scheduler's path first: the same tokens as TP 1. The 30-token prompt arrives while
+            # another stream decodes, so it is prefilled in chunks next to that decode (GptEngine.prefill_chunks).
+            background: list[str] = []
+            running = threading.Thread(target=lambda: background.extend(client.stream("5 6 7", max_tokens=90)))
+            running.start()
+            long_prompt = " ".join(str(n) for n in range(1, 31))
+            with TextClient(server.grpc_url, protocol="grpc") as second:
+                while not background:
+                    time.sleep(0.01)
+                assert "".join(second.stream(long_prompt, max_tokens=20)) == tp1.generate(long_prompt,
+                                                                                          max_tokens=20).text
+            running.join(60)
+            assert "".join(background) == tp1.generate("5 6 7", max_tokens=90).text
+            assert "was prefilled in chunks" in server.log_text()
             received: list[str] = []
             with pytest.raises(Exception) as failure:
                 for delta in client.stream("1", max_tokens=120):
