@@ -253,6 +253,8 @@ class _Leader:
     def close(self, timeout_s: float = 10.0) -> None:
         """Tell the workers to exit (if the group still works), then make sure they have."""
         with self.lock:
+            if self.closing:
+                return
             self.closing = True
             if self.failure is None:
                 try:
