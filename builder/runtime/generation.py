@@ -311,8 +311,9 @@ class GptEngine:
         return torch.cat(logits)
 
     def capture_graphs(self, check: bool = True) -> str:
-        """Capture every decode and single-prompt prefill graph now (at load, before any request); with `check`,
-        first compare a graph prefill with the eager one and drop the prefill graphs if they disagree."""
+        """Capture every decode, single-prompt prefill and chunk prefill graph now (at load, before any request); with
+        `check`, first compare a graph prefill with the eager one, and a graph chunk (the prompt's last 40 tokens at
+        offset 60) with the whole prompt, and drop the prefill graphs if they disagree."""
         if self.graphs is None:
             return "no CUDA graphs on this device"
         notes = []
@@ -327,17 +328,15 @@ class GptEngine:
                 log.warning("prefill CUDA graph disagrees with eager (max |d| %.4g): prefill runs eagerly", error)
                 self.prefill_graphs = None
             notes.append(f"prefill graph vs eager max |d logit| {error:.3g}")
-            if self.prefill_graphs is not None:  # a chunk at an offset, after the prompt's first 60 tokens
-                chunk, chunk_length = prompt[:, 60:], torch.full((1,), 40, dtype=torch.long, device=self.device)
-                start = torch.full((1,), 60, dtype=torch.long, device=self.device)
-                eager = self.model.prefill(chunk, chunk_length, first_slot=0, starts=start)
-                graph = self.prefill_graphs.prefill_chunk(chunk, chunk_length, 0, 60).clone()
+            if self.prefill_graphs is not None:  # slot 0 caches the prompt: its last 40 tokens again, as a chunk
+                chunk_length = torch.full((1,), 40, dtype=torch.long, device=self.device)
+                graph = self.prefill_graphs.prefill_chunk(prompt[:, 60:], chunk_length, 0, 60).clone()
                 error = float((eager.float() - graph.float()).abs().max())
                 if not error <= 1e-2 * max(1.0, scale):
                     log.warning("chunk prefill CUDA graph disagrees with eager (max |d| %.4g): prefill runs eagerly",
                                 error)
                     self.prefill_graphs = None
-                notes.append(f"chunk graph vs eager max |d logit| {error:.3g}")
+                notes.append(f"chunk graph vs whole prompt max |d logit| {error:.3g}")
         decode = self.graphs.capture_all()
         prefill = self.prefill_graphs.capture_all() if self.prefill_graphs is not None else 0
         return f"captured {decode} decode and {prefill} prefill CUDA graphs; " + "; ".join(notes)
