@@ -268,7 +268,13 @@ class _Leader:
             except subprocess.TimeoutExpired:
                 worker.kill()
                 worker.wait()
-        dist.destroy_process_group()  # the process group is per process: another engine may start after this one
+        # The process group is per process: free it so that another engine may start after this one. A broken NCCL
+        # group is aborted instead (destroying it would wait for collectives that never finish).
+        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+        if self.failure is not None and dist.get_backend() == "nccl" and abort is not None:
+            abort()
+        elif self.failure is None or dist.get_backend() != "nccl":
+            dist.destroy_process_group()
 
 
 class _MirroredModel:
