@@ -30,6 +30,7 @@ from builder.runtime.core_io import GenerationRequest, RowOutput
 from builder.runtime.model_config import GptModelConfig
 from builder.runtime.generation import STEP_PROMPT_TOKENS, GptEngine
 from builder.runtime.gpt import GptModel, PrefillGraphs
+from builder.runtime import scheduler as scheduler_module
 from builder.runtime.scheduler import InflightScheduler, StepRecord
 from engine_testing import TinyGpt, hf_generate, random_prompts, request
 from client import TextClient
@@ -376,3 +377,30 @@ def test_chunked_prompts_through_the_streaming_ensemble(tiny_ft_dir: Path, tmp_p
     chunked = [int(n) for n in CHUNK_LINE.findall(log_text)]
     # At least those that came while the long row decoded (a later one may find the engine idle and go whole).
     assert chunked and min(chunked) > 4, chunked
+
+
+@pytest.mark.parametrize("budget,most_wait", [(8, 1), (512, 3)])
+def test_arrivals_that_fill_the_budget_do_not_wait_to_share_a_pass(tiny: TinyGpt, long_prompt: list[int], long_run,
+                                                                  monkeypatch: pytest.MonkeyPatch, budget: int,
+                                                                  most_wait: int) -> None:
+    """While the batch counts as busy, a lone arrival may wait up to admit_gather_steps steps for others to share its
+    prefill pass, unless its prompt alone fills the step's budget (a 37-token prompt, budget 8): then it starts at the
+    next step. With a budget it does not fill (512) it waits."""
+    monkeypatch.setattr(scheduler_module, "ADMIT_GATHER_MIN_RUNNING", 1)
+    engine = new_engine(tiny, slots=4)
+    running_row, running_sequence = long_run(60)
+    late_row = request(long_prompt, 6)
+    expected_late = tokens(engine.generate([late_row])[0])
+    late = Sink(name="late")
+
+    def send_late(sink: Sink, _: list[RowOutput]) -> None:
+        if len(sink.updates) == 2:
+            scheduler.submit([late_row], late)
+
+    running = Sink(name="running", on_update=send_late)
+    with InflightScheduler(engine, step_prompt_tokens=budget, admit_gather_steps=4) as scheduler:
+        scheduler.submit([running_row], running, stream=True)
+        assert tokens(late.result()[0]) == expected_late
+        assert tokens(running.result()[0]) == running_sequence
+        waited = scheduler.stats.max_admission_wait_steps
+    assert waited <= most_wait if budget == 8 else waited >= most_wait, waited

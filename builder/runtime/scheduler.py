@@ -715,8 +715,11 @@ class InflightScheduler:
         short prompts costs about the same for 1 or 8 of them (it reads the 2.6 GB of weights once, and eager passes
         are launch-bound), and the running rows stall meanwhile. Measured on an H200 at 256 streams: one graph prefill
         per arrival instead lost ~25 % of tokens/s (docs/benchmarks.md). A pass of one prompt (low load) runs from
-        the prefill CUDA graphs (generation.py)."""
+        the prefill CUDA graphs (generation.py). Arrivals that fill the step's prompt-token budget never wait: the
+        pass would be no fuller for it."""
         if len(self._occupied) - len(self._prefilling) < ADMIT_GATHER_MIN_RUNNING or not self._waiting:
+            return False
+        if sum(row.prompt_len for request in self._waiting for row in request.rows) >= self.step_prompt_tokens:
             return False
         waiting_rows = sum(len(request.rows) for request in self._waiting)
         oldest_wait = self.stats.steps - self._waiting[0].queued_at_step
