@@ -3,6 +3,8 @@
 #   bash bench/gpu_run.sh quick   # CUDA tests + a short serving benchmark (64/256 streams, batch 1, short mixed)
 #   bash bench/gpu_run.sh diag    # decode-step profile (bench/profile_decode.py) + a short serving run with timeline
 #   bash bench/gpu_run.sh final   # CUDA tests + the goals' runs of bench/serving_bench.py -> docs/gpu/serving.*
+#   bash bench/gpu_run.sh host    # the scheduler alone with a host profile (bench/inflight_engine.py --profile),
+#                                 # then a short serving run (batch 1, 64/256 streams, mixed) with its timeline
 #   bash bench/gpu_run.sh kernels # CUDA tests + decode-step kernel choices at batch 1/8/64/256 with a batch-1
 #                                 # kernel profile, and the attention launch sweep
 # The server log (tail) comes back too: the in-flight scheduler logs its timeline every 10 s of work.
@@ -14,7 +16,7 @@ source scripts/gpu/setup.sh > "$OUT/cuda_tests.txt" 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 start=$(date +%s)
 # CUDA tests (transformers imports only under the host's own Python: README.md, "On a GPU host").
-[ "$mode" != diag ] && [ "$mode" != bench ] && [ "$mode" != kernels ] && timeout 240 "$GPU_HOST_PYTHON" -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_scheduler.py \
+[ "$mode" != diag ] && [ "$mode" != bench ] && [ "$mode" != kernels ] && [ "$mode" != host ] && timeout 240 "$GPU_HOST_PYTHON" -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_scheduler.py \
   >> "$OUT/cuda_tests.txt" 2>&1
 echo "cuda tests rc=$? in $(( $(date +%s) - start )) s" >> "$OUT/cuda_tests.txt"
 if [ "$mode" = kernels ]; then
@@ -30,6 +32,13 @@ if [ "$mode" = kernels ]; then
     --gemm > "$OUT/tune.txt" 2>&1
   echo "rc=$? at $(( $(date +%s) - start )) s" >> "$OUT/tune.txt"
   exit 0
+elif [ "$mode" = host ]; then
+  timeout 150 python bench/inflight_engine.py --clients 64 256 --seconds 6 --profile > "$OUT/host.txt" 2>&1
+  echo "rc=$? at $(( $(date +%s) - start )) s" >> "$OUT/host.txt"
+  timeout 60 python bench/inflight_engine.py --clients 64 --seconds 5 --stream >> "$OUT/host.txt" 2>&1
+  echo "rc=$? at $(( $(date +%s) - start )) s" >> "$OUT/host.txt"
+  timeout 300 python bench/serving_bench.py --out "$OUT/serving.json" --work /tmp/serving-bench \
+    --levels 64,256 --skip-not-streamed --skip-core --seconds 3 --mixed-seconds 6 --bs1-reps 10 > "$OUT/bench.log" 2>&1
 elif [ "$mode" = diag ]; then
   # The model's decode step alone (GPU time per step), then the serving path with its timeline in the server log.
   timeout 150 python bench/profile_decode.py --batch 64 256 --prompt 192 --steps 32 --prefill 512 --no-profile \

@@ -2,11 +2,17 @@
 1.3B shape (random fp16 weights). Separates the scheduler/engine's own throughput from Triton's request path.
 
     python bench/inflight_engine.py --clients 64 --seconds 15
+    python bench/inflight_engine.py --clients 64 256 --seconds 6 --profile   # + where the loop's host time goes
+
+--profile records 2 s of the steady state with torch.profiler (CPU ops and CUDA kernels): the share of wall time the
+GPU was busy, and the host-side ops that took the most CPU time. --stream makes every client a streaming one (its
+updates are counted, as a sink that sends nothing would).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
 import threading
@@ -33,15 +39,17 @@ class LoopingClient:
         self.prompt = tuple(100 + (index * 7 + i) % 50000 for i in range(prompt_len))
         self.new_tokens = new_tokens
         self.completed = 0
+        self.updates = 0
+        self.stream = False
         self.idle = threading.Event()
 
     def submit(self) -> None:
         row = GenerationRequest(input_ids=self.prompt, output_len=self.new_tokens, end_id=50256,
                                 min_length=self.new_tokens)
-        self.scheduler.submit([row], self, stream=False)
+        self.scheduler.submit([row], self, stream=self.stream)
 
     def update(self, outputs: list[RowOutput]) -> None:
-        pass
+        self.updates += 1
 
     def finish(self, outputs: list[RowOutput]) -> None:
         self.completed += 1
@@ -58,34 +66,103 @@ class LoopingClient:
         return False
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--seconds", type=float, default=15.0)
-    parser.add_argument("--gather-steps", type=int, default=4)
-    args = parser.parse_args()
-    config = PRESETS["gpt3-1.3b"]
-    engine = GptEngine(config, random_weights(config), device="cuda:0", dtype=torch.float16, max_batch_size=64,
-                       max_seq_len=1024, vocab_limit=50257)
-    with InflightScheduler(engine, admit_gather_steps=args.gather_steps) as scheduler:
-        warm = [LoopingClient(i, scheduler, 128, 128, 0.0) for i in range(args.clients)]
+def sample_stacks(thread_name: str, seconds: float, interval_s: float = 0.0005) -> list[tuple[str, float]]:
+    """A sampling profiler of one Python thread (the scheduler's loop): share of samples per innermost frame of our
+    code (file:function:line), which places the host time, C calls included, at the Python line that made them."""
+    thread = next(t for t in threading.enumerate() if t.name == thread_name)
+    counts: collections.Counter[str] = collections.Counter()
+    samples, deadline = 0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        frame = sys._current_frames().get(thread.ident or -1)
+        # The innermost frame inside the project (torch/stdlib frames are attributed to the line that called them).
+        while frame is not None and "/builder/" not in frame.f_code.co_filename:
+            frame = frame.f_back
+        if frame is not None:
+            code = frame.f_code
+            counts[f"{Path(code.co_filename).name}:{code.co_name}:{frame.f_lineno}"] += 1
+        samples += 1
+        time.sleep(interval_s)
+    return [(where, n / samples) for where, n in counts.most_common(30)]
+
+
+def profile_window(seconds: float) -> dict[str, object]:
+    """torch.profiler over `seconds` of whatever the scheduler is doing (every thread where the profiler can): GPU
+    busy share and the top host ops; then a stack sample of the scheduler's thread."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    try:
+        config = torch.profiler._ExperimentalConfig(profile_all_threads=True)
+    except TypeError:  # older torch: the profiling thread only (GPU kernels are recorded from every thread)
+        config = None
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=activities, experimental_config=config) as prof:
+        time.sleep(seconds)
+    wall_us = (time.perf_counter() - start) * 1e6
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events)
+    print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60), flush=True)
+    print(events.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60), flush=True)
+    stacks = sample_stacks("inflight-scheduler", seconds)
+    for where, share in stacks:
+        print(f"scheduler thread {share:6.1%}  {where}", flush=True)
+    return {"profile_seconds": seconds, "gpu_busy_share": gpu_us / wall_us, "scheduler_thread_samples": stacks}
+
+
+def run_level(engine: GptEngine, clients_count: int, seconds: float, gather_steps: int, stream: bool,
+              profile: bool, prompt_len: int = 128, new_tokens: int = 128) -> dict[str, object]:
+    timelines: list[str] = []
+    with InflightScheduler(engine, admit_gather_steps=gather_steps, report=timelines.append,
+                           report_every_s=max(1.0, seconds / 2)) as scheduler:
+        warm = [LoopingClient(i, scheduler, prompt_len, new_tokens, 0.0) for i in range(clients_count)]
         for client in warm:
             client.submit()
         for client in warm:
             client.idle.wait()
         start = time.perf_counter()
         steps_before = scheduler.stats.steps
-        clients = [LoopingClient(i, scheduler, 128, 128, start + args.seconds) for i in range(args.clients)]
+        clients = [LoopingClient(i, scheduler, prompt_len, new_tokens, start + seconds)
+                   for i in range(clients_count)]
         for client in clients:
+            client.stream = stream
             client.submit()
+        extra: dict[str, object] = {}
+        if profile:
+            time.sleep(min(1.0, seconds / 4))  # into the steady state
+            extra = profile_window(min(2.0, seconds / 2))
         for client in clients:
             client.idle.wait()
         elapsed = time.perf_counter() - start
         steps = scheduler.stats.steps - steps_before
-        result = {"clients": args.clients, "gather_steps": args.gather_steps,
-                  "tokens_per_s": sum(c.completed for c in clients) * 128 / elapsed,
-                  "ms_per_step": elapsed / steps * 1000, "stats": vars(scheduler.stats)}
-    print(json.dumps(result, indent=2))
+        tokens = sum(c.completed for c in clients) * new_tokens
+        return {"clients": clients_count, "stream": stream, "gather_steps": gather_steps,
+                "tokens_per_s": tokens / elapsed, "ms_per_step": elapsed / steps * 1000,
+                "updates_per_token": sum(c.updates for c in clients) / max(1, tokens), **extra,
+                "timeline": timelines, "stats": {k: v for k, v in vars(scheduler.stats).items() if k != "timeline"}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, nargs="+", default=[64])
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--gather-steps", type=int, default=4)
+    parser.add_argument("--stream", action="store_true", help="streaming requests (updates counted, not sent)")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler over 2 s of each level")
+    parser.add_argument("--preset", default="gpt3-1.3b", help="model shape (tiny: a CPU smoke run)")
+    parser.add_argument("--device", default="cuda:0")
+    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens per request")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    args = parser.parse_args()
+    config = PRESETS[args.preset]
+    cuda = args.device.startswith("cuda")
+    engine = GptEngine(config, random_weights(config), device=args.device,
+                       dtype=torch.float16 if cuda else torch.float32,
+                       max_batch_size=max(args.clients), max_seq_len=min(1024, config.max_pos_seq_len),
+                       vocab_limit=min(50257, config.vocab_size))
+    if cuda:  # every decode and prefill graph now, as a server does at load: no level waits for captures
+        print(engine.capture_graphs(), flush=True)
+    for clients in args.clients:
+        result = run_level(engine, clients, args.seconds, args.gather_steps, args.stream, args.profile,
+                           args.prompt, args.new_tokens)
+        print(json.dumps(result, indent=2, default=str), flush=True)
 
 
 if __name__ == "__main__":
