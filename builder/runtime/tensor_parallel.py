@@ -208,6 +208,7 @@ class _Leader:
         self.failed = threading.Event()
         self._fail_lock = threading.Lock()
         self.closing = False
+        self.private: Path | None = None  # the rendezvous folder
         for rank, worker in enumerate(workers, start=1):
             threading.Thread(target=self._watch, args=(rank, worker), name=f"tp-watch-{rank}", daemon=True).start()
 
@@ -275,6 +276,8 @@ class _Leader:
             abort()
         elif self.failure is None or dist.get_backend() != "nccl":
             dist.destroy_process_group()
+        if self.private is not None:
+            shutil.rmtree(self.private, ignore_errors=True)
 
 
 class _MirroredModel:
@@ -457,14 +460,14 @@ def launch_engine(model_dir: str | Path, world: int, *, device: str, worker_devi
             leader.check()
             raise
         leader.on_failure = on_failure
+        leader.private = private  # removed at close: torch may still read the store while the group lives
         return engine
     except BaseException:
         for worker in workers:
             worker.kill()
             worker.wait()
-        raise
-    finally:
         shutil.rmtree(private, ignore_errors=True)
+        raise
 
 
 def _wait_ready(rank: int, worker: subprocess.Popen[bytes]) -> None:
