@@ -224,6 +224,8 @@ class _Leader:
                 return
             self.failure = reason
         self.failed.set()
+        if self.private is not None:  # the group is over; the stub may exit without close()
+            shutil.rmtree(self.private, ignore_errors=True)
         if self.on_failure is not None:
             self.on_failure(reason)
 
@@ -460,7 +462,10 @@ def launch_engine(model_dir: str | Path, world: int, *, device: str, worker_devi
             leader.check()
             raise
         leader.on_failure = on_failure
-        leader.private = private  # removed at close: torch may still read the store while the group lives
+        if torch_device.type == "cpu":  # gloo's pairs are connected: nothing reads the store any more
+            shutil.rmtree(private, ignore_errors=True)
+        else:  # NCCL's monitor may still read it while the group lives: removed at close or failure
+            leader.private = private
         return engine
     except BaseException:
         for worker in workers:
@@ -488,18 +493,20 @@ def _wait_ready(rank: int, worker: subprocess.Popen[bytes]) -> None:
 
 # ---- a worker process -----------------------------------------------------------------------------------------------
 
-def _watch_parent() -> None:
-    """Exit when rank 0 is gone (reparented), whatever this process is blocked in."""
+def _watch_parent(rendezvous: Path) -> None:
+    """Exit when rank 0 is gone (reparented), whatever this process is blocked in; its rendezvous folder goes too."""
     parent = os.getppid()
     while True:
         time.sleep(PARENT_POLL_S)
         if os.getppid() != parent:
+            shutil.rmtree(rendezvous, ignore_errors=True)
             os._exit(0)
 
 
 def serve_worker(spec: RankSpec) -> None:
     """Build this rank's engine, then run every call rank 0 broadcasts until it says stop."""
-    threading.Thread(target=_watch_parent, name="tp-parent", daemon=True).start()
+    threading.Thread(target=_watch_parent, args=(Path(spec.store_path).parent,), name="tp-parent",
+                     daemon=True).start()
     if spec.device == "cpu":  # share the cores with the other ranks instead of oversubscribing them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.world))
     control, data, device = _join_group(spec)
