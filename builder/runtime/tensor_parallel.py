@@ -239,6 +239,10 @@ class _Leader:
             if self.depth:  # inside a mirrored call: the workers run this nested call themselves
                 return run(*args, **kwargs)
             self.check()
+            if self.channel.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                # A replay would run rank 0's half of the collectives without telling the workers: a hang.
+                raise TensorParallelError(f"{target}.{method} called inside a CUDA graph capture: a tensor-parallel "
+                                          "step must be mirrored outside graphs (capture below the engine's calls)")
             self.depth += 1
             try:
                 self.channel.send(target, method, args, kwargs)
