@@ -112,6 +112,8 @@ def test_tp2_engine_generates_tp1_tokens(tiny: TinyGpt, tiny_tp: tuple[Path, Pat
     try:
         worker = workers_of(os.getpid())
         assert len(worker) == 1
+        for env in (worker[0].environ(), os.environ):  # NVLink multicast off in every rank
+            assert env["NCCL_NVLS_ENABLE"] == "0" and env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1"
         assert tp2.model.heads == tp1.model.heads // 2 and tp2.model.lm_head.shape[0] == 256  # it holds half
         prompts = torch.tensor(random_prompts(4, seed=3, min_len=6, max_len=6))
         lengths = torch.full((4,), 6)
