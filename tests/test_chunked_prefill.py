@@ -21,20 +21,15 @@ from unittest.mock import patch
 import numpy as np
 import pytest
 import torch
-from google.protobuf import json_format
 
-from builder.render import parse_model_config, render_repository
-from builder.render_config import RenderConfig, RenderError
+from builder.runtime import scheduler as scheduler_module
 from builder.runtime.core_adapter import CoreSettings
 from builder.runtime.core_io import GenerationRequest, RowOutput
-from builder.runtime.model_config import GptModelConfig
 from builder.runtime.generation import STEP_PROMPT_TOKENS, GptEngine
 from builder.runtime.gpt import GptModel, PrefillGraphs
-from builder.runtime import scheduler as scheduler_module
+from builder.runtime.model_config import GptModelConfig
 from builder.runtime.scheduler import InflightScheduler, StepRecord
 from engine_testing import TinyGpt, hf_generate, random_prompts, request
-from client import TextClient
-from servers import server_on_free_ports
 from test_scheduler import DEVICES, SAMPLING, Sink, tokens
 
 CHUNKS = (10, 3, 24)  # uneven pieces of a 37-token prompt
@@ -321,6 +316,12 @@ CHUNK_LINE = re.compile(r"a prompt of (\d+) tokens was prefilled in chunks")
 
 
 def test_step_prompt_tokens_is_a_checked_render_option(tiny_ft_dir: Path, tmp_path: Path) -> None:
+    # Renderer packages are imported here: the engine tests above also run on a GPU host's kit Python, without them.
+    from google.protobuf import json_format
+
+    from builder.render import parse_model_config, render_repository
+    from builder.render_config import RenderConfig, RenderError
+
     model = GptModelConfig.from_ini(tiny_ft_dir / "config.ini")
     with pytest.raises(RenderError, match="--step-prompt-tokens must be in 0..65536"):
         RenderConfig(engine="torch", device="cpu", streaming=True, model=model, step_prompt_tokens=-1)
@@ -343,6 +344,11 @@ def test_chunked_prompts_through_the_streaming_ensemble(tiny_ft_dir: Path, tmp_p
                                                         ) -> None:
     """A streaming repository rendered with --step-prompt-tokens 4: prompts sent while a long stream decodes join in
     chunks (the core's log says so), and their text, streamed or not, is HF's greedy continuation."""
+    from builder.render import render_repository
+    from builder.render_config import RenderConfig
+    from client import TextClient
+    from servers import server_on_free_ports
+
     model = GptModelConfig.from_ini(tiny_ft_dir / "config.ini")
     repo = render_repository(RenderConfig(engine="torch", device="cpu", data_type="fp32", checkpoint=tiny_ft_dir,
                                           model=model, streaming=True, max_batch_size=8, step_prompt_tokens=4,
