@@ -156,9 +156,15 @@ def test_streaming_updates_are_cumulative_one_token_each(tiny: TinyGpt, prompts,
         assert tokens(quiet.result()[0]) == greedy[2][:len(prompts[2]) + 6]
     assert quiet.updates == []
     assert [tokens(o) for o in final] == [greedy[0], greedy[1][:len(prompts[1]) + 5]]
-    assert len(streamed.updates) == 11  # the 12th token goes out with the final response
-    for step, update in enumerate(streamed.updates, start=1):
+    # One update per token while the sender keeps up (the 12th token goes out with the final response); when it
+    # lags (a busy CI machine), an update carries every token since the previous one: never fewer than half here.
+    assert 6 <= len(streamed.updates) <= 11
+    sent = 0
+    for update in streamed.updates:
         first, second = (tokens(o) for o in update)
+        step = len(first) - len(prompts[0])
+        assert sent < step <= 11  # each update adds at least one token
+        sent = step
         assert first == greedy[0][:len(prompts[0]) + step]
         assert second == greedy[1][:len(prompts[1]) + min(step, 5)]  # the finished row stays as it ended
         assert [o.finished for o in update] == [False, step >= 5]

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import os
 import sys
 import threading
 import time
@@ -46,9 +47,11 @@ import torch
 
 from .core_io import GenerationRequest, RequestError, RowOutput
 from .generation import STEP_PROMPT_TOKENS, GptEngine, ResourceError, row_output
+from .gpt import GptModel
 from .metrics import EngineMetrics, StepClock
 from .sampling import (TOPK_FAST_LIMIT, BadWords, RowState, SlotParams, WordTable, advance_rows,
                        effective_temperature, is_greedy, process_logits)
+from .step_graphs import StepGraphs
 
 log = logging.getLogger(__name__)
 # Admission while rows are decoding: wait for up to this many new rows, or this many decode steps (a few ms on a
@@ -58,6 +61,8 @@ ADMIT_GATHER_STEPS = 4
 # Prompt tokens prefilled per step while rows decode (prompts beyond it are chunked): generation.STEP_PROMPT_TOKENS,
 # 512 (why: there) by default; while no row decodes (no one to stall): whole prompts, up to this many tokens per pass.
 IDLE_PREFILL_TOKENS = 8192
+# Steps replay one CUDA graph of selection + decode where they can (step_graphs.py); "0" runs them op by op (A/B runs).
+STEP_GRAPHS = os.environ.get("GPT_TRITON_STEP_GRAPHS", "1") != "0"
 SENDER_PAUSE_AFTER_S = 0.002  # a sweep of updates longer than this is followed by a pause as long (_Sender._pause)
 SENDER_MAX_PAUSE_S = 0.025
 PREFILL_PAD = 64  # prompt lengths of one prefill pass are padded to a multiple of this
@@ -260,6 +265,11 @@ class _Batch:
     bad_words: BadWords | None
     want_log_probs: bool
 
+    @property
+    def graphable(self) -> bool:
+        """A step graph runs it: no per-batch host data (word lists) and no log-probs to read back."""
+        return self.stop_words is None and self.bad_words is None and not self.want_log_probs
+
 
 class _SlotTable:
     """Per-slot decoding state on the device for every KV-cache slot; admission overwrites a slot's entries.
@@ -359,10 +369,11 @@ class _Readback:
         self.flags = torch.zeros(4 * slots, dtype=torch.long, pin_memory=cuda)
         self.log_probs = torch.zeros(slots, dtype=torch.float32, pin_memory=cuda)
         self.event = torch.cuda.Event() if cuda else None
-        self.span, self.with_log_probs = 0, False
+        self.span, self.rows, self.with_log_probs = 0, 0, False
 
     def launch(self, flags: torch.Tensor, log_probs: torch.Tensor | None) -> None:
         self.span, self.with_log_probs = flags.shape[1], log_probs is not None
+        self.rows = self.span
         non_blocking = self.event is not None
         self.flags[:flags.numel()].view(flags.shape).copy_(flags, non_blocking=non_blocking)
         if log_probs is not None:
@@ -370,10 +381,16 @@ class _Readback:
         if self.event is not None:
             self.event.record()
 
+    def launched(self, span: int, rows: int) -> None:
+        """A step graph wrote [4, rows] results (rows >= span) into `flags` on the current stream."""
+        self.span, self.rows, self.with_log_probs = span, rows, False
+        if self.event is not None:
+            self.event.record()
+
     def read(self) -> tuple[list[list[int]], list[float] | None]:
         if self.event is not None:
             self.event.synchronize()  # releases the GIL while it waits
-        flags = self.flags[:4 * self.span].view(4, self.span).tolist()
+        flags = self.flags[:4 * self.rows].view(4, self.rows)[:, :self.span].tolist()
         return flags, self.log_probs[:self.span].tolist() if self.with_log_probs else None
 
 
@@ -544,13 +561,19 @@ class InflightScheduler:
         self.slot_count = limits.max_batch_size
         self.table = _SlotTable(self.slot_count, limits.max_seq_len + 1, engine.config.vocab_size, engine.device)
         self.readback = _Readback(self.slot_count, engine.device)
+        # A tensor-parallel engine's model is a proxy that mirrors each call to the other ranks: its steps stay eager.
+        self.step_graphs = (StepGraphs.for_decode_graphs(engine.model, engine.graphs, self.table, self.readback.flags,
+                                                         engine.vocab_limit)
+                            if STEP_GRAPHS and engine.graphs is not None and isinstance(engine.model, GptModel)
+                            else None)
         self.stats = SchedulerStats()
         self._free = list(range(self.slot_count))  # a heap: the lowest free slot first keeps the decoded span small
         self._occupied: dict[int, _Row] = {}  # slot -> row
         self._prefilling: list[_Row] = []  # rows in slots whose prompt is not all cached yet, oldest first
         self._waiting: deque[_Request] = deque()
         self._live: list[_Request] = []  # admitted, not closed
-        self._logits: torch.Tensor | None = None  # [span, V]: next-token logits of slots 0..span-1
+        # [>= span, V]: next-token logits of slots 0..span-1 (with step graphs: their persistent buffer, every slot)
+        self._logits: torch.Tensor | None = self._persistent_logits()
         self._batch: _Batch | None = None  # None: rebuild before the next step
         self._inbox: list[_Request] = []
         self._cancels: list[_Request] = []  # reported by the sender, applied at the next step boundary
@@ -787,12 +810,15 @@ class InflightScheduler:
         idle = {id(row.request) for row in rows if row.request.idle_admission}
         self.stats.timeline.admitting_ms += (time.perf_counter() - started) * 1e3 * len(idle)
         span = max(self._occupied) + 1
-        logits = torch.zeros((span, new_logits.shape[1]), dtype=new_logits.dtype, device=new_logits.device)
-        if self._logits is not None:
-            kept = min(span, self._logits.shape[0])
-            logits[:kept] = self._logits[:kept]
         slots = self.table.upload(torch.tensor([row.slot for row in rows]))
-        self._logits = logits.index_copy_(0, slots, new_logits)
+        if self.step_graphs is not None:
+            self.step_graphs.logits.index_copy_(0, slots, new_logits.to(self.step_graphs.logits.dtype))
+        else:
+            logits = torch.zeros((span, new_logits.shape[1]), dtype=new_logits.dtype, device=new_logits.device)
+            if self._logits is not None:
+                kept = min(span, self._logits.shape[0])
+                logits[:kept] = self._logits[:kept]
+            self._logits = logits.index_copy_(0, slots, new_logits)
         self._batch = None
 
     def _prefill_isolating_faults(self, work: list[tuple[_Row, int]]) -> tuple[list[_Row], torch.Tensor | None]:
@@ -862,8 +888,34 @@ class InflightScheduler:
             rows = [None if row is None or row.prefilling else row for row in rows]
         if self._batch is None or self._batch.span != len(rows):
             self._batch = self.table.batch(rows)
-        batch, table, span = self._batch, self.table, len(rows)
-        params = batch.params
+        batch, span = self._batch, len(rows)
+        # A running row's next position is its length - 1 < prompt + selections issued. Finished and free slots
+        # decode at their parking position (junk nothing reads): 0, or a prefilling row's next uncached position, so
+        # every position stays < kv_len as decode requires.
+        kv_len = max((row.prefilled + 1 for row in self._prefilling), default=1)
+        for row in rows:
+            if row is not None:
+                row.issued += 1
+                kv_len = max(kv_len, min(row.prompt_len + row.issued, row.limit))
+        if self.step_graphs is not None and batch.graphable:
+            self.readback.launched(span, self.step_graphs.step(span, kv_len, batch.params))
+        else:
+            self._select_and_decode(batch, kv_len)
+        self.stats.steps += 1
+        timeline, launched = self.stats.timeline, time.perf_counter()
+        flags, log_probs = self.readback.read()
+        read = time.perf_counter()
+        self._step_clock.tick(self.metrics)  # before _consume, whose _release may mark the engine idle
+        self._consume(rows, flags, log_probs)
+        timeline.steps += 1
+        timeline.rows += len(self._occupied)
+        timeline.select_launch_ms += (launched - started) * 1e3
+        timeline.wait_ms += (read - launched) * 1e3
+        timeline.consume_ms += (time.perf_counter() - read) * 1e3
+
+    def _select_and_decode(self, batch: _Batch, kv_len: int) -> None:
+        """The step op by op (what a step graph replays, plus stop words, bad words and log-probs)."""
+        table, span, params = self.table, batch.span, batch.params
         history, lengths, generated = table.history[:span], table.lengths[:span], table.generated[:span]
         finished, stopped = table.finished[:span], table.stopped[:span]
         seen = table.seen[:span] if params.uses_seen_tokens else None
@@ -883,28 +935,15 @@ class InflightScheduler:
         tokens, active, step_log_probs = advance_rows(processed, params, generated, state, batch.stop_words,
                                                       batch.want_log_probs)
         self.readback.launch(torch.stack([tokens, active.long(), finished.long(), stopped.long()]), step_log_probs)
-
-        # A running row's next position is its length - 1 < prompt + selections issued. Finished and free slots
-        # decode at their parking position (junk nothing reads): 0, or a prefilling row's next uncached position, so
-        # every position stays < kv_len as decode requires.
-        kv_len = max((row.prefilled + 1 for row in self._prefilling), default=1)
-        for row in rows:
-            if row is not None:
-                row.issued += 1
-                kv_len = max(kv_len, min(row.prompt_len + row.issued, row.limit))
         positions = torch.where(finished, table.park[:span], lengths - 1)
-        self._logits = self.engine.decode(tokens, positions, kv_len)
-        self.stats.steps += 1
-        timeline, launched = self.stats.timeline, time.perf_counter()
-        flags, log_probs = self.readback.read()
-        read = time.perf_counter()
-        self._step_clock.tick(self.metrics)  # before _consume, whose _release may mark the engine idle
-        self._consume(rows, flags, log_probs)
-        timeline.steps += 1
-        timeline.rows += len(self._occupied)
-        timeline.select_launch_ms += (launched - started) * 1e3
-        timeline.wait_ms += (read - launched) * 1e3
-        timeline.consume_ms += (time.perf_counter() - read) * 1e3
+        logits = self.engine.decode(tokens, positions, kv_len)
+        if self.step_graphs is not None:  # keep the persistent buffer current for the next graph-replayed step
+            self.step_graphs.logits[:span].copy_(logits)
+        else:
+            self._logits = logits
+
+    def _persistent_logits(self) -> torch.Tensor | None:
+        return self.step_graphs.logits if self.step_graphs is not None else None
 
     def _consume(self, rows: list[_Row | None], flags: list[list[int]], log_probs: list[float] | None) -> None:
         """Apply one step's host copy: append tokens, close finished requests, free slots, stream updates."""
@@ -951,7 +990,7 @@ class InflightScheduler:
         row.slot = -1
         self._batch = None
         if not self._occupied:
-            self._logits = None
+            self._logits = self._persistent_logits()
             self._step_clock.idle()
 
     def _close(self, request: _Request, *, outputs: list[RowOutput] | None = None,
@@ -982,7 +1021,7 @@ class InflightScheduler:
 
     def _fail_running(self, error: Exception) -> None:
         requests = {id(row.request): row.request for row in self._occupied.values()}
-        self._logits = None
+        self._logits = self._persistent_logits()
         for request in requests.values():
             self._abort(request, error)
 

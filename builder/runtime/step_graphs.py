@@ -1,0 +1,138 @@
+"""One in-flight scheduler step (token selection + the next decode) replayed as ONE CUDA graph (CUDA only).
+
+Why: the decode step itself is a CUDA graph, but the selection before it (`sampling.process_logits` and
+`advance_rows`: ~30 small PyTorch ops on [rows, vocab] logits) was launched op by op from Python. On an H200 that
+host work took ~1 ms per step at 64 rows and ~1.3 ms at batch 1, longer than the GPU's own decode step (1.24 ms at
+batch 1): the loop was host-bound, and under Triton the sender and request threads competing for the GIL stretched
+it further (docs/benchmarks.md). Captured together, a step costs the host one replay.
+
+A graph is kept per (rows bucket, kv-length bucket, selection flags): the rows and kv buckets are the decode graphs'
+(`gpt.batch_buckets`, `DecodeGraphs.kv_bucket`); the flags are the host-side switches of `SlotParams` (sampling or
+greedy, temperature, penalties, min length), which decide which ops the selection runs. Steps that need per-batch
+host data (stop words, bad words) or log-probs run eagerly as before. Slots between the batch's span and the rows
+bucket are free or still prefilling: finished on the device, so the selection leaves them be and their junk decode
+writes land at their parking position, exactly as for the free slots inside the span.
+
+The capturing call's warm-up run on a side stream is the real step (as in `DecodeGraphs`), so no step ever runs on
+made-up inputs. Every tensor a graph reads or writes is persistent: the scheduler's slot table, the shared logits
+buffer below, and the pinned readback buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .gpt import DecodeGraphs, GptModel
+from .sampling import RowState, SlotParams, advance_rows, process_logits
+
+
+class SlotState(Protocol):
+    """The scheduler's per-slot device state (`scheduler._SlotTable`)."""
+
+    history: torch.Tensor
+    lengths: torch.Tensor
+    generated: torch.Tensor
+    output_len: torch.Tensor
+    finished: torch.Tensor
+    stopped: torch.Tensor
+    seen: torch.Tensor
+    park: torch.Tensor
+    params: dict[str, torch.Tensor]
+
+
+class Replayable(Protocol):
+    def replay(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SelectionFlags:
+    """The host-side switches of `SlotParams`: one graph per combination in use."""
+
+    any_sampling: bool
+    any_greedy: bool
+    max_top_k: int | None
+    use_temperature: bool
+    use_repetition: bool
+    use_presence: bool
+    use_min_length: bool
+    use_frequency: bool
+
+    @classmethod
+    def of(cls, params: SlotParams) -> SelectionFlags:
+        return cls(params.any_sampling, params.any_greedy, params.max_top_k, params.use_temperature,
+                   params.use_repetition, params.use_presence, params.use_min_length, params.use_frequency)
+
+
+class StepGraphs:
+    def __init__(self, model: GptModel, table: SlotState, readback: torch.Tensor, vocab_limit: int, *,
+                 buckets: list[int], kv_bucket: int) -> None:
+        """readback: the buffer [>= 4 * slots] (pinned host memory on CUDA) that receives tokens, active, finished
+        and stopped; buckets, kv_bucket: the decode graphs' rows buckets and kv-length granularity."""
+        self.model, self.table, self.readback, self.vocab_limit = model, table, readback, vocab_limit
+        self.buckets, self.kv_bucket = buckets, kv_bucket
+        slots, vocab = model.slots, model.config.vocab_size
+        # Next-token logits of every slot: the steps' decode writes them, admissions' prefills add theirs.
+        self.logits = torch.zeros((slots, vocab), dtype=model.dtype, device=model.device)
+        self.pool = torch.cuda.graph_pool_handle() if model.device.type == "cuda" else None
+        self.graphs: dict[tuple[int, int, SelectionFlags], Replayable] = {}
+
+    @classmethod
+    def for_decode_graphs(cls, model: GptModel, decode_graphs: DecodeGraphs, table: SlotState,
+                          readback: torch.Tensor, vocab_limit: int) -> StepGraphs:
+        return cls(model, table, readback, vocab_limit, buckets=decode_graphs.buckets,
+                   kv_bucket=decode_graphs.kv_bucket)
+
+    def rows_bucket(self, span: int) -> int:
+        return next(b for b in self.buckets if b >= span)
+
+    def step(self, span: int, kv_len: int, params: SlotParams) -> int:
+        """Select a token for slots 0..span-1 from `self.logits`, update the slot table, copy (tokens, active,
+        finished, stopped) of the rows bucket into the readback buffer as [4, bucket] and write the next decode's
+        logits into `self.logits`. Returns the rows bucket; record an event after it before reading back."""
+        rows = self.rows_bucket(span)
+        kv = min(self.model.max_seq_len, -(-kv_len // self.kv_bucket) * self.kv_bucket)
+        flags = SelectionFlags.of(params)
+        graph = self.graphs.get((rows, kv, flags))
+        if graph is None:
+            self.graphs[(rows, kv, flags)] = self._graph(lambda: self._run(rows, kv, flags))
+        else:
+            graph.replay()
+        return rows
+
+    def _graph(self, run: Callable[[], None]) -> Replayable:
+        """Run the step for real on a side stream (lazy library init stays out of the graph), then record it."""
+        device = self.model.device
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            run()  # recorded only: the state the real run advanced is not advanced twice
+        return graph
+
+    def _run(self, rows: int, kv_len: int, flags: SelectionFlags) -> None:
+        table = self.table
+        params = SlotParams(
+            **{name: values[:rows] for name, values in table.params.items()}, any_sampling=flags.any_sampling,
+            any_greedy=flags.any_greedy, max_top_k=flags.max_top_k, use_temperature=flags.use_temperature,
+            use_repetition=flags.use_repetition, use_presence=flags.use_presence,
+            use_min_length=flags.use_min_length, use_frequency=flags.use_frequency)
+        history, lengths, generated = table.history[:rows], table.lengths[:rows], table.generated[:rows]
+        finished = table.finished[:rows]
+        seen = table.seen[:rows] if params.uses_seen_tokens else None
+        processed = process_logits(self.logits[:rows], params, generated=generated, seen=seen, bad_words=None,
+                                   history=history, lengths=lengths, vocab_limit=self.vocab_limit)
+        state = RowState(history=history, lengths=lengths, generated=generated, finished=finished,
+                         stopped=table.stopped[:rows], output_len=table.output_len[:rows], seen=seen)
+        tokens, active, _ = advance_rows(processed, params, generated, state, None, False)
+        # [4, rows] -> the first 4 * rows entries of the readback buffer (a contiguous destination: see _Readback).
+        step_flags = torch.stack([tokens, active.long(), finished.long(), state.stopped.long()])
+        self.readback[:4 * rows].view(4, rows).copy_(step_flags, non_blocking=True)
+        positions = torch.where(finished, table.park[:rows], lengths - 1)
+        self.logits[:rows].copy_(self.model.decode(tokens, positions, kv_len))
