@@ -3,6 +3,8 @@
 #   bash bench/gpu_run.sh quick   # CUDA tests + a short serving benchmark (64/256 streams, batch 1, short mixed)
 #   bash bench/gpu_run.sh diag    # decode-step profile (bench/profile_decode.py) + a short serving run with timeline
 #   bash bench/gpu_run.sh final   # CUDA tests + the goals' runs of bench/serving_bench.py -> docs/gpu/serving.*
+#   bash bench/gpu_run.sh serving # the CUDA tests of the engine and scheduler, then the goals' serving runs without
+#                                 # the core-model runs (one call under 10 minutes); step graphs off if their test fails
 #   bash bench/gpu_run.sh host    # the scheduler alone with a host profile (bench/inflight_engine.py --profile),
 #                                 # then a short serving run (batch 1, 64/256 streams, mixed) with its timeline
 #   bash bench/gpu_run.sh kernels # CUDA tests + decode-step kernel choices at batch 1/8/64/256 with a batch-1
@@ -16,7 +18,8 @@ source scripts/gpu/setup.sh > "$OUT/cuda_tests.txt" 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 start=$(date +%s)
 # CUDA tests (transformers imports only under the host's own Python: README.md, "On a GPU host").
-[ "$mode" != diag ] && [ "$mode" != bench ] && [ "$mode" != kernels ] && [ "$mode" != host ] && timeout 240 "$GPU_HOST_PYTHON" -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_scheduler.py \
+[ "$mode" != diag ] && [ "$mode" != bench ] && [ "$mode" != kernels ] && [ "$mode" != host ] \
+  && [ "$mode" != serving ] && [ "$mode" != switch ] && timeout 240 "$GPU_HOST_PYTHON" -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_scheduler.py \
   >> "$OUT/cuda_tests.txt" 2>&1
 echo "cuda tests rc=$? in $(( $(date +%s) - start )) s" >> "$OUT/cuda_tests.txt"
 if [ "$mode" = kernels ]; then
@@ -32,6 +35,17 @@ if [ "$mode" = kernels ]; then
     --gemm > "$OUT/tune.txt" 2>&1
   echo "rc=$? at $(( $(date +%s) - start )) s" >> "$OUT/tune.txt"
   exit 0
+elif [ "$mode" = serving ]; then
+  timeout 200 "$GPU_HOST_PYTHON" -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_step_graphs.py \
+    tests/test_chunked_prefill.py tests/test_scheduler.py -k "cuda or step_graphs" >> "$OUT/cuda_tests.txt" 2>&1
+  rc=$?
+  echo "cuda tests rc=$rc in $(( $(date +%s) - start )) s" >> "$OUT/cuda_tests.txt"
+  if [ $rc -ne 0 ]; then export GPT_TRITON_STEP_GRAPHS=0; echo "step graphs OFF for the bench" >> "$OUT/cuda_tests.txt"; fi
+  timeout ${BENCH_TIMEOUT:-400} python bench/serving_bench.py --out "$OUT/serving.json" --work /tmp/serving-bench \
+    --levels 1,64,256 --skip-core --seconds 3 --mixed-seconds 8 --max-trials 6 --bs1-reps 20 > "$OUT/bench.log" 2>&1
+elif [ "$mode" = switch ]; then  # the loop's GIL switch interval: streamed runs only, at $GPT_TRITON_SWITCH_INTERVAL_US
+  timeout 300 python bench/serving_bench.py --out "$OUT/serving.json" --work /tmp/serving-bench \
+    --levels 1,64,256 --skip-core --skip-not-streamed --skip-mixed --seconds 3 --bs1-reps 20 > "$OUT/bench.log" 2>&1
 elif [ "$mode" = host ]; then
   timeout 150 python bench/inflight_engine.py --clients 64 256 --seconds 6 --profile > "$OUT/host.txt" 2>&1
   echo "rc=$? at $(( $(date +%s) - start )) s" >> "$OUT/host.txt"

@@ -70,7 +70,7 @@ PREFILL_PAD = 64  # prompt lengths of one prefill pass are padded to a multiple 
 ADMIT_GATHER_MIN_RUNNING = 16
 # The sender thread and the loop share the GIL: CPython's default 5 ms switch interval would let a busy sender hold
 # the loop for a whole decode step; 0.5 ms keeps the loop's wait short.
-GIL_SWITCH_INTERVAL_S = 0.0005
+GIL_SWITCH_INTERVAL_S = float(os.environ.get("GPT_TRITON_SWITCH_INTERVAL_US", "500")) * 1e-6  # A/B runs
 
 INT_PARAMS = ("top_k", "greedy", "min_length", "end_id", "seed_lo", "seed_hi")  # SlotParams columns, packed by dtype
 FLOAT_PARAMS = ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
