@@ -108,7 +108,10 @@ class GptTokenizer:
         """Token ids of every text (no BOS/EOS added), in one call to the Rust tokenizer."""
         if not texts:
             return []
-        return [encoding.ids for encoding in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+        # encode_batch_fast (tokenizers >= 0.21) skips the character offsets nobody here reads: ~30 % less time for a
+        # 512-token prompt, which is on every request's path to its first token.
+        encode = getattr(self._tokenizer, "encode_batch_fast", self._tokenizer.encode_batch)
+        return [encoding.ids for encoding in encode(list(texts), add_special_tokens=False)]
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
