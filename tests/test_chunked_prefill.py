@@ -29,7 +29,7 @@ from builder.runtime.gpt import GptModel, PrefillGraphs
 from builder.runtime.model_config import GptModelConfig
 from builder.runtime.scheduler import InflightScheduler, StepRecord
 from engine_testing import TinyGpt, hf_generate, random_prompts, request
-from test_scheduler import DEVICES, SAMPLING, WAIT_S, AtDecodeStep, Sink, tokens
+from test_scheduler import DEVICES, HOOK_WAIT_S, SAMPLING, AtDecodeStep, Sink, tokens
 
 CHUNKS = (10, 3, 24)  # uneven pieces of a 37-token prompt
 
@@ -282,7 +282,7 @@ def test_cancelling_or_failing_a_request_mid_prefill_frees_its_slot(tiny: TinyGp
             chunked.set()
             # The loop goes on once the sender has seen the cancellation (it reports it at once), so that the 36
             # one-token chunks left cannot all pass before it applies, however late the sender thread runs.
-            assert told.wait(WAIT_S), "the sender never polled is_cancelled"
+            assert told.wait(HOOK_WAIT_S), "the sender never polled is_cancelled"
 
     @dataclass
     class CancelledSink(Sink):

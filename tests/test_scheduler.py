@@ -24,6 +24,9 @@ from engine_testing import TinyGpt, hf_generate, random_prompts, request
 
 SAMPLING = dict(top_k=20, top_p=0.9, temperature=1.3)
 WAIT_S = 30.0
+# The most an on_step hook waits for the sender thread; shorter than WAIT_S, so that a hook's AssertionError (which
+# fails the running requests) reaches the sinks while the test still waits for them.
+HOOK_WAIT_S = 10.0
 
 
 @dataclass
@@ -197,8 +200,9 @@ def test_streaming_updates_are_cumulative_one_token_each(tiny: TinyGpt, prompts,
         sender coalesces whatever it finds marked, so on a busy machine it would otherwise lag by chance)."""
         nonlocal decoded
         decoded += record.decoded
-        deadline = time.monotonic() + WAIT_S
-        while len(streamed.updates) < min(decoded, 11) and time.monotonic() < deadline:
+        deadline = time.monotonic() + HOOK_WAIT_S
+        while len(streamed.updates) < min(decoded, 11):
+            assert time.monotonic() < deadline, f"update {min(decoded, 11)} never came ({len(streamed.updates)} did)"
             time.sleep(0.0005)
 
     with InflightScheduler(engine, on_step=keep_up) as scheduler:
@@ -266,27 +270,26 @@ def test_cancellation_stops_running_and_waiting_requests(tiny: TinyGpt, prompts,
     blocker, gone = Sink(name="blocker"), Sink(name="gone", cancel_after_updates=0)
     gone_sent = threading.Event()
     long_sequence, long_end_id = long_run
-    decoded = 0
+    steps = {"admitted": 0, "decoded": 0}  # requests admitted so far (running, behind, blocker); running's decodes
 
     def sender_in_step(record: StepRecord) -> None:
-        """The loop waits (after a decode step) for what the sender must see: the first 3 updates, one per step, then
-        the cancellation polled; later, once "blocker" decodes, "gone" sent and its cancellation polled. The loop
-        applies a cancellation at the next step boundary after the sender reports it; a busy machine could otherwise
-        delay the sender by tens of steps."""
-        nonlocal decoded
-        decoded += record.decoded
+        """After a decode step, the loop waits for what the sender must see first: while "running" decodes, its
+        first 3 updates (one per step), then its cancellation polled; at "blocker"'s first step, "gone" sent and its
+        cancellation polled. The loop applies a cancellation at the next step boundary after the sender reports it;
+        on a busy machine the sender could otherwise lag by tens of steps."""
+        steps["admitted"] += any(start == 0 for _, start, _ in record.chunks)
         if not record.decoded:
             return
-        deadline = time.monotonic() + WAIT_S
-        if not running.told.is_set():  # only "running" decodes (one slot)
-            while len(running.updates) < min(decoded, 3) and time.monotonic() < deadline:
+        if steps["admitted"] == 1:  # "running" alone (one slot)
+            steps["decoded"] += 1
+            deadline = time.monotonic() + HOOK_WAIT_S
+            while not running.told.is_set() and len(running.updates) < min(steps["decoded"], 3):
+                assert time.monotonic() < deadline, f"update {min(steps['decoded'], 3)} never came"
                 time.sleep(0.0005)
-            if decoded >= 3:
-                assert running.told.wait(WAIT_S), "is_cancelled was never polled"
-        elif blocker.updates or not behind.done.is_set():
-            pass  # "behind" decodes, or "blocker" after the check below
-        else:  # "blocker" decodes its first step
-            assert gone_sent.wait(WAIT_S) and gone.told.wait(WAIT_S), "is_cancelled was never polled"
+            if steps["decoded"] >= 3:
+                assert running.told.wait(HOOK_WAIT_S), "is_cancelled was never polled"
+        elif steps["admitted"] == 3 and not gone.told.is_set():  # "blocker" streams (so the sender is awake)
+            assert gone_sent.wait(HOOK_WAIT_S) and gone.told.wait(HOOK_WAIT_S), "is_cancelled was never polled"
 
     with InflightScheduler(engine, cancel_poll_s=0.0, on_step=sender_in_step) as scheduler:
         scheduler.submit([request(prompts[0], 100, end_id=long_end_id)], running, stream=True)
