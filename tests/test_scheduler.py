@@ -385,7 +385,8 @@ def test_requests_that_can_never_fit_are_refused(tiny: TinyGpt, prompts) -> None
         scheduler.submit([request(prompts[0], 3)], Sink())
 
 
-def test_beam_search_runs_through_the_chunk_path_between_in_flight_rows(tiny: TinyGpt, prompts, greedy) -> None:
+def test_beam_search_runs_through_the_chunk_path_between_in_flight_rows(tiny: TinyGpt, prompts, greedy,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     engine = new_engine(tiny, slots=4)
     beam_row = request(prompts[5], 6, beam_width=2, len_penalty=1.0, return_log_probs=True)
     expected = engine.generate([beam_row])[0]
@@ -393,6 +394,23 @@ def test_beam_search_runs_through_the_chunk_path_between_in_flight_rows(tiny: Ti
     events: list[str] = []
     for sink in (before, beam, after):
         sink.events = events
+    real_generate = engine.generate
+
+    def generate(specs: list, on_step: Callable | None = None, **kwargs: object) -> list[RowOutput]:
+        """The beam request's first step waits until the sender sent its update: the 6 steps could otherwise all
+        run before the sender does (then only the final response goes)."""
+        first = [True]
+
+        def first_step_sent(updates: list) -> None:
+            on_step(updates)
+            deadline = time.monotonic() + HOOK_WAIT_S
+            while first and not beam.updates and time.monotonic() < deadline:
+                time.sleep(0.0005)
+            first.clear()
+
+        return real_generate(specs, on_step=first_step_sent if on_step is not None else None, **kwargs)
+
+    monkeypatch.setattr(engine, "generate", generate)
     with InflightScheduler(engine) as scheduler:
         scheduler.submit([request(prompts[0], 12)], before, stream=True)
         scheduler.submit([beam_row], beam, stream=True)
@@ -408,12 +426,19 @@ def test_beam_search_runs_through_the_chunk_path_between_in_flight_rows(tiny: Ti
 
 def test_stop_fails_what_is_still_queued(tiny: TinyGpt, prompts) -> None:
     engine = new_engine(tiny, slots=1)
-    scheduler = InflightScheduler(engine).start()
+    decoding, stopping = threading.Event(), threading.Event()
+
+    def hold(record: StepRecord) -> None:  # the first request decodes until stop() is called (not for 100 steps)
+        if record.decoded and not decoding.is_set():
+            decoding.set()
+            assert stopping.wait(HOOK_WAIT_S)
+
+    scheduler = InflightScheduler(engine, on_step=hold).start()
     sinks = [Sink(name=str(i)) for i in range(3)]
     for sink in sinks:
         scheduler.submit([request(prompts[0], 100)], sink, stream=True)
-    while not sinks[0].updates:
-        time.sleep(0.001)
+    assert decoding.wait(WAIT_S)
+    stopping.set()
     scheduler.stop()
     for sink in sinks:
         assert sink.done.is_set() and "shutting down" in str(sink.error)
