@@ -338,16 +338,15 @@ def test_an_engine_error_fails_only_the_affected_requests(tiny: TinyGpt, prompts
         if armed and len(record.advanced) == 4:  # "first" runs in every slot: its next decode fails
             armed.pop()()
 
-    with InflightScheduler(engine, on_step=break_decode_while_four_rows_run) as scheduler:
-        healthy, poisoned = Sink(name="healthy"), Sink(name="poisoned")
-        joined = Sink(name="joined")
+    healthy, poisoned = Sink(name="healthy"), Sink(name="poisoned")
+    joined = Sink(name="joined")
 
-        def send_poisoned(sink: Sink, _: list[RowOutput]) -> None:  # while "healthy" runs
-            if len(sink.updates) == 2:
-                scheduler.submit([request([5, poison, 7], 4)], poisoned)
-                scheduler.submit([request(prompts[1], 6)], joined)
+    def send_poisoned() -> None:  # while "healthy" runs
+        scheduler.submit([request([5, poison, 7], 4)], poisoned)
+        scheduler.submit([request(prompts[1], 6)], joined)
 
-        healthy.on_update = send_poisoned
+    with InflightScheduler(engine, on_step=AtDecodeStep(2, send_poisoned, then=break_decode_while_four_rows_run)
+                           ) as scheduler:
         scheduler.submit([request(prompts[0], 12)], healthy, stream=True)
         assert tokens(healthy.result()[0]) == greedy[0]
         assert tokens(joined.result()[0]) == greedy[1][:len(prompts[1]) + 6]
