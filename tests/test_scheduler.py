@@ -539,3 +539,55 @@ def test_prompts_near_max_seq_len_prefill_within_the_cache(tiny: TinyGpt) -> Non
         for row, sink in zip(rows, sinks):
             scheduler.submit([row], sink)
         assert [tokens(sink.result()[0]) for sink in sinks] == solo
+
+
+def test_a_request_sent_to_an_idle_scheduler_is_polled_for_cancellation(tiny: TinyGpt, prompts, long_run) -> None:
+    """The idle sender sleeps without a timeout; a new request must wake it, or a client that gives up at once (not
+    streamed: no update ever wakes the sender) gets all its tokens generated anyway."""
+    engine = new_engine(tiny, slots=1)
+    gone = Sink(name="gone", cancel_after_updates=0)  # the client gave up at once
+    held: list[bool] = []
+
+    def hold(record: StepRecord) -> None:  # the row waits (at most HOOK_WAIT_S) for the sender's first poll
+        if record.decoded and not held:
+            held.append(gone.told.wait(HOOK_WAIT_S))
+
+    sequence, end_id = long_run
+    with InflightScheduler(engine, cancel_poll_s=0.0, on_step=hold) as scheduler:
+        time.sleep(0.2)  # the sender has gone to sleep: nothing is live
+        scheduler.submit([request(sequence[:6], 100, end_id=end_id)], gone)
+        output = gone.result()[0]
+    assert gone.told.is_set() and held in ([], [True]), "is_cancelled was never polled while the row ran"
+    assert output.cancelled and len(tokens(output)) < 6 + 100  # [] above: cancelled before its first decode
+
+
+def test_no_streamed_update_says_every_row_finished(tiny: TinyGpt, prompts, monkeypatch) -> None:
+    """An update whose snapshot the loop finished meanwhile (after the sender checked the request was open) is not
+    sent: a finish reason belongs to the final response only. Forced: the loop holds after its first decode until the
+    sender is inside that update's snapshot, and the snapshot waits until the row is done."""
+    real_output = scheduler_module._Row.output
+    snapshotting = threading.Event()
+
+    def late_snapshot(self: object, copy: bool = True) -> RowOutput:
+        if not copy:  # the sender's snapshot
+            snapshotting.set()
+            deadline = time.monotonic() + HOOK_WAIT_S
+            while not self.done and time.monotonic() < deadline:  # type: ignore[attr-defined]  # a _Row
+                time.sleep(0.001)
+        return real_output(self, copy)  # type: ignore[arg-type]  # a _Row
+
+    held: list[bool] = []
+
+    def hold(record: StepRecord) -> None:
+        if record.decoded and not held:
+            held.append(snapshotting.wait(HOOK_WAIT_S))
+
+    monkeypatch.setattr(scheduler_module._Row, "output", late_snapshot)
+    sink = Sink(name="s")
+    with InflightScheduler(new_engine(tiny, slots=2), on_step=hold) as scheduler:
+        scheduler.submit([request(prompts[0], 3)], sink, stream=True)
+        final = sink.result()
+    assert held == [True], "the sender never took a snapshot during the request"
+    assert final[0].finished and final[0].finish_reason == "length"
+    assert not any(output.finished for update in sink.updates for output in update), [
+        [(output.finished, output.finish_reason) for output in update] for update in sink.updates]

@@ -429,6 +429,7 @@ class _Sender:
     def track(self, request: _Request) -> None:
         with self._cond:
             self._live[id(request)] = request
+            self._cond.notify()  # an idle sender sleeps without a timeout: it must start polling this one
 
     def mark(self, requests: Collection[_Request]) -> None:
         with self._cond:
@@ -485,8 +486,11 @@ class _Sender:
                 self._cond.wait(left)
 
     def _update(self, request: _Request) -> None:
+        outputs = request.snapshot()
+        if all(output.finished for output in outputs):
+            return  # the loop finished it after the sender checked: its final response carries these tokens
         try:
-            request.sink.update(request.snapshot())
+            request.sink.update(outputs)
             request.updates_sent += 1
             self.updates_sent += 1
             self.timeline.updates += 1
