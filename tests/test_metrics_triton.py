@@ -133,7 +133,9 @@ def test_engine_metrics_appear_at_metrics_and_change_as_requests_run(toy_server:
     assert before["gpt_inter_token_latency_seconds_count"] == 0
 
     ipc_us = infer(toy_server, prompt_tokens=5, generate=20)
-    after = wait_for(toy_server, lambda s: s["gpt_generated_tokens_total"] == 20)
+    # A flush sends the counters, then each histogram observation (one call each): wait until it is all there.
+    after = wait_for(toy_server, lambda s: s["gpt_generated_tokens_total"] == 20
+                     and s["gpt_inter_token_latency_seconds_count"] >= 19)
     assert after["gpt_generated_tokens_total"] == 20 and after["gpt_prompt_tokens_total"] == 5
     assert after["gpt_time_to_first_token_seconds_count"] == 1
     assert 0.002 <= after["gpt_time_to_first_token_seconds_sum"] < 1.0
@@ -151,7 +153,8 @@ def test_engine_metrics_appear_at_metrics_and_change_as_requests_run(toy_server:
     assert during["gpt_requests_running"] == 1 and during["gpt_kv_slots_in_use"] == 1
     assert 20 < during["gpt_generated_tokens_total"] < 1520  # counters move mid-request, not only at the end
     worker.join(timeout=60)
-    final = wait_for(toy_server, lambda s: s["gpt_generated_tokens_total"] == 1520)
+    final = wait_for(toy_server, lambda s: s["gpt_generated_tokens_total"] == 1520
+                     and s["gpt_time_to_first_token_seconds_count"] >= 2)
     assert final["gpt_generated_tokens_total"] == 1520 and final["gpt_prompt_tokens_total"] == 8
     assert final["gpt_requests_running"] == 0 and final["gpt_kv_slots_in_use"] == 0
     assert final["gpt_time_to_first_token_seconds_count"] == 2
