@@ -8,9 +8,10 @@ of the memory bandwidth than cuBLAS's GEMV choices:
 - `skinny_linear`: x @ W^T for few rows, either finished (bias + activation epilogue) or as split-K fp32 partials
   that `add_layer_norm` sums (so the split costs no extra kernel);
 - `decode_attention`: one query per row over its own cached keys (positions <= its position only, so a row never
-  reads the rest of the kv bucket), writing the step's K/V into the cache in the same kernel; split over the keys
-  when the batch alone cannot fill the GPU.
+  reads the rest of the kv bucket), writing the step's K/V into the cache in the same kernel; buckets over 256 keys
+  are split over the keys (a small combine kernel merges the splits).
 Everything is shape-static for a given (rows, kv_len) and never syncs with the host, so it runs inside CUDA graphs.
+On Hopper every kernel here is launched as a programmatic dependent of the previous one (`_wait_previous`).
 Import this module only where Triton is installed (gpt.py imports it lazily, on CUDA only).
 """
 
