@@ -172,7 +172,9 @@ def test_the_torch_core_reports_engine_metrics(tmp_path: Path, streaming: bool) 
         assert before["gpt_kv_slots_total"] > 0 and before["gpt_generated_tokens_total"] == 0
         with TextClient(server.grpc_url, protocol="grpc") as client:
             assert client.generate("1 2 3 4 5 6", max_tokens=30).num_output_tokens == 30
-        after = wait_for(server, lambda s: s["gpt_generated_tokens_total"] == 30, model=core)
+        # The histogram observations follow the counters within a flush (see the test above).
+        after = wait_for(server, lambda s: s["gpt_generated_tokens_total"] == 30 and s["gpt_requests_running"] == 0
+                         and (not streaming or s["gpt_inter_token_latency_seconds_count"] >= 29), model=core)
         assert after["gpt_generated_tokens_total"] == 30 and after["gpt_prompt_tokens_total"] == 6
         if streaming:  # latencies come from the in-flight scheduler's steps; the static path has none
             assert after["gpt_time_to_first_token_seconds_count"] == 1
