@@ -499,22 +499,26 @@ def test_perf_refuses_decoupled_model_without_stream(streaming_server: TritonSer
     assert result.exit_code == 1 and "--stream" in result.stderr
 
 
+def perf_analyzer_wrapper(tmp_path: Path, script: str) -> Path:
+    """A folder (to put first on PATH) holding a `perf_analyzer` shell script: `script`, in which {real} is the real
+    perf_analyzer's path."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    wrapper = folder / "perf_analyzer"
+    wrapper.write_text("#!/bin/sh\n" + script.replace("{real}", str(find_perf_analyzer())))
+    wrapper.chmod(0o755)
+    return folder
+
+
 def unstable_at(tmp_path: Path, model: str, level: int) -> Path:
     """A folder with a `perf_analyzer` that is the real one, except that for `model` at concurrency `level` it must
     find windows within 0 % of each other. Real measurements never are, so perf_analyzer itself gives up on that
     level with its own message and exit status (2, STABILITY_ERROR)."""
-    real = find_perf_analyzer()
-    folder = tmp_path / "bin"
-    folder.mkdir()
-    wrapper = folder / "perf_analyzer"
-    wrapper.write_text(f"""#!/bin/sh
-case " $* " in
-  *" -m {model} "*" --concurrency-range {level} "*) exec "{real}" "$@" --stability-percentage 0 ;;
+    return perf_analyzer_wrapper(tmp_path, f"""case " $* " in
+  *" -m {model} "*" --concurrency-range {level} "*) exec "{{real}}" "$@" --stability-percentage 0 ;;
 esac
-exec "{real}" "$@"
+exec "{{real}}" "$@"
 """)
-    wrapper.chmod(0o755)
-    return folder
 
 
 def test_perf_records_an_unstable_level_and_goes_on(server: TritonServer, tmp_path: Path,
@@ -544,21 +548,14 @@ def test_perf_records_an_unstable_level_and_goes_on(server: TritonServer, tmp_pa
 def truncating_first_export(tmp_path: Path, model: str) -> Path:
     """A folder with a `perf_analyzer` that is the real one, except that the first export it writes for `model` is
     cut short, as perf_analyzer 2.51's own fault leaves it (exit 0, JSON truncated)."""
-    real = find_perf_analyzer()
-    folder = tmp_path / "bin"
-    folder.mkdir()
     marker = tmp_path / "truncated-once"
-    wrapper = folder / "perf_analyzer"
-    wrapper.write_text(f"""#!/bin/sh
-"{real}" "$@" || exit $?
+    return perf_analyzer_wrapper(tmp_path, f""""{{real}}" "$@" || exit $?
 case " $* " in
   *" -m {model} "*) [ -e "{marker}" ] && exit 0; touch "{marker}"
     while [ $# -gt 1 ]; do [ "$1" = --profile-export-file ] && path="$2"; shift; done
     head -c 100 "$path" > "$path.cut" && mv "$path.cut" "$path" ;;
 esac
 """)
-    wrapper.chmod(0o755)
-    return folder
 
 
 def test_perf_measures_a_level_again_when_its_export_is_cut_short(server: TritonServer, tmp_path: Path,
