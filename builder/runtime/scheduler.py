@@ -49,9 +49,8 @@ from .core_io import GenerationRequest, RequestError, RowOutput
 from .generation import STEP_PROMPT_TOKENS, GptEngine, ResourceError, row_output
 from .gpt import GptModel
 from .metrics import EngineMetrics, StepClock
-from .sampling import (TOPK_FAST_LIMIT, BadWords, RowState, SlotParams, WordTable, advance_rows,
-                       effective_temperature, is_greedy, process_logits)
-from .step_graphs import StepGraphs
+from .sampling import TOPK_FAST_LIMIT, BadWords, SlotParams, WordTable, effective_temperature, is_greedy
+from .step_graphs import StepGraphs, select_and_decode
 
 log = logging.getLogger(__name__)
 # Admission while rows are decoding: wait for up to this many new rows, or this many decode steps (a few ms on a
@@ -919,28 +918,17 @@ class InflightScheduler:
 
     def _select_and_decode(self, batch: _Batch, kv_len: int) -> None:
         """The step op by op (what a step graph replays, plus stop words, bad words and log-probs)."""
-        table, span, params = self.table, batch.span, batch.params
-        history, lengths, generated = table.history[:span], table.lengths[:span], table.generated[:span]
-        finished, stopped = table.finished[:span], table.stopped[:span]
-        seen = table.seen[:span] if params.uses_seen_tokens else None
+        span = batch.span
         if self._logits is None or self._logits.shape[0] < span:  # slots up to a prefilling row's: never read
-            logits = torch.zeros((span, self.engine.config.vocab_size), device=table.device,
+            logits = torch.zeros((span, self.engine.config.vocab_size), device=self.table.device,
                                  dtype=torch.float32 if self._logits is None else self._logits.dtype)
             if self._logits is not None:
                 logits[:self._logits.shape[0]] = self._logits
             self._logits = logits
-        processed = process_logits(self._logits[:span], params, generated=generated, seen=seen,
-                                   bad_words=batch.bad_words, history=history, lengths=lengths,
-                                   vocab_limit=self.engine.vocab_limit)
-        state = RowState(history=history, lengths=lengths, generated=generated, finished=finished, stopped=stopped,
-                         output_len=table.output_len[:span], seen=seen)
-        # Each row's own step index (tokens generated so far) keys its seeded sampling, exactly as when it runs alone;
-        # finished and free slots emit end_id and stay put.
-        tokens, active, step_log_probs = advance_rows(processed, params, generated, state, batch.stop_words,
-                                                      batch.want_log_probs)
-        self.readback.launch(torch.stack([tokens, active.long(), finished.long(), stopped.long()]), step_log_probs)
-        positions = torch.where(finished, table.park[:span], lengths - 1)
-        logits = self.engine.decode(tokens, positions, kv_len)
+        step_flags, step_log_probs, logits = select_and_decode(
+            self.table, span, self._logits, batch.params, self.engine.vocab_limit, self.engine.decode, kv_len,
+            stop_words=batch.stop_words, bad_words=batch.bad_words, want_log_probs=batch.want_log_probs)
+        self.readback.launch(step_flags, step_log_probs)
         if self.step_graphs is not None:  # keep the persistent buffer current for the next graph-replayed step
             self.step_graphs.logits[:span].copy_(logits)
         else:

@@ -27,7 +27,7 @@ from typing import Protocol
 import torch
 
 from .gpt import DecodeGraphs, GptModel
-from .sampling import RowState, SlotParams, advance_rows, process_logits
+from .sampling import BadWords, RowState, SlotParams, WordTable, advance_rows, process_logits
 
 
 class SlotState(Protocol):
@@ -123,16 +123,32 @@ class StepGraphs:
             any_greedy=flags.any_greedy, max_top_k=flags.max_top_k, use_temperature=flags.use_temperature,
             use_repetition=flags.use_repetition, use_presence=flags.use_presence,
             use_min_length=flags.use_min_length, use_frequency=flags.use_frequency)
-        history, lengths, generated = table.history[:rows], table.lengths[:rows], table.generated[:rows]
-        finished = table.finished[:rows]
-        seen = table.seen[:rows] if params.uses_seen_tokens else None
-        processed = process_logits(self.logits[:rows], params, generated=generated, seen=seen, bad_words=None,
-                                   history=history, lengths=lengths, vocab_limit=self.vocab_limit)
-        state = RowState(history=history, lengths=lengths, generated=generated, finished=finished,
-                         stopped=table.stopped[:rows], output_len=table.output_len[:rows], seen=seen)
-        tokens, active, _ = advance_rows(processed, params, generated, state, None, False)
+        step_flags, _, logits = select_and_decode(table, rows, self.logits, params, self.vocab_limit,
+                                                  self.model.decode, kv_len)
         # [4, rows] -> the first 4 * rows entries of the readback buffer (a contiguous destination: see _Readback).
-        step_flags = torch.stack([tokens, active.long(), finished.long(), state.stopped.long()])
         self.readback[:4 * rows].view(4, rows).copy_(step_flags, non_blocking=True)
-        positions = torch.where(finished, table.park[:rows], lengths - 1)
-        self.logits[:rows].copy_(self.model.decode(tokens, positions, kv_len))
+        self.logits[:rows].copy_(logits)
+
+
+def select_and_decode(table: SlotState, rows: int, logits: torch.Tensor, params: SlotParams, vocab_limit: int,
+                      decode: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor], kv_len: int, *,
+                      stop_words: WordTable | None = None, bad_words: BadWords | None = None,
+                      want_log_probs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One step of slots 0..rows-1, the same ops whether replayed from a graph or run one by one: select each row's
+    token from `logits` [>= rows, V], advance the slot table, then decode. Returns (tokens, active, finished,
+    stopped as [4, rows] int64, the chosen log-probs or None, the next logits [rows, V])."""
+    history, lengths, generated = table.history[:rows], table.lengths[:rows], table.generated[:rows]
+    finished = table.finished[:rows]
+    seen = table.seen[:rows] if params.uses_seen_tokens else None
+    processed = process_logits(logits[:rows], params, generated=generated, seen=seen, bad_words=bad_words,
+                               history=history, lengths=lengths, vocab_limit=vocab_limit)
+    state = RowState(history=history, lengths=lengths, generated=generated, finished=finished,
+                     stopped=table.stopped[:rows], output_len=table.output_len[:rows], seen=seen)
+    # Each row's own step index (tokens generated so far) keys its seeded sampling, exactly as when it runs alone;
+    # finished and free slots emit end_id and stay put.
+    tokens, active, log_probs = advance_rows(processed, params, generated, state, stop_words, want_log_probs)
+    step_flags = torch.stack([tokens, active.long(), finished.long(), state.stopped.long()])
+    # A running row's next position is its length - 1; finished and free slots decode at their parking position
+    # (junk nothing reads): 0, or a prefilling row's next uncached position.
+    positions = torch.where(finished, table.park[:rows], lengths - 1)
+    return step_flags, log_probs, decode(tokens, positions, kv_len)
