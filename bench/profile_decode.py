@@ -81,7 +81,6 @@ def kernel_choices(best: DecodeKernels) -> dict[str, DecodeKernels]:
             "+skinny_gemm": replace(eager, skinny_rows=best.skinny_rows),
             "all but skinny": replace(best, skinny_rows=0),
             "all, plain launches": replace(best, pdl=False),
-            "all, prefetch 512": replace(best, prefetch_k=512),
             "all, skinny <= 64": replace(best, skinny_rows=64), "all": best}
 
 
@@ -234,15 +233,14 @@ def bench_attention(device: torch.device) -> None:
 
 def tune_skinny(model: GptModel, batches: list[int], steps: int, prompt_len: int) -> None:
     """Skinny GEMM launch shapes in the real decode step (CUDA graphs, the model's other kernels as chosen):
-    block_n, pipeline stages, warps, split-K target and the L2 prefetch."""
-    saved_plans, saved_kernels = dict(model.skinny_plans), model.kernels
+    block_n, pipeline stages, warps and split-K target."""
+    saved = dict(model.skinny_plans)
     config = model.config
     h, f = config.hidden_size, config.inter_size
     for batch in batches:
         prompt = torch.randint(100, 50000, (batch, prompt_len), device=model.device)
         results = []
-        for block_n, stages, warps, target, prefetch in itertools.product((16, 32), (3, 5), (2, 4), (256, 512),
-                                                                          (0, 512)):
+        for block_n, stages, warps, target in itertools.product((16, 32), (3, 5), (2, 4), (256, 512)):
             plans = {"qkv": _skinny_plan(3 * h, h, may_split=False, block_n=block_n),
                      "out": _skinny_plan(h, h, may_split=True, block_n=block_n, target_programs=target),
                      "fc1": _skinny_plan(f, h, may_split=False, block_n=block_n),
@@ -250,16 +248,15 @@ def tune_skinny(model: GptModel, batches: list[int], steps: int, prompt_len: int
                      "lm_head": _skinny_plan(config.vocab_size, h, may_split=False, block_n=block_n)}
             model.skinny_plans = {name: replace(plan, num_stages=stages, num_warps=warps)
                                   for name, plan in plans.items() if plan is not None}
-            model.kernels = replace(saved_kernels, prefetch_k=prefetch)
             ms = greedy_run(model, prompt, steps, timed=True)[0]
             results.append((ms, f"block_n {block_n} stages {stages} warps {warps} split-K target {target} "
-                                f"prefetch {prefetch} (out split {plans['out'].split_k}, fc2 split "
+                                f"(out split {plans['out'].split_k}, fc2 split "
                                 f"{plans['fc2'].split_k})"))
         results.sort()
         for ms, what in results[:6]:
             print(f"skinny batch {batch:2d} {ms:.3f} ms/step: {what}", flush=True)
         print(f"skinny batch {batch:2d} worst {results[-1][0]:.3f} ms/step: {results[-1][1]}", flush=True)
-    model.skinny_plans, model.kernels = saved_plans, saved_kernels
+    model.skinny_plans = saved
 
 
 def main() -> None:

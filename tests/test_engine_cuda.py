@@ -89,7 +89,7 @@ def test_fused_decode_kernels_match_eager_ops(tiny: TinyGpt, dtype: torch.dtype)
 
 @torch.inference_mode()
 def test_dependent_launches_in_cuda_graphs_change_no_bit(tiny: TinyGpt) -> None:
-    """Programmatic dependent launch (and the skinny GEMM's L2 prefetch) only move kernel starts earlier: inside the
+    """Programmatic dependent launch only moves kernel starts earlier: inside the
     decode CUDA graphs the logits and the KV cache equal plainly launched kernels' bit for bit, over several steps
     (a kernel reading its predecessor's output before it is complete would show here)."""
     model = GptEngine.from_ft_dir(tiny.ft_dir, device="cuda:0", dtype=torch.float16, max_batch_size=16).model
@@ -110,8 +110,8 @@ def test_dependent_launches_in_cuda_graphs_change_no_bit(tiny: TinyGpt) -> None:
             token, positions = step.argmax(-1), positions + 1
         return logits, [cache[:3, :, :24].clone() for cache in model.k_cache + model.v_cache]
 
-    pdl = replace(model.kernels, skinny_rows=16, pdl=True, prefetch_k=256)
-    plain_logits, plain_cache = run(replace(pdl, pdl=False, prefetch_k=0))
+    pdl = replace(model.kernels, skinny_rows=16, pdl=True)
+    plain_logits, plain_cache = run(replace(pdl, pdl=False))
     pdl_logits, pdl_cache = run(pdl)
     for got, want in zip(pdl_logits + pdl_cache, plain_logits + plain_cache):
         assert torch.equal(got, want)
@@ -131,6 +131,6 @@ def test_skinny_linear_matches_the_eager_product(rows: int) -> None:
     finished = gpt_kernels.skinny_linear(x, w, b, activation="gelu_tanh", block_n=32, block_k=128)
     torch.testing.assert_close(finished.float(), F.gelu(exact, approximate="tanh"), rtol=1e-2, atol=1e-2)
     pdl = gpt_kernels.pdl_supported(x.device)
-    partials = gpt_kernels.skinny_linear(x, w, split_k=2, block_n=16, block_k=128, pdl=pdl, prefetch_k=256)
+    partials = gpt_kernels.skinny_linear(x, w, split_k=2, block_n=16, block_k=128, pdl=pdl)
     assert partials.shape == (2, rows, 384) and partials.dtype == torch.float32
     torch.testing.assert_close(partials.sum(0), exact - b.float(), rtol=1e-3, atol=1e-3)

@@ -110,7 +110,6 @@ class DecodeKernels:
     gemm_epilogue: bool = False  # cuBLASLt bias + GELU(tanh)/ReLU epilogue on the MLP's first GEMM
     skinny_rows: int = 0  # decode batches of at most this many rows (<= 64) run the Triton skinny GEMM
     pdl: bool = False  # launch the Triton kernels as programmatic dependents (Hopper): no launch gap between them
-    prefetch_k: int = 0  # skinny GEMM programs first pull this many columns of their weights into L2 (with pdl)
 
     @classmethod
     def for_model(cls, config: GptModelConfig, device: torch.device, dtype: torch.dtype) -> DecodeKernels:
@@ -253,8 +252,7 @@ class GptModel:
             assert shape is not None  # skinny is off (skinny_rows=0) when any weight has no plan: see __init__
             return gpt_kernels.skinny_linear(x, weight, bias, activation=act, block_k=shape.block_k,
                                              block_n=shape.block_n, num_stages=shape.num_stages,
-                                             num_warps=shape.num_warps, pdl=self.kernels.pdl,
-                                             prefetch_k=self.kernels.prefetch_k)
+                                             num_warps=shape.num_warps, pdl=self.kernels.pdl)
         if activation and self.kernels.gemm_epilogue and bias is not None:
             # cuBLASLt's GELU epilogue is the tanh approximation (ATen's own fallback for it is gelu(tanh)); on an
             # H100 it was closer to fp32 gelu(tanh) than fp16 linear + gelu (bench/profile_decode.py).
@@ -273,8 +271,7 @@ class GptModel:
 
             return gpt_kernels.skinny_linear(x, weight, split_k=shape.split_k, block_k=shape.block_k,
                                              block_n=shape.block_n, num_stages=shape.num_stages,
-                                             num_warps=shape.num_warps, pdl=self.kernels.pdl,
-                                             prefetch_k=self.kernels.prefetch_k), bias
+                                             num_warps=shape.num_warps, pdl=self.kernels.pdl), bias
         return self._linear(x, weight, bias, plan, skinny=skinny), None
 
     def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, first_slot: int = 0,

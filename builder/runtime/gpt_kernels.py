@@ -45,21 +45,15 @@ def _launch_options(pdl: bool) -> dict[str, bool]:
 
 # Programmatic dependent launch (PDL), for the chain of small kernels of one decode step: a kernel launched with it
 # may start while the previous kernel in the stream is still running; `_wait_previous` blocks until that kernel has
-# finished and its writes are visible. Every kernel here reads and writes activations only after it, so a PDL kernel
-# runs exactly as a plainly launched one, minus the launch gap. Before it, a GEMV may only touch immutable weights
-# (the L2 prefetch below). Signalling dependents only after the wait keeps at most one kernel launched ahead.
+# finished and its writes are visible. Every kernel here reads and writes anything only after it, so a PDL kernel
+# runs exactly as a plainly launched one, minus the launch gap. Signalling dependents only after the wait keeps at most
+# one kernel launched ahead. (An L2 prefetch of a GEMV's weights before the wait was slower on an H200 at every batch:
+# the next matrix does not fit in L2 beside the one being streamed; docs/benchmarks.md.)
 @triton.jit
 def _wait_previous(USE_PDL: tl.constexpr):
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
-def _prefetch_l2(ptrs):
-    # A hint to bring one 128-byte line into L2; it never faults on a valid address and returns at once.
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -124,17 +118,12 @@ def _gelu_tanh(x):
 def _skinny_linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n, k, k_per_split,
                           SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
                           IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          USE_PDL: tl.constexpr, PREFETCH_K: tl.constexpr, LINE: tl.constexpr):
+                          USE_PDL: tl.constexpr):
     block_n, split = tl.program_id(0), tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     k_start = split * k_per_split
-    if PREFETCH_K > 0:  # start streaming this program's first weights into L2 while the previous kernel finishes
-        rows_w = tl.minimum(offs_n, n - 1)  # clamped: past-the-end rows prefetch a valid line again
-        lines = tl.arange(0, 16) * LINE
-        for l0 in range(k_start, k_start + PREFETCH_K, 16 * LINE):
-            _prefetch_l2(w_ptr + rows_w[:, None] * k + tl.minimum(l0 + lines, k - 1)[None, :])
     _wait_previous(USE_PDL)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
@@ -160,13 +149,11 @@ def _skinny_linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n, k, k_per_spl
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                   activation: str = "none", split_k: int = 1, block_n: int = 32, block_k: int = 128,
-                  num_warps: int = 4, num_stages: int = 5, pdl: bool = False, prefetch_k: int = 0) -> torch.Tensor:
+                  num_warps: int = 4, num_stages: int = 5, pdl: bool = False) -> torch.Tensor:
     """x [rows <= 64, K] @ weight[N, K]^T (+ bias, activation) -> [rows, N] in x's dtype; or, with split_k > 1,
     the unreduced fp32 partials [split_k, rows, N] (no bias, no activation: `add_layer_norm` finishes them).
 
-    pdl: launch it as a programmatic dependent of the previous kernel (Hopper); prefetch_k: each program first asks
-    L2 for the first prefetch_k columns of its weight rows (with pdl, that fetch overlaps the previous kernel's
-    tail; all of them measured slower on an H200 than none: L2 cannot hold a whole next weight beside the current)."""
+    pdl: launch it as a programmatic dependent of the previous kernel (Hopper)."""
     rows, k = x.shape
     n = weight.shape[0]
     if rows > SKINNY_MAX_ROWS:
@@ -183,9 +170,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     _skinny_linear_kernel[grid](x, weight, bias if bias is not None else weight, out, rows, n, k, k // split_k,
                                 SPLIT_K=split_k, HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation],
                                 IEEE=x.dtype == torch.float32, BLOCK_M=max(16, triton.next_power_of_2(rows)),
-                                BLOCK_N=block_n, BLOCK_K=block_k, USE_PDL=pdl, PREFETCH_K=min(prefetch_k, k // split_k),
-                                LINE=128 // weight.element_size(), num_warps=num_warps, num_stages=num_stages,
-                                **_launch_options(pdl))
+                                BLOCK_N=block_n, BLOCK_K=block_k, USE_PDL=pdl, num_warps=num_warps,
+                                num_stages=num_stages, **_launch_options(pdl))
     return out
 
 
