@@ -8,7 +8,8 @@ to that instance. Our side: `TritonServer.dead_stubs()` names the dead instance 
 `python -m builder serve` and the demo run) stops the server and exits with STUB_DIED_EXIT_CODE so a supervisor restarts
 it.
 
-A generation of LONG_TOKENS new tokens takes about 1.5-2 s on the demo model (2 CPU cores); the faults hit it mid-way.
+A generation of LONG_TOKENS new tokens takes about 0.35 s on the demo model (2 CPU cores); the faults hit it mid-way,
+once the core stub is seen computing. The client-timeout test does not race the model: a forwarder holds the answer.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> No
 
 
 def generating(stub: psutil.Process) -> Callable[[], bool]:
-    """A condition: the idle core stub has started computing (a generation of LONG_TOKENS takes ~1 s of its CPU
+    """A condition: the idle core stub has started computing (a generation of LONG_TOKENS takes ~0.35 s of its CPU
     here, an idle stub none), so a request sent just before is in flight inside the core model."""
     def cpu_s() -> float:
         times = stub.cpu_times()
@@ -130,12 +131,15 @@ def generating(stub: psutil.Process) -> Callable[[], bool]:
 
 # -- (b) the client against the real ensemble ----------------------------------------------------------------------
 class LateForwarder:
-    """A loopback TCP port that refuses connections until `open()`, then forwards them to `target` ("host:port")."""
+    """A loopback TCP port that refuses connections until `open()`, then forwards them to `target` ("host:port").
+    Setting `reply_delay_s` holds every later chunk of the server's answers that long (a slow server, without racing
+    the model's speed)."""
 
     def __init__(self, target: str):
         self.host, port = target.rsplit(":", 1)
         self.target_port = int(port)
         self.port = free_port()
+        self.reply_delay_s = 0.0
         self._listener: socket.socket | None = None
 
     @property
@@ -158,13 +162,14 @@ class LateForwarder:
             except OSError:
                 return
             upstream = socket.create_connection((self.host, self.target_port))
-            for source, sink in ((downstream, upstream), (upstream, downstream)):
-                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+            for source, sink, held in ((downstream, upstream, False), (upstream, downstream, True)):
+                threading.Thread(target=self._pipe, args=(source, sink, held), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, held: bool) -> None:
         try:
             while data := source.recv(65536):
+                if held and self.reply_delay_s:
+                    time.sleep(self.reply_delay_s)
                 sink.sendall(data)
         except OSError:
             pass
@@ -201,12 +206,18 @@ def test_client_retries_connection_errors_until_the_server_answers(server: Trito
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_client_timeout_is_honoured_and_the_server_carries_on(server: TritonServer, protocol: str) -> None:
-    with TextClient(url_of(server, protocol), protocol=protocol, timeout_s=0.3, retries=3) as client:
-        _ = client.model_info  # read the config first: the timeout under test is the generation's
-        started = time.monotonic()
-        with pytest.raises(RequestTimeoutError, match="within 0.3 s"):
-            client.generate(PROMPT, max_tokens=LONG_TOKENS)
-        assert time.monotonic() - started < 1.2  # not retried: a timeout is not a connection failure
+    forwarder = LateForwarder(url_of(server, protocol))
+    forwarder.open()
+    try:
+        with TextClient(forwarder.url, protocol=protocol, timeout_s=0.3, retries=3) as client:
+            _ = client.model_info  # read the config first: the timeout under test is the generation's
+            forwarder.reply_delay_s = 3.0  # the answer arrives 3 s late, whatever the model's speed
+            started = time.monotonic()
+            with pytest.raises(RequestTimeoutError, match="within 0.3 s"):
+                client.generate(PROMPT, max_tokens=LONG_TOKENS)
+            assert time.monotonic() - started < 1.2  # not retried: a timeout is not a connection failure
+    finally:
+        forwarder.close()
     with TextClient(url_of(server, protocol), protocol=protocol) as client:
         assert client.generate(PROMPT, max_tokens=3).num_output_tokens == 3
 
