@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -135,11 +136,29 @@ SCALAR_INPUTS: tuple[ScalarInput, ...] = tuple(
     if i.tensor.dims == (1,) and i.tensor.data_type != "STRING" and i.name != MAX_TOKENS and not i.alias_of)
 
 
+@lru_cache(maxsize=64)
+def _default_tensors(config: PreprocessConfig, batch: int) -> dict[str, np.ndarray]:
+    """The FT tensor of every input a request leaves out, for `batch` rows; built once and shared (read-only).
+
+    Most requests set two or three inputs; building the other ~17 tensors per request cost more than the tokenizer
+    on a 2-core host (each NumPy call touches cold code between requests)."""
+    tensors = {spec.output: np.full((batch, 1), spec.default(config), dtype=FT_OUTPUT_DTYPES[spec.output])
+               for spec in SCALAR_INPUTS if spec.output in FT_OUTPUT_DTYPES}  # [B, 1] each
+    for spec in SCALAR_INPUTS:
+        if spec.name in contract.STREAMING_CORE_INPUTS:  # a streaming torch core's; same names
+            tensors[spec.name] = np.full((batch, 1), spec.default(config), dtype=np.bool_)
+    for output in WORD_LIST_INPUTS.values():
+        tensors[output] = encode_word_lists([[] for _ in range(batch)])  # [B, 2, 1]: no words
+    for array in tensors.values():
+        array.flags.writeable = False
+    return tensors
+
+
 @dataclass
 class _ParsedRequest:
     prompts: list[str]
     max_tokens: np.ndarray  # [B] int64
-    scalars: dict[str, np.ndarray]  # ensemble input name -> [B] values (defaults filled)
+    scalars: dict[str, np.ndarray]  # ensemble input name -> [B] values, for the inputs given (_default_tensors: others)
     words: dict[str, list[list[str]]] = field(default_factory=dict)  # stop_words/bad_words -> per row variants
 
 
@@ -199,17 +218,17 @@ def _parse_request(inputs: Mapping[str, np.ndarray], config: PreprocessConfig) -
     for spec in SCALAR_INPUTS:
         given = _per_row(inputs, spec.name, batch)
         if given is None:
-            scalars[spec.name] = np.full(batch, spec.default(config))
             continue
         for row, value in enumerate(given.tolist()):
             problem = spec.problem(value, config)
             if problem:
                 raise RequestError(spec.name, f"{problem}{_row_label(row, batch)}")
         scalars[spec.name] = given
-    problem = contract.same_beam_width(scalars["beam_width"].astype(np.int64).tolist())
-    if problem:
-        raise RequestError("beam_width", problem)
-    for row, (min_tokens, limit) in enumerate(zip(scalars[contract.MIN_TOKENS].tolist(), max_tokens.tolist())):
+    if "beam_width" in scalars:  # left out: 1 for every row
+        problem = contract.same_beam_width(scalars["beam_width"].astype(np.int64).tolist())
+        if problem:
+            raise RequestError("beam_width", problem)
+    for row, (min_tokens, limit) in enumerate(zip(scalars.get(contract.MIN_TOKENS, ()), max_tokens.tolist())):
         if min_tokens > limit:
             raise RequestError(contract.MIN_TOKENS, f"must be <= max_tokens{_row_label(row, batch)}")
 
@@ -265,11 +284,15 @@ def _ft_tensors(parsed: _ParsedRequest, prompt_ids: list[list[int]], word_ids: d
                                          f"leading-space variants); the limit is {config.max_word_list_tokens}")
 
     scalars = dict(parsed.scalars)
-    top_k, top_p, temperature = (spec.name for spec in SCALAR_INPUTS[:3])  # the contract's order
-    scalars[top_k], scalars[top_p], scalars[temperature] = contract.greedy_for_ft(
-        scalars[top_k], scalars[top_p], scalars[temperature])
+    defaults = _default_tensors(config, batch)
+    sampling = SCALAR_INPUTS[:3]  # top_k, top_p, temperature: the contract's order
+    if sampling[2].name in scalars:  # only a given temperature can be 0, which greedy_for_ft rewrites
+        top_k, top_p, temperature = (scalars[spec.name] if spec.name in scalars
+                                     else defaults[spec.output].reshape(batch) for spec in sampling)
+        scalars[sampling[0].name], scalars[sampling[1].name], scalars[sampling[2].name] = contract.greedy_for_ft(
+            top_k, top_p, temperature)
 
-    pad_ids = scalars["pad_id"].astype(np.int64)
+    pad_ids = scalars["pad_id"].astype(np.int64) if "pad_id" in scalars else np.full(batch, config.default_pad_id)
     width = max(len(ids) for ids in prompt_ids)
     input_ids = np.empty((batch, width), dtype=np.uint32)  # [B, longest prompt], right-padded per row
     for row, ids in enumerate(prompt_ids):
@@ -283,11 +306,12 @@ def _ft_tensors(parsed: _ParsedRequest, prompt_ids: list[list[int]], word_ids: d
     }
     for spec in SCALAR_INPUTS:
         if spec.output in config.outputs:
-            tensors[spec.output] = scalars[spec.name].reshape(batch, 1).astype(FT_OUTPUT_DTYPES[spec.output])
+            tensors[spec.output] = (scalars[spec.name].reshape(batch, 1).astype(FT_OUTPUT_DTYPES[spec.output])
+                                    if spec.name in scalars else defaults[spec.output])
     for name in contract.STREAMING_CORE_INPUTS:  # a streaming torch core's; same names
-        tensors[name] = scalars[name].reshape(batch, 1).astype(np.bool_)
+        tensors[name] = scalars[name].reshape(batch, 1).astype(np.bool_) if name in scalars else defaults[name]
     for name, output in WORD_LIST_INPUTS.items():
-        tensors[output] = encode_word_lists(word_ids.get(name, [[] for _ in range(batch)]))
+        tensors[output] = encode_word_lists(word_ids[name]) if name in word_ids else defaults[output]
     return {name: tensors[name] for name in config.outputs}
 
 
