@@ -4,7 +4,8 @@
 #   bash bench/gpu_run.sh diag    # decode-step profile (bench/profile_decode.py) + a short serving run with timeline
 #   bash bench/gpu_run.sh final   # CUDA tests + the goals' runs of bench/serving_bench.py -> docs/gpu/serving.*
 #   bash bench/gpu_run.sh serving # the CUDA tests of the engine and scheduler, then the goals' serving runs without
-#                                 # the core-model runs (one call under 10 minutes); step graphs off if their test fails
+#                                 # the core-model runs (one call under 10 minutes); step graphs off if their test fails;
+#                                 # then the first token's stage timeline (bench/ttft_timeline.py)
 #   bash bench/gpu_run.sh host    # the scheduler alone with a host profile (bench/inflight_engine.py --profile),
 #                                 # then a short serving run (batch 1, 64/256 streams, mixed) with its timeline
 #   bash bench/gpu_run.sh kernels # CUDA tests + decode-step kernel choices at batch 1/8/64/256 with a batch-1
@@ -43,6 +44,9 @@ elif [ "$mode" = serving ]; then
   if [ $rc -ne 0 ]; then export GPT_TRITON_STEP_GRAPHS=0; echo "step graphs OFF for the bench" >> "$OUT/cuda_tests.txt"; fi
   timeout ${BENCH_TIMEOUT:-400} python bench/serving_bench.py --out "$OUT/serving.json" --work /tmp/serving-bench \
     --levels 1,64,256 --skip-core --seconds 3 --mixed-seconds 8 --max-trials 6 --bs1-reps 20 > "$OUT/bench.log" 2>&1
+  # Where the first token's time goes, from Triton's trace (the repository serving_bench.py rendered above).
+  timeout 90 python bench/ttft_timeline.py --repository /tmp/serving-bench/repo --prompt-tokens 512 --requests 40 \
+    --machine "one NVIDIA H200" --out "$OUT/ttft_timeline.json" > "$OUT/ttft_timeline.log" 2>&1
 elif [ "$mode" = switch ]; then  # the loop's GIL switch interval: streamed runs only, at $GPT_TRITON_SWITCH_INTERVAL_US
   timeout 300 python bench/serving_bench.py --out "$OUT/serving.json" --work /tmp/serving-bench \
     --levels 1,64,256 --skip-core --skip-not-streamed --skip-mixed --seconds 3 --bs1-reps 20 > "$OUT/bench.log" 2>&1

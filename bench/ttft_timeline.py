@@ -1,0 +1,174 @@
+"""Where the first streamed token's time goes, stage by stage, from Triton's own request trace (issue 17).
+
+    python bench/ttft_timeline.py --out docs/perf/ttft_timeline_cpu.json        # the CPU demo, streaming variant
+    python bench/ttft_timeline.py --repository R --prompt-tokens 512 --out OUT/ttft_timeline.json   # a --streaming repo
+
+Starts tritonserver on a streaming repository with request tracing at TIMESTAMPS level for every request (the trace
+files go to a private temporary folder), then sends `--requests` pairs over one gRPC stream, one request at a time:
+a streamed ensemble request (a prompt of exactly --prompt-tokens tokens, --new-tokens new tokens), then the same token
+ids to the core model, streamed. From the trace, per stage, the median time after the ensemble request arrived
+(its REQUEST_START): preprocessing queued / computing / outputs ready, the core queued / computing (a decoupled
+core's execute only queues the request) / its first response reaching postprocessing / postprocessing's outputs
+ready / the ensemble's first response handed to gRPC; and for the core alone, its arrival to its first response
+handed to gRPC. Client side: the medians of the first response's arrival, ensemble and core, and of the pairs'
+differences. Writes the JSON and a markdown table beside it (same name, .md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+import gpu_bench  # bench/gpu_bench.py: the gRPC client over one stream
+from builder.demo import build_demo_repository
+from builder.serve import TritonServer
+from client.perf import DEFAULT_TOKENIZER_DIR, load_tokenizer, token_length_prompts
+
+# (label, model, event): the ensemble request's stages, in the order a request meets them. A Python model's outputs are
+# ready at COMPUTE_OUTPUT_START: its response is sent on (and the next step starts) before its COMPUTE_END.
+STAGES = (
+    ("preprocessing queued", "preprocessing", "QUEUE_START"),
+    ("preprocessing computing", "preprocessing", "COMPUTE_START"),
+    ("preprocessing's outputs ready", "preprocessing", "COMPUTE_OUTPUT_START"),
+    ("core queued", "core", "QUEUE_START"),
+    ("core computing", "core", "COMPUTE_START"),
+    ("core execute returned", "core", "COMPUTE_END"),
+    ("first response reaches postprocessing", "postprocessing", "REQUEST_START"),
+    ("postprocessing computing", "postprocessing", "COMPUTE_START"),
+    ("postprocessing's outputs ready", "postprocessing", "COMPUTE_OUTPUT_START"),
+    ("ensemble's first response to gRPC", "ensemble", "GRPC_SEND_START"),
+)
+
+
+def read_traces(folder: Path) -> tuple[dict[int, dict[str, Any]], dict[int, dict[str, list[int]]]]:
+    """Triton's trace files -> (id -> its model entry, id -> event name -> timestamps in ns, in order)."""
+    models: dict[int, dict[str, Any]] = {}
+    events: dict[int, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for path in sorted(folder.glob("trace.json*")):
+        for entry in json.loads(path.read_text()):
+            if "model_name" in entry:
+                models[entry["id"]] = entry
+            for stamp in entry.get("timestamps", []):
+                events[entry["id"]][stamp["name"]].append(stamp["ns"])
+    return models, events
+
+
+def stage_times(models: dict[int, dict[str, Any]], events: dict[int, dict[str, list[int]]], core: str
+                ) -> tuple[dict[str, list[float]], list[float]]:
+    """Per stage, ms after each streamed ensemble request's REQUEST_START; and the core-alone requests' ms from
+    arrival to their first response handed to gRPC."""
+    children: dict[int, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for trace_id, entry in models.items():
+        if "parent_id" in entry:
+            name = "core" if entry["model_name"] == core else entry["model_name"]
+            children[entry["parent_id"]][name].append(trace_id)
+    stages: dict[str, list[float]] = defaultdict(list)
+    core_alone: list[float] = []
+    for trace_id, entry in models.items():
+        own = events[trace_id]
+        if "parent_id" in entry or not own["GRPC_SEND_START"]:
+            continue
+        start = own["REQUEST_START"][0]
+        if entry["model_name"] == core:
+            core_alone.append((own["GRPC_SEND_START"][0] - start) / 1e6)
+            continue
+        steps = children.get(trace_id, {})
+        if len(steps.get("postprocessing", [])) < 2:  # not one of the streamed ensemble requests
+            continue
+        first_post = min(steps["postprocessing"], key=lambda child: events[child]["REQUEST_START"][0])
+        chosen = {"preprocessing": steps["preprocessing"][0], "core": steps["core"][0],
+                  "postprocessing": first_post, "ensemble": trace_id}
+        for label, model, event in STAGES:
+            stages[label].append((events[chosen[model]][event][0] - start) / 1e6)
+    return stages, core_alone
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [f"# Time to the first streamed response, stage by stage ({result['machine']})", "",
+             f"Repository `{result['repository']}`, {result['prompt_tokens']}-token prompt, {result['new_tokens']} "
+             f"new tokens, {result['requests']} pairs (ensemble, then core alone), one at a time over a gRPC stream.",
+             f"Command: `{result['command']}`", "",
+             "| stage (ensemble request) | median ms after it arrived | step |", "|---|---|---|"]
+    previous = 0.0
+    for label, value in result["ensemble_stages_ms"].items():
+        lines.append(f"| {label} | {value:.3f} | {value - previous:+.3f} |")
+        previous = value
+    client = result["client_ms"]
+    core_alone = result["core_alone_first_response_ms"]
+    lines += ["", f"Core alone: arrival to its first response handed to gRPC {core_alone:.3f} ms (median).", "",
+              f"Client: first response through the ensemble {client['ensemble_first_response']:.3f} ms, from the core "
+              f"alone {client['core_first_response']:.3f} ms; median of the pairs' differences "
+              f"{client['ensemble_adds']:.3f} ms.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repository", type=Path, help="a rendered --streaming repository (default: the CPU demo's)")
+    parser.add_argument("--core", default=gpu_bench.MODEL, help="the core model's name in the repository")
+    parser.add_argument("--prompt-tokens", type=int, default=50)
+    parser.add_argument("--new-tokens", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=100, help="pairs measured (after 10 warm-up pairs)")
+    parser.add_argument("--machine", default="this project's 2-core CPU machine", help="named in the results")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be >= 2: a streamed request then has a first response before its last")
+
+    repository = args.repository or build_demo_repository(Path("demo_repository_streaming"), streaming=True)
+    (text, ids), = token_length_prompts(load_tokenizer(DEFAULT_TOKENIZER_DIR), args.prompt_tokens, 1, seed=5)
+    with tempfile.TemporaryDirectory(prefix="ttft-trace-") as folder:  # private (0700): traces hold request data
+        trace_args = [f"--trace-config=triton,file={Path(folder) / 'trace.json'}", "--trace-config=level=TIMESTAMPS",
+                      "--trace-config=rate=1", "--trace-config=count=-1", "--trace-config=triton,log-frequency=50"]
+        with TritonServer.on_free_ports(repository, extra_args=trace_args) as server:
+            triton = gpu_bench.Triton(server.grpc_url, streaming=True)
+
+            def core_first() -> float:
+                inputs = [triton._input("input_ids", np.array([ids], np.uint32), "UINT32"),
+                          triton._input("input_lengths", np.array([[len(ids)]], np.uint32), "UINT32"),
+                          triton._input("request_output_len", np.array([[args.new_tokens]], np.uint32), "UINT32"),
+                          triton._input("min_length", np.array([[args.new_tokens]], np.uint32), "UINT32"),
+                          triton._input("stream", np.array([[True]]), "BOOL")]
+                return triton._call(args.core, inputs)[1][0] * 1e3
+
+            ensemble_ms, core_ms = [], []
+            for index in range(args.requests + 10):
+                first = triton.text(text, args.new_tokens, stream=True)[0] * 1e3
+                alone = core_first()
+                if index >= 10:
+                    ensemble_ms.append(first)
+                    core_ms.append(alone)
+        # The server has stopped, so the last trace file is complete; warm-up requests are in it too (medians).
+        models, events = read_traces(Path(folder))
+        stages, core_alone = stage_times(models, events, args.core)
+    if not stages or not core_alone:
+        raise SystemExit("the trace holds no streamed ensemble request or core request: is the repository streaming?")
+    result = {
+        "machine": args.machine, "repository": str(repository), "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens, "requests": args.requests, "command": " ".join(["python", *sys.argv]),
+        "ensemble_stages_ms": {label: statistics.median(stages[label]) for label, _, _ in STAGES},
+        "traced_ensemble_requests": len(stages[STAGES[0][0]]),
+        "core_alone_first_response_ms": statistics.median(core_alone),
+        "client_ms": {"ensemble_first_response": statistics.median(ensemble_ms),
+                      "core_first_response": statistics.median(core_ms),
+                      "ensemble_adds": float(np.median(np.subtract(ensemble_ms, core_ms)))},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
