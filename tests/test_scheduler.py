@@ -561,6 +561,30 @@ def test_a_request_sent_to_an_idle_scheduler_is_polled_for_cancellation(tiny: Ti
     assert output.cancelled and len(tokens(output)) < 6 + 100  # [] above: cancelled before its first decode
 
 
+def test_a_cancellation_reported_while_the_request_is_in_the_inbox_stops_it(tiny: TinyGpt, prompts) -> None:
+    """The sender polls a new request at once, so it can report the cancellation before the loop has moved the
+    request from its inbox to the waiting queue. Forced: between the loop's collect and its cancellations, a request
+    is submitted and reported cancelled at once. It must close without generating, not run to its full length."""
+    engine = new_engine(tiny, slots=4)
+    running, gone = Sink(name="running"), Sink(name="gone")
+    sent: list[bool] = []
+
+    class Racing(InflightScheduler):
+        def _apply_cancellations(self) -> None:
+            if not sent and self.stats.steps >= 2:
+                sent.append(True)
+                self.submit([request(prompts[1], 40)], gone)
+                self._request_cancel(self._inbox[-1])  # what the sender's poll does for a client that went away
+            super()._apply_cancellations()
+
+    with Racing(engine, cancel_poll_s=0.0) as scheduler:
+        scheduler.submit([request(prompts[0], 30)], running, stream=True)
+        output = gone.result()[0]
+        running.result()
+    assert sent and output.cancelled
+    assert len(tokens(output)) == len(prompts[1]), "the cancelled request generated tokens"
+
+
 def test_no_streamed_update_says_every_row_finished(tiny: TinyGpt, prompts, monkeypatch) -> None:
     """An update whose snapshot the loop finished meanwhile (after the sender checked the request was open) is not
     sent: a finish reason belongs to the final response only. Forced: the loop holds after its first decode until the

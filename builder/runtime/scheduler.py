@@ -691,11 +691,15 @@ class InflightScheduler:
         with self._lock:
             while not (self._stopping or self._inbox or self._waiting or self._occupied or self._cancels):
                 self._wake.wait()
-            for request in self._inbox:
-                request.queued_at_step = self.stats.steps
-            self._waiting.extend(self._inbox)
-            self._inbox.clear()
+            self._take_inbox()
             return not self._stopping
+
+    def _take_inbox(self) -> None:
+        """(Lock held.) Submissions join the waiting queue."""
+        for request in self._inbox:
+            request.queued_at_step = self.stats.steps
+        self._waiting.extend(self._inbox)
+        self._inbox.clear()
 
     def _maybe_report(self) -> None:
         now = time.monotonic()
@@ -708,6 +712,9 @@ class InflightScheduler:
 
     def _apply_cancellations(self) -> None:
         with self._lock:
+            # A request submitted since _collect_submissions may already be reported cancelled (the sender polls a
+            # new request at once): it must be in the waiting queue for _cancel to close it, not left in the inbox.
+            self._take_inbox()
             cancels, self._cancels = self._cancels, []
         for request in cancels:
             if not request.cancelled and not request.closed:
