@@ -12,7 +12,7 @@ from builder.runtime.core_io import RequestError
 from builder.runtime.generation import GptEngine
 from builder.runtime.gpt import GptModel
 from builder.runtime.sampling import (GREEDY_TEMPERATURE, SlotParams, counter_uniform, generated_counts,
-                                       sample_top_k_top_p)
+                                       sample_top_k_top_p, topk_width)
 from builder.runtime.scheduler import InflightScheduler
 from engine_testing import END_ID, TinyGpt, hf_generate, hf_next_token_logits, random_prompts, request
 
@@ -87,6 +87,23 @@ def test_sampler_follows_the_distribution() -> None:
     nucleus = sample_top_k_top_p(logits.expand(draws, -1), torch.zeros(draws, dtype=torch.long),
                                  torch.full((draws,), 0.6), uniform, max_top_k=None)
     assert set(nucleus.tolist()) == {0, 1}  # p(0) = 0.53 < 0.6 <= p(0) + p(1)
+
+
+def test_a_wider_topk_picks_the_same_tokens() -> None:
+    """The topk() width is rounded up to a power of two (so clients' top_k values cannot each add a step graph);
+    every row still keeps only its own top_k, so the sampled tokens equal those of the exact width."""
+    assert [topk_width(k) for k in (1, 2, 3, 5, 64, 65, 1000, 1024)] == [1, 2, 4, 8, 64, 128, 1024, 1024]
+    rows = 512
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(rows, 300, generator=generator)
+    top_k = torch.randint(1, 38, (rows,), generator=generator)
+    top_p = torch.where(torch.arange(rows) % 2 == 0, 0.0, torch.rand(rows, generator=generator))
+    uniform = counter_uniform(torch.arange(rows), torch.zeros(rows, dtype=torch.long), 3)
+    exact = sample_top_k_top_p(logits, top_k, top_p, uniform, max_top_k=int(top_k.max()))
+    wider = sample_top_k_top_p(logits, top_k, top_p, uniform, max_top_k=topk_width(int(top_k.max())))
+    assert topk_width(int(top_k.max())) > int(top_k.max())  # the test exercises a wider width
+    assert torch.equal(exact, wider)
+    assert bool((exact != logits.argmax(-1)).any())  # sampled, not all greedy
 
 
 def test_streaming_reports_every_step_cumulatively(engine: GptEngine, prompts) -> None:

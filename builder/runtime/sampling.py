@@ -23,6 +23,14 @@ NEG_INF = float("-inf")
 WORD_PAD = -1  # left padding of right-aligned words in a WordTable
 BEFORE_START = -2  # window entries before the first token of a sequence (never equal to a token or WORD_PAD)
 TOPK_FAST_LIMIT = 1024  # when every sampling row has 0 < top_k <= this, use topk() instead of a full vocab sort
+
+
+def topk_width(max_top_k: int) -> int:
+    """The topk() width for a batch whose largest top_k is `max_top_k` (<= TOPK_FAST_LIMIT): the next power of two.
+    Each row still masks past its own top_k, so the tokens are the same; the width is part of a step graph's key
+    (step_graphs.py), and clients choose top_k, so exact widths would let them make the server capture a graph per
+    value."""
+    return min(TOPK_FAST_LIMIT, 1 << (max_top_k - 1).bit_length())
 _MASK32 = 0xFFFFFFFF
 # A temperature below this is greedy, as temperature 0 is. Dividing logits by 1e-44 overflows float32 (inf - inf =
 # NaN in the softmax, so random tokens); at 1e-5 even a logit of 1e33 stays finite, and softmax(logits / T) is
@@ -92,7 +100,7 @@ class SlotParams:
             seed_hi=column([r.random_seed >> 32 for r in requests], torch.long),
             any_sampling=bool(sampling),
             any_greedy=len(sampling) < len(requests),
-            max_top_k=max(top_ks) if bounded else None,
+            max_top_k=topk_width(max(top_ks)) if bounded else None,
             use_temperature=any(t != 1.0 for t in temperatures),
             use_repetition=any(r.repetition_penalty != 1.0 for r in requests),
             use_presence=any(r.presence_penalty != 0.0 for r in requests),

@@ -49,7 +49,8 @@ from .core_io import GenerationRequest, RequestError, RowOutput
 from .generation import STEP_PROMPT_TOKENS, GptEngine, ResourceError, row_output
 from .gpt import GptModel
 from .metrics import EngineMetrics, StepClock
-from .sampling import TOPK_FAST_LIMIT, BadWords, SlotParams, WordTable, effective_temperature, is_greedy
+from .sampling import (TOPK_FAST_LIMIT, BadWords, SlotParams, WordTable, effective_temperature, is_greedy,
+                       topk_width)
 from .step_graphs import StepGraphs, select_and_decode
 
 log = logging.getLogger(__name__)
@@ -338,7 +339,8 @@ class _SlotTable:
         params = SlotParams(  # the device columns of slots 0..span-1, and which optional work some row needs
             **{name: values[:span] for name, values in self.params.items()},
             any_sampling=bool(top_ks), any_greedy=len(top_ks) < len(flags),
-            max_top_k=max(top_ks) if top_ks and all(0 < k <= TOPK_FAST_LIMIT for k in top_ks) else None,
+            max_top_k=(topk_width(max(top_ks)) if top_ks and all(0 < k <= TOPK_FAST_LIMIT for k in top_ks)
+                       else None),
             use_temperature=any(f.temperature for f in flags), use_repetition=any(f.repetition for f in flags),
             use_presence=any(f.presence for f in flags), use_min_length=any(f.min_length for f in flags),
             use_frequency=any(f.frequency for f in flags))
