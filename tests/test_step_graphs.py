@@ -42,10 +42,22 @@ class ReplayedStepGraphs(StepGraphs):
         return SimpleNamespace(replay=replay)
 
 
-def replayed_step_graphs(scheduler: InflightScheduler, kv_bucket: int = 16) -> ReplayedStepGraphs:
+class FailingStepGraphs(ReplayedStepGraphs):
+    """CPU stand-in whose third capture fails after its step ran, as a CUDA capture that runs out of memory does."""
+
+    def _graph(self, run: Any) -> Any:
+        if len(self.graphs) < 2:
+            return super()._graph(run)
+        run()
+        self.failure = "capturing a step graph failed (out of memory, simulated)"
+        return None
+
+
+def replayed_step_graphs(scheduler: InflightScheduler, kv_bucket: int = 16,
+                         kind: type[ReplayedStepGraphs] = ReplayedStepGraphs) -> ReplayedStepGraphs:
     """Install CPU step graphs on a scheduler that has not started (a CPU engine has no decode graphs)."""
     assert scheduler.step_graphs is None
-    graphs = ReplayedStepGraphs(scheduler.engine.model, scheduler.table, scheduler.readback.flags,
+    graphs = kind(scheduler.engine.model, scheduler.table, scheduler.readback.flags,
                                 scheduler.engine.vocab_limit, buckets=batch_buckets(scheduler.slot_count),
                                 kv_bucket=kv_bucket)
     scheduler.step_graphs, scheduler._logits = graphs, graphs.logits
@@ -80,12 +92,13 @@ def workload(engine: GptEngine) -> tuple[list[GenerationRequest], list[Generatio
 
 
 def serve(engine: GptEngine, first: list[GenerationRequest], second: list[GenerationRequest], *,
-          cpu_graphs: bool) -> tuple[list[RowOutput], ReplayedStepGraphs | None]:
+          cpu_graphs: bool, kind: type[ReplayedStepGraphs] = ReplayedStepGraphs
+          ) -> tuple[list[RowOutput], ReplayedStepGraphs | None, InflightScheduler]:
     """The first wave at once (4 slots: the rest wait), then the second while the first still runs, but its last
     request, which runs alone once everything else has finished."""
     sinks = [Sink(name=str(i)) for i in range(len(first) + len(second))]
     scheduler = InflightScheduler(engine, step_prompt_tokens=8, admit_gather_steps=0)
-    graphs = replayed_step_graphs(scheduler) if cpu_graphs else None
+    graphs = replayed_step_graphs(scheduler, kind=kind) if cpu_graphs else None
     with scheduler:
         for i, row in enumerate(first):
             scheduler.submit([row], sinks[i], stream=bool(i % 2))
@@ -96,14 +109,14 @@ def serve(engine: GptEngine, first: list[GenerationRequest], second: list[Genera
         results = [sink.result()[0] for sink in sinks[:-1]]
         scheduler.submit([second[-1]], sinks[-1], stream=True)
         results.append(sinks[-1].result()[0])
-    return results, graphs
+    return results, graphs, scheduler
 
 
 def test_replayed_steps_equal_op_by_op_steps(tiny: TinyGpt) -> None:
     engine = GptEngine.from_ft_dir(tiny.ft_dir, max_batch_size=4, cancel_poll_s=0.0)
     first, second = workload(engine)
     solo = [engine.generate([row])[0] for row in first + second]
-    results, graphs = serve(engine, first, second, cpu_graphs=True)
+    results, graphs, _ = serve(engine, first, second, cpu_graphs=True)
     for i, (alone, result) in enumerate(zip(solo, results)):
         assert tokens(result) == tokens(alone), f"request {i}"
         assert result.finish_reason == alone.finish_reason, f"request {i}"
@@ -111,6 +124,21 @@ def test_replayed_steps_equal_op_by_op_steps(tiny: TinyGpt) -> None:
     rows, kvs, flags = (set(keys) for keys in zip(*graphs.graphs))
     assert len(rows) >= 2 and len(kvs) >= 3 and len(flags) >= 2, graphs.graphs.keys()
     assert solo[8].finish_reason == "stop"  # the stop word is reached: the op-by-op steps matter
+
+
+def test_a_failed_capture_leaves_the_steps_op_by_op(tiny: TinyGpt, caplog: pytest.LogCaptureFixture) -> None:
+    """A step whose graph cannot be captured has run all the same; the next steps go op by op, every request still
+    gets what it gets alone, and the log says why."""
+    engine = GptEngine.from_ft_dir(tiny.ft_dir, max_batch_size=4, cancel_poll_s=0.0)
+    first, second = workload(engine)
+    solo = [engine.generate([row])[0] for row in first + second]
+    results, graphs, scheduler = serve(engine, first, second, cpu_graphs=True, kind=FailingStepGraphs)
+    for i, (alone, result) in enumerate(zip(solo, results)):
+        assert tokens(result) == tokens(alone), f"request {i}"
+    assert graphs is not None and len(graphs.graphs) == 2 and scheduler.step_graphs is None
+    assert scheduler.stats.failed_requests == 0
+    assert any("out of memory, simulated" in record.getMessage() and "op by op" in record.getMessage()
+               for record in caplog.records)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -122,7 +150,7 @@ def test_cuda_step_graphs_equal_the_chunk_path(tiny: TinyGpt) -> None:
     solo = [engine.generate([row])[0] for row in first + second]
     with InflightScheduler(engine) as scheduler:
         assert scheduler.step_graphs is not None
-    results, _ = serve(engine, first, second, cpu_graphs=False)
+    results, _, _ = serve(engine, first, second, cpu_graphs=False)
     for i, (alone, result) in enumerate(zip(solo, results)):
         assert tokens(result) == tokens(alone), f"request {i}"
         assert result.finish_reason == alone.finish_reason, f"request {i}"

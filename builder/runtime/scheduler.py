@@ -911,6 +911,9 @@ class InflightScheduler:
                 kv_len = max(kv_len, min(row.prompt_len + row.issued, row.limit))
         if self.step_graphs is not None and batch.graphable:
             self.readback.launched(span, self.step_graphs.step(span, kv_len, batch.params))
+            if self.step_graphs.failure is not None:  # this step ran; the next ones go op by op
+                log.warning("%s: the in-flight steps run op by op from now on", self.step_graphs.failure)
+                self.step_graphs = None
         else:
             self._select_and_decode(batch, kv_len)
         self.stats.steps += 1

@@ -79,6 +79,7 @@ class StepGraphs:
         self.logits = torch.zeros((slots, vocab), dtype=model.dtype, device=model.device)
         self.pool = torch.cuda.graph_pool_handle() if model.device.type == "cuda" else None
         self.graphs: dict[tuple[int, int, SelectionFlags], Replayable] = {}
+        self.failure: str | None = None  # set when a capture failed: the scheduler then steps op by op
 
     @classmethod
     def for_decode_graphs(cls, model: GptModel, decode_graphs: DecodeGraphs, table: SlotState,
@@ -92,19 +93,24 @@ class StepGraphs:
     def step(self, span: int, kv_len: int, params: SlotParams) -> int:
         """Select a token for slots 0..span-1 from `self.logits`, update the slot table, copy (tokens, active,
         finished, stopped) of the rows bucket into the readback buffer as [4, bucket] and write the next decode's
-        logits into `self.logits`. Returns the rows bucket; record an event after it before reading back."""
+        logits into `self.logits`. Returns the rows bucket; record an event after it before reading back. A step whose
+        graph could not be captured has still run (`failure` says why)."""
         rows = self.rows_bucket(span)
         kv = min(self.model.max_seq_len, -(-kv_len // self.kv_bucket) * self.kv_bucket)
         flags = SelectionFlags.of(params)
         graph = self.graphs.get((rows, kv, flags))
         if graph is None:
-            self.graphs[(rows, kv, flags)] = self._graph(lambda: self._run(rows, kv, flags))
+            captured = self._graph(lambda: self._run(rows, kv, flags))
+            if captured is not None:
+                self.graphs[(rows, kv, flags)] = captured
         else:
             graph.replay()
         return rows
 
-    def _graph(self, run: Callable[[], None]) -> Replayable:
-        """Run the step for real on a side stream (lazy library init stays out of the graph), then record it."""
+    def _graph(self, run: Callable[[], None]) -> Replayable | None:
+        """Run the step for real on a side stream (lazy library init stays out of the graph), then record it. A failed
+        capture (e.g. out of memory mid-serving: graphs are captured as new batch shapes appear) returns None and
+        sets `failure`; the real run has advanced the step all the same."""
         device = self.model.device
         side = torch.cuda.Stream(device=device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -112,8 +118,12 @@ class StepGraphs:
             run()
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            run()  # recorded only: the state the real run advanced is not advanced twice
+        try:
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                run()  # recorded only: the state the real run advanced is not advanced twice
+        except RuntimeError as err:  # torch.OutOfMemoryError included
+            self.failure = f"capturing a step graph failed ({err})"
+            return None
         return graph
 
     def _run(self, rows: int, kv_len: int, flags: SelectionFlags) -> None:
