@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import queue
+import stat
 import subprocess
 import statistics
 import sys
@@ -42,6 +43,67 @@ MODEL = "gpt3_1.3b"
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+WORK_ROOT = "gpt-triton-bench"  # the benchmarks' scratch folders: <cache>/gpt-triton-bench/<script>
+
+
+class WorkDirError(RuntimeError):
+    """A scratch folder other local users could tamper with, or one that cannot be made; the message says which."""
+
+
+def default_work_dir(name: str) -> Path:
+    """The per-user default scratch folder `name`: $XDG_CACHE_HOME (else ~/.cache)/gpt-triton-bench/<name>."""
+    cache = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(cache) if os.path.isabs(cache) else Path.home() / ".cache") / WORK_ROOT / name
+
+
+def private_work_dir(work: Path | None, name: str) -> Path:
+    """The scratch folder to use (`work`, else default_work_dir(name)), made with mode 0700 where missing (its
+    missing parents too) and kept across runs (cached conversions); its resolved path. Refuses (WorkDirError) a
+    folder that is a symlink, not a directory, not owned by this user or group/world-writable, and one under a
+    folder that another user could replace it in (owned by neither this user nor root, or writable by others
+    without the sticky bit): the folder holds converted weights a run skips converting again and rendered model.py
+    files tritonserver runs, so nobody else may plant or swap them."""
+    path = (work.expanduser() if work is not None else default_work_dir(name)).absolute()
+    if path.name in ("", ".", ".."):
+        path = Path(os.path.realpath(path))
+    path = Path(os.path.realpath(path.parent)) / path.name  # resolved parents; the folder itself is never followed
+    uid = os.geteuid()
+    for folder in [*reversed(path.parents), path]:
+        try:
+            try:
+                info = os.lstat(folder)
+            except FileNotFoundError:
+                try:
+                    os.mkdir(folder, 0o700)
+                except FileExistsError:
+                    pass  # made meanwhile (by whom: the checks below tell)
+                info = os.lstat(folder)
+        except OSError as err:
+            raise WorkDirError(f"cannot create or inspect {folder} (scratch folder {path}): {err}") from err
+        if folder != path:
+            if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+                raise WorkDirError(f"{folder} (a parent of the scratch folder {path}) is not a plain directory")
+            if info.st_uid not in (uid, 0):
+                raise WorkDirError(f"{folder} (a parent of the scratch folder {path}) is owned by uid {info.st_uid}, "
+                                   f"neither you (uid {uid}) nor root; give --work a private folder")
+            if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+                raise WorkDirError(f"{folder} (a parent of the scratch folder {path}) is writable by others "
+                                   f"(mode {stat.S_IMODE(info.st_mode):o}, no sticky bit); give --work a private "
+                                   "folder")
+            continue
+        if stat.S_ISLNK(info.st_mode):
+            raise WorkDirError(f"refusing the scratch folder {path}: it is a symlink")
+        if not stat.S_ISDIR(info.st_mode):
+            raise WorkDirError(f"refusing the scratch folder {path}: it is not a directory")
+        if info.st_uid != uid:
+            raise WorkDirError(f"refusing the scratch folder {path}: it is owned by uid {info.st_uid}, not by you "
+                               f"(uid {uid})")
+        if info.st_mode & 0o022:
+            raise WorkDirError(f"refusing the scratch folder {path}: it is group/world-writable (mode "
+                               f"{stat.S_IMODE(info.st_mode):o}); chmod go-w it or pick another --work")
+    return path
 
 
 def copy_bandwidth_gbps() -> float:
@@ -205,7 +267,8 @@ def random_ft_weights(work: Path, preset: str) -> tuple[Path, float | None]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/gpu-bench"), help="scratch folder (checkpoints)")
+    parser.add_argument("--work", type=Path, help="private scratch folder, kept across runs (checkpoints) "
+                                                   f"[{default_work_dir('gpu-bench')}]")
     parser.add_argument("--out", type=Path, required=True, help="where results.json goes")
     parser.add_argument("--seconds", type=float, default=20.0, help="duration of each concurrency level")
     parser.add_argument("--concurrency", default="1,8,32,64")
@@ -217,7 +280,10 @@ def main() -> None:
                         help="render the decoupled (streaming) repository and measure over gRPC streams; adds TTFT "
                              "and inter-token latency from streamed responses")
     args = parser.parse_args()
-    args.work.mkdir(parents=True, exist_ok=True)
+    try:
+        args.work = private_work_dir(args.work, "gpu-bench")
+    except WorkDirError as err:
+        sys.exit(f"gpu_bench: {err}")
     args.out.mkdir(parents=True, exist_ok=True)
     cpu = args.smoke_on_cpu
     preset = "tiny" if cpu else "gpt3-1.3b"

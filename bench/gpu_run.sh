@@ -15,6 +15,10 @@ set -u
 mode=${1:-full}
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
+# serving_bench.py's scratch folder (checkpoint, FT weights, rendered repository, raw files), kept across runs: its
+# per-user default, never a shared /tmp path (serving_bench.py makes it 0700 and refuses one others could tamper
+# with); ttft_timeline.py below serves the repository rendered in it. BENCH_WORK overrides it.
+WORK=${BENCH_WORK:-${XDG_CACHE_HOME:-$HOME/.cache}/gpt-triton-bench/serving-bench}
 source scripts/gpu/setup.sh > "$OUT/cuda_tests.txt" 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 start=$(date +%s)
@@ -42,20 +46,20 @@ elif [ "$mode" = serving ]; then
   rc=$?
   echo "cuda tests rc=$rc in $(( $(date +%s) - start )) s" >> "$OUT/cuda_tests.txt"
   if [ $rc -ne 0 ]; then export GPT_TRITON_STEP_GRAPHS=0; echo "step graphs OFF for the bench" >> "$OUT/cuda_tests.txt"; fi
-  timeout ${BENCH_TIMEOUT:-400} python bench/serving_bench.py --out "$OUT/serving.json" --work /tmp/serving-bench \
+  timeout ${BENCH_TIMEOUT:-400} python bench/serving_bench.py --out "$OUT/serving.json" --work "$WORK" \
     --levels 1,64,256 --skip-core --seconds 3 --mixed-seconds 8 --max-trials 6 --bs1-reps 20 > "$OUT/bench.log" 2>&1
   # Where the first token's time goes, from Triton's trace (the repository serving_bench.py rendered above).
-  timeout 90 python bench/ttft_timeline.py --repository /tmp/serving-bench/repo --prompt-tokens 512 --requests 40 \
+  timeout 90 python bench/ttft_timeline.py --repository "$WORK/repo" --prompt-tokens 512 --requests 40 \
     --machine "one NVIDIA H200" --out "$OUT/ttft_timeline.json" > "$OUT/ttft_timeline.log" 2>&1
 elif [ "$mode" = switch ]; then  # the loop's GIL switch interval: streamed runs only, at $GPT_TRITON_SWITCH_INTERVAL_US
-  timeout 300 python bench/serving_bench.py --out "$OUT/serving.json" --work /tmp/serving-bench \
+  timeout 300 python bench/serving_bench.py --out "$OUT/serving.json" --work "$WORK" \
     --levels 1,64,256 --skip-core --skip-not-streamed --skip-mixed --seconds 3 --bs1-reps 20 > "$OUT/bench.log" 2>&1
 elif [ "$mode" = host ]; then
   timeout 150 python bench/inflight_engine.py --clients 64 256 --seconds 6 --profile > "$OUT/host.txt" 2>&1
   echo "rc=$? at $(( $(date +%s) - start )) s" >> "$OUT/host.txt"
   timeout 60 python bench/inflight_engine.py --clients 64 --seconds 5 --stream >> "$OUT/host.txt" 2>&1
   echo "rc=$? at $(( $(date +%s) - start )) s" >> "$OUT/host.txt"
-  timeout 300 python bench/serving_bench.py --out "$OUT/serving.json" --work /tmp/serving-bench \
+  timeout 300 python bench/serving_bench.py --out "$OUT/serving.json" --work "$WORK" \
     --levels 64,256 --skip-not-streamed --skip-core --seconds 3 --mixed-seconds 6 --bs1-reps 10 > "$OUT/bench.log" 2>&1
 elif [ "$mode" = diag ]; then
   # The model's decode step alone (GPU time per step), then the serving path with its timeline in the server log.
@@ -65,16 +69,16 @@ elif [ "$mode" = diag ]; then
     --prompt 192 --steps 32 --prefill 0 --no-profile >> "$OUT/profile.txt" 2>&1
   timeout 60 python bench/profile_decode.py --batch 64 --prompt 768 --steps 32 --prefill 1024 --no-profile \
     >> "$OUT/profile.txt" 2>&1
-  timeout 330 python bench/serving_bench.py --out "$OUT/serving.json" --work /tmp/serving-bench \
+  timeout 330 python bench/serving_bench.py --out "$OUT/serving.json" --work "$WORK" \
     --levels 64,256 --skip-not-streamed --skip-core --seconds 3 --mixed-seconds 6 --bs1-reps 10 > "$OUT/bench.log" 2>&1
 elif [ "$mode" = quick ]; then
-  timeout 420 python bench/serving_bench.py --out "$OUT/serving.json" --work /tmp/serving-bench \
+  timeout 420 python bench/serving_bench.py --out "$OUT/serving.json" --work "$WORK" \
     --levels 1,64,256 --core-levels 64 --seconds 3 --mixed-seconds 8 --bs1-reps 10 > "$OUT/bench.log" 2>&1
 else  # final (or bench: the same without the CUDA tests): the goals' runs, under the device's 10-minute limit.
-  timeout ${BENCH_TIMEOUT:-520} python bench/serving_bench.py --out "$OUT/serving.json" --work /tmp/serving-bench \
+  timeout ${BENCH_TIMEOUT:-520} python bench/serving_bench.py --out "$OUT/serving.json" --work "$WORK" \
     --levels ${LEVELS:-1,64,256} --core-levels ${CORE_LEVELS:-1,64} --seconds ${SECONDS_PER_RUN:-3} \
     --mixed-seconds ${MIXED_SECONDS:-8} --max-trials ${MAX_TRIALS:-6} --bs1-reps 20 > "$OUT/bench.log" 2>&1
 fi
 echo "bench rc=$? in $(( $(date +%s) - start )) s" >> "$OUT/bench.log"
-tail -c 400000 /tmp/serving-bench/raw/server.log > "$OUT/server_tail.log" 2>/dev/null || true
-ls /tmp/serving-bench >> "$OUT/bench.log" 2>&1
+tail -c 400000 "$WORK/raw/server.log" > "$OUT/server_tail.log" 2>/dev/null || true
+ls "$WORK" >> "$OUT/bench.log" 2>&1

@@ -556,8 +556,9 @@ def parse_range(text: str, option: str) -> tuple[int, int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="the JSON to write (.md and .png beside it)")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/serving-bench"),
-                        help="scratch folder: checkpoint, FT weights, repository, raw perf_analyzer files")
+    parser.add_argument("--work", type=Path,
+                        help="private scratch folder, kept across runs: checkpoint, FT weights, repository, raw "
+                             f"perf_analyzer files [{gpu_bench.default_work_dir('serving-bench')}]")
     parser.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
                         help="where the torch engine runs when the repository is built here; names the JSON's "
                              "`gpu` [gpu]")
@@ -614,7 +615,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    args.work = args.work.resolve()
+    args.work = gpu_bench.private_work_dir(args.work, "serving-bench")  # refuses one others could tamper with
     raw = args.work / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = json.loads(args.out.read_text()) if args.merge and args.out.is_file() else {}
@@ -706,5 +707,5 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _stop)
     try:
         main()
-    except (BenchError, ServerError) as err:
+    except (BenchError, ServerError, gpu_bench.WorkDirError) as err:
         sys.exit(f"serving_bench: {err}")

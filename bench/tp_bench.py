@@ -145,7 +145,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/tp-bench"), help="scratch folder (checkpoints)")
+    parser.add_argument("--work", type=Path, help="private scratch folder, kept across runs (checkpoints) "
+                                                   f"[{gpu_bench.default_work_dir('tp-bench')}]")
     parser.add_argument("--out", type=Path, required=True, help="where tp_results.json and tp_results.md go")
     parser.add_argument("--seconds", type=float, default=15.0, help="duration of the 64-stream level")
     parser.add_argument("--streams", type=int, default=64, help="concurrent streams of the throughput level")
@@ -158,7 +159,10 @@ def main() -> None:
                         help="check this script without GPUs: tiny preset, CPU, gloo (numbers mean nothing)")
     args = parser.parse_args()
     os.environ.update(NCCL_ENV)  # inherited by tritonserver, its stubs and their workers
-    args.work.mkdir(parents=True, exist_ok=True)
+    try:
+        args.work = gpu_bench.private_work_dir(args.work, "tp-bench")
+    except gpu_bench.WorkDirError as err:
+        sys.exit(f"tp_bench: {err}")
     args.out.mkdir(parents=True, exist_ok=True)
     cpu = args.smoke_on_cpu
     args.skip_hf |= cpu
