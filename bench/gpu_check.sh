@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU host (after `source scripts/gpu/setup.sh`): which of our dependencies exist, the engine's CUDA tests, and the
-# raw engine (no Triton) at the 1.3B shape. Output goes to $OUT (or /tmp/gpu-check).
+# raw engine (no Triton) at the 1.3B shape. Output goes to $OUT (or a new private folder from mktemp -d).
 set -uo pipefail
-OUT=${OUT:-/tmp/gpu-check}; mkdir -p "$OUT"
+OUT=${OUT:-$(mktemp -d)}; mkdir -p "$OUT"  # the device sets $OUT; elsewhere a private new folder
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python - <<'PY' 2>&1 | tee "$OUT/imports.txt"
 import importlib

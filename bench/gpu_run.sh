@@ -13,7 +13,7 @@
 # The server log (tail) comes back too: the in-flight scheduler logs its timeline every 10 s of work.
 set -u
 mode=${1:-full}
-OUT=${OUT:-/tmp/gpu-out}
+OUT=${OUT:-$(mktemp -d)}  # the device sets $OUT; elsewhere a private new folder
 mkdir -p "$OUT"
 # serving_bench.py's scratch folder (checkpoint, FT weights, rendered repository, raw files), kept across runs: its
 # per-user default, never a shared /tmp path (serving_bench.py makes it 0700 and refuses one others could tamper
