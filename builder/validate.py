@@ -267,9 +267,10 @@ def check_tensor_parallel_placement(model: Model, problems: list[str]) -> None:
     if tp == 1:
         return
     groups = list(model.config.instance_group)
-    if len(groups) != 1 or groups[0].count != 1:
+    counts = [max(1, g.count) for g in groups]  # no count (protobuf's 0): Triton starts one
+    if counts != [1]:
         problems.append(f"{model.name}: tensor_para_size={tp} needs exactly one instance (rank 0 starts the other "
-                        f"ranks), found {sum(g.count for g in groups)}")
+                        f"ranks), found {sum(counts)}")
         return
     devices = [d for d in params.get("tp_devices", "").split(",") if d]
     if groups[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU:

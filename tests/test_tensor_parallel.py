@@ -1,10 +1,13 @@
 """Tensor parallelism of the torch engine (builder/runtime/tensor_parallel.py) on CPU: gloo, two processes.
 
 - the sharding math, without processes: the converter's 2-gpu shard files, used as each rank uses them, reproduce
-  the unsharded products (column split: concatenated; row split: summed; LM head: vocabulary rows gathered);
+  the separately converted 1-gpu folder's products (column split: concatenated; row split: summed, its bias
+  added once; LM head: vocabulary rows gathered by gather_vocab) and each rank's KV cache is its heads' share;
 - a TP-2 engine (rank 0 here, a worker process) against the TP-1 engine on the same random weights: logits, greedy,
   beam and seeded sampling tokens;
 - a worker killed mid-generation fails the call with an error naming it, and every later one;
+- a launch that fails (a bad shard file, a worker that dies before joining the group) says why at once and
+  leaves the process free to launch again;
 - through real tritonservers: the TP-2 repository answers the seed's token-id request and the text ensemble with
   TP-1's tokens, and a worker killed during a streamed request fails it by name and ends the core's stub, which
   `dead_stubs()` (serve's check) then reports.
@@ -12,7 +15,9 @@
 
 from __future__ import annotations
 
+import datetime
 import os
+import shutil
 import signal
 import threading
 import time
@@ -31,8 +36,8 @@ from builder.render import render_repository
 from builder.render_config import RenderConfig
 from builder.runtime.core_adapter import CoreSettings
 from builder.runtime.core_io import GenerationRequest
-from builder.runtime.ft_weights import load_ft_shard, load_ft_weights, tensor_specs
-from builder.runtime.generation import GptEngine
+from builder.runtime.ft_weights import WeightFileError, load_ft_shard, load_ft_weights, tensor_specs
+from builder.runtime.generation import ACTIVATION_RESERVE, GptEngine, ResourceError
 from builder.runtime.model_config import GptModelConfig
 from builder.runtime.tensor_parallel import TensorParallelEngine, TensorParallelError, TensorShard, launch_engine
 from builder.runtime.tokenizer import GptTokenizer
@@ -67,40 +72,62 @@ def workers_of(pid: int) -> list[psutil.Process]:
 
 
 def test_shard_files_reproduce_the_unsharded_layer(tiny_tp: tuple[Path, Path]) -> None:
-    config, merged = load_ft_weights(tiny_tp[1])
+    # The reference is the 1-gpu folder, converted separately: merging the 2-gpu files would agree by construction.
+    config, whole = load_ft_weights(tiny_tp[0])
     ranks = [load_ft_shard(tiny_tp[1], rank)[1] for rank in range(2)]
     for spec in tensor_specs(config):  # each rank holds its file as written: the TP-2 shape, nothing merged
         assert all(tuple(r[spec.stem].shape) == spec.rank_shape(2) for r in ranks), spec.stem
+        if spec.split_axis is None:  # layer norms, embeddings and the row-parallel biases: whole on every rank
+            assert all(torch.equal(r[spec.stem], whole[spec.stem]) for r in ranks), spec.stem
     h, n = config.hidden_size, 3
     x = torch.randn(n, h, generator=torch.Generator().manual_seed(0))
     p = "model.layers.0."
-    # Column-parallel QKV [in, 3, out]: each rank computes its heads of q, k and v; side by side they are the whole.
-    qkv = (x @ merged[p + "attention.query_key_value.weight"].reshape(h, -1)).view(n, 3, h)
-    parts = [(x @ r[p + "attention.query_key_value.weight"].reshape(h, -1)).view(n, 3, h // 2) for r in ranks]
+    # Column-parallel QKV [in, 3, out] + bias [3, out]: each rank computes its heads of q, k and v; side by side
+    # they are the whole.
+    qkv_w, qkv_b = p + "attention.query_key_value.weight", p + "attention.query_key_value.bias"
+    qkv = (x @ whole[qkv_w].reshape(h, -1)).view(n, 3, h) + whole[qkv_b]
+    parts = [(x @ r[qkv_w].reshape(h, -1)).view(n, 3, h // 2) + r[qkv_b] for r in ranks]
     torch.testing.assert_close(torch.cat(parts, dim=2), qkv)
-    # Row-parallel attention-out: rank r multiplies its heads' columns of the attention output; the sum is the whole.
+    # Row-parallel attention-out: rank r multiplies its heads' columns of the attention output; the sum is the whole,
+    # and the (unsplit) bias is added once, after the sum.
+    out_w, out_b = p + "attention.dense.weight", p + "attention.dense.bias"
     attn = torch.randn(n, h, generator=torch.Generator().manual_seed(1))
-    whole = attn @ merged[p + "attention.dense.weight"]
-    partial = [attn[:, r * h // 2:(r + 1) * h // 2] @ ranks[r][p + "attention.dense.weight"] for r in range(2)]
-    torch.testing.assert_close(partial[0] + partial[1], whole)
-    # The MLP: FC1 by columns, FC2 by rows, one sum at the end.
-    up = torch.nn.functional.gelu(x @ merged[p + "mlp.dense_h_to_4h.weight"] + merged[p + "mlp.dense_h_to_4h.bias"],
-                                  approximate="tanh")
-    whole = up @ merged[p + "mlp.dense_4h_to_h.weight"]
-    partial = [torch.nn.functional.gelu(x @ r[p + "mlp.dense_h_to_4h.weight"] + r[p + "mlp.dense_h_to_4h.bias"],
-                                        approximate="tanh") @ r[p + "mlp.dense_4h_to_h.weight"] for r in ranks]
-    torch.testing.assert_close(partial[0] + partial[1], whole)
+    partial = [attn[:, r * h // 2:(r + 1) * h // 2] @ ranks[r][out_w] for r in range(2)]
+    torch.testing.assert_close(partial[0] + partial[1] + ranks[0][out_b], attn @ whole[out_w] + whole[out_b])
+    # The MLP: FC1 (and its bias) by columns, FC2 by rows, one sum at the end, FC2's bias once after it.
+    fc1_w, fc1_b = p + "mlp.dense_h_to_4h.weight", p + "mlp.dense_h_to_4h.bias"
+    fc2_w, fc2_b = p + "mlp.dense_4h_to_h.weight", p + "mlp.dense_4h_to_h.bias"
+
+    def gelu(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(t, approximate="tanh")
+
+    mlp = gelu(x @ whole[fc1_w] + whole[fc1_b]) @ whole[fc2_w] + whole[fc2_b]
+    partial = [gelu(x @ r[fc1_w] + r[fc1_b]) @ r[fc2_w] for r in ranks]
+    torch.testing.assert_close(partial[0] + partial[1] + ranks[0][fc2_b], mlp)
 
 
-@pytest.mark.parametrize("vocab", [512, 5])
-def test_lm_head_vocabulary_rows_gather_to_the_whole_logits(vocab: int) -> None:
+@pytest.mark.parametrize("vocab", [512, 5])  # 5: not divisible by 2, the last rank's rows are padded
+def test_lm_head_vocabulary_rows_gather_to_the_whole_logits(vocab: int, monkeypatch: pytest.MonkeyPatch) -> None:
     table = torch.randn(vocab, 8, generator=torch.Generator().manual_seed(vocab))
     h = torch.randn(3, 8)
     shards = [TensorShard(rank=r, size=2, vocab_size=vocab) for r in range(2)]
     rows = [s.vocab_rows(table) for s in shards]
     assert all(r.shape == (-(-vocab // 2), 8) for r in rows)  # equal shapes: the last rank zero-padded
-    gathered = torch.cat([h @ r.t() for r in rows], dim=1)[:, :vocab]  # what gather_vocab assembles
-    torch.testing.assert_close(gathered, h @ table.t())
+    logits = [h @ r.t() for r in rows]
+    calls: list[int] = []
+
+    def all_gather(out: torch.Tensor, mine: torch.Tensor, group: Any = None) -> None:
+        """torch's all-gather into one tensor, for the ranks of this process: every rank's part, in rank order,
+        stacked along dim 0."""
+        assert out.shape == (2 * mine.shape[0], *mine.shape[1:]) and mine.is_contiguous()
+        calls.append(next(r for r in range(2) if torch.equal(mine, logits[r])))
+        out.copy_(torch.cat(logits))
+
+    for name in ("all_gather_single", "all_gather_into_tensor"):  # whichever gather_vocab finds
+        monkeypatch.setattr(torch.distributed, name, all_gather, raising=False)
+    for shard in shards:  # the real gather_vocab of each rank gives the whole logits, padding dropped
+        torch.testing.assert_close(shard.gather_vocab(logits[shard.rank]), h @ table.t())
+    assert calls == [0, 1]
 
 
 # ---- a TP-2 engine (this process + one worker) against TP 1 ---------------------------------------------------------
@@ -115,6 +142,9 @@ def test_tp2_engine_generates_tp1_tokens(tiny: TinyGpt, tiny_tp: tuple[Path, Pat
         for env in (worker[0].environ(), os.environ):  # NVLink multicast off in every rank
             assert env["NCCL_NVLS_ENABLE"] == "0" and env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1"
         assert tp2.model.heads == tp1.model.heads // 2 and tp2.model.lm_head.shape[0] == 256  # it holds half
+        # The KV cache rank 0 reports is the one it allocated: half of TP 1's.
+        allocated = sum(t.numel() * t.element_size() for t in (*tp2.model.k_cache, *tp2.model.v_cache))
+        assert tp2.kv_cache_bytes == allocated == tp1.kv_cache_bytes // 2
         prompts = torch.tensor(random_prompts(4, seed=3, min_len=6, max_len=6))
         lengths = torch.full((4,), 6)
         with torch.inference_mode():
@@ -176,6 +206,50 @@ def test_a_worker_that_cannot_start_is_named(tiny_tp: tuple[Path, Path], monkeyp
     assert not torch.distributed.is_initialized()  # rank 0 never waited for it to join
 
 
+def test_a_bad_shard_file_is_named_and_the_next_launch_works(tiny_tp: tuple[Path, Path], tmp_path: Path) -> None:
+    bad = tmp_path / "2-gpu"
+    shutil.copytree(tiny_tp[1], bad)
+    (bad / "model.layers.0.mlp.dense_h_to_4h.weight.1.bin").write_bytes(b"\0" * 16)
+    # Every rank reads the file list and fails alike: rank 0's own error is the one to see, not "rank 1 died".
+    with pytest.raises(WeightFileError, match=r"model\.layers\.0\.mlp\.dense_h_to_4h\.weight\.1\.bin: 16 bytes"):
+        tp2_engine(bad)
+    assert not torch.distributed.is_initialized()  # the failed launch freed its process group
+    tp2_engine(tiny_tp[1]).close()  # so this process can start an engine again
+
+
+def test_a_worker_that_dies_before_joining_is_named_at_once(tiny_tp: tuple[Path, Path],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from builder.runtime import tensor_parallel
+
+    # Bounds the wait of a rank 0 that does not watch its workers while joining (5 min otherwise).
+    monkeypatch.setattr(tensor_parallel, "STEP_TIMEOUT", datetime.timedelta(seconds=30))
+    start = time.monotonic()
+    # A GPU that is on no host (nor on a CPU-only build): the worker is ready, then fails to set its device.
+    with pytest.raises(TensorParallelError, match=r"worker rank 1 \(pid \d+\) died \(exit status 1\) before "
+                                                  "joining the process group"):
+        launch_engine(tiny_tp[1], 2, device="cpu", worker_devices=["cuda:99"], dtype=torch.float32, max_batch_size=8)
+    assert time.monotonic() - start < 20
+    assert not torch.distributed.is_initialized()
+
+
+def test_each_rank_sizes_its_kv_cache_by_its_own_heads(tiny_tp: tuple[Path, Path],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memory check that picks the slots on a GPU, run on CPU: rank 0 of 2 with a pretend device and free memory
+    for 4.5 of its slots (what a rank caches: heads/2 of the heads)."""
+    config = GptModelConfig.from_ini(tiny_tp[1] / "config.ini")
+    rank_slot = 2 * config.num_layer * (config.hidden_size // 2) * 64 * 4  # K and V, 64 tokens, fp32
+    engine = TensorParallelEngine.__new__(TensorParallelEngine)
+    engine.config, engine.device, engine._control = config, torch.device("cuda", 0), None
+    engine.shard = TensorShard(rank=0, size=2, vocab_size=config.vocab_size)
+    free = int(4.5 * rank_slot / (1 - ACTIVATION_RESERVE))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, 1 << 40))
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, **kwargs: None)  # one rank: its own is least
+    assert engine._slots_that_fit(8, 64, torch.float32, shrink=True) == 4
+    assert engine.config is config  # the whole model's config again after the check
+    with pytest.raises(ResourceError, match="a KV cache of max_batch_size=8 x max_seq_len=64 needs"):
+        engine._slots_that_fit(8, 64, torch.float32, shrink=False)
+
+
 # ---- settings, render and validate ----------------------------------------------------------------------------------
 
 
@@ -205,6 +279,13 @@ def test_render_and_validate_place_and_check_the_shards(tmp_path: Path, tiny_tp:
     text = (repo / "gpt3_1.3b" / "config.pbtxt").read_text()
     assert "kind: KIND_GPU gpus: [2]" in text and 'string_value: "2,3"' in text
     assert validate_repository(repo) == []
+    # No count (protobuf's 0) is one instance to Triton; two are not.
+    assert "{ count: 1 kind: KIND_GPU" in text
+    (repo / "gpt3_1.3b" / "config.pbtxt").write_text(text.replace("{ count: 1 kind:", "{ kind:"))
+    assert validate_repository(repo) == []
+    (repo / "gpt3_1.3b" / "config.pbtxt").write_text(text.replace("{ count: 1 kind:", "{ count: 2 kind:"))
+    assert any("needs exactly one instance (rank 0 starts the other ranks), found 2" in p
+               for p in validate_repository(repo))
     # A shard of the wrong shape, a placement that disagrees with tp_devices: both named.
     shard = repo / "gpt3_1.3b" / "1" / "2-gpu" / "model.layers.0.mlp.dense_h_to_4h.weight.1.bin"
     shard.unlink()

@@ -38,7 +38,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from .ft_weights import load_ft_shard
 from .generation import GptEngine, ResourceError
+from .model_config import GptModelConfig
 
 # NVLink SHARP / multicast stay off (the GPU hosts' fabric manager setup does not allow them); set in every rank.
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
@@ -58,6 +59,8 @@ STARTUP_TIMEOUT_S = 300.0  # workers import torch and load their shard before th
 STEP_TIMEOUT = datetime.timedelta(minutes=5)  # a data collective waiting this long means a hung peer
 IDLE_TIMEOUT = datetime.timedelta(days=3650)  # the control group: workers wait for rank 0's next call indefinitely
 READY = b"R"  # a worker's first byte on stdout: imported and configured
+DEVICE_SET = "tp-device-set/"  # + rank: a store key a worker sets once its device is set, just before it joins
+JOIN_POLL_S = 0.1
 HEADER_BYTES = 1024  # the first broadcast of a call; longer headers follow in a second one
 PARENT_POLL_S = 0.5
 # Engine methods whose calls the workers mirror (where the engine has them: chunked prefill is newer), and the
@@ -194,6 +197,23 @@ class _Channel:
                 {k: decode(v) for k, v in call["kwargs"].items()})
 
 
+def _died(rank: int, worker: subprocess.Popen[bytes]) -> str:
+    """What rank 0 says of an exited worker."""
+    code = worker.returncode
+    how = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+    return f"tensor-parallel worker rank {rank} (pid {worker.pid}) died ({how})"
+
+
+def _free_process_group(broken: bool) -> None:
+    """Free this process's group so that another engine may start in it. A broken NCCL group is aborted instead
+    (destroying it would wait for collectives that never finish)."""
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if broken and dist.get_backend() == "nccl" and abort is not None:
+        abort()
+    elif not broken or dist.get_backend() != "nccl":
+        dist.destroy_process_group()
+
+
 # ---- rank 0: mirroring and supervision ------------------------------------------------------------------------------
 
 class _Leader:
@@ -213,10 +233,9 @@ class _Leader:
             threading.Thread(target=self._watch, args=(rank, worker), name=f"tp-watch-{rank}", daemon=True).start()
 
     def _watch(self, rank: int, worker: subprocess.Popen[bytes]) -> None:
-        code = worker.wait()
+        worker.wait()
         if not self.closing:
-            how = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
-            self.fail(f"tensor-parallel worker rank {rank} (pid {worker.pid}) died ({how})")
+            self.fail(_died(rank, worker))
 
     def fail(self, reason: str) -> None:
         with self._fail_lock:
@@ -275,13 +294,7 @@ class _Leader:
             except subprocess.TimeoutExpired:
                 worker.kill()
                 worker.wait()
-        # The process group is per process: free it so that another engine may start after this one. A broken NCCL
-        # group is aborted instead (destroying it would wait for collectives that never finish).
-        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
-        if self.failure is not None and dist.get_backend() == "nccl" and abort is not None:
-            abort()
-        elif self.failure is None or dist.get_backend() != "nccl":
-            dist.destroy_process_group()
+        _free_process_group(broken=self.failure is not None)
         if self.private is not None:
             shutil.rmtree(self.private, ignore_errors=True)
 
@@ -305,6 +318,11 @@ class _MirroredModel:
 
 # ---- the engine of one rank -----------------------------------------------------------------------------------------
 
+def rank_cache_config(config: GptModelConfig, size: int) -> GptModelConfig:
+    """A config whose KV cache is one rank's of `size` (head_num/size heads): what that rank allocates."""
+    return replace(config, head_num=config.head_num // size, tensor_para_size=1)
+
+
 class TensorParallelEngine(GptEngine):
     """GptEngine over one rank's shard. On rank 0 (`leader` set) the model-touching calls are mirrored to the
     workers first; on a worker they run as called (from `serve_worker`'s loop)."""
@@ -312,19 +330,26 @@ class TensorParallelEngine(GptEngine):
     def __init__(self, config: Any, weights: RankWeights, *, control: Any, leader: _Leader | None = None,
                  **kwargs: Any) -> None:
         self._control, self._leader = control, leader
-        super().__init__(config, weights, **kwargs)
         self.shard = weights.shard
+        super().__init__(config, weights, **kwargs)
+        # GptEngine counts the KV cache of all heads; this rank holds heads/size of them (GptEngine's own log line
+        # still shows the whole model's).
+        self.kv_cache_bytes //= self.shard.size
         self.raw_model = self.model  # the worker loop and the graphs run this one directly
         if leader is not None:
             self.model = _MirroredModel(self.model, leader)  # type: ignore[assignment]  # same interface
 
     def _slots_that_fit(self, wanted: int, max_seq_len: int, dtype: torch.dtype, shrink: bool) -> int:
         """Every rank must have the same slots: the fewest that fit on any (0 on a rank that raised: all raise)."""
+        # GptEngine sizes a slot from self.config, all heads: this rank's slot holds heads/size of them.
+        whole, self.config = self.config, rank_cache_config(self.config, self.shard.size)
         try:
             mine = super()._slots_that_fit(wanted, max_seq_len, dtype, shrink)
             error = ""
         except ResourceError as err:
             mine, error = 0, str(err)
+        finally:
+            self.config = whole
         agreed = torch.tensor([mine], dtype=torch.int64)
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self._control)
         if int(agreed[0]) < 1:
@@ -386,8 +411,9 @@ def set_process_env() -> None:
         os.environ.setdefault(key, value)
 
 
-def _join_group(spec: RankSpec) -> tuple[Any, Any, torch.device]:
-    """(control group, data group, device) of this rank; the data group is the default group."""
+def _join_group(spec: RankSpec, workers: Sequence[subprocess.Popen[bytes]] = ()) -> tuple[Any, Any, torch.device]:
+    """(control group, data group, device) of this rank; the data group is the default group. Rank 0 passes the
+    worker processes: it joins once each has set its device, and names one that dies before."""
     set_process_env()
     device = torch.device(spec.device)
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -396,10 +422,38 @@ def _join_group(spec: RankSpec) -> tuple[Any, Any, torch.device]:
         torch.cuda.set_device(device)
         options["device_id"] = device
     store = dist.FileStore(spec.store_path, spec.world)
+    if spec.rank:
+        store.set(f"{DEVICE_SET}{spec.rank}", "1")
+    else:
+        _wait_devices_set(store, workers)
     dist.init_process_group(backend, store=store, rank=spec.rank, world_size=spec.world, timeout=STEP_TIMEOUT,
                             **options)
     control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
     return control, dist.group.WORLD, device
+
+
+def _wait_devices_set(store: Any, workers: Sequence[subprocess.Popen[bytes]]) -> None:
+    """Rank 0: wait until every worker has set its device (a GPU id past the host's fails there), watching them:
+    init_process_group would wait STEP_TIMEOUT for one that died, then fail naming nothing."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while True:
+        pending = [rank for rank in range(1, len(workers) + 1) if not store.check([f"{DEVICE_SET}{rank}"])]
+        if not pending:
+            return
+        for rank in pending:
+            if workers[rank - 1].poll() is not None:
+                raise TensorParallelError(f"{_died(rank, workers[rank - 1])} before joining the process group "
+                                          "(its traceback is in the log above)")
+        if time.monotonic() > deadline:
+            raise TensorParallelError(f"tensor-parallel worker rank(s) {pending} did not join the process group "
+                                      f"within {STARTUP_TIMEOUT_S:.0f} s")
+        time.sleep(JOIN_POLL_S)
+
+
+def _communication_failure(err: BaseException) -> bool:
+    """An error of a collective (a peer gone) rather than of this rank's own work: gloo reports a closed connection
+    as a plain RuntimeError, NCCL as a DistBackendError."""
+    return isinstance(err, dist.DistError) or type(err) is RuntimeError
 
 
 def _build_engine(spec: RankSpec, control: Any, data: Any, leader: _Leader | None) -> TensorParallelEngine:
@@ -457,13 +511,18 @@ def launch_engine(model_dir: str | Path, world: int, *, device: str, worker_devi
                 pass
         for rank, worker in enumerate(workers, start=1):
             _wait_ready(rank, worker)
-        control, data, torch_device = _join_group(spec0)
+        control, data, torch_device = _join_group(spec0, workers)
         leader = _Leader(_Channel(control, data, torch_device), workers, None)
         try:
             engine = _build_engine(spec0, control, data, leader)
-        except Exception:
-            leader.failed.wait(2.0)  # a worker that died while loading breaks rank 0's collectives: name it
-            leader.check()
+        except Exception as err:
+            # Rank 0's own error (a bad shard file every rank reads, memory): the workers die of the same; say it.
+            if not _communication_failure(err):
+                raise
+            leader.failed.wait(2.0)  # a worker that died while loading broke rank 0's collective: name it
+            if leader.failure is not None:  # rank 0's error too, in case it was its own after all
+                raise TensorParallelError(f"{leader.failure} while the ranks loaded their shards (its traceback "
+                                          f"is in the log above); rank 0 got: {err}") from err
             raise
         leader.on_failure = on_failure
         if torch_device.type == "cpu":  # gloo's pairs are connected: nothing reads the store any more
@@ -475,6 +534,11 @@ def launch_engine(model_dir: str | Path, world: int, *, device: str, worker_devi
         for worker in workers:
             worker.kill()
             worker.wait()
+        if dist.is_initialized():  # else every later launch in this process is refused
+            try:
+                _free_process_group(broken=True)
+            except Exception:  # noqa: BLE001  (the launch's own error, re-raised below, is the one to report)
+                pass
         shutil.rmtree(private, ignore_errors=True)
         raise
 
