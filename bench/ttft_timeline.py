@@ -35,6 +35,8 @@ from builder.demo import build_demo_repository
 from builder.serve import TritonServer
 from client.perf import DEFAULT_TOKENIZER_DIR, load_tokenizer, token_length_prompts
 
+WARMUP = 10  # pairs sent first and left out of every median
+
 # (label, model, event): the ensemble request's stages, in the order a request meets them. A Python model's outputs are
 # ready at COMPUTE_OUTPUT_START: its response is sent on (and the next step starts) before its COMPUTE_END.
 STAGES = (
@@ -64,10 +66,10 @@ def read_traces(folder: Path) -> tuple[dict[int, dict[str, Any]], dict[int, dict
     return models, events
 
 
-def stage_times(models: dict[int, dict[str, Any]], events: dict[int, dict[str, list[int]]], core: str
+def stage_times(models: dict[int, dict[str, Any]], events: dict[int, dict[str, list[int]]], core: str, skip: int
                 ) -> tuple[dict[str, list[float]], list[float]]:
     """Per stage, ms after each streamed ensemble request's REQUEST_START; and the core-alone requests' ms from
-    arrival to their first response handed to gRPC."""
+    arrival to their first response handed to gRPC. The first `skip` requests of each kind (warm-up) are left out."""
     children: dict[int, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for trace_id, entry in models.items():
         if "parent_id" in entry:
@@ -75,16 +77,22 @@ def stage_times(models: dict[int, dict[str, Any]], events: dict[int, dict[str, l
             children[entry["parent_id"]][name].append(trace_id)
     stages: dict[str, list[float]] = defaultdict(list)
     core_alone: list[float] = []
-    for trace_id, entry in models.items():
+    seen = {"core": 0, "ensemble": 0}
+    for trace_id, entry in sorted(models.items(), key=lambda item: events[item[0]]["REQUEST_START"][:1]):
         own = events[trace_id]
         if "parent_id" in entry or not own["GRPC_SEND_START"]:
             continue
         start = own["REQUEST_START"][0]
         if entry["model_name"] == core:
-            core_alone.append((own["GRPC_SEND_START"][0] - start) / 1e6)
+            seen["core"] += 1
+            if seen["core"] > skip:
+                core_alone.append((own["GRPC_SEND_START"][0] - start) / 1e6)
             continue
         steps = children.get(trace_id, {})
         if len(steps.get("postprocessing", [])) < 2:  # not one of the streamed ensemble requests
+            continue
+        seen["ensemble"] += 1
+        if seen["ensemble"] <= skip:
             continue
         first_post = min(steps["postprocessing"], key=lambda child: events[child]["REQUEST_START"][0])
         chosen = {"preprocessing": steps["preprocessing"][0], "core": steps["core"][0],
@@ -119,7 +127,7 @@ def main() -> None:
     parser.add_argument("--core", default=gpu_bench.MODEL, help="the core model's name in the repository")
     parser.add_argument("--prompt-tokens", type=int, default=50)
     parser.add_argument("--new-tokens", type=int, default=4)
-    parser.add_argument("--requests", type=int, default=100, help="pairs measured (after 10 warm-up pairs)")
+    parser.add_argument("--requests", type=int, default=100, help=f"pairs measured (after {WARMUP} warm-up pairs)")
     parser.add_argument("--machine", default="this project's 2-core CPU machine", help="named in the results")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -143,15 +151,15 @@ def main() -> None:
                 return triton._call(args.core, inputs)[1][0] * 1e3
 
             ensemble_ms, core_ms = [], []
-            for index in range(args.requests + 10):
+            for index in range(args.requests + WARMUP):
                 first = triton.text(text, args.new_tokens, stream=True)[0] * 1e3
                 alone = core_first()
-                if index >= 10:
+                if index >= WARMUP:
                     ensemble_ms.append(first)
                     core_ms.append(alone)
-        # The server has stopped, so the last trace file is complete; warm-up requests are in it too (medians).
+        # The server has stopped, so the last trace file is complete.
         models, events = read_traces(Path(folder))
-        stages, core_alone = stage_times(models, events, args.core)
+        stages, core_alone = stage_times(models, events, args.core, skip=WARMUP)
     if not stages or not core_alone:
         raise SystemExit("the trace holds no streamed ensemble request or core request: is the repository streaming?")
     result = {
