@@ -40,6 +40,7 @@ class LoopingClient:
         self.new_tokens = new_tokens
         self.completed = 0
         self.updates = 0
+        self.finished_at = 0.0  # perf_counter of its last finish
         self.stream = False
         self.idle = threading.Event()
 
@@ -53,6 +54,7 @@ class LoopingClient:
 
     def finish(self, outputs: list[RowOutput]) -> None:
         self.completed += 1
+        self.finished_at = time.perf_counter()
         if time.perf_counter() < self.stop_at:
             self.submit()
         else:
@@ -87,21 +89,26 @@ def sample_stacks(thread_name: str, seconds: float, interval_s: float = 0.0005) 
 
 def profile_window(seconds: float) -> dict[str, object]:
     """torch.profiler over `seconds` of whatever the scheduler is doing (every thread where the profiler can): GPU
-    busy share and the top host ops; then a stack sample of the scheduler's thread."""
+    busy share and the top host ops, with a stack sample of the scheduler's thread over the same window (both add
+    overhead: a profiled level's tokens/s is lower than an unprofiled one's). The tables print after the window."""
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     try:
         config = torch.profiler._ExperimentalConfig(profile_all_threads=True)
     except TypeError:  # older torch: the profiling thread only (GPU kernels are recorded from every thread)
         config = None
+    sampled: list[list[tuple[str, float]]] = []
+    sampler = threading.Thread(target=lambda: sampled.append(sample_stacks("inflight-scheduler", seconds)))
     start = time.perf_counter()
     with torch.profiler.profile(activities=activities, experimental_config=config) as prof:
-        time.sleep(seconds)
+        sampler.start()
+        sampler.join()
     wall_us = (time.perf_counter() - start) * 1e6
     events = prof.key_averages()
+    # Kernels of several streams can overlap, so this can exceed 1: an upper bound of the busy share.
     gpu_us = sum(e.self_device_time_total for e in events)
     print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60), flush=True)
     print(events.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60), flush=True)
-    stacks = sample_stacks("inflight-scheduler", seconds)
+    stacks = sampled[0] if sampled else []
     for where, share in stacks:
         print(f"scheduler thread {share:6.1%}  {where}", flush=True)
     return {"profile_seconds": seconds, "gpu_busy_share": gpu_us / wall_us, "scheduler_thread_samples": stacks}
@@ -130,7 +137,8 @@ def run_level(engine: GptEngine, clients_count: int, seconds: float, gather_step
             extra = profile_window(min(2.0, seconds / 2))
         for client in clients:
             client.idle.wait()
-        elapsed = time.perf_counter() - start
+        # Up to the last finish, not to now: printing a profile after the clients stopped is not their time.
+        elapsed = max(client.finished_at for client in clients) - start
         steps = scheduler.stats.steps - steps_before
         tokens = sum(c.completed for c in clients) * new_tokens
         return {"clients": clients_count, "stream": stream, "gather_steps": gather_steps,
@@ -148,14 +156,21 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="torch.profiler over 2 s of each level")
     parser.add_argument("--preset", default="gpt3-1.3b", help="model shape (tiny: a CPU smoke run)")
     parser.add_argument("--device", default="cuda:0")
-    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens per request")
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt", type=int, help="prompt tokens per request (default: 128, at most half the "
+                                                   "preset's positions)")
+    parser.add_argument("--new-tokens", type=int, help="new tokens per request (default: as --prompt's)")
     args = parser.parse_args()
     config = PRESETS[args.preset]
+    max_seq = min(1024, config.max_pos_seq_len)
+    args.prompt = args.prompt or min(128, max_seq // 2)
+    args.new_tokens = args.new_tokens or min(128, max_seq // 2)
+    if args.prompt + args.new_tokens > max_seq:
+        parser.error(f"--prompt {args.prompt} + --new-tokens {args.new_tokens} exceed the {max_seq} positions of "
+                     f"preset {args.preset}")
     cuda = args.device.startswith("cuda")
     engine = GptEngine(config, random_weights(config), device=args.device,
                        dtype=torch.float16 if cuda else torch.float32,
-                       max_batch_size=max(args.clients), max_seq_len=min(1024, config.max_pos_seq_len),
+                       max_batch_size=max(args.clients), max_seq_len=max_seq,
                        vocab_limit=min(50257, config.vocab_size))
     if cuda:  # every decode and prefill graph now, as a server does at load: no level waits for captures
         print(engine.capture_graphs(), flush=True)
