@@ -49,6 +49,24 @@ class Transport(Protocol):
     def is_cancelled(self) -> bool: ...
 
 
+def cpu_threads() -> int | None:
+    """The torch threads of a CPU core model: GPT_TRITON_CPU_THREADS (A/B runs), else every core but one, unless
+    OMP_NUM_THREADS is set (torch has taken it: None).
+
+    One core is left to tritonserver and the pre/postprocessing stubs: with every core, torch's OpenMP threads spin
+    at their barriers while those run. On the 2-core CI machine, with one other busy process, a 120-token request
+    took 2.83 s with 2 threads and 0.41 s with 1 (16 rows: 17.5 s and 0.85 s); quiet, 2 threads were 25-35 % faster
+    (docs/perf/cpu_threads.md)."""
+    chosen = os.environ.get("GPT_TRITON_CPU_THREADS", "").strip()
+    if chosen:
+        if not chosen.isdigit() or int(chosen) < 1:
+            raise ValueError(f"GPT_TRITON_CPU_THREADS must be a whole number >= 1, got {chosen!r}")
+        return int(chosen)
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
 @dataclass(frozen=True)
 class CoreSettings:
     model_dir: Path
@@ -115,6 +133,9 @@ class CoreSettings:
         slots, shrink = self.slots_for(device)
         if self.tp > 1:
             return self._load_tensor_parallel(device, slots, shrink)
+        threads = cpu_threads() if device == "cpu" else None
+        if threads is not None:
+            torch.set_num_threads(threads)
         return GptEngine.from_ft_dir(self.model_dir, device=device, dtype=getattr(torch, DATA_TYPES[self.data_type]),
                                      max_batch_size=slots, max_seq_len=self.max_seq_len,
                                      vocab_limit=self.vocab_limit, shrink_to_fit=shrink)
