@@ -9,10 +9,10 @@ to that instance. Our side: `TritonServer.dead_stubs()` names the dead instance 
 it.
 
 The faults hit a long request mid-way, once the core stub is seen computing: LONG_ROWS prompts of LONG_TOKENS new
-tokens each, ~0.8 s on the demo model (2 CPU cores; one row alone takes ~0.35 s, which left ~0.2 s between seeing the
-stub compute and the request's end: too little on a busy CI machine). On a loaded 2-core machine the stub's torch
-threads can run 15x slower (measured with one core busy), so the shutdown tests allow 30 s. The client-timeout test
-does not race the model: a forwarder holds the answer.
+tokens each, ~1 s on the demo model (2 CPU cores; one row alone takes ~0.4 s, which left ~0.2 s between seeing the
+stub compute and the request's end: too little on a busy CI machine). The shutdown tests allow 30 s for it: a loaded
+machine slows it down (with 2 torch threads and one busy core it took 17 s; docs/perf/cpu_threads.md). The
+client-timeout test does not race the model: a forwarder holds the answer.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> No
 
 
 def generating(stub: psutil.Process) -> Callable[[], bool]:
-    """A condition: the core stub has spent 0.1 s of CPU since it was last idle, so the long request (~0.8 s of its
+    """A condition: the core stub has spent 0.1 s of CPU since it was last idle, so the long request (~1 s of its
     CPU) sent after this call is in flight inside the core model. Call it before sending. The baseline waits until the
     stub's CPU time stands still for 0.1 s: on a busy machine the tail of an earlier request's work (the warm-up's)
     once passed a 0.05 s threshold before the long request had even connected."""
