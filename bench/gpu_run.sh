@@ -49,7 +49,7 @@ elif [ "$mode" = serving ]; then
   timeout ${BENCH_TIMEOUT:-400} python bench/serving_bench.py --out "$OUT/serving.json" --work "$WORK" \
     --levels 1,64,256 --skip-core --seconds 3 --mixed-seconds 8 --max-trials 6 --bs1-reps 20 > "$OUT/bench.log" 2>&1
   # Where the first token's time goes, from Triton's trace (the repository serving_bench.py rendered above).
-  timeout 90 python bench/ttft_timeline.py --repository "$WORK/repo" --prompt-tokens 512 --requests 40 \
+  timeout 150 python bench/ttft_timeline.py --repository "$WORK/repo" --prompt-tokens 512 --requests 40 \
     --machine "one NVIDIA H200" --out "$OUT/ttft_timeline.json" > "$OUT/ttft_timeline.log" 2>&1
 elif [ "$mode" = switch ]; then  # the loop's GIL switch interval: streamed runs only, at $GPT_TRITON_SWITCH_INTERVAL_US
   timeout 300 python bench/serving_bench.py --out "$OUT/serving.json" --work "$WORK" \

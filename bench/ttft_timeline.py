@@ -4,7 +4,8 @@
     python bench/ttft_timeline.py --repository R --prompt-tokens 512 --out OUT/ttft_timeline.json   # a --streaming repo
 
 Starts tritonserver on a streaming repository with request tracing at TIMESTAMPS level for every request (the trace
-files go to a private temporary folder), then sends `--requests` pairs over one gRPC stream, one request at a time:
+files go to a private temporary folder), then sends `--requests` measured pairs (after 10 warm-up pairs, before 20
+trailing ones that push the last traces into a written file) over one gRPC stream, one request at a time:
 a streamed ensemble request (a prompt of exactly --prompt-tokens tokens, --new-tokens new tokens), then the same token
 ids to the core model, streamed. From the trace, per stage, the median time after the ensemble request arrived
 (its REQUEST_START): preprocessing queued / computing / outputs ready, the core queued / computing (a decoupled
@@ -36,6 +37,9 @@ from builder.serve import TritonServer
 from client.perf import DEFAULT_TOKENIZER_DIR, load_tokenizer, token_length_prompts
 
 WARMUP = 10  # pairs sent first and left out of every median
+# Triton writes the trace file every LOG_EVERY traces and drops what is left at shutdown: TRAILING pairs after the
+# measured ones push those into a written file.
+LOG_EVERY, TRAILING = 10, 20
 
 # (label, model, event): the ensemble request's stages, in the order a request meets them. A Python model's outputs are
 # ready at COMPUTE_OUTPUT_START: its response is sent on (and the next step starts) before its COMPUTE_END.
@@ -66,10 +70,10 @@ def read_traces(folder: Path) -> tuple[dict[int, dict[str, Any]], dict[int, dict
     return models, events
 
 
-def stage_times(models: dict[int, dict[str, Any]], events: dict[int, dict[str, list[int]]], core: str, skip: int
-                ) -> tuple[dict[str, list[float]], list[float]]:
+def stage_times(models: dict[int, dict[str, Any]], events: dict[int, dict[str, list[int]]], core: str, skip: int,
+                count: int) -> tuple[dict[str, list[float]], list[float]]:
     """Per stage, ms after each streamed ensemble request's REQUEST_START; and the core-alone requests' ms from
-    arrival to their first response handed to gRPC. The first `skip` requests of each kind (warm-up) are left out."""
+    arrival to their first response handed to gRPC: `count` requests of each kind after the first `skip` (warm-up)."""
     children: dict[int, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for trace_id, entry in models.items():
         if "parent_id" in entry:
@@ -85,14 +89,14 @@ def stage_times(models: dict[int, dict[str, Any]], events: dict[int, dict[str, l
         start = own["REQUEST_START"][0]
         if entry["model_name"] == core:
             seen["core"] += 1
-            if seen["core"] > skip:
+            if skip < seen["core"] <= skip + count:
                 core_alone.append((own["GRPC_SEND_START"][0] - start) / 1e6)
             continue
         steps = children.get(trace_id, {})
         if len(steps.get("postprocessing", [])) < 2:  # not one of the streamed ensemble requests
             continue
         seen["ensemble"] += 1
-        if seen["ensemble"] <= skip:
+        if not skip < seen["ensemble"] <= skip + count:
             continue
         first_post = min(steps["postprocessing"], key=lambda child: events[child]["REQUEST_START"][0])
         chosen = {"preprocessing": steps["preprocessing"][0], "core": steps["core"][0],
@@ -138,7 +142,8 @@ def main() -> None:
     (text, ids), = token_length_prompts(load_tokenizer(DEFAULT_TOKENIZER_DIR), args.prompt_tokens, 1, seed=5)
     with tempfile.TemporaryDirectory(prefix="ttft-trace-") as folder:  # private (0700): traces hold request data
         trace_args = [f"--trace-config=triton,file={Path(folder) / 'trace.json'}", "--trace-config=level=TIMESTAMPS",
-                      "--trace-config=rate=1", "--trace-config=count=-1", "--trace-config=triton,log-frequency=50"]
+                      "--trace-config=rate=1", "--trace-config=count=-1",
+                      f"--trace-config=triton,log-frequency={LOG_EVERY}"]
         with TritonServer.on_free_ports(repository, extra_args=trace_args) as server:
             triton = gpu_bench.Triton(server.grpc_url, streaming=True)
 
@@ -151,15 +156,15 @@ def main() -> None:
                 return triton._call(args.core, inputs)[1][0] * 1e3
 
             ensemble_ms, core_ms = [], []
-            for index in range(args.requests + WARMUP):
+            for index in range(WARMUP + args.requests + TRAILING):
                 first = triton.text(text, args.new_tokens, stream=True)[0] * 1e3
                 alone = core_first()
-                if index >= WARMUP:
+                if WARMUP <= index < WARMUP + args.requests:
                     ensemble_ms.append(first)
                     core_ms.append(alone)
         # The server has stopped, so the last trace file is complete.
         models, events = read_traces(Path(folder))
-        stages, core_alone = stage_times(models, events, args.core, skip=WARMUP)
+        stages, core_alone = stage_times(models, events, args.core, skip=WARMUP, count=args.requests)
     if not stages or not core_alone:
         raise SystemExit("the trace holds no streamed ensemble request or core request: is the repository streaming?")
     result = {
