@@ -23,6 +23,12 @@ NEG_INF = float("-inf")
 WORD_PAD = -1  # left padding of right-aligned words in a WordTable
 BEFORE_START = -2  # window entries before the first token of a sequence (never equal to a token or WORD_PAD)
 TOPK_FAST_LIMIT = 1024  # when every sampling row has 0 < top_k <= this, use topk() instead of a full vocab sort
+_MASK32 = 0xFFFFFFFF
+# A temperature below this is greedy, as temperature 0 is. Dividing logits by 1e-44 overflows float32 (inf - inf =
+# NaN in the softmax, so random tokens); at 1e-5 even a logit of 1e33 stays finite, and softmax(logits / T) is
+# already one-hot in float32 for any gap >= 1e-3 between the two best logits (exp(-100) is below float32's normal
+# range), so greedy changes no outcome but near-ties. vLLM uses the same cut-off.
+GREEDY_TEMPERATURE = 1e-5
 
 
 def topk_width(max_top_k: int) -> int:
@@ -31,12 +37,6 @@ def topk_width(max_top_k: int) -> int:
     (step_graphs.py), and clients choose top_k, so exact widths would let them make the server capture a graph per
     value."""
     return min(TOPK_FAST_LIMIT, 1 << (max_top_k - 1).bit_length())
-_MASK32 = 0xFFFFFFFF
-# A temperature below this is greedy, as temperature 0 is. Dividing logits by 1e-44 overflows float32 (inf - inf =
-# NaN in the softmax, so random tokens); at 1e-5 even a logit of 1e33 stays finite, and softmax(logits / T) is
-# already one-hot in float32 for any gap >= 1e-3 between the two best logits (exp(-100) is below float32's normal
-# range), so greedy changes no outcome but near-ties. vLLM uses the same cut-off.
-GREEDY_TEMPERATURE = 1e-5
 
 
 def is_greedy(request: GenerationRequest) -> bool:
