@@ -156,8 +156,8 @@ class GptEngine:
         try:
             self.model = GptModel(config, weights, device=self.device, dtype=dtype)
             slots = self._slots_that_fit(max_batch_size, max_seq_len, dtype, shrink_to_fit)
-            self.kv_cache_bytes = GptModel.kv_cache_bytes(config, slots, max_seq_len, dtype)
             self.model.allocate_cache(slots, max_seq_len)
+            self.kv_cache_bytes = self.model.cache_bytes  # a tensor-parallel rank's: its heads only
         except torch.cuda.OutOfMemoryError as err:
             raise ResourceError(f"out of memory loading the weights and a KV cache of max_batch_size="
                                 f"{max_batch_size} x max_seq_len={max_seq_len} on {self.device}: lower them") from err

@@ -219,6 +219,11 @@ class GptModel:
         self.v_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
         self.slots, self.max_seq_len = slots, max_seq_len
 
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of the KV cache this model holds (a tensor-parallel shard: its own heads only)."""
+        return sum(t.numel() * t.element_size() for t in (*self.k_cache, *self.v_cache))
+
     @staticmethod
     def kv_cache_bytes(config: GptModelConfig, slots: int, max_seq_len: int, dtype: torch.dtype) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()

@@ -331,10 +331,7 @@ class TensorParallelEngine(GptEngine):
                  **kwargs: Any) -> None:
         self._control, self._leader = control, leader
         self.shard = weights.shard
-        super().__init__(config, weights, **kwargs)
-        # GptEngine counts the KV cache of all heads; this rank holds heads/size of them (GptEngine's own log line
-        # still shows the whole model's).
-        self.kv_cache_bytes //= self.shard.size
+        super().__init__(config, weights, **kwargs)  # its kv_cache_bytes: this rank's heads/size of the heads
         self.raw_model = self.model  # the worker loop and the graphs run this one directly
         if leader is not None:
             self.model = _MirroredModel(self.model, leader)  # type: ignore[assignment]  # same interface
