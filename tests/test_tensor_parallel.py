@@ -38,8 +38,10 @@ from builder.runtime.core_adapter import CoreSettings
 from builder.runtime.core_io import GenerationRequest
 from builder.runtime.ft_weights import WeightFileError, load_ft_shard, load_ft_weights, tensor_specs
 from builder.runtime.generation import ACTIVATION_RESERVE, GptEngine, ResourceError
+from builder.runtime.gpt import GptModel
 from builder.runtime.model_config import GptModelConfig
-from builder.runtime.tensor_parallel import TensorParallelEngine, TensorParallelError, TensorShard, launch_engine
+from builder.runtime.tensor_parallel import (RankWeights, TensorParallelEngine, TensorParallelError, TensorShard,
+                                              launch_engine)
 from builder.runtime.tokenizer import GptTokenizer
 from builder.serve import TritonServer
 from builder.validate import validate_repository
@@ -236,18 +238,19 @@ def test_each_rank_sizes_its_kv_cache_by_its_own_heads(tiny_tp: tuple[Path, Path
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The memory check that picks the slots on a GPU, run on CPU: rank 0 of 2 with a pretend device and free memory
     for 4.5 of its slots (what a rank caches: heads/2 of the heads)."""
-    config = GptModelConfig.from_ini(tiny_tp[1] / "config.ini")
+    config, tensors = load_ft_shard(tiny_tp[1], 0, dtype=torch.float32, device="cpu")
     rank_slot = 2 * config.num_layer * (config.hidden_size // 2) * 64 * 4  # K and V, 64 tokens, fp32
     engine = TensorParallelEngine.__new__(TensorParallelEngine)
     engine.config, engine.device, engine._control = config, torch.device("cuda", 0), None
     engine.shard = TensorShard(rank=0, size=2, vocab_size=config.vocab_size)
+    engine.model = GptModel(config, RankWeights(tensors, engine.shard), device="cpu", dtype=torch.float32)
     free = int(4.5 * rank_slot / (1 - ACTIVATION_RESERVE))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free, 1 << 40))
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, **kwargs: None)  # one rank: its own is least
-    assert engine._slots_that_fit(8, 64, torch.float32, shrink=True) == 4
+    assert engine._slots_that_fit(8, 64, shrink=True) == 4
     assert engine.config is config  # the whole model's config again after the check
     with pytest.raises(ResourceError, match="a KV cache of max_batch_size=8 x max_seq_len=64 needs"):
-        engine._slots_that_fit(8, 64, torch.float32, shrink=False)
+        engine._slots_that_fit(8, 64, shrink=False)
 
 
 # ---- settings, render and validate ----------------------------------------------------------------------------------

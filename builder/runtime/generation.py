@@ -155,7 +155,7 @@ class GptEngine:
         self.cancel_poll_s = cancel_poll_s
         try:
             self.model = GptModel(config, weights, device=self.device, dtype=dtype)
-            slots = self._slots_that_fit(max_batch_size, max_seq_len, dtype, shrink_to_fit)
+            slots = self._slots_that_fit(max_batch_size, max_seq_len, shrink_to_fit)
             self.model.allocate_cache(slots, max_seq_len)
             self.kv_cache_bytes = self.model.cache_bytes  # a tensor-parallel rank's: its heads only
         except torch.cuda.OutOfMemoryError as err:
@@ -170,11 +170,11 @@ class GptEngine:
                                    default_end_id=config.end_id)
         self._lock = threading.Lock()  # one generate() at a time: the KV cache is shared
 
-    def _slots_that_fit(self, wanted: int, max_seq_len: int, dtype: torch.dtype, shrink: bool) -> int:
+    def _slots_that_fit(self, wanted: int, max_seq_len: int, shrink: bool) -> int:
         """KV-cache slots to allocate: `wanted`, checked against the device's free memory (CUDA only)."""
         if self.device.type != "cuda":
             return wanted
-        per_slot = GptModel.kv_cache_bytes(self.config, 1, max_seq_len, dtype)
+        per_slot = self.model.slot_bytes(max_seq_len)
         free, _ = torch.cuda.mem_get_info(self.device)
         usable = int(free * (1 - ACTIVATION_RESERVE))  # prefill activations, logits, CUDA graph pools
         fitting = usable // per_slot

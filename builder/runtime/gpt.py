@@ -224,6 +224,11 @@ class GptModel:
         """Bytes of the KV cache this model holds (a tensor-parallel shard: its own heads only)."""
         return sum(t.numel() * t.element_size() for t in (*self.k_cache, *self.v_cache))
 
+    def slot_bytes(self, max_seq_len: int) -> int:
+        """Bytes one KV-cache slot of `max_seq_len` tokens takes in this model (a shard: its own heads only)."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * len(self.layers) * self.heads * self.head_dim * max_seq_len * itemsize
+
     @staticmethod
     def kv_cache_bytes(config: GptModelConfig, slots: int, max_seq_len: int, dtype: torch.dtype) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()

@@ -49,7 +49,6 @@ import torch.nn.functional as F
 
 from .ft_weights import load_ft_shard
 from .generation import GptEngine, ResourceError
-from .model_config import GptModelConfig
 
 # NVLink SHARP / multicast stay off (the GPU hosts' fabric manager setup does not allow them); set in every rank.
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
@@ -318,11 +317,6 @@ class _MirroredModel:
 
 # ---- the engine of one rank -----------------------------------------------------------------------------------------
 
-def rank_cache_config(config: GptModelConfig, size: int) -> GptModelConfig:
-    """A config whose KV cache is one rank's of `size` (head_num/size heads): what that rank allocates."""
-    return replace(config, head_num=config.head_num // size, tensor_para_size=1)
-
-
 class TensorParallelEngine(GptEngine):
     """GptEngine over one rank's shard. On rank 0 (`leader` set) the model-touching calls are mirrored to the
     workers first; on a worker they run as called (from `serve_worker`'s loop)."""
@@ -331,22 +325,18 @@ class TensorParallelEngine(GptEngine):
                  **kwargs: Any) -> None:
         self._control, self._leader = control, leader
         self.shard = weights.shard
-        super().__init__(config, weights, **kwargs)  # its kv_cache_bytes: this rank's heads/size of the heads
+        super().__init__(config, weights, **kwargs)  # sized by this rank's model: heads/size of the heads
         self.raw_model = self.model  # the worker loop and the graphs run this one directly
         if leader is not None:
             self.model = _MirroredModel(self.model, leader)  # type: ignore[assignment]  # same interface
 
-    def _slots_that_fit(self, wanted: int, max_seq_len: int, dtype: torch.dtype, shrink: bool) -> int:
+    def _slots_that_fit(self, wanted: int, max_seq_len: int, shrink: bool) -> int:
         """Every rank must have the same slots: the fewest that fit on any (0 on a rank that raised: all raise)."""
-        # GptEngine sizes a slot from self.config, all heads: this rank's slot holds heads/size of them.
-        whole, self.config = self.config, rank_cache_config(self.config, self.shard.size)
         try:
-            mine = super()._slots_that_fit(wanted, max_seq_len, dtype, shrink)
+            mine = super()._slots_that_fit(wanted, max_seq_len, shrink)
             error = ""
         except ResourceError as err:
             mine, error = 0, str(err)
-        finally:
-            self.config = whole
         agreed = torch.tensor([mine], dtype=torch.int64)
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self._control)
         if int(agreed[0]) < 1:
