@@ -35,6 +35,7 @@ import gpu_bench  # bench/gpu_bench.py: the gRPC client over one stream
 from builder.demo import build_demo_repository
 from builder.serve import TritonServer
 from client.perf import DEFAULT_TOKENIZER_DIR, load_tokenizer, token_length_prompts
+from serving_bench import core_call_times  # bench/serving_bench.py: the core model's streamed call
 
 WARMUP = 10  # pairs sent first and left out of every median
 # Triton writes the trace file every LOG_EVERY traces and drops what is left at shutdown: TRAILING pairs after the
@@ -147,18 +148,10 @@ def main() -> None:
         with TritonServer.on_free_ports(repository, extra_args=trace_args) as server:
             triton = gpu_bench.Triton(server.grpc_url, streaming=True)
 
-            def core_first() -> float:
-                inputs = [triton._input("input_ids", np.array([ids], np.uint32), "UINT32"),
-                          triton._input("input_lengths", np.array([[len(ids)]], np.uint32), "UINT32"),
-                          triton._input("request_output_len", np.array([[args.new_tokens]], np.uint32), "UINT32"),
-                          triton._input("min_length", np.array([[args.new_tokens]], np.uint32), "UINT32"),
-                          triton._input("stream", np.array([[True]]), "BOOL")]
-                return triton._call(args.core, inputs)[1][0] * 1e3
-
             ensemble_ms, core_ms = [], []
             for index in range(WARMUP + args.requests + TRAILING):
                 first = triton.text(text, args.new_tokens, stream=True)[0] * 1e3
-                alone = core_first()
+                alone = core_call_times(triton, args.core, ids, args.new_tokens, stream=True)[0] * 1e3
                 if WARMUP <= index < WARMUP + args.requests:
                     ensemble_ms.append(first)
                     core_ms.append(alone)
