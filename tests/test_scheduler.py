@@ -226,6 +226,42 @@ def test_streaming_updates_are_cumulative_one_token_each(tiny: TinyGpt, prompts,
         assert [o.finished for o in update] == [False, step >= 5]
 
 
+
+def test_each_token_is_handed_over_before_the_decode_that_extends_it(tiny: TinyGpt, prompts, greedy,
+                                                                     monkeypatch) -> None:
+    """The host reads a step's selection before its decode: on the CPU the loop hands the new token to the sender
+    first and decodes after, so no token waits for a decode step, and a step whose rows all finished decodes nothing
+    (on CUDA the decode is launched first and runs while the host reads: the same order on the device)."""
+    engine = new_engine(tiny, slots=2)
+    scheduler = InflightScheduler(engine)
+    events: list[str] = []
+    decode, mark, close = engine.decode, scheduler._sender.mark, scheduler._sender.close
+
+    def log_decode(*args, **kwargs):
+        events.append("decode")
+        return decode(*args, **kwargs)
+
+    def log_mark(requests):
+        events.append("token")
+        mark(requests)
+
+    def log_close(*args, **kwargs):
+        events.append("final")
+        close(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "decode", log_decode)
+    monkeypatch.setattr(scheduler._sender, "mark", log_mark)
+    monkeypatch.setattr(scheduler._sender, "close", log_close)
+    streamed, single = Sink(name="streamed"), Sink(name="single")
+    with scheduler:
+        scheduler.submit([request(prompts[0], 4)], streamed, stream=True)
+        assert [tokens(o) for o in streamed.result()] == [greedy[0][:len(prompts[0]) + 4]]
+        assert events == ["token", "decode"] * 3 + ["final"]
+        events.clear()
+        scheduler.submit([request(prompts[1], 1)], single, stream=False)
+        assert [tokens(o) for o in single.result()] == [greedy[1][:len(prompts[1]) + 1]]
+    assert events == ["final"]  # its one token came from the prefill's logits: no decode at all
+
 def test_a_row_finishing_early_frees_its_slot_for_a_waiting_request(tiny: TinyGpt, prompts, greedy,
                                                                     long_run) -> None:
     engine = new_engine(tiny, slots=2)

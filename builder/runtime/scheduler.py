@@ -51,7 +51,7 @@ from .gpt import GptModel
 from .metrics import EngineMetrics, StepClock
 from .sampling import (TOPK_FAST_LIMIT, BadWords, SlotParams, WordTable, effective_temperature, is_greedy,
                        topk_width)
-from .step_graphs import StepGraphs, select_and_decode
+from .step_graphs import StepGraphs, select_tokens
 
 log = logging.getLogger(__name__)
 # Admission while rows are decoding: wait for up to this many new rows, or this many decode steps (a few ms on a
@@ -61,7 +61,8 @@ ADMIT_GATHER_STEPS = 4
 # Prompt tokens prefilled per step while rows decode (prompts beyond it are chunked): generation.STEP_PROMPT_TOKENS,
 # 512 (why: there) by default; while no row decodes (no one to stall): whole prompts, up to this many tokens per pass.
 IDLE_PREFILL_TOKENS = 8192
-# Steps replay one CUDA graph of selection + decode where they can (step_graphs.py); "0" runs them op by op (A/B runs).
+# Steps replay a CUDA graph of the selection, then the decode graph, where they can (step_graphs.py); "0" runs the
+# selection op by op (A/B runs).
 STEP_GRAPHS = os.environ.get("GPT_TRITON_STEP_GRAPHS", "1") != "0"
 SENDER_PAUSE_AFTER_S = 0.002  # a sweep of updates longer than this is followed by a pause as long (_Sender._pause)
 SENDER_MAX_PAUSE_S = 0.025
@@ -359,8 +360,9 @@ class _SlotTable:
 class _Readback:
     """One step's per-slot results on the host without stalling the device queue.
 
-    On CUDA they are copied into pinned memory and an event is recorded right after; the caller launches the next
-    decode before waiting on that event, so the device stays busy while the host reads. On CPU they are read directly.
+    On CUDA they are copied into pinned memory right after the selection and an event is recorded there; the caller
+    launches the step's decode before waiting on that event, so the device stays busy while the host reads and
+    consumes. On CPU they are read directly.
     """
 
     def __init__(self, slots: int, device: torch.device) -> None:
@@ -892,7 +894,9 @@ class InflightScheduler:
         return (rows, logits) if rows else ([], None)
 
     def _step(self) -> None:
-        """Select one token for every row in slots 0..span-1, launch the next decode, then read the step back."""
+        """Select one token for every row in slots 0..span-1 and decode them; the host reads the selection back and
+        consumes it while the decode runs (on CUDA; on the CPU the decode follows the consumption, so a row's token
+        is sent before the decode that extends it, and a step whose rows all finished skips its decode)."""
         started = time.perf_counter()
         # A row still being prefilled takes no part (None, as a free slot): it is finished on the device until then.
         rows: list[_Row | None] = [self._occupied.get(slot) for slot in range(max(self._occupied) + 1)]
@@ -900,7 +904,7 @@ class InflightScheduler:
             rows = [None if row is None or row.prefilling else row for row in rows]
         if self._batch is None or self._batch.span != len(rows):
             self._batch = self.table.batch(rows)
-        batch, span = self._batch, len(rows)
+        batch = self._batch
         # A running row's next position is its length - 1 < prompt + selections issued. Finished and free slots
         # decode at their parking position (junk nothing reads): 0, or a prefilling row's next uncached position, so
         # every position stays < kv_len as decode requires.
@@ -909,40 +913,53 @@ class InflightScheduler:
             if row is not None:
                 row.issued += 1
                 kv_len = max(kv_len, min(row.prompt_len + row.issued, row.limit))
-        if self.step_graphs is not None and batch.graphable:
-            self.readback.launched(span, self.step_graphs.step(span, kv_len, batch.params))
-            if self.step_graphs.failure is not None:  # this step ran; the next ones go op by op
-                log.warning("%s: the in-flight steps run op by op from now on", self.step_graphs.failure)
-                self.step_graphs = None
-        else:
-            self._select_and_decode(batch, kv_len)
+        decode = self._select(batch, kv_len)
+        overlapped = self.readback.event is not None
+        if overlapped:
+            decode()
         self.stats.steps += 1
         timeline, launched = self.stats.timeline, time.perf_counter()
         flags, log_probs = self.readback.read()
         read = time.perf_counter()
         self._step_clock.tick(self.metrics)  # before _consume, whose _release may mark the engine idle
         self._consume(rows, flags, log_probs)
+        if not overlapped and self._occupied:
+            decode()
         timeline.steps += 1
         timeline.rows += len(self._occupied)
         timeline.select_launch_ms += (launched - started) * 1e3
         timeline.wait_ms += (read - launched) * 1e3
         timeline.consume_ms += (time.perf_counter() - read) * 1e3
 
-    def _select_and_decode(self, batch: _Batch, kv_len: int) -> None:
-        """The step op by op (what a step graph replays, plus stop words, bad words and log-probs)."""
+    def _select(self, batch: _Batch, kv_len: int) -> Callable[[], None]:
+        """Launch this step's selection and the copy of its results to the host (recording the readback event after
+        it); returns the step's decode, to launch next."""
         span = batch.span
+        if self.step_graphs is not None and batch.graphable:
+            graphs = self.step_graphs
+            rows = graphs.select(span, batch.params)
+            self.readback.launched(span, rows)
+            if graphs.failure is not None:  # this selection ran; the next steps go op by op
+                log.warning("%s: the in-flight steps run op by op from now on", graphs.failure)
+                self.step_graphs = None
+            return lambda: graphs.decode(rows, kv_len)
         if self._logits is None or self._logits.shape[0] < span:  # slots up to a prefilling row's: never read
             logits = torch.zeros((span, self.engine.config.vocab_size), device=self.table.device,
                                  dtype=torch.float32 if self._logits is None else self._logits.dtype)
             if self._logits is not None:
                 logits[:self._logits.shape[0]] = self._logits
             self._logits = logits
-        step_flags, step_log_probs, logits = select_and_decode(
-            self.table, span, self._logits, batch.params, self.engine.vocab_limit, self.engine.decode, kv_len,
-            stop_words=batch.stop_words, bad_words=batch.bad_words, want_log_probs=batch.want_log_probs)
+        step_flags, step_log_probs, tokens, positions = select_tokens(
+            self.table, span, self._logits, batch.params, self.engine.vocab_limit, stop_words=batch.stop_words,
+            bad_words=batch.bad_words, want_log_probs=batch.want_log_probs)
         self.readback.launch(step_flags, step_log_probs)
+        return lambda: self._decode(tokens, positions, kv_len)
+
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> None:
+        """The op-by-op step's decode: the next logits of slots 0..len(tokens)-1."""
+        logits = self.engine.decode(tokens, positions, kv_len)
         if self.step_graphs is not None:  # keep the persistent buffer current for the next graph-replayed step
-            self.step_graphs.logits[:span].copy_(logits)
+            self.step_graphs.logits[:tokens.shape[0]].copy_(logits)
         else:
             self._logits = logits
 

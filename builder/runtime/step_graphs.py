@@ -1,21 +1,28 @@
-"""One in-flight scheduler step (token selection + the next decode) replayed as ONE CUDA graph (CUDA only).
+"""One in-flight scheduler step's token selection replayed as ONE CUDA graph (CUDA only); its decode replays the
+engine's decode graph.
 
-Why: the decode step itself is a CUDA graph, but the selection before it (`sampling.process_logits` and
-`advance_rows`: ~30 small PyTorch ops on [rows, vocab] logits) was launched op by op from Python. On an H200 that
-host work took ~1 ms per step at 64 rows and ~1.3 ms at batch 1, longer than the GPU's own decode step (1.24 ms at
-batch 1): the loop was host-bound, and under Triton the sender and request threads competing for the GIL stretched
-it further (docs/benchmarks.md). Captured together, a step costs the host one replay.
+Why a graph: the selection (`sampling.process_logits` and `advance_rows`: ~30 small PyTorch ops on [rows, vocab]
+logits) was launched op by op from Python. On an H200 that host work took ~1 ms per step at 64 rows and ~1.3 ms at
+batch 1, longer than the GPU's own decode step (1.24 ms at batch 1): the loop was host-bound, and under Triton the
+sender and request threads competing for the GIL stretched it further (docs/benchmarks.md). Replayed, a step costs
+the host two replays.
 
-A graph is kept per (rows bucket, kv-length bucket, selection flags): the rows and kv buckets are the decode graphs'
-(`gpt.batch_buckets`, `DecodeGraphs.kv_bucket`); the flags are the host-side switches of `SlotParams` (sampling or
-greedy, temperature, penalties, min length), which decide which ops the selection runs. Steps that need per-batch
-host data (stop words, bad words) or log-probs run eagerly as before. Slots between the batch's span and the rows
-bucket are free or still prefilling: finished on the device, so the selection leaves them be and their junk decode
-writes land at their parking position, exactly as for the free slots inside the span.
+Why two graphs, selection then decode: the step's results (tokens, active, finished, stopped) are copied to the host
+right after the selection, and the scheduler records its event there, before the decode is launched. So the host
+reads a row's token while the decode that consumes it runs: the first token is not held back by a whole decode step,
+and the loop's bookkeeping (consume, admission) overlaps the device's decode instead of leaving the device idle
+between steps. (One graph of selection + decode, as before, made the host wait for the decode too.)
 
-The capturing call's warm-up run on a side stream is the real step (as in `DecodeGraphs`), so no step ever runs on
-made-up inputs. Every tensor a graph reads or writes is persistent: the scheduler's slot table, the shared logits
-buffer below, and the pinned readback buffer.
+A selection graph is kept per (rows bucket, selection flags): the rows buckets are the decode graphs'
+(`gpt.batch_buckets`); the flags are the host-side switches of `SlotParams` (sampling or greedy, temperature,
+penalties, min length), which decide which ops the selection runs. Steps that need per-batch host data (stop words,
+bad words) or log-probs run eagerly. Slots between the batch's span and the rows bucket are free or still
+prefilling: finished on the device, so the selection leaves them be and their junk decode writes land at their
+parking position, exactly as for the free slots inside the span.
+
+The capturing call's warm-up run on a side stream is the real selection (as in `DecodeGraphs`), so no step ever runs
+on made-up inputs. Every tensor a graph reads or writes is persistent: the scheduler's slot table, the shared logits
+buffer below, the decode's input buffers and the pinned readback buffer.
 """
 
 from __future__ import annotations
@@ -67,50 +74,63 @@ class SelectionFlags:
                    params.use_repetition, params.use_presence, params.use_min_length, params.use_frequency)
 
 
+Decode = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]  # (tokens [n], positions [n], kv_len) -> [n, V]
+
+
 class StepGraphs:
     def __init__(self, model: GptModel, table: SlotState, readback: torch.Tensor, vocab_limit: int, *,
-                 buckets: list[int], kv_bucket: int) -> None:
+                 buckets: list[int], decode: Decode | None = None, tokens: torch.Tensor | None = None,
+                 positions: torch.Tensor | None = None) -> None:
         """readback: the buffer [>= 4 * slots] (pinned host memory on CUDA) that receives tokens, active, finished
-        and stopped; buckets, kv_bucket: the decode graphs' rows buckets and kv-length granularity."""
+        and stopped; buckets: the decode graphs' rows buckets; decode: the step's decode (default: the model's own);
+        tokens, positions [slots]: the buffers the selection writes the decode's inputs into (the decode graphs' own
+        input buffers, so replaying one copies nothing)."""
         self.model, self.table, self.readback, self.vocab_limit = model, table, readback, vocab_limit
-        self.buckets, self.kv_bucket = buckets, kv_bucket
+        self.buckets = buckets
+        self.decode_step: Decode = decode if decode is not None else model.decode
         slots, vocab = model.slots, model.config.vocab_size
+        self.tokens = tokens if tokens is not None else torch.zeros(slots, dtype=torch.long, device=model.device)
+        self.positions = (positions if positions is not None
+                          else torch.zeros(slots, dtype=torch.long, device=model.device))
         # Next-token logits of every slot: the steps' decode writes them, admissions' prefills add theirs.
         self.logits = torch.zeros((slots, vocab), dtype=model.dtype, device=model.device)
         self.pool = torch.cuda.graph_pool_handle() if model.device.type == "cuda" else None
-        self.graphs: dict[tuple[int, int, SelectionFlags], Replayable] = {}
+        self.graphs: dict[tuple[int, SelectionFlags], Replayable] = {}
         self.failure: str | None = None  # set when a capture failed: the scheduler then steps op by op
 
     @classmethod
     def for_decode_graphs(cls, model: GptModel, decode_graphs: DecodeGraphs, table: SlotState,
                           readback: torch.Tensor, vocab_limit: int) -> StepGraphs:
-        return cls(model, table, readback, vocab_limit, buckets=decode_graphs.buckets,
-                   kv_bucket=decode_graphs.kv_bucket)
+        return cls(model, table, readback, vocab_limit, buckets=decode_graphs.buckets, decode=decode_graphs.decode,
+                   tokens=decode_graphs.tokens, positions=decode_graphs.positions)
 
     def rows_bucket(self, span: int) -> int:
         return next(b for b in self.buckets if b >= span)
 
-    def step(self, span: int, kv_len: int, params: SlotParams) -> int:
+    def select(self, span: int, params: SlotParams) -> int:
         """Select a token for slots 0..span-1 from `self.logits`, update the slot table, copy (tokens, active,
-        finished, stopped) of the rows bucket into the readback buffer as [4, bucket] and write the next decode's
-        logits into `self.logits`. Returns the rows bucket; record an event after it before reading back. A step whose
-        graph could not be captured has still run (`failure` says why)."""
+        finished, stopped) of the rows bucket into the readback buffer as [4, bucket] and leave the decode's inputs
+        in `tokens` and `positions`. Returns the rows bucket: record an event now, then call `decode`. A selection
+        whose graph could not be captured has still run (`failure` says why)."""
         rows = self.rows_bucket(span)
-        kv = min(self.model.max_seq_len, -(-kv_len // self.kv_bucket) * self.kv_bucket)
         flags = SelectionFlags.of(params)
-        graph = self.graphs.get((rows, kv, flags))
+        graph = self.graphs.get((rows, flags))
         if graph is None:
-            captured = self._graph(lambda: self._run(rows, kv, flags))
+            captured = self._graph(lambda: self._select(rows, flags))
             if captured is not None:
-                self.graphs[(rows, kv, flags)] = captured
+                self.graphs[(rows, flags)] = captured
         else:
             graph.replay()
         return rows
 
+    def decode(self, rows: int, kv_len: int) -> None:
+        """The decode of the tokens `select` chose for slots 0..rows-1; writes the next logits into `self.logits`."""
+        self.logits[:rows].copy_(self.decode_step(self.tokens[:rows], self.positions[:rows], kv_len))
+
     def _graph(self, run: Callable[[], None]) -> Replayable | None:
-        """Run the step for real on a side stream (lazy library init stays out of the graph), then record it. A failed
-        capture (e.g. out of memory mid-serving: graphs are captured as new batch shapes appear) returns None and
-        sets `failure`; the real run has advanced the step all the same."""
+        """Run the selection for real on a side stream (lazy library init stays out of the graph), then record it. A
+        failed capture (e.g. out of memory mid-serving: graphs are captured as new batch shapes appear) returns None
+        and sets `failure`; the real run has advanced the step all the same."""
         device = self.model.device
         side = torch.cuda.Stream(device=device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -126,27 +146,28 @@ class StepGraphs:
             return None
         return graph
 
-    def _run(self, rows: int, kv_len: int, flags: SelectionFlags) -> None:
+    def _select(self, rows: int, flags: SelectionFlags) -> None:
         table = self.table
         params = SlotParams(
             **{name: values[:rows] for name, values in table.params.items()}, any_sampling=flags.any_sampling,
             any_greedy=flags.any_greedy, max_top_k=flags.max_top_k, use_temperature=flags.use_temperature,
             use_repetition=flags.use_repetition, use_presence=flags.use_presence,
             use_min_length=flags.use_min_length, use_frequency=flags.use_frequency)
-        step_flags, _, logits = select_and_decode(table, rows, self.logits, params, self.vocab_limit,
-                                                  self.model.decode, kv_len)
+        step_flags, _, tokens, positions = select_tokens(table, rows, self.logits, params, self.vocab_limit)
         # [4, rows] -> the first 4 * rows entries of the readback buffer (a contiguous destination: see _Readback).
         self.readback[:4 * rows].view(4, rows).copy_(step_flags, non_blocking=True)
-        self.logits[:rows].copy_(logits)
+        self.tokens[:rows].copy_(tokens)
+        self.positions[:rows].copy_(positions)
 
 
-def select_and_decode(table: SlotState, rows: int, logits: torch.Tensor, params: SlotParams, vocab_limit: int,
-                      decode: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor], kv_len: int, *,
-                      stop_words: WordTable | None = None, bad_words: BadWords | None = None,
-                      want_log_probs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """One step of slots 0..rows-1, the same ops whether replayed from a graph or run one by one: select each row's
-    token from `logits` [>= rows, V], advance the slot table, then decode. Returns (tokens, active, finished,
-    stopped as [4, rows] int64, the chosen log-probs or None, the next logits [rows, V])."""
+def select_tokens(table: SlotState, rows: int, logits: torch.Tensor, params: SlotParams, vocab_limit: int, *,
+                  stop_words: WordTable | None = None, bad_words: BadWords | None = None,
+                  want_log_probs: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """The selection of one step of slots 0..rows-1, the same ops whether replayed from a graph or run one by one:
+    select each row's token from `logits` [>= rows, V] and advance the slot table. Returns (tokens, active, finished,
+    stopped as [4, rows] int64, the chosen log-probs or None, then the decode's inputs: tokens [rows], positions
+    [rows])."""
     history, lengths, generated = table.history[:rows], table.lengths[:rows], table.generated[:rows]
     finished = table.finished[:rows]
     seen = table.seen[:rows] if params.uses_seen_tokens else None
@@ -161,4 +182,4 @@ def select_and_decode(table: SlotState, rows: int, logits: torch.Tensor, params:
     # A running row's next position is its length - 1; finished and free slots decode at their parking position
     # (junk nothing reads): 0, or a prefilling row's next uncached position.
     positions = torch.where(finished, table.park[:rows], lengths - 1)
-    return step_flags, log_probs, decode(tokens, positions, kv_len)
+    return step_flags, log_probs, tokens, positions
