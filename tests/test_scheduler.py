@@ -565,6 +565,72 @@ def test_a_slow_transport_never_slows_the_decode_loop(tiny: TinyGpt, prompts, lo
     assert elapsed < 80 * 0.02 / 2  # sending one update per token would have taken >= 1.6 s
 
 
+def test_a_new_request_does_not_wait_for_a_sweep_of_updates(tiny: TinyGpt, prompts, long_run) -> None:
+    """Six streams whose updates take 60 ms each to send: a sweep of updates takes ~0.36 s (the loop is slowed to
+    10 ms a step, so the streams outlast a few sweeps). A request submitted just as a sweep starts gets its first
+    response, and another its final one, after the update in progress, not after the whole sweep (at hundreds of
+    streams a sweep is tens of milliseconds of everyone's time to first token)."""
+    sequence, end_id = long_run
+    engine = new_engine(tiny, slots=8)
+    sent: list[str] = []  # the streams' updates and the new requests' responses, in the order they went out
+    started = threading.Event()
+    newcomer = Sink(name="newcomer", on_update=lambda sink, outputs: sent.append("newcomer update"))
+    first_only = Sink(name="first only final", events=sent)  # appends its name when its final response goes out
+
+    @dataclass
+    class SlowSink(Sink):
+        def update(self, outputs: list[RowOutput]) -> None:
+            sent.append(self.name)
+            if self.name == "0" and len(self.updates) == 1 and not started.is_set():
+                # The second sweep starts with stream 0 (slot 0, marked first at each step): submit the newcomers.
+                scheduler.submit([request(prompts[1], 40)], newcomer, stream=True)
+                scheduler.submit([request(prompts[2], 1)], first_only, stream=False)
+                started.set()
+            time.sleep(0.06)
+            super().update(outputs)
+
+    streams = [SlowSink(name=str(i)) for i in range(6)]
+    with InflightScheduler(engine, on_step=lambda record: time.sleep(0.01)) as scheduler:
+        for sink in streams:
+            scheduler.submit([request(prompts[0], 100, end_id=end_id)], sink, stream=True)
+        assert started.wait(WAIT_S), " ".join(sent)
+        first_only.result()
+        newcomer.result()
+        for sink in streams:
+            assert tokens(sink.result()[0]) == sequence[:len(prompts[0]) + 100]
+    at = sent.index("0", sent.index("0") + 1)  # the second sweep's first update
+    # The sweep in progress sent at most one more stream update before each of them (the one under way when they
+    # came), not the five other streams' (~0.3 s).
+    for name in ("first only final", "newcomer update"):
+        assert len([entry for entry in sent[at + 1:sent.index(name)] if entry.isdigit()]) <= 1, " ".join(sent)
+
+
+def test_cancellation_polls_stay_within_their_budget(tiny: TinyGpt, prompts, long_run) -> None:
+    """is_cancelled is an IPC round trip in Triton: however many requests run and however short cancel_poll_s is
+    (0 here), the sender polls at most MAX_CANCEL_POLLS_PER_S a second in all, and still polls every request."""
+    _, end_id = long_run
+    engine = new_engine(tiny, slots=8)
+    polls: dict[str, int] = {}
+
+    @dataclass
+    class CountingSink(Sink):
+        def is_cancelled(self) -> bool:
+            polls[self.name] = polls.get(self.name, 0) + 1
+            return False
+
+    sinks = [CountingSink(name=str(i)) for i in range(8)]
+    with InflightScheduler(engine, cancel_poll_s=0.0, on_step=lambda record: time.sleep(0.01)) as scheduler:
+        started = time.monotonic()
+        for sink in sinks:
+            scheduler.submit([request(prompts[0], 60, end_id=end_id)], sink, stream=False)
+        for sink in sinks:
+            sink.result()
+        elapsed = time.monotonic() - started
+    assert set(polls) == {sink.name for sink in sinks}
+    budget = scheduler_module.MAX_CANCEL_POLLS_PER_S
+    assert sum(polls.values()) <= budget * elapsed + budget / 10 + 1, (polls, elapsed)
+
+
 def test_prompts_near_max_seq_len_prefill_within_the_cache(tiny: TinyGpt) -> None:
     """Prefill passes pad prompts to a multiple of 64 tokens, never past max_seq_len (here 67: not a multiple)."""
     engine = GptEngine.from_ft_dir(tiny.ft_dir, max_batch_size=4, max_seq_len=67, cancel_poll_s=0.0)

@@ -66,6 +66,11 @@ IDLE_PREFILL_TOKENS = 8192
 STEP_GRAPHS = os.environ.get("GPT_TRITON_STEP_GRAPHS", "1") != "0"
 SENDER_PAUSE_AFTER_S = 0.002  # a sweep of updates longer than this is followed by a pause as long (_Sender._pause)
 SENDER_MAX_PAUSE_S = 0.025
+# is_cancelled is an IPC round trip to Triton (~0.1-0.5 ms of the sender's time, GIL waits included): at 256 streams a
+# poll of each every 50 ms would be ~5k round trips a second, a large share of the time the sender has for responses.
+# Polls are spread so that all the live requests together take at most this many a second (a cancelled request is
+# then seen within len(live) / this seconds: ~0.5 s at 256 streams).
+MAX_CANCEL_POLLS_PER_S = 500
 PREFILL_PAD = 64  # prompt lengths of one prefill pass are padded to a multiple of this
 # ... but only while the batch is this full: below it a prefill pass is cheap next to the TTFT a wait adds.
 ADMIT_GATHER_MIN_RUNNING = 16
@@ -133,7 +138,9 @@ class Timeline:
     prefill_passes: int = 0  # engine prefill calls (one per step that prefilled)
     prefill_tokens: int = 0  # prompt tokens they prefilled (chunks included)
     updates: int = 0  # streamed updates the sender sent
-    sender_busy_ms: float = 0.0  # the sender's time sending them
+    sender_busy_ms: float = 0.0  # the sender's time sending them and polling
+    polls: int = 0  # is_cancelled polls
+    poll_ms: float = 0.0  # the sender's time in them
     idle_requests: int = 0
     queued_ms: float = 0.0
     admitting_ms: float = 0.0
@@ -146,7 +153,7 @@ class Timeline:
                 f"{self.select_launch_ms / steps:.3f}, wait for device {self.wait_ms / steps:.3f}, consume "
                 f"{self.consume_ms / steps:.3f}, admission {self.admit_ms / steps:.3f} ({self.prefill_passes} prefill "
                 f"passes, {self.prefill_tokens / max(1, self.prefill_passes):.0f} prompt tokens each); sender "
-                f"{self.updates} updates, "
+                f"{self.updates} updates, {self.polls} cancellation polls ({self.poll_ms:.0f} ms), "
                 f"busy {self.sender_busy_ms / steps:.3f} "
                 f"per step; first response of a request into an idle batch (ms, mean of "
                 f"{self.idle_requests}): queued {self.queued_ms / idle:.3f}, admitting {self.admitting_ms / idle:.3f}, "
@@ -418,6 +425,7 @@ class _Sender:
         self._thread = threading.Thread(target=self._run, name="inflight-sender", daemon=True)
         self.updates_sent = 0
         self._urgent = False  # a final or a first response is waiting: no pause
+        self._poll_credit, self._polled_at = 1.0, time.monotonic()  # is_cancelled polls' token bucket (_poll)
 
     def start(self) -> None:
         self._thread.start()
@@ -452,27 +460,50 @@ class _Sender:
         while True:
             with self._cond:
                 if not (self._marked or self._finals or self._stopping):
-                    self._cond.wait(self.cancel_poll_s if self._live else None)
+                    # (at least one poll's worth of the budget: a cancel_poll_s of 0 must not spin)
+                    self._cond.wait(max(self.cancel_poll_s, 1 / MAX_CANCEL_POLLS_PER_S) if self._live else None)
                 marked, self._marked = list(self._marked.values()), {}
                 finals, self._finals = self._finals, []
                 stopping = self._stopping
                 live = list(self._live.values())
                 self._urgent = False
-            closing = {id(request) for request, _, _ in finals}
-            # Finals first (an update of a closing request is skipped: its final holds those tokens), then first
-            # responses: neither should wait behind a sweep of updates to hundreds of running streams.
-            for request, outputs, error in finals:
-                self._finish(request, outputs, error)
             started = time.perf_counter()
-            for request in sorted(marked, key=lambda request: request.updates_sent > 0):  # stable: arrival order
-                if id(request) not in closing and not request.closed and not request.cancelled:
-                    self._update(request)
+            self._sweep(finals, marked)
             if stopping and not finals and not marked:
                 return
             self._poll(live)
             busy = time.perf_counter() - started
             self.timeline.sender_busy_ms += busy * 1e3
             self._pause(busy)
+
+    def _sweep(self, finals: list[tuple[_Request, list[RowOutput] | None, Exception | None]],
+               marked: list[_Request]) -> None:
+        """Finals first (an update of a closing request is skipped: its final holds those tokens), then first
+        responses, then the other updates in arrival order. A final or a first response that comes during the sweep
+        goes out after the update in progress: at hundreds of streams a sweep takes tens of milliseconds, which
+        would otherwise be added to that request's time to first token or latency."""
+        for request, outputs, error in finals:
+            self._finish(request, outputs, error)
+        queue = deque(sorted(marked, key=lambda request: request.updates_sent > 0))  # stable: arrival order
+        pending = {id(request) for request in queue}
+        while queue:
+            request = queue.popleft()
+            pending.discard(id(request))
+            if not request.closed and not request.cancelled:
+                self._update(request)
+            if self._urgent:
+                with self._cond:
+                    finals, self._finals = self._finals, []
+                    # Still queued in this sweep: its update, when it comes, carries these tokens too.
+                    firsts = [later for later in self._marked.values()
+                              if later.updates_sent == 0 and id(later) not in pending]
+                    for later in firsts:
+                        del self._marked[id(later)]
+                    self._urgent = False
+                for later, outputs, error in finals:
+                    self._finish(later, outputs, error)
+                queue.extendleft(reversed(firsts))
+                pending.update(id(later) for later in firsts)
 
     def _pause(self, busy_s: float) -> None:
         """After a long sweep of updates, rest as long again (up to SENDER_MAX_PAUSE_S) unless a final or a first
@@ -522,16 +553,25 @@ class _Sender:
             timeline.to_send_ms += (time.perf_counter() - request.first_token_at) * 1e3
 
     def _poll(self, live: list[_Request]) -> None:
+        """Poll the requests due (none polled in the last cancel_poll_s), least recently polled first, within a
+        budget of MAX_CANCEL_POLLS_PER_S (a token bucket holding at most a tenth of a second's worth)."""
         now = time.monotonic()
-        for request in live:
-            if request.cancelled or request.closed or now - request.last_poll < self.cancel_poll_s:
-                continue
+        self._poll_credit = min(MAX_CANCEL_POLLS_PER_S / 10,
+                                self._poll_credit + (now - self._polled_at) * MAX_CANCEL_POLLS_PER_S)
+        self._polled_at = now
+        due = [request for request in live if not (request.cancelled or request.closed)
+               and now - request.last_poll >= self.cancel_poll_s]
+        for request in heapq.nsmallest(int(self._poll_credit), due, key=lambda request: request.last_poll):
+            self._poll_credit -= 1
             request.last_poll = now
+            started = time.perf_counter()
             try:
                 cancelled = request.sink.is_cancelled()
             except Exception:  # a broken sink must not stop the sender
                 log.exception("is_cancelled failed")
                 cancelled = False
+            self.timeline.polls += 1
+            self.timeline.poll_ms += (time.perf_counter() - started) * 1e3
             if cancelled:
                 self.on_cancel(request)
 
