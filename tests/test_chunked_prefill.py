@@ -68,8 +68,9 @@ def new_engine(tiny: TinyGpt, slots: int, device: str = "cpu") -> GptEngine:
                                    device="cpu" if device == "cpu-graphs" else device)
     if device == "cpu-graphs":
         engine.prefill_graphs = ReplayedPrefillGraphs(engine.model, chunk_width=STEP_PROMPT_TOKENS)
-        # max_seq_len 128: whole prompts of 64 and 128 tokens; chunks of 64 (kv 128) and 128 (kv 128).
-        assert engine.prefill_graphs.capture_all() == 4
+        # max_seq_len 128: whole prompts of 64 and 128 tokens; chunks of 64 (kv 128) and 128 (kv 128); several
+        # prompts: 2, 3 or 4 rows of 64 or 128 tokens, 5 to 8 rows of 64.
+        assert engine.prefill_graphs.capture_all() == 4 + 10
     return engine
 
 
@@ -119,6 +120,33 @@ def test_a_prompt_prefilled_in_chunks_matches_one_whole_prefill(tiny: TinyGpt, l
         generated.append(tokens_.tolist())
     for slot in range(4):
         assert [step[slot] for step in generated] == expected, f"slot {slot}"
+
+
+@pytest.mark.parametrize("device", ENGINES)  # cpu-graphs and CUDA: one several-prompt graph
+@torch.inference_mode()
+def test_several_whole_prompts_in_one_pass_match_each_alone(tiny: TinyGpt, long_prompt: list[int],
+                                                            device: str) -> None:
+    engine = new_engine(tiny, slots=4, device=device)
+    model, slots = engine.model, [3, 1, 2]
+    prompts = [long_prompt, long_prompt[:20], long_prompt[5:20]]
+    tokens_ = torch.zeros((3, 64), dtype=torch.long)  # padded to 64 as the scheduler pads a pass
+    for i, prompt in enumerate(prompts):
+        tokens_[i, :len(prompt)] = torch.tensor(prompt)
+    graphs = engine.prefill_graphs
+    if graphs is None:  # the plain CPU engine: one eager pass
+        together = engine.prefill_chunks(tokens_, [0, 0, 0], [len(p) for p in prompts], slots)
+    else:
+        with patch.object(graphs, "prefill_rows", wraps=graphs.prefill_rows) as spy:
+            together = engine.prefill_chunks(tokens_, [0, 0, 0], [len(p) for p in prompts], slots)
+        assert spy.call_count == 1 and engine.prefill_graphs is graphs
+    tolerance = dict(rtol=1e-5, atol=1e-4 if device == "cuda" else 1e-5)
+    for i, (prompt, slot) in enumerate(zip(prompts, slots)):
+        alone = model.prefill(torch.tensor([prompt], device=engine.device),
+                              torch.tensor([len(prompt)], device=engine.device), first_slot=0)  # slot 0
+        torch.testing.assert_close(together[i:i + 1], alone, **tolerance)
+        for layer in range(len(model.layers)):
+            for cache in (model.k_cache[layer], model.v_cache[layer]):
+                torch.testing.assert_close(cache[slot, :, :len(prompt)], cache[0, :, :len(prompt)], **tolerance)
 
 
 @dataclass

@@ -278,8 +278,10 @@ class GptEngine:
         positions starts[i]..starts[i]+lengths[i]-1 of cache slot slots[i], whose positions [0, starts[i]) are cached
         already -> logits [n, V] at each chunk's last token (for a chunk that ends its prompt: the first token's).
 
-        Up to GRAPH_PREFILL_ROWS rows replay the prefill CUDA graphs, one per row (GptModel.prefill's chunk path at
-        an offset); more rows run as eager passes of at most PREFILL_TOKEN_BUDGET padded tokens."""
+        Several whole prompts (every start 0) of at most STEP_PROMPT_TOKENS padded tokens in all replay one prefill
+        CUDA graph (PrefillGraphs.prefill_rows); otherwise up to GRAPH_PREFILL_ROWS rows replay the prefill CUDA
+        graphs, one per row (GptModel.prefill's chunk path at an offset); more rows run as eager passes of at most
+        PREFILL_TOKEN_BUDGET padded tokens."""
         n, t = tokens.shape
         ints = torch.tensor([list(starts), list(lengths), list(slots)], dtype=torch.long)  # [3, n]
         if self.device.type == "cuda":  # pinned: the copies do not wait for the device to drain
@@ -287,6 +289,12 @@ class GptEngine:
         else:
             tokens, ints = tokens.to(self.device), ints.to(self.device)
         start_dev, length_dev, slot_dev = ints
+        if not any(starts) and self.prefill_graphs is not None and self.prefill_graphs.fits_rows(n, t):
+            try:
+                return self.prefill_graphs.prefill_rows(tokens, length_dev, slot_dev).clone()
+            except RuntimeError:  # a capture that fails (memory, a backend that cannot be captured): run eagerly
+                log.exception("prefill CUDA graph failed: prefill runs eagerly from now on")
+                self.prefill_graphs = None
         if n <= GRAPH_PREFILL_ROWS and self.prefill_graphs is not None:
             graphs = self.prefill_graphs
             # Each row at its own padded width; each replay's output is the graph's buffer: copied before the next.
@@ -311,9 +319,10 @@ class GptEngine:
         return torch.cat(logits)
 
     def capture_graphs(self, check: bool = True) -> str:
-        """Capture every decode, single-prompt prefill and chunk prefill graph now (at load, before any request); with
-        `check`, first compare a graph prefill with the eager one, and a graph chunk (the prompt's last 40 tokens at
-        offset 60) with the whole prompt, and drop the prefill graphs if they disagree."""
+        """Capture every decode, single-prompt, chunk and several-prompt prefill graph now (at load, before any
+        request); with `check`, first compare a graph prefill with the eager one, a graph chunk (the prompt's last 40
+        tokens at offset 60) with the whole prompt, and two prompts in one graph with their eager pass, and drop the
+        prefill graphs if they disagree."""
         if self.graphs is None:
             return "no CUDA graphs on this device"
         notes = []
@@ -337,6 +346,17 @@ class GptEngine:
                                 error)
                     self.prefill_graphs = None
                 notes.append(f"chunk graph vs whole prompt max |d logit| {error:.3g}")
+            if self.prefill_graphs is not None and self.prefill_graphs.fits_rows(2, 64):  # two prompts, one graph
+                pair, lengths = prompt[:, :64].repeat(2, 1), torch.tensor([64, 40], device=self.device)
+                slots = torch.tensor([0, 1], device=self.device)
+                eager_pair = self.model.prefill(pair, lengths, slot_index=slots)
+                graph = self.prefill_graphs.prefill_rows(pair, lengths, slots).clone()
+                error = float((eager_pair.float() - graph.float()).abs().max())
+                if not error <= 1e-2 * max(1.0, scale):
+                    log.warning("several-prompt prefill CUDA graph disagrees with eager (max |d| %.4g): prefill runs "
+                                "eagerly", error)
+                    self.prefill_graphs = None
+                notes.append(f"two-prompt graph vs eager max |d logit| {error:.3g}")
         decode = self.graphs.capture_all()
         prefill = self.prefill_graphs.capture_all() if self.prefill_graphs is not None else 0
         return f"captured {decode} decode and {prefill} prefill CUDA graphs; " + "; ".join(notes)

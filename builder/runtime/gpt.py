@@ -447,7 +447,12 @@ class PrefillGraphs:
     cached keys the chunk attends to must be fixed in a graph (it is the attention's shape), so it is rounded up to a
     multiple of `kv_step`; the causal mask hides the keys past each query. `capture_all` captures the chunk graphs of
     widths up to `chunk_width` (~50 for 512 tokens of 2048 positions: 8 widths x up to 8 kv buckets); wider chunks
-    (a larger per-step budget) are captured on first use."""
+    (a larger per-step budget) are captured on first use.
+
+    Several whole prompts admitted together (all at position 0) replay ONE graph keyed by (rows, width) when rows x
+    width <= `chunk_width` (12 graphs for 512 tokens): a graph per row would read the 2.6 GB of weights once per row,
+    and an eager pass is launch-bound. Rows are exact (no padding rows: a padding row would need a slot to write into).
+    """
 
     def __init__(self, model: GptModel, step: int = 64, kv_step: int = 256, chunk_width: int = 0) -> None:
         self.model, self.step, self.kv_step, self.chunk_width = model, step, kv_step, chunk_width
@@ -459,6 +464,11 @@ class PrefillGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.chunk_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        max_rows = max(1, chunk_width // step)  # several prompts of one pass: rows x width <= chunk_width
+        self.row_tokens = torch.zeros((max_rows, max(step, chunk_width)), dtype=torch.long, device=device)
+        self.row_lengths = torch.ones(max_rows, dtype=torch.long, device=device)
+        self.row_slots = torch.zeros(max_rows, dtype=torch.long, device=device)
+        self.rows_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def width(self, length: int) -> int:
         return min(self.model.max_seq_len, -(-length // self.step) * self.step)
@@ -493,6 +503,29 @@ class PrefillGraphs:
         graph.replay()
         return logits
 
+    def fits_rows(self, rows: int, length: int) -> bool:
+        """Whether `rows` whole prompts padded to `length` tokens replay one graph (`prefill_rows`)."""
+        return 2 <= rows and rows * self.width(length) <= self.chunk_width
+
+    def prefill_rows(self, tokens: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Whole prompts of several rows in one pass: tokens [n, T] right-padded, lengths [n] and slots [n] on the
+        device (`fits_rows(n, T)`) -> logits [n, V] (a view of the graph's output: consume it before the next
+        call). Captures the (n, width) graph on first use."""
+        n, t = tokens.shape
+        width = self.width(t)
+        self.row_tokens[:n, :t].copy_(tokens)
+        self.row_tokens[:n, t:width].zero_()
+        self.row_lengths[:n].copy_(lengths)
+        self.row_slots[:n].copy_(slots)
+        graph, logits = self.rows_graphs.get((n, width)) or self._capture_rows(n, width)
+        graph.replay()
+        return logits
+
+    def _capture_rows(self, rows: int, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        self.rows_graphs[(rows, width)] = self._graph(lambda: self.model.prefill(
+            self.row_tokens[:rows, :width], self.row_lengths[:rows], slot_index=self.row_slots[:rows]))
+        return self.rows_graphs[(rows, width)]
+
     def _graph(self, run: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         side = torch.cuda.Stream(device=self.model.device)
         side.wait_stream(torch.cuda.current_stream(self.model.device))
@@ -518,8 +551,8 @@ class PrefillGraphs:
         return min(self.model.max_seq_len, -(-(start + width) // self.kv_step) * self.kv_step)
 
     def capture_all(self) -> int:
-        """Capture every whole-prompt graph and the chunk graphs up to `chunk_width` now (at load: the warm-up passes
-        write junk K/V into slot 0); returns how many graphs there are."""
+        """Capture every whole-prompt graph, the chunk graphs up to `chunk_width` and the several-prompt graphs now (at
+        load: the warm-up passes write junk K/V into slot 0); returns how many graphs there are."""
         widths = sorted({self.width(t) for t in range(self.step, self.model.max_seq_len + self.step, self.step)})
         for width in widths:
             if width not in self.graphs:
@@ -528,8 +561,12 @@ class PrefillGraphs:
             for kv_len in sorted({self.kv_bucket(start, width) for start in range(1, self.model.max_seq_len)}):
                 if (width, kv_len) not in self.chunk_graphs:
                     self._capture_chunk(width, kv_len)
+        for rows in range(2, self.row_tokens.shape[0] + 1):
+            for width in range(self.step, min(self.chunk_width // rows, self.model.max_seq_len) + 1, self.step):
+                if (rows, width) not in self.rows_graphs:
+                    self._capture_rows(rows, width)
         torch.cuda.synchronize(self.model.device)
-        return len(self.graphs) + len(self.chunk_graphs)
+        return len(self.graphs) + len(self.chunk_graphs) + len(self.rows_graphs)
 
 
 def batch_buckets(max_rows: int) -> list[int]:
