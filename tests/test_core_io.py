@@ -157,6 +157,41 @@ def test_stream_acks_tell_an_abandoned_stream_from_a_direct_call() -> None:
         listener.close()
 
 
+def test_a_stream_behind_the_ensemble_is_not_polled_over_ipc() -> None:
+    """Once postprocessing acknowledged a stream, its sink asks only the acknowledgements whether it was abandoned:
+    Triton never cancels a core request behind the ensemble, so the transport's is_cancelled (an IPC round trip in
+    Triton) is not called; a stream never acknowledged (the core called directly) still asks the transport."""
+    import time
+
+    from builder.runtime.core_adapter import _Sink
+    from builder.runtime.core_io import GenerationRequest
+    from builder.runtime.stream_ack import AckListener
+
+    class Transport:
+        polls = 0
+
+        def send(self, reply: object, final: bool) -> None:
+            pass
+
+        def is_cancelled(self) -> bool:
+            self.polls += 1
+            return False
+
+    listener = AckListener(abandon_after_s=0.2)
+    try:
+        rows = [GenerationRequest(input_ids=(1, 2), output_len=4, end_id=0)]
+        behind, direct = Transport(), Transport()
+        behind_sink = _Sink(behind, rows, listener, stream=True, log_probs=False)
+        direct_sink = _Sink(direct, rows, listener, stream=True, log_probs=False)
+        listener.acknowledge([behind_sink.key])
+        assert not behind_sink.is_cancelled() and not direct_sink.is_cancelled()
+        assert (behind.polls, direct.polls) == (0, 1)
+        listener.sent(behind_sink.key, now=time.monotonic() - 1)  # sent a second ago, never acknowledged since
+        assert behind_sink.is_cancelled() and behind.polls == 0
+    finally:
+        listener.close()
+
+
 @pytest.mark.parametrize(("kv_slots", "decoupled", "device", "expected"), [
     ("0", True, "cuda:0", (256, True)),  # streaming on a GPU: as many as fit, up to 256, whatever max_batch_size
     ("0", True, "cpu", (8, False)),  # no free-memory reading on a CPU: Triton's max_batch_size

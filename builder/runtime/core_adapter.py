@@ -308,5 +308,8 @@ class _Sink:
         self.transport.send(Reply(error=f"generation failed: {error}", kind=INTERNAL), final=True)
 
     def is_cancelled(self) -> bool:
-        abandoned = self.key != 0 and self.acks.abandoned(self.key)
-        return bool(self.transport.is_cancelled()) or abandoned
+        if self.key != 0 and self.acks.acknowledged(self.key):
+            # Behind the ensemble Triton never cancels this request (stream_ack.py): only the acknowledgements tell,
+            # and the transport's poll (an IPC round trip on the sender thread) is skipped.
+            return self.acks.abandoned(self.key)
+        return bool(self.transport.is_cancelled()) or (self.key != 0 and self.acks.abandoned(self.key))

@@ -69,6 +69,11 @@ class AckListener:
                     self._ever_acked.add(key)
                     self._unacked_since.pop(key, None)
 
+    def acknowledged(self, key: int) -> bool:
+        """Whether postprocessing acknowledged `key` at least once: its request runs behind the ensemble."""
+        with self._lock:
+            return key in self._ever_acked
+
     def abandoned(self, key: int, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now
         with self._lock:
