@@ -82,3 +82,6 @@ fi
 echo "bench rc=$? in $(( $(date +%s) - start )) s" >> "$OUT/bench.log"
 tail -c 400000 "$WORK/raw/server.log" > "$OUT/server_tail.log" 2>/dev/null || true
 ls "$WORK" >> "$OUT/bench.log" 2>&1
+# The device tool brings back only the first few files of $OUT (8 in a session of 2026-12-02: serving.png and the
+# TTFT timeline were left out): everything again in one archive.
+tar czf "$OUT/all.tgz" -C "$OUT" --exclude all.tgz . 2>/dev/null || true
