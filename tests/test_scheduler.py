@@ -605,6 +605,42 @@ def test_a_new_request_does_not_wait_for_a_sweep_of_updates(tiny: TinyGpt, promp
         assert len([entry for entry in sent[at + 1:sent.index(name)] if entry.isdigit()]) <= 1, " ".join(sent)
 
 
+def test_a_busy_sender_leaves_the_loop_its_share_of_the_gil(tiny: TinyGpt, prompts, long_run) -> None:
+    """Six streams whose updates each take 5 ms of CPU (a busy stub), while short requests keep arriving (each a final
+    response to send at once, which used to cut the sender's rest short): the sender spends at most about
+    SENDER_DUTY of its time in updates, and every request still gets its tokens."""
+    sequence, end_id = long_run
+    engine = new_engine(tiny, slots=10)
+    spans: list[tuple[float, float]] = []
+
+    @dataclass
+    class BusySink(Sink):
+        def update(self, outputs: list[RowOutput]) -> None:
+            started = time.perf_counter()
+            while time.perf_counter() - started < 0.005:  # holds the GIL, as building and sending a response does
+                pass
+            spans.append((started, time.perf_counter()))
+            super().update(outputs)
+
+    streams = [BusySink(name=str(i)) for i in range(6)]
+    arrivals: list[Sink] = []
+    with InflightScheduler(engine, on_step=lambda record: time.sleep(0.004)) as scheduler:
+        for sink in streams:
+            scheduler.submit([request(prompts[0], 100, end_id=end_id)], sink, stream=True)
+        while not all(sink.done.is_set() for sink in streams):
+            arrivals.append(Sink(name=f"arrival {len(arrivals)}"))
+            scheduler.submit([request(prompts[1], 1)], arrivals[-1])
+            time.sleep(0.005)
+        for sink in streams:
+            assert tokens(sink.result()[0]) == sequence[:len(prompts[0]) + 100]
+        for sink in arrivals:
+            sink.result()
+    assert len(spans) > 20 and len(arrivals) > 20
+    busy = sum(end - start for start, end in spans)
+    duty = busy / (spans[-1][1] - spans[0][0])
+    assert duty <= scheduler_module.SENDER_DUTY + 0.15, (duty, len(spans))
+
+
 def test_cancellation_polls_stay_within_their_budget(tiny: TinyGpt, prompts, long_run) -> None:
     """is_cancelled is an IPC round trip in Triton: however many requests run and however short cancel_poll_s is
     (0 here), the sender polls at most MAX_CANCEL_POLLS_PER_S a second in all, and still polls every request."""

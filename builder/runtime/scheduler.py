@@ -64,8 +64,12 @@ IDLE_PREFILL_TOKENS = 8192
 # Steps replay a CUDA graph of the selection, then the decode graph, where they can (step_graphs.py); "0" runs the
 # selection op by op (A/B runs).
 STEP_GRAPHS = os.environ.get("GPT_TRITON_STEP_GRAPHS", "1") != "0"
-SENDER_PAUSE_AFTER_S = 0.002  # a sweep of updates longer than this is followed by a pause as long (_Sender._pause)
-SENDER_MAX_PAUSE_S = 0.025
+# The sender thread and the loop share the GIL: while streams keep the sender busy, it rests after each
+# SENDER_SLICE_S of work so that it holds the GIL at most SENDER_DUTY of the time (first responses and finals still go
+# out during a rest); the streams' next updates just carry more tokens. "1" never rests (A/B runs).
+SENDER_SLICE_S = 0.002
+SENDER_DUTY = float(os.environ.get("GPT_TRITON_SENDER_DUTY", "0.5"))
+SENDER_MAX_REST_S = 0.025
 # is_cancelled is an IPC round trip to Triton (~0.1-0.5 ms of the sender's time, GIL waits included): at 256 streams a
 # poll of each every 50 ms would be ~5k round trips a second, a large share of the time the sender has for responses.
 # Polls are spread so that all the live requests together take at most this many a second (a cancelled request is
@@ -424,8 +428,9 @@ class _Sender:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="inflight-sender", daemon=True)
         self.updates_sent = 0
-        self._urgent = False  # a final or a first response is waiting: no pause
+        self._urgent = False  # a final or a first response is waiting: send it, even during a rest
         self._poll_credit, self._polled_at = 1.0, time.monotonic()  # is_cancelled polls' token bucket (_poll)
+        self._slice_started = time.perf_counter()  # when the current run of work began (_rest_if_due)
 
     def start(self) -> None:
         self._thread.start()
@@ -462,6 +467,7 @@ class _Sender:
                 if not (self._marked or self._finals or self._stopping):
                     # (at least one poll's worth of the budget: a cancel_poll_s of 0 must not spin)
                     self._cond.wait(max(self.cancel_poll_s, 1 / MAX_CANCEL_POLLS_PER_S) if self._live else None)
+                    self._slice_started = time.perf_counter()  # it was idle: a new slice of work
                 marked, self._marked = list(self._marked.values()), {}
                 finals, self._finals = self._finals, []
                 stopping = self._stopping
@@ -472,16 +478,15 @@ class _Sender:
             if stopping and not finals and not marked:
                 return
             self._poll(live)
-            busy = time.perf_counter() - started
-            self.timeline.sender_busy_ms += busy * 1e3
-            self._pause(busy)
+            self.timeline.sender_busy_ms += (time.perf_counter() - started) * 1e3
+            self._rest_if_due(set())
 
     def _sweep(self, finals: list[tuple[_Request, list[RowOutput] | None, Exception | None]],
                marked: list[_Request]) -> None:
         """Finals first (an update of a closing request is skipped: its final holds those tokens), then first
         responses, then the other updates in arrival order. A final or a first response that comes during the sweep
-        goes out after the update in progress: at hundreds of streams a sweep takes tens of milliseconds, which
-        would otherwise be added to that request's time to first token or latency."""
+        goes out after the update in progress (or during a rest): at hundreds of streams a sweep takes tens of
+        milliseconds, which would otherwise be added to that request's time to first token or latency."""
         for request, outputs, error in finals:
             self._finish(request, outputs, error)
         queue = deque(sorted(marked, key=lambda request: request.updates_sent > 0))  # stable: arrival order
@@ -491,33 +496,47 @@ class _Sender:
             pending.discard(id(request))
             if not request.closed and not request.cancelled:
                 self._update(request)
-            if self._urgent:
-                with self._cond:
-                    finals, self._finals = self._finals, []
-                    # Still queued in this sweep: its update, when it comes, carries these tokens too.
-                    firsts = [later for later in self._marked.values()
-                              if later.updates_sent == 0 and id(later) not in pending]
-                    for later in firsts:
-                        del self._marked[id(later)]
-                    self._urgent = False
-                for later, outputs, error in finals:
-                    self._finish(later, outputs, error)
-                queue.extendleft(reversed(firsts))
-                pending.update(id(later) for later in firsts)
+            firsts = self._take_urgent(pending) if self._urgent else []
+            queue.extendleft(reversed(firsts))
+            pending.update(id(later) for later in firsts)
+            if not firsts:
+                busy = time.perf_counter()
+                self._rest_if_due(pending)
+                self.timeline.sender_busy_ms -= (time.perf_counter() - busy) * 1e3  # resting is not busy
 
-    def _pause(self, busy_s: float) -> None:
-        """After a long sweep of updates, rest as long again (up to SENDER_MAX_PAUSE_S) unless a final or a first
-        response waits: the sender then holds the GIL at most about half the time, and the decode loop keeps its
-        pace; the streams' next updates just carry more tokens."""
-        if busy_s < SENDER_PAUSE_AFTER_S:
-            return
-        deadline = time.perf_counter() + min(busy_s, SENDER_MAX_PAUSE_S)
+    def _take_urgent(self, pending: set[int]) -> list[_Request]:
+        """Send the finals that came meanwhile; return the requests whose first update came meanwhile (those still
+        `pending` in this sweep excepted: their update, when it comes, carries these tokens too)."""
         with self._cond:
-            while not (self._urgent or self._stopping):
-                left = deadline - time.perf_counter()
-                if left <= 0:
+            finals, self._finals = self._finals, []
+            firsts = [later for later in self._marked.values() if later.updates_sent == 0 and id(later) not in pending]
+            for later in firsts:
+                del self._marked[id(later)]
+            self._urgent = False
+        for request, outputs, error in finals:
+            self._finish(request, outputs, error)
+        return firsts
+
+    def _rest_if_due(self, pending: set[int]) -> None:
+        """After SENDER_SLICE_S of work in a row, rest until the sender has held the GIL at most SENDER_DUTY of the
+        time (at most SENDER_MAX_REST_S), sending finals and first responses as they come."""
+        busy = time.perf_counter() - self._slice_started
+        if SENDER_DUTY >= 1 or busy < SENDER_SLICE_S:
+            return
+        deadline = time.perf_counter() + min(busy * (1 / SENDER_DUTY - 1), SENDER_MAX_REST_S)
+        while True:
+            with self._cond:
+                while not (self._urgent or self._stopping):
+                    left = deadline - time.perf_counter()
+                    if left <= 0:
+                        self._slice_started = time.perf_counter()
+                        return
+                    self._cond.wait(left)
+                if self._stopping:
                     return
-                self._cond.wait(left)
+            for request in self._take_urgent(pending):
+                if not request.closed and not request.cancelled:
+                    self._update(request)
 
     def _update(self, request: _Request) -> None:
         outputs = request.snapshot()
