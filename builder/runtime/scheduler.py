@@ -69,6 +69,8 @@ STEP_GRAPHS = os.environ.get("GPT_TRITON_STEP_GRAPHS", "1") != "0"
 # out during a rest); the streams' next updates just carry more tokens. "1" never rests (A/B runs).
 SENDER_SLICE_S = 0.002
 SENDER_DUTY = float(os.environ.get("GPT_TRITON_SENDER_DUTY", "0.5"))
+if not 0 < SENDER_DUTY <= 1:
+    raise ValueError(f"GPT_TRITON_SENDER_DUTY must be in (0, 1], got {SENDER_DUTY}")
 SENDER_MAX_REST_S = 0.025
 # is_cancelled is an IPC round trip to Triton (~0.1-0.5 ms of the sender's time, GIL waits included): at 256 streams a
 # poll of each every 50 ms would be ~5k round trips a second, a large share of the time the sender has for responses.
