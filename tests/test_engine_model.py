@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from builder.runtime.generation import GptEngine
-from builder.runtime.gpt import DecodeKernels, GptModel, WeightError, batch_buckets, check_weights
+from builder.runtime.gpt import DecodeKernels, WeightError, batch_buckets, check_weights
 from engine_testing import TinyGpt
 
 
@@ -46,7 +46,8 @@ def test_weight_check_names_every_problem(tiny: TinyGpt) -> None:
     assert "model.wpe: shape [7, 64], expected [128, 64]" in message
     assert "model.layers.1.mlp.dense_4h_to_h.bias: missing" in message
     assert "model.wte" not in message
-    assert GptModel.kv_cache_bytes(config, 1, 10, torch.float16) == 10 * 2 * config.num_layer * 64 * 2
+    itemsize = torch.empty((), dtype=engine.model.dtype).element_size()
+    assert engine.model.slot_bytes(10) == 10 * 2 * config.num_layer * 64 * itemsize
 
 
 def test_cpu_decode_uses_the_eager_ops_only(tiny: TinyGpt) -> None:

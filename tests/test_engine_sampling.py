@@ -10,7 +10,6 @@ import torch
 
 from builder.runtime.core_io import RequestError
 from builder.runtime.generation import GptEngine
-from builder.runtime.gpt import GptModel
 from builder.runtime.sampling import (GREEDY_TEMPERATURE, SlotParams, counter_uniform, generated_counts,
                                        sample_top_k_top_p, topk_width)
 from builder.runtime.scheduler import InflightScheduler
@@ -156,7 +155,7 @@ def test_kv_cache_budget(tiny: TinyGpt, engine: GptEngine) -> None:
     config = engine.config
     per_token = 2 * config.num_layer * config.head_num * config.size_per_head * 4
     assert engine.kv_cache_bytes == 16 * config.max_pos_seq_len * per_token
-    assert GptModel.kv_cache_bytes(config, 16, config.max_pos_seq_len, torch.float32) == engine.kv_cache_bytes
+    assert 16 * engine.model.slot_bytes(config.max_pos_seq_len) == engine.kv_cache_bytes
     assert sum(c.numel() * c.element_size() for c in engine.model.k_cache + engine.model.v_cache) == \
         engine.kv_cache_bytes
 

@@ -325,38 +325,32 @@ class GptEngine:
         prefill graphs if they disagree."""
         if self.graphs is None:
             return "no CUDA graphs on this device"
-        notes = []
+        notes: list[str] = []
+
+        def agrees(eager: torch.Tensor, graph: torch.Tensor, what: str, note: str) -> None:
+            """Keep the prefill graphs only if `graph` matches `eager` (relative to the first check's logits)."""
+            error = float((eager.float() - graph.float()).abs().max())
+            if not error <= 1e-2 * max(1.0, scale):
+                log.warning("%s CUDA graph disagrees with eager (max |d| %.4g): prefill runs eagerly", what, error)
+                self.prefill_graphs = None
+            notes.append(f"{note} max |d logit| {error:.3g}")
+
         if self.prefill_graphs is not None and check:
             prompt = torch.randint(0, self.config.vocab_size, (1, 100), device=self.device)
             length = torch.full((1,), 100, dtype=torch.long, device=self.device)
             eager = self.model.prefill(prompt, length, first_slot=0)
-            graph = self.prefill_graphs.prefill(prompt, length, 0).clone()
-            error = float((eager.float() - graph.float()).abs().max())
             scale = float(eager.float().abs().max())
-            if not error <= 1e-2 * max(1.0, scale):
-                log.warning("prefill CUDA graph disagrees with eager (max |d| %.4g): prefill runs eagerly", error)
-                self.prefill_graphs = None
-            notes.append(f"prefill graph vs eager max |d logit| {error:.3g}")
+            agrees(eager, self.prefill_graphs.prefill(prompt, length, 0).clone(), "prefill", "prefill graph vs eager")
             if self.prefill_graphs is not None:  # slot 0 caches the prompt: its last 40 tokens again, as a chunk
                 chunk_length = torch.full((1,), 40, dtype=torch.long, device=self.device)
-                graph = self.prefill_graphs.prefill_chunk(prompt[:, 60:], chunk_length, 0, 60).clone()
-                error = float((eager.float() - graph.float()).abs().max())
-                if not error <= 1e-2 * max(1.0, scale):
-                    log.warning("chunk prefill CUDA graph disagrees with eager (max |d| %.4g): prefill runs eagerly",
-                                error)
-                    self.prefill_graphs = None
-                notes.append(f"chunk graph vs whole prompt max |d logit| {error:.3g}")
+                agrees(eager, self.prefill_graphs.prefill_chunk(prompt[:, 60:], chunk_length, 0, 60).clone(),
+                       "chunk prefill", "chunk graph vs whole prompt")
             if self.prefill_graphs is not None and self.prefill_graphs.fits_rows(2, 64):  # two prompts, one graph
                 pair, lengths = prompt[:, :64].repeat(2, 1), torch.tensor([64, 40], device=self.device)
                 slots = torch.tensor([0, 1], device=self.device)
-                eager_pair = self.model.prefill(pair, lengths, slot_index=slots)
-                graph = self.prefill_graphs.prefill_rows(pair, lengths, slots).clone()
-                error = float((eager_pair.float() - graph.float()).abs().max())
-                if not error <= 1e-2 * max(1.0, scale):
-                    log.warning("several-prompt prefill CUDA graph disagrees with eager (max |d| %.4g): prefill runs "
-                                "eagerly", error)
-                    self.prefill_graphs = None
-                notes.append(f"two-prompt graph vs eager max |d logit| {error:.3g}")
+                agrees(self.model.prefill(pair, lengths, slot_index=slots),
+                       self.prefill_graphs.prefill_rows(pair, lengths, slots).clone(), "several-prompt prefill",
+                       "two-prompt graph vs eager")
         decode = self.graphs.capture_all()
         prefill = self.prefill_graphs.capture_all() if self.prefill_graphs is not None else 0
         return f"captured {decode} decode and {prefill} prefill CUDA graphs; " + "; ".join(notes)

@@ -229,11 +229,6 @@ class GptModel:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         return 2 * len(self.layers) * self.heads * self.head_dim * max_seq_len * itemsize
 
-    @staticmethod
-    def kv_cache_bytes(config: GptModelConfig, slots: int, max_seq_len: int, dtype: torch.dtype) -> int:
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return slots * max_seq_len * config.kv_cache_bytes_per_token(itemsize)
-
     # -- building blocks: each picks the fused kernel when `self.kernels` enables it, else the eager ops ------------
 
     def _add_norm(self, x: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor | None, weight: torch.Tensor,

@@ -502,9 +502,9 @@ class _Sender:
             queue.extendleft(reversed(firsts))
             pending.update(id(later) for later in firsts)
             if not firsts:
-                busy = time.perf_counter()
+                resting = time.perf_counter()
                 self._rest_if_due(pending)
-                self.timeline.sender_busy_ms -= (time.perf_counter() - busy) * 1e3  # resting is not busy
+                self.timeline.sender_busy_ms -= (time.perf_counter() - resting) * 1e3  # resting is not busy
 
     def _take_urgent(self, pending: set[int]) -> list[_Request]:
         """Send the finals that came meanwhile; return the requests whose first update came meanwhile (those still
