@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from unittest.mock import patch
 
@@ -147,6 +148,27 @@ def test_several_whole_prompts_in_one_pass_match_each_alone(tiny: TinyGpt, long_
         for layer in range(len(model.layers)):
             for cache in (model.k_cache[layer], model.v_cache[layer]):
                 torch.testing.assert_close(cache[slot, :, :len(prompt)], cache[0, :, :len(prompt)], **tolerance)
+
+
+def test_the_load_time_check_keeps_agreeing_prefill_graphs_and_drops_wrong_ones(tiny: TinyGpt,
+                                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """GptEngine.capture_graphs (CUDA at load) on the CPU stand-in graphs: graphs that compute what the eager passes
+    compute are kept, with a note per check; a several-prompt graph that disagrees drops the prefill graphs."""
+    engine = new_engine(tiny, slots=4, device="cpu-graphs")
+    graphs = engine.prefill_graphs
+    engine.graphs = SimpleNamespace(capture_all=lambda: 0)  # no decode graphs on the CPU: capture nothing
+    note = engine.capture_graphs()
+    assert engine.prefill_graphs is graphs
+    assert all(f"{check} max |d logit|" in note for check in ("prefill graph vs eager", "chunk graph vs whole prompt",
+                                                              "two-prompt graph vs eager")), note
+
+    def wrong_rows(*args: Any) -> torch.Tensor:
+        return PrefillGraphs.prefill_rows(graphs, *args) + 1.0  # every logit off by 1
+
+    with patch.object(graphs, "prefill_rows", side_effect=wrong_rows):
+        engine.capture_graphs()
+    assert engine.prefill_graphs is None
+    assert any("several-prompt prefill CUDA graph disagrees with eager" in r.getMessage() for r in caplog.records)
 
 
 @dataclass
