@@ -8,6 +8,8 @@
 #                                 # then the first token's stage timeline (bench/ttft_timeline.py)
 #   bash bench/gpu_run.sh host    # the scheduler alone with a host profile (bench/inflight_engine.py --profile),
 #                                 # then a short serving run (batch 1, 64/256 streams, mixed) with its timeline
+#   bash bench/gpu_run.sh process # A/B on one machine: the engine in the core's stub, then in its own process
+#                                 # (GPT_TRITON_ENGINE_PROCESS=0, then 1): batch 1, 64/256 streams, mixed
 #   bash bench/gpu_run.sh kernels # CUDA tests + decode-step kernel choices at batch 1/8/64/256 with a batch-1
 #                                 # kernel profile, and the attention launch sweep
 # The server log (tail) comes back too: the in-flight scheduler logs its timeline every 10 s of work.
@@ -24,7 +26,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu
 start=$(date +%s)
 # CUDA tests (transformers imports only under the host's own Python: README.md, "On a GPU host").
 [ "$mode" != diag ] && [ "$mode" != bench ] && [ "$mode" != kernels ] && [ "$mode" != host ] \
-  && [ "$mode" != serving ] && [ "$mode" != switch ] && timeout 240 "$GPU_HOST_PYTHON" -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_scheduler.py \
+  && [ "$mode" != serving ] && [ "$mode" != switch ] && [ "$mode" != process ] && timeout 240 "$GPU_HOST_PYTHON" -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_scheduler.py \
   >> "$OUT/cuda_tests.txt" 2>&1
 echo "cuda tests rc=$? in $(( $(date +%s) - start )) s" >> "$OUT/cuda_tests.txt"
 if [ "$mode" = kernels ]; then
@@ -51,6 +53,14 @@ elif [ "$mode" = serving ]; then
   # Where the first token's time goes, from Triton's trace (the repository serving_bench.py rendered above).
   timeout 150 python bench/ttft_timeline.py --repository "$WORK/repo" --prompt-tokens 512 --requests 40 \
     --machine "one NVIDIA H200" --out "$OUT/ttft_timeline.json" > "$OUT/ttft_timeline.log" 2>&1
+elif [ "$mode" = process ]; then
+  for p in 0 1; do
+    GPT_TRITON_ENGINE_PROCESS=$p timeout 270 python bench/serving_bench.py --out "$OUT/serving_process$p.json" \
+      --work "$WORK" --levels 1,64,256 --skip-core --skip-not-streamed --seconds 3 --mixed-seconds 6 --bs1-reps 10 \
+      > "$OUT/bench_process$p.log" 2>&1
+    echo "engine process $p: rc=$? at $(( $(date +%s) - start )) s" >> "$OUT/bench.log"
+    grep -a "in-flight scheduler\|engine process" "$WORK/raw/server.log" | tail -40 > "$OUT/timeline_process$p.txt"
+  done
 elif [ "$mode" = switch ]; then  # the loop's GIL switch interval: streamed runs only, at $GPT_TRITON_SWITCH_INTERVAL_US
   timeout 300 python bench/serving_bench.py --out "$OUT/serving.json" --work "$WORK" \
     --levels 1,64,256 --skip-core --skip-not-streamed --skip-mixed --seconds 3 --bs1-reps 20 > "$OUT/bench.log" 2>&1

@@ -63,6 +63,7 @@ class RenderConfig:
     max_queue_delay_us: int = 1000
     kv_slots: int = 0  # torch engine: KV-cache slots (0: as many as fit, up to 256, on a GPU; see core_adapter.py)
     step_prompt_tokens: int = 0  # torch engine, --streaming: prompt tokens prefilled per step (0: scheduler.py's)
+    engine_process: bool = False  # torch engine, --streaming: the engine in a child process (engine_process.py)
     gpus: tuple[int, ...] = ()  # torch engine, --tp > 1 on GPUs: the GPU of each rank (default 0..tp-1)
     preprocessing_instances: int = 2
     postprocessing_instances: int = 2
@@ -105,6 +106,9 @@ class RenderConfig:
         check(0 <= self.kv_slots <= 65536, f"--kv-slots must be in 0..65536 (0 = automatic), got {self.kv_slots}")
         check(0 <= self.step_prompt_tokens <= 65536,
               f"--step-prompt-tokens must be in 0..65536 (0 = the engine's default), got {self.step_prompt_tokens}")
+        check(not self.engine_process or (self.engine == "torch" and self.streaming and self.tp == 1),
+              "--engine-process needs --engine torch --streaming --tp 1 (the in-flight scheduler's loop moves to a "
+              "process of its own)")
         check(self.max_queue_delay_us >= 0, f"max queue delay must be >= 0 us, got {self.max_queue_delay_us}")
         check(self.int8_mode in (0, 1), f"--int8-mode must be 0 or 1, got {self.int8_mode}")
         for option, name in (("--model-name", self.model_name), ("--ensemble-name", self.ensemble_name)):

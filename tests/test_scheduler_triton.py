@@ -45,14 +45,19 @@ def hf_greedy(hf_greedy_continuation: Callable[[str, int], tuple[str, int]]) -> 
     return continuation
 
 
-@pytest.fixture(scope="module")
-def server(tiny_ft_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+@pytest.fixture(scope="module", params=[False, True], ids=["engine-in-stub", "engine-process"])
+def server(request: pytest.FixtureRequest, tiny_ft_dir: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    """The streaming repository, its engine in the core model's stub or in a process of its own (--engine-process:
+    the same answers, admissions and cancellations, and the engine's log lines forwarded to the server log)."""
     model = GptModelConfig.from_ini(tiny_ft_dir / "config.ini")
     repo = render_repository(RenderConfig(engine="torch", device="cpu", data_type="fp32", checkpoint=tiny_ft_dir,
                                           model=model, streaming=True, max_batch_size=SLOTS,
+                                          engine_process=request.param,
                                           output=tmp_path_factory.mktemp("stream") / "repo"))
     # Verbose: the scheduler logs every admission and cancellation.
     with server_on_free_ports(repo, log_verbose=1) as running:
+        assert ("(engine process " in running.log_text()) == request.param  # the load line says where it runs
         yield running
 
 

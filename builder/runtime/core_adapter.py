@@ -19,17 +19,19 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from .core_io import EngineLimits, GenerationRequest, RequestError, RowOutput, StreamState, ft_outputs, parse_request
-from .metrics import EngineMetrics
+from .metrics import EngineMetrics, MetricsRecorder
 from .stream_ack import ABANDON_AFTER_S
 
 if TYPE_CHECKING:  # torch-heavy: imported at run time only where an engine is built
     from .generation import GptEngine
+    from .scheduler import InflightScheduler
     from .stream_ack import AckListener
 
 DATA_TYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 AUTO_GPU_SLOTS = 256  # 256 x 2048 tokens of the 1.3B model: ~100 GB of KV (an H200's worth after the weights)
-# A broken tensor-parallel group: time for the failed requests' errors to reach Triton before the stub exits.
-TP_FAILURE_EXIT_S = 2.0
+# A broken tensor-parallel group or engine process: time for the failed requests' errors to reach Triton before
+# the stub exits.
+ENGINE_FAILURE_EXIT_S = 2.0
 # Error kinds, mapped to Triton's codes by model.py.
 INVALID, UNAVAILABLE, INTERNAL, CANCELLED = "invalid", "unavailable", "internal", "cancelled"
 
@@ -80,12 +82,15 @@ class CoreSettings:
     tp: int = 1  # tensor-parallel ranks: this process is rank 0 and starts the others (tensor_parallel.py)
     tp_devices: tuple[int, ...] = ()  # GPU ids of ranks 0..tp-1 (KIND_GPU); rank 0's is the instance's
     step_prompt_tokens: int = 0  # in-flight scheduler's prompt tokens per step (chunked prefill); 0: its default
+    engine_process: bool = False  # decoupled: the engine and its loop in a child process (engine_process.py)
 
     @classmethod
     def from_args(cls, args: Mapping[str, str]) -> CoreSettings:
         """From TritonPythonModel.initialize's args. Parameters: model_dir (relative to the version folder), data_type,
         kv_slots (KV-cache slots, 0 = automatic), max_seq_len, vocab_limit, stream_abandon_s (stream_ack.py),
-        tensor_para_size and tp_devices (GPU ids, comma-separated, one per rank), step_prompt_tokens (scheduler.py)."""
+        tensor_para_size and tp_devices (GPU ids, comma-separated, one per rank), step_prompt_tokens (scheduler.py),
+        engine_process ("1": engine_process.py; absent: the GPT_TRITON_ENGINE_PROCESS environment variable, for A/B
+        runs)."""
         config = json.loads(args["model_config"])
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         model_dir = Path(params.get("model_dir", f"{params.get('tensor_para_size', '1')}-gpu"))
@@ -101,6 +106,9 @@ class CoreSettings:
         step_tokens = params.get("step_prompt_tokens", "0") or "0"
         if not step_tokens.isdigit():
             raise ValueError(f"parameter step_prompt_tokens must be a whole number (0 = default), got {step_tokens!r}")
+        own_process = params.get("engine_process", os.environ.get("GPT_TRITON_ENGINE_PROCESS", "0")) or "0"
+        if own_process not in ("0", "1"):
+            raise ValueError(f"parameter engine_process must be 0 or 1, got {own_process!r}")
         tp_text, devices_text = params.get("tensor_para_size", "1") or "1", params.get("tp_devices", "")
         if not tp_text.isdigit() or int(tp_text) < 1:
             raise ValueError(f"parameter tensor_para_size must be a positive whole number, got {tp_text!r}")
@@ -113,7 +121,7 @@ class CoreSettings:
                    max_seq_len=int(params["max_seq_len"]) if "max_seq_len" in params else None,
                    vocab_limit=int(params["vocab_limit"]) if "vocab_limit" in params else None, decoupled=decoupled,
                    stream_abandon_s=float(params.get("stream_abandon_s", ABANDON_AFTER_S)),
-                   step_prompt_tokens=int(step_tokens))
+                   step_prompt_tokens=int(step_tokens), engine_process=decoupled and own_process == "1")
 
     def slots_for(self, device: str) -> tuple[int, bool]:
         """(KV-cache slots wanted, whether to shrink them to the free memory). Given: exactly that many. Automatic:
@@ -158,7 +166,7 @@ class CoreSettings:
         from .tensor_parallel import launch_engine
 
         return launch_engine(self.model_dir, self.tp, device=device, worker_devices=self.worker_devices(device),
-                             dtype=getattr(torch, DATA_TYPES[self.data_type]), on_failure=exit_after_tp_failure,
+                             dtype=getattr(torch, DATA_TYPES[self.data_type]), on_failure=exit_after_engine_failure,
                              max_batch_size=slots, max_seq_len=self.max_seq_len, vocab_limit=self.vocab_limit,
                              shrink_to_fit=shrink)
 
@@ -178,12 +186,12 @@ def release(engine: GptEngine | None) -> None:
         close()
 
 
-def exit_after_tp_failure(reason: str) -> None:
-    """A tensor-parallel worker died: the requests in flight fail with `reason` (TensorParallelError), then this
+def exit_after_engine_failure(reason: str) -> None:
+    """A tensor-parallel worker or the engine process died: the requests in flight fail with `reason`, then this
     Python stub exits, so that `serve` sees a dead stub and stops the server (exit 3) for its supervisor to restart
     (Triton 2.51 would keep the instance 'ready' while every request failed)."""
-    print(f"{reason}: the model instance stops in {TP_FAILURE_EXIT_S:.0f} s", file=sys.stderr, flush=True)
-    timer = threading.Timer(TP_FAILURE_EXIT_S, os._exit, args=(1,))  # no teardown: a broken group aborts in it
+    print(f"{reason}: the model instance stops in {ENGINE_FAILURE_EXIT_S:.0f} s", file=sys.stderr, flush=True)
+    timer = threading.Timer(ENGINE_FAILURE_EXIT_S, os._exit, args=(1,))  # no teardown: a broken group aborts in it
     timer.daemon = True
     timer.start()
 
@@ -232,28 +240,80 @@ def run_static(engine: GptEngine, inputs: Sequence[Mapping[str, np.ndarray]],
     return replies  # type: ignore[return-value]  # every index was set above
 
 
+def start_scheduler(engine: GptEngine, settings: CoreSettings | None, *, event_log: Callable[[str], None] | None,
+                    report: Callable[[str], None] | None, metrics: MetricsRecorder | None
+                    ) -> tuple[InflightScheduler, str]:
+    """The in-flight scheduler over a loaded engine, its CUDA graphs captured first (at load, so no request waits
+    ~0.1 s for a capture); returns it running, with a note on the capture."""
+    from .scheduler import STEP_PROMPT_TOKENS, InflightScheduler
+
+    note = "no CUDA graphs"
+    if getattr(engine, "graphs", None) is not None:
+        started = time.monotonic()
+        try:
+            note = engine.capture_graphs()
+        except RuntimeError as err:  # graphs are then captured on first use, as without this step
+            note = f"capturing CUDA graphs at load failed ({err}); they are captured on first use"
+        note = f"{note} ({time.monotonic() - started:.1f} s)"
+    step_tokens = settings.step_prompt_tokens if settings is not None else 0
+    scheduler = InflightScheduler(engine, event_log=event_log, report=report, metrics=metrics,
+                                  step_prompt_tokens=step_tokens or STEP_PROMPT_TOKENS).start()
+    return scheduler, note
+
+
+def scheduler_summary(scheduler: InflightScheduler) -> str:
+    """The unload line of the model's log."""
+    stats = scheduler.stats
+    return (f"in-flight scheduler: {stats.steps} steps, {stats.admitted_rows} rows admitted "
+            f"({stats.joined_running_rows} joined a running batch), peak {stats.peak_rows} rows, "
+            f"{stats.finished_requests} requests finished, {stats.failed_requests} failed, "
+            f"{scheduler.sender_stats[0]} streamed updates; {stats.timeline.summary()}")
+
+
+def start_model(settings: CoreSettings, device: str, new_metrics: Callable[[int], EngineMetrics],
+                log_verbose: Callable[[str], None], log_info: Callable[[str], None]
+                ) -> tuple[GptEngine | None, StreamingCore | None, EngineMetrics]:
+    """model.py's initialize: (the engine, if it runs in this process; the decoupled core; the metrics). The engine
+    runs in a child process when settings.engine_process says so (decoupled only), else here."""
+    if settings.engine_process:
+        from .engine_process import EngineProcess
+
+        remote = EngineProcess(settings, device, log_info=log_info, log_verbose=log_verbose,
+                               on_exit=exit_after_engine_failure)
+        remote.metrics = metrics = new_metrics(remote.limits.max_batch_size).start()
+        log_info(f"{remote.note} (engine process {remote.process.pid})")
+        return None, StreamingCore(remote, remote.limits, remote.stop, settings), metrics
+    engine = settings.load(device)
+    metrics = new_metrics(engine.limits.max_batch_size).start()
+    log_info(settings.describe(engine, device))
+    if not settings.decoupled:
+        return engine, None, metrics
+    # Verbose: a line per admission and cancellation; info: the scheduler's timeline every 10 s of work.
+    scheduler, note = start_scheduler(engine, settings, event_log=log_verbose, report=log_info, metrics=metrics)
+    log_info(note)
+    return engine, StreamingCore(scheduler, engine.limits, lambda: _stop_local(scheduler), settings), metrics
+
+
+def _stop_local(scheduler: InflightScheduler) -> str:
+    scheduler.stop()
+    return scheduler_summary(scheduler)
+
+
+class RequestQueue(Protocol):
+    """Where StreamingCore queues requests: the in-flight scheduler here, or the engine process's handle."""
+
+    def submit(self, rows: Sequence[GenerationRequest], sink: _Sink, *, stream: bool = False) -> None: ...
+
+
 class StreamingCore:
     """Decoupled: validate each request and queue it on the in-flight scheduler; replies come from its sender."""
 
-    def __init__(self, engine: GptEngine, event_log: Callable[[str], None] | None = None,
-                 report: Callable[[str], None] | None = None, settings: CoreSettings | None = None,
-                 metrics: EngineMetrics | None = None) -> None:
-        from .scheduler import STEP_PROMPT_TOKENS, InflightScheduler
+    def __init__(self, queue: RequestQueue, limits: EngineLimits, stop: Callable[[], str],
+                 settings: CoreSettings | None = None) -> None:
         from .stream_ack import AckListener
 
-        self.limits: EngineLimits = engine.limits
-        if getattr(engine, "graphs", None) is not None:  # at load, so no request waits ~0.1 s for a capture
-            started = time.monotonic()
-            try:
-                note = engine.capture_graphs()
-            except RuntimeError as err:  # graphs are then captured on first use, as without this step
-                note = f"capturing CUDA graphs at load failed ({err}); they are captured on first use"
-            if report is not None:
-                report(f"{note} ({time.monotonic() - started:.1f} s)")
+        self.queue, self.limits, self._stop = queue, limits, stop
         self.acks = AckListener(settings.stream_abandon_s if settings is not None else ABANDON_AFTER_S)
-        step_tokens = settings.step_prompt_tokens if settings is not None else 0
-        self.scheduler = InflightScheduler(engine, event_log=event_log, report=report, metrics=metrics,
-                                           step_prompt_tokens=step_tokens or STEP_PROMPT_TOKENS).start()
 
     def submit(self, inputs: Mapping[str, np.ndarray], transport: Transport) -> None:
         from .generation import ResourceError
@@ -263,20 +323,16 @@ class StreamingCore:
             sink = _Sink(transport, parsed.rows, self.acks, stream=parsed.stream, log_probs=parsed.return_log_probs,
                          exclude_input=parsed.exclude_input, ft_stream=parsed.ft_stream,
                          count_per_response=parsed.count_per_response)
-            self.scheduler.submit(parsed.rows, sink, stream=parsed.stream or parsed.ft_stream)
+            self.queue.submit(parsed.rows, sink, stream=parsed.stream or parsed.ft_stream)
         except (RequestError, ResourceError) as err:
             transport.send(Reply(error=str(err), kind=INVALID), final=True)
         except RuntimeError as err:  # the scheduler stopped (model unloading)
             transport.send(Reply(error=str(err), kind=UNAVAILABLE), final=True)
 
     def stop(self) -> str:
-        stats = self.scheduler.stats
-        self.scheduler.stop()
+        summary = self._stop()
         self.acks.close()
-        return (f"in-flight scheduler: {stats.steps} steps, {stats.admitted_rows} rows admitted "
-                f"({stats.joined_running_rows} joined a running batch), peak {stats.peak_rows} rows, "
-                f"{stats.finished_requests} requests finished, {stats.failed_requests} failed, "
-                f"{self.scheduler.sender_stats[0]} streamed updates; {stats.timeline.summary()}")
+        return summary
 
 
 class _Sink:
@@ -306,6 +362,11 @@ class _Sink:
     def fail(self, error: Exception) -> None:
         self.acks.forget(self.key)
         self.transport.send(Reply(error=f"generation failed: {error}", kind=INTERNAL), final=True)
+
+    def reject(self, message: str) -> None:
+        """The engine process refused the request (as InflightScheduler.submit's RequestError or ResourceError)."""
+        self.acks.forget(self.key)
+        self.transport.send(Reply(error=message, kind=INVALID), final=True)
 
     def is_cancelled(self) -> bool:
         if self.key != 0 and self.acks.acknowledged(self.key):

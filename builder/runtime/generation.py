@@ -65,6 +65,25 @@ StepCallback = Callable[[list[tuple[int, RowOutput]]], None]
 CancelCheck = Callable[[], Collection[int]]  # -> indices of the requests cancelled so far
 
 
+def check_request(request: GenerationRequest, limits: EngineLimits) -> None:
+    """The engine-level limits (core_io.parse_request checks these and more at the Triton boundary)."""
+    if not request.input_ids:
+        raise RequestError("input_ids", "must hold at least one token")
+    if any(not 0 <= t < limits.vocab_size for t in request.input_ids):
+        raise RequestError("input_ids", f"token ids must be in [0, {limits.vocab_size})")
+    if request.output_len < 1:
+        raise RequestError("request_output_len", f"must be >= 1, got {request.output_len}")
+    if len(request.input_ids) + request.output_len > limits.max_seq_len:
+        raise RequestError("request_output_len", f"input length + request_output_len = "
+                           f"{len(request.input_ids)} + {request.output_len} exceeds max_seq_len "
+                           f"{limits.max_seq_len}")
+    if not 1 <= request.beam_width <= limits.max_batch_size:
+        raise RequestError("beam_width", f"must be in [1, max_batch_size={limits.max_batch_size}], "
+                           f"got {request.beam_width}")
+    if not 0 <= request.end_id < limits.vocab_size:
+        raise RequestError("end_id", f"must be in [0, {limits.vocab_size}), got {request.end_id}")
+
+
 class ResourceError(RuntimeError):
     """The engine (or a request) does not fit the memory budget."""
 
@@ -198,25 +217,6 @@ class GptEngine:
         return cls(config, weights, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------------------
-    def check_request(self, request: GenerationRequest) -> None:
-        """The engine-level limits (core_io.parse_request checks these and more at the Triton boundary)."""
-        limits = self.limits
-        if not request.input_ids:
-            raise RequestError("input_ids", "must hold at least one token")
-        if any(not 0 <= t < limits.vocab_size for t in request.input_ids):
-            raise RequestError("input_ids", f"token ids must be in [0, {limits.vocab_size})")
-        if request.output_len < 1:
-            raise RequestError("request_output_len", f"must be >= 1, got {request.output_len}")
-        if len(request.input_ids) + request.output_len > limits.max_seq_len:
-            raise RequestError("request_output_len", f"input length + request_output_len = "
-                               f"{len(request.input_ids)} + {request.output_len} exceeds max_seq_len "
-                               f"{limits.max_seq_len}")
-        if not 1 <= request.beam_width <= limits.max_batch_size:
-            raise RequestError("beam_width", f"must be in [1, max_batch_size={limits.max_batch_size}], "
-                               f"got {request.beam_width}")
-        if not 0 <= request.end_id < limits.vocab_size:
-            raise RequestError("end_id", f"must be in [0, {limits.vocab_size}), got {request.end_id}")
-
     def _plan(self, requests: Sequence[GenerationRequest]) -> list[list[int]]:
         """Request indices grouped by beam width, each group cut into chunks that fit the cache slots."""
         chunks: list[list[int]] = []
@@ -236,7 +236,7 @@ class GptEngine:
             (between decode steps); a cancelled row stops and keeps what it generated.
         """
         for request in requests:
-            self.check_request(request)
+            check_request(request, self.limits)
         outputs: list[RowOutput | None] = [None] * len(requests)
         with self._lock, torch.inference_mode():
             for chunk in self._plan(requests):

@@ -50,50 +50,27 @@ HISTOGRAMS = {
 
 
 @dataclass
-class _Pending:
-    """What changed since the last flush."""
+class PendingMetrics:
+    """What changed since the last flush (or `take`)."""
 
     gauges: dict[str, int] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
     observations: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in HISTOGRAMS})
 
+    def __bool__(self) -> bool:
+        return bool(self.gauges or any(self.counters.values()) or any(self.observations.values()))
 
-class EngineMetrics:
-    """`EngineMetrics(pb_utils, model_name, instance, slots_total=N).start()` in `initialize`, `stop()` in
-    `finalize`; the scheduler calls the cheap recorders below from any thread."""
 
-    def __init__(self, pb_utils: Any, model_name: str, instance: str = "", *, slots_total: int,
-                 flush_interval_s: float = 1.0, max_pending: int = 10_000) -> None:
-        if slots_total < 0:
-            raise ValueError(f"slots_total must be >= 0, got {slots_total}")
-        if not flush_interval_s > 0:
-            raise ValueError(f"flush_interval_s must be > 0, got {flush_interval_s}")
-        labels = {"model": model_name, "instance": instance}
-        kinds = pb_utils.MetricFamily
-        # The families must outlive their metrics: a Metric does not keep its MetricFamily alive, and once the
-        # family is garbage-collected every call fails ("the corresponding 'MetricFamily' has been deleted").
-        self._families: list[Any] = []
+class MetricsRecorder:
+    """The cheap recorders the scheduler calls from any thread: numbers under a lock, taken by whoever delivers them
+    (EngineMetrics' flush; in an engine process, engine_process.py forwards them to the stub's EngineMetrics)."""
 
-        def family(name: str, text: str, kind: Any) -> Any:
-            self._families.append(kinds(name=name, description=text, kind=kind))
-            return self._families[-1]
-
-        self._gauges = {key: family(name, text, kinds.GAUGE).Metric(labels=labels)
-                        for key, (name, text) in GAUGES.items()}
-        self._counters = {key: family(name, text, kinds.COUNTER).Metric(labels=labels)
-                          for key, (name, text) in COUNTERS.items()}
-        self._histograms = {key: family(name, text, kinds.HISTOGRAM).Metric(labels=labels, buckets=list(buckets))
-                            for key, (name, text, buckets) in HISTOGRAMS.items()}
-        self.flush_interval_s = flush_interval_s
+    def __init__(self, max_pending: int = 10_000) -> None:
         self.max_pending = max_pending
         self.dropped_observations = 0
         self._lock = threading.Lock()
-        self._flush_lock = threading.Lock()  # one flush at a time: the thread's and stop()'s
-        self._pending = _Pending(gauges={"slots_total": slots_total, "slots_in_use": 0, "waiting": 0, "running": 0})
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._pending = PendingMetrics()
 
-    # -- recorders: no Triton call, safe from any thread ----------------------------------------------------------
     def set_load(self, *, slots_in_use: int | None = None, waiting: int | None = None,
                  running: int | None = None, slots_total: int | None = None) -> None:
         """Gauges to their current values (only those given)."""
@@ -127,12 +104,61 @@ class EngineMetrics:
                 return
             values.append(max(float(seconds), 0.0))
 
+    def take(self) -> PendingMetrics:
+        """What changed since the previous take, and start afresh."""
+        with self._lock:
+            pending, self._pending = self._pending, PendingMetrics()
+        return pending
+
+    def merge(self, other: PendingMetrics) -> None:
+        """Add what another recorder took (gauges: its last values)."""
+        with self._lock:
+            self._pending.gauges.update(other.gauges)
+            for key, count in other.counters.items():
+                self._pending.counters[key] += count
+        for key, values in other.observations.items():
+            for seconds in values:
+                self._observe(key, seconds)
+
+
+class EngineMetrics(MetricsRecorder):
+    """`EngineMetrics(pb_utils, model_name, instance, slots_total=N).start()` in `initialize`, `stop()` in
+    `finalize`; the scheduler calls the cheap recorders from any thread."""
+
+    def __init__(self, pb_utils: Any, model_name: str, instance: str = "", *, slots_total: int,
+                 flush_interval_s: float = 1.0, max_pending: int = 10_000) -> None:
+        super().__init__(max_pending)
+        if slots_total < 0:
+            raise ValueError(f"slots_total must be >= 0, got {slots_total}")
+        if not flush_interval_s > 0:
+            raise ValueError(f"flush_interval_s must be > 0, got {flush_interval_s}")
+        labels = {"model": model_name, "instance": instance}
+        kinds = pb_utils.MetricFamily
+        # The families must outlive their metrics: a Metric does not keep its MetricFamily alive, and once the
+        # family is garbage-collected every call fails ("the corresponding 'MetricFamily' has been deleted").
+        self._families: list[Any] = []
+
+        def family(name: str, text: str, kind: Any) -> Any:
+            self._families.append(kinds(name=name, description=text, kind=kind))
+            return self._families[-1]
+
+        self._gauges = {key: family(name, text, kinds.GAUGE).Metric(labels=labels)
+                        for key, (name, text) in GAUGES.items()}
+        self._counters = {key: family(name, text, kinds.COUNTER).Metric(labels=labels)
+                          for key, (name, text) in COUNTERS.items()}
+        self._histograms = {key: family(name, text, kinds.HISTOGRAM).Metric(labels=labels, buckets=list(buckets))
+                            for key, (name, text, buckets) in HISTOGRAMS.items()}
+        self.flush_interval_s = flush_interval_s
+        self._flush_lock = threading.Lock()  # one flush at a time: the thread's and stop()'s
+        self.set_load(slots_total=slots_total, slots_in_use=0, waiting=0, running=0)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
     # -- delivery ---------------------------------------------------------------------------------------------
     def flush(self) -> None:
         """Send what changed since the last flush to Triton."""
         with self._flush_lock:
-            with self._lock:
-                pending, self._pending = self._pending, _Pending()
+            pending = self.take()
             for key, value in pending.gauges.items():
                 self._gauges[key].set(value)
             for key, count in pending.counters.items():
@@ -173,7 +199,7 @@ class RequestClock:
         self.arrived = time.monotonic() if arrived is None else arrived
         self._seen_first = False
 
-    def first_token(self, metrics: EngineMetrics | None, now: float | None = None) -> None:
+    def first_token(self, metrics: MetricsRecorder | None, now: float | None = None) -> None:
         if self._seen_first:
             return
         self._seen_first = True
@@ -190,7 +216,7 @@ class StepClock:
     def __init__(self) -> None:
         self._last: float | None = None
 
-    def tick(self, metrics: EngineMetrics | None, now: float | None = None) -> None:
+    def tick(self, metrics: MetricsRecorder | None, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         if self._last is not None and metrics is not None:
             metrics.observe_inter_token(now - self._last)

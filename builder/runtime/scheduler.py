@@ -45,10 +45,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .core_io import GenerationRequest, RequestError, RowOutput
-from .generation import STEP_PROMPT_TOKENS, GptEngine, ResourceError, row_output
+from .core_io import EngineLimits, GenerationRequest, RequestError, RowOutput
+from .generation import STEP_PROMPT_TOKENS, GptEngine, ResourceError, check_request, row_output
 from .gpt import GptModel
-from .metrics import EngineMetrics, StepClock
+from .metrics import MetricsRecorder, StepClock
 from .sampling import (TOPK_FAST_LIMIT, BadWords, SlotParams, WordTable, effective_temperature, is_greedy,
                        topk_width)
 from .step_graphs import StepGraphs, select_tokens
@@ -597,12 +597,27 @@ class _Sender:
                 self.on_cancel(request)
 
 
+def check_rows(rows: Sequence[GenerationRequest], limits: EngineLimits) -> None:
+    """The rows of one request can run (`InflightScheduler.submit`'s checks): raises RequestError or ResourceError."""
+    if not rows:
+        raise RequestError("input_ids", "must hold at least one row")
+    widths = sorted({row.beam_width for row in rows})
+    if len(widths) != 1:
+        raise RequestError("beam_width", f"must be the same for all rows of a request, got {widths}")
+    for row in rows:
+        check_request(row, limits)
+    needed = len(rows) * widths[0]
+    if needed > limits.max_batch_size:
+        raise ResourceError(f"rows x beam_width = {len(rows)} x {widths[0]} = {needed} exceeds the engine's "
+                            f"{limits.max_batch_size} KV-cache slots (max_batch_size): send fewer rows")
+
+
 class InflightScheduler:
     def __init__(self, engine: GptEngine, *, cancel_poll_s: float = 0.05,
                  event_log: Callable[[str], None] | None = None, admit_gather_rows: int = ADMIT_GATHER_ROWS,
                  admit_gather_steps: int = ADMIT_GATHER_STEPS, report: Callable[[str], None] | None = None,
                  report_every_s: float = 10.0, step_prompt_tokens: int = STEP_PROMPT_TOKENS,
-                 metrics: EngineMetrics | None = None, on_step: Callable[[StepRecord], None] | None = None) -> None:
+                 metrics: MetricsRecorder | None = None, on_step: Callable[[StepRecord], None] | None = None) -> None:
         """engine: owned by the scheduler while it runs (do not call engine.generate from elsewhere meanwhile);
         cancel_poll_s: least time between two is_cancelled polls of one request;
         event_log: receives one line per admission (which rows joined how many running rows) and per cancelled
@@ -680,17 +695,7 @@ class InflightScheduler:
     def submit(self, rows: Sequence[GenerationRequest], sink: ResponseSink, *, stream: bool = False) -> None:
         """Queue the rows of one request. Raises RequestError or ResourceError (and queues nothing) when they can
         never run; rows that fit wait for free slots. stream: send `sink.update` after every step."""
-        if not rows:
-            raise RequestError("input_ids", "must hold at least one row")
-        widths = sorted({row.beam_width for row in rows})
-        if len(widths) != 1:
-            raise RequestError("beam_width", f"must be the same for all rows of a request, got {widths}")
-        for row in rows:
-            self.engine.check_request(row)
-        needed = len(rows) * widths[0]
-        if needed > self.slot_count:
-            raise ResourceError(f"rows x beam_width = {len(rows)} x {widths[0]} = {needed} exceeds the engine's "
-                                f"{self.slot_count} KV-cache slots (max_batch_size): send fewer rows")
+        check_rows(rows, self.engine.limits)
         request = _Request(sink=sink, stream=stream, submitted_at=time.perf_counter())
         want_log_probs = any(row.return_log_probs for row in rows)
         request.rows = [_Row.create(spec, request, want_log_probs) for spec in rows]

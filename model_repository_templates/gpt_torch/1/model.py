@@ -2,8 +2,9 @@
 
 The logic lives in `gpt_runtime/` (a copy of builder/runtime): core_adapter.py loads the engine and runs requests,
 core_io.py validates them and lays out FT's outputs. Decoupled (streaming repositories): each request is queued on the
-in-flight scheduler and answered from its sender thread (updates only when `stream` is true; core_io.py describes
-the streamed layout). Otherwise each dynamic batch runs as one static batch.
+in-flight scheduler, here or in an engine process (engine_process.py), and answered from a sender thread (updates
+only when `stream` is true; core_io.py describes the streamed layout). Otherwise each dynamic batch runs as one static
+batch.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpt_runtime.core_adapter import (  # needs the sys.path entry above
-    CANCELLED, INTERNAL, INVALID, UNAVAILABLE, CoreSettings, EngineMetrics, Reply, StreamingCore, release, run_static)
+    CANCELLED, INTERNAL, INVALID, UNAVAILABLE, CoreSettings, EngineMetrics, Reply, release, run_static, start_model)
 from gpt_runtime.core_io import CAPABILITIES, REQUIRED_INPUTS
 
 INPUT_NAMES = (*REQUIRED_INPUTS, *sorted(CAPABILITIES))
@@ -56,13 +57,11 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         settings = CoreSettings.from_args(args)
         device = f"cuda:{args['model_instance_device_id']}" if args["model_instance_kind"] == "GPU" else "cpu"
-        self.engine = settings.load(device)
-        self.metrics = EngineMetrics(pb_utils, args["model_name"], args["model_instance_name"],
-                                     slots_total=self.engine.limits.max_batch_size).start()
-        pb_utils.Logger.log_info(f"{args['model_name']}: {settings.describe(self.engine, device)}")
         # Verbose: a line per admission and cancellation; info: the scheduler's timeline every 10 s of work.
-        self.core = (StreamingCore(self.engine, pb_utils.Logger.log_verbose, pb_utils.Logger.log_info, settings,
-                                   self.metrics) if settings.decoupled else None)
+        self.engine, self.core, self.metrics = start_model(
+            settings, device, lambda slots: EngineMetrics(pb_utils, args["model_name"], args["model_instance_name"],
+                                                          slots_total=slots),
+            pb_utils.Logger.log_verbose, lambda text: pb_utils.Logger.log_info(f"{args['model_name']}: {text}"))
 
     def execute(self, requests: list) -> list | None:
         if self.core is not None:
