@@ -119,6 +119,23 @@ def test_a_cancelled_request_stops_early(engine_process: EngineProcess) -> None:
     assert len(sink.final[0].beams[0]) < len(PROMPTS[0]) + 120
 
 
+class BrokenPollSink(RecordingSink):
+    def is_cancelled(self) -> bool:
+        raise RuntimeError("the response sender is gone")
+
+
+def test_a_sink_whose_cancellation_poll_fails_still_gets_its_answer(engine_process: EngineProcess) -> None:
+    """The stub's receiver thread polls and sends for every request: one broken poll must not stop it."""
+    sink = BrokenPollSink()
+    engine_process.submit([GenerationRequest(input_ids=PROMPTS[1], output_len=60, end_id=50256, min_length=60)],
+                          sink, stream=True)
+    assert sink.done.wait(60) and sink.error is None, sink.error
+    assert len(sink.final[0].beams[0]) == len(PROMPTS[1]) + 60
+    other = RecordingSink()
+    engine_process.submit([GenerationRequest(input_ids=PROMPTS[0], output_len=4, end_id=50256)], other)
+    assert other.done.wait(60) and other.error is None, other.error
+
+
 def test_a_bad_request_is_refused_before_it_reaches_the_engine(engine_process: EngineProcess) -> None:
     from builder.runtime.core_io import RequestError
 

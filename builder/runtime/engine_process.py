@@ -31,13 +31,13 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .core_io import EngineLimits, GenerationRequest, RowOutput
 from .metrics import MetricsRecorder
+from .scheduler import MAX_CANCEL_POLLS_PER_S, PollBudget, check_rows, poll_cancelled
 
 if TYPE_CHECKING:
     from .core_adapter import CoreSettings, _Sink
@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 
 STARTUP_TIMEOUT_S = 900.0  # loading and capturing the graphs of a large model takes minutes
 STOP_TIMEOUT_S = 30.0
-CANCEL_POLLS_PER_S = 500  # the stub's polls of Triton's cancellation flags, all requests together (IPC each)
 IDLE_WAKE_S = 0.02  # the stub's receiver wakes this often without events, to poll cancellations
 METRICS_EVERY_S = 0.5
 
@@ -125,8 +124,8 @@ class _ForwardSink:
 def serve_engine(conn: Connection) -> None:
     """The engine process: load, report ready, then run the stub's submissions until it says stop (or is gone)."""
     from .core_adapter import scheduler_summary, start_scheduler
+    from .core_io import RequestError
     from .generation import ResourceError
-    from .scheduler import RequestError
 
     kind, settings, device = conn.recv()
     if kind != "start":
@@ -215,16 +214,12 @@ class EngineProcess:
 
     def __init__(self, settings: CoreSettings, device: str, *, log_info: Callable[[str], None],
                  log_verbose: Callable[[str], None], on_exit: Callable[[str], None] | None = None) -> None:
-        from .tensor_parallel import worker_python
+        from .tensor_parallel import start_module
 
         self.log_info, self.log_verbose, self.on_exit = log_info, log_verbose, on_exit
         self.metrics: EngineMetrics | None = None
         ours, theirs = socket.socketpair()
-        package_root = Path(__file__).resolve().parents[len(__package__.split("."))]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(package_root),
-                                                             *filter(None, [os.environ.get("PYTHONPATH")])])}
-        self.process = subprocess.Popen([worker_python(), "-m", f"{__package__}.engine_process", str(theirs.fileno())],
-                                        pass_fds=(theirs.fileno(),), env=env, cwd=str(package_root))
+        self.process = start_module("engine_process", str(theirs.fileno()), pass_fds=(theirs.fileno(),))
         theirs.close()
         self.conn = Connection(ours.detach())
         self._send_lock = threading.Lock()
@@ -234,7 +229,8 @@ class EngineProcess:
         self._stopped = threading.Event()
         self.summary = ""
         self.exit_reason: str | None = None
-        self._poll_tokens, self._polled_at = 0.0, time.monotonic()
+        # Triton's cancellation flags: within the sender's budget, asked as often as the receiver wakes.
+        self._polls = PollBudget(MAX_CANCEL_POLLS_PER_S, every_s=0.0, burst_s=IDLE_WAKE_S)
         self._pending: dict[int, _Remote] = {}  # updates not sent yet, oldest first (the receiver thread's)
         self._send(("start", settings, device))
         self.limits, self.note = self._wait_ready()
@@ -266,8 +262,6 @@ class EngineProcess:
 
     # -- InflightScheduler's interface ------------------------------------------------------------------------------
     def submit(self, rows: Sequence[GenerationRequest], sink: _Sink, *, stream: bool = False) -> None:
-        from .scheduler import check_rows
-
         check_rows(rows, self.limits)
         rid = next(self._ids)
         with self._lock:
@@ -369,20 +363,12 @@ class EngineProcess:
             remote.updates += 1
 
     def _poll_cancellations(self) -> None:
-        """Ask Triton whether requests were cancelled (an IPC round trip each), least recently asked first, within
-        CANCEL_POLLS_PER_S for all requests together."""
-        now = time.monotonic()
-        self._poll_tokens = min(CANCEL_POLLS_PER_S * IDLE_WAKE_S,
-                                self._poll_tokens + (now - self._polled_at) * CANCEL_POLLS_PER_S)
-        self._polled_at = now
-        if self._poll_tokens < 1:
-            return
         with self._lock:
             live = [item for item in self._live.items() if not item[1].cancel_sent]
-        for rid, remote in sorted(live, key=lambda item: item[1].last_poll)[:int(self._poll_tokens)]:
-            self._poll_tokens -= 1
+        now, chosen = self._polls.take(live, lambda item: item[1].last_poll)
+        for rid, remote in chosen:
             remote.last_poll = now
-            if remote.sink.is_cancelled():
+            if poll_cancelled(remote.sink):
                 remote.cancel_sent = True
                 self._send(("cancel", rid))
 

@@ -40,7 +40,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -87,6 +87,7 @@ GIL_SWITCH_INTERVAL_S = float(os.environ.get("GPT_TRITON_SWITCH_INTERVAL_US", "5
 INT_PARAMS = ("top_k", "greedy", "min_length", "end_id", "seed_lo", "seed_hi")  # SlotParams columns, packed by dtype
 FLOAT_PARAMS = ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 HOST = torch.device("cpu")
+T = TypeVar("T")
 
 
 class ResponseSink(Protocol):
@@ -410,6 +411,35 @@ class _Readback:
         return flags, self.log_probs[:self.span].tolist() if self.with_log_probs else None
 
 
+class PollBudget:
+    """Which requests to ask `is_cancelled` now (through Triton, an IPC round trip each): those not asked in the last
+    `every_s`, least recently asked first, within `per_s` for all of them together (a token bucket holding `burst_s`
+    worth). Used by the sender here and by the engine process's handle in the stub (engine_process.py)."""
+
+    def __init__(self, per_s: float, every_s: float, burst_s: float) -> None:
+        self.per_s, self.every_s, self.burst_s = per_s, every_s, burst_s
+        self._credit, self._refilled_at = 1.0, time.monotonic()
+
+    def take(self, candidates: Collection[T], last_poll: Callable[[T], float]) -> tuple[float, list[T]]:
+        """(now, the candidates to poll now); the caller records `now` as their last poll."""
+        now = time.monotonic()
+        self._credit = min(self.per_s * self.burst_s, self._credit + (now - self._refilled_at) * self.per_s)
+        self._refilled_at = now
+        due = [item for item in candidates if now - last_poll(item) >= self.every_s]
+        chosen = heapq.nsmallest(int(self._credit), due, key=last_poll)
+        self._credit -= len(chosen)
+        return now, chosen
+
+
+def poll_cancelled(sink: ResponseSink) -> bool:
+    """sink.is_cancelled(), False if it fails: a broken sink must not stop the thread that polls."""
+    try:
+        return bool(sink.is_cancelled())
+    except Exception:
+        log.exception("is_cancelled failed")
+        return False
+
+
 class _Sender:
     """The sender thread: calls the sinks so that the decode loop never waits on the transport.
 
@@ -431,7 +461,7 @@ class _Sender:
         self._thread = threading.Thread(target=self._run, name="inflight-sender", daemon=True)
         self.updates_sent = 0
         self._urgent = False  # a final or a first response is waiting: send it, even during a rest
-        self._poll_credit, self._polled_at = 1.0, time.monotonic()  # is_cancelled polls' token bucket (_poll)
+        self._polls = PollBudget(MAX_CANCEL_POLLS_PER_S, cancel_poll_s, burst_s=0.1)
         self._slice_started = time.perf_counter()  # when the current run of work began (_rest_if_due)
 
     def start(self) -> None:
@@ -574,23 +604,13 @@ class _Sender:
             timeline.to_send_ms += (time.perf_counter() - request.first_token_at) * 1e3
 
     def _poll(self, live: list[_Request]) -> None:
-        """Poll the requests due (none polled in the last cancel_poll_s), least recently polled first, within a
-        budget of MAX_CANCEL_POLLS_PER_S (a token bucket holding at most a tenth of a second's worth)."""
-        now = time.monotonic()
-        self._poll_credit = min(MAX_CANCEL_POLLS_PER_S / 10,
-                                self._poll_credit + (now - self._polled_at) * MAX_CANCEL_POLLS_PER_S)
-        self._polled_at = now
-        due = [request for request in live if not (request.cancelled or request.closed)
-               and now - request.last_poll >= self.cancel_poll_s]
-        for request in heapq.nsmallest(int(self._poll_credit), due, key=lambda request: request.last_poll):
-            self._poll_credit -= 1
+        """Poll the live requests for cancellation, within `_polls`' budget."""
+        now, chosen = self._polls.take([request for request in live if not (request.cancelled or request.closed)],
+                                       lambda request: request.last_poll)
+        for request in chosen:
             request.last_poll = now
             started = time.perf_counter()
-            try:
-                cancelled = request.sink.is_cancelled()
-            except Exception:  # a broken sink must not stop the sender
-                log.exception("is_cancelled failed")
-                cancelled = False
+            cancelled = poll_cancelled(request.sink)
             self.timeline.polls += 1
             self.timeline.poll_ms += (time.perf_counter() - started) * 1e3
             if cancelled:

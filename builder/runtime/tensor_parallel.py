@@ -38,7 +38,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -466,6 +466,18 @@ def worker_python() -> str:
     return found
 
 
+def start_module(module: str, *args: str, extra_env: Mapping[str, str] | None = None,
+                 **popen: Any) -> subprocess.Popen[bytes]:
+    """`python -m <this package>.<module> args` in a new process (worker_python), with this package's copy first on
+    its path (the rendered repository's gpt_runtime, or builder.runtime), in its root folder, with this environment
+    plus extra_env; popen: subprocess.Popen's other options."""
+    package_root = Path(__file__).resolve().parents[len(__package__.split("."))]
+    env = {**os.environ, **(extra_env or {}), "PYTHONPATH": os.pathsep.join(
+        [str(package_root), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    return subprocess.Popen([worker_python(), "-m", f"{__package__}.{module}", *args], env=env,
+                            cwd=str(package_root), **popen)
+
+
 def launch_engine(model_dir: str | Path, world: int, *, device: str, worker_devices: list[str], dtype: torch.dtype,
                   on_failure: Callable[[str], None] | None = None, **engine_kwargs: Any) -> TensorParallelEngine:
     """Rank 0: start workers 1..world-1 (on worker_devices), form the group, load every shard; returns rank 0's
@@ -480,15 +492,12 @@ def launch_engine(model_dir: str | Path, world: int, *, device: str, worker_devi
     spec0 = RankSpec(model_dir=str(model_dir), world=world, rank=0, device=device,
                      dtype=str(dtype).removeprefix("torch."), store_path=str(private / "store"),
                      engine_kwargs=engine_kwargs)
-    package_root = Path(__file__).resolve().parents[len(__package__.split("."))]
-    env = {**os.environ, **NCCL_ENV, "PYTHONPATH": os.pathsep.join(
-        [str(package_root), *filter(None, [os.environ.get("PYTHONPATH")])])}
     workers: list[subprocess.Popen[bytes]] = []
     try:
         for rank in range(1, world):
             spec = replace(spec0, rank=rank, device=worker_devices[rank - 1])
-            worker = subprocess.Popen([worker_python(), "-m", f"{__package__}.tensor_parallel"], env=env,
-                                      cwd=str(package_root), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            worker = start_module("tensor_parallel", extra_env=NCCL_ENV, stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE)
             workers.append(worker)
             assert worker.stdin is not None
             try:
