@@ -10,6 +10,7 @@
 #                                 # then a short serving run (batch 1, 64/256 streams, mixed) with its timeline
 #   bash bench/gpu_run.sh process # A/B on one machine: the engine in the core's stub, then in its own process
 #                                 # (GPT_TRITON_ENGINE_PROCESS=0, then 1): batch 1, 64/256 streams, mixed
+#                                 # (PROCESS_BENCH_ARGS replaces serving_bench.py's options, BENCH_TIMEOUT its limit)
 #   bash bench/gpu_run.sh kernels # CUDA tests + decode-step kernel choices at batch 1/8/64/256 with a batch-1
 #                                 # kernel profile, and the attention launch sweep
 # The server log (tail) comes back too: the in-flight scheduler logs its timeline every 10 s of work.
@@ -55,8 +56,10 @@ elif [ "$mode" = serving ]; then
     --machine "one NVIDIA H200" --out "$OUT/ttft_timeline.json" > "$OUT/ttft_timeline.log" 2>&1
 elif [ "$mode" = process ]; then
   for p in 0 1; do
-    GPT_TRITON_ENGINE_PROCESS=$p timeout 270 python bench/serving_bench.py --out "$OUT/serving_process$p.json" \
-      --work "$WORK" --levels 1,64,256 --skip-core --skip-not-streamed --seconds 3 --mixed-seconds 6 --bs1-reps 10 \
+    # shellcheck disable=SC2086  # PROCESS_BENCH_ARGS: several options
+    GPT_TRITON_ENGINE_PROCESS=$p timeout ${BENCH_TIMEOUT:-270} python bench/serving_bench.py \
+      --out "$OUT/serving_process$p.json" --work "$WORK" \
+      ${PROCESS_BENCH_ARGS:---levels 1,64,256 --skip-core --skip-not-streamed --seconds 3 --mixed-seconds 6 --bs1-reps 10} \
       > "$OUT/bench_process$p.log" 2>&1
     echo "engine process $p: rc=$? at $(( $(date +%s) - start )) s" >> "$OUT/bench.log"
     grep -a "in-flight scheduler\|engine process" "$WORK/raw/server.log" | tail -40 > "$OUT/timeline_process$p.txt"
