@@ -753,3 +753,71 @@ def test_no_streamed_update_says_every_row_finished(tiny: TinyGpt, prompts, monk
     assert final[0].finished and final[0].finish_reason == "length"
     assert not any(output.finished for update in sink.updates for output in update), [
         [(output.finished, output.finish_reason) for output in update] for update in sink.updates]
+
+
+@dataclass
+class TokenSink(Sink):
+    """A Sink that also takes a stream's new tokens through `extend` (PassSender's path) and counts its polls."""
+    pieces: list[tuple[int, int, list[int]]] = field(default_factory=list)  # (row, start, tokens)
+    polls: int = 0
+
+    def extend(self, row: int, start: int, new: np.ndarray) -> None:
+        self.pieces.append((row, start, new.tolist()))
+
+    def is_cancelled(self) -> bool:
+        self.polls += 1
+        return super().is_cancelled()
+
+
+def test_with_after_pass_the_sinks_get_each_pass_s_tokens_on_the_loop_s_thread(tiny: TinyGpt, prompts,
+                                                                                greedy) -> None:
+    engine = new_engine(tiny, slots=4)
+    streamed, with_log_probs, quiet = TokenSink(name="streamed"), TokenSink(name="log-probs"), TokenSink(name="quiet")
+    passes: list[tuple[str, int]] = []  # (thread, pieces so far) at each after_pass
+
+    def after_pass() -> None:
+        passes.append((threading.current_thread().name, len(streamed.pieces)))
+
+    with InflightScheduler(engine, after_pass=after_pass) as scheduler:
+        assert "inflight-sender" not in {thread.name for thread in threading.enumerate()}
+        scheduler.submit([request(prompts[0], 12), request(prompts[1], 5)], streamed, stream=True)
+        scheduler.submit([request(prompts[2], 6, return_log_probs=True)], with_log_probs, stream=True)
+        scheduler.submit([request(prompts[3], 6)], quiet)
+        final = streamed.result()
+        logged = with_log_probs.result()
+        assert tokens(quiet.result()[0]) == greedy[3][:len(prompts[3]) + 6]
+    assert {name for name, _ in passes[:-1]} == {"inflight-scheduler"}  # the last: stop's (what closed as it stopped)
+    assert all(later - earlier <= 2 for (_, earlier), (_, later) in zip(passes, passes[1:]))  # a token a row a pass
+    rows = {0: list(prompts[0]), 1: list(prompts[1])}
+    for row, start, new in streamed.pieces:
+        assert start == len(rows[row]) and len(new) == 1
+        rows[row] += new
+    # Row 1's last token streams (row 0 still runs); row 0's 12th comes with the final response only.
+    assert rows == {0: greedy[0][:len(prompts[0]) + 11], 1: greedy[1][:len(prompts[1]) + 5]}
+    assert [tokens(o) for o in final] == [greedy[0], greedy[1][:len(prompts[1]) + 5]]
+    assert streamed.updates == [] and quiet.pieces == [] and quiet.updates == []
+    # Log-probs go whole, through `update`, one more token each.
+    assert [len(tokens(update[0])) - len(prompts[2]) for update in with_log_probs.updates] == [1, 2, 3, 4, 5]
+    assert with_log_probs.pieces == [] and logged[0].output_log_probs is not None
+    assert streamed.polls == with_log_probs.polls == quiet.polls == 0  # cancellations come through `cancel`
+
+
+def test_cancel_stops_a_running_and_a_waiting_request(tiny: TinyGpt, prompts, long_run) -> None:
+    engine = new_engine(tiny, slots=1)
+    running, waiting = TokenSink(name="running"), TokenSink(name="waiting")
+    long_sequence, long_end_id = long_run
+
+    def cancel_both() -> None:
+        scheduler.cancel(running)
+        scheduler.cancel(waiting)
+
+    with InflightScheduler(engine, after_pass=lambda: None, on_step=AtDecodeStep(3, cancel_both)) as scheduler:
+        scheduler.submit([request(prompts[0], 100, end_id=long_end_id)], running, stream=True)
+        scheduler.submit([request(prompts[1], 5)], waiting)
+        stopped, dropped = running.result()[0], waiting.result()[0]
+        scheduler.cancel(running)  # closed already: nothing happens
+    generated = len(tokens(stopped)) - len(prompts[0])
+    assert stopped.cancelled and 3 <= generated <= 5  # applied at the next step boundary
+    assert tokens(stopped) == long_sequence[:len(prompts[0]) + generated]
+    assert dropped.cancelled and tokens(dropped) == prompts[1]
+    assert running.polls == waiting.polls == 0

@@ -4,17 +4,20 @@ Why: in the stub, the scheduler's loop shares one GIL with Triton's execute thre
 thread (building and sending responses). Every torch call releases the GIL and must take it back, and a thread that
 waits for it gets it only when the holder blocks or its switch interval (scheduler.GIL_SWITCH_INTERVAL_S) runs out;
 through Triton, an admission pass (~50 small torch calls) took 7.6 ms of the loop's time at 64 streams against 1.4 ms
-with the scheduler alone on the same H200 (docs/benchmarks.md). Here a child process owns the engine, the loop and a
-thread that forwards token deltas; the stub keeps parsing, responses and cancellation polls.
+with the scheduler alone on the same H200 (docs/benchmarks.md). Here a child process owns the engine and the loop;
+the loop's sinks only record, and one message per pass carries its tokens to the stub, which keeps parsing,
+responses and cancellation polls.
 
 The two processes talk over a socket pair private to them (no path another local user could open), as pickled
 messages framed by multiprocessing.connection.Connection:
   stub -> engine: ("start", settings, device) once; then ("submit", rid, rows, stream) | ("cancel", rid) | ("stop",)
-  engine -> stub: ("ready", limits, note) or ("failed", text) once; then lists of events:
-    ("update", rid, payload) | ("finish", rid, outputs) | ("fail", rid, text) | ("reject", rid, text)
-    | ("log", verbose, text) | ("metrics", PendingMetrics) | ("stopped", summary)
-An update's payload is, for single-beam rows without log-probs, each row's new tokens since the previous update
-(("delta", [(start, tokens), ...])); otherwise the rows' whole outputs (("full", outputs)).
+  engine -> stub: ("ready", limits, note) or ("failed", text) once; then one list of events per pass of the loop:
+    ("tokens", rids, rows, starts, counts, tokens) | ("update", rid, outputs) | ("finish", rid, outputs)
+    | ("fail", rid, text) | ("reject", rid, text) | ("log", verbose, text) | ("metrics", PendingMetrics)
+    | ("stopped", summary)
+"tokens" carries the pass's new tokens of every single-beam stream without log-probs, as arrays: entry i is row
+rows[i] of request rids[i], counts[i] tokens from position starts[i] (concatenated in `tokens`). Other streams get
+"update"s with their whole outputs.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import numpy as np
 
 from .core_io import EngineLimits, GenerationRequest, RowOutput
 from .metrics import MetricsRecorder
-from .scheduler import MAX_CANCEL_POLLS_PER_S, PollBudget, check_rows, poll_cancelled
+from .scheduler import GIL_SWITCH_INTERVAL_S, MAX_CANCEL_POLLS_PER_S, PollBudget, check_rows, poll_cancelled
 
 if TYPE_CHECKING:
     from .core_adapter import CoreSettings, _Sink
@@ -56,69 +59,79 @@ class EngineProcessError(RuntimeError):
 # ---- the engine process ---------------------------------------------------------------------------------------------
 
 class _Outbox:
-    """Events of the engine process, sent in batches by one thread (the loop and the scheduler's sender only append);
-    the scheduler's metrics go along at most every METRICS_EVERY_S."""
+    """What the engine process tells the stub: the loop's sinks and log lines only record here, and `flush` sends it
+    all as ONE message at the end of each pass of the loop, on the loop's thread (scheduler.PassSender). No thread
+    of its own: the previous design's sender and outbox threads took the loop's GIL ~20k times a second at 64
+    streams, and the loop's graph launches waited for it (docs/benchmarks.md). The scheduler's metrics go along at
+    most every METRICS_EVERY_S; the process's main thread flushes them while the loop is idle."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.metrics = MetricsRecorder()
-        self.events: list[tuple] = []
-        self.cond = threading.Condition()
-        self.closed = False
+        self._lock = threading.Lock()  # the loop's flush and the main thread's (rejections, idle metrics)
+        self._events: list[tuple] = []
+        self._keys: list[int] = []  # stream tokens: request id, row, first position, tokens
+        self._rows: list[int] = []
+        self._starts: list[int] = []
+        self._tokens: list[np.ndarray] = []
+        self._metrics_due = time.monotonic()
 
     def put(self, event: tuple) -> None:
-        with self.cond:
-            self.events.append(event)
-            self.cond.notify()
+        with self._lock:
+            self._events.append(event)
 
-    def run(self) -> None:
-        metrics_due = time.monotonic()
-        while True:
-            with self.cond:
-                if not (self.events or self.closed):
-                    self.cond.wait(METRICS_EVERY_S)
-                events, self.events = self.events, []
-                closed = self.closed
-            if closed or time.monotonic() >= metrics_due:
-                metrics_due = time.monotonic() + METRICS_EVERY_S
+    def extend(self, rid: int, row: int, start: int, tokens: np.ndarray) -> None:
+        with self._lock:
+            self._keys.append(rid)
+            self._rows.append(row)
+            self._starts.append(start)
+            self._tokens.append(tokens)
+
+    def flush(self, *, metrics: bool = False) -> None:
+        with self._lock:
+            events, self._events = self._events, []
+            if self._keys:
+                counts = np.fromiter((len(tokens) for tokens in self._tokens), dtype=np.int64, count=len(self._tokens))
+                events.append(("tokens", np.array(self._keys, dtype=np.int64), np.array(self._rows, dtype=np.int64),
+                               np.array(self._starts, dtype=np.int64), counts, np.concatenate(self._tokens)))
+                self._keys, self._rows, self._starts, self._tokens = [], [], [], []
+            if metrics or time.monotonic() >= self._metrics_due:
+                self._metrics_due = time.monotonic() + METRICS_EVERY_S
                 pending = self.metrics.take()
                 if pending:
                     events.insert(0, ("metrics", pending))
             if events:
                 self.conn.send_bytes(pickle.dumps(events, protocol=pickle.HIGHEST_PROTOCOL))
-            if closed:
-                return
 
-    def close(self) -> None:
-        with self.cond:
-            self.closed = True
-            self.cond.notify()
+    def send(self, message: tuple) -> None:
+        """A message outside the event lists (the start's answer)."""
+        with self._lock:
+            self.conn.send(message)
 
 
 class _ForwardSink:
-    """scheduler.ResponseSink of one request in the engine process: its events go to the stub."""
+    """scheduler.ResponseSink of one request in the engine process: records its responses in the outbox."""
 
-    def __init__(self, rid: int, rows: Sequence[GenerationRequest], outbox: _Outbox, cancelled: set[int]) -> None:
-        self.rid, self.outbox, self.cancelled = rid, outbox, cancelled
-        self.deltas = all(row.beam_width == 1 and not row.return_log_probs for row in rows)
-        self.sent = [len(row.input_ids) for row in rows]  # tokens of each row the stub has
+    def __init__(self, rid: int, outbox: _Outbox, sinks: dict[int, _ForwardSink]) -> None:
+        self.rid, self.outbox, self.sinks = rid, outbox, sinks
+        sinks[rid] = self  # for the stub's cancel message, until the final response
 
-    def update(self, outputs: list[RowOutput]) -> None:
-        if self.deltas:
-            payload: tuple = ("delta", [(sent, out.beams[0][sent:]) for out, sent in zip(outputs, self.sent)])
-            self.sent = [len(out.beams[0]) for out in outputs]
-        else:
-            payload = ("full", outputs)
-        self.outbox.put(("update", self.rid, payload))
+    def extend(self, row: int, start: int, tokens: np.ndarray) -> None:
+        self.outbox.extend(self.rid, row, start, tokens)
+
+    def update(self, outputs: list[RowOutput]) -> None:  # beams or log-probs: the whole outputs
+        self.outbox.put(("update", self.rid, outputs))
 
     def finish(self, outputs: list[RowOutput]) -> None:
+        self.sinks.pop(self.rid, None)
         self.outbox.put(("finish", self.rid, outputs))
 
     def fail(self, error: Exception) -> None:
+        self.sinks.pop(self.rid, None)
         self.outbox.put(("fail", self.rid, str(error)))
 
-    def is_cancelled(self) -> bool:
-        return self.rid in self.cancelled
+    def is_cancelled(self) -> bool:  # (never polled: the stub's cancel message calls scheduler.cancel)
+        return False
 
 
 def serve_engine(conn: Connection) -> None:
@@ -135,33 +148,39 @@ def serve_engine(conn: Connection) -> None:
         engine = settings.load(device)
         scheduler, note = start_scheduler(engine, settings, event_log=lambda text: outbox.put(("log", True, text)),
                                           report=lambda text: outbox.put(("log", False, text)),
-                                          metrics=outbox.metrics)
+                                          metrics=outbox.metrics, after_pass=outbox.flush)
     except BaseException:
-        conn.send(("failed", traceback.format_exc()))
+        outbox.send(("failed", traceback.format_exc()))
         raise
-    conn.send(("ready", engine.limits, f"{settings.describe(engine, device)}; {note}"))
-    threading.Thread(target=outbox.run, name="engine-outbox", daemon=True).start()
-    cancelled: set[int] = set()
+    outbox.send(("ready", engine.limits, f"{settings.describe(engine, device)}; {note}"))
+    sinks: dict[int, _ForwardSink] = {}
     try:
         while True:
             try:
+                if not conn.poll(METRICS_EVERY_S):
+                    outbox.flush(metrics=True)  # the loop may be idle: its last load figures
+                    continue
                 message = conn.recv()
             except (EOFError, OSError):  # the stub is gone
                 break
             if message[0] == "submit":
                 _, rid, rows, stream = message
                 try:
-                    scheduler.submit(rows, _ForwardSink(rid, rows, outbox, cancelled), stream=stream)
+                    scheduler.submit(rows, _ForwardSink(rid, outbox, sinks), stream=stream)
                 except (RequestError, ResourceError, RuntimeError) as err:
+                    sinks.pop(rid, None)
                     outbox.put(("reject", rid, str(err)))
+                    outbox.flush()
             elif message[0] == "cancel":
-                cancelled.add(message[1])
+                sink = sinks.get(message[1])
+                if sink is not None:
+                    scheduler.cancel(sink)
             elif message[0] == "stop":
                 break
     finally:
         scheduler.stop()
         outbox.put(("stopped", scheduler_summary(scheduler)))
-        outbox.close()
+        outbox.flush(metrics=True)
 
 
 def main() -> None:
@@ -184,28 +203,34 @@ class _Remote:
     """A request the engine process runs, as the stub knows it."""
     sink: _Sink
     rows: list[GenerationRequest]
-    tokens: list[np.ndarray] = field(default_factory=list)  # delta updates: each row's tokens so far
+    tokens: list[np.ndarray] = field(default_factory=list)  # streams: each row's tokens so far
     lengths: list[int] = field(default_factory=list)
-    latest: list[RowOutput] | None = None  # the newest outputs not yet sent
+    fresh: bool = False  # tokens came since the last response
+    latest: list[RowOutput] | None = None  # beams or log-probs: the newest whole outputs not yet sent
     updates: int = 0
     last_poll: float = 0.0
     cancel_sent: bool = False
 
-    def apply(self, payload: tuple) -> None:
-        kind, data = payload
-        if kind == "full":
-            self.latest = data
-            return
+    def extend(self, row: int, start: int, new: np.ndarray) -> None:
         if not self.tokens:
-            self.tokens = [np.empty(len(row.input_ids) + row.output_len, dtype=np.int64) for row in self.rows]
-            for buffer, row in zip(self.tokens, self.rows):
-                buffer[:len(row.input_ids)] = row.input_ids
-            self.lengths = [len(row.input_ids) for row in self.rows]
-        for i, (start, new) in enumerate(data):
-            self.tokens[i][start:start + len(new)] = new
-            self.lengths[i] = start + len(new)
-        self.latest = [RowOutput(prompt_len=len(row.input_ids), beams=[buffer[:length]])
-                       for row, buffer, length in zip(self.rows, self.tokens, self.lengths)]
+            self.tokens = [np.empty(len(spec.input_ids) + spec.output_len, dtype=np.int64) for spec in self.rows]
+            for buffer, spec in zip(self.tokens, self.rows):
+                buffer[:len(spec.input_ids)] = spec.input_ids
+            self.lengths = [len(spec.input_ids) for spec in self.rows]
+        self.tokens[row][start:start + len(new)] = new
+        self.lengths[row] = start + len(new)
+        self.fresh = True
+
+    def take(self) -> list[RowOutput] | None:
+        """The outputs for the next response (None: nothing new)."""
+        if self.latest is not None:
+            outputs, self.latest = self.latest, None
+            return outputs
+        if not self.fresh:
+            return None
+        self.fresh = False
+        return [RowOutput(prompt_len=len(spec.input_ids), beams=[buffer[:length]])
+                for spec, buffer, length in zip(self.rows, self.tokens, self.lengths)]
 
 
 class EngineProcess:
@@ -217,6 +242,10 @@ class EngineProcess:
         from .tensor_parallel import start_module
 
         self.log_info, self.log_verbose, self.on_exit = log_info, log_verbose, on_exit
+        # The receiver and Triton's execute threads share this stub's GIL: at Python's default 5 ms switch interval a
+        # request's parsing could wait that long per hand-over behind a busy receiver.
+        if sys.getswitchinterval() > GIL_SWITCH_INTERVAL_S:
+            sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.metrics: EngineMetrics | None = None
         ours, theirs = socket.socketpair()
         self.process = start_module("engine_process", str(theirs.fileno()), pass_fds=(theirs.fileno(),))
@@ -327,14 +356,20 @@ class EngineProcess:
         `_pending` (oldest first)."""
         for event in events:
             kind = event[0]
-            if kind == "update":
+            if kind == "tokens":
+                _, keys, rows, starts, counts, flat = event
+                ends = np.cumsum(counts)
+                for rid, row, start, end, count in zip(keys.tolist(), rows.tolist(), starts.tolist(), ends.tolist(),
+                                                       counts.tolist()):
+                    remote = self._live.get(rid)
+                    if remote is not None:
+                        remote.extend(row, start, flat[end - count:end])
+                        self._updated(rid, remote)
+            elif kind == "update":
                 remote = self._live.get(event[1])
                 if remote is not None:
-                    remote.apply(event[2])
-                    if remote.updates == 0:
-                        self._send_update(remote)
-                    elif event[1] not in self._pending:
-                        self._pending[event[1]] = remote
+                    remote.latest = event[2]
+                    self._updated(event[1], remote)
             elif kind in ("finish", "fail", "reject"):
                 with self._lock:
                     remote = self._live.pop(event[1], None)
@@ -355,9 +390,15 @@ class EngineProcess:
             elif kind == "stopped":
                 self.summary = event[1]
 
+    def _updated(self, rid: int, remote: _Remote) -> None:
+        if remote.updates == 0:
+            self._send_update(remote)
+        elif rid not in self._pending:
+            self._pending[rid] = remote
+
     @staticmethod
     def _send_update(remote: _Remote) -> None:
-        outputs, remote.latest = remote.latest, None
+        outputs = remote.take()
         if outputs is not None:
             remote.sink.update(outputs)
             remote.updates += 1

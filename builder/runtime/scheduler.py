@@ -91,7 +91,11 @@ T = TypeVar("T")
 
 
 class ResponseSink(Protocol):
-    """Where one request's responses go. Called from the scheduler's sender thread, one call at a time."""
+    """Where one request's responses go. Called from the scheduler's sender thread (or, with `after_pass`, on the
+    loop's thread at the end of each pass: PassSender), one call at a time.
+
+    A sink may also have `extend(row, start, tokens)`: a single-beam stream without log-probs then gets each row's
+    new tokens that way (a view of positions start.. of the row's tokens) instead of `update` (PassSender only)."""
 
     def update(self, outputs: list[RowOutput]) -> None:
         """Streaming: every row's cumulative output (token arrays are read-only views) after one or more steps in
@@ -440,7 +444,52 @@ def poll_cancelled(sink: ResponseSink) -> bool:
         return False
 
 
-class _Sender:
+class _Delivery:
+    """Calls a request's sink: an update, its final response or error (what both senders share)."""
+
+    def __init__(self, on_cancel: Callable[[_Request], None], timeline: Timeline) -> None:
+        self.on_cancel, self.timeline = on_cancel, timeline
+        self.updates_sent = 0
+
+    def _update(self, request: _Request) -> None:
+        outputs = request.snapshot()
+        if all(output.finished for output in outputs):
+            return  # the loop finished it after the sender checked: its final response carries these tokens
+        try:
+            request.sink.update(outputs)
+        except Exception:  # e.g. the client went away: stop generating for it
+            log.exception("sending a streaming update failed: cancelling the request")
+            self.on_cancel(request)
+            return
+        self._sent_update(request)
+
+    def _sent_update(self, request: _Request) -> None:
+        request.updates_sent += 1
+        self.updates_sent += 1
+        self.timeline.updates += 1
+        self._sent_first(request)
+
+    def _finish(self, request: _Request, outputs: list[RowOutput] | None, error: Exception | None) -> None:
+        try:
+            if error is not None:
+                request.sink.fail(error)
+            else:
+                request.sink.finish(outputs or [])
+                self._sent_first(request)
+        except Exception:
+            log.exception("sending a final response failed")
+
+    def _sent_first(self, request: _Request) -> None:
+        if request.idle_admission and request.first_token_at:
+            request.idle_admission = False
+            timeline = self.timeline
+            timeline.idle_requests += 1
+            timeline.queued_ms += (request.admitted_at - request.submitted_at) * 1e3
+            timeline.to_first_token_ms += (request.first_token_at - request.admitted_at) * 1e3
+            timeline.to_send_ms += (time.perf_counter() - request.first_token_at) * 1e3
+
+
+class _Sender(_Delivery):
     """The sender thread: calls the sinks so that the decode loop never waits on the transport.
 
     Updates are coalesced per request (a request marked several times before the sender reaches it gets one update
@@ -450,8 +499,7 @@ class _Sender:
     """
 
     def __init__(self, on_cancel: Callable[[_Request], None], cancel_poll_s: float, timeline: Timeline) -> None:
-        self.on_cancel = on_cancel
-        self.timeline = timeline
+        super().__init__(on_cancel, timeline)
         self.cancel_poll_s = cancel_poll_s
         self._cond = threading.Condition()
         self._marked: dict[int, _Request] = {}  # id -> request with new tokens to send (insertion ordered)
@@ -459,7 +507,6 @@ class _Sender:
         self._live: dict[int, _Request] = {}  # submitted and not closed: polled for cancellation
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="inflight-sender", daemon=True)
-        self.updates_sent = 0
         self._urgent = False  # a final or a first response is waiting: send it, even during a rest
         self._polls = PollBudget(MAX_CANCEL_POLLS_PER_S, cancel_poll_s, burst_s=0.1)
         self._slice_started = time.perf_counter()  # when the current run of work began (_rest_if_due)
@@ -473,6 +520,9 @@ class _Sender:
             self._stopping = True
             self._cond.notify()
         self._thread.join(timeout_s)
+
+    def pass_done(self) -> None:
+        """(The loop's passes are not this sender's business: it sends from its own thread.)"""
 
     def track(self, request: _Request) -> None:
         with self._cond:
@@ -570,39 +620,6 @@ class _Sender:
                 if not request.closed and not request.cancelled:
                     self._update(request)
 
-    def _update(self, request: _Request) -> None:
-        outputs = request.snapshot()
-        if all(output.finished for output in outputs):
-            return  # the loop finished it after the sender checked: its final response carries these tokens
-        try:
-            request.sink.update(outputs)
-            request.updates_sent += 1
-            self.updates_sent += 1
-            self.timeline.updates += 1
-            self._sent_first(request)
-        except Exception:  # e.g. the client went away: stop generating for it
-            log.exception("sending a streaming update failed: cancelling the request")
-            self.on_cancel(request)
-
-    def _finish(self, request: _Request, outputs: list[RowOutput] | None, error: Exception | None) -> None:
-        try:
-            if error is not None:
-                request.sink.fail(error)
-            else:
-                request.sink.finish(outputs or [])
-                self._sent_first(request)
-        except Exception:
-            log.exception("sending a final response failed")
-
-    def _sent_first(self, request: _Request) -> None:
-        if request.idle_admission and request.first_token_at:
-            request.idle_admission = False
-            timeline = self.timeline
-            timeline.idle_requests += 1
-            timeline.queued_ms += (request.admitted_at - request.submitted_at) * 1e3
-            timeline.to_first_token_ms += (request.first_token_at - request.admitted_at) * 1e3
-            timeline.to_send_ms += (time.perf_counter() - request.first_token_at) * 1e3
-
     def _poll(self, live: list[_Request]) -> None:
         """Poll the live requests for cancellation, within `_polls`' budget."""
         now, chosen = self._polls.take([request for request in live if not (request.cancelled or request.closed)],
@@ -615,6 +632,65 @@ class _Sender:
             self.timeline.poll_ms += (time.perf_counter() - started) * 1e3
             if cancelled:
                 self.on_cancel(request)
+
+
+class PassSender(_Delivery):
+    """The sender of a scheduler whose sinks only record (the engine process's, engine_process.py): no thread; at the
+    end of each pass of the loop it calls the sinks with that pass's finals and new tokens, on the loop's thread, then
+    `after_pass` (which sends the records as one message). Nothing shares the loop's GIL, and the loop's extra work
+    is ~1 us per streamed token. Cancellations come from InflightScheduler.cancel: it polls nothing."""
+
+    def __init__(self, on_cancel: Callable[[_Request], None], timeline: Timeline,
+                 after_pass: Callable[[], None]) -> None:
+        super().__init__(on_cancel, timeline)
+        self.after_pass = after_pass
+        self._marked: dict[int, _Request] = {}
+        self._finals: list[tuple[_Request, list[RowOutput] | None, Exception | None]] = []
+        self._sent: dict[int, list[int]] = {}  # request id -> each row's length when it last got tokens (extend)
+
+    def start(self) -> None:
+        pass
+
+    def stop(self, timeout_s: float) -> None:
+        self.pass_done()  # the finals of the requests the loop closed as it stopped
+
+    def track(self, request: _Request) -> None:
+        pass
+
+    def mark(self, requests: Collection[_Request]) -> None:
+        for request in requests:
+            self._marked[id(request)] = request
+
+    def close(self, request: _Request, outputs: list[RowOutput] | None, error: Exception | None) -> None:
+        self._finals.append((request, outputs, error))
+        self._sent.pop(id(request), None)
+
+    def pass_done(self) -> None:
+        started = time.perf_counter()
+        finals, self._finals = self._finals, []
+        marked, self._marked = self._marked, {}
+        for request, outputs, error in finals:
+            self._finish(request, outputs, error)
+        for request in marked.values():
+            if request.closed or request.cancelled:
+                continue
+            extend = getattr(request.sink, "extend", None)
+            if extend is None or request.latest is not None or request.rows[0].log_probs is not None:
+                self._update(request)
+                continue
+            sent = self._sent.setdefault(id(request), [row.prompt_len for row in request.rows])
+            try:
+                for i, row in enumerate(request.rows):
+                    if row.length > sent[i]:
+                        extend(i, sent[i], row.tokens[sent[i]:row.length])
+                        sent[i] = row.length
+            except Exception:  # as in _update
+                log.exception("sending a streaming update failed: cancelling the request")
+                self.on_cancel(request)
+                continue
+            self._sent_update(request)
+        self.after_pass()
+        self.timeline.sender_busy_ms += (time.perf_counter() - started) * 1e3
 
 
 def check_rows(rows: Sequence[GenerationRequest], limits: EngineLimits) -> None:
@@ -637,7 +713,8 @@ class InflightScheduler:
                  event_log: Callable[[str], None] | None = None, admit_gather_rows: int = ADMIT_GATHER_ROWS,
                  admit_gather_steps: int = ADMIT_GATHER_STEPS, report: Callable[[str], None] | None = None,
                  report_every_s: float = 10.0, step_prompt_tokens: int = STEP_PROMPT_TOKENS,
-                 metrics: MetricsRecorder | None = None, on_step: Callable[[StepRecord], None] | None = None) -> None:
+                 metrics: MetricsRecorder | None = None, on_step: Callable[[StepRecord], None] | None = None,
+                 after_pass: Callable[[], None] | None = None) -> None:
         """engine: owned by the scheduler while it runs (do not call engine.generate from elsewhere meanwhile);
         cancel_poll_s: least time between two is_cancelled polls of one request;
         event_log: receives one line per admission (which rows joined how many running rows) and per cancelled
@@ -647,7 +724,9 @@ class InflightScheduler:
         step_prompt_tokens: while rows decode, each step prefills at most this many prompt tokens (chunks of one or
             several prompts), so long prompts join over several steps while the running rows keep decoding (>= 1);
         report: receives the timeline (Timeline.summary) of each `report_every_s` window in which steps ran;
-        on_step: called on the loop's thread after each pass with what it prefilled and decoded (keep it cheap)."""
+        on_step: called on the loop's thread after each pass with what it prefilled and decoded (keep it cheap);
+        after_pass: the sinks only record (PassSender): they are called on the loop's thread at the end of each pass,
+            then this; no sender thread, no `is_cancelled` polls (cancel through `cancel`)."""
         if step_prompt_tokens < 1:
             raise ValueError(f"step_prompt_tokens must be >= 1, got {step_prompt_tokens}")
         self.report, self.report_every_s, self._reported_at = report, report_every_s, time.monotonic()
@@ -684,7 +763,10 @@ class InflightScheduler:
         self._wake = threading.Condition(self._lock)
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._sender = _Sender(self._request_cancel, cancel_poll_s, self.stats.timeline)
+        self._by_sink: dict[int, _Request] = {}  # id(sink) -> its request, until closed (`cancel`)
+        self._sender: _Sender | PassSender = (
+            _Sender(self._request_cancel, cancel_poll_s, self.stats.timeline) if after_pass is None
+            else PassSender(self._request_cancel, self.stats.timeline, after_pass))
 
     # -- public ------------------------------------------------------------------------------------------------------
     def start(self) -> InflightScheduler:
@@ -723,6 +805,7 @@ class InflightScheduler:
             if self._stopping or self._thread is None or not self._thread.is_alive():
                 raise RuntimeError("the in-flight scheduler is not running")
             self._sender.track(request)
+            self._by_sink[id(sink)] = request
             self._inbox.append(request)
             self._wake.notify()
 
@@ -730,6 +813,13 @@ class InflightScheduler:
     def sender_stats(self) -> tuple[int, int]:
         """(streaming updates sent, finals handed over): coalescing shows as fewer updates than tokens."""
         return self._sender.updates_sent, self.stats.finished_requests + self.stats.failed_requests
+
+    def cancel(self, sink: ResponseSink) -> None:
+        """Cancel the request submitted with `sink` at the next step boundary (nothing once it closed)."""
+        with self._lock:
+            request = self._by_sink.get(id(sink))
+        if request is not None:
+            self._request_cancel(request)
 
     def _request_cancel(self, request: _Request) -> None:
         """From the sender thread: cancel at the next step boundary."""
@@ -765,6 +855,7 @@ class InflightScheduler:
                         log.exception("in-flight step failed: failing the %d running request(s)",
                                       len({id(row.request) for row in self._occupied.values()}))
                         self._fail_running(err)
+                    self._sender.pass_done()  # (PassSender) this pass's responses, failures included
         except Exception as err:  # the loop itself broke: no request may wait forever
             log.exception("the in-flight scheduler stopped")
             error = RuntimeError(f"the in-flight scheduler stopped: {err}")
@@ -1106,6 +1197,8 @@ class InflightScheduler:
         if request.closed:
             return
         request.closed = True
+        with self._lock:
+            self._by_sink.pop(id(request.sink), None)
         if request in self._live:
             self._live.remove(request)
         if error is not None:
@@ -1147,6 +1240,7 @@ class InflightScheduler:
                 latest[index] = output
             if not request.cancelled and not all(output.finished for output in latest):
                 self._sender.mark([request])
+                self._sender.pass_done()  # a beam request's whole run is one pass of the loop
 
         def is_cancelled() -> Collection[int]:  # polled by the engine; the sender reports cancellations
             with self._lock:
