@@ -234,11 +234,11 @@ def config_from_options(checkpoint: Path | None, **options: Any) -> RenderConfig
                    "prompts join in chunks over several steps (chunked prefill), so running streams never stall for "
                    "a whole long prompt. Larger: faster prefill, longer stalls. 0: the engine's default (512). With "
                    "no row decoding a prompt is prefilled whole.")
-@click.option("--engine-process/--no-engine-process", default=False, show_default=True,
+@click.option("--engine-process/--no-engine-process", default=None,
               help="Torch engine with --streaming: run the engine and its in-flight loop in a process of their own, "
                    "next to the core model's Python stub, so the loop never waits for the stub's threads (request "
-                   "parsing, responses) to hand back the GIL. Without it, GPT_TRITON_ENGINE_PROCESS=1 in the "
-                   "server's environment does the same (A/B runs).")
+                   "parsing, responses) to hand back the GIL. [default: on with --engine torch --streaming --tp 1] "
+                   "GPT_TRITON_ENGINE_PROCESS=0 or 1 in the server's environment overrides it (A/B runs).")
 @click.option("--max-queue-delay-us", default=1000, show_default=True, type=int,
               help="Dynamic-batching queue delay of the core model (microseconds).")
 @click.option("--ft-checkpoint-path", help="FT engine: where the weights are inside the FT container "

@@ -63,7 +63,8 @@ class RenderConfig:
     max_queue_delay_us: int = 1000
     kv_slots: int = 0  # torch engine: KV-cache slots (0: as many as fit, up to 256, on a GPU; see core_adapter.py)
     step_prompt_tokens: int = 0  # torch engine, --streaming: prompt tokens prefilled per step (0: scheduler.py's)
-    engine_process: bool = False  # torch engine, --streaming: the engine in a child process (engine_process.py)
+    # torch engine, --streaming: the engine in a child process (engine_process.py); None: wherever it applies
+    engine_process: bool | None = None
     gpus: tuple[int, ...] = ()  # torch engine, --tp > 1 on GPUs: the GPU of each rank (default 0..tp-1)
     preprocessing_instances: int = 2
     postprocessing_instances: int = 2
@@ -106,7 +107,7 @@ class RenderConfig:
         check(0 <= self.kv_slots <= 65536, f"--kv-slots must be in 0..65536 (0 = automatic), got {self.kv_slots}")
         check(0 <= self.step_prompt_tokens <= 65536,
               f"--step-prompt-tokens must be in 0..65536 (0 = the engine's default), got {self.step_prompt_tokens}")
-        check(not self.engine_process or (self.engine == "torch" and self.streaming and self.tp == 1),
+        check(self.engine_process is not True or self.engine_process_applies,
               "--engine-process needs --engine torch --streaming --tp 1 (the in-flight scheduler's loop moves to a "
               "process of its own)")
         check(self.max_queue_delay_us >= 0, f"max queue delay must be >= 0 us, got {self.max_queue_delay_us}")
@@ -123,6 +124,15 @@ class RenderConfig:
         # The FT engine writes the weights' absolute path into its config: it must not be able to break the file.
         check(_config_safe(str(self.output.resolve())),
               f"--output {str(self.output)!r} must not contain quotes, backslashes or control characters")
+
+    @property
+    def engine_process_applies(self) -> bool:
+        """The engine can run in a process of its own: torch, --streaming (the in-flight loop), one rank."""
+        return self.engine == "torch" and self.streaming and self.tp == 1
+
+    @property
+    def engine_in_own_process(self) -> bool:
+        return self.engine_process_applies if self.engine_process is None else self.engine_process
 
     @property
     def model_source(self) -> str:

@@ -168,7 +168,8 @@ def test_an_engine_that_cannot_load_fails_the_start_with_its_traceback(tmp_path:
         EngineProcess(settings(tmp_path / "missing"), "cpu", log_info=lambda _: None, log_verbose=lambda _: None)
 
 
-def test_engine_process_is_a_checked_render_option(tiny_ft_dir: Path, tmp_path: Path) -> None:
+def test_engine_process_is_a_checked_render_option_on_by_default(tiny_ft_dir: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
     from google.protobuf import json_format
@@ -180,13 +181,31 @@ def test_engine_process_is_a_checked_render_option(tiny_ft_dir: Path, tmp_path: 
     model = GptModelConfig.from_ini(tiny_ft_dir / "config.ini")
     with pytest.raises(RenderError, match="--engine-process needs --engine torch --streaming --tp 1"):
         RenderConfig(engine="torch", device="cpu", streaming=False, model=model, engine_process=True)
-    repo = render_repository(RenderConfig(engine="torch", device="cpu", data_type="fp32", checkpoint=tiny_ft_dir,
-                                          model=model, streaming=True, engine_process=True, output=tmp_path / "r"))
-    path = repo / "gpt3_1.3b" / "config.pbtxt"
-    config = json_format.MessageToDict(parse_model_config(path.read_text(), str(path)),
-                                       preserving_proto_field_name=True)
-    args = {"model_config": json.dumps(config), "model_repository": str(repo / "gpt3_1.3b"), "model_version": "1"}
-    assert CoreSettings.from_args(args).engine_process  # as tritonserver hands the config to model.py
+    assert not RenderConfig(engine="torch", device="cpu", streaming=False, model=model).engine_in_own_process
+
+    def core_settings(**options: object) -> tuple[CoreSettings, dict]:
+        """As tritonserver hands the rendered config to model.py."""
+        output = tmp_path / f"r{len(list(tmp_path.iterdir()))}"
+        repo = render_repository(RenderConfig(engine="torch", device="cpu", data_type="fp32", checkpoint=tiny_ft_dir,
+                                              model=model, streaming=True, output=output, **options))
+        path = repo / "gpt3_1.3b" / "config.pbtxt"
+        config = json_format.MessageToDict(parse_model_config(path.read_text(), str(path)),
+                                           preserving_proto_field_name=True)
+        args = {"model_config": json.dumps(config), "model_repository": str(repo / "gpt3_1.3b"), "model_version": "1"}
+        return CoreSettings.from_args(args), args
+
+    monkeypatch.delenv("GPT_TRITON_ENGINE_PROCESS", raising=False)
+    on, args = core_settings()
+    assert on.engine_process
+    assert core_settings(engine_process=True)[0].engine_process
+    assert not core_settings(engine_process=False)[0].engine_process
+    monkeypatch.setenv("GPT_TRITON_ENGINE_PROCESS", "0")  # A/B runs: the server's environment decides
+    assert not CoreSettings.from_args(args).engine_process
+    monkeypatch.setenv("GPT_TRITON_ENGINE_PROCESS", "on")
+    with pytest.raises(ValueError, match="GPT_TRITON_ENGINE_PROCESS must be 0 or 1"):
+        CoreSettings.from_args(args)
+    monkeypatch.delenv("GPT_TRITON_ENGINE_PROCESS")
+    config = json.loads(args["model_config"])
     config["parameters"]["engine_process"] = {"string_value": "yes"}
     with pytest.raises(ValueError, match="parameter engine_process must be 0 or 1"):
         CoreSettings.from_args({**args, "model_config": json.dumps(config)})

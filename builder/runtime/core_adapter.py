@@ -89,8 +89,8 @@ class CoreSettings:
         """From TritonPythonModel.initialize's args. Parameters: model_dir (relative to the version folder), data_type,
         kv_slots (KV-cache slots, 0 = automatic), max_seq_len, vocab_limit, stream_abandon_s (stream_ack.py),
         tensor_para_size and tp_devices (GPU ids, comma-separated, one per rank), step_prompt_tokens (scheduler.py),
-        engine_process ("1": engine_process.py; absent: the GPT_TRITON_ENGINE_PROCESS environment variable, for A/B
-        runs)."""
+        engine_process ("1": engine_process.py, decoupled and one rank only; the GPT_TRITON_ENGINE_PROCESS environment
+        variable, 0 or 1, overrides it for A/B runs)."""
         config = json.loads(args["model_config"])
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         model_dir = Path(params.get("model_dir", f"{params.get('tensor_para_size', '1')}-gpu"))
@@ -106,9 +106,13 @@ class CoreSettings:
         step_tokens = params.get("step_prompt_tokens", "0") or "0"
         if not step_tokens.isdigit():
             raise ValueError(f"parameter step_prompt_tokens must be a whole number (0 = default), got {step_tokens!r}")
-        own_process = params.get("engine_process", os.environ.get("GPT_TRITON_ENGINE_PROCESS", "0")) or "0"
+        own_process = params.get("engine_process", "0") or "0"
         if own_process not in ("0", "1"):
             raise ValueError(f"parameter engine_process must be 0 or 1, got {own_process!r}")
+        # A/B runs switch a rendered repository's placement from the server's environment.
+        own_process = os.environ.get("GPT_TRITON_ENGINE_PROCESS", own_process)
+        if own_process not in ("0", "1"):
+            raise ValueError(f"GPT_TRITON_ENGINE_PROCESS must be 0 or 1, got {own_process!r}")
         tp_text, devices_text = params.get("tensor_para_size", "1") or "1", params.get("tp_devices", "")
         if not tp_text.isdigit() or int(tp_text) < 1:
             raise ValueError(f"parameter tensor_para_size must be a positive whole number, got {tp_text!r}")
@@ -121,7 +125,8 @@ class CoreSettings:
                    max_seq_len=int(params["max_seq_len"]) if "max_seq_len" in params else None,
                    vocab_limit=int(params["vocab_limit"]) if "vocab_limit" in params else None, decoupled=decoupled,
                    stream_abandon_s=float(params.get("stream_abandon_s", ABANDON_AFTER_S)),
-                   step_prompt_tokens=int(step_tokens), engine_process=decoupled and own_process == "1")
+                   step_prompt_tokens=int(step_tokens),
+                   engine_process=decoupled and own_process == "1" and int(tp_text) == 1)
 
     def slots_for(self, device: str) -> tuple[int, bool]:
         """(KV-cache slots wanted, whether to shrink them to the free memory). Given: exactly that many. Automatic:
