@@ -131,6 +131,13 @@ class RenderConfig:
         return self.engine == "torch" and self.streaming and self.tp == 1
 
     @property
+    def omit_default_tensors(self) -> bool:
+        """Preprocessing leaves out the core inputs a request does not set (preprocess.PreprocessConfig.omit_defaults):
+        a streaming torch repository, whose postprocessing reads only the core's outputs and whose pinned Triton lets
+        an ensemble step's optional inputs go missing (FT containers predate that)."""
+        return self.engine == "torch" and self.streaming
+
+    @property
     def engine_in_own_process(self) -> bool:
         return self.engine_process_applies if self.engine_process is None else self.engine_process
 

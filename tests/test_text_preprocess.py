@@ -281,3 +281,25 @@ def test_frequency_penalty_reaches_the_core(tokenizer: GptTokenizer) -> None:
     assert not isinstance(result, RequestError) and result["frequency_penalty"].tolist() == [[0.5]]
     (bad,) = preprocess_requests([request(frequency_penalty=scalar(math.inf, np.float32))], tokenizer, CONFIG)
     assert isinstance(bad, RequestError) and bad.input_name == "frequency_penalty" and "finite" in str(bad)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"top_k": scalar(5, np.int32), "stop_words": strings("3")},
+                                       {"temperature": scalar(0.0, np.float32), "exclude_input_in_output":
+                                        scalar(False, np.bool_), "random_seed": scalar(7, np.uint64)}])
+def test_left_out_defaults_give_the_core_the_same_request(tokenizer: GptTokenizer, overrides: dict) -> None:
+    """omit_defaults: the tensors a request does not set stay out, and the core parses what is left into exactly the
+    rows it parses from every tensor (its defaults for a missing input are preprocessing's)."""
+    from builder.runtime.core_io import EngineLimits, parse_request
+
+    every = PreprocessConfig(max_pos_seq_len=64, vocab_size=50304, streaming=True, end_id=50256)
+    fewer = PreprocessConfig(max_pos_seq_len=64, vocab_size=50304, streaming=True, end_id=50256, omit_defaults=True)
+    (full,) = preprocess_requests([request(**overrides)], tokenizer, every)
+    (short,) = preprocess_requests([request(**overrides)], tokenizer, fewer)
+    assert not isinstance(full, RequestError) and not isinstance(short, RequestError)
+    assert set(short) < set(full)
+    assert {"input_ids", "input_lengths", "request_output_len", "stream", "end_id"} <= set(short)
+    # (temperature 0 is sent as top_k 1: greedy in FT's terms)
+    assert ("runtime_top_k" in short) == bool({"top_k", "temperature"} & set(overrides))
+    assert ("stop_words_list" in short) == ("stop_words" in overrides)
+    limits = EngineLimits(vocab_size=50304, max_seq_len=64, max_batch_size=8, default_end_id=50256)
+    assert parse_request(short, limits) == parse_request(full, limits)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -56,6 +56,10 @@ class PreprocessConfig:
     max_word_chars: int = 256
     max_word_list_tokens: int = 1024  # N of the [2, N] list
     streaming: bool = False  # the repository streams (decides which `stream` values can be honoured)
+    # Send only the tensors a request sets (and the required ones, and `stream`): the core takes its own defaults for
+    # the others (a streaming torch repository: its ensemble may leave optional core inputs out, Triton >= 2.42).
+    # Each tensor costs both Python stubs a hand-over; most requests set two or three of ~20.
+    omit_defaults: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_pos_seq_len", "vocab_size", "max_beam_width", "max_words", "max_word_chars",
@@ -97,12 +101,27 @@ class PreprocessConfig:
         end_id = integer("end_id", required=False)
         max_pos_seq_len, vocab_size = integer("max_pos_seq_len", True), integer("vocab_size", True)
         assert max_pos_seq_len is not None and vocab_size is not None  # required=True raised otherwise
-        streaming = parameters.get("streaming", "false").strip().lower()
-        if streaming not in ("true", "false"):
-            raise PreprocessConfigError(f"parameter 'streaming' must be \"true\" or \"false\", got {streaming!r}")
+        def flag(key: str) -> bool:
+            value = parameters.get(key, "false").strip().lower()
+            if value not in ("true", "false"):
+                raise PreprocessConfigError(f"parameter '{key}' must be \"true\" or \"false\", got {value!r}")
+            return value == "true"
+
         return cls(max_pos_seq_len=max_pos_seq_len, vocab_size=vocab_size,
                    end_id=default_end_id if end_id is None else end_id, pad_id=integer("pad_id", False),
-                   outputs=tuple(outputs), streaming=streaming == "true")
+                   outputs=tuple(outputs), streaming=flag("streaming"), omit_defaults=flag("omit_defaults"))
+
+    @cached_property
+    def omitted(self) -> frozenset[str]:
+        """The outputs left out of a request that does not set them (`omit_defaults`): where the core's default for
+        a missing input is this model's default too. `stream` is always sent: without it the core answers as to FT's
+        own clients."""
+        if not self.omit_defaults:
+            return frozenset()
+        same = {spec.output for spec in SCALAR_INPUTS if spec.output and spec.output != contract.STREAM
+                and contract.CORE[spec.output].default is not None
+                and contract.CORE[spec.output].default == spec.default(self)}
+        return frozenset(same | set(WORD_LIST_INPUTS.values())) - set(REQUIRED_OUTPUTS)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -312,7 +331,8 @@ def _ft_tensors(parsed: _ParsedRequest, prompt_ids: list[list[int]], word_ids: d
         tensors[name] = scalars[name].reshape(batch, 1).astype(np.bool_) if name in scalars else defaults[name]
     for name, output in WORD_LIST_INPUTS.items():
         tensors[output] = encode_word_lists(word_ids[name]) if name in word_ids else defaults[output]
-    return {name: tensors[name] for name in config.outputs}
+    left_out = {name for name in config.omitted if tensors[name] is defaults.get(name)}  # not set by the request
+    return {name: tensors[name] for name in config.outputs if name not in left_out}
 
 
 def preprocess_requests(requests: Sequence[Mapping[str, np.ndarray]], tokenizer: GptTokenizer,
