@@ -8,9 +8,10 @@
 #                                 # then the first token's stage timeline (bench/ttft_timeline.py)
 #   bash bench/gpu_run.sh host    # the scheduler alone with a host profile (bench/inflight_engine.py --profile),
 #                                 # then a short serving run (batch 1, 64/256 streams, mixed) with its timeline
-#   bash bench/gpu_run.sh process # A/B on one machine: the engine in the core's stub, then in its own process
-#                                 # (GPT_TRITON_ENGINE_PROCESS=0, then 1): batch 1, 64/256 streams, mixed
-#                                 # (PROCESS_BENCH_ARGS replaces serving_bench.py's options, BENCH_TIMEOUT its limit)
+#   bash bench/gpu_run.sh ab      # A/B on one machine: serving_bench.py once per value of an A/B switch,
+#                                 # AB_VAR=<environment variable> AB_VALUES="<value> ...": batch 1, 64/256 streams,
+#                                 # mixed (AB_BENCH_ARGS replaces serving_bench.py's options, BENCH_TIMEOUT its limit)
+#   bash bench/gpu_run.sh process # the same for the engine's placement (GPT_TRITON_ENGINE_PROCESS=0, then 1)
 #   bash bench/gpu_run.sh kernels # CUDA tests + decode-step kernel choices at batch 1/8/64/256 with a batch-1
 #                                 # kernel profile, and the attention launch sweep
 # The server log (tail) comes back too: the in-flight scheduler logs its timeline every 10 s of work.
@@ -54,15 +55,16 @@ elif [ "$mode" = serving ]; then
   # Where the first token's time goes, from Triton's trace (the repository serving_bench.py rendered above).
   timeout 150 python bench/ttft_timeline.py --repository "$WORK/repo" --prompt-tokens 512 --requests 40 \
     --machine "one NVIDIA H200" --out "$OUT/ttft_timeline.json" > "$OUT/ttft_timeline.log" 2>&1
-elif [ "$mode" = process ]; then
-  for p in 0 1; do
-    # shellcheck disable=SC2086  # PROCESS_BENCH_ARGS: several options
-    GPT_TRITON_ENGINE_PROCESS=$p timeout ${BENCH_TIMEOUT:-270} python bench/serving_bench.py \
-      --out "$OUT/serving_process$p.json" --work "$WORK" \
-      ${PROCESS_BENCH_ARGS:---levels 1,64,256 --skip-core --skip-not-streamed --seconds 3 --mixed-seconds 6 --bs1-reps 10} \
-      > "$OUT/bench_process$p.log" 2>&1
-    echo "engine process $p: rc=$? at $(( $(date +%s) - start )) s" >> "$OUT/bench.log"
-    grep -a "in-flight scheduler\|engine process" "$WORK/raw/server.log" | tail -40 > "$OUT/timeline_process$p.txt"
+elif [ "$mode" = process ] || [ "$mode" = ab ]; then
+  if [ "$mode" = process ]; then AB_VAR=GPT_TRITON_ENGINE_PROCESS; AB_VALUES="0 1"; fi
+  for v in $AB_VALUES; do
+    # shellcheck disable=SC2086  # AB_BENCH_ARGS: several options
+    env "$AB_VAR=$v" timeout ${BENCH_TIMEOUT:-270} python bench/serving_bench.py \
+      --out "$OUT/serving_${AB_VAR}_$v.json" --work "$WORK" \
+      ${AB_BENCH_ARGS:---levels 1,64,256 --skip-core --skip-not-streamed --seconds 3 --mixed-seconds 6 --bs1-reps 10} \
+      > "$OUT/bench_${AB_VAR}_$v.log" 2>&1
+    echo "$AB_VAR=$v: rc=$? at $(( $(date +%s) - start )) s" >> "$OUT/bench.log"
+    grep -a "in-flight scheduler\|engine process" "$WORK/raw/server.log" | tail -40 > "$OUT/timeline_${AB_VAR}_$v.txt"
   done
 elif [ "$mode" = switch ]; then  # the loop's GIL switch interval: streamed runs only, at $GPT_TRITON_SWITCH_INTERVAL_US
   timeout 300 python bench/serving_bench.py --out "$OUT/serving.json" --work "$WORK" \

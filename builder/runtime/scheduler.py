@@ -57,7 +57,9 @@ log = logging.getLogger(__name__)
 # Admission while rows are decoding: wait for up to this many new rows, or this many decode steps (a few ms on a
 # GPU), to prefill them in one pass.
 ADMIT_GATHER_ROWS = 8
-ADMIT_GATHER_STEPS = 4
+ADMIT_GATHER_STEPS = int(os.environ.get("GPT_TRITON_ADMIT_GATHER_STEPS", "4"))  # A/B runs
+if ADMIT_GATHER_STEPS < 0:
+    raise ValueError(f"GPT_TRITON_ADMIT_GATHER_STEPS must be >= 0, got {ADMIT_GATHER_STEPS}")
 # Prompt tokens prefilled per step while rows decode (prompts beyond it are chunked): generation.STEP_PROMPT_TOKENS,
 # 512 (why: there) by default; while no row decodes (no one to stall): whole prompts, up to this many tokens per pass.
 IDLE_PREFILL_TOKENS = 8192
