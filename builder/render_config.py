@@ -133,9 +133,9 @@ class RenderConfig:
     @property
     def omit_default_tensors(self) -> bool:
         """Preprocessing leaves out the core inputs a request does not set (preprocess.PreprocessConfig.omit_defaults):
-        a streaming torch repository, whose postprocessing reads only the core's outputs and whose pinned Triton lets
-        an ensemble step's optional inputs go missing (FT containers predate that)."""
-        return self.engine == "torch" and self.streaming
+        a torch repository, whose pinned Triton lets an ensemble step's optional inputs go missing (the FT
+        backend's containers predate that)."""
+        return self.engine == "torch"
 
     @property
     def engine_in_own_process(self) -> bool:

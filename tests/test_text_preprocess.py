@@ -286,13 +286,17 @@ def test_frequency_penalty_reaches_the_core(tokenizer: GptTokenizer) -> None:
 @pytest.mark.parametrize("overrides", [{}, {"top_k": scalar(5, np.int32), "stop_words": strings("3")},
                                        {"temperature": scalar(0.0, np.float32), "exclude_input_in_output":
                                         scalar(False, np.bool_), "random_seed": scalar(7, np.uint64)}])
-def test_left_out_defaults_give_the_core_the_same_request(tokenizer: GptTokenizer, overrides: dict) -> None:
+@pytest.mark.parametrize("streaming", [True, False])
+def test_left_out_defaults_give_the_core_the_same_request(tokenizer: GptTokenizer, overrides: dict,
+                                                          streaming: bool) -> None:
     """omit_defaults: the tensors a request does not set stay out, and the core parses what is left into exactly the
-    rows it parses from every tensor (its defaults for a missing input are preprocessing's)."""
+    rows it parses from every tensor (its defaults for a missing input are preprocessing's). What a non-streaming
+    repository's postprocessing reads from preprocessing stays in."""
     from builder.runtime.core_io import EngineLimits, parse_request
 
-    every = PreprocessConfig(max_pos_seq_len=64, vocab_size=50304, streaming=True, end_id=50256)
-    fewer = PreprocessConfig(max_pos_seq_len=64, vocab_size=50304, streaming=True, end_id=50256, omit_defaults=True)
+    every = PreprocessConfig(max_pos_seq_len=64, vocab_size=50304, streaming=streaming, end_id=50256)
+    fewer = PreprocessConfig(max_pos_seq_len=64, vocab_size=50304, streaming=streaming, end_id=50256,
+                             omit_defaults=True)
     (full,) = preprocess_requests([request(**overrides)], tokenizer, every)
     (short,) = preprocess_requests([request(**overrides)], tokenizer, fewer)
     assert not isinstance(full, RequestError) and not isinstance(short, RequestError)
@@ -300,6 +304,6 @@ def test_left_out_defaults_give_the_core_the_same_request(tokenizer: GptTokenize
     assert {"input_ids", "input_lengths", "request_output_len", "stream", "end_id"} <= set(short)
     # (temperature 0 is sent as top_k 1: greedy in FT's terms)
     assert ("runtime_top_k" in short) == bool({"top_k", "temperature"} & set(overrides))
-    assert ("stop_words_list" in short) == ("stop_words" in overrides)
+    assert ("stop_words_list" in short) == ("stop_words" in overrides or not streaming)
     limits = EngineLimits(vocab_size=50304, max_seq_len=64, max_batch_size=8, default_end_id=50256)
     assert parse_request(short, limits) == parse_request(full, limits)

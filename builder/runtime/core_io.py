@@ -214,7 +214,7 @@ def parse_request(inputs: Mapping[str, np.ndarray], limits: EngineLimits) -> Par
         fields = {spec.field: spec.value(values[spec.name][i]) for spec in contract.CORE_INPUTS
                   if spec.field and spec.name in values}  # the contract maps each FT input to its field
         rows.append(GenerationRequest(
-            input_ids=tuple(int(t) for t in prompt.tolist()), output_len=output_len, beam_width=beam_width,
+            input_ids=tuple(prompt.tolist()), output_len=output_len, beam_width=beam_width,
             stop_words=stop_words[i], bad_words=bad_words[i],
             **fields))  # type: ignore[arg-type]  # each value cast to its field's type by the contract
     streams = [bool(v) for v in values.get(contract.STREAM, [False] * batch_size)]

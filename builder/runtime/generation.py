@@ -69,7 +69,7 @@ def check_request(request: GenerationRequest, limits: EngineLimits) -> None:
     """The engine-level limits (core_io.parse_request checks these and more at the Triton boundary)."""
     if not request.input_ids:
         raise RequestError("input_ids", "must hold at least one token")
-    if any(not 0 <= t < limits.vocab_size for t in request.input_ids):
+    if not 0 <= min(request.input_ids) <= max(request.input_ids) < limits.vocab_size:  # (C loops: 512 ids ~10 us)
         raise RequestError("input_ids", f"token ids must be in [0, {limits.vocab_size})")
     if request.output_len < 1:
         raise RequestError("request_output_len", f"must be >= 1, got {request.output_len}")

@@ -57,7 +57,7 @@ class PreprocessConfig:
     max_word_list_tokens: int = 1024  # N of the [2, N] list
     streaming: bool = False  # the repository streams (decides which `stream` values can be honoured)
     # Send only the tensors a request sets (and the required ones, and `stream`): the core takes its own defaults for
-    # the others (a streaming torch repository: its ensemble may leave optional core inputs out, Triton >= 2.42).
+    # the others (a torch repository: its ensemble may leave optional core inputs out, Triton >= 2.42).
     # Each tensor costs both Python stubs a hand-over; most requests set two or three of ~20.
     omit_defaults: bool = False
 
@@ -115,13 +115,14 @@ class PreprocessConfig:
     def omitted(self) -> frozenset[str]:
         """The outputs left out of a request that does not set them (`omit_defaults`): where the core's default for
         a missing input is this model's default too. `stream` is always sent: without it the core answers as to FT's
-        own clients."""
+        own clients; so is what a non-streaming repository's postprocessing reads from here."""
         if not self.omit_defaults:
             return frozenset()
         same = {spec.output for spec in SCALAR_INPUTS if spec.output and spec.output != contract.STREAM
                 and contract.CORE[spec.output].default is not None
                 and contract.CORE[spec.output].default == spec.default(self)}
-        return frozenset(same | set(WORD_LIST_INPUTS.values())) - set(REQUIRED_OUTPUTS)
+        kept = set(REQUIRED_OUTPUTS) | (set() if self.streaming else set(contract.POSTPROCESSING_FROM_PREPROCESSING))
+        return frozenset(same | set(WORD_LIST_INPUTS.values())) - kept
 
 
 # ---------------------------------------------------------------------------------------------------------------------
