@@ -64,7 +64,7 @@ def main() -> None:
         for rows, tokens in shapes:
             prompt = torch.randint(100, 50000, (rows, tokens), device=device)
             lengths = torch.full((rows,), tokens, device=device)
-            eager = time_ms(lambda: model.prefill(prompt, lengths))
+            eager = time_ms(lambda prompt=prompt, lengths=lengths: model.prefill(prompt, lengths))
             graph = torch.cuda.CUDAGraph()
             model.prefill(prompt, lengths)
             torch.cuda.synchronize()
