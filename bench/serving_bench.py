@@ -38,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,8 @@ from builder.serve import ServerError, TritonServer
 from client.perf import (DEFAULT_TOKENIZER_DIR, find_perf_analyzer, load_tokenizer, model_info,
                          parse_concurrency, perf_analyzer_env, perf_analyzer_version, token_length_prompts)
 from client.perf_report import load_export, read_csv_row
-from serving_report import GOALS, goal_rows, markdown, plot, run_metrics
+from serving_report import (ENGINE_TTFT, GOALS, bucket_quantiles, goal_rows, histogram_buckets, markdown, plot,
+                            run_metrics)
 
 log = gpu_bench.log
 
@@ -66,6 +68,9 @@ HEADLINE_KEYS = ("gpu", "streamed_tokens_per_s_c64", "not_streamed_tokens_per_s_
 
 
 MAX_WINDOW_S = 60.0
+# The engine process forwards its metrics every 0.5 s (engine_process.py), the stub hands them to Triton every 1 s
+# (metrics.py): a run's last observations are in /metrics this long after it.
+METRICS_FLUSH_S = 1.6
 
 
 class BenchError(RuntimeError):
@@ -205,6 +210,7 @@ class Runner:
     max_trials: int
     server_pid: int | None
     max_threads: int | None = None  # perf_analyzer --max-threads (its default: 16 in concurrency mode)
+    metrics_url: str | None = None  # Triton's /metrics: the engine's TTFT histogram before and after each run
     binary: Path = dataclasses.field(default_factory=find_perf_analyzer)
     env: dict[str, str] = dataclasses.field(default_factory=perf_analyzer_env)
 
@@ -247,6 +253,7 @@ class Runner:
             out.write(f"\n$ {' '.join(command)}\n")
             out.flush()
             started = time.perf_counter()
+            ttft_before = self._engine_ttft()
             process = subprocess.Popen(command, env=self.env, stdout=out, stderr=subprocess.STDOUT)
             server = CpuSampler(self.server_pid) if self.server_pid else None
             with CpuSampler(process.pid) as client:
@@ -275,13 +282,28 @@ class Runner:
                              f"({export_path.stat().st_size} bytes): {err}") from err
         rps = float(read_csv_row(csv_path)["Inferences/Second"])
         metrics = run_metrics(name, model, concurrency, streamed, rps, experiment).to_json()
+        time.sleep(METRICS_FLUSH_S)
+        ttft_after = self._engine_ttft()
         metrics.update(client_cpu_percent_max=client.max, client_cpu_percent_mean=client.mean,
                        server_cpu_percent_mean=server.mean if server else None, window_s=seconds,
-                       wall_s=time.perf_counter() - started)
+                       wall_s=time.perf_counter() - started,
+                       engine_ttft_ms=bucket_quantiles(ttft_before, ttft_after) if ttft_after else None)
         log(f"  {metrics['output_tokens_per_s']:.0f} tok/s, {rps:.1f} req/s, "
             f"responses/token {metrics['responses_per_token'] or 0:.3f}, client CPU max {client.max or 0:.0f} %"
             )
         return metrics
+
+
+    def _engine_ttft(self) -> dict[float, float]:
+        """The engine's TTFT histogram now ({} without a metrics URL or when the scrape fails)."""
+        if not self.metrics_url:
+            return {}
+        try:
+            with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
+                return histogram_buckets(response.read().decode(), ENGINE_TTFT)
+        except OSError as err:
+            log(f"  could not read {self.metrics_url}: {err}")
+            return {}
 
 
 # -- batch 1, from this process ----------------------------------------------------------------------------------------
@@ -648,7 +670,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         core_inputs = model_info(url, "grpc", core).inputs
         runner = Runner(url=url, raw=raw, seconds=args.seconds, stability=args.stability,
                         max_trials=args.max_trials, server_pid=server.process.pid if server.process else None,
-                        max_threads=args.max_threads)
+                        max_threads=args.max_threads, metrics_url=server.metrics_url)
         def write(with_plot: bool = False) -> None:  # after every run; the plot after every stage
             write_outputs(args.out, result, args.mixed_clients, with_plot)
 

@@ -55,9 +55,45 @@ class RunMetrics:
     client_cpu_percent_max: float | None = None
     client_cpu_percent_mean: float | None = None
     server_cpu_percent_mean: float | None = None
+    # The engine's own time to first token (its arrival in the engine -> first token; no client, no Python hops),
+    # from its histogram over the run (bucket_quantiles): where a TTFT tail is made.
+    engine_ttft_ms: dict[str, float | None] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+ENGINE_TTFT = "gpt_time_to_first_token_seconds"  # the torch engine's histogram (builder/runtime/metrics.py)
+
+
+def histogram_buckets(text: str, name: str) -> dict[float, float]:
+    """Cumulative bucket counts (upper bound in s -> count) of a Prometheus histogram in Triton's /metrics text,
+    summed over its label sets (every model instance)."""
+    counts: dict[float, float] = {}
+    prefix = f"{name}_bucket{{"
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            labels, _, value = line[len(prefix):].rpartition("} ")
+            bound = labels.split('le="', 1)[1].split('"', 1)[0]
+            le = math.inf if bound == "+Inf" else float(bound)
+            counts[le] = counts.get(le, 0.0) + float(value)
+    return counts
+
+
+def bucket_quantiles(before: dict[float, float], after: dict[float, float]) -> dict[str, float | None] | None:
+    """The observations between two scrapes of a histogram: their count and, for p50 and p99, the upper bound (ms)
+    of the bucket that holds that quantile (an "at most")."""
+    bounds = sorted(after)
+    cumulative = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not cumulative or cumulative[-1] <= 0:
+        return None
+    total = cumulative[-1]
+
+    def upper_ms(q: float) -> float | None:
+        bound = next(b for b, c in zip(bounds, cumulative) if c >= q * total)
+        return None if math.isinf(bound) else bound * 1e3
+
+    return {"count": total, "p50_at_most": upper_ms(0.5), "p99_at_most": upper_ms(0.99)}
 
 
 def _scalar(value: Any) -> int | None:
@@ -218,12 +254,13 @@ def markdown(result: dict[str, Any]) -> str:
     if runs:
         lines += ["", "## Runs (perf_analyzer)", "",
                   "| run | model | concurrency | req/s | output tok/s | tok/request | latency p50 / p99 ms | "
-                  "TTFT p50 / p99 ms | ITL p50 / p99 ms | responses/token | client CPU % max | window s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "TTFT p50 / p99 ms | engine TTFT p50 / p99 ms, at most | ITL p50 / p99 ms | responses/token | "
+                  "client CPU % max | window s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for run in runs:
             lines.append(f"| {run.name} | {run.model} | {run.concurrency} | {_fmt(run.rps)} | {_fmt(run.tps)} | "
                          f"{_fmt(run.tokens, 1)} | {run.pair('latency_ms')} | {run.pair('ttft_ms')} | "
-                         f"{run.pair('itl_ms', 3)} | {_fmt(run.data.get('responses_per_token'), 3)} | "
+                         f"{run.engine_ttft()} | {run.pair('itl_ms', 3)} | {_fmt(run.data.get('responses_per_token'), 3)} | "
                          f"{_fmt(run.data.get('client_cpu_percent_max'), 0)} | {_fmt(run.data.get('window_s'), 1)} |")
     failed = result.get("failed_runs", [])
     if failed:
@@ -248,6 +285,13 @@ class RunMetricsView:
     def pair(self, key: str, digits: int = 1) -> str:
         value = self.data.get(key)
         return "-" if not value else f"{_fmt(value['p50'], digits)} / {_fmt(value['p99'], digits)}"
+
+    def engine_ttft(self) -> str:
+        value = self.data.get("engine_ttft_ms")
+        if not value:
+            return "-"
+        return " / ".join("> 30 s" if value[key] is None else _fmt(value[key], 0) for key in ("p50_at_most",
+                                                                                             "p99_at_most"))
 
 
 def plot(path: Path, runs: Sequence[dict[str, Any]], title: str) -> bool:

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import serving_bench  # noqa: E402  (bench/'s scripts import each other by bare name: after the sys.path entry)
-from serving_report import GOALS, goal_rows, markdown, run_metrics  # noqa: E402  (as above)
+from serving_report import (GOALS, bucket_quantiles, goal_rows, histogram_buckets, markdown,  # noqa: E402  (as above)
+                            run_metrics)
 
 MS = 1_000_000  # ns
 
@@ -59,6 +60,27 @@ def test_core_tokens_come_from_sequence_length_and_short_answers_are_counted() -
     assert run.tokens_per_request == 3 and run.responses_per_token == 1.0 and run.ttft_ms.p50 == 10
     plain = run_metrics("not_streamed", "ensemble", 1, False, 5.0, _experiment([short]))
     assert plain.tokens_per_request == 2 and plain.token_count_mismatches == 1 and plain.ttft_ms is None
+
+
+def test_the_engine_ttft_comes_from_its_histogram_between_two_scrapes() -> None:
+    def scrape(counts: list[int]) -> str:  # two model instances, as Triton writes them
+        lines = ["# HELP gpt_time_to_first_token_seconds x", "# TYPE gpt_time_to_first_token_seconds histogram"]
+        for instance in ("a", "b"):
+            for le, count in zip(("0.01", "0.1", "1", "+Inf"), counts):
+                lines.append(f'gpt_time_to_first_token_seconds_bucket{{model="m",instance="{instance}",le="{le}"}} '
+                             f"{count}")
+            lines.append(f'gpt_time_to_first_token_seconds_count{{model="m",instance="{instance}"}} {counts[-1]}')
+        lines.append('gpt_inter_token_latency_seconds_bucket{model="m",le="0.01"} 99')
+        return "\n".join(lines)
+
+    before = histogram_buckets(scrape([1, 2, 2, 2]), "gpt_time_to_first_token_seconds")
+    assert before == {0.01: 2, 0.1: 4, 1.0: 4, math.inf: 4}
+    # 100 more per instance: 90 under 10 ms, 8 under 100 ms, 1 under 1 s, 1 slower.
+    after = histogram_buckets(scrape([91, 100, 101, 102]), "gpt_time_to_first_token_seconds")
+    assert bucket_quantiles(before, after) == {"count": 200, "p50_at_most": 10.0, "p99_at_most": 1000.0}
+    assert bucket_quantiles(after, after) is None  # nothing observed between the scrapes
+    slow = histogram_buckets(scrape([0, 0, 0, 50]), "gpt_time_to_first_token_seconds")
+    assert bucket_quantiles({}, slow) == {"count": 100, "p50_at_most": None, "p99_at_most": None}  # past the last
 
 
 def test_goals_are_judged_and_unmeasured_ones_stay_open() -> None:
@@ -183,6 +205,8 @@ def test_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
             assert run["responses_per_request"] == 1 and run["ttft_ms"] is None
         else:
             assert 0 < run["ttft_ms"]["p50"] <= run["latency_ms"]["p50"] and run["itl_ms"]["p50"] > 0
+        # Every request reaches the engine, whose own TTFT histogram counts it (warm-up windows too).
+        assert run["engine_ttft_ms"]["count"] >= run["requests"], run
     assert result["mixed_tokens_per_s_c64"] == runs[("mixed_not_streamed", 64)]["output_tokens_per_s"]
     assert result["mixed_ttft_p99_ms"] == runs[("mixed_streamed", 64)]["ttft_ms"]["p99"]
     assert 0 < result["responses_per_token_c1"] <= 1.0 + 1e-9
