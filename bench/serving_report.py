@@ -260,7 +260,8 @@ def markdown(result: dict[str, Any]) -> str:
         for run in runs:
             lines.append(f"| {run.name} | {run.model} | {run.concurrency} | {_fmt(run.rps)} | {_fmt(run.tps)} | "
                          f"{_fmt(run.tokens, 1)} | {run.pair('latency_ms')} | {run.pair('ttft_ms')} | "
-                         f"{run.engine_ttft()} | {run.pair('itl_ms', 3)} | {_fmt(run.data.get('responses_per_token'), 3)} | "
+                         f"{run.engine_ttft()} | {run.pair('itl_ms', 3)} | "
+                         f"{_fmt(run.data.get('responses_per_token'), 3)} | "
                          f"{_fmt(run.data.get('client_cpu_percent_max'), 0)} | {_fmt(run.data.get('window_s'), 1)} |")
     failed = result.get("failed_runs", [])
     if failed:
