@@ -55,7 +55,7 @@ from builder.serve import ServerError, TritonServer
 from client.perf import (DEFAULT_TOKENIZER_DIR, find_perf_analyzer, load_tokenizer, model_info,
                          parse_concurrency, perf_analyzer_env, perf_analyzer_version, token_length_prompts)
 from client.perf_report import load_export, read_csv_row
-from serving_report import (ENGINE_TTFT, GOALS, bucket_quantiles, goal_rows, histogram_buckets, markdown, plot,
+from serving_report import (ENGINE_HISTOGRAMS, GOALS, bucket_quantiles, goal_rows, histogram_buckets, markdown, plot,
                             run_metrics)
 
 log = gpu_bench.log
@@ -210,7 +210,7 @@ class Runner:
     max_trials: int
     server_pid: int | None
     max_threads: int | None = None  # perf_analyzer --max-threads (its default: 16 in concurrency mode)
-    metrics_url: str | None = None  # Triton's /metrics: the engine's TTFT histogram before and after each run
+    metrics_url: str | None = None  # Triton's /metrics: the engine's histograms before and after each run
     binary: Path = dataclasses.field(default_factory=find_perf_analyzer)
     env: dict[str, str] = dataclasses.field(default_factory=perf_analyzer_env)
 
@@ -253,7 +253,7 @@ class Runner:
             out.write(f"\n$ {' '.join(command)}\n")
             out.flush()
             started = time.perf_counter()
-            ttft_before = self._engine_ttft()
+            histograms_before = self._engine_histograms()
             process = subprocess.Popen(command, env=self.env, stdout=out, stderr=subprocess.STDOUT)
             server = CpuSampler(self.server_pid) if self.server_pid else None
             with CpuSampler(process.pid) as client:
@@ -283,27 +283,29 @@ class Runner:
         rps = float(read_csv_row(csv_path)["Inferences/Second"])
         metrics = run_metrics(name, model, concurrency, streamed, rps, experiment).to_json()
         time.sleep(METRICS_FLUSH_S)
-        ttft_after = self._engine_ttft()
+        histograms_after = self._engine_histograms()
         metrics.update(client_cpu_percent_max=client.max, client_cpu_percent_mean=client.mean,
                        server_cpu_percent_mean=server.mean if server else None, window_s=seconds,
-                       wall_s=time.perf_counter() - started,
-                       engine_ttft_ms=bucket_quantiles(ttft_before, ttft_after) if ttft_after else None)
+                       wall_s=time.perf_counter() - started)
+        for key, after in histograms_after.items():
+            metrics[key] = bucket_quantiles(histograms_before.get(key, {}), after) if after else None
         log(f"  {metrics['output_tokens_per_s']:.0f} tok/s, {rps:.1f} req/s, "
             f"responses/token {metrics['responses_per_token'] or 0:.3f}, client CPU max {client.max or 0:.0f} %"
             )
         return metrics
 
 
-    def _engine_ttft(self) -> dict[float, float]:
-        """The engine's TTFT histogram now ({} without a metrics URL or when the scrape fails)."""
+    def _engine_histograms(self) -> dict[str, dict[float, float]]:
+        """The engine's histograms now, by run key ({} without a metrics URL or when the scrape fails)."""
         if not self.metrics_url:
             return {}
         try:
             with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
-                return histogram_buckets(response.read().decode(), ENGINE_TTFT)
+                text = response.read().decode()
         except OSError as err:
             log(f"  could not read {self.metrics_url}: {err}")
             return {}
+        return {key: histogram_buckets(text, name) for key, name in ENGINE_HISTOGRAMS.items()}
 
 
 # -- batch 1, from this process ----------------------------------------------------------------------------------------

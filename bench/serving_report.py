@@ -55,15 +55,18 @@ class RunMetrics:
     client_cpu_percent_max: float | None = None
     client_cpu_percent_mean: float | None = None
     server_cpu_percent_mean: float | None = None
-    # The engine's own time to first token (its arrival in the engine -> first token; no client, no Python hops),
-    # from its histogram over the run (bucket_quantiles): where a TTFT tail is made.
+    # The engine's own time to first token (its arrival in the engine -> first token; no client, no Python hops) and
+    # its wait for admission, from its histograms over the run (bucket_quantiles): where a TTFT tail is made.
     engine_ttft_ms: dict[str, float | None] | None = None
+    engine_queue_ms: dict[str, float | None] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-ENGINE_TTFT = "gpt_time_to_first_token_seconds"  # the torch engine's histogram (builder/runtime/metrics.py)
+# The torch engine's histograms (builder/runtime/metrics.py) a run records: its time to first token and the part of
+# it spent waiting for admission.
+ENGINE_HISTOGRAMS = {"engine_ttft_ms": "gpt_time_to_first_token_seconds", "engine_queue_ms": "gpt_queue_time_seconds"}
 
 
 def histogram_buckets(text: str, name: str) -> dict[float, float]:
@@ -254,13 +257,14 @@ def markdown(result: dict[str, Any]) -> str:
     if runs:
         lines += ["", "## Runs (perf_analyzer)", "",
                   "| run | model | concurrency | req/s | output tok/s | tok/request | latency p50 / p99 ms | "
-                  "TTFT p50 / p99 ms | engine TTFT p50 / p99 ms, at most | ITL p50 / p99 ms | responses/token | "
-                  "client CPU % max | window s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "TTFT p50 / p99 ms | engine TTFT p50 / p99 ms, at most | engine queue p50 / p99 ms, at most | "
+                  "ITL p50 / p99 ms | responses/token | client CPU % max | window s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for run in runs:
             lines.append(f"| {run.name} | {run.model} | {run.concurrency} | {_fmt(run.rps)} | {_fmt(run.tps)} | "
                          f"{_fmt(run.tokens, 1)} | {run.pair('latency_ms')} | {run.pair('ttft_ms')} | "
-                         f"{run.engine_ttft()} | {run.pair('itl_ms', 3)} | "
+                         f"{run.at_most('engine_ttft_ms')} | {run.at_most('engine_queue_ms')} | "
+                         f"{run.pair('itl_ms', 3)} | "
                          f"{_fmt(run.data.get('responses_per_token'), 3)} | "
                          f"{_fmt(run.data.get('client_cpu_percent_max'), 0)} | {_fmt(run.data.get('window_s'), 1)} |")
     failed = result.get("failed_runs", [])
@@ -287,8 +291,8 @@ class RunMetricsView:
         value = self.data.get(key)
         return "-" if not value else f"{_fmt(value['p50'], digits)} / {_fmt(value['p99'], digits)}"
 
-    def engine_ttft(self) -> str:
-        value = self.data.get("engine_ttft_ms")
+    def at_most(self, key: str) -> str:
+        value = self.data.get(key)
         if not value:
             return "-"
         return " / ".join("> 30 s" if value[key] is None else _fmt(value[key], 0) for key in ("p50_at_most",

@@ -81,6 +81,7 @@ def test_recording_makes_no_triton_call_and_flush_sends_the_aggregate(metrics: E
         metrics.add_generated_tokens(3)
     metrics.add_prompt_tokens(17)
     metrics.observe_time_to_first_token(0.2)
+    metrics.observe_queue_time(0.05)
     for step in range(5):
         metrics.observe_inter_token(0.01 * (step + 1))
     assert FakePbUtils.calls == 0
@@ -89,8 +90,9 @@ def test_recording_makes_no_triton_call_and_flush_sends_the_aggregate(metrics: E
     assert (metric("gpt_kv_slots_in_use").value, metric("gpt_kv_slots_total").value) == (3, 8)
     assert (metric("gpt_requests_waiting").value, metric("gpt_requests_running").value) == (2, 3)
     assert metric("gpt_time_to_first_token_seconds").observed == [0.2]
+    assert metric("gpt_queue_time_seconds").observed == [0.05]
     assert metric("gpt_inter_token_latency_seconds").observed == pytest.approx([0.01, 0.02, 0.03, 0.04, 0.05])
-    assert FakePbUtils.calls == 4 + 2 + 1 + 5  # gauges, one increment per counter, observations
+    assert FakePbUtils.calls == 4 + 2 + 1 + 1 + 5  # gauges, one increment per counter, observations
     calls = FakePbUtils.calls
     metrics.flush()  # nothing changed: nothing sent
     assert FakePbUtils.calls == calls

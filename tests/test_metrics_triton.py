@@ -179,4 +179,7 @@ def test_the_torch_core_reports_engine_metrics(tmp_path: Path, streaming: bool) 
         if streaming:  # latencies come from the in-flight scheduler's steps; the static path has none
             assert after["gpt_time_to_first_token_seconds_count"] == 1
             assert 29 <= after["gpt_inter_token_latency_seconds_count"] <= 30
+            # Its wait for admission, a part of its time to first token.
+            assert after["gpt_queue_time_seconds_count"] == 1
+            assert 0 <= after["gpt_queue_time_seconds_sum"] <= after["gpt_time_to_first_token_seconds_sum"]
         assert after["gpt_requests_running"] == 0 and after["gpt_kv_slots_in_use"] == 0

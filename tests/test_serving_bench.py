@@ -205,8 +205,9 @@ def test_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
             assert run["responses_per_request"] == 1 and run["ttft_ms"] is None
         else:
             assert 0 < run["ttft_ms"]["p50"] <= run["latency_ms"]["p50"] and run["itl_ms"]["p50"] > 0
-        # Every request reaches the engine, whose own TTFT histogram counts it (warm-up windows too).
+        # Every request reaches the engine, whose own histograms count it (warm-up windows too).
         assert run["engine_ttft_ms"]["count"] >= run["requests"], run
+        assert run["engine_queue_ms"]["count"] == run["engine_ttft_ms"]["count"], run
     assert result["mixed_tokens_per_s_c64"] == runs[("mixed_not_streamed", 64)]["output_tokens_per_s"]
     assert result["mixed_ttft_p99_ms"] == runs[("mixed_streamed", 64)]["ttft_ms"]["p99"]
     assert 0 < result["responses_per_token_c1"] <= 1.0 + 1e-9

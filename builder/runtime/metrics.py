@@ -7,6 +7,7 @@ Families (labels `model`, `instance`):
     gpt_prompt_tokens_total                         counter: prompt tokens admitted
     gpt_generated_tokens_total                      counter: tokens generated
     gpt_time_to_first_token_seconds                 histogram: arrival -> first generated token, per request
+    gpt_queue_time_seconds                          histogram: arrival -> admission (first prompt chunk scheduled)
     gpt_inter_token_latency_seconds                 histogram: time between decode steps
 
 Triton 2.51's Python backend has histograms (`pb_utils.MetricFamily.HISTOGRAM`, buckets given per metric; r24.10).
@@ -44,6 +45,10 @@ COUNTERS = {
 HISTOGRAMS = {
     "ttft": ("gpt_time_to_first_token_seconds", "Seconds from a request's arrival to its first generated token",
              TTFT_BUCKETS_S),
+    # In-flight batching: the part of the time to first token a request waits for admission (the rest is its prefill
+    # and the step that selects its first token).
+    "queue": ("gpt_queue_time_seconds", "Seconds from a request's arrival to its admission (its first prompt chunk "
+                                        "scheduled)", TTFT_BUCKETS_S),
     "itl": ("gpt_inter_token_latency_seconds", "Seconds between decode steps (each running request's inter-token "
                                                "latency)", ITL_BUCKETS_S),
 }
@@ -86,6 +91,9 @@ class MetricsRecorder:
 
     def observe_time_to_first_token(self, seconds: float) -> None:
         self._observe("ttft", seconds)
+
+    def observe_queue_time(self, seconds: float) -> None:
+        self._observe("queue", seconds)
 
     def observe_inter_token(self, seconds: float) -> None:
         self._observe("itl", seconds)

@@ -961,14 +961,13 @@ class InflightScheduler:
                 if self._occupied or admitted:
                     break  # it waits for the running rows to drain
                 self._waiting.popleft()
+                self._admitted(request)
                 self._run_chunked(request)
                 continue
             if len(request.rows) > len(self._free):
                 break
             self._waiting.popleft()
-            self.stats.max_admission_wait_steps = max(self.stats.max_admission_wait_steps,
-                                                      self.stats.steps - request.queued_at_step)
-            request.admitted_at = time.perf_counter()
+            self._admitted(request)
             request.idle_admission = not self._occupied and not admitted
             for row in request.rows:
                 row.slot = heapq.heappop(self._free)
@@ -991,6 +990,13 @@ class InflightScheduler:
                                f"slots {[row.slot for row in rows]}")
         if work:
             self._start(work)
+
+    def _admitted(self, request: _Request) -> None:
+        request.admitted_at = time.perf_counter()
+        self.stats.max_admission_wait_steps = max(self.stats.max_admission_wait_steps,
+                                                  self.stats.steps - request.queued_at_step)
+        if self.metrics is not None:
+            self.metrics.observe_queue_time(request.admitted_at - request.submitted_at)
 
     def _start(self, work: list[tuple[_Row, int]]) -> None:
         """Prefill this step's chunks; rows whose prompts are now cached add their first-token logits to the batch's."""
