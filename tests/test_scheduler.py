@@ -807,15 +807,19 @@ def test_cancel_stops_a_running_and_a_waiting_request(tiny: TinyGpt, prompts, lo
     running, waiting = TokenSink(name="running"), TokenSink(name="waiting")
     long_sequence, long_end_id = long_run
 
-    def cancel_both() -> None:
-        scheduler.cancel(running)
-        scheduler.cancel(waiting)
+    handles, submitted = [], threading.Event()
+
+    def cancel_both() -> None:  # on the loop's thread, which waits for both handles (a toy step is ~0.1 ms)
+        assert submitted.wait(HOOK_WAIT_S), "the requests were never submitted"
+        for handle in handles:
+            scheduler.cancel(handle)
 
     with InflightScheduler(engine, after_pass=lambda: None, on_step=AtDecodeStep(3, cancel_both)) as scheduler:
-        scheduler.submit([request(prompts[0], 100, end_id=long_end_id)], running, stream=True)
-        scheduler.submit([request(prompts[1], 5)], waiting)
+        handles.append(scheduler.submit([request(prompts[0], 100, end_id=long_end_id)], running, stream=True))
+        handles.append(scheduler.submit([request(prompts[1], 5)], waiting))
+        submitted.set()
         stopped, dropped = running.result()[0], waiting.result()[0]
-        scheduler.cancel(running)  # closed already: nothing happens
+        scheduler.cancel(handles[0])  # closed already: nothing happens
     generated = len(tokens(stopped)) - len(prompts[0])
     assert stopped.cancelled and 3 <= generated <= 5  # applied at the next step boundary
     assert tokens(stopped) == long_sequence[:len(prompts[0]) + generated]

@@ -307,7 +307,7 @@ def _stop_local(scheduler: InflightScheduler) -> str:
 class RequestQueue(Protocol):
     """Where StreamingCore queues requests: the in-flight scheduler here, or the engine process's handle."""
 
-    def submit(self, rows: Sequence[GenerationRequest], sink: _Sink, *, stream: bool = False) -> None: ...
+    def submit(self, rows: Sequence[GenerationRequest], sink: _Sink, *, stream: bool = False) -> object: ...
 
 
 class StreamingCore:

@@ -40,10 +40,11 @@ import numpy as np
 
 from .core_io import EngineLimits, GenerationRequest, RowOutput
 from .metrics import MetricsRecorder
-from .scheduler import GIL_SWITCH_INTERVAL_S, MAX_CANCEL_POLLS_PER_S, PollBudget, check_rows, poll_cancelled
+from .scheduler import MAX_CANCEL_POLLS_PER_S, PollBudget, check_rows, poll_cancelled, shorten_gil_switch_interval
 
 if TYPE_CHECKING:
     from .core_adapter import CoreSettings, _Sink
+    from .scheduler import _Request
     from .metrics import EngineMetrics
 
 STARTUP_TIMEOUT_S = 900.0  # loading and capturing the graphs of a large model takes minutes
@@ -114,7 +115,8 @@ class _ForwardSink:
 
     def __init__(self, rid: int, outbox: _Outbox, sinks: dict[int, _ForwardSink]) -> None:
         self.rid, self.outbox, self.sinks = rid, outbox, sinks
-        sinks[rid] = self  # for the stub's cancel message, until the final response
+        self.request: _Request | None = None  # the scheduler's handle (submit's), for the stub's cancel message
+        sinks[rid] = self  # until the final response
 
     def extend(self, row: int, start: int, tokens: np.ndarray) -> None:
         self.outbox.extend(self.rid, row, start, tokens)
@@ -165,16 +167,17 @@ def serve_engine(conn: Connection) -> None:
                 break
             if message[0] == "submit":
                 _, rid, rows, stream = message
+                sink = _ForwardSink(rid, outbox, sinks)
                 try:
-                    scheduler.submit(rows, _ForwardSink(rid, outbox, sinks), stream=stream)
+                    sink.request = scheduler.submit(rows, sink, stream=stream)
                 except (RequestError, ResourceError, RuntimeError) as err:
                     sinks.pop(rid, None)
                     outbox.put(("reject", rid, str(err)))
                     outbox.flush()
             elif message[0] == "cancel":
-                sink = sinks.get(message[1])
-                if sink is not None:
-                    scheduler.cancel(sink)
+                cancelled = sinks.get(message[1])
+                if cancelled is not None and cancelled.request is not None:
+                    scheduler.cancel(cancelled.request)
             elif message[0] == "stop":
                 break
     finally:
@@ -244,8 +247,7 @@ class EngineProcess:
         self.log_info, self.log_verbose, self.on_exit = log_info, log_verbose, on_exit
         # The receiver and Triton's execute threads share this stub's GIL: at Python's default 5 ms switch interval a
         # request's parsing could wait that long per hand-over behind a busy receiver.
-        if sys.getswitchinterval() > GIL_SWITCH_INTERVAL_S:
-            sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+        shorten_gil_switch_interval()
         self.metrics: EngineMetrics | None = None
         ours, theirs = socket.socketpair()
         self.process = start_module("engine_process", str(theirs.fileno()), pass_fds=(theirs.fileno(),))

@@ -696,6 +696,13 @@ class PassSender(_Delivery):
         self.timeline.sender_busy_ms += (time.perf_counter() - started) * 1e3
 
 
+def shorten_gil_switch_interval() -> None:
+    """Threads of this process hand the GIL over at least every GIL_SWITCH_INTERVAL_S, not Python's default 5 ms:
+    a thread waiting for it (the loop after each torch call, the stub's request parsing) waits at most that long."""
+    if sys.getswitchinterval() > GIL_SWITCH_INTERVAL_S:
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+
+
 def check_rows(rows: Sequence[GenerationRequest], limits: EngineLimits) -> None:
     """The rows of one request can run (`InflightScheduler.submit`'s checks): raises RequestError or ResourceError."""
     if not rows:
@@ -766,7 +773,6 @@ class InflightScheduler:
         self._wake = threading.Condition(self._lock)
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._by_sink: dict[int, _Request] = {}  # id(sink) -> its request, until closed (`cancel`)
         self._sender: _Sender | PassSender = (
             _Sender(self._request_cancel, cancel_poll_s, self.stats.timeline) if after_pass is None
             else PassSender(self._request_cancel, self.stats.timeline, after_pass))
@@ -775,8 +781,7 @@ class InflightScheduler:
     def start(self) -> InflightScheduler:
         if self._thread is not None:
             raise RuntimeError("the scheduler was already started")
-        if sys.getswitchinterval() > GIL_SWITCH_INTERVAL_S:
-            sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+        shorten_gil_switch_interval()
         self._sender.start()
         self._thread = threading.Thread(target=self._serve, name="inflight-scheduler", daemon=True)
         self._thread.start()
@@ -797,9 +802,10 @@ class InflightScheduler:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def submit(self, rows: Sequence[GenerationRequest], sink: ResponseSink, *, stream: bool = False) -> None:
-        """Queue the rows of one request. Raises RequestError or ResourceError (and queues nothing) when they can
-        never run; rows that fit wait for free slots. stream: send `sink.update` after every step."""
+    def submit(self, rows: Sequence[GenerationRequest], sink: ResponseSink, *, stream: bool = False) -> _Request:
+        """Queue the rows of one request; returns its handle for `cancel`. Raises RequestError or ResourceError (and
+        queues nothing) when they can never run; rows that fit wait for free slots. stream: send `sink.update` after
+        every step."""
         check_rows(rows, self.engine.limits)
         request = _Request(sink=sink, stream=stream, submitted_at=time.perf_counter())
         want_log_probs = any(row.return_log_probs for row in rows)
@@ -808,24 +814,21 @@ class InflightScheduler:
             if self._stopping or self._thread is None or not self._thread.is_alive():
                 raise RuntimeError("the in-flight scheduler is not running")
             self._sender.track(request)
-            self._by_sink[id(sink)] = request
             self._inbox.append(request)
             self._wake.notify()
+        return request
 
     @property
     def sender_stats(self) -> tuple[int, int]:
         """(streaming updates sent, finals handed over): coalescing shows as fewer updates than tokens."""
         return self._sender.updates_sent, self.stats.finished_requests + self.stats.failed_requests
 
-    def cancel(self, sink: ResponseSink) -> None:
-        """Cancel the request submitted with `sink` at the next step boundary (nothing once it closed)."""
-        with self._lock:
-            request = self._by_sink.get(id(sink))
-        if request is not None:
-            self._request_cancel(request)
+    def cancel(self, request: _Request) -> None:
+        """Cancel a request `submit` returned at the next step boundary (nothing once it closed)."""
+        self._request_cancel(request)
 
     def _request_cancel(self, request: _Request) -> None:
-        """From the sender thread: cancel at the next step boundary."""
+        """From the sender thread (or `cancel`): cancel at the next step boundary."""
         with self._lock:
             self._cancels.append(request)
             self._wake.notify()
@@ -1206,8 +1209,6 @@ class InflightScheduler:
         if request.closed:
             return
         request.closed = True
-        with self._lock:
-            self._by_sink.pop(id(request.sink), None)
         if request in self._live:
             self._live.remove(request)
         if error is not None:
