@@ -12,6 +12,8 @@
 #                                 # AB_VAR=<environment variable> AB_VALUES="<value> ...": batch 1, 64/256 streams,
 #                                 # mixed (AB_BENCH_ARGS replaces serving_bench.py's options, BENCH_TIMEOUT its limit)
 #   bash bench/gpu_run.sh process # the same for the engine's placement (GPT_TRITON_ENGINE_PROCESS=0, then 1)
+#   bash bench/gpu_run.sh trace   # where the first response's time goes under load: 64 streams and the mixed
+#                                 # workload with Triton's trace of one request in TRACE_RATE (10), + their exports
 #   bash bench/gpu_run.sh kernels # CUDA tests + decode-step kernel choices at batch 1/8/64/256 with a batch-1
 #                                 # kernel profile, and the attention launch sweep
 # The server log (tail) comes back too: the in-flight scheduler logs its timeline every 10 s of work.
@@ -28,7 +30,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu
 start=$(date +%s)
 # CUDA tests (transformers imports only under the host's own Python: README.md, "On a GPU host").
 [ "$mode" != diag ] && [ "$mode" != bench ] && [ "$mode" != kernels ] && [ "$mode" != host ] \
-  && [ "$mode" != serving ] && [ "$mode" != switch ] && [ "$mode" != process ] && timeout 240 "$GPU_HOST_PYTHON" -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_scheduler.py \
+  && [ "$mode" != serving ] && [ "$mode" != switch ] && [ "$mode" != trace ] && [ "$mode" != process ] && timeout 240 "$GPU_HOST_PYTHON" -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_scheduler.py \
   >> "$OUT/cuda_tests.txt" 2>&1
 echo "cuda tests rc=$? in $(( $(date +%s) - start )) s" >> "$OUT/cuda_tests.txt"
 if [ "$mode" = kernels ]; then
@@ -66,6 +68,11 @@ elif [ "$mode" = process ] || [ "$mode" = ab ]; then
     echo "$AB_VAR=$v: rc=$? at $(( $(date +%s) - start )) s" >> "$OUT/bench.log"
     grep -a "in-flight scheduler\|engine process" "$WORK/raw/server.log" | tail -40 > "$OUT/timeline_${AB_VAR}_$v.txt"
   done
+elif [ "$mode" = trace ]; then
+  timeout ${BENCH_TIMEOUT:-400} python bench/serving_bench.py --out "$OUT/serving.json" --work "$WORK" \
+    --levels 64 --skip-core --skip-bs1 --skip-not-streamed --seconds 3 --mixed-seconds 6 --max-trials 4 \
+    --trace-rate "${TRACE_RATE:-10}" > "$OUT/bench.log" 2>&1
+  cp "$WORK/raw/mixed_streamed_c64.export.json" "$WORK/raw/streamed_c64.export.json" "$OUT/" 2>/dev/null
 elif [ "$mode" = switch ]; then  # the loop's GIL switch interval: streamed runs only, at $GPT_TRITON_SWITCH_INTERVAL_US
   timeout 300 python bench/serving_bench.py --out "$OUT/serving.json" --work "$WORK" \
     --levels 1,64,256 --skip-core --skip-not-streamed --skip-mixed --seconds 3 --bs1-reps 20 > "$OUT/bench.log" 2>&1

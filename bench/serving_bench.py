@@ -32,6 +32,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -48,13 +49,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import gpu_bench  # bench/gpu_bench.py: the gRPC batch-1 client and the weight preparation steps
+import triton_trace  # bench/triton_trace.py: Triton's request trace read into the first response's steps
 from builder.render import render_repository
 from builder.render_config import RenderConfig
 from builder.runtime.model_config import GptModelConfig
 from builder.serve import ServerError, TritonServer
 from client.perf import (DEFAULT_TOKENIZER_DIR, find_perf_analyzer, load_tokenizer, model_info,
                          parse_concurrency, perf_analyzer_env, perf_analyzer_version, token_length_prompts)
-from client.perf_report import load_export, read_csv_row
+from client.perf_report import STABLE_WINDOWS, load_export, read_csv_row
 from serving_report import (ENGINE_HISTOGRAMS, GOALS, bucket_quantiles, goal_rows, histogram_buckets, markdown, plot,
                             run_metrics)
 
@@ -71,6 +73,9 @@ MAX_WINDOW_S = 60.0
 # The engine process forwards its metrics every 0.5 s (engine_process.py), the stub hands them to Triton every 1 s
 # (metrics.py): a run's last observations are in /metrics this long after it.
 METRICS_FLUSH_S = 1.6
+# --trace-rate: Triton writes its trace file every this many traces (a streamed request is one trace per response):
+# the last few of a run may be read only after the next run, or never; the run's stable windows end before them.
+TRACE_LOG_EVERY = 10
 
 
 class BenchError(RuntimeError):
@@ -211,6 +216,8 @@ class Runner:
     server_pid: int | None
     max_threads: int | None = None  # perf_analyzer --max-threads (its default: 16 in concurrency mode)
     metrics_url: str | None = None  # Triton's /metrics: the engine's histograms before and after each run
+    trace_folder: Path | None = None  # Triton's trace files (--trace-rate): the first response's steps per run
+    core: str = ""  # the core model's name in the trace
     binary: Path = dataclasses.field(default_factory=find_perf_analyzer)
     env: dict[str, str] = dataclasses.field(default_factory=perf_analyzer_env)
 
@@ -289,11 +296,29 @@ class Runner:
                        wall_s=time.perf_counter() - started)
         for key, after in histograms_after.items():
             metrics[key] = bucket_quantiles(histograms_before.get(key, {}), after) if after else None
+        if self.trace_folder is not None and streamed and model == BENCH_TEXT:
+            metrics["first_response_steps"] = self._traced_steps(experiment)
         log(f"  {metrics['output_tokens_per_s']:.0f} tok/s, {rps:.1f} req/s, "
             f"responses/token {metrics['responses_per_token'] or 0:.3f}, client CPU max {client.max or 0:.0f} %"
             )
         return metrics
 
+
+    def _traced_steps(self, experiment: dict[str, Any]) -> dict[str, Any] | None:
+        """The traced ensemble requests that arrived inside the run's stable windows: each step of their first
+        response (triton_trace.step_percentiles), or None when none was traced."""
+        assert self.trace_folder is not None
+        bounds = experiment.get("window_boundaries") or []
+        if len(bounds) < STABLE_WINDOWS + 1:
+            return None
+        start, end = int(bounds[-(STABLE_WINDOWS + 1)]), int(bounds[-1])
+        if start > 10**17:  # perf_analyzer's clock is the wall clock; the trace's is the server's steady clock
+            offset = time.time_ns() - time.monotonic_ns()
+            start, end = start - offset, end - offset
+        models, events = triton_trace.read_traces(self.trace_folder)
+        chosen = [stages for arrived, stages in triton_trace.first_responses(models, events, self.core)
+                  if start <= arrived < end]
+        return triton_trace.step_percentiles(chosen) if chosen else None
 
     def _engine_histograms(self) -> dict[str, dict[float, float]]:
         """The engine's histograms now, by run key ({} without a metrics URL or when the scrape fails)."""
@@ -618,6 +643,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mixed-entries", type=int, default=1024, help="entries of the seeded input-data file")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--merge", action="store_true", help="add to --out's existing results")
+    parser.add_argument("--trace-rate", type=int, default=0,
+                        help="trace one request in N with Triton's request trace and record, for every streamed "
+                             "ensemble run, each step of the traced first responses (percentiles, and the slowest "
+                             "5 %%'s mean): where a TTFT tail is made [0: no trace; tracing costs some throughput]")
     for stage, what in (("bs1", "batch-1 timings"), ("streamed", "streamed sweep"),
                         ("not-streamed", "not-streamed sweep"), ("core", "core-model runs"),
                         ("mixed", "mixed workload")):
@@ -663,8 +692,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     core = core_model_name(repo, args.ensemble)
     extra = bench_models(repo, args.ensemble, core, args.work / "bench_models")
     log(f"starting tritonserver on {repo} (+ {extra})")
+    trace_folder = raw / "trace" if args.trace_rate else None  # inside the private work folder: traces hold prompts
+    trace_args = []
+    if trace_folder is not None:
+        shutil.rmtree(trace_folder, ignore_errors=True)
+        trace_folder.mkdir(mode=0o700)
+        trace_args = triton_trace.server_args(trace_folder, rate=args.trace_rate, log_every=TRACE_LOG_EVERY)
     with TritonServer.on_free_ports(repo, startup_timeout_s=900,
-                                    extra_args=[f"--model-repository={extra}"]) as server:
+                                    extra_args=[f"--model-repository={extra}", *trace_args]) as server:
         url = server.grpc_url
         ensemble = model_info(url, "grpc", args.ensemble)
         if not ensemble.decoupled:
@@ -672,7 +707,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         core_inputs = model_info(url, "grpc", core).inputs
         runner = Runner(url=url, raw=raw, seconds=args.seconds, stability=args.stability,
                         max_trials=args.max_trials, server_pid=server.process.pid if server.process else None,
-                        max_threads=args.max_threads, metrics_url=server.metrics_url)
+                        max_threads=args.max_threads, metrics_url=server.metrics_url, trace_folder=trace_folder,
+                        core=core)
         def write(with_plot: bool = False) -> None:  # after every run; the plot after every stage
             write_outputs(args.out, result, args.mixed_clients, with_plot)
 

@@ -5,7 +5,8 @@ experiments. Definitions (every run goes through a gRPC stream: the repository i
 - tokens of a request: the largest `num_output_tokens` among its responses (the ensemble reports the cumulative
   count); for the core model (token ids, no such output) the request's own `request_output_len` input, which
   `min_length` pins. Requests are those SENT inside the last three measurement windows (the ones perf_analyzer found
-  stable), as client/perf_report.py does.
+  stable), less perf_analyzer's opening wave (every client's first request, all sent at once: recorded on its own,
+  `opening_ttft_ms`), as client/perf_report.py does.
 - output tokens/s = perf_analyzer's completed requests/s (CSV `Inferences/Second`) x mean tokens per request. For the
   mixed workload that mean is over the entries actually sent (perf_analyzer exports each request's inputs), i.e.
   the entries' lengths weighted by how often each was sent. `tokens_per_s_completed` (tokens of the requests whose
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from client.perf_report import STABLE_WINDOWS, Percentiles, stable_requests
+from client.perf_report import STABLE_WINDOWS, Percentiles, opening_wave, stable_requests
 
 NS_PER_MS = 1e6
 
@@ -59,6 +60,10 @@ class RunMetrics:
     # its wait for admission, from its histograms over the run (bucket_quantiles): where a TTFT tail is made.
     engine_ttft_ms: dict[str, float | None] | None = None
     engine_queue_ms: dict[str, float | None] | None = None
+    # perf_analyzer's opening wave (client/perf_report.opening_wave: every client's first request, all at once), left
+    # out of every other figure: its size and, streamed, its TTFT (what a burst of that many arrivals gets).
+    opening_requests: int = 0
+    opening_ttft_ms: Percentiles | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -153,9 +158,7 @@ def run_metrics(name: str, model: str, concurrency: int, streamed: bool, through
         tokens.append(produced)
         responses += len(stamps)
         latency.append((stamps[-1] - sent) / NS_PER_MS)
-        if counts is None:  # core model: every response of a stream is one step's token(s)
-            counts = list(range(1, len(stamps) + 1)) if streamed else [produced]
-        carrying = [(stamp, count) for stamp, count in zip(stamps, counts) if count > 0]
+        carrying = _carrying(request, counts, produced, streamed)
         first = carrying[0][0] if carrying else stamps[0]
         ttft.append((first - sent) / NS_PER_MS)
         if streamed and produced > 1 and len(carrying) > 1:
@@ -170,6 +173,8 @@ def run_metrics(name: str, model: str, concurrency: int, streamed: bool, through
                    if request.get("response_timestamps") and start <= int(request["response_timestamps"][-1]) < end)
         completed = done / ((end - start) / 1e9) if end > start else None
     mean_tokens = float(np.mean(tokens))
+    opening = [request for request in opening_wave(experiment) if request.get("response_timestamps")]
+    opening_ttft = [_first_token_ms(request, streamed) for request in opening]
     return RunMetrics(
         name=name, model=model, concurrency=concurrency, streamed=streamed, requests=len(requests),
         throughput_rps=throughput_rps, tokens_per_request=mean_tokens,
@@ -179,7 +184,24 @@ def run_metrics(name: str, model: str, concurrency: int, streamed: bool, through
         inter_response_ms=Percentiles.of(gaps) if streamed else None,
         responses_per_request=responses / len(requests),
         responses_per_token=responses / sum(tokens) if sum(tokens) else None,
-        token_count_mismatches=mismatches)
+        token_count_mismatches=mismatches, opening_requests=len(opening),
+        opening_ttft_ms=Percentiles.of(opening_ttft) if streamed and opening_ttft else None)
+
+
+def _carrying(request: dict[str, Any], counts: list[int] | None, produced: int,
+              streamed: bool) -> list[tuple[int, int]]:
+    """(timestamp, cumulative tokens) of the responses that carry tokens."""
+    stamps = [int(s) for s in request["response_timestamps"]]
+    if counts is None:  # core model: every response of a stream is one step's token(s)
+        counts = list(range(1, len(stamps) + 1)) if streamed else [produced]
+    return [(stamp, count) for stamp, count in zip(stamps, counts) if count > 0]
+
+
+def _first_token_ms(request: dict[str, Any], streamed: bool) -> float:
+    counts = _token_counts(request)
+    carrying = _carrying(request, counts, max(counts) if counts else _asked_tokens(request) or 0, streamed)
+    first = carrying[0][0] if carrying else int(request["response_timestamps"][0])
+    return (first - int(request["timestamp"])) / NS_PER_MS
 
 
 def _all_tokens(experiment: dict[str, Any]) -> list[int]:
@@ -258,15 +280,31 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", "## Runs (perf_analyzer)", "",
                   "| run | model | concurrency | req/s | output tok/s | tok/request | latency p50 / p99 ms | "
                   "TTFT p50 / p99 ms | engine TTFT p50 / p99 ms, at most | engine queue p50 / p99 ms, at most | "
-                  "ITL p50 / p99 ms | responses/token | client CPU % max | window s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "ITL p50 / p99 ms | responses/token | client CPU % max | window s | opening wave: requests, "
+                  "TTFT p50 / p99 ms |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for run in runs:
             lines.append(f"| {run.name} | {run.model} | {run.concurrency} | {_fmt(run.rps)} | {_fmt(run.tps)} | "
                          f"{_fmt(run.tokens, 1)} | {run.pair('latency_ms')} | {run.pair('ttft_ms')} | "
                          f"{run.at_most('engine_ttft_ms')} | {run.at_most('engine_queue_ms')} | "
                          f"{run.pair('itl_ms', 3)} | "
                          f"{_fmt(run.data.get('responses_per_token'), 3)} | "
-                         f"{_fmt(run.data.get('client_cpu_percent_max'), 0)} | {_fmt(run.data.get('window_s'), 1)} |")
+                         f"{_fmt(run.data.get('client_cpu_percent_max'), 0)} | {_fmt(run.data.get('window_s'), 1)} | "
+                         f"{run.data.get('opening_requests', 0)}, {run.pair('opening_ttft_ms')} |")
+    for run in result.get("runs", []):
+        traced = run.get("first_response_steps")
+        if not traced:
+            continue
+        total = traced["first_response_ms"]
+        lines += ["", f"## First response, step by step: {run['name']} at {run['concurrency']} (Triton's trace, "
+                      f"{traced['requests']} sampled requests of the stable windows)", "",
+                  f"Whole first response p50 {_fmt(total['p50'], 1)} / p90 {_fmt(total['p90'], 1)} / p99 "
+                  f"{_fmt(total['p99'], 1)} ms; the slowest {traced['slowest_share']:.0%}: "
+                  f"{_fmt(total['mean_of_slowest'], 1)} ms on average, made of:", "",
+                  "| step (ms from the previous stage to this one) | p50 | p90 | p99 | mean of the slowest |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {label} | {_fmt(step['p50'], 2)} | {_fmt(step['p90'], 2)} | {_fmt(step['p99'], 2)} | "
+                  f"{_fmt(step['mean_of_slowest'], 2)} |" for label, step in traced["steps_ms"].items()]
     failed = result.get("failed_runs", [])
     if failed:
         lines += ["", "## Failed runs", "", "| run | concurrency | error |", "|---|---|---|"]

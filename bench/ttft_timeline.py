@@ -32,78 +32,31 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import gpu_bench  # bench/gpu_bench.py: the gRPC client over one stream
+import triton_trace  # bench/triton_trace.py: the trace read into stages
 from builder.demo import build_demo_repository
 from builder.serve import TritonServer
 from client.perf import DEFAULT_TOKENIZER_DIR, load_tokenizer, token_length_prompts
 from serving_bench import core_call_times  # bench/serving_bench.py: the core model's streamed call
+from triton_trace import STAGES, Events, Models, first_responses
 
 WARMUP = 10  # pairs sent first and left out of every median
 # Triton writes the trace file every LOG_EVERY traces and drops what is left at shutdown: TRAILING pairs after the
 # measured ones push those into a written file.
 LOG_EVERY, TRAILING = 10, 20
 
-# (label, model, event): the ensemble request's stages, in the order a request meets them. A Python model's outputs are
-# ready at COMPUTE_OUTPUT_START: its response is sent on (and the next step starts) before its COMPUTE_END.
-STAGES = (
-    ("preprocessing queued", "preprocessing", "QUEUE_START"),
-    ("preprocessing computing", "preprocessing", "COMPUTE_START"),
-    ("preprocessing's outputs ready", "preprocessing", "COMPUTE_OUTPUT_START"),
-    ("core queued", "core", "QUEUE_START"),
-    ("core computing", "core", "COMPUTE_START"),
-    ("core execute returned", "core", "COMPUTE_END"),
-    ("first response reaches postprocessing", "postprocessing", "REQUEST_START"),
-    ("postprocessing computing", "postprocessing", "COMPUTE_START"),
-    ("postprocessing's outputs ready", "postprocessing", "COMPUTE_OUTPUT_START"),
-    ("ensemble's first response to gRPC", "ensemble", "GRPC_SEND_START"),
-)
-
-
-def read_traces(folder: Path) -> tuple[dict[int, dict[str, Any]], dict[int, dict[str, list[int]]]]:
-    """Triton's trace files -> (id -> its model entry, id -> event name -> timestamps in ns, in order)."""
-    models: dict[int, dict[str, Any]] = {}
-    events: dict[int, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
-    for path in sorted(folder.glob("trace.json*")):
-        for entry in json.loads(path.read_text()):
-            if "model_name" in entry:
-                models[entry["id"]] = entry
-            for stamp in entry.get("timestamps", []):
-                events[entry["id"]][stamp["name"]].append(stamp["ns"])
-    return models, events
-
-
-def stage_times(models: dict[int, dict[str, Any]], events: dict[int, dict[str, list[int]]], core: str, skip: int,
+def stage_times(models: Models, events: Events, core: str, skip: int,
                 count: int) -> tuple[dict[str, list[float]], list[float]]:
     """Per stage, ms after each streamed ensemble request's REQUEST_START; and the core-alone requests' ms from
     arrival to their first response handed to gRPC: `count` requests of each kind after the first `skip` (warm-up)."""
-    children: dict[int, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
-    for trace_id, entry in models.items():
-        if "parent_id" in entry:
-            name = "core" if entry["model_name"] == core else entry["model_name"]
-            children[entry["parent_id"]][name].append(trace_id)
     stages: dict[str, list[float]] = defaultdict(list)
+    for _, request in first_responses(models, events, core)[skip:skip + count]:
+        for label, value in request.items():
+            stages[label].append(value)
     core_alone: list[float] = []
-    seen = {"core": 0, "ensemble": 0}
-    for trace_id, entry in sorted(models.items(), key=lambda item: events[item[0]]["REQUEST_START"][:1]):
-        own = events[trace_id]
-        if "parent_id" in entry or not own["GRPC_SEND_START"]:
-            continue
-        start = own["REQUEST_START"][0]
-        if entry["model_name"] == core:
-            seen["core"] += 1
-            if skip < seen["core"] <= skip + count:
-                core_alone.append((own["GRPC_SEND_START"][0] - start) / 1e6)
-            continue
-        steps = children.get(trace_id, {})
-        if len(steps.get("postprocessing", [])) < 2:  # not one of the streamed ensemble requests
-            continue
-        seen["ensemble"] += 1
-        if not skip < seen["ensemble"] <= skip + count:
-            continue
-        first_post = min(steps["postprocessing"], key=lambda child: events[child]["REQUEST_START"][0])
-        chosen = {"preprocessing": steps["preprocessing"][0], "core": steps["core"][0],
-                  "postprocessing": first_post, "ensemble": trace_id}
-        for label, model, event in STAGES:
-            stages[label].append((events[chosen[model]][event][0] - start) / 1e6)
+    alone = sorted((events[trace_id]["REQUEST_START"][0], trace_id) for trace_id, entry in models.items()
+                   if entry["model_name"] == core and "parent_id" not in entry and events[trace_id]["GRPC_SEND_START"])
+    for start, trace_id in alone[skip:skip + count]:
+        core_alone.append((events[trace_id]["GRPC_SEND_START"][0] - start) / 1e6)
     return stages, core_alone
 
 
@@ -142,9 +95,7 @@ def main() -> None:
     repository = args.repository or build_demo_repository(Path("demo_repository_streaming"), streaming=True)
     (text, ids), = token_length_prompts(load_tokenizer(DEFAULT_TOKENIZER_DIR), args.prompt_tokens, 1, seed=5)
     with tempfile.TemporaryDirectory(prefix="ttft-trace-") as folder:  # private (0700): traces hold request data
-        trace_args = [f"--trace-config=triton,file={Path(folder) / 'trace.json'}", "--trace-config=level=TIMESTAMPS",
-                      "--trace-config=rate=1", "--trace-config=count=-1",
-                      f"--trace-config=triton,log-frequency={LOG_EVERY}"]
+        trace_args = triton_trace.server_args(Path(folder), rate=1, log_every=LOG_EVERY)
         with TritonServer.on_free_ports(repository, extra_args=trace_args) as server:
             triton = gpu_bench.Triton(server.grpc_url, streaming=True)
 
@@ -156,7 +107,7 @@ def main() -> None:
                     ensemble_ms.append(first)
                     core_ms.append(alone)
         # The server has stopped, so the last trace file is complete.
-        models, events = read_traces(Path(folder))
+        models, events = triton_trace.read_traces(Path(folder))
         stages, core_alone = stage_times(models, events, args.core, skip=WARMUP, count=args.requests)
     if not stages or not core_alone:
         raise SystemExit("the trace holds no streamed ensemble request or core request: is the repository streaming?")

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import serving_bench  # noqa: E402  (bench/'s scripts import each other by bare name: after the sys.path entry)
+import triton_trace  # noqa: E402  (as above)
 from serving_report import (GOALS, bucket_quantiles, goal_rows, histogram_buckets, markdown,  # noqa: E402  (as above)
                             run_metrics)
 
@@ -39,8 +40,9 @@ def test_streamed_metrics_follow_the_definitions() -> None:
     per_token = _request(1100, [1110, 1112, 1114, 1116], [1, 2, 3, 4], asked=4)
     coalesced = _request(1200, [1220, 1230], [1, 4], asked=4)
     warmup = _request(10, [20], [4], asked=4)  # first window: not counted
+    opening = _request(10, [900], [4], asked=4)  # the other client's first request: the opening wave
     run = run_metrics("streamed", "ensemble", 2, True, throughput_rps=10.0,
-                      experiment=_experiment([warmup, per_token, coalesced]))
+                      experiment=_experiment([warmup, opening, per_token, coalesced]))
     assert run.requests == 2 and run.tokens_per_request == 4 and run.token_count_mismatches == 0
     assert run.output_tokens_per_s == pytest.approx(40.0)
     assert run.ttft_ms.p50 == pytest.approx((10 + 20) / 2)
@@ -49,6 +51,20 @@ def test_streamed_metrics_follow_the_definitions() -> None:
     # Gaps per token: 2, 2, 2 ms (one token each) and 10 ms / 3 tokens.
     assert run.inter_response_ms.p50 == pytest.approx(2.0)
     assert run.latency_ms.p99 == pytest.approx(30, rel=0.02)
+    assert run.opening_requests == 2 and run.opening_ttft_ms.p50 == pytest.approx((10 + 890) / 2)
+
+
+def test_the_opening_wave_is_left_out_even_inside_the_stable_windows() -> None:
+    # perf_analyzer stopped after 3 windows: the stable windows hold its opening wave (both clients' first requests,
+    # sent at once), whose long TTFTs are a start-up burst, not what the steady load gets.
+    burst = [_request(5, [400], [2], asked=2), _request(6, [700], [2], asked=2)]
+    steady = [_request(1100, [1110, 1112], [1, 2], asked=2), _request(2100, [2120, 2130], [1, 2], asked=2)]
+    run = run_metrics("streamed", "ensemble", 2, True, throughput_rps=10.0, experiment=_experiment(burst + steady, 3))
+    assert run.requests == 2 and run.ttft_ms.p99 == pytest.approx(20, rel=0.02)
+    assert run.opening_requests == 2 and run.opening_ttft_ms.p99 == pytest.approx(694, rel=0.02)
+    # Not in concurrency mode (a request rate): no opening wave.
+    rate = _experiment(burst + steady, 3) | {"experiment": {"mode": "request_rate", "value": 2}}
+    assert run_metrics("streamed", "ensemble", 2, True, 10.0, rate).requests == 4
 
 
 def test_core_tokens_come_from_sequence_length_and_short_answers_are_counted() -> None:
@@ -166,7 +182,7 @@ def test_bench_ensembles_declare_only_what_responses_carry(tmp_path: Path) -> No
 SMOKE = ["--device", "cpu", "--levels", "1,64", "--core-levels", "1", "--seconds", "1", "--mixed-seconds", "1",
          "--max-trials", "3", "--stability", "500", "--prompt-tokens", "8", "--new-tokens", "8",
          "--long-prompt-tokens", "32", "--bs1-reps", "3", "--mixed-clients", "64", "--mixed-prompt", "4:32",
-         "--mixed-output", "4:16", "--mixed-entries", "128", "--max-batch-size", "64"]
+         "--mixed-output", "4:16", "--mixed-entries", "128", "--max-batch-size", "64", "--trace-rate", "3"]
 
 
 @pytest.mark.server
@@ -205,6 +221,19 @@ def test_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
             assert run["responses_per_request"] == 1 and run["ttft_ms"] is None
         else:
             assert 0 < run["ttft_ms"]["p50"] <= run["latency_ms"]["p50"] and run["itl_ms"]["p50"] > 0
+        # Triton's trace of one request in 3: each step of the streamed ensemble requests' first responses.
+        traced = run.get("first_response_steps")
+        if name in ("streamed", "mixed_streamed"):
+            assert 0 < traced["requests"] <= run["requests"], run
+            steps = traced["steps_ms"]
+            assert list(steps) == [label for label, _, _ in triton_trace.STAGES]
+            assert all(0 <= step["p50"] <= step["p90"] <= step["p99"] for step in steps.values()), steps
+            # The steps add up to the whole first response, which perf_analyzer sees from outside.
+            assert sum(step["mean_of_slowest"] for step in steps.values()) == pytest.approx(
+                traced["first_response_ms"]["mean_of_slowest"])
+            assert traced["first_response_ms"]["p50"] <= run["ttft_ms"]["p99"], (traced, run["ttft_ms"])
+        else:
+            assert traced is None, run
         # Every request reaches the engine, whose own histograms count it (warm-up windows too).
         assert run["engine_ttft_ms"]["count"] >= run["requests"], run
         assert run["engine_queue_ms"]["count"] == run["engine_ttft_ms"]["count"], run
@@ -218,4 +247,5 @@ def test_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
 
     table = out.with_suffix(".md").read_text()
     assert "| goal | measured | met |" in table and all(goal.text in table for goal in GOALS)
+    assert "## First response, step by step: mixed_streamed at 64" in table
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
