@@ -14,6 +14,9 @@
 #   bash bench/gpu_run.sh process # the same for the engine's placement (GPT_TRITON_ENGINE_PROCESS=0, then 1)
 #   bash bench/gpu_run.sh trace   # where the first response's time goes under load: 64 streams and the mixed
 #                                 # workload with Triton's trace of one request in TRACE_RATE (10), + their exports
+#   bash bench/gpu_run.sh engine  # the scheduler alone (bench/inflight_engine.py): the mixed workload at 512 and 2048
+#                                 # prompt tokens per step, then kernel profiles of the mixed workload and of 64/256
+#                                 # streams of 128/128
 #   bash bench/gpu_run.sh kernels # CUDA tests + decode-step kernel choices at batch 1/8/64/256 with a batch-1
 #                                 # kernel profile, and the attention launch sweep
 # The server log (tail) comes back too: the in-flight scheduler logs its timeline every 10 s of work.
@@ -30,7 +33,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu
 start=$(date +%s)
 # CUDA tests (transformers imports only under the host's own Python: README.md, "On a GPU host").
 [ "$mode" != diag ] && [ "$mode" != bench ] && [ "$mode" != kernels ] && [ "$mode" != host ] \
-  && [ "$mode" != serving ] && [ "$mode" != switch ] && [ "$mode" != trace ] && [ "$mode" != process ] && timeout 240 "$GPU_HOST_PYTHON" -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_scheduler.py \
+  && [ "$mode" != serving ] && [ "$mode" != switch ] && [ "$mode" != trace ] && [ "$mode" != engine ] && [ "$mode" != process ] && timeout 240 "$GPU_HOST_PYTHON" -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_scheduler.py \
   >> "$OUT/cuda_tests.txt" 2>&1
 echo "cuda tests rc=$? in $(( $(date +%s) - start )) s" >> "$OUT/cuda_tests.txt"
 if [ "$mode" = kernels ]; then
@@ -73,6 +76,16 @@ elif [ "$mode" = trace ]; then
     --levels 64 --skip-core --skip-bs1 --skip-not-streamed --seconds 3 --mixed-seconds 6 --max-trials 4 \
     --trace-rate "${TRACE_RATE:-10}" > "$OUT/bench.log" 2>&1
   cp "$WORK/raw/mixed_streamed_c64.export.json" "$WORK/raw/streamed_c64.export.json" "$OUT/" 2>/dev/null
+elif [ "$mode" = engine ]; then
+  timeout 200 python bench/inflight_engine.py --clients 64 --seconds 8 --mixed --stream --step-tokens 512 2048 \
+    > "$OUT/mixed_budget.txt" 2>&1
+  echo "rc=$? at $(( $(date +%s) - start )) s" >> "$OUT/mixed_budget.txt"
+  timeout 150 python bench/inflight_engine.py --clients 64 --seconds 6 --mixed --stream --profile \
+    > "$OUT/mixed_profile.txt" 2>&1
+  echo "rc=$? at $(( $(date +%s) - start )) s" >> "$OUT/mixed_profile.txt"
+  timeout 180 python bench/inflight_engine.py --clients 64 256 --seconds 6 --stream --profile \
+    > "$OUT/streams_profile.txt" 2>&1
+  echo "rc=$? at $(( $(date +%s) - start )) s" >> "$OUT/streams_profile.txt"
 elif [ "$mode" = switch ]; then  # the loop's GIL switch interval: streamed runs only, at $GPT_TRITON_SWITCH_INTERVAL_US
   timeout 300 python bench/serving_bench.py --out "$OUT/serving.json" --work "$WORK" \
     --levels 1,64,256 --skip-core --skip-not-streamed --skip-mixed --seconds 3 --bs1-reps 20 > "$OUT/bench.log" 2>&1

@@ -3,10 +3,12 @@
 
     python bench/inflight_engine.py --clients 64 --seconds 15
     python bench/inflight_engine.py --clients 64 256 --seconds 6 --profile   # + where the loop's host time goes
+    python bench/inflight_engine.py --clients 64 --seconds 8 --mixed --profile  # the mixed workload's entries
 
 --profile records 2 s of the steady state with torch.profiler (CPU ops and CUDA kernels): the share of wall time the
 GPU was busy, and the host-side ops that took the most CPU time. --stream makes every client a streaming one (its
-updates are counted, as a sink that sends nothing would).
+updates are counted, as a sink that sends nothing would). --mixed gives the clients serving_bench.py's mixed workload
+(its seeded entries: prompts uniform 16-1024 tokens, outputs 16-512; client i takes entries i, i + clients, ...).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,33 +30,45 @@ from bench.engine_cpu import random_weights
 from builder.checkpoints.presets import PRESETS
 from builder.runtime.core_io import GenerationRequest, RowOutput
 from builder.runtime.generation import GptEngine
-from builder.runtime.scheduler import InflightScheduler
+from builder.runtime.scheduler import STEP_PROMPT_TOKENS, InflightScheduler
 
 
 class LoopingClient:
     """A ResponseSink that resubmits a new request as soon as its previous one finishes (closed loop)."""
 
-    def __init__(self, index: int, scheduler: InflightScheduler, prompt_len: int, new_tokens: int,
+    def __init__(self, index: int, scheduler: InflightScheduler, lengths: list[tuple[int, int]],
                  stop_at: float) -> None:
+        """lengths: the (prompt tokens, new tokens) of its requests, in turn."""
         self.index, self.scheduler, self.stop_at = index, scheduler, stop_at
-        self.prompt = tuple(100 + (index * 7 + i) % 50000 for i in range(prompt_len))
-        self.new_tokens = new_tokens
+        self.lengths = lengths
+        self.new_tokens = 0  # of the request in flight
+        self.submitted_at = 0.0
+        self.first_token_ms: list[float] = []  # per streamed request after the client's first (the opening wave)
+        self.waiting_first = False
         self.completed = 0
+        self.tokens = 0
         self.updates = 0
         self.finished_at = 0.0  # perf_counter of its last finish
         self.stream = False
         self.idle = threading.Event()
 
     def submit(self) -> None:
-        row = GenerationRequest(input_ids=self.prompt, output_len=self.new_tokens, end_id=50256,
+        prompt_len, self.new_tokens = self.lengths[self.completed % len(self.lengths)]
+        prompt = tuple(100 + (self.index * 7 + self.completed * 13 + i) % 50000 for i in range(prompt_len))
+        row = GenerationRequest(input_ids=prompt, output_len=self.new_tokens, end_id=50256,
                                 min_length=self.new_tokens)
+        self.submitted_at, self.waiting_first = time.perf_counter(), self.completed > 0
         self.scheduler.submit([row], self, stream=self.stream)
 
     def update(self, outputs: list[RowOutput]) -> None:
         self.updates += 1
+        if self.waiting_first:
+            self.first_token_ms.append((time.perf_counter() - self.submitted_at) * 1e3)
+            self.waiting_first = False
 
     def finish(self, outputs: list[RowOutput]) -> None:
         self.completed += 1
+        self.tokens += self.new_tokens
         self.finished_at = time.perf_counter()
         if time.perf_counter() < self.stop_at:
             self.submit()
@@ -107,7 +122,7 @@ def profile_window(seconds: float) -> dict[str, object]:
     # Kernels of several streams can overlap, so this can exceed 1: an upper bound of the busy share.
     gpu_us = sum(e.self_device_time_total for e in events)
     print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60), flush=True)
-    print(events.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60), flush=True)
+    print(events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60), flush=True)
     stacks = sampled[0] if sampled else []
     for where, share in stacks:
         print(f"scheduler thread {share:6.1%}  {where}", flush=True)
@@ -115,19 +130,23 @@ def profile_window(seconds: float) -> dict[str, object]:
 
 
 def run_level(engine: GptEngine, clients_count: int, seconds: float, gather_steps: int, stream: bool,
-              profile: bool, prompt_len: int = 128, new_tokens: int = 128) -> dict[str, object]:
+              profile: bool, entries: list[tuple[int, int]],
+              step_tokens: int = STEP_PROMPT_TOKENS) -> dict[str, object]:
+    """entries: the (prompt tokens, new tokens) the clients take in turn. Streamed, the result has the time to the
+    first token (submit -> first update) of every request but each client's first."""
+    def own(i: int) -> list[tuple[int, int]]:
+        return entries[i::clients_count] or entries
     timelines: list[str] = []
     with InflightScheduler(engine, admit_gather_steps=gather_steps, report=timelines.append,
-                           report_every_s=max(1.0, seconds / 2)) as scheduler:
-        warm = [LoopingClient(i, scheduler, prompt_len, new_tokens, 0.0) for i in range(clients_count)]
+                           report_every_s=max(1.0, seconds / 2), step_prompt_tokens=step_tokens) as scheduler:
+        warm = [LoopingClient(i, scheduler, own(i), 0.0) for i in range(clients_count)]
         for client in warm:
             client.submit()
         for client in warm:
             client.idle.wait()
         start = time.perf_counter()
         steps_before = scheduler.stats.steps
-        clients = [LoopingClient(i, scheduler, prompt_len, new_tokens, start + seconds)
-                   for i in range(clients_count)]
+        clients = [LoopingClient(i, scheduler, own(i), start + seconds) for i in range(clients_count)]
         for client in clients:
             client.stream = stream
             client.submit()
@@ -140,8 +159,11 @@ def run_level(engine: GptEngine, clients_count: int, seconds: float, gather_step
         # Up to the last finish, not to now: printing a profile after the clients stopped is not their time.
         elapsed = max(client.finished_at for client in clients) - start
         steps = scheduler.stats.steps - steps_before
-        tokens = sum(c.completed for c in clients) * new_tokens
-        return {"clients": clients_count, "stream": stream, "gather_steps": gather_steps,
+        tokens = sum(c.tokens for c in clients)
+        firsts = [ms for c in clients for ms in c.first_token_ms]
+        if firsts:
+            extra["first_token_ms"] = {f"p{q}": float(np.percentile(firsts, q)) for q in (50, 90, 99)}
+        return {"clients": clients_count, "stream": stream, "gather_steps": gather_steps, "step_tokens": step_tokens,
                 "tokens_per_s": tokens / elapsed, "ms_per_step": elapsed / steps * 1000,
                 "updates_per_token": sum(c.updates for c in clients) / max(1, tokens), **extra,
                 "timeline": timelines, "stats": {k: v for k, v in vars(scheduler.stats).items() if k != "timeline"}}
@@ -159,14 +181,24 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, help="prompt tokens per request (default: 128, at most half the "
                                                    "preset's positions)")
     parser.add_argument("--new-tokens", type=int, help="new tokens per request (default: as --prompt's)")
+    parser.add_argument("--step-tokens", type=int, nargs="+", default=[STEP_PROMPT_TOKENS],
+                        help="the scheduler's prompt tokens per step (chunked prefill); each value a run per level")
+    parser.add_argument("--mixed", action="store_true",
+                        help="serving_bench.py's mixed workload instead of --prompt/--new-tokens (1.3B preset)")
     args = parser.parse_args()
     config = PRESETS[args.preset]
-    max_seq = min(1024, config.max_pos_seq_len)
-    args.prompt = args.prompt or min(128, max_seq // 2)
-    args.new_tokens = args.new_tokens or min(128, max_seq // 2)
-    if args.prompt + args.new_tokens > max_seq:
-        parser.error(f"--prompt {args.prompt} + --new-tokens {args.new_tokens} exceed the {max_seq} positions of "
-                     f"preset {args.preset}")
+    if args.mixed:
+        from bench.serving_bench import mixed_lengths
+
+        entries = mixed_lengths(1024, (16, 1024), (16, 512), seed=0)
+        max_seq = min(2048, config.max_pos_seq_len)
+    else:
+        max_seq = min(1024, config.max_pos_seq_len)
+        args.prompt = args.prompt or min(128, max_seq // 2)
+        args.new_tokens = args.new_tokens or min(128, max_seq // 2)
+        entries = [(args.prompt, args.new_tokens)]
+    if max(p + o for p, o in entries) > max_seq:
+        parser.error(f"prompts + new tokens exceed the {max_seq} positions of preset {args.preset}")
     cuda = args.device.startswith("cuda")
     engine = GptEngine(config, random_weights(config), device=args.device,
                        dtype=torch.float16 if cuda else torch.float32,
@@ -175,9 +207,10 @@ def main() -> None:
     if cuda:  # every decode and prefill graph now, as a server does at load: no level waits for captures
         print(engine.capture_graphs(), flush=True)
     for clients in args.clients:
-        result = run_level(engine, clients, args.seconds, args.gather_steps, args.stream, args.profile,
-                           args.prompt, args.new_tokens)
-        print(json.dumps(result, indent=2, default=str), flush=True)
+        for step_tokens in args.step_tokens:
+            result = run_level(engine, clients, args.seconds, args.gather_steps, args.stream, args.profile, entries,
+                               step_tokens)
+            print(json.dumps(result, indent=2, default=str), flush=True)
 
 
 if __name__ == "__main__":
