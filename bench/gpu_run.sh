@@ -10,7 +10,8 @@
 #                                 # then a short serving run (batch 1, 64/256 streams, mixed) with its timeline
 #   bash bench/gpu_run.sh ab      # A/B on one machine: serving_bench.py once per value of an A/B switch,
 #                                 # AB_VAR=<environment variable> AB_VALUES="<value> ...": batch 1, 64/256 streams,
-#                                 # mixed (AB_BENCH_ARGS replaces serving_bench.py's options, BENCH_TIMEOUT its limit)
+#                                 # mixed (AB_BENCH_ARGS replaces serving_bench.py's options, BENCH_TIMEOUT its limit);
+#                                 # with AB_RENDER=1, AB_VAR names a render option (--render-option AB_VAR=value)
 #   bash bench/gpu_run.sh process # the same for the engine's placement (GPT_TRITON_ENGINE_PROCESS=0, then 1)
 #   bash bench/gpu_run.sh trace   # where the first response's time goes under load: 64 streams and the mixed
 #                                 # workload with Triton's trace of one request in TRACE_RATE (10), + their exports
@@ -63,8 +64,10 @@ elif [ "$mode" = serving ]; then
 elif [ "$mode" = process ] || [ "$mode" = ab ]; then
   if [ "$mode" = process ]; then AB_VAR=GPT_TRITON_ENGINE_PROCESS; AB_VALUES="0 1"; fi
   for v in $AB_VALUES; do
+    if [ "${AB_RENDER:-0}" = 1 ]; then switch=(env); render=(--render-option "$AB_VAR=$v");
+    else switch=(env "$AB_VAR=$v"); render=(); fi
     # shellcheck disable=SC2086  # AB_BENCH_ARGS: several options
-    env "$AB_VAR=$v" timeout ${BENCH_TIMEOUT:-270} python bench/serving_bench.py \
+    "${switch[@]}" timeout ${BENCH_TIMEOUT:-270} python bench/serving_bench.py "${render[@]}" \
       --out "$OUT/serving_${AB_VAR}_$v.json" --work "$WORK" \
       ${AB_BENCH_ARGS:---levels 1,64,256 --skip-core --skip-not-streamed --seconds 3 --mixed-seconds 6 --bs1-reps 10} \
       > "$OUT/bench_${AB_VAR}_$v.log" 2>&1

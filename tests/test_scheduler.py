@@ -825,3 +825,23 @@ def test_cancel_stops_a_running_and_a_waiting_request(tiny: TinyGpt, prompts, lo
     assert tokens(stopped) == long_sequence[:len(prompts[0]) + generated]
     assert dropped.cancelled and tokens(dropped) == prompts[1]
     assert running.polls == waiting.polls == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_timeline_times_the_device_work_of_decode_steps_and_prefill_passes(tiny: TinyGpt, prompts,
+                                                                                device: str) -> None:
+    engine = new_engine(tiny, slots=4, device=device)
+    sinks = [Sink(name=str(i)) for i in range(3)]
+    with InflightScheduler(engine) as scheduler:
+        for prompt, sink in zip(prompts, sinks):
+            scheduler.submit([request(prompt, 12)], sink)
+        for sink in sinks:
+            sink.result()
+        timeline = scheduler.stats.timeline
+        assert timeline.steps > 0 and timeline.prefill_passes > 0
+        if device == "cuda":  # CUDA events around every launch; read once they completed (all but the last few)
+            assert timeline.decode_device_ms > 0 and 0 < timeline.timed_prefills <= timeline.prefill_passes
+            assert timeline.prefill_device_ms > 0 and "device ms per step" in timeline.summary()
+        else:  # no device clock on the CPU
+            assert timeline.decode_device_ms == timeline.prefill_device_ms == timeline.timed_prefills == 0
+            assert "device ms" not in timeline.summary()

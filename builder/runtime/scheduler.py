@@ -159,9 +159,18 @@ class Timeline:
     admitting_ms: float = 0.0
     to_first_token_ms: float = 0.0
     to_send_ms: float = 0.0
+    # Device time (CUDA events around the launches; DeviceSpans): the steps' selection + decode, the prefill passes.
+    decode_device_ms: float = 0.0
+    prefill_device_ms: float = 0.0
+    timed_prefills: int = 0
 
     def summary(self) -> str:
         steps, idle = max(1, self.steps), max(1, self.idle_requests)
+        device = ""
+        if self.decode_device_ms or self.prefill_device_ms:
+            per_pass = self.prefill_device_ms / max(1, self.timed_prefills)
+            device = (f"; device ms per step: selection + decode {self.decode_device_ms / steps:.3f}, prefill "
+                      f"{self.prefill_device_ms / steps:.3f} ({per_pass:.3f} per pass)")
         return (f"per step (host ms, {self.steps} steps, {self.rows / steps:.1f} rows): select+launch "
                 f"{self.select_launch_ms / steps:.3f}, wait for device {self.wait_ms / steps:.3f}, consume "
                 f"{self.consume_ms / steps:.3f}, admission {self.admit_ms / steps:.3f} ({self.prefill_passes} prefill "
@@ -170,11 +179,48 @@ class Timeline:
                 f"busy {self.sender_busy_ms / steps:.3f} "
                 f"per step; first response of a request into an idle batch (ms, mean of "
                 f"{self.idle_requests}): queued {self.queued_ms / idle:.3f}, admitting {self.admitting_ms / idle:.3f}, "
-                f"to first token {self.to_first_token_ms / idle:.3f}, to send {self.to_send_ms / idle:.3f}")
+                f"to first token {self.to_first_token_ms / idle:.3f}, to send {self.to_send_ms / idle:.3f}" + device)
 
     def reset(self) -> None:
         for name, value in vars(Timeline()).items():
             setattr(self, name, value)
+
+
+class DeviceSpans:
+    """Device time of the loop's launches (CUDA only), for the timeline: a CUDA event is recorded before and after
+    each decode step and each prefill pass; a span is read once its end event has completed (a query, never a sync).
+    A span also holds any time the device idled inside it waiting for the host's next launch (an eager pass)."""
+
+    KINDS = ("decode", "prefill")
+
+    def __init__(self, device: torch.device) -> None:
+        self.enabled = device.type == "cuda"
+        self._pending: deque[tuple[str, torch.cuda.Event, torch.cuda.Event]] = deque()
+        self._free: list[torch.cuda.Event] = []
+
+    def begin(self) -> torch.cuda.Event | None:
+        return self._record() if self.enabled else None
+
+    def end(self, kind: str, begun: torch.cuda.Event | None) -> None:
+        if begun is not None:
+            self._pending.append((kind, begun, self._record()))
+
+    def collect(self, timeline: Timeline) -> None:
+        """Add the completed spans (in launch order, so the first incomplete one stops the sweep) to `timeline`."""
+        while self._pending and self._pending[0][2].query():
+            kind, begun, ended = self._pending.popleft()
+            ms = begun.elapsed_time(ended)
+            if kind == "decode":
+                timeline.decode_device_ms += ms
+            else:
+                timeline.prefill_device_ms += ms
+                timeline.timed_prefills += 1
+            self._free += [begun, ended]
+
+    def _record(self) -> torch.cuda.Event:
+        event = self._free.pop() if self._free else torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
 
 @dataclass(eq=False)
@@ -753,6 +799,7 @@ class InflightScheduler:
         self.slot_count = limits.max_batch_size
         self.table = _SlotTable(self.slot_count, limits.max_seq_len + 1, engine.config.vocab_size, engine.device)
         self.readback = _Readback(self.slot_count, engine.device)
+        self._spans = DeviceSpans(engine.device)  # the timeline's device time
         # A tensor-parallel engine's model is a proxy that mirrors each call to the other ranks: its steps stay eager.
         self.step_graphs = (StepGraphs.for_decode_graphs(engine.model, engine.graphs, self.table, self.readback.flags,
                                                          engine.vocab_limit)
@@ -1007,7 +1054,9 @@ class InflightScheduler:
         started = time.perf_counter()
         if self._record is not None:
             self._record.chunks += [(row.slot, row.prefilled, row.prefilled + take) for row, take in work]
+        begun = self._spans.begin()
         rows, new_logits = self._prefill_isolating_faults(work)
+        self._spans.end("prefill", begun)
         if new_logits is None:
             return
         idle = {id(row.request) for row in rows if row.request.idle_admission}
@@ -1102,10 +1151,12 @@ class InflightScheduler:
             if row is not None:
                 row.issued += 1
                 kv_len = max(kv_len, min(row.prompt_len + row.issued, row.limit))
+        begun = self._spans.begin()
         decode = self._select(batch, kv_len)
         overlapped = self.readback.event is not None
         if overlapped:
             decode()
+            self._spans.end("decode", begun)
         self.stats.steps += 1
         timeline, launched = self.stats.timeline, time.perf_counter()
         flags, log_probs = self.readback.read()
@@ -1114,6 +1165,7 @@ class InflightScheduler:
         self._consume(rows, flags, log_probs)
         if not overlapped and self._occupied:
             decode()
+        self._spans.collect(timeline)
         timeline.steps += 1
         timeline.rows += len(self._occupied)
         timeline.select_launch_ms += (launched - started) * 1e3
