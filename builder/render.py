@@ -232,7 +232,7 @@ def config_from_options(checkpoint: Path | None, **options: Any) -> RenderConfig
 @click.option("--step-prompt-tokens", default=0, show_default=True, type=int,
               help="Torch engine with --streaming: prompt tokens prefilled per step while other rows decode; longer "
                    "prompts join in chunks over several steps (chunked prefill), so running streams never stall for "
-                   "a whole long prompt. Larger: faster prefill, longer stalls. 0: the engine's default (512). With "
+                   "a whole long prompt. Larger: faster prefill, longer stalls. 0: the engine's default (2048). With "
                    "no row decoding a prompt is prefilled whole.")
 @click.option("--engine-process/--no-engine-process", default=None,
               help="Torch engine with --streaming: run the engine and its in-flight loop in a process of their own, "

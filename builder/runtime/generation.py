@@ -50,12 +50,18 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SCORE_FLOOR = -1.0e9  # HF's "impossible" beam score
 ACTIVATION_RESERVE = 0.15  # share of free device memory left for activations when sizing the KV cache
 PREFILL_TOKEN_BUDGET = 16384  # prompt tokens (rows x padded length) per prefill pass: bounds activation memory
-# The in-flight scheduler's default prompt tokens per step (scheduler.py, chunked prefill). On an H200 a decode step of
-# 64 rows took ~3 ms and a 512-token prefill ~2 ms of math: a step with a full chunk stays within about twice a plain
-# one, and the mixed workload (prompts 16-1024, outputs 16-512) needs ~130 prompt tokens per step on average, so the
-# budget keeps up with arrivals with room for bursts; a 1024-token prompt joins in 2 steps. Here because the prefill
-# graphs of chunks up to it are captured at load (the same on every tensor-parallel rank).
-STEP_PROMPT_TOKENS = 512
+# The in-flight scheduler's default prompt tokens per step (scheduler.py, chunked prefill). The mixed workload (prompts
+# 16-1024, outputs 16-512) needs ~130 prompt tokens per step on average; what the budget decides is how fast a burst
+# of arrivals is prefilled, and how long a step with a full chunk stalls the running rows (a 2048-token pass is ~10 ms
+# of an H200, against ~5 ms for the step of 64 rows beside it). On an H200, the scheduler alone on the mixed workload
+# (bench/inflight_engine.py --mixed, 64 streaming clients): 2048 ran 11.0k tok/s with a first token in 10 ms at the
+# median and 31 ms at p99, against 10.4k, 17 ms and 44 ms at 512; through Triton 11.4k against 10.5k. Short prompts
+# alone keep passes of PREFILL_GRAPH_TOKENS (scheduler.InflightScheduler._step_budget): at 64 streams of 128-token
+# prompts, eager passes of ~1,000 tokens cost 20.4k tok/s against 22.7k with graph passes (docs/benchmarks.md).
+STEP_PROMPT_TOKENS = 2048
+# Prefill passes of at most this many padded tokens replay CUDA graphs captured at load (the same on every
+# tensor-parallel rank); wider ones run eagerly, where the device time outweighs the ~300 launches of a pass.
+PREFILL_GRAPH_TOKENS = 512
 # Chunk passes of up to this many rows replay one prefill graph per row instead of one eager pass: an eager pass is
 # launch-bound (~5.7 ms of host time on an H200 for ~300 launches) where a replay of a short chunk costs ~1 ms of
 # device time (the weights read once per row). Not measured on a GPU yet: GPT_TRITON_GRAPH_PREFILL_ROWS for A/B runs.
@@ -183,7 +189,7 @@ class GptEngine:
         log.info("KV cache: %d slots x %d tokens x %d layers (%s) = %.3f GiB on %s", slots, max_seq_len,
                  config.num_layer, dtype, self.kv_cache_bytes / 2**30, self.device)
         self.graphs = DecodeGraphs(self.model) if self.device.type == "cuda" and use_cuda_graphs else None
-        self.prefill_graphs = (PrefillGraphs(self.model, chunk_width=STEP_PROMPT_TOKENS) if self.graphs is not None
+        self.prefill_graphs = (PrefillGraphs(self.model, chunk_width=PREFILL_GRAPH_TOKENS) if self.graphs is not None
                                else None)
         self.limits = EngineLimits(vocab_size=config.vocab_size, max_seq_len=max_seq_len, max_batch_size=slots,
                                    default_end_id=config.end_id)
@@ -278,7 +284,7 @@ class GptEngine:
         positions starts[i]..starts[i]+lengths[i]-1 of cache slot slots[i], whose positions [0, starts[i]) are cached
         already -> logits [n, V] at each chunk's last token (for a chunk that ends its prompt: the first token's).
 
-        Several whole prompts (every start 0) of at most STEP_PROMPT_TOKENS padded tokens in all replay one prefill
+        Several whole prompts (every start 0) of at most PREFILL_GRAPH_TOKENS padded tokens in all replay one prefill
         CUDA graph (PrefillGraphs.prefill_rows); otherwise up to GRAPH_PREFILL_ROWS rows replay the prefill CUDA
         graphs, one per row (GptModel.prefill's chunk path at an offset); more rows run as eager passes of at most
         PREFILL_TOKEN_BUDGET padded tokens."""

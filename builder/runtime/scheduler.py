@@ -770,7 +770,7 @@ class InflightScheduler:
                  admit_gather_steps: int = ADMIT_GATHER_STEPS, report: Callable[[str], None] | None = None,
                  report_every_s: float = 10.0, step_prompt_tokens: int = STEP_PROMPT_TOKENS,
                  metrics: MetricsRecorder | None = None, on_step: Callable[[StepRecord], None] | None = None,
-                 after_pass: Callable[[], None] | None = None) -> None:
+                 after_pass: Callable[[], None] | None = None, graph_prompt_tokens: int | None = None) -> None:
         """engine: owned by the scheduler while it runs (do not call engine.generate from elsewhere meanwhile);
         cancel_poll_s: least time between two is_cancelled polls of one request;
         event_log: receives one line per admission (which rows joined how many running rows) and per cancelled
@@ -779,6 +779,9 @@ class InflightScheduler:
             or the oldest has waited this many steps, and are then prefilled in one pass (0 steps: admit at once);
         step_prompt_tokens: while rows decode, each step prefills at most this many prompt tokens (chunks of one or
             several prompts), so long prompts join over several steps while the running rows keep decoding (>= 1);
+        graph_prompt_tokens: while every prompt waiting or being prefilled has at most this many tokens left, a step
+            prefills at most this many (a pass that replays a prefill CUDA graph); None: the engine's prefill graph
+            width (0, no such cap, without prefill graphs);
         report: receives the timeline (Timeline.summary) of each `report_every_s` window in which steps ran;
         on_step: called on the loop's thread after each pass with what it prefilled and decoded (keep it cheap);
         after_pass: the sinks only record (PassSender): they are called on the loop's thread at the end of each pass,
@@ -792,6 +795,7 @@ class InflightScheduler:
         self.admit_gather_rows = admit_gather_rows
         self.admit_gather_steps = admit_gather_steps
         self.step_prompt_tokens = step_prompt_tokens
+        self.graph_prompt_tokens = graph_prompt_tokens
         self.event_log = event_log
         self.on_step = on_step
         self._record: StepRecord | None = None  # this pass's, while on_step is set
@@ -977,7 +981,26 @@ class InflightScheduler:
             self.event_log(f"in-flight batching: a request was cancelled; its {len(stopping)} running row(s) stop "
                            f"after {generated} generated tokens")
 
-    def _should_wait_for_more(self) -> bool:
+    def _step_budget(self, decoding: int) -> int:
+        """This step's prompt tokens: whole prompts while nothing decodes (IDLE_PREFILL_TOKENS). While rows decode,
+        step_prompt_tokens if a prompt with more than the prefill graph width left waits or is being prefilled (a
+        pass of it runs eagerly whatever its size, and a wide eager pass costs less per token: ~8 us against ~12 us
+        per token for ~400-token chunk passes of the mixed workload on an H200); else that width: short prompts then
+        share passes that replay a prefill graph (6.7 us per token at 511 tokens, against 8-11 us in eager passes of
+        1,000-1,600 tokens at 64-256 streams of 128-token prompts; docs/benchmarks.md)."""
+        if not decoding:
+            return max(self.step_prompt_tokens, IDLE_PREFILL_TOKENS)
+        graphs = self.engine.prefill_graphs
+        width = self.graph_prompt_tokens if self.graph_prompt_tokens is not None else (
+            graphs.chunk_width if graphs is not None else 0)
+        if not width or width >= self.step_prompt_tokens:
+            return self.step_prompt_tokens
+        if (any(row.prompt_len - row.prefilled > width for row in self._prefilling)
+                or any(row.prompt_len > width for request in self._waiting for row in request.rows)):
+            return self.step_prompt_tokens
+        return width
+
+    def _should_wait_for_more(self, budget: int) -> bool:
         """While many rows decode, gather a few arrivals into one prefill pass instead of one pass each: a pass of
         short prompts costs about the same for 1 or 8 of them (it reads the 2.6 GB of weights once, and eager passes
         are launch-bound), and the running rows stall meanwhile. Measured on an H200 at 256 streams: one graph prefill
@@ -986,7 +1009,7 @@ class InflightScheduler:
         pass would be no fuller for it."""
         if len(self._occupied) - len(self._prefilling) < ADMIT_GATHER_MIN_RUNNING or not self._waiting:
             return False
-        if sum(row.prompt_len for request in self._waiting for row in request.rows) >= self.step_prompt_tokens:
+        if sum(row.prompt_len for request in self._waiting for row in request.rows) >= budget:
             return False
         waiting_rows = sum(len(request.rows) for request in self._waiting)
         oldest_wait = self.stats.steps - self._waiting[0].queued_at_step
@@ -996,7 +1019,7 @@ class InflightScheduler:
         """This step's prefill, within its prompt-token budget: the next chunk of each partly cached row (oldest
         first), then waiting requests (FIFO) into free slots with their first chunk. A beam request runs alone."""
         decoding = len(self._occupied) - len(self._prefilling)
-        budget = self.step_prompt_tokens if decoding else max(self.step_prompt_tokens, IDLE_PREFILL_TOKENS)
+        budget = self._step_budget(decoding)
         work: list[tuple[_Row, int]] = []  # (row, prompt tokens to prefill this step)
         for row in self._prefilling:
             if budget <= 0:
@@ -1005,7 +1028,7 @@ class InflightScheduler:
             work.append((row, take))
             budget -= take
         admitted: list[_Request] = []
-        gather = self._should_wait_for_more()
+        gather = self._should_wait_for_more(budget)
         while budget > 0 and self._waiting and not gather:
             request = self._waiting[0]
             if request.beam_width > 1:
