@@ -191,8 +191,6 @@ class DeviceSpans:
     each decode step and each prefill pass; a span is read once its end event has completed (a query, never a sync).
     A span also holds any time the device idled inside it waiting for the host's next launch (an eager pass)."""
 
-    KINDS = ("decode", "prefill")
-
     def __init__(self, device: torch.device) -> None:
         self.enabled = device.type == "cuda"
         self._pending: deque[tuple[str, torch.cuda.Event, torch.cuda.Event]] = deque()
@@ -1005,8 +1003,9 @@ class InflightScheduler:
         short prompts costs about the same for 1 or 8 of them (it reads the 2.6 GB of weights once, and eager passes
         are launch-bound), and the running rows stall meanwhile. Measured on an H200 at 256 streams: one graph prefill
         per arrival instead lost ~25 % of tokens/s (docs/benchmarks.md). A pass of one prompt (low load) runs from
-        the prefill CUDA graphs (generation.py). Arrivals that fill the step's prompt-token budget never wait: the
-        pass would be no fuller for it."""
+        the prefill CUDA graphs (generation.py). Arrivals that fill what is left of the step's prompt-token budget
+        (`budget`, after the chunks of prompts already being prefilled) never wait: the pass would be no fuller for
+        it."""
         if len(self._occupied) - len(self._prefilling) < ADMIT_GATHER_MIN_RUNNING or not self._waiting:
             return False
         if sum(row.prompt_len for request in self._waiting for row in request.rows) >= budget:
