@@ -839,6 +839,11 @@ def test_the_timeline_times_the_device_work_of_decode_steps_and_prefill_passes(t
             sink.result()
         timeline = scheduler.stats.timeline
         assert timeline.steps > 0 and timeline.prefill_passes > 0
+        # Whole passes hold their parts (host clock); the summary says what they leave.
+        parts = (timeline.select_launch_ms + timeline.wait_ms + timeline.consume_ms + timeline.admit_ms
+                 + timeline.pass_end_ms)
+        assert timeline.pass_end_ms > 0 and timeline.pass_ms >= parts > 0, timeline
+        assert ", pass end " in timeline.summary() and ", rest " in timeline.summary()
         if device == "cuda":  # CUDA events around every launch; read once they completed (all but the last few)
             assert timeline.decode_device_ms > 0 and 0 < timeline.timed_prefills <= timeline.prefill_passes
             assert timeline.prefill_device_ms > 0 and "device ms per step" in timeline.summary()

@@ -148,6 +148,8 @@ class Timeline:
     wait_ms: float = 0.0  # waiting for the selection's tokens (the device is behind)
     consume_ms: float = 0.0  # appending tokens, closing requests, marking streams
     admit_ms: float = 0.0  # admission passes (slot writes, prefill launches)
+    pass_end_ms: float = 0.0  # the end of each pass (PassSender: the sinks' records, the engine process's message)
+    pass_ms: float = 0.0  # whole passes of the loop (what the parts above leave is the rest of its bookkeeping)
     prefill_passes: int = 0  # engine prefill calls (one per step that prefilled)
     prefill_tokens: int = 0  # prompt tokens they prefilled (chunks included)
     updates: int = 0  # streamed updates the sender sent
@@ -171,9 +173,11 @@ class Timeline:
             per_pass = self.prefill_device_ms / max(1, self.timed_prefills)
             device = (f"; device ms per step: selection + decode {self.decode_device_ms / steps:.3f}, prefill "
                       f"{self.prefill_device_ms / steps:.3f} ({per_pass:.3f} per pass)")
+        rest = self.pass_ms - self.select_launch_ms - self.wait_ms - self.consume_ms - self.admit_ms - self.pass_end_ms
         return (f"per step (host ms, {self.steps} steps, {self.rows / steps:.1f} rows): select+launch "
                 f"{self.select_launch_ms / steps:.3f}, wait for device {self.wait_ms / steps:.3f}, consume "
-                f"{self.consume_ms / steps:.3f}, admission {self.admit_ms / steps:.3f} ({self.prefill_passes} prefill "
+                f"{self.consume_ms / steps:.3f}, pass end {self.pass_end_ms / steps:.3f}, rest {rest / steps:.3f}, "
+                f"admission {self.admit_ms / steps:.3f} ({self.prefill_passes} prefill "
                 f"passes, {self.prefill_tokens / max(1, self.prefill_passes):.0f} prompt tokens each); sender "
                 f"{self.updates} updates, {self.polls} cancellation polls ({self.poll_ms:.0f} ms), "
                 f"busy {self.sender_busy_ms / steps:.3f} "
@@ -891,6 +895,7 @@ class InflightScheduler:
                 torch.cuda.set_device(device.index)
             with torch.inference_mode():
                 while self._collect_submissions():
+                    pass_started = time.perf_counter()
                     try:
                         self._apply_cancellations()
                         if self.on_step is not None:
@@ -910,7 +915,11 @@ class InflightScheduler:
                         log.exception("in-flight step failed: failing the %d running request(s)",
                                       len({id(row.request) for row in self._occupied.values()}))
                         self._fail_running(err)
+                    ending = time.perf_counter()
                     self._sender.pass_done()  # (PassSender) this pass's responses, failures included
+                    timeline, ended = self.stats.timeline, time.perf_counter()
+                    timeline.pass_end_ms += (ended - ending) * 1e3
+                    timeline.pass_ms += (ended - pass_started) * 1e3
         except Exception as err:  # the loop itself broke: no request may wait forever
             log.exception("the in-flight scheduler stopped")
             error = RuntimeError(f"the in-flight scheduler stopped: {err}")
