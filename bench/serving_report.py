@@ -148,9 +148,8 @@ def run_metrics(name: str, model: str, concurrency: int, streamed: bool, through
     for request in requests:
         stamps = [int(s) for s in request["response_timestamps"]]
         sent = int(request["timestamp"])
-        counts = _token_counts(request)
         asked = _asked_tokens(request)
-        produced = max(counts) if counts else asked
+        produced, carrying = _carrying(request, streamed)
         if produced is None:
             raise ValueError(f"{name}: a request has neither num_output_tokens nor max_tokens/request_output_len")
         if asked is not None and produced != asked:
@@ -158,7 +157,6 @@ def run_metrics(name: str, model: str, concurrency: int, streamed: bool, through
         tokens.append(produced)
         responses += len(stamps)
         latency.append((stamps[-1] - sent) / NS_PER_MS)
-        carrying = _carrying(request, counts, produced, streamed)
         first = carrying[0][0] if carrying else stamps[0]
         ttft.append((first - sent) / NS_PER_MS)
         if streamed and produced > 1 and len(carrying) > 1:
@@ -188,18 +186,19 @@ def run_metrics(name: str, model: str, concurrency: int, streamed: bool, through
         opening_ttft_ms=Percentiles.of(opening_ttft) if streamed and opening_ttft else None)
 
 
-def _carrying(request: dict[str, Any], counts: list[int] | None, produced: int,
-              streamed: bool) -> list[tuple[int, int]]:
-    """(timestamp, cumulative tokens) of the responses that carry tokens."""
+def _carrying(request: dict[str, Any], streamed: bool) -> tuple[int | None, list[tuple[int, int]]]:
+    """(the request's tokens, or None when neither its responses nor its inputs say; (timestamp, cumulative tokens)
+    of its responses that carry tokens)."""
     stamps = [int(s) for s in request["response_timestamps"]]
+    counts = _token_counts(request)
+    produced = max(counts) if counts else _asked_tokens(request)
     if counts is None:  # core model: every response of a stream is one step's token(s)
-        counts = list(range(1, len(stamps) + 1)) if streamed else [produced]
-    return [(stamp, count) for stamp, count in zip(stamps, counts) if count > 0]
+        counts = list(range(1, len(stamps) + 1)) if streamed else [produced or 0]
+    return produced, [(stamp, count) for stamp, count in zip(stamps, counts) if count > 0]
 
 
 def _first_token_ms(request: dict[str, Any], streamed: bool) -> float:
-    counts = _token_counts(request)
-    carrying = _carrying(request, counts, max(counts) if counts else _asked_tokens(request) or 0, streamed)
+    carrying = _carrying(request, streamed)[1]
     first = carrying[0][0] if carrying else int(request["response_timestamps"][0])
     return (first - int(request["timestamp"])) / NS_PER_MS
 

@@ -90,7 +90,8 @@ def step_percentiles(requests: list[dict[str, float]], slowest: float = 0.05) ->
     at = np.array([[request[label] for label in labels] for request in requests])  # [requests, stages] ms
     steps = np.diff(np.concatenate([np.zeros((len(requests), 1)), at], axis=1), axis=1)  # [requests, stages]
     total = at[:, -1]
-    tail = steps[total >= np.quantile(total, 1 - slowest)]
+    slow = total >= np.quantile(total, 1 - slowest)
+    tail = steps[slow]
     return {"requests": len(requests), "slowest_share": slowest,
             "steps_ms": {label: {"p50": float(np.percentile(steps[:, i], 50)),
                                  "p90": float(np.percentile(steps[:, i], 90)),
@@ -98,5 +99,4 @@ def step_percentiles(requests: list[dict[str, float]], slowest: float = 0.05) ->
                                  "mean_of_slowest": float(tail[:, i].mean())}
                          for i, label in enumerate(labels)},
             "first_response_ms": {"p50": float(np.percentile(total, 50)), "p90": float(np.percentile(total, 90)),
-                                  "p99": float(np.percentile(total, 99)), "mean_of_slowest": float(total[
-                                      total >= np.quantile(total, 1 - slowest)].mean())}}
+                                  "p99": float(np.percentile(total, 99)), "mean_of_slowest": float(total[slow].mean())}}
