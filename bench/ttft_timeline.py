@@ -32,17 +32,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import gpu_bench  # bench/gpu_bench.py: the gRPC client over one stream
-import triton_trace  # bench/triton_trace.py: the trace read into stages
 from builder.demo import build_demo_repository
 from builder.serve import TritonServer
 from client.perf import DEFAULT_TOKENIZER_DIR, load_tokenizer, token_length_prompts
 from serving_bench import core_call_times  # bench/serving_bench.py: the core model's streamed call
-from triton_trace import STAGES, Events, Models, first_responses
+from triton_trace import STAGES, Events, Models, first_responses, read_traces, server_args  # bench/triton_trace.py
 
 WARMUP = 10  # pairs sent first and left out of every median
 # Triton writes the trace file every LOG_EVERY traces and drops what is left at shutdown: TRAILING pairs after the
 # measured ones push those into a written file.
 LOG_EVERY, TRAILING = 10, 20
+
 
 def stage_times(models: Models, events: Events, core: str, skip: int,
                 count: int) -> tuple[dict[str, list[float]], list[float]]:
@@ -95,7 +95,7 @@ def main() -> None:
     repository = args.repository or build_demo_repository(Path("demo_repository_streaming"), streaming=True)
     (text, ids), = token_length_prompts(load_tokenizer(DEFAULT_TOKENIZER_DIR), args.prompt_tokens, 1, seed=5)
     with tempfile.TemporaryDirectory(prefix="ttft-trace-") as folder:  # private (0700): traces hold request data
-        trace_args = triton_trace.server_args(Path(folder), rate=1, log_every=LOG_EVERY)
+        trace_args = server_args(Path(folder), rate=1, log_every=LOG_EVERY)
         with TritonServer.on_free_ports(repository, extra_args=trace_args) as server:
             triton = gpu_bench.Triton(server.grpc_url, streaming=True)
 
@@ -107,7 +107,7 @@ def main() -> None:
                     ensemble_ms.append(first)
                     core_ms.append(alone)
         # The server has stopped, so the last trace file is complete.
-        models, events = triton_trace.read_traces(Path(folder))
+        models, events = read_traces(Path(folder))
         stages, core_alone = stage_times(models, events, args.core, skip=WARMUP, count=args.requests)
     if not stages or not core_alone:
         raise SystemExit("the trace holds no streamed ensemble request or core request: is the repository streaming?")
