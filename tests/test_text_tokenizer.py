@@ -73,6 +73,46 @@ def test_unknown_ids_decode_to_nothing(tokenizer: GptTokenizer, hf_tokenizer) ->
     assert tokenizer.bytes_of(ids) == b" world world"
 
 
+def reference(tokenizer: GptTokenizer) -> GptTokenizer:
+    """The same tables encoding with `tokenizers` only (the path other tables take)."""
+    return GptTokenizer(tokenizer._tokenizer, tokenizer.token_bytes, tokenizer.eos_id)
+
+
+def test_fast_encoding_equals_tokenizers_on_every_token_and_random_texts(tokenizer: GptTokenizer) -> None:
+    """The GPT-2 tables encode with tiktoken; its merge rule (lowest-id concatenation) must give BPE's ids. The text
+    of every token is where the two rules could part (a token reachable by several splits), so all 50,257 are here,
+    alone and run together, beside random Unicode and whitespace runs."""
+    assert tokenizer._fast is not None
+    rng = random.Random(7)
+    token_texts = [token.decode("utf-8", "replace") for token in tokenizer.token_bytes]
+    texts = (SAMPLES + token_texts + random_texts(3000, seed=3)
+             + ["".join(rng.choice(token_texts) for _ in range(rng.randrange(2, 30))) for _ in range(3000)]
+             + [" " * 300 + "x", "\n\n\n a  b\t\t", "9" * 2000, "a" * 5000])
+    assert tokenizer.encode_batch(texts) == reference(tokenizer).encode_batch(texts)
+
+
+def test_other_tables_encode_with_tokenizers(tmp_path: Path, tokenizer: GptTokenizer) -> None:
+    """Tables that differ from GPT-2's in one merge get no fast path: tiktoken's rule is not known to hold there."""
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / name).write_bytes((ASSETS / name).read_bytes())
+    merges = (tmp_path / "merges.txt").read_text(encoding="utf-8").splitlines()
+    merges[1], merges[2] = merges[2], merges[1]  # "Ġ t" and "Ġ a" swap ranks
+    (tmp_path / "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
+    other = GptTokenizer.from_directory(tmp_path)
+    assert other._fast is None
+    assert other.encode(" the cat sat") == reference(tokenizer).encode(" the cat sat")
+
+
+def test_a_tiktoken_with_quadratic_merges_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tiktoken < 0.13 merges one long piece in quadratic time (seconds for a prompt the byte limit lets in)."""
+    import importlib.metadata
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.12.0")
+    old = GptTokenizer.from_directory(ASSETS)
+    assert old._fast is None
+    assert old.encode("Hello world") == [15496, 995]
+
+
 def test_missing_files_raise(tmp_path: Path) -> None:
     (tmp_path / "vocab.json").write_text("{}")
     with pytest.raises(TokenizerError, match="merges.txt"):

@@ -39,7 +39,8 @@ KUBERNETES_VERSION = "1.30.0"
 DEFAULT_BASE_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
 DEFAULT_COPIER_IMAGE = "busybox:1.36.1"
 # Versions installed into the server image (one place; the image's Python is 3.10 in NGC 24.10).
-PINS = {"numpy": "1.26.4", "tokenizers": "0.20.3", "click": "8.1.7", "psutil": "6.1.0", "torch": "2.5.1"}
+PINS = {"numpy": "1.26.4", "tokenizers": "0.20.3", "tiktoken": "0.14.0", "click": "8.1.7", "psutil": "6.1.0",
+        "torch": "2.5.1"}
 # What the launcher (`python -m builder serve`) imports beyond the standard library: the image installs this package
 # without dependencies, so each must be in the Dockerfile (tests/test_deploy.py reads serve's imports to check).
 LAUNCHER_REQUIREMENTS = ("click", "psutil")

@@ -5,7 +5,8 @@
 #   perf_analyzer.xz  perf_analyzer 2.51, from the tritonclient 2.51.0 manylinux wheel
 #   whl/              wheels for the GPU host's Python: numpy 1.26.4 (the 2.51 Python backend mis-reads BYTES tensors
 #                     under numpy 2), tritonclient + python-rapidjson (the gRPC client; grpcio and protobuf are the
-#                     host's), psutil (builder/serve.py), httpx and its pure-Python dependencies (client/)
+#                     host's), psutil (builder/serve.py), httpx and its pure-Python dependencies (client/), tiktoken
+#                     (the prompt encoder, builder/runtime/tokenizer.py)
 # On the GPU host, `source scripts/gpu/setup.sh` unpacks and exports them.
 # Usage, on a machine with pip access to a package index:
 #   bash scripts/gpu/pack.sh            # then copy the checkout (with .gpu/) to the GPU host
@@ -19,8 +20,9 @@ PIP=(python3 -m pip)
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 rm -rf "$DEST/whl" && mkdir -p "$DEST/whl"
 # Wheels for another Python than ours: only binary wheels, for the GPU host's interpreter and platform.
-for_host=(--no-deps --only-binary=:all: --python-version "$PYV" --implementation cp
-          --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any)
+# (tiktoken >= 0.13 ships manylinux_2_28 wheels only: the GPU host's glibc must be >= 2.28.)
+for_host=(--no-deps --only-binary=:all: --python-version "$PYV" --implementation cp --platform manylinux_2_17_x86_64
+          --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any)
 
 "${PIP[@]}" download -q --no-deps -d "$tmp/w" nvidia-pytriton==0.7.0
 "${PIP[@]}" download -q --no-deps --only-binary=:all: --platform manylinux1_x86_64 -d "$tmp/w" tritonclient==2.51.0
@@ -33,5 +35,5 @@ xz -T0 -6 -c "$tmp"/pa/tritonclient-2.51.0.data/data/bin/perf_analyzer > "$DEST/
 
 "${PIP[@]}" download -q "${for_host[@]}" -d "$DEST/whl" numpy==1.26.4 tritonclient==2.73.0 python-rapidjson \
   psutil==6.1.0 httpx==0.28.1 httpcore==1.0.9 h11==0.16.0 anyio==4.16.0 sniffio==1.3.1 idna==3.20 certifi \
-  typing_extensions==4.16.0
+  typing_extensions==4.16.0 tiktoken==0.14.0
 du -sh "$DEST"; ls -la "$DEST" "$DEST/whl"
