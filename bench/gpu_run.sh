@@ -18,6 +18,8 @@
 #   bash bench/gpu_run.sh engine  # the scheduler alone (bench/inflight_engine.py): the mixed workload at 512 and 2048
 #                                 # prompt tokens per step, then kernel profiles of the mixed workload and of 64/256
 #                                 # streams of 128/128
+#   bash bench/gpu_run.sh sweep   # batch-1 timings (TTFT, ensemble overhead) and the first token's stage timeline,
+#                                 # then the decode step per attention launch shape (profile_decode.py --attention-sweep)
 #   bash bench/gpu_run.sh kernels # CUDA tests + decode-step kernel choices at batch 1/8/64/256 with a batch-1
 #                                 # kernel profile, and the attention launch sweep
 # The server log (tail) comes back too: the in-flight scheduler logs its timeline every 10 s of work.
@@ -34,7 +36,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu
 start=$(date +%s)
 # CUDA tests (transformers imports only under the host's own Python: README.md, "On a GPU host").
 [ "$mode" != diag ] && [ "$mode" != bench ] && [ "$mode" != kernels ] && [ "$mode" != host ] \
-  && [ "$mode" != serving ] && [ "$mode" != switch ] && [ "$mode" != trace ] && [ "$mode" != engine ] && [ "$mode" != process ] && timeout 240 "$GPU_HOST_PYTHON" -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_scheduler.py \
+  && [ "$mode" != serving ] && [ "$mode" != sweep ] && [ "$mode" != switch ] && [ "$mode" != trace ] && [ "$mode" != engine ] && [ "$mode" != process ] && timeout 240 "$GPU_HOST_PYTHON" -m pytest -q -p no:cacheprovider tests/test_engine_cuda.py tests/test_scheduler.py \
   >> "$OUT/cuda_tests.txt" 2>&1
 echo "cuda tests rc=$? in $(( $(date +%s) - start )) s" >> "$OUT/cuda_tests.txt"
 if [ "$mode" = kernels ]; then
@@ -61,6 +63,16 @@ elif [ "$mode" = serving ]; then
   # Where the first token's time goes, from Triton's trace (the repository serving_bench.py rendered above).
   timeout 150 python bench/ttft_timeline.py --repository "$WORK/repo" --prompt-tokens 512 --requests 40 \
     --machine "one NVIDIA H200" --out "$OUT/ttft_timeline.json" > "$OUT/ttft_timeline.log" 2>&1
+elif [ "$mode" = sweep ]; then
+  timeout 240 python bench/serving_bench.py --out "$OUT/serving.json" --work "$WORK" --levels 1 --skip-streamed \
+    --skip-not-streamed --skip-core --skip-mixed --bs1-reps 20 > "$OUT/bench.log" 2>&1
+  timeout 120 python bench/ttft_timeline.py --repository "$WORK/repo" --prompt-tokens 512 --requests 40 \
+    --machine "one NVIDIA H200" --out "$OUT/ttft_timeline.json" > "$OUT/ttft_timeline.log" 2>&1
+  for shape in "1 2 4 8 16 32:128" "1 4 16:768" "64 256:128" "64:768"; do
+    timeout 100 python bench/profile_decode.py --attention-sweep --batch ${shape%%:*} --prompt ${shape##*:} \
+      --steps 64 --prefill 0 --launches default 256,1,8 128,1,4 64,4,2 64,1,2 >> "$OUT/attention_sweep.txt" 2>&1
+    echo "batches ${shape%%:*} prompt ${shape##*:}: rc=$? at $(( $(date +%s) - start )) s" >> "$OUT/attention_sweep.txt"
+  done
 elif [ "$mode" = process ] || [ "$mode" = ab ]; then
   if [ "$mode" = process ]; then AB_VAR=GPT_TRITON_ENGINE_PROCESS; AB_VALUES="0 1"; fi
   for v in $AB_VALUES; do

@@ -79,7 +79,8 @@ def kernel_choices(best: DecodeKernels) -> dict[str, DecodeKernels]:
             "+attention": replace(eager, attention=best.attention),
             "+gemm_epilogue": replace(eager, gemm_epilogue=best.gemm_epilogue),
             "+skinny_gemm": replace(eager, skinny_rows=best.skinny_rows),
-            "all but skinny": replace(best, skinny_rows=0),
+            "all but skinny": replace(best, skinny_rows=0, skinny_residual_rows=0),
+            "all, no split residual": replace(best, skinny_residual_rows=0),
             "all, plain launches": replace(best, pdl=False),
             "all, skinny <= 64": replace(best, skinny_rows=64), "all": best}
 
@@ -108,7 +109,7 @@ def compare_choices(model: GptModel, batches: list[int], steps: int, prompt_len:
             agree = torch.where((tokens != base_tokens).any(1), first_diff, steps).float().mean().item()
             err = (logits - base_logits).abs().max().item()
             floor = floor_ms(model, batch, prompt_len + steps / 2, bandwidth_gbps)
-            print(f"batch {batch:3d} {name:19s} {ms:7.3f} ms/step ({floor / ms:4.0%} of floor {floor:.3f}) | "
+            print(f"batch {batch:3d} {name:22s} {ms:7.3f} ms/step ({floor / ms:4.0%} of floor {floor:.3f}) | "
                   f"vs eager: max |dlogit| {err:.4f} "
                   f"(logit std {base_logits.std().item():.3f}), tokens equal {same:.3f}, "
                   f"mean greedy-agreement prefix {agree:.1f}/{steps}", flush=True)
@@ -231,6 +232,41 @@ def bench_attention(device: torch.device) -> None:
               flush=True)
 
 
+def parse_launch(text: str) -> tuple[int, int, int] | None:
+    """"default" -> None; "64,4,2" -> (keys per block, blocks per program, warps)."""
+    if text == "default":
+        return None
+    block, blocks, warps = (int(value) for value in text.split(","))
+    return block, blocks, warps
+
+
+def sweep_attention(model: GptModel, batches: list[int], steps: int, prompt_len: int,
+                    launches: list[tuple[int, int, int] | None]) -> None:
+    """The decode step's time (CUDA graphs, every other kernel as chosen) per attention launch shape.
+
+    The shape's own timing (`bench_attention`, do_bench) includes a Python launch per call, which at a few rows
+    outlasts the kernel, and cannot see a combine kernel hidden behind PDL: this times them where they run."""
+    from builder.runtime import gpt_kernels
+
+    default = gpt_kernels.attention_launch
+    generator = torch.Generator(device=model.device).manual_seed(2)
+    for batch in batches:
+        prompt = torch.randint(100, 50000, (batch, prompt_len), device=model.device, generator=generator)
+        timings = []
+        for launch in launches:
+            if launch is not None:
+                gpt_kernels.attention_launch = lambda *_, launch=launch: launch
+            try:
+                ms, _, _ = greedy_run(model, prompt, steps, timed=True)
+            finally:
+                gpt_kernels.attention_launch = default
+            timings.append((ms, "default" if launch is None else str(launch)))
+            torch.cuda.empty_cache()
+        base = timings[0][0]
+        print(f"attention in the step, batch {batch:3d}, keys {prompt_len}-{prompt_len + steps}: "
+              + ", ".join(f"{name} {ms:.3f} ms ({ms / base - 1:+.1%})" for ms, name in timings), flush=True)
+
+
 def tune_skinny(model: GptModel, batches: list[int], steps: int, prompt_len: int) -> None:
     """Skinny GEMM launch shapes in the real decode step (CUDA graphs, the model's other kernels as chosen):
     block_n, pipeline stages, warps and split-K target."""
@@ -269,16 +305,23 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="benchmark attention and skinny GEMM launch shapes")
     parser.add_argument("--tune-skinny", action="store_true", help="only the skinny GEMM's launch shapes")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--attention-sweep", action="store_true",
+                        help="the decode step's time per attention launch shape, in place of the kernel choices")
+    parser.add_argument("--launches", nargs="+", default=["default", "64,1,2", "64,2,2", "32,1,2", "128,1,4"],
+                        help="attention launch shapes of --attention-sweep: keys per block,blocks per program,warps")
     args = parser.parse_args()
     device = torch.device("cuda:0")
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = True  # PyTorch's default, stated
     with torch.inference_mode():
         config = PRESETS["gpt3-1.3b"]
         model = random_model(config, device, torch.float16)
-        model.allocate_cache(max(args.batch), 1024)
+        model.allocate_cache(max(args.batch), max(1024, args.prompt + args.steps))
         bandwidth = copy_bandwidth_gbps()
         print(f"kernels for this model: {model.kernels}; copy bandwidth {bandwidth:.0f} GB/s, weights "
               f"{weight_bytes_per_step(config) / 1e9:.2f} GB per step", flush=True)
+        if args.attention_sweep:
+            sweep_attention(model, args.batch, args.steps, args.prompt, [parse_launch(text) for text in args.launches])
+            return
         check_gelu_epilogue(device)
         compare_choices(model, args.batch, args.steps, args.prompt, bandwidth)
         if args.prefill:

@@ -109,6 +109,11 @@ class DecodeKernels:
     attention: bool = False  # Triton decode attention that also writes the step's K/V (for small enough steps)
     gemm_epilogue: bool = False  # cuBLASLt bias + GELU(tanh)/ReLU epilogue on the MLP's first GEMM
     skinny_rows: int = 0  # decode batches of at most this many rows (<= 64) run the Triton skinny GEMM
+    # ... and of at most this many (<= 64) for the two GEMMs into the residual (attention output, FC2) only, as split-K
+    # partials that the add + LayerNorm kernel sums. At 24-64 rows cuBLAS's kernel (64x64 tiles) gives their 2048
+    # output columns 32 tiles for 132 SMs; the split runs 256 programs: -3.5 to -5.5 % of the step at 24-64 rows on
+    # an H200 (docs/gpu/runs-2026-12-02f). QKV and FC1 stay on cuBLAS there.
+    skinny_residual_rows: int = 0
     pdl: bool = False  # launch the Triton kernels as programmatic dependents (Hopper): no launch gap between them
 
     @classmethod
@@ -121,8 +126,10 @@ class DecodeKernels:
 
         d = config.size_per_head
         pdl = gpt_kernels.pdl_supported(device) and os.environ.get("GPT_TRITON_PDL", "1") != "0"  # A/B runs
+        half = dtype in (torch.float16, torch.bfloat16)
         return cls(fused_norm=True, attention=d >= 16 and d & (d - 1) == 0, gemm_epilogue=True,
-                   skinny_rows=16 if dtype in (torch.float16, torch.bfloat16) else 0, pdl=pdl)
+                   skinny_rows=16 if half else 0, skinny_residual_rows=gpt_kernels.SKINNY_MAX_ROWS if half else 0,
+                   pdl=pdl)
 
 
 @dataclass(frozen=True)
@@ -206,7 +213,7 @@ class GptModel:
             "lm_head": _skinny_plan(self.lm_head.shape[0], h, may_split=False)}
         kernels = DecodeKernels.for_model(config, self.device, dtype)
         if any(plan is None for plan in self.skinny_plans.values()):
-            kernels = replace(kernels, skinny_rows=0)
+            kernels = replace(kernels, skinny_rows=0, skinny_residual_rows=0)
         self.kernels = kernels  # settable (benchmarks compare choices); read by each decode call and graph capture
 
     def allocate_cache(self, slots: int, max_seq_len: int) -> None:
@@ -266,12 +273,13 @@ class GptModel:
         return self._activation(y) if activation else y
 
     def _linear_into_residual(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, plan: str, *,
-                              skinny: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(delta, bias still to add): skinny split-K partials leave the reduction and bias to `_add_norm`."""
+                              skinny: bool, split: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(delta, bias still to add): with `split`, the skinny GEMM's split-K partials (where the plan splits)
+        leave the reduction and bias to `_add_norm`; otherwise `_linear` (skinny or not)."""
         if self.shard is not None:  # a row-parallel partial product: whole (no split-K), summed over the ranks
             return self.shard.all_reduce(self._linear(x, weight, None, plan, skinny=skinny)), bias
         shape = self.skinny_plans[plan]
-        if skinny and shape is not None and shape.split_k > 1:
+        if split and shape is not None and shape.split_k > 1:
             from . import gpt_kernels
 
             return gpt_kernels.skinny_linear(x, weight, split_k=shape.split_k, block_k=shape.block_k,
@@ -362,6 +370,7 @@ class GptModel:
         """
         n = tokens.shape[0]
         skinny = n <= self.kernels.skinny_rows
+        split = skinny or n <= self.kernels.skinny_residual_rows
         fused_attention = self.kernels.attention and n * kv_len <= FUSED_ATTENTION_MAX_ROW_KEYS
         attend = self._fused_attention if fused_attention else self._eager_attention(positions, kv_len)
         first = self.layers[0]
@@ -371,10 +380,11 @@ class GptModel:
             qkv = self._linear(h, layer.qkv_weight, layer.qkv_bias, "qkv", skinny=skinny)  # [n, 3H]
             attn = attend(i, qkv, positions, kv_len)  # [n, H]
             delta, bias = self._linear_into_residual(attn, layer.attn_out_weight, layer.attn_out_bias, "out",
-                                                     skinny=skinny)
+                                                     skinny=skinny, split=split)
             x, h = self._add_norm(x, delta, bias, layer.ln2_weight, layer.ln2_bias)
             up = self._linear(h, layer.fc1_weight, layer.fc1_bias, "fc1", skinny=skinny, activation=True)
-            delta, bias = self._linear_into_residual(up, layer.fc2_weight, layer.fc2_bias, "fc2", skinny=skinny)
+            delta, bias = self._linear_into_residual(up, layer.fc2_weight, layer.fc2_bias, "fc2",
+                                                     skinny=skinny, split=split)
             x, h = self._add_norm(x, delta, bias, *self._next_norm(i))
         logits = self._linear(h, self.lm_head, None, "lm_head", skinny=skinny)
         return logits if self.shard is None else self.shard.gather_vocab(logits)

@@ -259,11 +259,15 @@ def attention_launch(rows: int, heads: int, kv_len: int, sms: int) -> tuple[int,
     won at every shape from 1 x 256 to 256 x 1024 keys (1.3-1.7x faster than the 8-warp default it replaced, and
     faster than cuDNN's SDPA where that had won). A bucket of <= 256 keys runs as one split (no combine kernel);
     longer ones take 1-4 blocks per program, as many as still leave ~4096 programs (rows 16 x 1024 keys: 1 block;
-    64 x 1024: 4)."""
+    64 x 1024: 4).
+    Timed inside the decode step's CUDA graph (--attention-sweep, where a kernel's Python launch does not count),
+    a bucket of <= 256 keys at <= 8 rows runs faster as one 256-key block with 8 warps per (row, head): all its keys'
+    loads in flight at once, for the few programs there are (-5 to -6 % of the step at 1-8 rows and 128-192 keys;
+    +2.6 % at 16 rows; longer keys split over 64-key programs and kept the default)."""
     del sms  # the shapes above were all best at the same block and warp count, whatever the grid's size
     blocks = -(-kv_len // 64)
     if blocks <= 4:
-        return 64, 4, 2
+        return (256, 1, 8) if rows <= 8 else (64, 4, 2)
     return 64, max(1, min(4, rows * heads * blocks // 4096)), 2
 
 
