@@ -171,6 +171,17 @@ def test_the_load_time_check_keeps_agreeing_prefill_graphs_and_drops_wrong_ones(
     assert any("several-prompt prefill CUDA graph disagrees with eager" in r.getMessage() for r in caplog.records)
 
 
+def test_an_engine_of_one_slot_loads_its_graphs(tiny: TinyGpt) -> None:
+    """One KV slot (max_batch_size 1): the load-time check has no two-prompt pass to compare (it would write a second
+    slot: a device-side assert that killed the load on a GPU), the other checks still run."""
+    engine = new_engine(tiny, slots=1, device="cpu-graphs")
+    graphs = engine.prefill_graphs
+    engine.graphs = SimpleNamespace(capture_all=lambda: 0)
+    note = engine.capture_graphs()
+    assert engine.prefill_graphs is graphs
+    assert "chunk graph vs whole prompt" in note and "two-prompt" not in note, note
+
+
 @dataclass
 class Trace:
     """The scheduler's on_step records, appended from its thread."""

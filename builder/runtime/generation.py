@@ -351,7 +351,8 @@ class GptEngine:
                 chunk_length = torch.full((1,), 40, dtype=torch.long, device=self.device)
                 agrees(eager, self.prefill_graphs.prefill_chunk(prompt[:, 60:], chunk_length, 0, 60).clone(),
                        "chunk prefill", "chunk graph vs whole prompt")
-            if self.prefill_graphs is not None and self.prefill_graphs.fits_rows(2, 64):  # two prompts, one graph
+            # Two prompts in one graph; they need two cache slots (an engine of one slot has no several-prompt passes).
+            if self.prefill_graphs is not None and self.model.slots >= 2 and self.prefill_graphs.fits_rows(2, 64):
                 pair, lengths = prompt[:, :64].repeat(2, 1), torch.tensor([64, 40], device=self.device)
                 slots = torch.tensor([0, 1], device=self.device)
                 agrees(self.model.prefill(pair, lengths, slot_index=slots),
