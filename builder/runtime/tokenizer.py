@@ -35,11 +35,13 @@ MERGES_FILE = "merges.txt"
 EOS_TOKEN = "<|endoftext|>"
 # GPT-2's pre-tokenizer split (the ByteLevel pre-tokenizer's regex), in tiktoken's syntax.
 GPT2_SPLIT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# Older tiktokens merge one long piece in quadratic time: a 250 kB run of one letter (the prompt byte limit lets it
+# in) took 33 s with 0.12 on this project's CPU VM, 0.1 s with 0.13 and 0.14.
+TIKTOKEN_MIN = (0, 13)
 # sha256 of `_tables_digest` over builder/assets/gpt2 (OpenAI's GPT-2 tables). tiktoken merges the adjacent pair whose
 # concatenation has the lowest id; BPE merges the listed pair of lowest rank. On these tables the two agree (ids are
 # merge order; tests/test_text_tokenizer.py checks every token's own text and random texts against `tokenizers`), so
 # only these tables take the fast path.
-TIKTOKEN_MIN = (0, 13)
 GPT2_TABLES_SHA256 = "3faf19966ed8960985e31dfaf2c55c1bb204b57f3a18009e7bddf118645b5632"
 
 
@@ -72,17 +74,16 @@ def _tables_digest(vocab: dict[str, int], merges: str) -> str:
 
 
 def _tiktoken_encoding(token_bytes: list[bytes], eos_id: int) -> Encoding | None:
-    """tiktoken over the GPT-2 tables (ids as ranks), `<|endoftext|>` in text -> eos as in HF.
-
-    None (encode with tokenizers) without tiktoken >= TIKTOKEN_MIN: older ones merge a long piece in quadratic time
-    (a 250 kB run of one letter, which the prompt byte limit lets through, took ~40 s with 0.12)."""
+    """tiktoken over the GPT-2 tables (ids as ranks), `<|endoftext|>` in text -> eos as in HF; None (encode with
+    tokenizers) without tiktoken >= TIKTOKEN_MIN."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        found = version("tiktoken")
-    except PackageNotFoundError:
-        found = None
-    if found is None or tuple(int(part) for part in found.split(".")[:2]) < TIKTOKEN_MIN:
+        found: str | None = version("tiktoken")
+        recent = tuple(int(part) for part in str(found).split(".")[:2]) >= TIKTOKEN_MIN
+    except (PackageNotFoundError, ValueError):  # not installed, or a version string we cannot read
+        found, recent = None, False
+    if not recent:
         log.warning("tiktoken >= %s is not installed (found %s): prompts encode with tokenizers, ~7x slower",
                     ".".join(map(str, TIKTOKEN_MIN)), found)
         return None
