@@ -307,6 +307,8 @@ def main() -> None:
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--attention-sweep", action="store_true",
                         help="the decode step's time per attention launch shape, in place of the kernel choices")
+    parser.add_argument("--split-residual-rows", type=int,
+                        help="DecodeKernels.skinny_residual_rows for the run (default: the model's)")
     parser.add_argument("--launches", nargs="+", default=["default", "64,1,2", "64,2,2", "32,1,2", "128,1,4"],
                         help="attention launch shapes of --attention-sweep: keys per block,blocks per program,warps")
     args = parser.parse_args()
@@ -316,6 +318,8 @@ def main() -> None:
         config = PRESETS["gpt3-1.3b"]
         model = random_model(config, device, torch.float16)
         model.allocate_cache(max(args.batch), max(1024, args.prompt + args.steps))
+        if args.split_residual_rows is not None:
+            model.kernels = replace(model.kernels, skinny_residual_rows=args.split_residual_rows)
         bandwidth = copy_bandwidth_gbps()
         print(f"kernels for this model: {model.kernels}; copy bandwidth {bandwidth:.0f} GB/s, weights "
               f"{weight_bytes_per_step(config) / 1e9:.2f} GB per step", flush=True)

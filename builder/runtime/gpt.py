@@ -101,6 +101,9 @@ def check_weights(config: GptModelConfig, weights: dict[str, torch.Tensor], tp: 
 FUSED_ATTENTION_MAX_ROW_KEYS = int(os.environ.get("GPT_TRITON_FUSED_ATTENTION_MAX_ROW_KEYS", str(1 << 62)))
 
 
+SPLIT_RESIDUAL_ROWS = 64  # DecodeKernels.skinny_residual_rows's default (measured up to 64 rows)
+
+
 @dataclass(frozen=True)
 class DecodeKernels:
     """Which fused CUDA kernels the model uses; all off is the eager PyTorch path (the only one on CPU)."""
@@ -108,8 +111,8 @@ class DecodeKernels:
     fused_norm: bool = False  # Triton residual add (+ bias, + split-K partials) and LayerNorm in one kernel
     attention: bool = False  # Triton decode attention that also writes the step's K/V (for small enough steps)
     gemm_epilogue: bool = False  # cuBLASLt bias + GELU(tanh)/ReLU epilogue on the MLP's first GEMM
-    skinny_rows: int = 0  # decode batches of at most this many rows (<= 64) run the Triton skinny GEMM
-    # ... and of at most this many (<= 64) for the two GEMMs into the residual (attention output, FC2) only, as split-K
+    skinny_rows: int = 0  # decode batches of at most this many rows run the Triton skinny GEMM
+    # ... and of at most this many for the two GEMMs into the residual (attention output, FC2) only, as split-K
     # partials that the add + LayerNorm kernel sums. At 24-64 rows cuBLAS's kernel (64x64 tiles) gives their 2048
     # output columns 32 tiles for 132 SMs; the split runs 256 programs: -3.5 to -5.5 % of the step at 24-64 rows on
     # an H200 (docs/gpu/runs-2026-12-02f). QKV and FC1 stay on cuBLAS there.
@@ -128,7 +131,7 @@ class DecodeKernels:
         pdl = gpt_kernels.pdl_supported(device) and os.environ.get("GPT_TRITON_PDL", "1") != "0"  # A/B runs
         half = dtype in (torch.float16, torch.bfloat16)
         return cls(fused_norm=True, attention=d >= 16 and d & (d - 1) == 0, gemm_epilogue=True,
-                   skinny_rows=16 if half else 0, skinny_residual_rows=gpt_kernels.SKINNY_MAX_ROWS if half else 0,
+                   skinny_rows=16 if half else 0, skinny_residual_rows=SPLIT_RESIDUAL_ROWS if half else 0,
                    pdl=pdl)
 
 

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 ACTIVATIONS = {"none": 0, "gelu_tanh": 1, "relu": 2}
-SKINNY_MAX_ROWS = 64  # one tile of rows: tl.dot needs >= 16; rows past the batch are masked off (no memory traffic)
+SKINNY_TILE_ROWS = 64  # rows per program of the skinny GEMM (tl.dot needs >= 16; rows past the batch are masked off)
 
 
 @functools.cache
@@ -119,8 +119,8 @@ def _skinny_linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n, k, k_per_spl
                           SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
                           IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           USE_PDL: tl.constexpr):
-    block_n, split = tl.program_id(0), tl.program_id(1)
-    offs_m = tl.arange(0, BLOCK_M)
+    block_n, split, block_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     k_start = split * k_per_split
@@ -150,14 +150,13 @@ def _skinny_linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n, k, k_per_spl
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                   activation: str = "none", split_k: int = 1, block_n: int = 32, block_k: int = 128,
                   num_warps: int = 4, num_stages: int = 5, pdl: bool = False) -> torch.Tensor:
-    """x [rows <= 64, K] @ weight[N, K]^T (+ bias, activation) -> [rows, N] in x's dtype; or, with split_k > 1,
+    """x [rows, K] @ weight[N, K]^T (+ bias, activation) -> [rows, N] in x's dtype; or, with split_k > 1,
     the unreduced fp32 partials [split_k, rows, N] (no bias, no activation: `add_layer_norm` finishes them).
+    Each program takes up to SKINNY_TILE_ROWS rows: past them the weights are read once per tile of rows.
 
     pdl: launch it as a programmatic dependent of the previous kernel (Hopper)."""
     rows, k = x.shape
     n = weight.shape[0]
-    if rows > SKINNY_MAX_ROWS:
-        raise ValueError(f"skinny_linear takes at most {SKINNY_MAX_ROWS} rows, got {rows}")
     if k % (split_k * block_k):
         raise ValueError(f"K={k} must be a multiple of split_k * block_k = {split_k} * {block_k}")
     if split_k > 1 and (bias is not None or activation != "none"):
@@ -166,10 +165,11 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         out = torch.empty((rows, n), device=x.device, dtype=x.dtype)
     else:
         out = torch.empty((split_k, rows, n), device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(n, block_n), split_k)
+    block_m = min(SKINNY_TILE_ROWS, max(16, triton.next_power_of_2(rows)))
+    grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(rows, block_m))
     _skinny_linear_kernel[grid](x, weight, bias if bias is not None else weight, out, rows, n, k, k // split_k,
                                 SPLIT_K=split_k, HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation],
-                                IEEE=x.dtype == torch.float32, BLOCK_M=max(16, triton.next_power_of_2(rows)),
+                                IEEE=x.dtype == torch.float32, BLOCK_M=block_m,
                                 BLOCK_N=block_n, BLOCK_K=block_k, USE_PDL=pdl, num_warps=num_warps,
                                 num_stages=num_stages, **_launch_options(pdl))
     return out
