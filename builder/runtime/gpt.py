@@ -101,7 +101,9 @@ def check_weights(config: GptModelConfig, weights: dict[str, torch.Tensor], tp: 
 FUSED_ATTENTION_MAX_ROW_KEYS = int(os.environ.get("GPT_TRITON_FUSED_ATTENTION_MAX_ROW_KEYS", str(1 << 62)))
 
 
-SPLIT_RESIDUAL_ROWS = 64  # DecodeKernels.skinny_residual_rows's default (measured up to 64 rows)
+# DecodeKernels.skinny_residual_rows's default. Past one tile of 64 rows the split GEMM reads the weights once per
+# tile: 9-25 % slower steps at 80-256 rows on an H200 (docs/gpu/runs-2026-12-02f/split_residual_past_64.txt).
+SPLIT_RESIDUAL_ROWS = 64
 
 
 @dataclass(frozen=True)
