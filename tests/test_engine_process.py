@@ -144,6 +144,29 @@ def test_a_bad_request_is_refused_before_it_reaches_the_engine(engine_process: E
                               RecordingSink())
 
 
+def test_a_first_response_goes_before_the_log_lines_that_came_with_it(tiny_ft_dir: Path) -> None:
+    """The admission's log line and the request's first token leave the engine process in one message; the stub
+    sends the token first (each log line is a round trip to the server, on the way to the first response)."""
+    order: list[str] = []
+
+    class OrderSink(RecordingSink):
+        def update(self, outputs: list[RowOutput]) -> None:
+            order.append("update")
+            super().update(outputs)
+
+    remote = EngineProcess(settings(tiny_ft_dir), "cpu", log_info=lambda text: order.append(f"info: {text}"),
+                           log_verbose=lambda text: order.append(f"verbose: {text}"))
+    try:
+        sink = OrderSink()
+        remote.submit([GenerationRequest(input_ids=PROMPTS[0], output_len=4, end_id=50256, min_length=4)], sink,
+                      stream=True)
+        assert sink.done.wait(60) and sink.error is None
+    finally:
+        remote.stop()
+    joined = next(i for i, line in enumerate(order) if "joined" in line)
+    assert order.index("update") < joined, order
+
+
 def test_a_dead_engine_process_fails_its_requests_and_says_so(tiny_ft_dir: Path) -> None:
     exits: list[str] = []
     remote = EngineProcess(settings(tiny_ft_dir), "cpu", log_info=lambda _: None, log_verbose=lambda _: None,

@@ -355,7 +355,10 @@ class EngineProcess:
 
     def _handle(self, events: list[tuple]) -> None:
         """Apply a batch of events: finals, failures and first responses are sent now; other updates wait in
-        `_pending` (oldest first)."""
+        `_pending` (oldest first). Log lines go last: each is a round trip to the server (even a verbose line the
+        server drops), and an admission's line travels with its first token (0.4 ms of a first response on the CPU
+        machine when it went first)."""
+        logs = [event for event in events if event[0] == "log"]
         for event in events:
             kind = event[0]
             if kind == "tokens":
@@ -384,13 +387,13 @@ class EngineProcess:
                     remote.sink.fail(RuntimeError(event[2]))
                 else:
                     remote.sink.reject(event[2])
-            elif kind == "log":
-                (self.log_verbose if event[1] else self.log_info)(event[2])
             elif kind == "metrics":
                 if self.metrics is not None:
                     self.metrics.merge(event[1])
             elif kind == "stopped":
                 self.summary = event[1]
+        for _, verbose, text in logs:
+            (self.log_verbose if verbose else self.log_info)(text)
 
     def _updated(self, rid: int, remote: _Remote) -> None:
         if remote.updates == 0:
