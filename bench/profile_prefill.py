@@ -2,9 +2,13 @@
 
 For each shape (rows x prompt tokens) it times GptModel.prefill eagerly and replayed from a CUDA graph (as the
 in-flight scheduler runs it: generation.PrefillGraphs), reports the achieved TFLOP/s against the matmul FLOPs of the
-pass, then prints a torch.profiler table of the CUDA kernels of one eager pass per `--profile` shape.
+pass, then prints a torch.profiler table of the CUDA kernels of one eager pass per `--profile` shape. A shape
+`RxT@S` is a chunk of T tokens per row at prompt position S (chunked prefill: the slot caches S tokens already).
+Each shape runs with the Triton prefill attention (`gpt_kernels.prefill_attention`) and with PyTorch's SDPA
+(`--attention`), in the same process.
 
-  source scripts/gpu/setup.sh && python bench/profile_prefill.py --shapes 1x128 1x512 4x128 1x1024 --profile 1x512
+  source scripts/gpu/setup.sh && python bench/profile_prefill.py --shapes 1x128 1x512 4x128 1x1024 1x256@768 \
+      --profile 1x512
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,17 +29,32 @@ from builder.checkpoints.presets import PRESETS
 from builder.runtime.gpt import GptModel
 
 
-def parse_shape(text: str) -> tuple[int, int]:
-    rows, tokens = text.lower().split("x")
-    return int(rows), int(tokens)
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """"RxT" or "RxT@S" -> (rows, tokens, start)."""
+    shape, _, start = text.lower().partition("@")
+    rows, tokens = shape.split("x")
+    return int(rows), int(tokens), int(start or 0)
 
 
-def matmul_tflop(model: GptModel, rows: int, tokens: int) -> float:
-    """The pass's matmul FLOPs (TFLOP): 2 x the layers' weights per token, causal attention, the last token's
-    lm_head per row."""
+def prefill_pass(model: GptModel, rows: int, tokens: int, start: int) -> Callable[[], torch.Tensor]:
+    """One prefill of `rows` random prompts of `tokens` tokens into slots 0.., at prompt position `start` (a chunk
+    over `start` cached keys, its kv bucket rounded up to 256 as `generation.PrefillGraphs` does)."""
+    device = model.device
+    prompt = torch.randint(100, 50000, (rows, tokens), device=device)
+    lengths = torch.full((rows,), tokens, device=device)
+    if start == 0:
+        return lambda: model.prefill(prompt, lengths)
+    starts, slots = torch.full((rows,), start, device=device), torch.arange(rows, device=device)
+    kv_len = min(model.max_seq_len, -(-(start + tokens) // 256) * 256)
+    return lambda: model.prefill(prompt, lengths, slot_index=slots, starts=starts, kv_len=kv_len)
+
+
+def matmul_tflop(model: GptModel, rows: int, tokens: int, start: int = 0) -> float:
+    """The pass's matmul FLOPs (TFLOP): 2 x the layers' weights per token, causal attention (over `start` cached
+    keys too), the last token's lm_head per row."""
     hidden, layers = model.hidden, len(model.layers)
     per_token = 2 * layers * 12 * hidden * hidden
-    attention = 2 * layers * 2 * hidden * tokens * tokens / 2 * rows  # QK^T and PV, causal half
+    attention = 2 * layers * 2 * hidden * tokens * (tokens / 2 + start) * rows  # QK^T and PV, causal
     lm_head = 2 * hidden * model.config.vocab_size * rows
     return (per_token * rows * tokens + attention + lm_head) / 1e12
 
@@ -54,38 +75,44 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["1x128", "1x512", "4x128", "1x1024"])
     parser.add_argument("--profile", nargs="*", default=["1x512"], help="shapes to print a kernel table of")
+    parser.add_argument("--attention", nargs="+", choices=["kernel", "sdpa"], default=["kernel", "sdpa"],
+                        help="prefill attention(s) to time: the Triton kernel, PyTorch's SDPA (the profile: the first)")
     args = parser.parse_args()
     device = torch.device("cuda:0")
     shapes = [parse_shape(text) for text in args.shapes]
     with torch.inference_mode():
         model = random_model(PRESETS["gpt3-1.3b"], device, torch.float16)
-        model.allocate_cache(max(rows for rows, _ in shapes), 2048)
+        model.allocate_cache(max(rows for rows, _, _ in shapes), 2048)
+        kernels = {"kernel": replace(model.kernels, attention=True), "sdpa": replace(model.kernels, attention=False)}
         print(f"GPU: {torch.cuda.get_device_name(device)}")
-        for rows, tokens in shapes:
-            prompt = torch.randint(100, 50000, (rows, tokens), device=device)
-            lengths = torch.full((rows,), tokens, device=device)
-            eager = time_ms(lambda prompt=prompt, lengths=lengths: model.prefill(prompt, lengths))
-            graph = torch.cuda.CUDAGraph()
-            model.prefill(prompt, lengths)
-            torch.cuda.synchronize()
-            with torch.cuda.graph(graph):
-                model.prefill(prompt, lengths)
-            replay = time_ms(graph.replay)
-            flop = matmul_tflop(model, rows, tokens)
-            print(f"prefill {rows} x {tokens:4d}: eager {eager:6.2f} ms, graph {replay:6.2f} ms "
-                  f"({flop * 1e3:.0f} GFLOP: {flop / replay * 1e3:5.0f} TFLOP/s in the graph)", flush=True)
-            del graph
+        for rows, tokens, start in shapes:
+            run = prefill_pass(model, rows, tokens, start)
+            for name in args.attention:
+                model.kernels = kernels[name]
+                eager = time_ms(run)
+                graph = torch.cuda.CUDAGraph()
+                run()
+                torch.cuda.synchronize()
+                with torch.cuda.graph(graph):
+                    run()
+                replay = time_ms(graph.replay)
+                flop = matmul_tflop(model, rows, tokens, start)
+                print(f"prefill {rows} x {tokens:4d} at {start:4d}, attention {name:6s}: eager {eager:6.2f} ms, "
+                      f"graph {replay:6.2f} ms ({flop * 1e3:.0f} GFLOP: {flop / replay * 1e3:5.0f} TFLOP/s in the "
+                      "graph)", flush=True)
+                del graph
+        model.kernels = kernels[args.attention[0]]
         for text in args.profile:
-            rows, tokens = parse_shape(text)
-            prompt = torch.randint(100, 50000, (rows, tokens), device=device)
-            lengths = torch.full((rows,), tokens, device=device)
-            model.prefill(prompt, lengths)
+            rows, tokens, start = parse_shape(text)
+            run = prefill_pass(model, rows, tokens, start)
+            run()
             torch.cuda.synchronize()
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):
-                    model.prefill(prompt, lengths)
+                    run()
                 torch.cuda.synchronize()
-            print(f"-- CUDA kernels of 5 eager prefills, {rows} x {tokens} --")
+            print(f"-- CUDA kernels of 5 eager prefills, {rows} x {tokens} at {start}, attention "
+                  f"{args.attention[0]} --")
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=80))
 
 

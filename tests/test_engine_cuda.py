@@ -178,3 +178,77 @@ def test_skinny_linear_matches_the_eager_product(rows: int) -> None:
     partials = gpt_kernels.skinny_linear(x, w, split_k=2, block_n=16, block_k=128, pdl=pdl)
     assert partials.shape == (2, rows, 384) and partials.dtype == torch.float32
     torch.testing.assert_close(partials.sum(0), exact - b.float(), rtol=1e-3, atol=1e-3)
+
+
+def _reference_prefill_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                                 starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 attention of each row's chunk over its slot's cached keys [0, start) and, causally, its own; returns
+    (out [n, T, H], the caches with the chunks written)."""
+    n, width, _ = qkv.shape
+    _, heads, max_seq, d = k_cache.shape
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    q, k, v = qkv.view(n, width, 3, heads, d).permute(2, 0, 3, 1, 4).float()  # each [n, heads, T, d]
+    outs = []
+    for i in range(n):
+        slot, start = int(slots[i]), int(starts[i])
+        kept = min(width, max_seq - start)  # positions past the cache are not written
+        k_cache[slot, :, start:start + kept] = k[i, :, :kept].to(k_cache.dtype)
+        v_cache[slot, :, start:start + kept] = v[i, :, :kept].to(v_cache.dtype)
+        keys = torch.cat([k_cache[slot, :, :start].float(), k[i]], dim=1)  # [heads, start + T, d]
+        values = torch.cat([v_cache[slot, :, :start].float(), v[i]], dim=1)
+        key_positions, query_positions = torch.arange(start + width), start + torch.arange(width)
+        seen = (key_positions[None, :] <= query_positions[:, None]).to(qkv.device)  # [T, start + T]
+        attn = F.scaled_dot_product_attention(q[i], keys, values, attn_mask=seen)  # [heads, T, d]
+        outs.append(attn.transpose(0, 1).reshape(width, -1))
+    return torch.stack(outs), k_cache, v_cache
+
+
+@pytest.mark.parametrize("head_dim,dtype", [(128, torch.float16), (64, torch.bfloat16), (128, torch.float32),
+                                            (16, torch.float32)])
+@torch.inference_mode()
+def test_prefill_attention_kernel_matches_the_reference(head_dim: int, dtype: torch.dtype) -> None:
+    """`prefill_attention` (whole prompts and chunks at their own starts, several query blocks, a chunk running
+    past the cache) against fp32 attention over the same keys; the cache it leaves, and no other slot touched."""
+    from builder.runtime import gpt_kernels
+
+    generator = torch.Generator(device="cuda").manual_seed(head_dim)
+    heads, max_seq, width = 4, 256, 150  # 150 queries: three blocks, the last one partial
+    qkv = torch.randn(3, width, 3 * heads * head_dim, device="cuda", generator=generator).to(dtype)
+    k_cache = torch.randn(8, heads, max_seq, head_dim, device="cuda", generator=generator).to(dtype)
+    v_cache = torch.randn(8, heads, max_seq, head_dim, device="cuda", generator=generator).to(dtype)
+    slots = torch.tensor([5, 0, 2], device="cuda")
+    tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for starts in (None, torch.tensor([7, 64, 200], device="cuda")):  # whole prompts; chunks (the last past the cache)
+        want, want_k, want_v = _reference_prefill_attention(qkv, k_cache, v_cache, slots,
+                                                            torch.zeros_like(slots) if starts is None else starts)
+        got_k, got_v = k_cache.clone(), v_cache.clone()
+        got = gpt_kernels.prefill_attention(qkv, got_k, got_v, slots, starts)
+        torch.testing.assert_close(got.float(), want, **tolerance)
+        assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@torch.inference_mode()
+def test_prefill_with_the_attention_kernel_matches_eager_whole_and_in_chunks(tiny: TinyGpt, dtype: torch.dtype) -> None:
+    """The model's prefill with the Triton attention against PyTorch's SDPA: ragged whole prompts into named slots,
+    then a second chunk of each at its own start: logits and the KV cache."""
+    model = GptEngine.from_ft_dir(tiny.ft_dir, device="cuda:0", dtype=dtype, max_batch_size=16).model
+    assert model.kernels.attention
+    generator = torch.Generator().manual_seed(7)
+    first, second = torch.randint(1, 500, (3, 70), generator=generator), torch.randint(1, 500, (3, 20),
+                                                                                       generator=generator)
+    first_lengths, second_lengths = torch.tensor([70, 33, 5], device="cuda"), torch.tensor([20, 7, 1], device="cuda")
+    slots = torch.tensor([6, 2, 9], device="cuda")
+
+    def run(kernels: DecodeKernels) -> list[torch.Tensor]:
+        model.kernels = kernels
+        for cache in model.k_cache + model.v_cache:
+            cache.zero_()
+        logits = [model.prefill(first.cuda(), first_lengths, slot_index=slots),
+                  model.prefill(second.cuda(), second_lengths, slot_index=slots, starts=first_lengths,
+                                kv_len=model.max_seq_len)]
+        return logits + [cache.clone() for cache in model.k_cache + model.v_cache]
+
+    tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for got, want in zip(run(replace(DecodeKernels(), attention=True)), run(DecodeKernels())):
+        torch.testing.assert_close(got.float(), want.float(), **tolerance)

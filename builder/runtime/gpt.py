@@ -299,28 +299,27 @@ class GptModel:
 
         Writes K/V of positions 0..T-1 into cache slots first_slot..first_slot+n-1 (padding positions too; decode
         overwrites them), or into the slots slot_index [n] names (a device tensor: capturable in a CUDA graph).
-        Eager ops only, whatever `self.kernels` says: at T x n rows the GEMMs are compute-bound and cuBLAS's plain
-        kernels win (its GELU epilogue ran slower than GEMM + GELU at 512 rows on an H100).
+        The GEMMs are cuBLAS's plain kernels whatever `self.kernels` says: at T x n rows they are compute-bound
+        (cuBLAS's GELU epilogue ran slower than GEMM + GELU at 512 rows on an H100). With `kernels.attention` the
+        attention is `gpt_kernels.prefill_attention` (K/V written into the cache in the same kernel, no copies out of
+        the QKV product); otherwise PyTorch's SDPA after writing the cache.
 
         Chunked prefill: with `starts` [n] (device), row i's tokens are the prompt positions starts[i].. of a slot
         whose cache already holds positions [0, starts[i]); its queries attend to those cached keys and causally to
         the chunk (an explicit mask over cache positions [0, kv_len), kv_len >= every starts[i] + lengths[i]), and
-        its K/V go to positions starts[i]..starts[i]+T-1. Padding positions past the cache (or the position
-        embeddings) are clamped to the last one: only padding lands there, and a prompt never reaches it (a request
-        generates at least one token). No host sync either way: capturable with starts and kv_len fixed per graph.
+        its K/V go to positions starts[i]..starts[i]+T-1. Padding positions past the position embeddings are clamped
+        to the last one, and past the cache clamped (eager) or dropped (kernel): only padding lands there, and a
+        prompt never reaches it (a request generates at least one token). The kernel reads the cached keys by each
+        row's start and ignores kv_len. No host sync either way: capturable with starts and kv_len fixed per graph.
         """
         n, t = tokens.shape
         chunk_slots = torch.arange(first_slot, first_slot + n, device=self.device) if slot_index is None else slot_index
-        if starts is not None:
-            kv_len = kv_len or self.max_seq_len
-            positions = starts[:, None] + torch.arange(t, device=self.device)[None, :]  # [n, T]
+        positions = None if starts is None else starts[:, None] + torch.arange(t, device=self.device)[None, :]  # [n, T]
+        if positions is not None:
             embedded = F.embedding(positions.clamp(max=self.config.max_pos_seq_len - 1), self.wpe)
-            mask = (torch.arange(kv_len, device=self.device)[None, None, :] <= positions[:, :, None])[:, None]
-            head_rows = chunk_slots[:, None] * self.heads + torch.arange(self.heads, device=self.device)[None, :]
-            write_rows = (head_rows[:, :, None] * self.max_seq_len  # [n, heads, T] -> flat cache rows
-                          + positions.clamp(max=self.max_seq_len - 1)[:, None, :]).reshape(-1)
         else:
             embedded = F.embedding(torch.arange(t, device=self.device), self.wpe)
+        attend = self._prefill_attention(chunk_slots, first_slot, slot_index, starts, positions, kv_len)
         x = F.embedding(tokens, self.wte) + embedded  # [n, T, H]
         # In a CUDA graph, each residual add and the LayerNorm after it run as one kernel (the decode step's, over
         # n x T rows): 5-10 % off a graph's pass on an H200 (1 x 512 tokens 3.33 -> 3.15 ms). An eager pass keeps the
@@ -329,8 +328,46 @@ class GptModel:
         h = F.layer_norm(x, (self.hidden,), self.layers[0].ln1_weight, self.layers[0].ln1_bias,
                          self.config.layernorm_eps)
         for i, layer in enumerate(self.layers):
-            qkv = F.linear(h, layer.qkv_weight, layer.qkv_bias).view(n, t, 3, self.heads, self.head_dim)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [n, heads, T, d]
+            delta = self._row_linear(attend(i, F.linear(h, layer.qkv_weight, layer.qkv_bias)), layer.attn_out_weight,
+                                     layer.attn_out_bias)
+            x, h = self._prefill_add_norm(x, delta, layer.ln2_weight, layer.ln2_bias, fused)
+            delta = self._row_linear(self._activation(F.linear(h, layer.fc1_weight, layer.fc1_bias)),
+                                     layer.fc2_weight, layer.fc2_bias)
+            if i + 1 < len(self.layers) or fused:  # the last layer's norm: of the prompts' last tokens only
+                x, h = self._prefill_add_norm(x, delta, *self._next_norm(i), fused)
+            else:
+                x = x + delta
+        # Clamped: a graph's warm-up runs with whatever length its static buffer holds (replays copy the real one).
+        last = (lengths - 1).clamp(0, t - 1)
+        if fused:
+            h = h[torch.arange(n, device=self.device), last]  # [n, H]: the final norm ran over every position
+        else:
+            h = F.layer_norm(x[torch.arange(n, device=self.device), last], (self.hidden,), *self.final_ln,
+                             self.config.layernorm_eps)
+        logits = F.linear(h, self.lm_head)
+        return logits if self.shard is None else self.shard.gather_vocab(logits)
+
+    def _prefill_attention(self, chunk_slots: torch.Tensor, first_slot: int, slot_index: torch.Tensor | None,
+                           starts: torch.Tensor | None, positions: torch.Tensor | None,
+                           kv_len: int) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """`prefill`'s attention, which also writes the K/V cache: layer i, qkv [n, T, 3H] -> [n, T, H]. The Triton
+        kernel with `kernels.attention`, else PyTorch ops (CPU, or no Triton)."""
+        if self.kernels.attention:
+            from . import gpt_kernels
+
+            return lambda i, qkv: gpt_kernels.prefill_attention(qkv, self.k_cache[i], self.v_cache[i], chunk_slots,
+                                                                starts)
+        if starts is not None:
+            assert positions is not None
+            kv_len = kv_len or self.max_seq_len
+            mask = (torch.arange(kv_len, device=self.device)[None, None, :] <= positions[:, :, None])[:, None]
+            head_rows = chunk_slots[:, None] * self.heads + torch.arange(self.heads, device=self.device)[None, :]
+            write_rows = (head_rows[:, :, None] * self.max_seq_len  # [n, heads, T] -> flat cache rows
+                          + positions.clamp(max=self.max_seq_len - 1)[:, None, :]).reshape(-1)
+
+        def attend(i: int, qkv: torch.Tensor) -> torch.Tensor:
+            n, t, _ = qkv.shape
+            q, k, v = qkv.view(n, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # [n, heads, T, d]
             if starts is not None:
                 k_cache, v_cache = self.k_cache[i], self.v_cache[i]
                 k_cache.view(-1, self.head_dim).index_copy_(0, write_rows, k.reshape(-1, self.head_dim))
@@ -350,24 +387,9 @@ class GptModel:
                 # position, and decode overwrites padding K/V before any query can reach it.
                 with prefill_attention_backends():
                     attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [n, heads, T, d]
-            delta = self._row_linear(attn.transpose(1, 2).reshape(n, t, -1), layer.attn_out_weight,
-                                     layer.attn_out_bias)
-            x, h = self._prefill_add_norm(x, delta, layer.ln2_weight, layer.ln2_bias, fused)
-            delta = self._row_linear(self._activation(F.linear(h, layer.fc1_weight, layer.fc1_bias)),
-                                     layer.fc2_weight, layer.fc2_bias)
-            if i + 1 < len(self.layers) or fused:  # the last layer's norm: of the prompts' last tokens only
-                x, h = self._prefill_add_norm(x, delta, *self._next_norm(i), fused)
-            else:
-                x = x + delta
-        # Clamped: a graph's warm-up runs with whatever length its static buffer holds (replays copy the real one).
-        last = (lengths - 1).clamp(0, t - 1)
-        if fused:
-            h = h[torch.arange(n, device=self.device), last]  # [n, H]: the final norm ran over every position
-        else:
-            h = F.layer_norm(x[torch.arange(n, device=self.device), last], (self.hidden,), *self.final_ln,
-                             self.config.layernorm_eps)
-        logits = F.linear(h, self.lm_head)
-        return logits if self.shard is None else self.shard.gather_vocab(logits)
+            return attn.transpose(1, 2).reshape(n, t, -1)
+
+        return attend
 
     def _prefill_add_norm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                           fused: bool) -> tuple[torch.Tensor, torch.Tensor]:

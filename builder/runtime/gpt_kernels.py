@@ -9,7 +9,9 @@ of the memory bandwidth than cuBLAS's GEMV choices:
   that `add_layer_norm` sums (so the split costs no extra kernel);
 - `decode_attention`: one query per row over its own cached keys (positions <= its position only, so a row never
   reads the rest of the kv bucket), writing the step's K/V into the cache in the same kernel; buckets over 256 keys
-  are split over the keys (a small combine kernel merges the splits).
+  are split over the keys (a small combine kernel merges the splits);
+- `prefill_attention`: the prefill's causal attention straight from the QKV GEMM's output, over a chunk's cached keys
+  too, writing the chunk's K/V into its cache slot (flash-attention style, on tensor cores).
 Everything is shape-static for a given (rows, kv_len) and never syncs with the host, so it runs inside CUDA graphs.
 On Hopper every kernel here is launched as a programmatic dependent of the previous one (`_wait_previous`).
 Import this module only where Triton is installed (gpt.py imports it lazily, on CUDA only).
@@ -300,4 +302,95 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         _combine_splits_kernel[(rows * heads,)](partial, stats, out, heads, hidden, NUM_SPLITS=splits,
                                                 SPLITS_POW2=triton.next_power_of_2(splits), HEAD_DIM=head_dim,
                                                 USE_PDL=pdl, num_warps=4, **_launch_options(pdl))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prefill attention (a chunk of T queries per row) with the chunk's KV-cache write
+
+
+@triton.jit
+def _prefill_attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, starts_ptr, out_ptr,
+                              width, heads, max_seq, hidden, scale_log2,
+                              HAS_STARTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              HEAD_DIM: tl.constexpr):
+    block_m, row_head = tl.program_id(0), tl.program_id(1)
+    row = row_head // heads
+    head = row_head % heads
+    slot = tl.load(slots_ptr + row).to(tl.int64)
+    if HAS_STARTS:
+        start = tl.load(starts_ptr + row)
+    else:
+        start = 0
+    t = block_m * BLOCK_M + tl.arange(0, BLOCK_M)  # this program's queries: chunk positions
+    in_chunk = t < width
+    dims = tl.arange(0, HEAD_DIM)
+    row_qkv = qkv_ptr + row.to(tl.int64) * width * 3 * hidden + head * HEAD_DIM  # qkv [n, T, 3, heads, d]
+    own = row_qkv + t[:, None] * (3 * hidden) + dims[None, :]
+    q = tl.load(own, mask=in_chunk[:, None], other=0.0)
+    cache = (slot * heads + head) * max_seq * HEAD_DIM  # cache [slots, heads, max_seq, d]
+    write = (in_chunk & (start + t < max_seq))[:, None]  # padding past the cache is not kept (decode never reads it)
+    tl.store(k_cache_ptr + cache + (start + t)[:, None] * HEAD_DIM + dims[None, :],
+             tl.load(own + hidden, mask=in_chunk[:, None], other=0.0), mask=write)
+    tl.store(v_cache_ptr + cache + (start + t)[:, None] * HEAD_DIM + dims[None, :],
+             tl.load(own + 2 * hidden, mask=in_chunk[:, None], other=0.0), mask=write)
+    running_max = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
+    running_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    # Keys cached before the chunk (positions < start): every query of the chunk sees all of them.
+    for key0 in range(0, start, BLOCK_N):
+        keys = key0 + tl.arange(0, BLOCK_N)
+        valid = keys < start
+        offsets = cache + keys[:, None] * HEAD_DIM + dims[None, :]
+        k = tl.load(k_cache_ptr + offsets, mask=valid[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + offsets, mask=valid[:, None], other=0.0)
+        acc, running_max, running_sum = _attend_block(q, k, v, valid[None, :], acc, running_max, running_sum,
+                                                      scale_log2)
+    # The chunk's own keys, causally; read from qkv, not the cache (other programs' writes need not be visible yet).
+    for key0 in range(0, tl.minimum((block_m + 1) * BLOCK_M, width), BLOCK_N):
+        keys = key0 + tl.arange(0, BLOCK_N)
+        theirs = row_qkv + keys[:, None] * (3 * hidden) + dims[None, :]
+        k = tl.load(theirs + hidden, mask=(keys < width)[:, None], other=0.0)
+        v = tl.load(theirs + 2 * hidden, mask=(keys < width)[:, None], other=0.0)
+        seen = (keys[None, :] <= t[:, None]) & (keys < width)[None, :]  # key 0 always: no row is all -inf
+        acc, running_max, running_sum = _attend_block(q, k, v, seen, acc, running_max, running_sum, scale_log2)
+    out = out_ptr + row.to(tl.int64) * width * hidden + t[:, None] * hidden + head * HEAD_DIM + dims[None, :]
+    tl.store(out, (acc / running_sum[:, None]).to(out_ptr.dtype.element_ty), mask=in_chunk[:, None])
+
+
+@triton.jit
+def _attend_block(q, k, v, seen, acc, running_max, running_sum, scale_log2):
+    """One block of keys into the online softmax (base 2: scale_log2 = log2(e) / sqrt(d))."""
+    if q.dtype == tl.float32:  # fp32 models: exact products (tl.dot would round its inputs to tf32)
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        scores = tl.dot(q, tl.trans(k))
+    scores = tl.where(seen, scores * scale_log2, -float("inf"))
+    new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+    p = tl.exp2(scores - new_max[:, None])
+    rescale = tl.exp2(running_max - new_max)
+    if q.dtype == tl.float32:
+        acc = acc * rescale[:, None] + tl.dot(p, v, input_precision="ieee")
+    else:
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, new_max, running_sum * rescale + tl.sum(p, axis=1)
+
+
+def prefill_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                      starts: torch.Tensor | None = None) -> torch.Tensor:
+    """qkv [n, T, 3 * H] (q | k | v, heads x d each) of n right-padded rows, caches [slots, heads, max_seq, d],
+    slots [n] -> attention output [n, T, H]; also writes each row's chunk K/V at cache (slots[i], starts[i] + t).
+
+    Query t of row i attends causally to the chunk's keys 0..t and, with `starts` [n], to the keys the slot caches
+    already (positions < starts[i]): the eager path's masked SDPA over the cache, without gathering the cache or
+    copying K/V out of qkv. Positions past the cache (padding only) are not written. All on the device: capturable."""
+    n, width, _ = qkv.shape
+    _, heads, max_seq, head_dim = k_cache.shape
+    hidden = heads * head_dim
+    block_m = block_n = 64 if qkv.dtype != torch.float32 or head_dim <= 64 else 32  # fp32 x 128: fewer registers
+    out = torch.empty((n, width, hidden), device=qkv.device, dtype=qkv.dtype)
+    _prefill_attention_kernel[(triton.cdiv(width, block_m), n * heads)](
+        qkv, k_cache, v_cache, slots, slots if starts is None else starts, out, width, heads, max_seq, hidden,
+        math.log2(math.e) / math.sqrt(head_dim), HAS_STARTS=starts is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        HEAD_DIM=head_dim, num_warps=4, num_stages=2)
     return out
