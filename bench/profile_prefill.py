@@ -14,6 +14,7 @@ Each shape runs with the Triton prefill attention (`gpt_kernels.prefill_attentio
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 from collections.abc import Callable
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.profile_decode import random_model
 from builder.checkpoints.presets import PRESETS
+from builder.runtime import gpt_kernels
 from builder.runtime.gpt import GptModel
 
 
@@ -47,6 +49,27 @@ def prefill_pass(model: GptModel, rows: int, tokens: int, start: int) -> Callabl
     starts, slots = torch.full((rows,), start, device=device), torch.arange(rows, device=device)
     kv_len = min(model.max_seq_len, -(-(start + tokens) // 256) * 256)
     return lambda: model.prefill(prompt, lengths, slot_index=slots, starts=starts, kv_len=kv_len)
+
+
+def sweep_launches(model: GptModel, shapes: list[tuple[int, int, int]], launches: list[tuple[int, ...]]) -> None:
+    """Each shape's prefill graph with the Triton attention at each launch shape (the kernel's default first)."""
+    original = gpt_kernels.prefill_attention
+    model.kernels = replace(model.kernels, attention=True)
+    try:
+        for rows, tokens, start in shapes:
+            run, timings = prefill_pass(model, rows, tokens, start), []
+            for launch in [None, *launches]:
+                gpt_kernels.prefill_attention = functools.partial(original, launch=launch)  # what gpt.py calls
+                graph = torch.cuda.CUDAGraph()
+                run()
+                torch.cuda.synchronize()
+                with torch.cuda.graph(graph):
+                    run()
+                timings.append(f"{'default' if launch is None else launch} {time_ms(graph.replay):.3f} ms")
+                del graph
+            print(f"attention launches, prefill {rows} x {tokens} at {start}: {', '.join(timings)}", flush=True)
+    finally:
+        gpt_kernels.prefill_attention = original
 
 
 def matmul_tflop(model: GptModel, rows: int, tokens: int, start: int = 0) -> float:
@@ -77,6 +100,9 @@ def main() -> None:
     parser.add_argument("--profile", nargs="*", default=["1x512"], help="shapes to print a kernel table of")
     parser.add_argument("--attention", nargs="+", choices=["kernel", "sdpa"], default=["kernel", "sdpa"],
                         help="prefill attention(s) to time: the Triton kernel, PyTorch's SDPA (the profile: the first)")
+    parser.add_argument("--attention-launches", nargs="*", default=[], metavar="M,N,WARPS,STAGES",
+                        help="also time each shape's graph with these launch shapes of the Triton prefill attention "
+                             "(queries per program, keys per block, warps, pipeline stages)")
     args = parser.parse_args()
     device = torch.device("cuda:0")
     shapes = [parse_shape(text) for text in args.shapes]
@@ -101,6 +127,8 @@ def main() -> None:
                       f"graph {replay:6.2f} ms ({flop * 1e3:.0f} GFLOP: {flop / replay * 1e3:5.0f} TFLOP/s in the "
                       "graph)", flush=True)
                 del graph
+        if args.attention_launches:
+            sweep_launches(model, shapes, [tuple(int(v) for v in text.split(",")) for text in args.attention_launches])
         model.kernels = kernels[args.attention[0]]
         for text in args.profile:
             rows, tokens, start = parse_shape(text)

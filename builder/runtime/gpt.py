@@ -502,9 +502,10 @@ class PrefillGraphs:
     A chunk at prompt position start > 0 (chunked prefill, scheduler.py) replays a graph keyed by (width, kv bucket)
     with the start in a device tensor: a graph per offset would be one per (width, start), thousands. The number of
     cached keys the chunk attends to must be fixed in a graph (it is the attention's shape), so it is rounded up to a
-    multiple of `kv_step`; the causal mask hides the keys past each query. `capture_all` captures the chunk graphs of
-    widths up to `chunk_width` (~50 for 512 tokens of 2048 positions: 8 widths x up to 8 kv buckets); wider chunks
-    (a larger per-step budget) are captured on first use.
+    multiple of `kv_step`; the causal mask hides the keys past each query (with the Triton prefill attention, which
+    reads the start on the device, one bucket serves all). `capture_all` captures the chunk graphs of widths up to
+    `chunk_width` (8 for 512 tokens; ~50 with PyTorch's attention: 8 widths x up to 8 kv buckets of 2048 positions);
+    wider chunks (a larger per-step budget) are captured on first use.
 
     Several whole prompts admitted together (all at position 0) replay ONE graph keyed by (rows, width) when rows x
     width <= `chunk_width` (12 graphs for 512 tokens): a graph per row would read the 2.6 GB of weights once per row,
@@ -605,6 +606,10 @@ class PrefillGraphs:
         return self.chunk_graphs[(width, kv_len)]
 
     def kv_bucket(self, start: int, width: int) -> int:
+        """The cached keys a chunk graph attends over. The Triton prefill attention reads each row's start from the
+        device and needs no such bound: one chunk graph per width then serves every start."""
+        if self.model.kernels.attention:
+            return self.model.max_seq_len
         return min(self.model.max_seq_len, -(-(start + width) // self.kv_step) * self.kv_step)
 
     def capture_all(self) -> int:

@@ -377,20 +377,23 @@ def _attend_block(q, k, v, seen, acc, running_max, running_sum, scale_log2):
 
 
 def prefill_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                      starts: torch.Tensor | None = None) -> torch.Tensor:
+                      starts: torch.Tensor | None = None, *,
+                      launch: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """qkv [n, T, 3 * H] (q | k | v, heads x d each) of n right-padded rows, caches [slots, heads, max_seq, d],
     slots [n] -> attention output [n, T, H]; also writes each row's chunk K/V at cache (slots[i], starts[i] + t).
 
     Query t of row i attends causally to the chunk's keys 0..t and, with `starts` [n], to the keys the slot caches
     already (positions < starts[i]): the eager path's masked SDPA over the cache, without gathering the cache or
-    copying K/V out of qkv. Positions past the cache (padding only) are not written. All on the device: capturable."""
+    copying K/V out of qkv. Positions past the cache (padding only) are not written. All on the device: capturable.
+    launch: (queries per program, keys per block, warps, stages); benchmarks vary it."""
     n, width, _ = qkv.shape
     _, heads, max_seq, head_dim = k_cache.shape
     hidden = heads * head_dim
-    block_m = block_n = 64 if qkv.dtype != torch.float32 or head_dim <= 64 else 32  # fp32 x 128: fewer registers
+    block = 64 if qkv.dtype != torch.float32 or head_dim <= 64 else 32  # fp32 x 128: fewer registers
+    block_m, block_n, num_warps, num_stages = launch or (block, block, 4, 2)
     out = torch.empty((n, width, hidden), device=qkv.device, dtype=qkv.dtype)
     _prefill_attention_kernel[(triton.cdiv(width, block_m), n * heads)](
         qkv, k_cache, v_cache, slots, slots if starts is None else starts, out, width, heads, max_seq, hidden,
         math.log2(math.e) / math.sqrt(head_dim), HAS_STARTS=starts is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        HEAD_DIM=head_dim, num_warps=4, num_stages=2)
+        HEAD_DIM=head_dim, num_warps=num_warps, num_stages=num_stages)
     return out
