@@ -390,7 +390,9 @@ def prefill_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     _, heads, max_seq, head_dim = k_cache.shape
     hidden = heads * head_dim
     block = 64 if qkv.dtype != torch.float32 or head_dim <= 64 else 32  # fp32 x 128: fewer registers
-    block_m, block_n, num_warps, num_stages = launch or (block, block, 4, 2)
+    # Three pipeline stages, not two: on an H200 (bench/profile_prefill.py --attention-launches, in CUDA graphs)
+    # 3-14 % off a chunk's pass over cached keys (1 x 128 at 1536: 2.41 -> 2.08 ms), 0-2 % off whole prompts.
+    block_m, block_n, num_warps, num_stages = launch or (block, block, 4, 3)
     out = torch.empty((n, width, hidden), device=qkv.device, dtype=qkv.dtype)
     _prefill_attention_kernel[(triton.cdiv(width, block_m), n * heads)](
         qkv, k_cache, v_cache, slots, slots if starts is None else starts, out, width, heads, max_seq, hidden,
