@@ -7,6 +7,11 @@ of both, the median of the pairs' differences (`ensemble_adds_p50_ms`: pairing c
 2-core VM, which moved the two-phase figure by 2 ms between runs), and Triton's per-model statistics (queue / compute
 times), which show where the difference goes. Sequential requests keep the 2 cores free of a load generator's own
 work, unlike perf_analyzer.
+
+The same server also holds a bare Python model (`python_hop_floor`: one INT32 tensor in, the same out, no work), served
+from a private view of the repository (its models linked, not copied): its Triton-side time per request is what one
+Python-backend hop costs with nothing in it on this machine, the floor under each of the ensemble's two hops
+(`python_hop_floor_ms`; twice that: `two_hops_floor_ms`).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +33,35 @@ from builder.runtime.tokenizer import GptTokenizer
 from builder.serve import TritonServer
 
 PROMPT = " ".join(str(n) for n in range(1, 17))  # 16 tokens
+FLOOR_MODEL = "python_hop_floor"
+FLOOR_CONFIG = f"""name: "{FLOOR_MODEL}"
+backend: "python"
+max_batch_size: 8
+dynamic_batching {{ max_queue_delay_microseconds: 0 }}
+input [ {{ name: "x" data_type: TYPE_INT32 dims: [ -1 ] }} ]
+output [ {{ name: "y" data_type: TYPE_INT32 dims: [ -1 ] }} ]
+instance_group [ {{ count: 1 kind: KIND_CPU }} ]
+"""
+FLOOR_CODE = """import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("y", pb_utils.get_input_tensor_by_name(r, "x").as_numpy())])
+                for r in requests]
+"""
+STAT_KEYS = ("queue", "compute_input", "compute_infer", "compute_output")
+
+
+def with_floor_model(repository: Path, into: Path) -> Path:
+    """`into` (a fresh private folder): a link to each model of `repository`, plus the bare Python model."""
+    for model in repository.iterdir():
+        if model.is_dir():
+            (into / model.name).symlink_to(model.resolve(), target_is_directory=True)
+    (into / FLOOR_MODEL / "1").mkdir(parents=True)
+    (into / FLOOR_MODEL / "config.pbtxt").write_text(FLOOR_CONFIG)
+    (into / FLOOR_MODEL / "1" / "model.py").write_text(FLOOR_CODE)
+    return into
 
 
 def tensor(name: str, array: np.ndarray, datatype: str) -> httpclient.InferInput:
@@ -55,7 +90,8 @@ def main() -> None:
     args = parser.parse_args()
     repo = args.repository or build_demo_repository(Path("demo_repository"))
     ids = GptTokenizer.from_directory(repo / "preprocessing" / "1").encode(PROMPT)
-    with TritonServer.on_free_ports(repo) as server:
+    with tempfile.TemporaryDirectory(prefix="ensemble-overhead-") as view, \
+            TritonServer.on_free_ports(with_floor_model(repo, Path(view))) as server:
         client = httpclient.InferenceServerClient(server.http_url)
         text_inputs = [tensor("text_input", np.array([[PROMPT.encode()]], object), "BYTES"),
                        tensor("max_tokens", np.array([[1]], np.int32), "INT32")]
@@ -64,18 +100,23 @@ def main() -> None:
                        tensor("request_output_len", np.array([[1]], np.uint32), "UINT32")]
         ensemble, core = timed_pairs(lambda: client.infer("ensemble", text_inputs),
                                      lambda: client.infer("gpt3_1.3b", core_inputs), args.requests)
+        floor_inputs = [tensor("x", np.array([ids], np.int32), "INT32")]
+        for _ in range(args.requests + 20):
+            client.infer(FLOOR_MODEL, floor_inputs)
         stats = {}
         for model in client.get_inference_statistics()["model_stats"]:
             inference = model["inference_stats"]
             count = max(1, inference["success"]["count"])
-            stats[model["name"]] = {f"{key}_us": round(inference[key]["ns"] / count / 1e3, 1)
-                                    for key in ("queue", "compute_input", "compute_infer", "compute_output")}
+            stats[model["name"]] = {f"{key}_us": round(inference[key]["ns"] / count / 1e3, 1) for key in STAT_KEYS}
     result = {"prompt_tokens": len(ids), "new_tokens": 1, "requests": args.requests,
               "ensemble_p50_ms": float(np.percentile(ensemble, 50)),
               "ensemble_p99_ms": float(np.percentile(ensemble, 99)),
               "core_p50_ms": float(np.percentile(core, 50)), "core_p99_ms": float(np.percentile(core, 99)),
               "per_model_stats": stats}
     result["ensemble_adds_p50_ms"] = float(np.median(np.subtract(ensemble, core)))
+    # Means over the run (Triton's statistics): queue + input + execute + output of the bare model.
+    result["python_hop_floor_ms"] = sum(stats[FLOOR_MODEL][f"{key}_us"] for key in STAT_KEYS) / 1e3
+    result["two_hops_floor_ms"] = 2 * result["python_hop_floor_ms"]
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
