@@ -133,7 +133,7 @@ def test_split_residual_gemms_past_the_skinny_rows_match_eager_ops() -> None:
                for name, shape in expected_shapes(config).items()}
     model = GptModel(config, weights, device=torch.device("cuda:0"), dtype=torch.float16)
     model.allocate_cache(96, 64)
-    plans = [model.skinny_plans[name] for name in ("out", "fc2")]
+    plans = [model.skinny_plans[name] for name in ("out", "fc2", "out_wide", "fc2_wide")]  # 24 rows; 64 and 96
     assert all(plan is not None and plan.split_k > 1 for plan in plans)
     default = model.kernels
     assert default.skinny_residual_rows == 64 and default.skinny_rows == 16

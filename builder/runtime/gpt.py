@@ -104,6 +104,11 @@ FUSED_ATTENTION_MAX_ROW_KEYS = int(os.environ.get("GPT_TRITON_FUSED_ATTENTION_MA
 # DecodeKernels.skinny_residual_rows's default. Past one tile of 64 rows the split GEMM reads the weights once per
 # tile: 9-25 % slower steps at 80-256 rows on an H200 (docs/gpu/runs-2026-12-02f/split_residual_past_64.txt).
 SPLIT_RESIDUAL_ROWS = 64
+# Past this many rows (a tile of 64 rows) the split-K GEMMs into the residual take 64-column blocks and ~128 programs
+# ("out_wide", "fc2_wide"): one wave on an H200's 132 SMs, where 32-column blocks made 256 programs, two waves. The
+# step at 64 rows 2.09 -> 1.95 ms; at 32 rows the narrow plan stayed faster, 1.62 vs 1.65 ms (bench/profile_decode.py
+# --tune-skinny, docs/gpu/runs-2026-12-03/tune_skinny.txt).
+WIDE_SPLIT_ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -215,7 +220,9 @@ class GptModel:
         self.skinny_plans: dict[str, _SkinnyPlan | None] = {
             "qkv": _skinny_plan(3 * hs, h, may_split=False), "out": _skinny_plan(h, hs, may_split=True),
             "fc1": _skinny_plan(f, h, may_split=False), "fc2": _skinny_plan(h, f, may_split=True),
-            "lm_head": _skinny_plan(self.lm_head.shape[0], h, may_split=False)}
+            "lm_head": _skinny_plan(self.lm_head.shape[0], h, may_split=False),
+            "out_wide": _skinny_plan(h, hs, may_split=True, block_n=64, target_programs=128),
+            "fc2_wide": _skinny_plan(h, f, may_split=True, block_n=64, target_programs=128)}
         kernels = DecodeKernels.for_model(config, self.device, dtype)
         if any(plan is None for plan in self.skinny_plans.values()):
             kernels = replace(kernels, skinny_rows=0, skinny_residual_rows=0)
@@ -423,6 +430,7 @@ class GptModel:
         n = tokens.shape[0]
         skinny = n <= self.kernels.skinny_rows
         split = skinny or n <= self.kernels.skinny_residual_rows
+        wide = "_wide" if n > WIDE_SPLIT_ROWS else ""  # out's and FC2's plans for a tile of 64 rows
         fused_attention = self.kernels.attention and n * kv_len <= FUSED_ATTENTION_MAX_ROW_KEYS
         attend = self._fused_attention if fused_attention else self._eager_attention(positions, kv_len)
         first = self.layers[0]
@@ -431,11 +439,11 @@ class GptModel:
         for i, layer in enumerate(self.layers):
             qkv = self._linear(h, layer.qkv_weight, layer.qkv_bias, "qkv", skinny=skinny)  # [n, 3H]
             attn = attend(i, qkv, positions, kv_len)  # [n, H]
-            delta, bias = self._linear_into_residual(attn, layer.attn_out_weight, layer.attn_out_bias, "out",
+            delta, bias = self._linear_into_residual(attn, layer.attn_out_weight, layer.attn_out_bias, "out" + wide,
                                                      skinny=skinny, split=split)
             x, h = self._add_norm(x, delta, bias, layer.ln2_weight, layer.ln2_bias)
             up = self._linear(h, layer.fc1_weight, layer.fc1_bias, "fc1", skinny=skinny, activation=True)
-            delta, bias = self._linear_into_residual(up, layer.fc2_weight, layer.fc2_bias, "fc2",
+            delta, bias = self._linear_into_residual(up, layer.fc2_weight, layer.fc2_bias, "fc2" + wide,
                                                      skinny=skinny, split=split)
             x, h = self._add_norm(x, delta, bias, *self._next_norm(i))
         logits = self._linear(h, self.lm_head, None, "lm_head", skinny=skinny)

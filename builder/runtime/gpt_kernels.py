@@ -35,6 +35,16 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
+@functools.cache
+def _shared_memory_bytes(device: torch.device) -> int:
+    """Shared memory one program may use (opt-in maximum): 227 KiB on an H100/H200, ~100 KiB on Ada."""
+    if device.type != "cuda":
+        return 227 * 1024
+    properties = torch.cuda.get_device_properties(device)
+    optin = getattr(properties, "shared_memory_per_block_optin", None)  # a torch without the field: by architecture
+    return optin or {(9, 0): 227, (8, 0): 163, (8, 7): 163}.get((properties.major, properties.minor), 99) * 1024
+
+
 def pdl_supported(device: torch.device) -> bool:
     """Programmatic dependent launch: Hopper or newer, and a Triton that has the grid-dependency instructions."""
     return (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
@@ -168,6 +178,10 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     else:
         out = torch.empty((split_k, rows, n), device=x.device, dtype=torch.float32)
     block_m = min(SKINNY_TILE_ROWS, max(16, triton.next_power_of_2(rows)))
+    # Each pipeline stage holds an x tile and a weight tile: as many stages as the GPU's shared memory takes (a 64-row
+    # tile with 64-column blocks: 32 KiB a stage, 5 stages on an H200, 2 on a GPU of ~100 KiB), 8 KiB kept spare.
+    stage_bytes = (block_m + block_n) * block_k * x.element_size()
+    num_stages = max(1, min(num_stages, (_shared_memory_bytes(x.device) - 8192) // stage_bytes))
     grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(rows, block_m))
     _skinny_linear_kernel[grid](x, weight, bias if bias is not None else weight, out, rows, n, k, k // split_k,
                                 SPLIT_K=split_k, HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation],
