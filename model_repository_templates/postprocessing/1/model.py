@@ -27,17 +27,15 @@ class TritonPythonModel:
         inputs = {tensor["name"]: tensor["data_type"] for tensor in model_config.get("input", [])}
         outputs = {tensor["name"]: tensor["data_type"] for tensor in model_config.get("output", [])}
         check_model_tensors(self.config, inputs, outputs)
-        self.input_names, self.output_names = list(inputs), list(outputs)
+        self.output_names = list(outputs)
         self.acks = AckSender() if "stream_ack" in inputs else None
         self.logger = pb_utils.Logger
         self.logger.log_info(f"postprocessing: streaming={self.config.streaming}, end_id {self.config.end_id}, "
                              f"outputs {self.output_names}")
 
     def execute(self, requests: list) -> list:
-        batch_inputs = []
-        for request in requests:
-            tensors = ((name, pb_utils.get_input_tensor_by_name(request, name)) for name in self.input_names)
-            batch_inputs.append({name: tensor.as_numpy() for name, tensor in tensors if tensor is not None})
+        # The inputs a request carries, in one call: a lookup per declared input (25 in preprocessing) cost ~40 us.
+        batch_inputs = [{tensor.name(): tensor.as_numpy() for tensor in request.inputs()} for request in requests]
         if self.acks is not None:
             self.acks.send(stream_acks(batch_inputs))
         try:

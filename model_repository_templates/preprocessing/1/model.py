@@ -42,16 +42,13 @@ class TritonPythonModel:
         if self.config.vocab_size < self.tokenizer.vocab_size:
             raise ValueError(f"preprocessing: vocab_size {self.config.vocab_size} is smaller than the tokenizer's "
                              f"{self.tokenizer.vocab_size} tokens")
-        self.input_names = list(inputs)
         self.logger = pb_utils.Logger
         self.logger.log_info(f"preprocessing: {self.tokenizer.vocab_size} tokens, max_pos_seq_len "
                              f"{self.config.max_pos_seq_len}, outputs {list(self.config.outputs)}")
 
     def execute(self, requests: list) -> list:
-        batch_inputs = []
-        for request in requests:
-            tensors = ((name, pb_utils.get_input_tensor_by_name(request, name)) for name in self.input_names)
-            batch_inputs.append({name: tensor.as_numpy() for name, tensor in tensors if tensor is not None})
+        # The inputs a request carries, in one call: a lookup per declared input (25 in preprocessing) cost ~40 us.
+        batch_inputs = [{tensor.name(): tensor.as_numpy() for tensor in request.inputs()} for request in requests]
         try:
             results = preprocess_requests(batch_inputs, self.tokenizer, self.config)
         except Exception as err:  # noqa: BLE001  (a bug, not a bad request: say so to every request of the call)
