@@ -31,16 +31,29 @@ class FakeError:
 
 class FakeResponse:
     def __init__(self, output_tensors: list | None = None, error: FakeError | None = None):
-        self.tensors = {tensor.name: tensor.array for tensor in output_tensors or []}
+        self.tensors = {tensor.name(): tensor.array for tensor in output_tensors or []}
         self.error = error
 
 
 class FakeTensor:
     def __init__(self, name: str, array: np.ndarray):
-        self.name, self.array = name, array
+        self._name, self.array = name, array
+
+    def name(self) -> str:
+        return self._name
 
     def as_numpy(self) -> np.ndarray:
         return self.array
+
+
+class FakeRequest:
+    """pb_utils.InferenceRequest as the adapters read it: `inputs()`, the tensors the request carries."""
+
+    def __init__(self, **arrays: np.ndarray):
+        self.tensors = [FakeTensor(name, array) for name, array in arrays.items()]
+
+    def inputs(self) -> list[FakeTensor]:
+        return self.tensors
 
 
 @pytest.fixture
@@ -49,7 +62,6 @@ def pb_utils(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
     module.triton_string_to_numpy = NUMPY_TYPES.__getitem__
     module.Logger = types.SimpleNamespace(log_info=lambda msg: None, log_error=lambda msg: None)
     module.TritonError, module.InferenceResponse, module.Tensor = FakeError, FakeResponse, FakeTensor
-    module.get_input_tensor_by_name = lambda request, name: request.get(name)
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", module)
     monkeypatch.setitem(sys.modules, "gpt_runtime", builder.runtime)  # the renderer copies it as gpt_runtime/
     for name in ("contract", "tokenizer", "preprocess", "postprocess", "word_lists"):
@@ -93,10 +105,9 @@ def pre_config(inputs: dict = PRE_INPUTS, outputs: dict = PRE_OUTPUTS, parameter
 
 def test_preprocessing_execute_answers_each_request(tmp_path: Path, pb_utils: types.ModuleType) -> None:
     model = load_model(tmp_path, "preprocessing", pre_config())
-    good = {"text_input": FakeTensor("text_input", np.array([[b"1 2 3"]], dtype=np.object_)),
-            "max_tokens": FakeTensor("max_tokens", np.array([[4]], dtype=np.int32))}
-    bad = {**good, "top_k": FakeTensor("top_k", np.array([[-1]], dtype=np.int32))}
-    responses = model.execute([good, bad, good])
+    good = {"text_input": np.array([[b"1 2 3"]], dtype=np.object_), "max_tokens": np.array([[4]], dtype=np.int32)}
+    bad = {**good, "top_k": np.array([[-1]], dtype=np.int32)}
+    responses = model.execute([FakeRequest(**good), FakeRequest(**bad), FakeRequest(**good)])
     assert len(responses) == 3
     assert responses[0].error is None and responses[0].tensors["input_ids"].tolist() == [[16, 362, 513]]
     assert list(responses[0].tensors) == list(PRE_OUTPUTS)
@@ -133,9 +144,9 @@ def post_config(streaming: str, inputs: dict = POST_INPUTS, outputs: dict = POST
 
 def test_postprocessing_streaming_deltas(tmp_path: Path, pb_utils: types.ModuleType) -> None:
     model = load_model(tmp_path, "postprocessing", post_config("true"))
-    request = {"output_ids": FakeTensor("", np.array([[[16, 362, 513, 50256]]], dtype=np.uint32)),
-               "sequence_length": FakeTensor("", np.array([[3]], dtype=np.uint32)),
-               "response_input_lengths": FakeTensor("", np.array([[1]], dtype=np.int32))}
+    request = FakeRequest(output_ids=np.array([[[16, 362, 513, 50256]]], dtype=np.uint32),
+                          sequence_length=np.array([[3]], dtype=np.uint32),
+                          response_input_lengths=np.array([[1]], dtype=np.int32))
     (response,) = model.execute([request])
     assert response.error is None
     assert response.tensors["text_output"].tolist() == [b" 3"]  # only the newest token; [B * beams] (TRT-LLM's)
