@@ -51,7 +51,8 @@ def prefill_pass(model: GptModel, rows: int, tokens: int, start: int) -> Callabl
     return lambda: model.prefill(prompt, lengths, slot_index=slots, starts=starts, kv_len=kv_len)
 
 
-def sweep_launches(model: GptModel, shapes: list[tuple[int, int, int]], launches: list[tuple[int, ...]]) -> None:
+def sweep_launches(model: GptModel, shapes: list[tuple[int, int, int]],
+                   launches: list[tuple[int, int, int, int]]) -> None:
     """Each shape's prefill graph with the Triton attention at each launch shape (the kernel's default first)."""
     original = gpt_kernels.prefill_attention
     model.kernels = replace(model.kernels, attention=True)
@@ -60,13 +61,7 @@ def sweep_launches(model: GptModel, shapes: list[tuple[int, int, int]], launches
             run, timings = prefill_pass(model, rows, tokens, start), []
             for launch in [None, *launches]:
                 gpt_kernels.prefill_attention = functools.partial(original, launch=launch)  # what gpt.py calls
-                graph = torch.cuda.CUDAGraph()
-                run()
-                torch.cuda.synchronize()
-                with torch.cuda.graph(graph):
-                    run()
-                timings.append(f"{'default' if launch is None else launch} {time_ms(graph.replay):.3f} ms")
-                del graph
+                timings.append(f"{'default' if launch is None else launch} {graph_ms(run):.3f} ms")
             print(f"attention launches, prefill {rows} x {tokens} at {start}: {', '.join(timings)}", flush=True)
     finally:
         gpt_kernels.prefill_attention = original
@@ -94,6 +89,22 @@ def time_ms(run, reps: int = 20) -> float:
     return statistics.median(times[3:])
 
 
+def parse_launch(text: str) -> tuple[int, int, int, int]:
+    """"64,64,4,3" -> (queries per program, keys per block, warps, pipeline stages)."""
+    block_m, block_n, warps, stages = (int(value) for value in text.split(","))
+    return block_m, block_n, warps, stages
+
+
+def graph_ms(run: Callable[[], object]) -> float:
+    """`run` captured in a CUDA graph (after one warm-up call): the median ms of its replays."""
+    graph = torch.cuda.CUDAGraph()
+    run()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        run()
+    return time_ms(graph.replay)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["1x128", "1x512", "4x128", "1x1024"])
@@ -116,19 +127,13 @@ def main() -> None:
             for name in args.attention:
                 model.kernels = kernels[name]
                 eager = time_ms(run)
-                graph = torch.cuda.CUDAGraph()
-                run()
-                torch.cuda.synchronize()
-                with torch.cuda.graph(graph):
-                    run()
-                replay = time_ms(graph.replay)
+                replay = graph_ms(run)
                 flop = matmul_tflop(model, rows, tokens, start)
                 print(f"prefill {rows} x {tokens:4d} at {start:4d}, attention {name:6s}: eager {eager:6.2f} ms, "
                       f"graph {replay:6.2f} ms ({flop * 1e3:.0f} GFLOP: {flop / replay * 1e3:5.0f} TFLOP/s in the "
                       "graph)", flush=True)
-                del graph
         if args.attention_launches:
-            sweep_launches(model, shapes, [tuple(int(v) for v in text.split(",")) for text in args.attention_launches])
+            sweep_launches(model, shapes, [parse_launch(text) for text in args.attention_launches])
         model.kernels = kernels[args.attention[0]]
         for text in args.profile:
             rows, tokens, start = parse_shape(text)
