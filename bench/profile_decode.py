@@ -27,10 +27,11 @@ from bench.gpu_bench import copy_bandwidth_gbps, weight_bytes_per_step
 from builder.checkpoints.presets import PRESETS
 from builder.runtime.gpt import (WIDE_SPLIT_ROWS, DecodeGraphs, DecodeKernels, GptModel, _skinny_plan,
                                  expected_shapes)
-from builder.runtime.model_config import GptModelConfig
+from builder.runtime.model_config import KV_CACHE_DTYPES, GptModelConfig
 
 
-def random_model(config: GptModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> GptModel:
+def random_model(config: GptModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0,
+                 kv_cache_dtype: str = "auto") -> GptModel:
     """Random weights made on the device (fast at 1.3B): N(0, 0.02) matrices, unit LayerNorm gains, zero biases."""
     generator = torch.Generator(device=device).manual_seed(seed)
     weights = {}
@@ -41,14 +42,19 @@ def random_model(config: GptModelConfig, device: torch.device, dtype: torch.dtyp
             weights[name] = torch.zeros(shape, device=device, dtype=dtype)
         else:
             weights[name] = torch.randn(shape, device=device, dtype=dtype, generator=generator) * 0.02
-    return GptModel(config, weights, device=device, dtype=dtype)
+    return GptModel(config, weights, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype)
 
 
-def greedy_run(model: GptModel, prompt: torch.Tensor, steps: int, *, timed: bool) -> tuple[float, torch.Tensor,
-                                                                                             torch.Tensor]:
+Run = tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]  # greedy_run's (ms, tokens, first logits, inputs)
+
+
+def greedy_run(model: GptModel, prompt: torch.Tensor, steps: int, *, timed: bool,
+               feed: torch.Tensor | None = None) -> Run:
     """Prefill `prompt` [n, T] (eager ops whatever the kernels: every choice decodes from the same first token),
     then `steps` graph-replayed greedy decode steps; returns (GPU ms per decode step, tokens [n, steps], first
-    decode step's logits [n, V])."""
+    decode step's logits [n, V], the tokens it decoded [n, 1 + steps]: the first token, then each step's input).
+    feed (such a last item): teacher forcing, step s decodes feed[:, s] whatever this run predicted; the tokens
+    returned are still this run's own argmax."""
     n, t = prompt.shape
     graphs = DecodeGraphs(model)
     lengths = torch.full((n,), t, device=prompt.device)
@@ -63,11 +69,13 @@ def greedy_run(model: GptModel, prompt: torch.Tensor, steps: int, *, timed: bool
         finally:
             model.kernels = chosen
 
-    first_token = eager_prefill().argmax(-1)
+    first_token = eager_prefill().argmax(-1)  # the prompt's K/V in the cache, teacher-forced or not
+    if feed is not None:
+        first_token = feed[:, 0]
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     tokens, first_logits = [], None
     for run in range(2 if timed else 1):  # run 0 captures the graphs; run 1 replays them only
-        token, tokens = first_token, []
+        token, tokens, inputs = first_token, [], [first_token]
         if run == 1:
             eager_prefill()  # the same K/V again
             start.record()
@@ -76,13 +84,14 @@ def greedy_run(model: GptModel, prompt: torch.Tensor, steps: int, *, timed: bool
             logits = graphs.decode(token, positions, t + step + 1)
             if first_logits is None:
                 first_logits = logits.float().clone()
-            token = logits.argmax(-1)
-            tokens.append(token)
+            tokens.append(logits.argmax(-1))
+            token = tokens[-1] if feed is None else feed[:, step + 1]
+            inputs.append(token)
         if run == 1:
             end.record()
     torch.cuda.synchronize()
     ms = start.elapsed_time(end) / steps if timed else float("nan")
-    return ms, torch.stack(tokens, 1), first_logits
+    return ms, torch.stack(tokens, 1), first_logits, torch.stack(inputs[:steps + 1], 1)
 
 
 def kernel_choices(best: DecodeKernels) -> dict[str, DecodeKernels]:
@@ -99,23 +108,29 @@ def kernel_choices(best: DecodeKernels) -> dict[str, DecodeKernels]:
 
 def floor_ms(model: GptModel, batch: int, mean_kv: float, bandwidth_gbps: float) -> float:
     """The step's bandwidth floor: the weights once plus each row's cached keys and values, at copy bandwidth."""
-    kv = batch * mean_kv * model.config.kv_cache_bytes_per_token(2)
+    kv = batch * mean_kv * model.config.kv_cache_bytes_per_token(model.k_cache[0].element_size())
     return (weight_bytes_per_step(model.config) + kv) / (bandwidth_gbps * 1e9) * 1000
 
 
+
+
 def compare_choices(model: GptModel, batches: list[int], steps: int, prompt_len: int,
-                    bandwidth_gbps: float) -> None:
+                    bandwidth_gbps: float, only_all: bool = False) -> dict[int, Run]:
+    """Each kernel choice (only_all: the model's own) per batch, against the eager ops; returns the model's own run
+    per batch."""
     best = model.kernels
     generator = torch.Generator(device=model.device).manual_seed(1)
+    own: dict[int, Run] = {}
     for batch in batches:
         prompt = torch.randint(100, 50000, (batch, prompt_len), device=model.device, generator=generator)
-        results: dict[str, tuple[float, torch.Tensor, torch.Tensor]] = {}
-        for name, kernels in kernel_choices(best).items():
+        results: dict[str, Run] = {}
+        choices = kernel_choices(best)
+        for name, kernels in ((n, k) for n, k in choices.items() if not only_all or n in ("eager", "all")):
             model.kernels = kernels
             results[name] = greedy_run(model, prompt, steps, timed=True)
             torch.cuda.empty_cache()
         base_tokens, base_logits = results["eager"][1], results["eager"][2]
-        for name, (ms, tokens, logits) in results.items():
+        for name, (ms, tokens, logits, _) in results.items():
             same = (tokens == base_tokens).float().mean().item()
             first_diff = (tokens != base_tokens).int().argmax(1)
             agree = torch.where((tokens != base_tokens).any(1), first_diff, steps).float().mean().item()
@@ -125,7 +140,46 @@ def compare_choices(model: GptModel, batches: list[int], steps: int, prompt_len:
                   f"vs eager: max |dlogit| {err:.4f} "
                   f"(logit std {base_logits.std().item():.3f}), tokens equal {same:.3f}, "
                   f"mean greedy-agreement prefix {agree:.1f}/{steps}", flush=True)
+        own[batch] = results["all"]
     model.kernels = best
+    return own
+
+
+def teacher_forced(model: GptModel, base: dict[int, Run], steps: int, prompt_len: int) -> dict[int, Run]:
+    """The model's run on compare_choices's prompts, fed what `base` decoded (the same batches)."""
+    generator = torch.Generator(device=model.device).manual_seed(1)  # compare_choices's prompts, in its order
+    out: dict[int, Run] = {}
+    for batch, (*_, base_inputs) in base.items():
+        prompt = torch.randint(100, 50000, (batch, prompt_len), device=model.device, generator=generator)
+        out[batch] = greedy_run(model, prompt, steps, timed=False, feed=base_inputs)
+    return out
+
+
+def compare_caches(runs: dict[str, dict[int, Run]], forced: dict[str, dict[int, Run]], steps: int) -> None:
+    """Each KV-cache dtype's run (every kernel on) against the first dtype's, on the same weights and prompts: free
+    running (greedy sequences part at the first near tie: random weights have many) and teacher-forced (fed the first
+    dtype's tokens: the share of steps predicting the same next token, and the logits' largest difference)."""
+    (base_name, base), *_ = runs.items()
+    for name, forced_runs in forced.items():
+        if name in runs:
+            continue
+        for batch, (_, tokens, logits, _) in forced_runs.items():
+            _, base_tokens, base_logits, _ = base[batch]
+            print(f"batch {batch:3d} {name} vs kernels, kv cache {base_name}, teacher-forced: next token equal "
+                  f"{(tokens == base_tokens).float().mean().item():.4f}, first step's max |dlogit| "
+                  f"{(logits - base_logits).abs().max().item():.4f}", flush=True)
+    for name, by_batch in ((n, r) for n, r in runs.items() if n != base_name):
+        for batch, (ms, tokens, *_) in by_batch.items():
+            base_ms, base_tokens, base_logits, _ = base[batch]
+            differ = tokens != base_tokens
+            agree = torch.where(differ.any(1), differ.int().argmax(1), steps).float().mean().item()
+            _, forced_tokens, forced_logits, _ = forced[name][batch]
+            print(f"batch {batch:3d} kv cache {name} vs {base_name}: {ms:.3f} vs {base_ms:.3f} ms/step "
+                  f"({ms / base_ms - 1:+.1%}) | free running: tokens equal {1 - differ.float().mean().item():.3f}, "
+                  f"mean greedy-agreement prefix {agree:.1f}/{steps} | teacher-forced: next token equal "
+                  f"{(forced_tokens == base_tokens).float().mean().item():.4f}, first step's max |dlogit| "
+                  f"{(forced_logits - base_logits).abs().max().item():.4f} (logit std "
+                  f"{base_logits.std().item():.3f})", flush=True)
 
 
 def profile(model: GptModel, batch: int, steps: int, prompt_len: int) -> None:
@@ -269,7 +323,7 @@ def sweep_attention(model: GptModel, batches: list[int], steps: int, prompt_len:
             if launch is not None:
                 gpt_kernels.attention_launch = lambda *_, launch=launch: launch
             try:
-                ms, _, _ = greedy_run(model, prompt, steps, timed=True)
+                ms = greedy_run(model, prompt, steps, timed=True)[0]
             finally:
                 gpt_kernels.attention_launch = default
             timings.append((ms, "default" if launch is None else str(launch)))
@@ -322,6 +376,9 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="benchmark attention and skinny GEMM launch shapes")
     parser.add_argument("--tune-skinny", action="store_true", help="only the skinny GEMM's launch shapes")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--kv-cache-dtype", nargs="+", default=["auto"], choices=KV_CACHE_DTYPES,
+                        help="KV-cache dtypes to run (several: the model's own kernels only, each dtype against the "
+                             "first: step time, logits, greedy tokens)")
     parser.add_argument("--attention-sweep", action="store_true",
                         help="the decode step's time per attention launch shape, in place of the kernel choices")
     parser.add_argument("--split-residual-rows", type=int,
@@ -333,7 +390,27 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = True  # PyTorch's default, stated
     with torch.inference_mode():
         config = PRESETS["gpt3-1.3b"]
-        model = random_model(config, device, torch.float16)
+        if len(args.kv_cache_dtype) > 1:
+            runs: dict[str, dict[int, Run]] = {}
+            forced: dict[str, dict[int, Run]] = {}
+            for cache_dtype in args.kv_cache_dtype:
+                model = random_model(config, device, torch.float16, kv_cache_dtype=cache_dtype)
+                model.allocate_cache(max(args.batch), max(1024, args.prompt + args.steps))
+                print(f"kv cache {cache_dtype} ({model.cache_dtype})", flush=True)
+                runs[cache_dtype] = compare_choices(model, args.batch, args.steps, args.prompt,
+                                                    copy_bandwidth_gbps(), only_all=True)
+                base = runs[args.kv_cache_dtype[0]]
+                if cache_dtype != args.kv_cache_dtype[0]:  # fed the first dtype's tokens
+                    forced[cache_dtype] = teacher_forced(model, base, args.steps, args.prompt)
+                else:  # the noise floor: the eager ops against the kernels, the same cache dtype
+                    chosen, model.kernels = model.kernels, DecodeKernels()
+                    forced["eager ops"] = teacher_forced(model, base, args.steps, args.prompt)
+                    model.kernels = chosen
+                del model
+                torch.cuda.empty_cache()
+            compare_caches(runs, forced, args.steps)
+            return
+        model = random_model(config, device, torch.float16, kv_cache_dtype=args.kv_cache_dtype[0])
         model.allocate_cache(max(args.batch), max(1024, args.prompt + args.steps))
         if args.split_residual_rows is not None:
             model.kernels = replace(model.kernels, skinny_residual_rows=args.split_residual_rows)

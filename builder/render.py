@@ -28,7 +28,7 @@ from tritonclient.grpc import model_config_pb2
 
 from . import GPT2_TOKENIZER_DIR, PACKAGE_ROOT, TEMPLATES_DIR
 from .render_config import DATA_TYPES, DEVICES, ENGINES, RenderConfig, RenderError
-from .runtime.model_config import GptModelConfig, ModelConfigError
+from .runtime.model_config import KV_CACHE_DTYPES, GptModelConfig, ModelConfigError
 
 RUNTIME_PACKAGE = PACKAGE_ROOT / "runtime"
 RUNTIME_FOLDER = "gpt_runtime"  # the runtime package's name inside a rendered model's version folder
@@ -234,6 +234,11 @@ def config_from_options(checkpoint: Path | None, **options: Any) -> RenderConfig
                    "prompts join in chunks over several steps (chunked prefill), so running streams never stall for "
                    "a whole long prompt. Larger: faster prefill, longer stalls. 0: the engine's default (2048). With "
                    "no row decoding a prompt is prefilled whole.")
+@click.option("--kv-cache-dtype", type=click.Choice(KV_CACHE_DTYPES), default="auto", show_default=True,
+              help="Torch engine: dtype of the KV cache. auto: --data-type. fp8 (GPUs of compute capability 8.9+, "
+                   "e.g. H100/H200/L40S): e4m3, half the bytes per cached token, so twice the slots fit and decode "
+                   "steps over long or many sequences read half the data; keys and values are rounded to 3 mantissa "
+                   "bits (a small change in the logits: measure your model's quality with it).")
 @click.option("--engine-process/--no-engine-process", default=None,
               help="Torch engine with --streaming: run the engine and its in-flight loop in a process of their own, "
                    "next to the core model's Python stub, so the loop never waits for the stub's threads (request "

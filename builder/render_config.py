@@ -13,7 +13,7 @@ from typing import Literal
 
 from .runtime import contract
 from .runtime.contract import EnsembleInput, Tensor
-from .runtime.model_config import GptModelConfig
+from .runtime.model_config import KV_CACHE_DTYPES, GptModelConfig
 
 Engine = Literal["fastertransformer", "torch"]
 ENGINES: tuple[Engine, ...] = ("fastertransformer", "torch")
@@ -63,6 +63,7 @@ class RenderConfig:
     max_queue_delay_us: int = 1000
     kv_slots: int = 0  # torch engine: KV-cache slots (0: as many as fit, up to 256, on a GPU; see core_adapter.py)
     step_prompt_tokens: int = 0  # torch engine, --streaming: prompt tokens prefilled per step (0: scheduler.py's)
+    kv_cache_dtype: str = "auto"  # torch engine: KV-cache dtype (model_config.KV_CACHE_DTYPES; "auto": --data-type)
     # torch engine, --streaming: the engine in a child process (engine_process.py); None: wherever it applies
     engine_process: bool | None = None
     gpus: tuple[int, ...] = ()  # torch engine, --tp > 1 on GPUs: the GPU of each rank (default 0..tp-1)
@@ -107,6 +108,11 @@ class RenderConfig:
         check(0 <= self.kv_slots <= 65536, f"--kv-slots must be in 0..65536 (0 = automatic), got {self.kv_slots}")
         check(0 <= self.step_prompt_tokens <= 65536,
               f"--step-prompt-tokens must be in 0..65536 (0 = the engine's default), got {self.step_prompt_tokens}")
+        check(self.kv_cache_dtype in KV_CACHE_DTYPES,
+              f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        check(self.kv_cache_dtype == "auto" or self.engine == "torch",
+              f"--kv-cache-dtype {self.kv_cache_dtype} needs --engine torch (the FasterTransformer backend keeps "
+              f"its cache in --data-type)")
         check(self.engine_process is not True or self.engine_process_applies,
               "--engine-process needs --engine torch --streaming --tp 1 (the in-flight scheduler's loop moves to a "
               "process of its own)")

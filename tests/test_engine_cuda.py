@@ -56,11 +56,26 @@ def test_no_host_sync_per_decode_step(engine: GptEngine) -> None:
     assert _sync_warnings(engine, 40) == _sync_warnings(engine, 4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+# (model dtype, KV-cache dtype); an fp8 cache needs compute capability 8.9+. Tolerances: the GEMM variants' fp16
+# rounding may move a cached value across an fp8 rounding boundary (one step: 1/8 of its size, relative).
+CACHE_CASES = [(torch.float32, "auto"), (torch.float16, "auto"),
+               pytest.param(torch.float16, "fp8", marks=pytest.mark.skipif(
+                   not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                   reason="an fp8 KV cache needs compute capability 8.9+"))]
+TOLERANCES = {"fp32": (dict(rtol=1e-4, atol=1e-4),) * 2, "fp16": (dict(rtol=2e-2, atol=2e-2),) * 2,
+              "fp8": (dict(rtol=5e-2, atol=5e-2), dict(rtol=0.13, atol=4e-3))}  # (logits, cache)
+
+
+def _tolerances(dtype: torch.dtype, kv_cache_dtype: str) -> tuple[dict[str, float], dict[str, float]]:
+    return TOLERANCES["fp8" if kv_cache_dtype == "fp8" else "fp32" if dtype == torch.float32 else "fp16"]
+
+
+@pytest.mark.parametrize("dtype,kv_cache_dtype", CACHE_CASES)
 @torch.inference_mode()
-def test_fused_decode_kernels_match_eager_ops(tiny: TinyGpt, dtype: torch.dtype) -> None:
+def test_fused_decode_kernels_match_eager_ops(tiny: TinyGpt, dtype: torch.dtype, kv_cache_dtype: str) -> None:
     """Each fused CUDA kernel (and all together) against the eager ops: logits and the KV cache it leaves."""
-    model = GptEngine.from_ft_dir(tiny.ft_dir, device="cuda:0", dtype=dtype, max_batch_size=16).model
+    model = GptEngine.from_ft_dir(tiny.ft_dir, device="cuda:0", dtype=dtype, max_batch_size=16,
+                                  kv_cache_dtype=kv_cache_dtype).model
     best = replace(model.kernels, skinny_rows=16)  # the skinny GEMM too (the fp32 default leaves it to cuBLAS)
     assert best.fused_norm and best.attention and best.gemm_epilogue
     prompts = torch.randint(1, 500, (5, 9), generator=torch.Generator().manual_seed(5)).cuda()
@@ -78,14 +93,15 @@ def test_fused_decode_kernels_match_eager_ops(tiny: TinyGpt, dtype: torch.dtype)
         return logits, [cache[:5, :, :16].clone() for cache in model.k_cache + model.v_cache]
 
     eager_logits, eager_cache = run(DecodeKernels(), [])
-    tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    tolerance, cache_tolerance = _tolerances(dtype, kv_cache_dtype)
     for kernels in (replace(DecodeKernels(), fused_norm=True), replace(DecodeKernels(), attention=True),
                     replace(DecodeKernels(), gemm_epilogue=True), replace(DecodeKernels(), skinny_rows=16), best):
         logits, cache = run(kernels, eager_logits)
         for got, want in zip(logits, eager_logits):
             torch.testing.assert_close(got.float(), want.float(), **tolerance, msg=lambda m, k=kernels: f"{k}: {m}")
         for got, want in zip(cache, eager_cache):
-            torch.testing.assert_close(got.float(), want.float(), **tolerance, msg=lambda m, k=kernels: f"{k}: {m}")
+            torch.testing.assert_close(got.float(), want.float(), **cache_tolerance,
+                                       msg=lambda m, k=kernels: f"{k}: {m}")
 
 
 @torch.inference_mode()
@@ -227,12 +243,14 @@ def test_prefill_attention_kernel_matches_the_reference(head_dim: int, dtype: to
         assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype,kv_cache_dtype", CACHE_CASES)
 @torch.inference_mode()
-def test_prefill_with_the_attention_kernel_matches_eager_whole_and_in_chunks(tiny: TinyGpt, dtype: torch.dtype) -> None:
+def test_prefill_with_the_attention_kernel_matches_eager_whole_and_in_chunks(tiny: TinyGpt, dtype: torch.dtype,
+                                                                            kv_cache_dtype: str) -> None:
     """The model's prefill with the Triton attention against PyTorch's SDPA: ragged whole prompts into named slots,
     then a second chunk of each at its own start: logits and the KV cache."""
-    model = GptEngine.from_ft_dir(tiny.ft_dir, device="cuda:0", dtype=dtype, max_batch_size=16).model
+    model = GptEngine.from_ft_dir(tiny.ft_dir, device="cuda:0", dtype=dtype, max_batch_size=16,
+                                  kv_cache_dtype=kv_cache_dtype).model
     assert model.kernels.attention
     generator = torch.Generator().manual_seed(7)
     first, second = torch.randint(1, 500, (3, 70), generator=generator), torch.randint(1, 500, (3, 20),
@@ -249,6 +267,7 @@ def test_prefill_with_the_attention_kernel_matches_eager_whole_and_in_chunks(tin
                                 kv_len=model.max_seq_len)]
         return logits + [cache.clone() for cache in model.k_cache + model.v_cache]
 
-    tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    tolerance, cache_tolerance = _tolerances(dtype, kv_cache_dtype)
     for got, want in zip(run(replace(DecodeKernels(), attention=True)), run(DecodeKernels())):
-        torch.testing.assert_close(got.float(), want.float(), **tolerance)
+        torch.testing.assert_close(got.float(), want.float(),
+                                   **(cache_tolerance if got.dtype == torch.float8_e4m3fn else tolerance))

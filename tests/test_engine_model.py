@@ -1,6 +1,9 @@
-"""GptModel invariants the CUDA-graph decode path relies on (checked on CPU), and weight checks."""
+"""GptModel invariants the CUDA-graph decode path relies on (checked on CPU), weight checks, and the fp8 KV cache."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,3 +58,68 @@ def test_cpu_decode_uses_the_eager_ops_only(tiny: TinyGpt) -> None:
     model = GptEngine.from_ft_dir(tiny.ft_dir, max_batch_size=1).model
     assert model.kernels == DecodeKernels()
     assert DecodeKernels.for_model(model.config, torch.device("cpu"), torch.float16) == DecodeKernels()
+
+
+@torch.inference_mode()
+def test_fp8_kv_cache_rounds_every_key_once(tiny: TinyGpt) -> None:
+    """kv_cache_dtype fp8 (the eager ops, as on CPU): a quarter of the fp32 cache's bytes; a row's logits do not
+    depend on whether its keys came from the cache or from the pass that wrote them (decode, whole prompt, chunks:
+    each rounds the keys the same way); and they differ from the fp32 cache's by the rounding only."""
+    exact = GptEngine.from_ft_dir(tiny.ft_dir, max_batch_size=4).model
+    model = GptEngine.from_ft_dir(tiny.ft_dir, max_batch_size=4, kv_cache_dtype="fp8").model
+    assert {c.dtype for c in model.k_cache + model.v_cache} == {torch.float8_e4m3fn}
+    assert model.cache_bytes * 4 == exact.cache_bytes and model.slot_bytes(10) * 4 == exact.slot_bytes(10)
+    tokens = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 0, 0, 0]])
+    lengths = torch.tensor([5, 2])
+    first = model.prefill(tokens, lengths)
+    step = model.decode(torch.tensor([3, 4]), lengths, kv_len=6)
+    longer = torch.tensor([[5, 6, 7, 8, 9, 3], [10, 11, 4, 0, 0, 0]])
+    torch.testing.assert_close(step, model.prefill(longer, lengths + 1), rtol=1e-5, atol=1e-5)
+    model.prefill(tokens[:, :2], torch.tensor([2, 2]))  # the same prompts as a chunk of 2, then the rest
+    chunked = model.prefill(longer[:, 2:], lengths - 1, starts=torch.tensor([2, 2]), kv_len=6)
+    torch.testing.assert_close(chunked, step, rtol=1e-5, atol=1e-5)
+    drift = (first - exact.prefill(tokens, lengths)).abs().max().item()
+    assert 0 < drift < 0.05 * first.std().item()
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, fp8"):
+        GptEngine.from_ft_dir(tiny.ft_dir, max_batch_size=1, kv_cache_dtype="int4")
+
+
+@torch.inference_mode()
+def test_slot_copies_move_fp8_cache_bytes_exactly(tiny: TinyGpt) -> None:
+    model = GptEngine.from_ft_dir(tiny.ft_dir, max_batch_size=3, kv_cache_dtype="fp8").model
+    model.prefill(torch.tensor([[5, 6, 7], [8, 9, 10], [11, 12, 13]]), torch.tensor([3, 3, 3]))
+    before = [c.view(torch.uint8).clone() for c in model.k_cache + model.v_cache]
+    model.copy_slots(torch.tensor([2, 0]), length=3)
+    for cache, old in zip(model.k_cache + model.v_cache, before):
+        assert torch.equal(cache.view(torch.uint8)[0], old[2]) and torch.equal(cache.view(torch.uint8)[1], old[0])
+
+
+def test_the_kv_cache_dtype_goes_from_render_to_the_loaded_engine(tiny: TinyGpt, tmp_path: Path) -> None:
+    """render --kv-cache-dtype fp8 -> the core's config.pbtxt -> CoreSettings (as tritonserver hands the config to
+    model.py) -> an engine with an fp8 cache; a bad value is refused by name at each step."""
+    from google.protobuf import json_format
+
+    from builder.render import parse_model_config, render_repository
+    from builder.render_config import RenderConfig, RenderError
+    from builder.runtime.core_adapter import CoreSettings
+    from builder.runtime.model_config import GptModelConfig
+
+    model = GptModelConfig.from_ini(tiny.ft_dir / "config.ini")
+    with pytest.raises(RenderError, match="--kv-cache-dtype must be one of auto, fp8, got 'fp4'"):
+        RenderConfig(engine="torch", device="cpu", model=model, kv_cache_dtype="fp4")
+    with pytest.raises(RenderError, match="--kv-cache-dtype fp8 needs --engine torch"):
+        RenderConfig(model=model, kv_cache_dtype="fp8")
+    repo = render_repository(RenderConfig(engine="torch", device="cpu", data_type="fp32", checkpoint=tiny.ft_dir,
+                                          model=model, kv_cache_dtype="fp8", output=tmp_path / "r"))
+    path = repo / "gpt3_1.3b" / "config.pbtxt"
+    config = json_format.MessageToDict(parse_model_config(path.read_text(), str(path)),
+                                       preserving_proto_field_name=True)
+    args = {"model_config": json.dumps(config), "model_repository": str(repo / "gpt3_1.3b"), "model_version": "1"}
+    settings = CoreSettings.from_args(args)
+    assert settings.kv_cache_dtype == "fp8"
+    engine = settings.load("cpu")
+    assert engine.model.k_cache[0].dtype == torch.float8_e4m3fn
+    assert "(fp8)" in settings.describe(engine, "cpu")
+    config["parameters"]["kv_cache_dtype"] = {"string_value": "int8"}
+    with pytest.raises(ValueError, match="parameter kv_cache_dtype must be one of auto, fp8, got 'int8'"):
+        CoreSettings.from_args({**args, "model_config": json.dumps(config)})

@@ -158,12 +158,13 @@ class GptEngine:
     def __init__(self, config: GptModelConfig, weights: dict[str, torch.Tensor], *, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, max_batch_size: int = 8, max_seq_len: int | None = None,
                  shrink_to_fit: bool = False, vocab_limit: int | None = None, use_cuda_graphs: bool = True,
-                 cancel_poll_s: float = 0.05) -> None:
+                 cancel_poll_s: float = 0.05, kv_cache_dtype: str = "auto") -> None:
         """max_batch_size: KV-cache slots (rows x beam_width decoded together; larger calls run in chunks);
         max_seq_len: prompt + output tokens per row (default config.max_pos_seq_len); shrink_to_fit: on CUDA, use
         fewer slots when max_batch_size does not fit the free memory (else that is a ResourceError);
         vocab_limit: ids >= it are never generated (default: the whole padded vocabulary, as FT);
-        cancel_poll_s: least time between two calls of generate()'s is_cancelled (each may cost an IPC round trip)."""
+        cancel_poll_s: least time between two calls of generate()'s is_cancelled (each may cost an IPC round trip);
+        kv_cache_dtype: "auto" (the model's dtype) or "fp8" (gpt.KV_CACHE_DTYPES: half the bytes per slot)."""
         self.config = config
         self.device = torch.device(device)
         if dtype not in DTYPES:
@@ -179,7 +180,7 @@ class GptEngine:
             raise ValueError(f"vocab_limit must be in [1, {config.vocab_size}], got {vocab_limit}")
         self.cancel_poll_s = cancel_poll_s
         try:
-            self.model = GptModel(config, weights, device=self.device, dtype=dtype)
+            self.model = GptModel(config, weights, device=self.device, dtype=dtype, kv_cache_dtype=kv_cache_dtype)
             slots = self._slots_that_fit(max_batch_size, max_seq_len, shrink_to_fit)
             self.model.allocate_cache(slots, max_seq_len)
             self.kv_cache_bytes = self.model.cache_bytes  # a tensor-parallel rank's: its heads only
@@ -187,7 +188,7 @@ class GptEngine:
             raise ResourceError(f"out of memory loading the weights and a KV cache of max_batch_size="
                                 f"{max_batch_size} x max_seq_len={max_seq_len} on {self.device}: lower them") from err
         log.info("KV cache: %d slots x %d tokens x %d layers (%s) = %.3f GiB on %s", slots, max_seq_len,
-                 config.num_layer, dtype, self.kv_cache_bytes / 2**30, self.device)
+                 config.num_layer, self.model.cache_dtype, self.kv_cache_bytes / 2**30, self.device)
         self.graphs = DecodeGraphs(self.model) if self.device.type == "cuda" and use_cuda_graphs else None
         self.prefill_graphs = (PrefillGraphs(self.model, chunk_width=PREFILL_GRAPH_TOKENS) if self.graphs is not None
                                else None)

@@ -10,6 +10,12 @@ batch live in cache slots 0..n-1:
 `decode` has static shapes for a given (rows, kv_len) and never syncs with the host, so `DecodeGraphs` (bottom of
 this file, CUDA only) can capture it in CUDA graphs.
 
+The cache holds K/V in the model's dtype, or in fp8 (e4m3, `CACHE_TORCH_DTYPES`): half the bytes, so a decode step
+over long or many sequences, which reads every cached key, moves half the data. Values are rounded to fp8 (saturating at
++-448, no scale: the K/V of a LayerNorm'd GPT stay far inside that range) when written, and every query attends to
+the rounded keys, the step's own and a prompt's own included, so a row's result does not depend on whether a key
+came from the cache or from this pass.
+
 On CUDA, `DecodeKernels` swaps eager ops for fused ones (gpt_kernels.py: Triton residual add + LayerNorm, decode
 attention that also writes the KV cache, a skinny GEMM for small batches; cuBLASLt's bias + activation epilogue): a
 decode step is memory-bound and the small kernels between the weight GEMMs cost about as much as the weights. On
@@ -29,7 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from .model_config import GptModelConfig
+from .model_config import KV_CACHE_DTYPES, GptModelConfig
 
 if TYPE_CHECKING:
     from .tensor_parallel import TensorShard
@@ -40,6 +46,12 @@ Attention = Callable[[int, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 class WeightError(ValueError):
     """A canonical weight dict that does not match the model config."""
+
+
+# model_config.KV_CACHE_DTYPES as torch dtypes (None: the model's). fp8 is e4m3: 3 mantissa bits, finite max 448.
+CACHE_TORCH_DTYPES: dict[str, torch.dtype | None] = dict(zip(KV_CACHE_DTYPES, (None, torch.float8_e4m3fn),
+                                                              strict=True))
+FP8_MAX = 448.0
 
 
 @dataclass
@@ -171,8 +183,9 @@ def _skinny_plan(out_features: int, in_features: int, *, may_split: bool, block_
 
 class GptModel:
     def __init__(self, config: GptModelConfig, weights: dict[str, torch.Tensor], *, device: torch.device,
-                 dtype: torch.dtype) -> None:
-        """Loads the weights; call `allocate_cache` before running anything.
+                 dtype: torch.dtype, kv_cache_dtype: str = "auto") -> None:
+        """Loads the weights; call `allocate_cache` before running anything. kv_cache_dtype: a
+        model_config.KV_CACHE_DTYPES name ("fp8" on a GPU needs compute capability 8.9+: the kernels' conversions).
 
         Tensor parallelism: weights of one rank (tensor_parallel.RankWeights) carry their `shard` (rank, size,
         process group); this model then holds heads/size of the heads and FC1 columns, all-reduces the row-parallel
@@ -182,6 +195,14 @@ class GptModel:
         check_weights(config, weights, tp)
         self.config = config
         self.device, self.dtype = torch.device(device), dtype
+        if kv_cache_dtype not in CACHE_TORCH_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+        self.cache_dtype = CACHE_TORCH_DTYPES[kv_cache_dtype] or dtype
+        self._fp8_cache = self.cache_dtype == torch.float8_e4m3fn
+        if self._fp8_cache and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (8, 9):
+            raise ValueError(f"kv_cache_dtype fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper); "
+                             f"{torch.cuda.get_device_name(self.device)} is "
+                             f"{'.'.join(map(str, torch.cuda.get_device_capability(self.device)))}")
         self.slots, self.max_seq_len = 0, 0
         self.heads, self.head_dim, self.hidden = config.head_num // tp, config.size_per_head, config.hidden_size
 
@@ -234,8 +255,8 @@ class GptModel:
                              f"got {max_seq_len}")
         self.k_cache, self.v_cache = [], []  # free the old cache first
         shape = (slots, self.heads, max_seq_len, self.head_dim)
-        self.k_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
-        self.v_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
+        self.k_cache = [torch.zeros(shape, device=self.device, dtype=self.cache_dtype) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, device=self.device, dtype=self.cache_dtype) for _ in self.layers]
         self.slots, self.max_seq_len = slots, max_seq_len
 
     @property
@@ -245,8 +266,28 @@ class GptModel:
 
     def slot_bytes(self, max_seq_len: int) -> int:
         """Bytes one KV-cache slot of `max_seq_len` tokens takes in this model (a shard: its own heads only)."""
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        itemsize = torch.empty((), dtype=self.cache_dtype).element_size()
         return 2 * len(self.layers) * self.heads * self.head_dim * max_seq_len * itemsize
+
+    # -- the eager paths' view of the cache: fp8 caches are indexed as bytes (index_copy_ and index_select have no
+    # float8 kernels on every device), values are rounded on the way in and widened to the model's dtype on the way out
+
+    def _bits(self, cache: torch.Tensor) -> torch.Tensor:
+        return cache.view(torch.uint8) if self._fp8_cache else cache
+
+    def _to_cache(self, x: torch.Tensor) -> torch.Tensor:
+        """x in the cache's storage form (for `_bits` views)."""
+        if not self._fp8_cache:
+            return x
+        return x.clamp(-FP8_MAX, FP8_MAX).to(self.cache_dtype).view(torch.uint8)  # a plain cast overflows to NaN
+
+    def _from_cache(self, bits: torch.Tensor) -> torch.Tensor:
+        """A `_bits` view (or a selection from one) in the model's dtype."""
+        return bits.view(self.cache_dtype).to(self.dtype) if self._fp8_cache else bits
+
+    def _rounded(self, x: torch.Tensor) -> torch.Tensor:
+        """x as the cache stores it, in the model's dtype: what a query sees of a key it did not read from the cache."""
+        return self._from_cache(self._to_cache(x))
 
     # -- building blocks: each picks the fused kernel when `self.kernels` enables it, else the eager ops ------------
 
@@ -375,21 +416,23 @@ class GptModel:
         def attend(i: int, qkv: torch.Tensor) -> torch.Tensor:
             n, t, _ = qkv.shape
             q, k, v = qkv.view(n, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # [n, heads, T, d]
+            k_cache, v_cache = self._bits(self.k_cache[i]), self._bits(self.v_cache[i])
             if starts is not None:
-                k_cache, v_cache = self.k_cache[i], self.v_cache[i]
-                k_cache.view(-1, self.head_dim).index_copy_(0, write_rows, k.reshape(-1, self.head_dim))
-                v_cache.view(-1, self.head_dim).index_copy_(0, write_rows, v.reshape(-1, self.head_dim))
-                keys = k_cache[:, :, :kv_len].index_select(0, chunk_slots)  # [n, heads, kv_len, d]: cached + chunk
-                values = v_cache[:, :, :kv_len].index_select(0, chunk_slots)
+                k_cache.view(-1, self.head_dim).index_copy_(0, write_rows, self._to_cache(k).reshape(-1, self.head_dim))
+                v_cache.view(-1, self.head_dim).index_copy_(0, write_rows, self._to_cache(v).reshape(-1, self.head_dim))
+                # [n, heads, kv_len, d]: cached + chunk
+                keys = self._from_cache(k_cache[:, :, :kv_len].index_select(0, chunk_slots))
+                values = self._from_cache(v_cache[:, :, :kv_len].index_select(0, chunk_slots))
                 with prefill_attention_backends():
                     attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [n, heads, T, d]
             else:
                 if slot_index is None:
-                    self.k_cache[i][first_slot:first_slot + n, :, :t] = k
-                    self.v_cache[i][first_slot:first_slot + n, :, :t] = v
+                    k_cache[first_slot:first_slot + n, :, :t] = self._to_cache(k)
+                    v_cache[first_slot:first_slot + n, :, :t] = self._to_cache(v)
                 else:
-                    self.k_cache[i].narrow(2, 0, t).index_copy_(0, slot_index, k)
-                    self.v_cache[i].narrow(2, 0, t).index_copy_(0, slot_index, v)
+                    k_cache.narrow(2, 0, t).index_copy_(0, slot_index, self._to_cache(k))
+                    v_cache.narrow(2, 0, t).index_copy_(0, slot_index, self._to_cache(v))
+                k, v = self._rounded(k), self._rounded(v)
                 # Plain causal attention is exact for right padding: a real token never sees a later (padding)
                 # position, and decode overwrites padding K/V before any query can reach it.
                 with prefill_attention_backends():
@@ -467,10 +510,11 @@ class GptModel:
 
         def attend(i: int, qkv: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
             q, k, v = qkv.view(n, 3, self.heads, self.head_dim).unbind(1)  # each [n, heads, d]
-            k_cache, v_cache = self.k_cache[i], self.v_cache[i]
-            k_cache.view(-1, self.head_dim).index_copy_(0, write_rows, k.reshape(-1, self.head_dim))
-            v_cache.view(-1, self.head_dim).index_copy_(0, write_rows, v.reshape(-1, self.head_dim))
-            attn = F.scaled_dot_product_attention(q[:, :, None], k_cache[:n, :, :kv_len], v_cache[:n, :, :kv_len],
+            k_cache, v_cache = self._bits(self.k_cache[i]), self._bits(self.v_cache[i])
+            k_cache.view(-1, self.head_dim).index_copy_(0, write_rows, self._to_cache(k).reshape(-1, self.head_dim))
+            v_cache.view(-1, self.head_dim).index_copy_(0, write_rows, self._to_cache(v).reshape(-1, self.head_dim))
+            attn = F.scaled_dot_product_attention(q[:, :, None], self._from_cache(k_cache[:n, :, :kv_len]),
+                                                  self._from_cache(v_cache[:n, :, :kv_len]),
                                                   attn_mask=mask)  # [n, heads, 1, d]
             return attn.reshape(n, -1)  # [n, heads * d] (this rank's heads)
 
@@ -479,7 +523,7 @@ class GptModel:
     def copy_slots(self, sources: torch.Tensor, length: int) -> None:
         """Cache slot i <- slot sources[i] (positions < length), for i < len(sources): beam expansion/reordering."""
         m = sources.shape[0]
-        for cache in (*self.k_cache, *self.v_cache):
+        for cache in map(self._bits, (*self.k_cache, *self.v_cache)):
             cache[:m, :, :length] = cache[:, :, :length].index_select(0, sources)  # a copy: safe to overlap
 
 

@@ -13,6 +13,8 @@ of the memory bandwidth than cuBLAS's GEMV choices:
 - `prefill_attention`: the prefill's causal attention straight from the QKV GEMM's output, over a chunk's cached keys
   too, writing the chunk's K/V into its cache slot (flash-attention style, on tensor cores).
 Everything is shape-static for a given (rows, kv_len) and never syncs with the host, so it runs inside CUDA graphs.
+The attention kernels take the cache in the model's dtype or in fp8 (e4m3; gpt.py): a key or value is rounded to the
+cache's dtype when written, and the queries of the pass that wrote it see the rounded value too.
 On Hopper every kernel here is launched as a programmatic dependent of the previous one (`_wait_previous`).
 Import this module only where Triton is installed (gpt.py imports it lazily, on CUDA only).
 """
@@ -210,8 +212,8 @@ def _decode_attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, positions_ptr, o
     dims = tl.arange(0, HEAD_DIM)
     qkv_row = qkv_ptr + row * 3 * hidden + head * HEAD_DIM  # qkv [n, 3, heads, d]
     q = tl.load(qkv_row + dims).to(tl.float32) * scale
-    k_new = tl.load(qkv_row + hidden + dims)
-    v_new = tl.load(qkv_row + 2 * hidden + dims)
+    k_new = tl.load(qkv_row + hidden + dims).to(k_cache_ptr.dtype.element_ty)  # as the cache holds it
+    v_new = tl.load(qkv_row + 2 * hidden + dims).to(v_cache_ptr.dtype.element_ty)
     cache_offset = row_head.to(tl.int64) * max_seq * HEAD_DIM  # cache [slots, heads, max_seq, d], slot = row
     start = split * SPLIT_KEYS
     end = tl.minimum(start + SPLIT_KEYS, pos + 1)
@@ -229,8 +231,8 @@ def _decode_attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, positions_ptr, o
         is_new = (keys == pos)[:, None]
         k = tl.load(k_cache_ptr + offsets, mask=valid[:, None] & ~is_new, other=0.0)
         v = tl.load(v_cache_ptr + offsets, mask=valid[:, None] & ~is_new, other=0.0)  # issued before k is used
-        k = tl.where(is_new, k_new[None, :], k).to(tl.float32)
-        v = tl.where(is_new, v_new[None, :], v).to(tl.float32)
+        k = tl.where(is_new, k_new.to(tl.float32)[None, :], k.to(tl.float32))
+        v = tl.where(is_new, v_new.to(tl.float32)[None, :], v.to(tl.float32))
         scores = tl.where(valid, tl.sum(k * q[None, :], axis=1), -float("inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=0))
         p = tl.exp(scores - new_max)
@@ -344,10 +346,11 @@ def _prefill_attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, star
     q = tl.load(own, mask=in_chunk[:, None], other=0.0)
     cache = (slot * heads + head) * max_seq * HEAD_DIM  # cache [slots, heads, max_seq, d]
     write = (in_chunk & (start + t < max_seq))[:, None]  # padding past the cache is not kept (decode never reads it)
+    cache_type = k_cache_ptr.dtype.element_ty
     tl.store(k_cache_ptr + cache + (start + t)[:, None] * HEAD_DIM + dims[None, :],
-             tl.load(own + hidden, mask=in_chunk[:, None], other=0.0), mask=write)
+             tl.load(own + hidden, mask=in_chunk[:, None], other=0.0).to(cache_type), mask=write)
     tl.store(v_cache_ptr + cache + (start + t)[:, None] * HEAD_DIM + dims[None, :],
-             tl.load(own + 2 * hidden, mask=in_chunk[:, None], other=0.0), mask=write)
+             tl.load(own + 2 * hidden, mask=in_chunk[:, None], other=0.0).to(cache_type), mask=write)
     running_max = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
     running_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -356,16 +359,16 @@ def _prefill_attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, star
         keys = key0 + tl.arange(0, BLOCK_N)
         valid = keys < start
         offsets = cache + keys[:, None] * HEAD_DIM + dims[None, :]
-        k = tl.load(k_cache_ptr + offsets, mask=valid[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + offsets, mask=valid[:, None], other=0.0)
+        k = tl.load(k_cache_ptr + offsets, mask=valid[:, None], other=0.0).to(q.dtype)
+        v = tl.load(v_cache_ptr + offsets, mask=valid[:, None], other=0.0).to(q.dtype)
         acc, running_max, running_sum = _attend_block(q, k, v, valid[None, :], acc, running_max, running_sum,
                                                       scale_log2)
     # The chunk's own keys, causally; read from qkv, not the cache (other programs' writes need not be visible yet).
     for key0 in range(0, tl.minimum((block_m + 1) * BLOCK_M, width), BLOCK_N):
         keys = key0 + tl.arange(0, BLOCK_N)
         theirs = row_qkv + keys[:, None] * (3 * hidden) + dims[None, :]
-        k = tl.load(theirs + hidden, mask=(keys < width)[:, None], other=0.0)
-        v = tl.load(theirs + 2 * hidden, mask=(keys < width)[:, None], other=0.0)
+        k = tl.load(theirs + hidden, mask=(keys < width)[:, None], other=0.0).to(cache_type).to(q.dtype)
+        v = tl.load(theirs + 2 * hidden, mask=(keys < width)[:, None], other=0.0).to(cache_type).to(q.dtype)
         seen = (keys[None, :] <= t[:, None]) & (keys < width)[None, :]  # key 0 always: no row is all -inf
         acc, running_max, running_sum = _attend_block(q, k, v, seen, acc, running_max, running_sum, scale_log2)
     out = out_ptr + row.to(tl.int64) * width * hidden + t[:, None] * hidden + head * HEAD_DIM + dims[None, :]

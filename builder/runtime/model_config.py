@@ -16,6 +16,8 @@ SECTION = "gpt"
 WEIGHT_DATA_TYPES = ("fp32", "fp16", "bf16")
 # FT's activation names; "Gelu" is the tanh approximation (Megatron's fused bias-GeLU, HF's `gelu_new`).
 ACTIVATIONS = ("Gelu", "Relu")
+# The torch engine's KV-cache dtypes: "auto" is the model's dtype, "fp8" e4m3 (gpt.py maps them to torch dtypes).
+KV_CACHE_DTYPES = ("auto", "fp8")
 
 
 class ModelConfigError(ValueError):
