@@ -844,6 +844,9 @@ def test_the_timeline_times_the_device_work_of_decode_steps_and_prefill_passes(t
              + timeline.pass_end_ms)
     assert timeline.pass_end_ms > 0 and timeline.pass_ms >= parts > 0, timeline
     assert ", pass end " in timeline.summary() and ", rest " in timeline.summary()
+    # Every pass is counted by the path it took (the CPU has no prefill graphs: all eager).
+    assert sum(timeline.prefill_paths.values()) == timeline.prefill_passes <= timeline.prefill_rows
+    assert device == "cuda" or timeline.prefill_paths == {"eager": timeline.prefill_passes}
     if device == "cuda":  # CUDA events around every launch; read once they completed (all but the last few)
         assert timeline.decode_device_ms > 0 and 0 < timeline.timed_prefills <= timeline.prefill_passes
         assert timeline.prefill_device_ms > 0 and "device ms per step" in timeline.summary()

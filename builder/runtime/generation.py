@@ -195,6 +195,7 @@ class GptEngine:
         self.limits = EngineLimits(vocab_size=config.vocab_size, max_seq_len=max_seq_len, max_batch_size=slots,
                                    default_end_id=config.end_id)
         self._lock = threading.Lock()  # one generate() at a time: the KV cache is shared
+        self.last_prefill_path = ""  # prefill_chunks's last path: "one graph", "a graph per row" or "eager"
 
     def _slots_that_fit(self, wanted: int, max_seq_len: int, shrink: bool) -> int:
         """KV-cache slots to allocate: `wanted`, checked against the device's free memory (CUDA only)."""
@@ -290,6 +291,7 @@ class GptEngine:
         graphs, one per row (GptModel.prefill's chunk path at an offset); more rows run as eager passes of at most
         PREFILL_TOKEN_BUDGET padded tokens."""
         n, t = tokens.shape
+        self.last_prefill_path = "eager"  # the path this call took, for the scheduler's timeline
         ints = torch.tensor([list(starts), list(lengths), list(slots)], dtype=torch.long)  # [3, n]
         if self.device.type == "cuda":  # pinned: the copies do not wait for the device to drain
             tokens, ints = (x.pin_memory().to(self.device, non_blocking=True) for x in (tokens, ints))
@@ -298,6 +300,7 @@ class GptEngine:
         start_dev, length_dev, slot_dev = ints
         if not any(starts) and self.prefill_graphs is not None and self.prefill_graphs.fits_rows(n, t):
             try:
+                self.last_prefill_path = "one graph"
                 return self.prefill_graphs.prefill_rows(tokens, length_dev, slot_dev).clone()
             except RuntimeError:  # a capture that fails (memory, a backend that cannot be captured): run eagerly
                 log.exception("prefill CUDA graph failed: prefill runs eagerly from now on")
@@ -307,6 +310,7 @@ class GptEngine:
             # Each row at its own padded width; each replay's output is the graph's buffer: copied before the next.
             widths = [min(t, -(-lengths[i] // graphs.step) * graphs.step) for i in range(n)]
             try:
+                self.last_prefill_path = "a graph per row"
                 return torch.cat([graphs.prefill_chunk(tokens[i:i + 1, :widths[i]], length_dev[i:i + 1], slots[i],
                                                        starts[i]).clone() for i in range(n)])
             except RuntimeError:  # a capture that fails (memory, a backend that cannot be captured): run eagerly

@@ -152,6 +152,8 @@ class Timeline:
     pass_ms: float = 0.0  # whole passes of the loop (what the parts above leave is the rest of its bookkeeping)
     prefill_passes: int = 0  # engine prefill calls (one per step that prefilled)
     prefill_tokens: int = 0  # prompt tokens they prefilled (chunks included)
+    prefill_rows: int = 0  # rows (chunks) they prefilled
+    prefill_paths: dict[str, int] = field(default_factory=dict)  # passes by GptEngine.prefill_chunks's path
     updates: int = 0  # streamed updates the sender sent
     sender_busy_ms: float = 0.0  # the sender's time sending them and polling
     polls: int = 0  # is_cancelled polls
@@ -178,7 +180,9 @@ class Timeline:
                 f"{self.select_launch_ms / steps:.3f}, wait for device {self.wait_ms / steps:.3f}, consume "
                 f"{self.consume_ms / steps:.3f}, pass end {self.pass_end_ms / steps:.3f}, rest {rest / steps:.3f}, "
                 f"admission {self.admit_ms / steps:.3f} ({self.prefill_passes} prefill "
-                f"passes, {self.prefill_tokens / max(1, self.prefill_passes):.0f} prompt tokens each); sender "
+                f"passes, {self.prefill_tokens / max(1, self.prefill_passes):.0f} prompt tokens and "
+                f"{self.prefill_rows / max(1, self.prefill_passes):.1f} rows each; "
+                + ", ".join(f"{path}: {count}" for path, count in sorted(self.prefill_paths.items())) + "); sender "
                 f"{self.updates} updates, {self.polls} cancellation polls ({self.poll_ms:.0f} ms), "
                 f"busy {self.sender_busy_ms / steps:.3f} "
                 f"per step; first response of a request into an idle batch (ms, mean of "
@@ -1149,8 +1153,12 @@ class InflightScheduler:
         if self.metrics is not None:
             self.metrics.add_prompt_tokens(sum(takes))
         self.stats.prefill_chunks += len(work)
-        self.stats.timeline.prefill_passes += 1
-        self.stats.timeline.prefill_tokens += sum(takes)
+        timeline = self.stats.timeline
+        timeline.prefill_passes += 1
+        timeline.prefill_tokens += sum(takes)
+        timeline.prefill_rows += len(work)
+        path = getattr(self.engine, "last_prefill_path", "") or "eager"
+        timeline.prefill_paths[path] = timeline.prefill_paths.get(path, 0) + 1
         for row, take in work:
             row.prefilled += take
         for row, take in (work[i] for i in complete):
