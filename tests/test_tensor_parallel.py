@@ -168,6 +168,26 @@ def test_tp2_engine_generates_tp1_tokens(tiny: TinyGpt, tiny_tp: tuple[Path, Pat
     assert [w.returncode for w in tp2._leader.workers] == [0]
 
 
+def test_every_rank_keeps_the_fp8_kv_cache(tiny_tp: tuple[Path, Path]) -> None:
+    """kv_cache_dtype reaches the workers: TP 2 with an fp8 cache equals TP 1 with one (a worker caching its heads
+    exactly would differ by the rounding)."""
+    tp1 = GptEngine.from_ft_dir(tiny_tp[0], max_batch_size=8, kv_cache_dtype="fp8")
+    tp2 = tp2_engine(tiny_tp[1], kv_cache_dtype="fp8")
+    try:
+        assert tp2.model.k_cache[0].dtype == torch.float8_e4m3fn and tp2.kv_cache_bytes == tp1.kv_cache_bytes // 2
+        prompts = torch.tensor(random_prompts(3, seed=7, min_len=5, max_len=5))
+        lengths = torch.full((3,), 5)
+        with torch.inference_mode():
+            torch.testing.assert_close(tp2.prefill_slots(prompts, lengths), tp1.prefill_slots(prompts, lengths),
+                                       rtol=1e-4, atol=1e-4)
+        requests = [GenerationRequest(input_ids=tuple(p), output_len=8, end_id=END_ID)
+                    for p in random_prompts(3, seed=8)]
+        assert ([out.beams[0].tolist() for out in tp2.generate(requests)]
+                == [out.beams[0].tolist() for out in tp1.generate(requests)])
+    finally:
+        tp2.close()
+
+
 def test_killed_worker_fails_the_call_by_name_and_every_later_one(tiny_tp: tuple[Path, Path]) -> None:
     failures: list[str] = []
     tp2 = tp2_engine(tiny_tp[1], on_failure=failures.append)
