@@ -91,6 +91,7 @@ class CpuSampler:
     def __init__(self, pid: int, interval_s: float = 0.5, children: bool = True) -> None:
         self.pid, self.interval_s, self.children = pid, interval_s, children
         self.samples: list[float] = []
+        self.spans: list[tuple[int, int]] = []  # each sample's (start, end), wall-clock ns (perf_analyzer's clock)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -109,6 +110,11 @@ class CpuSampler:
     @property
     def mean(self) -> float | None:
         return float(np.mean(self.samples)) if self.samples else None
+
+    def max_within(self, start_ns: int, end_ns: int) -> float | None:
+        """The largest sample taken wholly inside [start_ns, end_ns] (wall clock), None if none was."""
+        inside = [cpu for cpu, (begun, ended) in zip(self.samples, self.spans) if start_ns <= begun and ended <= end_ns]
+        return max(inside) if inside else None
 
     def _ticks(self) -> float | None:
         """CPU seconds of the process tree so far (None once the process is gone)."""
@@ -150,13 +156,14 @@ class CpuSampler:
         return total
 
     def _run(self) -> None:
-        last, last_t = self._ticks(), time.perf_counter()
+        last, last_t, last_ns = self._ticks(), time.perf_counter(), time.time_ns()
         while not self._stop.wait(self.interval_s):
-            now, now_t = self._ticks(), time.perf_counter()
+            now, now_t, now_ns = self._ticks(), time.perf_counter(), time.time_ns()
             if now is None or last is None:
                 return
             self.samples.append(100.0 * (now - last) / (now_t - last_t))
-            last, last_t = now, now_t
+            self.spans.append((last_ns, now_ns))
+            last, last_t, last_ns = now, now_t, now_ns
 
 
 # -- input data --------------------------------------------------------------------------------------------------------
@@ -291,7 +298,15 @@ class Runner:
         metrics = run_metrics(name, model, concurrency, streamed, rps, experiment).to_json()
         time.sleep(METRICS_FLUSH_S)
         histograms_after = self._engine_histograms()
-        metrics.update(client_cpu_percent_max=client.max, client_cpu_percent_mean=client.mean,
+        # The client's CPU while perf_analyzer measured (its stable windows), apart from its start-up (reading the
+        # input data) and exit (writing the profile export), where one sample can reach a whole core.
+        bounds = [int(bound) for bound in experiment.get("window_boundaries") or []]
+        if bounds and bounds[0] < 10**17:  # a steady clock (older perf_analyzers): to the wall clock of the samples
+            bounds = [bound + time.time_ns() - time.monotonic_ns() for bound in bounds]
+        measured = (client.max_within(bounds[-(STABLE_WINDOWS + 1)], bounds[-1])
+                    if len(bounds) >= STABLE_WINDOWS + 1 else None)
+        metrics.update(client_cpu_percent_max=measured if measured is not None else client.max,
+                       client_cpu_percent_max_whole_run=client.max, client_cpu_percent_mean=client.mean,
                        server_cpu_percent_mean=server.mean if server else None, window_s=seconds,
                        wall_s=time.perf_counter() - started)
         for key, after in histograms_after.items():

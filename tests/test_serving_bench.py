@@ -122,6 +122,12 @@ def test_cpu_sampler_sees_a_busy_process(with_psutil: bool, monkeypatch: pytest.
         busy.kill()
         busy.wait()
     assert sampler.samples and sampler.max > 25  # a spinning process on a shared 2-core machine
+    # Samples are placed on the wall clock, as perf_analyzer's measurement windows are.
+    first, last = sampler.spans[0][0], sampler.spans[-1][1]
+    assert first < last <= time.time_ns() and len(sampler.spans) == len(sampler.samples)
+    assert sampler.max_within(first, last) == sampler.max
+    assert sampler.max_within(sampler.spans[1][0], last) == max(sampler.samples[1:])
+    assert sampler.max_within(0, first) is None
     idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3)"])
     time.sleep(0.5)  # past the interpreter's start-up
     try:
@@ -212,6 +218,8 @@ def test_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
         assert run["token_count_mismatches"] == 0, run  # min_tokens = max_tokens held
         assert run["output_tokens_per_s"] == pytest.approx(run["throughput_rps"] * run["tokens_per_request"])
         assert run["client_cpu_percent_max"] is not None and run["client_cpu_percent_max"] >= 0
+        # while perf_analyzer measured, never more than over its whole run (start-up and exit included)
+        assert run["client_cpu_percent_max"] <= run["client_cpu_percent_max_whole_run"]
         assert 0 < run["responses_per_token"] <= 1.0 + 1e-9
         if name.startswith("mixed"):
             assert 4 <= run["tokens_per_request"] <= 16
