@@ -64,9 +64,9 @@ class ReplayedPrefillGraphs(PrefillGraphs):
 ENGINES = [*DEVICES[:1], "cpu-graphs", *DEVICES[1:]]
 
 
-def new_engine(tiny: TinyGpt, slots: int, device: str = "cpu") -> GptEngine:
+def new_engine(tiny: TinyGpt, slots: int, device: str = "cpu", kv_cache_dtype: str = "auto") -> GptEngine:
     engine = GptEngine.from_ft_dir(tiny.ft_dir, max_batch_size=slots, cancel_poll_s=0.0,
-                                   device="cpu" if device == "cpu-graphs" else device)
+                                   device="cpu" if device == "cpu-graphs" else device, kv_cache_dtype=kv_cache_dtype)
     if device == "cpu-graphs":
         engine.prefill_graphs = ReplayedPrefillGraphs(engine.model, chunk_width=PREFILL_GRAPH_TOKENS)
         # max_seq_len 128: whole prompts of 64 and 128 tokens; chunks of 64 (kv 128) and 128 (kv 128); several
@@ -286,11 +286,13 @@ def long_run(tiny: TinyGpt) -> Callable[[int], tuple[GenerationRequest, list[int
     return lambda steps: (request(prompt, steps, end_id=end_id), sequence[:len(prompt) + steps])
 
 
-def test_streamed_text_equals_not_streamed_with_chunked_prompts(tiny: TinyGpt, long_run) -> None:
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_streamed_text_equals_not_streamed_with_chunked_prompts(tiny: TinyGpt, long_run, kv_cache_dtype: str) -> None:
     """Same requests streamed and not, sent while a long row decodes, with prompts chunked (budget 4): the final
     outputs are equal, every update is a prefix of the final one, and no update comes before the prompt is fully
-    prefilled (none shows a partial prompt or a token past it that is not in the final)."""
-    engine = new_engine(tiny, slots=5)
+    prefilled (none shows a partial prompt or a token past it that is not in the final). With an fp8 KV cache too,
+    whose chunked outputs also equal the same requests run alone (whole prompts, nothing beside them)."""
+    engine = new_engine(tiny, slots=5, kv_cache_dtype=kv_cache_dtype)
     long_row, _ = long_run(100)
     prompts = random_prompts(4, seed=41, min_len=9, max_len=30)
     rows = [request(p, 8, random_seed=7 + i, **SAMPLING) for i, p in enumerate(prompts)]
@@ -316,6 +318,7 @@ def test_streamed_text_equals_not_streamed_with_chunked_prompts(tiny: TinyGpt, l
         else:
             assert all(sink.updates == [] for sink in sinks)
     assert outputs[True] == outputs[False]
+    assert outputs[False] == [tokens(engine.generate([row])[0]) for row in rows]
 
 
 def test_cancelling_or_failing_a_request_mid_prefill_frees_its_slot(tiny: TinyGpt, long_prompt: list[int], long_run,
