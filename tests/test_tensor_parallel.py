@@ -66,6 +66,15 @@ def tp2_engine(model_dir: Path, **kwargs: Any) -> TensorParallelEngine:
                          **kwargs)
 
 
+def assert_prefills_alike(tp1: GptEngine, tp2: GptEngine, *, rows: int, length: int, seed: int) -> None:
+    """Both engines' prefill logits of the same random prompts agree (fp32 sums in another order)."""
+    prompts = torch.tensor(random_prompts(rows, seed=seed, min_len=length, max_len=length))
+    lengths = torch.full((rows,), length)
+    with torch.inference_mode():
+        torch.testing.assert_close(tp2.prefill_slots(prompts, lengths), tp1.prefill_slots(prompts, lengths),
+                                   rtol=1e-4, atol=1e-4)
+
+
 def workers_of(pid: int) -> list[psutil.Process]:
     return [p for p in psutil.Process(pid).children() if "tensor_parallel" in " ".join(p.cmdline())]
 
@@ -147,11 +156,7 @@ def test_tp2_engine_generates_tp1_tokens(tiny: TinyGpt, tiny_tp: tuple[Path, Pat
         # The KV cache rank 0 reports is the one it allocated: half of TP 1's.
         allocated = sum(t.numel() * t.element_size() for t in (*tp2.model.k_cache, *tp2.model.v_cache))
         assert tp2.kv_cache_bytes == allocated == tp1.kv_cache_bytes // 2
-        prompts = torch.tensor(random_prompts(4, seed=3, min_len=6, max_len=6))
-        lengths = torch.full((4,), 6)
-        with torch.inference_mode():
-            torch.testing.assert_close(tp2.prefill_slots(prompts, lengths), tp1.prefill_slots(prompts, lengths),
-                                       rtol=1e-4, atol=1e-4)
+        assert_prefills_alike(tp1, tp2, rows=4, length=6, seed=3)
         requests = [GenerationRequest(input_ids=tuple(p), output_len=12, end_id=END_ID)
                     for p in random_prompts(6, seed=4)]
         requests += [GenerationRequest(input_ids=tuple(p), output_len=8, end_id=END_ID, beam_width=2)
@@ -175,11 +180,7 @@ def test_every_rank_keeps_the_fp8_kv_cache(tiny_tp: tuple[Path, Path]) -> None:
     tp2 = tp2_engine(tiny_tp[1], kv_cache_dtype="fp8")
     try:
         assert tp2.model.k_cache[0].dtype == torch.float8_e4m3fn and tp2.kv_cache_bytes == tp1.kv_cache_bytes // 2
-        prompts = torch.tensor(random_prompts(3, seed=7, min_len=5, max_len=5))
-        lengths = torch.full((3,), 5)
-        with torch.inference_mode():
-            torch.testing.assert_close(tp2.prefill_slots(prompts, lengths), tp1.prefill_slots(prompts, lengths),
-                                       rtol=1e-4, atol=1e-4)
+        assert_prefills_alike(tp1, tp2, rows=3, length=5, seed=7)
         requests = [GenerationRequest(input_ids=tuple(p), output_len=8, end_id=END_ID)
                     for p in random_prompts(3, seed=8)]
         assert ([out.beams[0].tolist() for out in tp2.generate(requests)]
