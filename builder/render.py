@@ -236,9 +236,10 @@ def config_from_options(checkpoint: Path | None, **options: Any) -> RenderConfig
                    "no row decoding a prompt is prefilled whole.")
 @click.option("--kv-cache-dtype", type=click.Choice(KV_CACHE_DTYPES), default="auto", show_default=True,
               help="Torch engine: dtype of the KV cache. auto: --data-type. fp8 (GPUs of compute capability 8.9+, "
-                   "e.g. H100/H200/L40S): e4m3, half the bytes per cached token, so twice the slots fit and decode "
-                   "steps over long or many sequences read half the data; keys and values are rounded to 3 mantissa "
-                   "bits (a small change in the logits: measure your model's quality with it).")
+                   "e.g. H100/H200/L40S): e4m3, half the bytes per cached token (twice the sequences fit in the "
+                   "same memory), and decode steps over long or many sequences read half the data; keys and values "
+                   "are rounded to 3 mantissa bits (a small change in the logits: measure your model's quality "
+                   "with it).")
 @click.option("--engine-process/--no-engine-process", default=None,
               help="Torch engine with --streaming: run the engine and its in-flight loop in a process of their own, "
                    "next to the core model's Python stub, so the loop never waits for the stub's threads (request "

@@ -164,7 +164,7 @@ class GptEngine:
         fewer slots when max_batch_size does not fit the free memory (else that is a ResourceError);
         vocab_limit: ids >= it are never generated (default: the whole padded vocabulary, as FT);
         cancel_poll_s: least time between two calls of generate()'s is_cancelled (each may cost an IPC round trip);
-        kv_cache_dtype: "auto" (the model's dtype) or "fp8" (gpt.KV_CACHE_DTYPES: half the bytes per slot)."""
+        kv_cache_dtype: "auto" (the model's dtype) or "fp8" (model_config.KV_CACHE_DTYPES: half the bytes per slot)."""
         self.config = config
         self.device = torch.device(device)
         if dtype not in DTYPES:
@@ -291,7 +291,6 @@ class GptEngine:
         graphs, one per row (GptModel.prefill's chunk path at an offset); more rows run as eager passes of at most
         PREFILL_TOKEN_BUDGET padded tokens."""
         n, t = tokens.shape
-        self.last_prefill_path = "eager"  # the path this call took, for the scheduler's timeline
         ints = torch.tensor([list(starts), list(lengths), list(slots)], dtype=torch.long)  # [3, n]
         if self.device.type == "cuda":  # pinned: the copies do not wait for the device to drain
             tokens, ints = (x.pin_memory().to(self.device, non_blocking=True) for x in (tokens, ints))
@@ -300,8 +299,9 @@ class GptEngine:
         start_dev, length_dev, slot_dev = ints
         if not any(starts) and self.prefill_graphs is not None and self.prefill_graphs.fits_rows(n, t):
             try:
-                self.last_prefill_path = "one graph"
-                return self.prefill_graphs.prefill_rows(tokens, length_dev, slot_dev).clone()
+                out = self.prefill_graphs.prefill_rows(tokens, length_dev, slot_dev).clone()
+                self.last_prefill_path = "one graph"  # for the scheduler's timeline
+                return out
             except RuntimeError:  # a capture that fails (memory, a backend that cannot be captured): run eagerly
                 log.exception("prefill CUDA graph failed: prefill runs eagerly from now on")
                 self.prefill_graphs = None
@@ -310,13 +310,15 @@ class GptEngine:
             # Each row at its own padded width; each replay's output is the graph's buffer: copied before the next.
             widths = [min(t, -(-lengths[i] // graphs.step) * graphs.step) for i in range(n)]
             try:
+                out = torch.cat([graphs.prefill_chunk(tokens[i:i + 1, :widths[i]], length_dev[i:i + 1], slots[i],
+                                                      starts[i]).clone() for i in range(n)])
                 self.last_prefill_path = "a graph per row"
-                return torch.cat([graphs.prefill_chunk(tokens[i:i + 1, :widths[i]], length_dev[i:i + 1], slots[i],
-                                                       starts[i]).clone() for i in range(n)])
+                return out
             except RuntimeError:  # a capture that fails (memory, a backend that cannot be captured): run eagerly
                 log.exception("prefill CUDA graph failed: prefill runs eagerly from now on")
                 self.prefill_graphs = None
         chunked = any(starts)  # whole prompts keep the plain causal pass (no mask, no cache read)
+        self.last_prefill_path = "eager"
         rows_per_pass = max(1, PREFILL_TOKEN_BUDGET // t)
         logits = []
         for first in range(0, n, rows_per_pass):
