@@ -112,8 +112,6 @@ def floor_ms(model: GptModel, batch: int, mean_kv: float, bandwidth_gbps: float)
     return (weight_bytes_per_step(model.config) + kv) / (bandwidth_gbps * 1e9) * 1000
 
 
-
-
 def compare_choices(model: GptModel, batches: list[int], steps: int, prompt_len: int,
                     bandwidth_gbps: float, only_all: bool = False) -> dict[int, Run]:
     """Each kernel choice (only_all: the model's own) per batch, against the eager ops; returns the model's own run

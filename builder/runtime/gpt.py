@@ -247,6 +247,10 @@ class GptModel:
         kernels = DecodeKernels.for_model(config, self.device, dtype)
         if any(plan is None for plan in self.skinny_plans.values()):
             kernels = replace(kernels, skinny_rows=0, skinny_residual_rows=0)
+        if self._fp8_cache and self.device.type == "cuda" and not kernels.attention:
+            # The eager ops widen a layer's whole cache at every step: 3-5x the fp16 cache's eager step on an H200.
+            raise ValueError("kv_cache_dtype fp8 on a GPU needs the Triton attention kernels: Triton installed and a "
+                             f"power-of-two head size (this model's is {config.size_per_head})")
         self.kernels = kernels  # settable (benchmarks compare choices); read by each decode call and graph capture
 
     def allocate_cache(self, slots: int, max_seq_len: int) -> None:
