@@ -289,10 +289,6 @@ class GptModel:
         """A `_bits` view (or a selection from one) in the model's dtype."""
         return bits.view(self.cache_dtype).to(self.dtype) if self._fp8_cache else bits
 
-    def _rounded(self, x: torch.Tensor) -> torch.Tensor:
-        """x as the cache stores it, in the model's dtype: what a query sees of a key it did not read from the cache."""
-        return self._from_cache(self._to_cache(x))
-
     # -- building blocks: each picks the fused kernel when `self.kernels` enables it, else the eager ops ------------
 
     def _add_norm(self, x: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor | None, weight: torch.Tensor,
@@ -430,13 +426,15 @@ class GptModel:
                 with prefill_attention_backends():
                     attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [n, heads, T, d]
             else:
+                stored_k, stored_v = self._to_cache(k), self._to_cache(v)
                 if slot_index is None:
-                    k_cache[first_slot:first_slot + n, :, :t] = self._to_cache(k)
-                    v_cache[first_slot:first_slot + n, :, :t] = self._to_cache(v)
+                    k_cache[first_slot:first_slot + n, :, :t] = stored_k
+                    v_cache[first_slot:first_slot + n, :, :t] = stored_v
                 else:
-                    k_cache.narrow(2, 0, t).index_copy_(0, slot_index, self._to_cache(k))
-                    v_cache.narrow(2, 0, t).index_copy_(0, slot_index, self._to_cache(v))
-                k, v = self._rounded(k), self._rounded(v)
+                    k_cache.narrow(2, 0, t).index_copy_(0, slot_index, stored_k)
+                    v_cache.narrow(2, 0, t).index_copy_(0, slot_index, stored_v)
+                # The chunk's own keys as the cache holds them (rounded, with an fp8 cache), as later queries see them.
+                k, v = self._from_cache(stored_k), self._from_cache(stored_v)
                 # Plain causal attention is exact for right padding: a real token never sees a later (padding)
                 # position, and decode overwrites padding K/V before any query can reach it.
                 with prefill_attention_backends():

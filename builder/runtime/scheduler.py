@@ -1157,7 +1157,7 @@ class InflightScheduler:
         timeline.prefill_passes += 1
         timeline.prefill_tokens += sum(takes)
         timeline.prefill_rows += len(work)
-        path = getattr(self.engine, "last_prefill_path", "") or "eager"
+        path = self.engine.last_prefill_path
         timeline.prefill_paths[path] = timeline.prefill_paths.get(path, 0) + 1
         for row, take in work:
             row.prefilled += take
