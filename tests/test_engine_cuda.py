@@ -243,6 +243,39 @@ def test_prefill_attention_kernel_matches_the_reference(head_dim: int, dtype: to
         assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
 
 
+@pytest.mark.parametrize("rows", [1, 5, 40])
+@pytest.mark.parametrize("dtype,kv_cache_dtype", CACHE_CASES)
+@torch.inference_mode()
+def test_decode_attention_kernel_matches_the_reference(rows: int, dtype: torch.dtype, kv_cache_dtype: str) -> None:
+    """`decode_attention` (few rows: one program per row and head, split over long keys; many rows: the tensor-core
+    kernel) against fp32 attention over each row's keys 0..position, the step's own key read back as the cache rounds
+    it; the cache keeps every other key, and the step's K/V land at (row, position) rounded to the cache's dtype."""
+    from builder.runtime import gpt_kernels
+    from builder.runtime.gpt import CACHE_TORCH_DTYPES
+
+    generator = torch.Generator(device="cuda").manual_seed(rows)
+    heads, head_dim = 4, 128
+    cache_dtype = CACHE_TORCH_DTYPES[kv_cache_dtype] or dtype
+    tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for kv_len in (256, 1024):  # one split; several splits and the combine kernel (few rows)
+        qkv = torch.randn(rows, 3 * heads * head_dim, device="cuda", generator=generator).to(dtype)
+        k_cache = torch.randn(rows, heads, kv_len, head_dim, device="cuda", generator=generator).to(cache_dtype)
+        v_cache = torch.randn(rows, heads, kv_len, head_dim, device="cuda", generator=generator).to(cache_dtype)
+        positions = torch.randint(0, kv_len, (rows,), device="cuda", generator=generator)
+        positions[0] = kv_len - 1  # the last key of the bucket
+        want_k, want_v = k_cache.clone(), v_cache.clone()
+        q, k, v = qkv.view(rows, 3, heads, head_dim).unbind(1)
+        at = torch.arange(rows, device="cuda")
+        want_k[at, :, positions], want_v[at, :, positions] = k.to(cache_dtype), v.to(cache_dtype)
+        hidden = torch.arange(kv_len, device="cuda")[None, None, None, :] > positions[:, None, None, None]
+        want = F.scaled_dot_product_attention(q[:, :, None].float(), want_k.float(), want_v.float(),
+                                              attn_mask=~hidden).reshape(rows, heads * head_dim)
+        got = gpt_kernels.decode_attention(qkv, k_cache, v_cache, positions, kv_len)
+        torch.testing.assert_close(got.float(), want, **tolerance)
+        assert torch.equal(k_cache.view(torch.uint8), want_k.view(torch.uint8))
+        assert torch.equal(v_cache.view(torch.uint8), want_v.view(torch.uint8))
+
+
 @pytest.mark.parametrize("dtype,kv_cache_dtype", CACHE_CASES)
 @torch.inference_mode()
 def test_prefill_with_the_attention_kernel_matches_eager_whole_and_in_chunks(tiny: TinyGpt, dtype: torch.dtype,

@@ -9,7 +9,8 @@ of the memory bandwidth than cuBLAS's GEMV choices:
   that `add_layer_norm` sums (so the split costs no extra kernel);
 - `decode_attention`: one query per row over its own cached keys (positions <= its position only, so a row never
   reads the rest of the kv bucket), writing the step's K/V into the cache in the same kernel; buckets over 256 keys
-  are split over the keys (a small combine kernel merges the splits);
+  are split over the keys (a small combine kernel merges the splits), or at many rows run as `prefill_attention`'s
+  chunk of one query;
 - `prefill_attention`: the prefill's causal attention straight from the QKV GEMM's output, over a chunk's cached keys
   too, writing the chunk's K/V into its cache slot (flash-attention style, on tensor cores).
 Everything is shape-static for a given (rows, kv_len) and never syncs with the host, so it runs inside CUDA graphs.
@@ -201,7 +202,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def _decode_attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, positions_ptr, out_ptr, partial_ptr, stats_ptr,
                              heads, max_seq, hidden, scale,
                              SPLIT_KEYS: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-                             HEAD_DIM: tl.constexpr, CACHE_ROUNDS: tl.constexpr, USE_PDL: tl.constexpr):
+                             HEAD_DIM: tl.constexpr, USE_PDL: tl.constexpr):
     # SPLIT_KEYS and NUM_SPLITS are compile-time (a new kv bucket compiles a variant once; Triton caches it on disk):
     # a runtime-valued variant measured slower at 64 rows on an H100 (3.40 vs 3.12 ms/step, separate runs).
     _wait_previous(USE_PDL)
@@ -212,36 +213,32 @@ def _decode_attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, positions_ptr, o
     dims = tl.arange(0, HEAD_DIM)
     qkv_row = qkv_ptr + row * 3 * hidden + head * HEAD_DIM  # qkv [n, 3, heads, d]
     q = tl.load(qkv_row + dims).to(tl.float32) * scale
-    k_new = tl.load(qkv_row + hidden + dims).to(k_cache_ptr.dtype.element_ty)  # as the cache holds it
-    v_new = tl.load(qkv_row + 2 * hidden + dims).to(v_cache_ptr.dtype.element_ty)
     cache_offset = row_head.to(tl.int64) * max_seq * HEAD_DIM  # cache [slots, heads, max_seq, d], slot = row
+    k_base = k_cache_ptr + cache_offset
+    v_base = v_cache_ptr + cache_offset
     start = split * SPLIT_KEYS
     end = tl.minimum(start + SPLIT_KEYS, pos + 1)
-    if (pos >= start) & (pos < start + SPLIT_KEYS):  # exactly one program writes the step's K/V
-        tl.store(k_cache_ptr + cache_offset + pos * HEAD_DIM + dims, k_new)
-        tl.store(v_cache_ptr + cache_offset + pos * HEAD_DIM + dims, v_new)
+    if (pos >= start) & (pos < start + SPLIT_KEYS):  # exactly one program writes the step's K/V, rounded to the cache
+        tl.store(k_base + pos * HEAD_DIM + dims, tl.load(qkv_row + hidden + dims).to(k_cache_ptr.dtype.element_ty))
+        tl.store(v_base + pos * HEAD_DIM + dims, tl.load(qkv_row + 2 * hidden + dims).to(v_cache_ptr.dtype.element_ty))
+    # The program's threads read that key back below: the barrier orders the write before every read. Reading it
+    # from the cache, not selecting it from qkv inside the widened tile, saved registers and time (H200,
+    # bench/decode_attention_bench.py, 64-256 rows): the kernel -6 to -20 % with an fp8 cache, -2 to -9 % with fp16.
+    tl.debug_barrier()
     running_max = -float("inf")
     running_sum = 0.0
     acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
     for key0 in range(start, end, BLOCK_N):  # usually one block per program: no dependent loads in a chain
         keys = key0 + tl.arange(0, BLOCK_N)
         valid = keys < end
-        offsets = cache_offset + keys[:, None] * HEAD_DIM + dims[None, :]
-        # The key at `pos` comes from this step's qkv: its cache write above need not be visible yet.
-        is_new = (keys == pos)[:, None]
-        k = tl.load(k_cache_ptr + offsets, mask=valid[:, None] & ~is_new, other=0.0)
-        v = tl.load(v_cache_ptr + offsets, mask=valid[:, None] & ~is_new, other=0.0)  # issued before k is used
-        if CACHE_ROUNDS:  # an fp8 cache: widened, then the select (the form measured with fp8)
-            k = tl.where(is_new, k_new.to(tl.float32)[None, :], k.to(tl.float32))
-            v = tl.where(is_new, v_new.to(tl.float32)[None, :], v.to(tl.float32))
-        else:  # the select in fp16, then widened: widening first made the whole fp16 step 15-17 % slower (H200)
-            k = tl.where(is_new, k_new[None, :], k).to(tl.float32)
-            v = tl.where(is_new, v_new[None, :], v).to(tl.float32)
-        scores = tl.where(valid, tl.sum(k * q[None, :], axis=1), -float("inf"))
+        offsets = keys[:, None] * HEAD_DIM + dims[None, :]
+        k = tl.load(k_base + offsets, mask=valid[:, None], other=0.0)
+        v = tl.load(v_base + offsets, mask=valid[:, None], other=0.0)  # issued before k is used
+        scores = tl.where(valid, tl.sum(k.to(tl.float32) * q[None, :], axis=1), -float("inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=0))
         p = tl.exp(scores - new_max)
         rescale = tl.exp(running_max - new_max)
-        acc = acc * rescale + tl.sum(p[:, None] * v, axis=0)
+        acc = acc * rescale + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
         running_sum = running_sum * rescale + tl.sum(p, axis=0)
         running_max = new_max
     if NUM_SPLITS == 1:
@@ -274,6 +271,22 @@ def _combine_splits_kernel(partial_ptr, stats_ptr, out_ptr, heads, hidden,
     tl.store(out_ptr + row * hidden + head * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty))
 
 
+# From this many rows over a kv bucket past 256 keys, a decode step's attention runs as the prefill kernel's chunk
+# of one query (tensor cores; its loads pipelined through shared memory), launched as TENSOR_CORE_LAUNCH. On an H200
+# (bench/decode_attention_bench.py, and the decode step in bench/profile_decode.py) at 64 rows over 640-703 keys: the
+# kernel alone -12 % (fp16 cache) and -10 % (fp8), the step 3.80 -> 3.45 ms and 3.02 -> 2.87 ms. Over 128-191 keys
+# (bucket 256) it was slower at 64 and 256 rows: the kernel +14 % (fp16) and +36-41 % (fp8), the step +5 to +20 %.
+# Buckets between 256 and 768 keys were not measured apart.
+TENSOR_CORE_MIN_ROWS = 17
+TENSOR_CORE_MIN_KEYS = 257
+TENSOR_CORE_LAUNCH = (16, 64, 4, 3)  # (queries per program: tl.dot's minimum, keys per block, warps, stages)
+
+
+def tensor_core_attention(rows: int, kv_len: int, dtype: torch.dtype) -> bool:
+    """Whether `decode_attention` runs the tensor-core kernel (not for fp32 models: tl.dot would round to tf32)."""
+    return rows >= TENSOR_CORE_MIN_ROWS and kv_len >= TENSOR_CORE_MIN_KEYS and dtype != torch.float32
+
+
 def attention_launch(rows: int, heads: int, kv_len: int, sms: int) -> tuple[int, int, int]:
     """(keys per block, blocks per program, warps) for `decode_attention`.
 
@@ -299,9 +312,15 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     -> attention output [n, H]; also writes this step's k, v at (slot i, positions[i]) for each row i.
 
     Row i attends to its keys 0..positions[i] (causal over its own sequence), as the eager masked SDPA does; splits
-    past a row's position exit at once, so a row reads only its own keys, not the whole kv bucket.
-    launch: (keys per block, blocks per program, warps), default `attention_launch`'s choice (benchmarks vary it)."""
+    past a row's position exit at once, so a row reads only its own keys, not the whole kv bucket. The step's key and
+    value are rounded to the cache's dtype as they are written, and read back from there like every other key.
+    Many rows over a bucket past 256 keys (`tensor_core_attention`) run `prefill_attention` as a chunk of one query.
+    launch: (keys per block, blocks per program, warps) of the one-query kernel, default `attention_launch`'s choice
+    (benchmarks vary it; given, it is always that kernel)."""
     rows = qkv.shape[0]
+    if launch is None and tensor_core_attention(rows, kv_len, qkv.dtype):  # as a chunk of one query at its position
+        return prefill_attention(qkv.view(rows, 1, -1), k_cache, v_cache, None, positions, pdl=pdl,
+                                 launch=TENSOR_CORE_LAUNCH).view(rows, -1)  # [n, 1, 3H] -> [n, H]
     _, heads, max_seq, head_dim = k_cache.shape
     hidden = heads * head_dim
     block_n, blocks_per_split, num_warps = launch or attention_launch(rows, heads, kv_len,
@@ -317,7 +336,7 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     _decode_attention_kernel[(rows * heads, splits)](
         qkv, k_cache, v_cache, positions, out, partial, stats, heads, max_seq, hidden, 1.0 / math.sqrt(head_dim),
         SPLIT_KEYS=split_keys, NUM_SPLITS=splits, BLOCK_N=block_n, HEAD_DIM=head_dim,
-        CACHE_ROUNDS=k_cache.dtype != qkv.dtype, USE_PDL=pdl,
+        USE_PDL=pdl,
         num_warps=num_warps, **_launch_options(pdl))
     if splits > 1:
         _combine_splits_kernel[(rows * heads,)](partial, stats, out, heads, hidden, NUM_SPLITS=splits,
@@ -333,12 +352,16 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
 @triton.jit
 def _prefill_attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, starts_ptr, out_ptr,
                               width, heads, max_seq, hidden, scale_log2,
-                              HAS_STARTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              HEAD_DIM: tl.constexpr):
+                              HAS_STARTS: tl.constexpr, HAS_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_PDL: tl.constexpr):
+    _wait_previous(USE_PDL)
     block_m, row_head = tl.program_id(0), tl.program_id(1)
     row = row_head // heads
     head = row_head % heads
-    slot = tl.load(slots_ptr + row).to(tl.int64)
+    if HAS_SLOTS:
+        slot = tl.load(slots_ptr + row).to(tl.int64)
+    else:  # row i is slot i (a decode step)
+        slot = row.to(tl.int64)
     if HAS_STARTS:
         start = tl.load(starts_ptr + row)
     else:
@@ -398,11 +421,12 @@ def _attend_block(q, k, v, seen, acc, running_max, running_sum, scale_log2):
     return acc, new_max, running_sum * rescale + tl.sum(p, axis=1)
 
 
-def prefill_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+def prefill_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor | None,
                       starts: torch.Tensor | None = None, *,
-                      launch: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                      launch: tuple[int, int, int, int] | None = None, pdl: bool = False) -> torch.Tensor:
     """qkv [n, T, 3 * H] (q | k | v, heads x d each) of n right-padded rows, caches [slots, heads, max_seq, d],
-    slots [n] -> attention output [n, T, H]; also writes each row's chunk K/V at cache (slots[i], starts[i] + t).
+    slots [n] (None: row i is slot i) -> attention output [n, T, H]; also writes each row's chunk K/V at cache
+    (slots[i], starts[i] + t). pdl: launched as a programmatic dependent (inside the decode step's graphs).
 
     Query t of row i attends causally to the chunk's keys 0..t and, with `starts` [n], to the keys the slot caches
     already (positions < starts[i]): the eager path's masked SDPA over the cache, without gathering the cache or
@@ -417,7 +441,8 @@ def prefill_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     block_m, block_n, num_warps, num_stages = launch or (block, block, 4, 3)
     out = torch.empty((n, width, hidden), device=qkv.device, dtype=qkv.dtype)
     _prefill_attention_kernel[(triton.cdiv(width, block_m), n * heads)](
-        qkv, k_cache, v_cache, slots, slots if starts is None else starts, out, width, heads, max_seq, hidden,
-        math.log2(math.e) / math.sqrt(head_dim), HAS_STARTS=starts is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        HEAD_DIM=head_dim, num_warps=num_warps, num_stages=num_stages)
+        qkv, k_cache, v_cache, out if slots is None else slots, out if starts is None else starts, out, width, heads,
+        max_seq, hidden, math.log2(math.e) / math.sqrt(head_dim), HAS_STARTS=starts is not None,
+        HAS_SLOTS=slots is not None, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim, USE_PDL=pdl,
+        num_warps=num_warps, num_stages=num_stages, **_launch_options(pdl))
     return out
