@@ -221,9 +221,9 @@ def _decode_attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, positions_ptr, o
     if (pos >= start) & (pos < start + SPLIT_KEYS):  # exactly one program writes the step's K/V, rounded to the cache
         tl.store(k_base + pos * HEAD_DIM + dims, tl.load(qkv_row + hidden + dims).to(k_cache_ptr.dtype.element_ty))
         tl.store(v_base + pos * HEAD_DIM + dims, tl.load(qkv_row + 2 * hidden + dims).to(v_cache_ptr.dtype.element_ty))
-    # The program's threads read that key back below: the barrier orders the write before every read. Reading it
-    # from the cache, not selecting it from qkv inside the widened tile, saved registers and time (H200,
-    # bench/decode_attention_bench.py, 64-256 rows): the kernel -6 to -20 % with an fp8 cache, -2 to -9 % with fp16.
+    # The program's threads read that key back below: the barrier orders the write before every read. Selecting it
+    # from qkv inside each tile instead cost ~400 instructions per 64-key block, a third of the kernel's; reading it
+    # back: -6 to -20 % of the kernel with an fp8 cache, -2 to -9 % with fp16 (H200, bench/decode_attention_bench.py).
     tl.debug_barrier()
     running_max = -float("inf")
     running_sum = 0.0
