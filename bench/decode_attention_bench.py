@@ -4,11 +4,12 @@
         --launches default 64,4,2 32,8,2 p16,64,4,3 --json OUT/attention.json
 
 A shape RxP runs R rows whose positions are ragged over P..P+63 (as 64 decode steps after a P-token prompt), RxA-B
-rows at positions uniform in [A, B) (the mixed workload's spread), against the kv bucket the decode graphs would
-use. Each launch is timed as a decode step runs it: 24 layers' worth of calls, each on its own layer's cache (so no
-layer reads another's keys from L2), captured in one CUDA graph and replayed; the time is per layer. The bytes each layer must read (its rows' keys and values, in the cache's dtype) over that
-time give the bandwidth, beside the GPU's measured copy bandwidth. Each launch's output is checked against fp32
-attention over the cache as the kernel left it (its own K/V write included) before it is timed.
+rows at positions uniform in [A, B) (the mixed workload's spread), against the kv bucket the decode graphs would use.
+Each launch is timed as a decode step runs it: 24 layers' worth of calls, each on its own layer's cache (so no layer
+reads another's keys from L2), captured in one CUDA graph and replayed; the time is per layer. The bytes each layer
+must read (its rows' keys and values, in the cache's dtype) over that time give the bandwidth, beside the GPU's
+measured copy bandwidth. Each launch's output is checked against fp32 attention over the cache as the kernel left it
+(its own K/V write included) before it is timed.
 
 A launch is "keys per block,blocks per program,warps" (the one-query kernel: `gpt_kernels.decode_attention`'s
 `launch`), "pM,N,W,S" (`gpt_kernels.prefill_attention` as a chunk of one query, with launch (M, N, W, S): queries
