@@ -335,8 +335,7 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
         partial = stats = out  # unused
     _decode_attention_kernel[(rows * heads, splits)](
         qkv, k_cache, v_cache, positions, out, partial, stats, heads, max_seq, hidden, 1.0 / math.sqrt(head_dim),
-        SPLIT_KEYS=split_keys, NUM_SPLITS=splits, BLOCK_N=block_n, HEAD_DIM=head_dim,
-        USE_PDL=pdl,
+        SPLIT_KEYS=split_keys, NUM_SPLITS=splits, BLOCK_N=block_n, HEAD_DIM=head_dim, USE_PDL=pdl,
         num_warps=num_warps, **_launch_options(pdl))
     if splits > 1:
         _combine_splits_kernel[(rows * heads,)](partial, stats, out, heads, hidden, NUM_SPLITS=splits,
