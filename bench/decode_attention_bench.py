@@ -13,7 +13,8 @@ measured copy bandwidth. Each launch's output is checked against fp32 attention 
 
 A launch is "keys per block,blocks per program,warps" (the one-query kernel: `gpt_kernels.decode_attention`'s
 `launch`), "pM,N,W,S" (`gpt_kernels.prefill_attention` as a chunk of one query, with launch (M, N, W, S): queries
-per program, keys per block, warps, pipeline stages), or "default": what `decode_attention` picks for the shape.
+per program, keys per block, warps, pipeline stages), or "default": what `decode_attention` picks for the shape. A
+suffix ":f16" or ":f32" forces the one-query kernel's products (default: fp16 with an fp8 cache, `half_products`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,16 @@ HEADS, HEAD_DIM, LAYERS, KV_STEP = 16, 128, 24, 256
 
 
 def parse_launch(text: str) -> tuple[int, ...] | None:
-    return None if text == "default" else tuple(int(value) for value in text.lstrip("p").split(","))
+    shape = text.partition(":")[0]
+    return None if shape == "default" else tuple(int(value) for value in shape.lstrip("p").split(","))
+
+
+def products(text: str) -> str:
+    """The one-query kernel's arithmetic a launch text asks for: its ":f16" / ":f32" suffix, else "auto"."""
+    suffix = text.partition(":")[2] or "auto"
+    if suffix not in ("auto", "f16", "f32"):
+        raise SystemExit(f"launch {text!r}: the suffix after ':' must be f16 or f32")
+    return suffix
 
 
 def attend(text: str, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
@@ -46,7 +56,7 @@ def attend(text: str, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         return gpt_kernels.prefill_attention(qkv.view(rows, 1, -1), k_cache, v_cache, None, positions,
                                              launch=parse_launch(text), pdl=torch.cuda.is_available()).view(rows, -1)
     return gpt_kernels.decode_attention(qkv, k_cache, v_cache, positions, kv_len, launch=parse_launch(text),
-                                        pdl=torch.cuda.is_available())
+                                        pdl=torch.cuda.is_available(), products=products(text))
 
 
 def reference(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

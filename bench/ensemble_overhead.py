@@ -1,7 +1,7 @@
 """Latency the text ensemble adds over calling the core model with token ids, one request at a time (CPU demo).
 
     python bench/ensemble_overhead.py --requests 300 --out docs/perf/ensemble_overhead.json
-Starts tritonserver on the demo repository (or --repository) and sends N pairs of requests over HTTP from this process:
+Starts tritonserver on the demo repository (or --repository) and sends N pairs of requests over gRPC from this process:
 an ensemble request (16-token prompt, 1 new token), then a core-model request with the same token ids. Reports p50/p99
 of both, the median of the pairs' differences (`ensemble_adds_p50_ms`: pairing cancels the slow drifts of a shared
 2-core VM, which moved the two-phase figure by 2 ms between runs), and Triton's per-model statistics (queue / compute
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import tritonclient.http as httpclient
+import tritonclient.grpc as grpcclient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -64,8 +64,8 @@ def with_floor_model(repository: Path, into: Path) -> Path:
     return into
 
 
-def tensor(name: str, array: np.ndarray, datatype: str) -> httpclient.InferInput:
-    infer_input = httpclient.InferInput(name, list(array.shape), datatype)
+def tensor(name: str, array: np.ndarray, datatype: str) -> grpcclient.InferInput:
+    infer_input = grpcclient.InferInput(name, list(array.shape), datatype)
     infer_input.set_data_from_numpy(array)
     return infer_input
 
@@ -92,7 +92,7 @@ def main() -> None:
     ids = GptTokenizer.from_directory(repo / "preprocessing" / "1").encode(PROMPT)
     with tempfile.TemporaryDirectory(prefix="ensemble-overhead-") as view, \
             TritonServer.on_free_ports(with_floor_model(repo, Path(view))) as server:
-        client = httpclient.InferenceServerClient(server.http_url)
+        client = grpcclient.InferenceServerClient(server.grpc_url)
         text_inputs = [tensor("text_input", np.array([[PROMPT.encode()]], object), "BYTES"),
                        tensor("max_tokens", np.array([[1]], np.int32), "INT32")]
         core_inputs = [tensor("input_ids", np.array([ids], np.uint32), "UINT32"),
@@ -104,10 +104,11 @@ def main() -> None:
         for _ in range(args.requests + 20):
             client.infer(FLOOR_MODEL, floor_inputs)
         stats = {}
-        for model in client.get_inference_statistics()["model_stats"]:
-            inference = model["inference_stats"]
-            count = max(1, inference["success"]["count"])
-            stats[model["name"]] = {f"{key}_us": round(inference[key]["ns"] / count / 1e3, 1) for key in STAT_KEYS}
+        for model in client.get_inference_statistics(as_json=True)["model_stats"]:
+            inference = model["inference_stats"]  # protobuf's JSON: int64 as strings, zero fields left out
+            count = max(1, int(inference["success"].get("count", 0)))
+            stats[model["name"]] = {f"{key}_us": round(int(inference[key].get("ns", 0)) / count / 1e3, 1)
+                                    for key in STAT_KEYS}
     result = {"prompt_tokens": len(ids), "new_tokens": 1, "requests": args.requests,
               "ensemble_p50_ms": float(np.percentile(ensemble, 50)),
               "ensemble_p99_ms": float(np.percentile(ensemble, 99)),

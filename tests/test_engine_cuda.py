@@ -270,10 +270,12 @@ def test_decode_attention_kernel_matches_the_reference(rows: int, dtype: torch.d
         hidden = torch.arange(kv_len, device="cuda")[None, None, None, :] > positions[:, None, None, None]
         want = F.scaled_dot_product_attention(q[:, :, None].float(), want_k.float(), want_v.float(),
                                               attn_mask=~hidden).reshape(rows, heads * head_dim)
-        got = gpt_kernels.decode_attention(qkv, k_cache, v_cache, positions, kv_len)
-        torch.testing.assert_close(got.float(), want, **tolerance)
-        assert torch.equal(k_cache.view(torch.uint8), want_k.view(torch.uint8))
-        assert torch.equal(v_cache.view(torch.uint8), want_v.view(torch.uint8))
+        # An fp8 cache multiplies in fp16 by default (gpt_kernels.half_products); fp32 products stay reachable.
+        for products in ("auto", "f32") if kv_cache_dtype == "fp8" else ("auto",):
+            got = gpt_kernels.decode_attention(qkv, k_cache, v_cache, positions, kv_len, products=products)
+            torch.testing.assert_close(got.float(), want, **tolerance)
+            assert torch.equal(k_cache.view(torch.uint8), want_k.view(torch.uint8))
+            assert torch.equal(v_cache.view(torch.uint8), want_v.view(torch.uint8))
 
 
 @pytest.mark.parametrize("dtype,kv_cache_dtype", CACHE_CASES)
