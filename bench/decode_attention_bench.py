@@ -119,10 +119,10 @@ def bench_shape(rows: int, prompt: int | tuple[int, int], cache: str, launches: 
         us = min(times)
         if launch is not None:
             chosen = text
-        elif gpt_kernels.tensor_core_attention(rows, kv_len, qkv.dtype):
+        elif gpt_kernels.tensor_core_attention(rows, kv_len, qkv.dtype, cache_dtype):
             chosen = "p" + ",".join(map(str, gpt_kernels.TENSOR_CORE_LAUNCH))
         else:
-            chosen = ",".join(map(str, gpt_kernels.attention_launch(rows, HEADS, kv_len, 132)))
+            chosen = ",".join(map(str, gpt_kernels.attention_launch(rows, HEADS, kv_len, 132, cache_dtype)))
         results.append({"rows": rows, "keys": f"{low}-{high - 1}", "kv_len": kv_len, "cache": cache,
                         "launch": text, "resolved": chosen, "us_per_layer": round(us, 2),
                         "gb_per_s": round(layer_bytes / us / 1e3, 0),

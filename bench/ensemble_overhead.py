@@ -11,7 +11,9 @@ work, unlike perf_analyzer.
 The same server also holds a bare Python model (`python_hop_floor`: one INT32 tensor in, the same out, no work), served
 from a private view of the repository (its models linked, not copied): its Triton-side time per request is what one
 Python-backend hop costs with nothing in it on this machine, the floor under each of the ensemble's two hops
-(`python_hop_floor_ms`; twice that: `two_hops_floor_ms`).
+(`python_hop_floor_ms`; twice that: `two_hops_floor_ms`), and its round trip from this client
+(`python_hop_floor_client_p50_ms`). `--floor-only` serves the bare model alone (where the demo cannot be built:
+the GPU host's kit has no transformers beside numpy 1.26).
 """
 
 from __future__ import annotations
@@ -53,9 +55,9 @@ class TritonPythonModel:
 STAT_KEYS = ("queue", "compute_input", "compute_infer", "compute_output")
 
 
-def with_floor_model(repository: Path, into: Path) -> Path:
-    """`into` (a fresh private folder): a link to each model of `repository`, plus the bare Python model."""
-    for model in repository.iterdir():
+def with_floor_model(repository: Path | None, into: Path) -> Path:
+    """`into` (a fresh private folder): a link to each model of `repository` (if any), plus the bare Python model."""
+    for model in repository.iterdir() if repository is not None else ():
         if model.is_dir():
             (into / model.name).symlink_to(model.resolve(), target_is_directory=True)
     (into / FLOOR_MODEL / "1").mkdir(parents=True)
@@ -82,14 +84,28 @@ def timed_pairs(first, second, count: int) -> tuple[list[float], list[float]]:
     return times
 
 
+def timed(call, count: int) -> list[float]:
+    """ms of `call`, `count` times (after 20 warm-up calls)."""
+    times = []
+    for index in range(count + 20):
+        start = time.perf_counter()
+        call()
+        if index >= 20:
+            times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--repository", type=Path, help="a rendered demo repository (default: build demo_repository)")
+    parser.add_argument("--floor-only", action="store_true",
+                        help="serve and time the bare Python model alone (a machine that cannot build the demo)")
     args = parser.parse_args()
-    repo = args.repository or build_demo_repository(Path("demo_repository"))
-    ids = GptTokenizer.from_directory(repo / "preprocessing" / "1").encode(PROMPT)
+    repo = None if args.floor_only else args.repository or build_demo_repository(Path("demo_repository"))
+    ids = list(range(1000, 1016)) if repo is None else GptTokenizer.from_directory(
+        repo / "preprocessing" / "1").encode(PROMPT)
     with tempfile.TemporaryDirectory(prefix="ensemble-overhead-") as view, \
             TritonServer.on_free_ports(with_floor_model(repo, Path(view))) as server:
         client = grpcclient.InferenceServerClient(server.grpc_url)
@@ -98,23 +114,24 @@ def main() -> None:
         core_inputs = [tensor("input_ids", np.array([ids], np.uint32), "UINT32"),
                        tensor("input_lengths", np.array([[len(ids)]], np.uint32), "UINT32"),
                        tensor("request_output_len", np.array([[1]], np.uint32), "UINT32")]
-        ensemble, core = timed_pairs(lambda: client.infer("ensemble", text_inputs),
-                                     lambda: client.infer("gpt3_1.3b", core_inputs), args.requests)
+        ensemble, core = ([], []) if repo is None else timed_pairs(
+            lambda: client.infer("ensemble", text_inputs), lambda: client.infer("gpt3_1.3b", core_inputs),
+            args.requests)
         floor_inputs = [tensor("x", np.array([ids], np.int32), "INT32")]
-        for _ in range(args.requests + 20):
-            client.infer(FLOOR_MODEL, floor_inputs)
+        floor = timed(lambda: client.infer(FLOOR_MODEL, floor_inputs), args.requests)
         stats = {}
         for model in client.get_inference_statistics(as_json=True)["model_stats"]:
             inference = model["inference_stats"]  # protobuf's JSON: int64 as strings, zero fields left out
             count = max(1, int(inference["success"].get("count", 0)))
             stats[model["name"]] = {f"{key}_us": round(int(inference[key].get("ns", 0)) / count / 1e3, 1)
                                     for key in STAT_KEYS}
-    result = {"prompt_tokens": len(ids), "new_tokens": 1, "requests": args.requests,
-              "ensemble_p50_ms": float(np.percentile(ensemble, 50)),
-              "ensemble_p99_ms": float(np.percentile(ensemble, 99)),
-              "core_p50_ms": float(np.percentile(core, 50)), "core_p99_ms": float(np.percentile(core, 99)),
-              "per_model_stats": stats}
-    result["ensemble_adds_p50_ms"] = float(np.median(np.subtract(ensemble, core)))
+    result: dict = {"prompt_tokens": len(ids), "new_tokens": 1, "requests": args.requests}
+    if repo is not None:
+        result |= {"ensemble_p50_ms": float(np.percentile(ensemble, 50)),
+                   "ensemble_p99_ms": float(np.percentile(ensemble, 99)),
+                   "core_p50_ms": float(np.percentile(core, 50)), "core_p99_ms": float(np.percentile(core, 99)),
+                   "ensemble_adds_p50_ms": float(np.median(np.subtract(ensemble, core)))}
+    result |= {"python_hop_floor_client_p50_ms": float(np.percentile(floor, 50)), "per_model_stats": stats}
     # Means over the run (Triton's statistics): queue + input + execute + output of the bare model.
     result["python_hop_floor_ms"] = sum(stats[FLOOR_MODEL][f"{key}_us"] for key in STAT_KEYS) / 1e3
     result["two_hops_floor_ms"] = 2 * result["python_hop_floor_ms"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import triton
@@ -289,13 +290,49 @@ TENSOR_CORE_MIN_KEYS = 257
 TENSOR_CORE_LAUNCH = (16, 64, 4, 3)  # (queries per program: tl.dot's minimum, keys per block, warps, stages)
 
 
-def tensor_core_attention(rows: int, kv_len: int, dtype: torch.dtype) -> bool:
+# With an fp8 cache, from this many rows the one-query kernel runs one warp per (row, head) at every kv bucket: 64-key
+# blocks up to 64 rows, 32-key blocks past that (in place of two warps, and of the tensor-core path at long keys). One
+# warp sums the values without the two warps' exchange through shared memory (2 barriers per program instead of 12)
+# and spends ~20 % fewer instructions per key (sm_90 SASS). On an H200 (bench/decode_attention_bench.py, us a layer):
+# 256 rows over 128-255 keys 67.5 -> 58.1 (64-key blocks: 60.2), 64 rows 22.9 -> 20.4 (32-key blocks: 21.8), 64 rows
+# over 16-1535 keys 85.7 on tensor cores -> 69.1; at 1 and 8 rows one warp lost by 48-118 %. 256 streams through the
+# server, fp8 cache, same host: 47.8k -> 49.6k tok/s. With an fp16 cache one warp gained at most 5 % (64 rows, short
+# keys) and lost 9-21 % elsewhere: unchanged there.
+ONE_WARP_MIN_ROWS = 33
+
+
+def one_warp_attention(rows: int, cache_dtype: torch.dtype) -> bool:
+    """Whether `decode_attention` runs the one-query kernel with one warp per (row, head), see above."""
+    return cache_dtype == torch.float8_e4m3fn and rows >= ONE_WARP_MIN_ROWS
+
+
+def tensor_core_attention(rows: int, kv_len: int, dtype: torch.dtype, cache_dtype: torch.dtype) -> bool:
     """Whether `decode_attention` runs the tensor-core kernel (not for fp32 models: tl.dot would round to tf32)."""
-    return rows >= TENSOR_CORE_MIN_ROWS and kv_len >= TENSOR_CORE_MIN_KEYS and dtype != torch.float32
+    return (rows >= TENSOR_CORE_MIN_ROWS and kv_len >= TENSOR_CORE_MIN_KEYS and dtype != torch.float32
+            and not one_warp_attention(rows, cache_dtype))
 
 
-def attention_launch(rows: int, heads: int, kv_len: int, sms: int) -> tuple[int, int, int]:
-    """(keys per block, blocks per program, warps) for `decode_attention`.
+def _launch_override(variable: str) -> tuple[int, int, int] | None:
+    """The environment's "keys per block,blocks per program,warps" for every one-query decode attention, in place of
+    `attention_launch`'s choice: A/B runs of a whole server (its stubs and engine process inherit the variable)."""
+    text = os.environ.get(variable, "")
+    if not text:
+        return None
+    values = text.split(",")
+    launch = tuple(int(value) for value in values if value.isdigit() and int(value) > 0)
+    if len(values) != 3 or len(launch) != 3 or any(n & (n - 1) for n in (launch[0], launch[2])):
+        raise ValueError(f"{variable} must be 'KEYS,BLOCKS,WARPS' (positive whole numbers; KEYS and WARPS powers of "
+                         f"two), got {text!r}")
+    return launch[0], launch[1], launch[2]
+
+
+ATTENTION_LAUNCH_OVERRIDE = _launch_override("GPT_TRITON_ATTENTION_LAUNCH")
+
+
+def attention_launch(rows: int, heads: int, kv_len: int, sms: int,
+                     cache_dtype: torch.dtype = torch.float16) -> tuple[int, int, int]:
+    """(keys per block, blocks per program, warps) for `decode_attention` (many rows over an fp8 cache:
+    `one_warp_attention`).
 
     From bench/profile_decode.py --tune on an H200 (16 heads x 128, ragged positions): 64-key blocks with 2 warps
     won at every shape from 1 x 256 to 256 x 1024 keys (1.3-1.7x faster than the 8-warp default it replaced, and
@@ -307,6 +344,8 @@ def attention_launch(rows: int, heads: int, kv_len: int, sms: int) -> tuple[int,
     loads in flight at once, for the few programs there are (-5 to -6 % of the step at 1-8 rows and 128-192 keys;
     +2.6 % at 16 rows; longer keys split over 64-key programs and kept the default)."""
     del sms  # the shapes above were all best at the same block and warp count, whatever the grid's size
+    if one_warp_attention(rows, cache_dtype):
+        return (64, 4, 1) if rows <= 64 else (32, 8, 1)
     blocks = -(-kv_len // 64)
     if blocks <= 4:
         return (256, 1, 8) if rows <= 8 else (64, 4, 2)
@@ -340,13 +379,13 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     if products not in ("auto", "f16", "f32"):
         raise ValueError(f"products must be auto, f16 or f32, got {products!r}")
     rows = qkv.shape[0]
-    if launch is None and tensor_core_attention(rows, kv_len, qkv.dtype):  # as a chunk of one query at its position
+    if launch is None and tensor_core_attention(rows, kv_len, qkv.dtype, k_cache.dtype):  # one query at its position
         return prefill_attention(qkv.view(rows, 1, -1), k_cache, v_cache, None, positions, pdl=pdl,
                                  launch=TENSOR_CORE_LAUNCH).view(rows, -1)  # [n, 1, 3H] -> [n, H]
     _, heads, max_seq, head_dim = k_cache.shape
     hidden = heads * head_dim
-    block_n, blocks_per_split, num_warps = launch or attention_launch(rows, heads, kv_len,
-                                                                      _multiprocessors(qkv.device))
+    block_n, blocks_per_split, num_warps = launch or ATTENTION_LAUNCH_OVERRIDE or attention_launch(
+        rows, heads, kv_len, _multiprocessors(qkv.device), k_cache.dtype)
     split_keys = block_n * max(blocks_per_split, triton.cdiv(kv_len, 64 * block_n))  # at most 64 splits
     splits = triton.cdiv(kv_len, split_keys)
     out = torch.empty((rows, hidden), device=qkv.device, dtype=qkv.dtype)
