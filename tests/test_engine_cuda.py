@@ -248,8 +248,9 @@ def test_prefill_attention_kernel_matches_the_reference(head_dim: int, dtype: to
 @torch.inference_mode()
 def test_decode_attention_kernel_matches_the_reference(rows: int, dtype: torch.dtype, kv_cache_dtype: str) -> None:
     """`decode_attention` (few rows: one program per row and head, split over long keys; many rows: the tensor-core
-    kernel) against fp32 attention over each row's keys 0..position, the step's own key read back as the cache rounds
-    it; the cache keeps every other key, and the step's K/V land at (row, position) rounded to the cache's dtype."""
+    kernel, or with an fp8 cache one warp per row and head) against fp32 attention over each row's keys 0..position,
+    the step's own key read back as the cache rounds it; the cache keeps every other key, and the step's K/V land at
+    (row, position) rounded to the cache's dtype."""
     from builder.runtime import gpt_kernels
     from builder.runtime.gpt import CACHE_TORCH_DTYPES
 

@@ -296,8 +296,9 @@ TENSOR_CORE_LAUNCH = (16, 64, 4, 3)  # (queries per program: tl.dot's minimum, k
 # and spends ~20 % fewer instructions per key (sm_90 SASS). On an H200 (bench/decode_attention_bench.py, us a layer):
 # 256 rows over 128-255 keys 67.5 -> 58.1 (64-key blocks: 60.2), 64 rows 22.9 -> 20.4 (32-key blocks: 21.8), 64 rows
 # over 16-1535 keys 85.7 on tensor cores -> 69.1; at 1 and 8 rows one warp lost by 48-118 %. 256 streams through the
-# server, fp8 cache, same host: 47.8k -> 49.6k tok/s. With an fp16 cache one warp gained at most 5 % (64 rows, short
-# keys) and lost 9-21 % elsewhere: unchanged there.
+# server, fp8 cache, same host: 47.8k -> 49.6k tok/s. 32 rows gained 9 % too (measured after the final serving run,
+# which used this bound). With an fp16 cache one warp gained at most 5 % (64 rows, short keys) and lost at long keys
+# (14-21 %) and at few rows: unchanged there.
 ONE_WARP_MIN_ROWS = 33
 
 
