@@ -49,7 +49,7 @@ def products(text: str) -> str:
 
 
 def attend(text: str, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-           kv_len: int, slots: torch.Tensor) -> torch.Tensor:
+           kv_len: int) -> torch.Tensor:
     """One layer's decode attention by launch text; "pM,N,W,S": the prefill kernel as a chunk of one query."""
     if text.startswith("p"):
         rows = qkv.shape[0]
@@ -80,7 +80,6 @@ def bench_shape(rows: int, prompt: int | tuple[int, int], cache: str, launches: 
     kv_len = -(-high // KV_STEP) * KV_STEP
     cache_dtype = CACHE_TORCH_DTYPES[cache] or torch.float16
     positions = torch.randint(low, high, (rows,), device=device, generator=generator)
-    slots = torch.arange(rows, device=device)
     qkv = torch.randn(rows, 3 * HEADS * HEAD_DIM, device=device, dtype=torch.float16, generator=generator)
     caches = []
     for _ in range(LAYERS):
@@ -93,18 +92,18 @@ def bench_shape(rows: int, prompt: int | tuple[int, int], cache: str, launches: 
     for text in launches:
         launch = parse_launch(text)
         k_cache, v_cache = caches[0]
-        out = attend(text, qkv, k_cache, v_cache, positions, kv_len, slots)
+        out = attend(text, qkv, k_cache, v_cache, positions, kv_len)
         error = (out.float() - reference(qkv, k_cache, v_cache, positions)).abs().max().item()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm up (compile) outside the capture
             for k_cache, v_cache in caches[:2]:
-                attend(text, qkv, k_cache, v_cache, positions, kv_len, slots)
+                attend(text, qkv, k_cache, v_cache, positions, kv_len)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             for k_cache, v_cache in caches:
-                attend(text, qkv, k_cache, v_cache, positions, kv_len, slots)
+                attend(text, qkv, k_cache, v_cache, positions, kv_len)
         graph.replay()
         torch.cuda.synchronize()
         begin, finish = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

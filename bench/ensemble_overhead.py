@@ -72,26 +72,15 @@ def tensor(name: str, array: np.ndarray, datatype: str) -> grpcclient.InferInput
     return infer_input
 
 
-def timed_pairs(first, second, count: int) -> tuple[list[float], list[float]]:
-    """ms of `first` and of `second`, called alternately `count` times each (after 20 warm-up pairs)."""
-    times: tuple[list[float], list[float]] = ([], [])
+def timed(*calls, count: int) -> list[list[float]]:
+    """ms of each call, the calls made in turn `count` times each (after 20 warm-up rounds)."""
+    times: list[list[float]] = [[] for _ in calls]
     for index in range(count + 20):
-        for call, into in ((first, times[0]), (second, times[1])):
+        for call, into in zip(calls, times):
             start = time.perf_counter()
             call()
             if index >= 20:
                 into.append((time.perf_counter() - start) * 1000)
-    return times
-
-
-def timed(call, count: int) -> list[float]:
-    """ms of `call`, `count` times (after 20 warm-up calls)."""
-    times = []
-    for index in range(count + 20):
-        start = time.perf_counter()
-        call()
-        if index >= 20:
-            times.append((time.perf_counter() - start) * 1000)
     return times
 
 
@@ -114,11 +103,11 @@ def main() -> None:
         core_inputs = [tensor("input_ids", np.array([ids], np.uint32), "UINT32"),
                        tensor("input_lengths", np.array([[len(ids)]], np.uint32), "UINT32"),
                        tensor("request_output_len", np.array([[1]], np.uint32), "UINT32")]
-        ensemble, core = ([], []) if repo is None else timed_pairs(
+        ensemble, core = ([], []) if repo is None else timed(
             lambda: client.infer("ensemble", text_inputs), lambda: client.infer("gpt3_1.3b", core_inputs),
-            args.requests)
+            count=args.requests)
         floor_inputs = [tensor("x", np.array([ids], np.int32), "INT32")]
-        floor = timed(lambda: client.infer(FLOOR_MODEL, floor_inputs), args.requests)
+        floor, = timed(lambda: client.infer(FLOOR_MODEL, floor_inputs), count=args.requests)
         stats = {}
         for model in client.get_inference_statistics(as_json=True)["model_stats"]:
             inference = model["inference_stats"]  # protobuf's JSON: int64 as strings, zero fields left out

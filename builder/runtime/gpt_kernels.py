@@ -313,27 +313,30 @@ def tensor_core_attention(rows: int, kv_len: int, dtype: torch.dtype, cache_dtyp
             and not one_warp_attention(rows, cache_dtype))
 
 
-def _launch_override(variable: str) -> tuple[int, int, int] | None:
-    """The environment's "keys per block,blocks per program,warps" for every one-query decode attention, in place of
-    `attention_launch`'s choice: A/B runs of a whole server (its stubs and engine process inherit the variable)."""
-    text = os.environ.get(variable, "")
+ATTENTION_LAUNCH_VARIABLE = "GPT_TRITON_ATTENTION_LAUNCH"
+
+
+def _launch_from_environment() -> tuple[int, int, int] | None:
+    """GPT_TRITON_ATTENTION_LAUNCH's "keys per block,blocks per program,warps", which `attention_launch` returns in
+    place of its own choice: A/B runs of a whole server (its stubs and engine process inherit the variable)."""
+    text = os.environ.get(ATTENTION_LAUNCH_VARIABLE, "")
     if not text:
         return None
     values = text.split(",")
     launch = tuple(int(value) for value in values if value.isdigit() and int(value) > 0)
     if len(values) != 3 or len(launch) != 3 or any(n & (n - 1) for n in (launch[0], launch[2])):
-        raise ValueError(f"{variable} must be 'KEYS,BLOCKS,WARPS' (positive whole numbers; KEYS and WARPS powers of "
-                         f"two), got {text!r}")
+        raise ValueError(f"{ATTENTION_LAUNCH_VARIABLE} must be 'KEYS,BLOCKS,WARPS' (positive whole numbers; KEYS and "
+                         f"WARPS powers of two), got {text!r}")
     return launch[0], launch[1], launch[2]
 
 
-ATTENTION_LAUNCH_OVERRIDE = _launch_override("GPT_TRITON_ATTENTION_LAUNCH")
+ATTENTION_LAUNCH_OVERRIDE = _launch_from_environment()
 
 
 def attention_launch(rows: int, heads: int, kv_len: int, sms: int,
                      cache_dtype: torch.dtype = torch.float16) -> tuple[int, int, int]:
     """(keys per block, blocks per program, warps) for `decode_attention` (many rows over an fp8 cache:
-    `one_warp_attention`).
+    `one_warp_attention`; GPT_TRITON_ATTENTION_LAUNCH, when set, wins over every rule here).
 
     From bench/profile_decode.py --tune on an H200 (16 heads x 128, ragged positions): 64-key blocks with 2 warps
     won at every shape from 1 x 256 to 256 x 1024 keys (1.3-1.7x faster than the 8-warp default it replaced, and
@@ -345,6 +348,8 @@ def attention_launch(rows: int, heads: int, kv_len: int, sms: int,
     loads in flight at once, for the few programs there are (-5 to -6 % of the step at 1-8 rows and 128-192 keys;
     +2.6 % at 16 rows; longer keys split over 64-key programs and kept the default)."""
     del sms  # the shapes above were all best at the same block and warp count, whatever the grid's size
+    if ATTENTION_LAUNCH_OVERRIDE is not None:
+        return ATTENTION_LAUNCH_OVERRIDE
     if one_warp_attention(rows, cache_dtype):
         return (64, 4, 1) if rows <= 64 else (32, 8, 1)
     blocks = -(-kv_len // 64)
@@ -385,8 +390,8 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
                                  launch=TENSOR_CORE_LAUNCH).view(rows, -1)  # [n, 1, 3H] -> [n, H]
     _, heads, max_seq, head_dim = k_cache.shape
     hidden = heads * head_dim
-    block_n, blocks_per_split, num_warps = launch or ATTENTION_LAUNCH_OVERRIDE or attention_launch(
-        rows, heads, kv_len, _multiprocessors(qkv.device), k_cache.dtype)
+    block_n, blocks_per_split, num_warps = launch or attention_launch(rows, heads, kv_len,
+                                                                      _multiprocessors(qkv.device), k_cache.dtype)
     split_keys = block_n * max(blocks_per_split, triton.cdiv(kv_len, 64 * block_n))  # at most 64 splits
     splits = triton.cdiv(kv_len, split_keys)
     out = torch.empty((rows, hidden), device=qkv.device, dtype=qkv.dtype)
