@@ -366,7 +366,8 @@ def median_ms(call: Any, reps: int, warmup: int = 3) -> float:
     return 1000 * statistics.median(call() for _ in range(reps))
 
 
-def batch1(url: str, core: str, tokenizer: Any, args: argparse.Namespace, result: dict[str, Any]) -> None:
+def batch1(url: str, core: str | None, tokenizer: Any, args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """Batch-1 timings; the core model's (token ids) only where one is served (`core`), else --baseline's."""
     triton = gpu_bench.Triton(url, streaming=True)
     (short_text, short_ids), = token_length_prompts(tokenizer, args.prompt_tokens, 1, seed=11)
     (long_text, long_ids), = token_length_prompts(tokenizer, args.long_prompt_tokens, 1, seed=12)
@@ -382,23 +383,23 @@ def batch1(url: str, core: str, tokenizer: Any, args: argparse.Namespace, result
         first = 4  # a few tokens, so the stream has a first response followed by others
         result["ttft_ms_prompt512_bs1_streamed"] = median_ms(
             lambda: triton.text(long_text, first, stream=True)[0], reps)
-        result["ttft_ms_prompt512_bs1_core_streamed"] = median_ms(
-            lambda: core_call_times(triton, core, long_ids, first, True)[0], reps)
-        result["ensemble_overhead_ms_bs1"] = (result["ttft_ms_prompt512_bs1_streamed"]
-                                              - result["ttft_ms_prompt512_bs1_core_streamed"])
         result["ttft_ms_prompt512_bs1_not_streamed"] = median_ms(lambda: triton.text(long_text, 1)[-1], reps)
         result["ttft_ms_prompt128_bs1_streamed"] = median_ms(
             lambda: triton.text(short_text, first, stream=True)[0], reps)
         # As bench/ensemble_overhead.py: one new token, not streamed, ensemble vs core with the same token ids.
-        ensemble_1 = median_ms(lambda: triton.text(short_text, 1)[-1], reps)
-        core_1 = median_ms(lambda: core_call_times(triton, core, short_ids, 1, False)[-1], reps)
-        result["latency_ms_bs1_1token_not_streamed"] = ensemble_1
-        result["latency_ms_bs1_1token_core_not_streamed"] = core_1
-        result["ensemble_overhead_ms_bs1_not_streamed"] = ensemble_1 - core_1
+        result["latency_ms_bs1_1token_not_streamed"] = median_ms(lambda: triton.text(short_text, 1)[-1], reps)
+        if core is not None:
+            result["ttft_ms_prompt512_bs1_core_streamed"] = median_ms(
+                lambda: core_call_times(triton, core, long_ids, first, True)[0], reps)
+            result["latency_ms_bs1_1token_core_not_streamed"] = median_ms(
+                lambda: core_call_times(triton, core, short_ids, 1, False)[-1], reps)
     result["batch1_client_cpu_percent_max"] = sampler.max
     log(f"batch 1: decode {slope:.3f} ms/token, TTFT({args.long_prompt_tokens}) streamed "
-        f"{result['ttft_ms_prompt512_bs1_streamed']:.2f} ms (core {result['ttft_ms_prompt512_bs1_core_streamed']:.2f}"
-        f" ms), overhead non-streamed {result['ensemble_overhead_ms_bs1_not_streamed']:.2f} ms")
+        f"{result['ttft_ms_prompt512_bs1_streamed']:.2f} ms (core {result.get('ttft_ms_prompt512_bs1_core_streamed')}"
+        " ms)")
+
+
+BASELINE_KEYS = ("ttft_ms_prompt512_bs1_core_streamed", "latency_ms_bs1_1token_core_not_streamed")
 
 
 # -- results -----------------------------------------------------------------------------------------------------------
@@ -438,6 +439,13 @@ def derive(result: dict[str, Any], mixed_clients: int) -> None:
         result["inter_response_p50_ms_c1"] = _p(c1, "inter_response_ms", "p50")
         if result.get("decode_ms_per_token_bs1") and result["itl_p50_ms_c1"] is not None:
             result["itl_p50_over_decode_ms_c1"] = result["itl_p50_ms_c1"] / result["decode_ms_per_token_bs1"]
+    # The text path's cost over token ids (the core's timings: this server's, or --baseline's for a text core).
+    for overhead, text_key, core_key in (
+            ("ensemble_overhead_ms_bs1", "ttft_ms_prompt512_bs1_streamed", "ttft_ms_prompt512_bs1_core_streamed"),
+            ("ensemble_overhead_ms_bs1_not_streamed", "latency_ms_bs1_1token_not_streamed",
+             "latency_ms_bs1_1token_core_not_streamed")):
+        if result.get(text_key) is not None and result.get(core_key) is not None:
+            result[overhead] = result[text_key] - result[core_key]
     core1 = _run(result, "core_streamed", 1)
     if c1 and core1:
         result["ensemble_overhead_ms_c1_perf_analyzer"] = _p(c1, "latency_ms", "p50") - _p(core1, "latency_ms", "p50")
@@ -544,8 +552,9 @@ CORE_TOKEN_OUTPUTS = ("output_ids", "sequence_length")
 BENCH_TEXT, BENCH_CORE = "bench_text", "bench_core"
 
 
-def bench_models(repo: Path, ensemble: str, core: str, out: Path) -> Path:
-    """Write the two bench-only ensembles (see above) into a model repository at `out`; return it."""
+def bench_models(repo: Path, ensemble: str, core: str | None, out: Path) -> Path:
+    """Write the bench-only ensembles (see above) into a model repository at `out`; return it. A text core (core
+    None) gets a one-step ensemble with the text outputs, as the core does with the token outputs."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
@@ -556,6 +565,23 @@ def bench_models(repo: Path, ensemble: str, core: str, out: Path) -> Path:
         (out / config.name / "1").mkdir(parents=True, exist_ok=True)  # an ensemble needs an (empty) version folder
         (out / config.name / "config.pbtxt").write_text(text_format.MessageToString(config))
 
+    def one_step(model: str, name: str, outputs: tuple[str, ...]) -> model_config_pb2.ModelConfig:
+        source = read(model)
+        wrapper = model_config_pb2.ModelConfig(name=name, platform="ensemble", max_batch_size=source.max_batch_size)
+        wrapper.input.extend(source.input)
+        for tensor in wrapper.input:
+            tensor.allow_ragged_batch = False  # a batching property of the model itself, not of an ensemble input
+        wrapper.output.extend(o for o in source.output if o.name in outputs)
+        step = wrapper.ensemble_scheduling.step.add(model_name=model, model_version=-1)
+        for tensor in source.input:
+            step.input_map[tensor.name] = tensor.name
+        for output in outputs:
+            step.output_map[output] = output
+        return wrapper
+
+    if core is None:
+        write(one_step(ensemble, BENCH_TEXT, TEXT_OUTPUTS))
+        return out
     text = read(ensemble)
     text.name = BENCH_TEXT
     kept = [o for o in text.output if o.name in TEXT_OUTPUTS]
@@ -566,30 +592,24 @@ def bench_models(repo: Path, ensemble: str, core: str, out: Path) -> Path:
         for key in [k for k, v in step.output_map.items() if not v.startswith("_") and v not in TEXT_OUTPUTS]:
             del step.output_map[key]
     write(text)
-
-    source = read(core)
-    wrapper = model_config_pb2.ModelConfig(name=BENCH_CORE, platform="ensemble", max_batch_size=source.max_batch_size)
-    wrapper.input.extend(source.input)
-    for tensor in wrapper.input:
-        tensor.allow_ragged_batch = False  # a batching property of the core itself, not of an ensemble input
-    wrapper.output.extend(o for o in source.output if o.name in CORE_TOKEN_OUTPUTS)
-    step = wrapper.ensemble_scheduling.step.add(model_name=core, model_version=-1)
-    for tensor in source.input:
-        step.input_map[tensor.name] = tensor.name
-    for name in CORE_TOKEN_OUTPUTS:
-        step.output_map[name] = name
-    write(wrapper)
+    write(one_step(core, BENCH_CORE, CORE_TOKEN_OUTPUTS))
     return out
 
 
-def core_model_name(repo: Path, ensemble: str) -> str:
+def core_model_name(repo: Path, ensemble: str) -> str | None:
+    """The token-id core model among the ensemble's steps; None where `ensemble` is a text core itself (render
+    --text-in-core: no token-id model is served)."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
     path = repo / ensemble / "config.pbtxt"
     if not path.is_file():
-        raise BenchError(f"{path} does not exist: --repository must hold the text ensemble '{ensemble}'")
+        raise BenchError(f"{path} does not exist: --repository must hold the text model '{ensemble}'")
     config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+    if config.platform != "ensemble":
+        if config.parameters["text_io"].string_value != "true":
+            raise BenchError(f"{path} is neither an ensemble nor a text core model")
+        return None
     steps = [step.model_name for step in config.ensemble_scheduling.step]
     core = [name for name in steps if name not in ("preprocessing", "postprocessing")]
     if len(core) != 1:
@@ -658,6 +678,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mixed-entries", type=int, default=1024, help="entries of the seeded input-data file")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--merge", action="store_true", help="add to --out's existing results")
+    parser.add_argument("--baseline", type=Path,
+                        help="a JSON of this script whose core-model batch-1 timings stand in for this repository's, "
+                             "when it serves a text core (render --text-in-core: no token-id model to call); run it "
+                             "on the same host just before, e.g. --skip-streamed --skip-not-streamed --skip-mixed")
     parser.add_argument("--trace-rate", type=int, default=0,
                         help="trace one request in N with Triton's request trace and record, for every streamed "
                              "ensemble run, each step of the traced first responses (percentiles, and the slowest "
@@ -689,8 +713,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = json.loads(args.out.read_text()) if args.merge and args.out.is_file() else {}
     result.update(gpu=device_name(args.device), date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     repo = args.repository.resolve() if args.repository else build_repository(args, result)
-    tokenizer_dir = repo / "preprocessing" / "1"
-    tokenizer = load_tokenizer(tokenizer_dir if (tokenizer_dir / "vocab.json").is_file() else DEFAULT_TOKENIZER_DIR)
+    # Preprocessing's tables, or a text core's own (render --text-in-core).
+    folders = [repo / name / "1" for name in ("preprocessing", args.ensemble)
+               if (repo / name / "1" / "vocab.json").is_file()]
+    tokenizer = load_tokenizer(folders[0] if folders else DEFAULT_TOKENIZER_DIR)
     binary = find_perf_analyzer()
     # Every invocation that contributed (several with --merge), as typed.
     result["commands"] = [*result.get("commands", []), " ".join([Path(sys.executable).name, *sys.argv])]
@@ -705,6 +731,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  f"{args.mixed_entries} entries, seed {args.seed}"}
 
     core = core_model_name(repo, args.ensemble)
+    if args.baseline is not None:
+        baseline = json.loads(args.baseline.read_text())
+        result.update({key: baseline[key] for key in BASELINE_KEYS if baseline.get(key) is not None})
+        result["baseline"] = {"json": str(args.baseline), "commands": baseline.get("commands")}
     extra = bench_models(repo, args.ensemble, core, args.work / "bench_models")
     log(f"starting tritonserver on {repo} (+ {extra})")
     trace_folder = raw / "trace" if args.trace_rate else None  # inside the private work folder: traces hold prompts
@@ -719,11 +749,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ensemble = model_info(url, "grpc", args.ensemble)
         if not ensemble.decoupled:
             raise BenchError(f"{repo} is not a streaming repository (render with --streaming)")
-        core_inputs = model_info(url, "grpc", core).inputs
+        core_inputs = model_info(url, "grpc", core).inputs if core is not None else frozenset()
         runner = Runner(url=url, raw=raw, seconds=args.seconds, stability=args.stability,
                         max_trials=args.max_trials, server_pid=server.process.pid if server.process else None,
                         max_threads=args.max_threads, metrics_url=server.metrics_url, trace_folder=trace_folder,
-                        core=core)
+                        core=core or "")
         def write(with_plot: bool = False) -> None:  # after every run; the plot after every stage
             write_outputs(args.out, result, args.mixed_clients, with_plot)
 
@@ -748,7 +778,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 add_run(result, previous)
                 write()
             write(with_plot=True)
-        if not args.skip_core:
+        if not args.skip_core and core is not None:
             data = {"data": [core_entry(ids, args.new_tokens, True, core_inputs) for _, ids in prompts]}
             for level in args.core_levels:
                 add_run(result, runner.run("core_streamed", BENCH_CORE, level, True, data))

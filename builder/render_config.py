@@ -66,6 +66,8 @@ class RenderConfig:
     kv_cache_dtype: str = "auto"  # torch engine: KV-cache dtype (model_config.KV_CACHE_DTYPES; "auto": --data-type)
     # torch engine, --streaming: the engine in a child process (engine_process.py); None: wherever it applies
     engine_process: bool | None = None
+    # torch engine: the core model tokenizes and detokenizes itself, served as --ensemble-name (text_core.py)
+    text_in_core: bool = False
     gpus: tuple[int, ...] = ()  # torch engine, --tp > 1 on GPUs: the GPU of each rank (default 0..tp-1)
     preprocessing_instances: int = 2
     postprocessing_instances: int = 2
@@ -116,6 +118,8 @@ class RenderConfig:
         check(self.engine_process is not True or self.engine_process_applies,
               "--engine-process needs --engine torch --streaming --tp 1 (the in-flight scheduler's loop moves to a "
               "process of its own)")
+        check(not self.text_in_core or self.engine == "torch",
+              "--text-in-core needs --engine torch (the FasterTransformer backend takes token ids only)")
         check(self.max_queue_delay_us >= 0, f"max queue delay must be >= 0 us, got {self.max_queue_delay_us}")
         check(self.int8_mode in (0, 1), f"--int8-mode must be 0 or 1, got {self.int8_mode}")
         for option, name in (("--model-name", self.model_name), ("--ensemble-name", self.ensemble_name)):
@@ -188,6 +192,20 @@ class RenderConfig:
             return [i.tensor for i in contract.core_inputs(contract.FT)]
         return [i.tensor for i in contract.core_inputs(self.engine)
                 if not i.tensor.optional or i.name in self.capabilities]
+
+    @property
+    def core_name(self) -> str:
+        """The core model's name and folder: --ensemble-name when it takes text itself (--text-in-core)."""
+        return self.ensemble_name if self.text_in_core else self.model_name
+
+    @property
+    def core_config_inputs(self) -> list[Tensor]:
+        """The core model config's inputs: the ensemble's (text) with --text-in-core, else its FT tensors."""
+        return self.ensemble_inputs if self.text_in_core else self.core_model_inputs
+
+    @property
+    def core_config_outputs(self) -> list[Tensor]:
+        return self.ensemble_outputs if self.text_in_core else self.core_outputs
 
     @property
     def core_stream_input(self) -> bool:
@@ -273,7 +291,7 @@ class RenderConfig:
 
     @property
     def ft_weights_path(self) -> str:
-        return self.ft_checkpoint_path or str(self.output.resolve() / self.model_name / "1" / self.weights_folder)
+        return self.ft_checkpoint_path or str(self.output.resolve() / self.core_name / "1" / self.weights_folder)
 
     # ---- ensemble wiring: (model tensor, ensemble tensor) pairs; internal tensors start with "_" ----
 

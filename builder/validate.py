@@ -328,7 +328,8 @@ def check_repository(repository: Path, has_gpu: Callable[[], bool] | None = None
             check_python_model(model, problems)
         if "text_input" in model.inputs or "text_output" in model.outputs:
             check_tokenizer(model, model.version_folders()[-1], problems)
-        if "input_ids" in model.inputs and "output_ids" in model.outputs:
+        # A core model: token ids in and out, or text in and out on the torch engine (render --text-in-core).
+        if ("input_ids" in model.inputs and "output_ids" in model.outputs) or model.parameters.get("text_io") == "true":
             check_weights(model, findings)
         check_devices(model, findings, has_gpu)
     orphans = sorted(name for name, m in models.items() if m.config.platform != "ensemble" and name not in feeds_text)

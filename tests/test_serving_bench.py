@@ -257,3 +257,49 @@ def test_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
     assert "| goal | measured | met |" in table and all(goal.text in table for goal in GOALS)
     assert "## First response, step by step: mixed_streamed at 64" in table
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_text_core_is_benchmarked_through_a_one_step_ensemble(tmp_path: Path) -> None:
+    """render --text-in-core: no token-id model to call; the text model gets the bench-only one-step ensemble."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from builder.render import render_repository
+    from builder.render_config import RenderConfig
+
+    repo = render_repository(RenderConfig(engine="torch", device="cpu", data_type="fp32", streaming=True,
+                                          max_batch_size=8, text_in_core=True, output=tmp_path / "repo"))
+    assert serving_bench.core_model_name(repo, "ensemble") is None
+    out = serving_bench.bench_models(repo, "ensemble", None, tmp_path / "bench")
+    text = text_format.Parse((out / serving_bench.BENCH_TEXT / "config.pbtxt").read_text(),
+                             model_config_pb2.ModelConfig())
+    assert [step.model_name for step in text.ensemble_scheduling.step] == ["ensemble"]
+    assert sorted(o.name for o in text.output) == sorted(serving_bench.TEXT_OUTPUTS)
+    assert {i.name for i in text.input} >= {"text_input", "max_tokens", "stream", "min_tokens"}
+    assert not (out / serving_bench.BENCH_CORE).exists()
+
+
+@pytest.mark.server
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_end_to_end_on_a_text_core_with_a_baseline(tmp_path: Path) -> None:
+    """The core's batch-1 timings come from --baseline; the text path's overhead is computed against them."""
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps({"ttft_ms_prompt512_bs1_core_streamed": 1.5,
+                                    "latency_ms_bs1_1token_core_not_streamed": 1.0, "commands": ["x"]}))
+    out = tmp_path / "out" / "serving.json"
+    options = ["--device", "cpu", "--levels", "2", "--seconds", "1", "--max-trials", "3", "--stability", "500",
+               "--prompt-tokens", "8", "--new-tokens", "8", "--long-prompt-tokens", "32", "--bs1-reps", "3",
+               "--max-batch-size", "8", "--skip-not-streamed", "--skip-mixed", "--render-option", "text_in_core=true",
+               "--baseline", str(baseline)]
+    completed = subprocess.run([sys.executable, str(ROOT / "bench" / "serving_bench.py"), "--work",
+                                str(tmp_path / "work"), "--out", str(out), *options],
+                               capture_output=True, text=True, timeout=280)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["render"]["text_in_core"] is True and not result.get("failed_runs")
+    assert [(run["name"], run["concurrency"]) for run in result["runs"]] == [("streamed", 2)]
+    assert result["runs"][0]["tokens_per_request"] == 8 and result["runs"][0]["token_count_mismatches"] == 0
+    assert result["ensemble_overhead_ms_bs1"] == pytest.approx(result["ttft_ms_prompt512_bs1_streamed"] - 1.5)
+    assert result["ensemble_overhead_ms_bs1_not_streamed"] == pytest.approx(
+        result["latency_ms_bs1_1token_not_streamed"] - 1.0)

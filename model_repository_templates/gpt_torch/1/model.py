@@ -1,10 +1,10 @@
 """Triton Python-backend adapter: FasterTransformer's GPT tensor contract in front of the PyTorch engine.
 
 The logic lives in `gpt_runtime/` (a copy of builder/runtime): core_adapter.py loads the engine and runs requests,
-core_io.py validates them and lays out FT's outputs. Decoupled (streaming repositories): each request is queued on the
-in-flight scheduler, here or in an engine process (engine_process.py), and answered from a sender thread (updates
-only when `stream` is true; core_io.py describes the streamed layout). Otherwise each dynamic batch runs as one static
-batch.
+core_io.py validates them and lays out FT's outputs, text_core.py adds text in and out (render --text-in-core).
+Decoupled (streaming repositories): each request is queued on the in-flight scheduler, here or in an engine process
+(engine_process.py), and answered from a sender thread (updates only when `stream` is true; core_io.py describes the
+streamed layout). Otherwise each dynamic batch runs as one static batch.
 """
 
 from __future__ import annotations
@@ -17,15 +17,13 @@ import triton_python_backend_utils as pb_utils
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpt_runtime.core_adapter import (  # needs the sys.path entry above
     CANCELLED, INTERNAL, INVALID, UNAVAILABLE, CoreSettings, EngineMetrics, Reply, release, run_static, start_model)
-from gpt_runtime.core_io import CAPABILITIES, REQUIRED_INPUTS
+from gpt_runtime.text_core import TextCodec
 
-INPUT_NAMES = (*REQUIRED_INPUTS, *sorted(CAPABILITIES))
 CODES = {INVALID: "INVALID_ARG", UNAVAILABLE: "UNAVAILABLE", INTERNAL: "INTERNAL", CANCELLED: "CANCELLED"}
 
 
 def _inputs(request: object) -> dict:
-    tensors = ((name, pb_utils.get_input_tensor_by_name(request, name)) for name in INPUT_NAMES)
-    return {name: tensor.as_numpy() for name, tensor in tensors if tensor is not None}
+    return {tensor.name(): tensor.as_numpy() for tensor in request.inputs()}  # one call: a lookup per name is slower
 
 
 def _response(reply: Reply) -> pb_utils.InferenceResponse:
@@ -62,14 +60,17 @@ class TritonPythonModel:
             settings, device, lambda slots: EngineMetrics(pb_utils, args["model_name"], args["model_instance_name"],
                                                           slots_total=slots),
             pb_utils.Logger.log_verbose, lambda text: pb_utils.Logger.log_info(f"{args['model_name']}: {text}"))
+        self.text = TextCodec.from_args(args, Path(__file__).parent)  # None: FT's token tensors in and out
+        self.core = self.core if self.text is None else self.text.around(self.core)
 
     def execute(self, requests: list) -> list | None:
         if self.core is not None:
             for request in requests:
                 self.core.submit(_inputs(request), _Transport(request.get_response_sender()))
             return None
-        replies = run_static(self.engine, [_inputs(r) for r in requests], [lambda r=r: _cancelled(r) for r in requests],
-                             self.metrics)
+        run = run_static if self.text is None else self.text.run_static
+        replies = run(self.engine, [_inputs(r) for r in requests], [lambda r=r: _cancelled(r) for r in requests],
+                      self.metrics)
         return [_response(reply) for reply in replies]
 
     def finalize(self) -> None:

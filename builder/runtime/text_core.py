@@ -1,0 +1,134 @@
+"""Text in, text out inside the torch core model (`render --text-in-core`): no preprocessing/postprocessing models.
+
+Why: every Python-backend model a request passes through costs a hand-over to its stub process and back, ~0.45 ms
+of Triton's time even for an empty model on an H200 host, and in a streaming ensemble postprocessing is one such hop
+per response (docs/benchmarks.md: the ensemble added 3.0 ms to the first token). Here the core model does the same
+work in its own stub with the same plain modules: `preprocess_requests` turns each request's text inputs into the FT
+tensors the core parses, and `postprocess_requests` turns each reply into text on the thread that sends it (the
+sender thread of a decoupled core, never the engine's decode loop).
+
+The model keeps the ensemble's tensors and name, so clients cannot tell the difference, and Triton cancels its
+requests itself (no stream acknowledgements: stream_ack.py is for a core behind an ensemble).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import contract
+from .contract import RequestError
+from .core_adapter import INTERNAL, INVALID, Reply, StreamingCore, Transport, run_static
+from .metrics import EngineMetrics
+from .postprocess import PostprocessConfig, postprocess_requests
+from .preprocess import PreprocessConfig, preprocess_requests
+from .tokenizer import GptTokenizer
+
+if TYPE_CHECKING:
+    from .generation import GptEngine  # imports torch
+
+Request = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]  # (the core's FT inputs, what postprocessing reads)
+
+
+@dataclass(frozen=True)
+class TextCodec:
+    tokenizer: GptTokenizer
+    pre: PreprocessConfig
+    post: PostprocessConfig
+    outputs: tuple[str, ...]  # the model config's outputs (the text ensemble's)
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, str], folder: Path) -> TextCodec | None:
+        """From the model's Triton args: None unless its config says `text_io` (a core model taking token ids)."""
+        config = json.loads(args["model_config"])
+        parameters = {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
+        if parameters.get("text_io", "false").strip().lower() != "true":
+            return None
+        tokenizer = GptTokenizer.from_directory(folder)
+        core_inputs = [name for name in parameters.get("core_inputs", "").split(",") if name]
+        pre = PreprocessConfig.from_parameters(parameters, core_inputs, default_end_id=tokenizer.eos_id)
+        if pre.vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"vocab_size {pre.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} "
+                             "tokens")
+        post = PostprocessConfig.from_parameters(parameters, default_end_id=tokenizer.eos_id)
+        return cls(tokenizer, pre, post, tuple(tensor["name"] for tensor in config.get("output", [])))
+
+    def requests(self, inputs: Sequence[Mapping[str, np.ndarray]]) -> list[Request | Reply]:
+        """Each request's text inputs -> its FT tensors and what its replies' postprocessing reads, or its error."""
+        try:
+            results = preprocess_requests(inputs, self.tokenizer, self.pre)
+        except Exception as err:  # noqa: BLE001  (a bug, not a bad request: say so to every request of the call)
+            return [Reply(error=f"preprocessing failed: {err}", kind=INTERNAL) for _ in inputs]
+        requests: list[Request | Reply] = []
+        for text_inputs, result in zip(inputs, results):
+            if isinstance(result, RequestError):
+                requests.append(Reply(error=str(result), kind=INVALID))
+                continue
+            # Non-streaming postprocessing trims stop words and drops the prompt itself (postprocess.py).
+            passed = {} if self.post.streaming else {
+                **{name: result[name] for name in contract.POSTPROCESSING_FROM_PREPROCESSING if name in result},
+                **{name: text_inputs[name] for name in (contract.EXCLUDE_INPUT,) if name in text_inputs}}
+            requests.append((result, passed))
+        return requests
+
+    def reply(self, reply: Reply, passed: Mapping[str, np.ndarray]) -> Reply:
+        """The core's reply (FT tensors) -> the text outputs; errors pass through."""
+        if reply.arrays is None:
+            return reply
+        try:
+            result = postprocess_requests([{**reply.arrays, **passed}], self.tokenizer, self.post)[0]
+        except Exception as err:  # noqa: BLE001  (a bug: fail this request, not the sender thread)
+            return Reply(error=f"postprocessing failed: {err}", kind=INTERNAL)
+        if isinstance(result, RequestError):
+            return Reply(error=str(result), kind=INVALID)
+        arrays = {**result, **{name: reply.arrays[name] for name in contract.LOG_PROB_OUTPUTS if name in reply.arrays}}
+        return Reply(arrays={name: arrays[name] for name in self.outputs if name in arrays})
+
+    def around(self, core: StreamingCore | None) -> TextCore | None:
+        """A decoupled core with text in and out (None, not decoupled: run_static below)."""
+        return None if core is None else TextCore(self, core)
+
+    def run_static(self, engine: GptEngine, inputs: Sequence[Mapping[str, np.ndarray]],
+                   cancelled: Sequence[Callable[[], bool]], metrics: EngineMetrics | None = None) -> list[Reply]:
+        """core_adapter.run_static with text in and out."""
+        answers = self.requests(inputs)
+        valid = {i: request for i, request in enumerate(answers) if not isinstance(request, Reply)}
+        replies = run_static(engine, [ft for ft, _ in valid.values()], [cancelled[i] for i in valid], metrics)
+        for (i, (_, passed)), reply in zip(valid.items(), replies):
+            answers[i] = self.reply(reply, passed)
+        return [answer for answer in answers if isinstance(answer, Reply)]  # all of them by now
+
+
+class TextCore:
+    """A decoupled core (core_adapter.StreamingCore) with text in and out."""
+
+    def __init__(self, codec: TextCodec, core: StreamingCore) -> None:
+        self.codec, self.core = codec, core
+
+    def submit(self, inputs: Mapping[str, np.ndarray], transport: Transport) -> None:
+        request = self.codec.requests([inputs])[0]
+        if isinstance(request, Reply):
+            transport.send(request, final=True)
+        else:
+            self.core.submit(request[0], _TextTransport(self.codec, transport, request[1]))
+
+    def stop(self) -> str:
+        return self.core.stop()
+
+
+class _TextTransport:
+    """Turns each reply into text on the way out (on the core's sender thread)."""
+
+    def __init__(self, codec: TextCodec, transport: Transport, passed: Mapping[str, np.ndarray]) -> None:
+        self.codec, self.transport, self.passed = codec, transport, passed
+
+    def send(self, reply: Reply, final: bool) -> None:
+        self.transport.send(self.codec.reply(reply, self.passed), final)
+
+    def is_cancelled(self) -> bool:
+        return self.transport.is_cancelled()

@@ -1,0 +1,177 @@
+"""`render --text-in-core`: the torch core model takes text and answers text itself, under the ensemble's name.
+
+Oracles: HF transformers' greedy continuation on the same weights, and the classic ensemble (preprocessing -> core ->
+postprocessing) on the same weights and seeds: every text, count and finish reason must be the same.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from builder.render import render_repository
+from builder.render_config import RenderConfig, RenderError
+from builder.runtime import contract
+from builder.runtime.model_config import GptModelConfig
+from builder.serve import TritonServer
+from builder.validate import check_repository
+from client import TextClient
+from servers import server_on_free_ports
+
+PROMPTS = ["Hello", "The quick brown fox jumps over", "数字と絵文字 🚀", "a", "naïve café", "x" * 40]
+SAMPLING = {"top_k": 20, "top_p": 0.9, "temperature": 0.8, "random_seed": 1234}
+
+
+def render_tiny(output: Path, ft_dir: Path, *, streaming: bool, text_in_core: bool) -> Path:
+    model = GptModelConfig.from_ini(ft_dir / "config.ini")
+    return render_repository(RenderConfig(engine="torch", device="cpu", data_type="fp32", checkpoint=ft_dir,
+                                          model=model, streaming=streaming, max_batch_size=16,
+                                          text_in_core=text_in_core, output=output))
+
+
+def serve(repository: Path, **options: object) -> Iterator[TritonServer]:
+    with server_on_free_ports(repository, **options) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def fused(tiny_ft_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    yield from serve(render_tiny(tmp_path_factory.mktemp("fused"), tiny_ft_dir, streaming=False, text_in_core=True))
+
+
+@pytest.fixture(scope="module")
+def fused_streaming(tiny_ft_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    yield from serve(render_tiny(tmp_path_factory.mktemp("fused_stream"), tiny_ft_dir, streaming=True,
+                                 text_in_core=True), log_verbose=1)  # verbose: the engine logs each cancellation
+
+
+@pytest.fixture(scope="module")
+def classic_streaming(tiny_ft_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    yield from serve(render_tiny(tmp_path_factory.mktemp("classic"), tiny_ft_dir, streaming=True,
+                                 text_in_core=False))
+
+
+def generate(server: TritonServer, body: dict, stream: bool = False) -> list[dict]:
+    """/generate (one answer) or /generate_stream (its events) of the model `ensemble`."""
+    endpoint = "generate_stream" if stream else "generate"
+    request = urllib.request.Request(f"http://{server.http_url}/v2/models/ensemble/{endpoint}",
+                                     data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(request, timeout=60) as response:
+        text = response.read().decode()
+    if not stream:
+        return [json.loads(text)]
+    return [json.loads(line[len("data: "):]) for line in text.splitlines() if line.startswith("data: ")]
+
+
+def test_render_writes_one_model_with_the_ensembles_tensors(tiny_ft_dir: Path, tmp_path: Path) -> None:
+    fused_repo = render_tiny(tmp_path / "fused", tiny_ft_dir, streaming=True, text_in_core=True)
+    classic_repo = render_tiny(tmp_path / "classic", tiny_ft_dir, streaming=True, text_in_core=False)
+    assert sorted(p.name for p in fused_repo.iterdir() if p.is_dir()) == ["ensemble"]
+    version = fused_repo / "ensemble" / "1"
+    assert {"model.py", "gpt_runtime", "vocab.json", "merges.txt", "1-gpu"} <= {p.name for p in version.iterdir()}
+
+    def tensors(repo: Path, kind: str) -> list[tuple[str, str, str]]:
+        text = (repo / "ensemble" / "config.pbtxt").read_text()
+        block = text[text.index(f"{kind} ["):]
+        block = block[:block.index("\n]")]
+        return re.findall(r'name: "(\w+)"\s+data_type: (\w+)\s+dims: (\[[^\]]*\])', block)
+
+    for kind in ("input", "output"):  # clients cannot tell the two repositories apart
+        assert tensors(fused_repo, kind) == tensors(classic_repo, kind), kind
+    config = (fused_repo / "ensemble" / "config.pbtxt").read_text()
+    assert 'backend: "python"' in config and "decoupled: true" in config and 'key: "text_io"' in config
+    findings = check_repository(fused_repo, has_gpu=lambda: True)
+    assert findings.problems == [] and findings.warnings == []
+    (version / "1-gpu" / "config.ini").unlink()  # the weights are checked as a core model's
+    assert any("no FT weights" in p for p in check_repository(fused_repo, has_gpu=lambda: True).problems)
+
+
+def test_render_refuses_text_in_core_on_the_fastertransformer_engine() -> None:
+    with pytest.raises(RenderError, match="--text-in-core needs --engine torch"):
+        RenderConfig(engine="fastertransformer", text_in_core=True)
+
+
+def test_greedy_text_equals_hf_and_a_ragged_batch_works(fused: TritonServer, hf_greedy_continuation) -> None:
+    with TextClient(fused.http_url) as client:
+        for prompt in PROMPTS[:3]:
+            assert client.generate(prompt, max_tokens=10).text == hf_greedy_continuation(prompt, 10)[0], prompt
+        results = client.generate(PROMPTS, max_tokens=8)  # one request, six rows of different lengths
+    assert [r.text for r in results] == [hf_greedy_continuation(p, 8)[0] for p in PROMPTS]
+    with TextClient(fused.grpc_url, protocol="grpc") as grpc:
+        assert grpc.generate(PROMPTS[1], max_tokens=10).text == hf_greedy_continuation(PROMPTS[1], 10)[0]
+
+
+def test_streamed_and_sampled_answers_equal_the_classic_ensembles(fused: TritonServer, fused_streaming: TritonServer,
+                                                                  classic_streaming: TritonServer) -> None:
+    bodies = [{"text_input": "Hello there", "max_tokens": 16, **SAMPLING},
+              {"text_input": "数字と絵文字 🚀", "max_tokens": 12, **SAMPLING},
+              {"text_input": "The quick brown fox", "max_tokens": 12, "exclude_input_in_output": False},
+              {"text_input": "One two three", "max_tokens": 9, "stop_words": [" the", " a"], "bad_words": [" and"]}]
+    for body in bodies:
+        [expected] = generate(classic_streaming, body)
+        assert "error" not in expected, expected
+        outputs = [t.name for t in contract.ENSEMBLE_OUTPUTS]  # (an ensemble's answer also echoes sequence_*)
+        for server in (fused, fused_streaming):
+            [answer] = generate(server, body)
+            assert [answer[n] for n in outputs] == [expected[n] for n in outputs], (body, server.http_url)
+        events = generate(fused_streaming, {**body, "stream": True}, stream=True)
+        classic_events = generate(classic_streaming, {**body, "stream": True}, stream=True)
+        assert all("error" not in event for event in events), events
+        assert "".join(e["text_output"] for e in events) == "".join(e["text_output"] for e in classic_events)
+        assert events[-1]["finish_reason"] == classic_events[-1]["finish_reason"] != ""
+        assert all(event["finish_reason"] == "" for event in events[:-1])
+    with TextClient(fused_streaming.grpc_url, protocol="grpc") as grpc:
+        deltas = list(grpc.stream("Hello there", max_tokens=16, **SAMPLING))
+    [plain] = generate(fused, bodies[0])
+    assert len(deltas) > 1 and "".join(deltas) == plain["text_output"]
+
+
+def test_log_probs_reach_the_client(fused_streaming: TritonServer, classic_streaming: TritonServer) -> None:
+    body = {"text_input": "Hello", "max_tokens": 5, "return_log_probs": True}
+    [answer], [expected] = generate(fused_streaming, body), generate(classic_streaming, body)
+    assert answer["text_output"] == expected["text_output"]
+    for name in contract.LOG_PROB_OUTPUTS:
+        assert np.asarray(answer[name]).size > 0, answer
+        np.testing.assert_allclose(answer[name], expected[name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("body, field", [({"text_input": "Hello", "max_tokens": 0}, "max_tokens"),
+                                         ({"text_input": "Hello", "max_tokens": 4, "top_k": -1}, "top_k"),
+                                         ({"text_input": "Hello", "max_tokens": 10 ** 6}, "max_tokens")])
+def test_a_bad_request_gets_a_400_naming_its_field(fused_streaming: TritonServer, body: dict, field: str) -> None:
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        generate(fused_streaming, body)
+    assert raised.value.code == 400
+    assert field in json.loads(raised.value.read().decode())["error"]
+    with TextClient(fused_streaming.http_url) as client:  # and the model still answers
+        assert client.generate("Hello", max_tokens=3).finish_reason in ("stop", "length")
+
+
+def test_a_client_that_hangs_up_frees_its_row(fused_streaming: TritonServer, tiny_ft_dir: Path) -> None:
+    """Called directly (no ensemble in between), Triton cancels the request itself when the client goes away."""
+    max_tokens = GptModelConfig.from_ini(tiny_ft_dir / "config.ini").max_pos_seq_len - 8
+    body = json.dumps({"text_input": "Hello", "max_tokens": max_tokens, "min_tokens": max_tokens,
+                       "stream": True}).encode()
+    host, port = fused_streaming.http_url.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(b"POST /v2/models/ensemble/generate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        received = b""
+        while b"data: " not in received:
+            received += conn.recv(4096)
+    pattern = r"a request was cancelled; its 1 running row\(s\) stop after \[(\d+)\] generated tokens"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not re.search(pattern, fused_streaming.log_text()):
+        time.sleep(0.1)
+    found = re.search(pattern, fused_streaming.log_text())
+    assert found is not None, fused_streaming.log_text()[-3000:]
+    assert int(found.group(1)) < max_tokens
