@@ -198,14 +198,15 @@ class Triton:
         length = int(result.as_numpy("sequence_length")[0, 0])
         return result.as_numpy("output_ids")[0, 0, len(prompt):length].tolist()
 
-    def text(self, prompt: str, new_tokens: int, stream: bool = False) -> list[float]:
-        """One text request through the ensemble; returns each response's arrival time (s); the last = latency."""
+    def text(self, prompt: str, new_tokens: int, stream: bool = False, model: str = "ensemble") -> list[float]:
+        """One text request to `model` (the ensemble, or a text core); returns each response's arrival time (s); the
+        last = latency."""
         inputs = [self._input("text_input", np.array([[prompt.encode()]], object), "BYTES"),
                   self._input("max_tokens", np.array([[new_tokens]], np.int32), "INT32"),
                   self._input("min_tokens", np.array([[new_tokens]], np.int32), "INT32")]
         if self.streaming:
             inputs.append(self._input("stream", np.array([[stream]]), "BOOL"))
-        result, times = self._call("ensemble", inputs)
+        result, times = self._call(model, inputs)
         produced = int(result.as_numpy("num_output_tokens").reshape(-1)[0])
         if produced != new_tokens:
             raise RuntimeError(f"asked for {new_tokens} tokens, got {produced}")

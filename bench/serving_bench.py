@@ -579,6 +579,7 @@ def bench_models(repo: Path, ensemble: str, core: str | None, out: Path) -> Path
             step.output_map[output] = output
         return wrapper
 
+    shutil.rmtree(out, ignore_errors=True)  # a previous run's (another repository's) models must not linger
     if core is None:
         write(one_step(ensemble, BENCH_TEXT, TEXT_OUTPUTS))
         return out

@@ -61,7 +61,9 @@ PREFILL_TOKEN_BUDGET = 16384  # prompt tokens (rows x padded length) per prefill
 STEP_PROMPT_TOKENS = 2048
 # Prefill passes of at most this many padded tokens replay CUDA graphs captured at load (the same on every
 # tensor-parallel rank); wider ones run eagerly, where the device time outweighs the ~300 launches of a pass.
-PREFILL_GRAPH_TOKENS = 512
+PREFILL_GRAPH_TOKENS = int(os.environ.get("GPT_TRITON_PREFILL_GRAPH_TOKENS", "512"))  # the variable: A/B runs
+if PREFILL_GRAPH_TOKENS < 64 or PREFILL_GRAPH_TOKENS % 64:
+    raise ValueError(f"GPT_TRITON_PREFILL_GRAPH_TOKENS must be a positive multiple of 64, got {PREFILL_GRAPH_TOKENS}")
 # Chunk passes of up to this many rows replay one prefill graph per row instead of one eager pass: an eager pass is
 # launch-bound (~5.7 ms of host time on an H200 for ~300 launches) where a replay of a short chunk costs ~1 ms of
 # device time (the weights read once per row). Not measured on a GPU yet: GPT_TRITON_GRAPH_PREFILL_ROWS for A/B runs.
