@@ -25,7 +25,7 @@ import torch
 from builder.runtime import scheduler as scheduler_module
 from builder.runtime.core_adapter import CoreSettings
 from builder.runtime.core_io import GenerationRequest, RowOutput
-from builder.runtime.generation import PREFILL_GRAPH_TOKENS, GptEngine
+from builder.runtime.generation import GptEngine
 from builder.runtime.gpt import GptModel, PrefillGraphs
 from builder.runtime.model_config import GptModelConfig
 from builder.runtime.scheduler import InflightScheduler, StepRecord
@@ -68,7 +68,7 @@ def new_engine(tiny: TinyGpt, slots: int, device: str = "cpu", kv_cache_dtype: s
     engine = GptEngine.from_ft_dir(tiny.ft_dir, max_batch_size=slots, cancel_poll_s=0.0,
                                    device="cpu" if device == "cpu-graphs" else device, kv_cache_dtype=kv_cache_dtype)
     if device == "cpu-graphs":
-        engine.prefill_graphs = ReplayedPrefillGraphs(engine.model, chunk_width=PREFILL_GRAPH_TOKENS)
+        engine.prefill_graphs = ReplayedPrefillGraphs(engine.model, chunk_width=512)  # the count below is for 512
         # max_seq_len 128: whole prompts of 64 and 128 tokens; chunks of 64 (kv 128) and 128 (kv 128); several
         # prompts: 2, 3 or 4 rows of 64 or 128 tokens, 5 to 8 rows of 64.
         assert engine.prefill_graphs.capture_all() == 4 + 10
@@ -520,3 +520,28 @@ def test_short_prompts_share_graph_sized_passes_and_a_long_one_gets_the_whole_bu
         assert all(tokens <= 32 for tokens in per_step), per_step
     else:
         assert max(per_step) <= 8 and sum(t > 0 for t in per_step) >= 4, per_step
+
+
+def test_short_prompts_gather_to_the_gather_bound_and_join_up_to_the_graph_width(tiny: TinyGpt, long_run) -> None:
+    """Graph passes of up to graph_prompt_tokens (16) take every short prompt (<= gather_prompt_tokens, 8) that
+    waits, several at once; a prompt longer than 8 gets the step's whole budget (32)."""
+    engine = new_engine(tiny, slots=8)
+    running_row, running_sequence = long_run(60)
+    shorts = [request(p, 4) for p in random_prompts(5, seed=8, min_len=5, max_len=8)]
+    expected = [tokens(result) for result in solo_results(engine, shorts)]
+    sinks, running = [Sink(name=str(i)) for i in range(len(shorts))], Sink(name="running")
+    trace = Trace(records=[])
+
+    def send_all() -> None:
+        for row, sink in zip(shorts, sinks):
+            scheduler.submit([row], sink)
+
+    with InflightScheduler(engine, step_prompt_tokens=32, graph_prompt_tokens=16, gather_prompt_tokens=8,
+                           admit_gather_steps=0,
+                           on_step=AtDecodeStep(1, send_all, then=trace.records.append)) as scheduler:
+        scheduler.submit([running_row], running, stream=True)
+        assert [tokens(sink.result()[0]) for sink in sinks] == expected
+        assert tokens(running.result()[0]) == running_sequence
+    per_step = [sum(end - start for _, start, end in record.chunks) for record in trace.records[1:]]
+    assert sum(per_step) == sum(len(row.input_ids) for row in shorts)
+    assert 8 < max(per_step) <= 16, per_step  # more than one gather's worth in a pass, never past the graph width

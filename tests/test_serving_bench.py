@@ -303,3 +303,26 @@ def test_end_to_end_on_a_text_core_with_a_baseline(tmp_path: Path) -> None:
     assert result["ensemble_overhead_ms_bs1"] == pytest.approx(result["ttft_ms_prompt512_bs1_streamed"] - 1.5)
     assert result["ensemble_overhead_ms_bs1_not_streamed"] == pytest.approx(
         result["latency_ms_bs1_1token_not_streamed"] - 1.0)
+
+
+@pytest.mark.server
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_text_paths_times_the_three_paths_in_one_server(tmp_path: Path) -> None:
+    """bench/text_paths.py: the classic ensemble, the text core and token ids, interleaved, on a tiny model."""
+    out = tmp_path / "out" / "text_paths.json"
+    completed = subprocess.run([sys.executable, str(ROOT / "bench" / "text_paths.py"), "--device", "cpu", "--work",
+                                str(tmp_path / "work"), "--out", str(out), "--reps", "3", "--prompt-tokens", "24", "8"],
+                               capture_output=True, text=True, timeout=280)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert list(result["prompts"]) == ["24", "8"]
+    for found in result["prompts"].values():
+        for kind in ("ttft", "latency"):
+            medians = {path: found[f"{kind}_ms_{path}"]["p50"] for path in ("ensemble", "text_core", "gpt3_1.3b")}
+            assert all(0 < value <= found[f"{kind}_ms_{path}"]["p90"] for path, value in medians.items()), found
+            for path in ("ensemble", "text_core"):
+                assert math.isfinite(found[f"{kind}_{path}_over_ids_ms"])
+    table = out.with_suffix(".md").read_text()
+    assert "| 24 | first streamed response (4 new) |" in table and "| 8 | 1 new token, not streamed |" in table
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"

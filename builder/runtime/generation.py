@@ -60,8 +60,9 @@ PREFILL_TOKEN_BUDGET = 16384  # prompt tokens (rows x padded length) per prefill
 # prompts, eager passes of ~1,000 tokens cost 20.4k tok/s against 22.7k with graph passes (docs/benchmarks.md).
 STEP_PROMPT_TOKENS = 2048
 # Prefill passes of at most this many padded tokens replay CUDA graphs captured at load (the same on every
-# tensor-parallel rank); wider ones run eagerly, where the device time outweighs the ~300 launches of a pass.
-PREFILL_GRAPH_TOKENS = int(os.environ.get("GPT_TRITON_PREFILL_GRAPH_TOKENS", "512"))  # the variable: A/B runs
+# tensor-parallel rank); wider ones run eagerly, where the device time outweighs the ~300 launches of a pass. Up to
+# 1024: passes of several short prompts (scheduler.GATHER_PROMPT_TOKENS says which, and why 1024).
+PREFILL_GRAPH_TOKENS = int(os.environ.get("GPT_TRITON_PREFILL_GRAPH_TOKENS", "1024"))  # the variable: A/B runs
 if PREFILL_GRAPH_TOKENS < 64 or PREFILL_GRAPH_TOKENS % 64:
     raise ValueError(f"GPT_TRITON_PREFILL_GRAPH_TOKENS must be a positive multiple of 64, got {PREFILL_GRAPH_TOKENS}")
 # Chunk passes of up to this many rows replay one prefill graph per row instead of one eager pass: an eager pass is

@@ -57,6 +57,13 @@ log = logging.getLogger(__name__)
 # Admission while rows are decoding: wait for up to this many new rows, or this many decode steps (a few ms on a
 # GPU), to prefill them in one pass.
 ADMIT_GATHER_ROWS = 8
+# ... or until the waiting prompts fill this many tokens. Only prompts of at most this many tokens share the passes
+# that replay a prefill graph (up to its width, generation.PREFILL_GRAPH_TOKENS: several graph passes' worth of
+# waiting prompts then join in one); longer ones get the step's whole budget. On an H200 at 256 streams of
+# 128-token prompts, graph passes of up to 1024 tokens instead of 512 gave +4.3 % tokens/s (arrivals come in waves;
+# 4 prompts a step could not keep the slots full) but waiting for 1024 tokens raised the TTFT median at 64 streams
+# from 14 to 19 ms: hence gathering to 512 and taking up to 1024 (docs/benchmarks.md).
+GATHER_PROMPT_TOKENS = 512
 ADMIT_GATHER_STEPS = int(os.environ.get("GPT_TRITON_ADMIT_GATHER_STEPS", "4"))  # A/B runs
 if ADMIT_GATHER_STEPS < 0:
     raise ValueError(f"GPT_TRITON_ADMIT_GATHER_STEPS must be >= 0, got {ADMIT_GATHER_STEPS}")
@@ -776,7 +783,8 @@ class InflightScheduler:
                  admit_gather_steps: int = ADMIT_GATHER_STEPS, report: Callable[[str], None] | None = None,
                  report_every_s: float = 10.0, step_prompt_tokens: int = STEP_PROMPT_TOKENS,
                  metrics: MetricsRecorder | None = None, on_step: Callable[[StepRecord], None] | None = None,
-                 after_pass: Callable[[], None] | None = None, graph_prompt_tokens: int | None = None) -> None:
+                 after_pass: Callable[[], None] | None = None, graph_prompt_tokens: int | None = None,
+                 gather_prompt_tokens: int = GATHER_PROMPT_TOKENS) -> None:
         """engine: owned by the scheduler while it runs (do not call engine.generate from elsewhere meanwhile);
         cancel_poll_s: least time between two is_cancelled polls of one request;
         event_log: receives one line per admission (which rows joined how many running rows) and per cancelled
@@ -788,6 +796,8 @@ class InflightScheduler:
         graph_prompt_tokens: while every prompt waiting or being prefilled has at most this many tokens left, a step
             prefills at most this many (a pass that replays a prefill CUDA graph); None: the engine's prefill graph
             width (0, no such cap, without prefill graphs);
+        gather_prompt_tokens: gathering stops once the waiting prompts have this many tokens, and only prompts of
+            at most this many (and graph_prompt_tokens) tokens left keep a step to graph_prompt_tokens;
         report: receives the timeline (Timeline.summary) of each `report_every_s` window in which steps ran;
         on_step: called on the loop's thread after each pass with what it prefilled and decoded (keep it cheap);
         after_pass: the sinks only record (PassSender): they are called on the loop's thread at the end of each pass,
@@ -802,6 +812,7 @@ class InflightScheduler:
         self.admit_gather_steps = admit_gather_steps
         self.step_prompt_tokens = step_prompt_tokens
         self.graph_prompt_tokens = graph_prompt_tokens
+        self.gather_prompt_tokens = gather_prompt_tokens
         self.event_log = event_log
         self.on_step = on_step
         self._record: StepRecord | None = None  # this pass's, while on_step is set
@@ -994,7 +1005,8 @@ class InflightScheduler:
 
     def _step_budget(self, decoding: int) -> int:
         """This step's prompt tokens: whole prompts while nothing decodes (IDLE_PREFILL_TOKENS). While rows decode,
-        step_prompt_tokens if a prompt with more than the prefill graph width left waits or is being prefilled (a
+        step_prompt_tokens if a prompt with more than gather_prompt_tokens (at most the prefill graph width) left
+        waits or is being prefilled (a
         pass of it runs eagerly whatever its size, and a wide eager pass costs less per token: ~8 us against ~12 us
         per token for ~400-token chunk passes of the mixed workload on an H200); else that width: short prompts then
         share passes that replay a prefill graph (6.7 us per token at 511 tokens, against 8-11 us in eager passes of
@@ -1006,8 +1018,9 @@ class InflightScheduler:
             graphs.chunk_width if graphs is not None else 0)
         if not width or width >= self.step_prompt_tokens:
             return self.step_prompt_tokens
-        if (any(row.prompt_len - row.prefilled > width for row in self._prefilling)
-                or any(row.prompt_len > width for request in self._waiting for row in request.rows)):
+        short = min(width, self.gather_prompt_tokens)
+        if (any(row.prompt_len - row.prefilled > short for row in self._prefilling)
+                or any(row.prompt_len > short for request in self._waiting for row in request.rows)):
             return self.step_prompt_tokens
         return width
 
@@ -1021,7 +1034,8 @@ class InflightScheduler:
         it."""
         if len(self._occupied) - len(self._prefilling) < ADMIT_GATHER_MIN_RUNNING or not self._waiting:
             return False
-        if sum(row.prompt_len for request in self._waiting for row in request.rows) >= budget:
+        if sum(row.prompt_len for request in self._waiting for row in request.rows) >= min(budget,
+                                                                                        self.gather_prompt_tokens):
             return False
         waiting_rows = sum(len(request.rows) for request in self._waiting)
         oldest_wait = self.stats.steps - self._waiting[0].queued_at_step
