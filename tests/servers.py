@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import sys
+import urllib.request
 from pathlib import Path
 
 from builder.serve import TritonServer, free_ports
@@ -20,6 +22,18 @@ def server_on_free_ports(repository: Path | str, **kwargs: object) -> TritonServ
     kwargs.setdefault("startup_timeout_s", STARTUP_TIMEOUT_S)
     kwargs.setdefault("exit_timeout_s", EXIT_TIMEOUT_S)
     return TritonServer.on_free_ports(repository, **kwargs)
+
+
+def generate_json(server: TritonServer, body: dict, stream: bool = False) -> list[dict]:
+    """Triton's /generate (one answer) or /generate_stream (its events) of the model `ensemble`, as JSON."""
+    endpoint = "generate_stream" if stream else "generate"
+    request = urllib.request.Request(f"http://{server.http_url}/v2/models/ensemble/{endpoint}",
+                                     data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(request, timeout=60) as response:
+        text = response.read().decode()
+    if not stream:
+        return [json.loads(text)]
+    return [json.loads(line[len("data: "):]) for line in text.splitlines() if line.startswith("data: ")]
 
 
 def serve_command(repository: Path | str, *options: str) -> tuple[list[str], int]:

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from builder.runtime.model_config import GptModelConfig
 from builder.runtime.tokenizer import GptTokenizer
 from builder.serve import TritonServer
 from client import TextClient
-from servers import server_on_free_ports
+from servers import generate_json, server_on_free_ports
 
 pytestmark = pytest.mark.server
 
@@ -68,17 +67,6 @@ def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServ
 def hf_greedy(hf_greedy_continuation):
     """prompt, max_tokens -> HF's greedy continuation text on the same weights (the oracle)."""
     return lambda prompt, max_tokens: hf_greedy_continuation(prompt, max_tokens)[0]
-
-
-def generate_json(server: TritonServer, body: dict, stream: bool = False) -> list[dict]:
-    endpoint = "generate_stream" if stream else "generate"
-    request = urllib.request.Request(f"http://{server.http_url}/v2/models/ensemble/{endpoint}",
-                                     data=json.dumps(body).encode(), method="POST")
-    with urllib.request.urlopen(request, timeout=60) as response:
-        text = response.read().decode()
-    if not stream:
-        return [json.loads(text)]
-    return [json.loads(line[len("data: "):]) for line in text.splitlines() if line.startswith("data: ")]
 
 
 def test_greedy_text_equals_hf_over_http_infer(tiny_server: TritonServer, hf_greedy) -> None:

@@ -11,7 +11,6 @@ import re
 import socket
 import time
 import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from builder.runtime.model_config import GptModelConfig
 from builder.serve import TritonServer
 from builder.validate import check_repository
 from client import TextClient
-from servers import server_on_free_ports
+from servers import generate_json, server_on_free_ports
 
 PROMPTS = ["Hello", "The quick brown fox jumps over", "数字と絵文字 🚀", "a", "naïve café", "x" * 40]
 SAMPLING = {"top_k": 20, "top_p": 0.9, "temperature": 0.8, "random_seed": 1234}
@@ -58,18 +57,6 @@ def fused_streaming(tiny_ft_dir: Path, tmp_path_factory: pytest.TempPathFactory)
 def classic_streaming(tiny_ft_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     yield from serve(render_tiny(tmp_path_factory.mktemp("classic"), tiny_ft_dir, streaming=True,
                                  text_in_core=False))
-
-
-def generate(server: TritonServer, body: dict, stream: bool = False) -> list[dict]:
-    """/generate (one answer) or /generate_stream (its events) of the model `ensemble`."""
-    endpoint = "generate_stream" if stream else "generate"
-    request = urllib.request.Request(f"http://{server.http_url}/v2/models/ensemble/{endpoint}",
-                                     data=json.dumps(body).encode(), method="POST")
-    with urllib.request.urlopen(request, timeout=60) as response:
-        text = response.read().decode()
-    if not stream:
-        return [json.loads(text)]
-    return [json.loads(line[len("data: "):]) for line in text.splitlines() if line.startswith("data: ")]
 
 
 def test_render_writes_one_model_with_the_ensembles_tensors(tiny_ft_dir: Path, tmp_path: Path) -> None:
@@ -117,27 +104,27 @@ def test_streamed_and_sampled_answers_equal_the_classic_ensembles(fused: TritonS
               {"text_input": "The quick brown fox", "max_tokens": 12, "exclude_input_in_output": False},
               {"text_input": "One two three", "max_tokens": 9, "stop_words": [" the", " a"], "bad_words": [" and"]}]
     for body in bodies:
-        [expected] = generate(classic_streaming, body)
+        [expected] = generate_json(classic_streaming, body)
         assert "error" not in expected, expected
         outputs = [t.name for t in contract.ENSEMBLE_OUTPUTS]  # (an ensemble's answer also echoes sequence_*)
         for server in (fused, fused_streaming):
-            [answer] = generate(server, body)
+            [answer] = generate_json(server, body)
             assert [answer[n] for n in outputs] == [expected[n] for n in outputs], (body, server.http_url)
-        events = generate(fused_streaming, {**body, "stream": True}, stream=True)
-        classic_events = generate(classic_streaming, {**body, "stream": True}, stream=True)
+        events = generate_json(fused_streaming, {**body, "stream": True}, stream=True)
+        classic_events = generate_json(classic_streaming, {**body, "stream": True}, stream=True)
         assert all("error" not in event for event in events), events
         assert "".join(e["text_output"] for e in events) == "".join(e["text_output"] for e in classic_events)
         assert events[-1]["finish_reason"] == classic_events[-1]["finish_reason"] != ""
         assert all(event["finish_reason"] == "" for event in events[:-1])
     with TextClient(fused_streaming.grpc_url, protocol="grpc") as grpc:
         deltas = list(grpc.stream("Hello there", max_tokens=16, **SAMPLING))
-    [plain] = generate(fused, bodies[0])
+    [plain] = generate_json(fused, bodies[0])
     assert len(deltas) > 1 and "".join(deltas) == plain["text_output"]
 
 
 def test_log_probs_reach_the_client(fused_streaming: TritonServer, classic_streaming: TritonServer) -> None:
     body = {"text_input": "Hello", "max_tokens": 5, "return_log_probs": True}
-    [answer], [expected] = generate(fused_streaming, body), generate(classic_streaming, body)
+    [answer], [expected] = generate_json(fused_streaming, body), generate_json(classic_streaming, body)
     assert answer["text_output"] == expected["text_output"]
     for name in contract.LOG_PROB_OUTPUTS:
         assert np.asarray(answer[name]).size > 0, answer
@@ -149,7 +136,7 @@ def test_log_probs_reach_the_client(fused_streaming: TritonServer, classic_strea
                                          ({"text_input": "Hello", "max_tokens": 10 ** 6}, "max_tokens")])
 def test_a_bad_request_gets_a_400_naming_its_field(fused_streaming: TritonServer, body: dict, field: str) -> None:
     with pytest.raises(urllib.error.HTTPError) as raised:
-        generate(fused_streaming, body)
+        generate_json(fused_streaming, body)
     assert raised.value.code == 400
     assert field in json.loads(raised.value.read().decode())["error"]
     with TextClient(fused_streaming.http_url) as client:  # and the model still answers
