@@ -162,3 +162,21 @@ def test_a_client_that_hangs_up_frees_its_row(fused_streaming: TritonServer, tin
     found = re.search(pattern, fused_streaming.log_text())
     assert found is not None, fused_streaming.log_text()[-3000:]
     assert int(found.group(1)) < max_tokens
+
+
+def test_the_openai_api_serves_a_text_core(fused_streaming: TritonServer, classic_streaming: TritonServer) -> None:
+    import openai
+
+    from builder.openai_api import ApiSettings, OpenAIServer
+    from builder.serve import free_port
+
+    [expected] = generate_json(classic_streaming, {"text_input": "Hello there", "max_tokens": 8})
+    with OpenAIServer(ApiSettings(fused_streaming.grpc_url), port=free_port()) as api:
+        client = openai.OpenAI(base_url=api.url, api_key="unused", max_retries=0, timeout=60)
+        assert [model.id for model in client.models.list()] == ["ensemble"]
+        completion = client.completions.create(model="ensemble", prompt="Hello there", max_tokens=8, temperature=0)
+        assert completion.choices[0].text == expected["text_output"]
+        assert completion.usage.completion_tokens == expected["num_output_tokens"]
+        chunks = client.completions.create(model="ensemble", prompt="Hello there", max_tokens=8, temperature=0,
+                                           stream=True)
+        assert "".join(chunk.choices[0].text for chunk in chunks if chunk.choices) == expected["text_output"]

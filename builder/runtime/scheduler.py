@@ -1006,11 +1006,11 @@ class InflightScheduler:
     def _step_budget(self, decoding: int) -> int:
         """This step's prompt tokens: whole prompts while nothing decodes (IDLE_PREFILL_TOKENS). While rows decode,
         step_prompt_tokens if a prompt with more than gather_prompt_tokens (at most the prefill graph width) left
-        waits or is being prefilled (a
-        pass of it runs eagerly whatever its size, and a wide eager pass costs less per token: ~8 us against ~12 us
-        per token for ~400-token chunk passes of the mixed workload on an H200); else that width: short prompts then
-        share passes that replay a prefill graph (6.7 us per token at 511 tokens, against 8-11 us in eager passes of
-        1,000-1,600 tokens at 64-256 streams of 128-token prompts; docs/benchmarks.md)."""
+        waits or is being prefilled (a pass of it runs eagerly whatever its size, and a wide eager pass costs less per
+        token: ~8 us against ~12 us per token for ~400-token chunk passes of the mixed workload on an H200); else the
+        graph width: short prompts then share passes that replay a prefill graph (6.7 us per token at 511 tokens,
+        against 8-11 us in eager passes of 1,000-1,600 tokens at 64-256 streams of 128-token prompts;
+        docs/benchmarks.md)."""
         if not decoding:
             return max(self.step_prompt_tokens, IDLE_PREFILL_TOKENS)
         graphs = self.engine.prefill_graphs

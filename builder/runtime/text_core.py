@@ -44,7 +44,8 @@ class TextCodec:
 
     @classmethod
     def from_args(cls, args: Mapping[str, str], folder: Path) -> TextCodec | None:
-        """From the model's Triton args: None unless its config says `text_io` (a core model taking token ids)."""
+        """From the model's Triton args; None where its config does not say `text_io` (FT's token tensors in and
+        out)."""
         config = json.loads(args["model_config"])
         parameters = {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
         if parameters.get("text_io", "false").strip().lower() != "true":
