@@ -253,7 +253,7 @@ def config_from_options(checkpoint: Path | None, **options: Any) -> RenderConfig
               help="Torch engine: the core model tokenizes the text and detokenizes its tokens itself and is served "
                    "as --ensemble-name, with the ensemble's inputs and outputs; no preprocessing/postprocessing "
                    "models. Each of those Python-backend hops costs ~0.5 ms or more per request (and per streamed "
-                   "response), so the first token comes ~3 ms sooner on an H200 host. The token-id model "
+                   "response): on an H200 host the first token came 1.4-1.5 ms sooner. The token-id model "
                    "(--model-name) is then not served.")
 @click.option("--max-queue-delay-us", default=1000, show_default=True, type=int,
               help="Dynamic-batching queue delay of the core model (microseconds).")

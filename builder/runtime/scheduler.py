@@ -58,11 +58,11 @@ log = logging.getLogger(__name__)
 # GPU), to prefill them in one pass.
 ADMIT_GATHER_ROWS = 8
 # ... or until the waiting prompts fill this many tokens. Only prompts of at most this many tokens share the passes
-# that replay a prefill graph (up to its width, generation.PREFILL_GRAPH_TOKENS: several graph passes' worth of
-# waiting prompts then join in one); longer ones get the step's whole budget. On an H200 at 256 streams of
-# 128-token prompts, graph passes of up to 1024 tokens instead of 512 gave +4.3 % tokens/s (arrivals come in waves;
-# 4 prompts a step could not keep the slots full) but waiting for 1024 tokens raised the TTFT median at 64 streams
-# from 14 to 19 ms: hence gathering to 512 and taking up to 1024 (docs/benchmarks.md).
+# that replay a prefill graph, of up to its width (generation.PREFILL_GRAPH_TOKENS): every such prompt that waits
+# joins, up to that width; longer ones get the step's whole budget. On an H200 (one host, fp8 cache, 128-token
+# prompts), gathering up to 1024 tokens instead of 512 made passes of 7.6 prompts instead of 4.0 at 256 streams
+# (+4.3 % tokens/s: each pass reads the weights once) but raised the TTFT median at 64 streams from 14 to 19 ms; so
+# gathering stops at 512 here, and only prompts already waiting fill a pass beyond it (docs/benchmarks.md).
 GATHER_PROMPT_TOKENS = 512
 ADMIT_GATHER_STEPS = int(os.environ.get("GPT_TRITON_ADMIT_GATHER_STEPS", "4"))  # A/B runs
 if ADMIT_GATHER_STEPS < 0:
