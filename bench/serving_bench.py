@@ -394,9 +394,10 @@ def batch1(url: str, core: str | None, tokenizer: Any, args: argparse.Namespace,
             result["latency_ms_bs1_1token_core_not_streamed"] = median_ms(
                 lambda: core_call_times(triton, core, short_ids, 1, False)[-1], reps)
     result["batch1_client_cpu_percent_max"] = sampler.max
+    core_ttft = result.get("ttft_ms_prompt512_bs1_core_streamed")
     log(f"batch 1: decode {slope:.3f} ms/token, TTFT({args.long_prompt_tokens}) streamed "
-        f"{result['ttft_ms_prompt512_bs1_streamed']:.2f} ms (core {result.get('ttft_ms_prompt512_bs1_core_streamed')}"
-        " ms)")
+        f"{result['ttft_ms_prompt512_bs1_streamed']:.2f} ms"
+        + (f" (core {core_ttft:.2f} ms)" if core_ttft is not None else " (no token-id core here)"))
 
 
 BASELINE_KEYS = ("ttft_ms_prompt512_bs1_core_streamed", "latency_ms_bs1_1token_core_not_streamed")
@@ -608,7 +609,8 @@ def core_model_name(repo: Path, ensemble: str) -> str | None:
         raise BenchError(f"{path} does not exist: --repository must hold the text model '{ensemble}'")
     config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
     if config.platform != "ensemble":
-        if config.parameters["text_io"].string_value != "true":
+        text_io = config.parameters.get("text_io")
+        if text_io is None or text_io.string_value != "true":
             raise BenchError(f"{path} is neither an ensemble nor a text core model")
         return None
     steps = [step.model_name for step in config.ensemble_scheduling.step]
