@@ -87,6 +87,37 @@ def test_render_refuses_text_in_core_on_the_fastertransformer_engine() -> None:
         RenderConfig(engine="fastertransformer", text_in_core=True)
 
 
+def test_one_static_batch_answers_each_request_on_its_own(tiny_ft_dir: Path, tmp_path: Path,
+                                                           hf_greedy_continuation) -> None:
+    """The codec without Triton (a non-streaming text core's execute): a bad request in the middle of a dynamic batch
+    gets its own error naming the field; the others their own text."""
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from builder.runtime.core_adapter import INVALID
+    from builder.runtime.generation import GptEngine
+    from builder.runtime.text_core import TextCodec
+
+    repo = render_tiny(tmp_path / "fused", tiny_ft_dir, streaming=False, text_in_core=True)
+    config = text_format.Parse((repo / "ensemble" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    args = {"model_config": json.dumps(json_format.MessageToDict(config, preserving_proto_field_name=True))}
+    codec = TextCodec.from_args(args, repo / "ensemble" / "1")
+    assert codec is not None and TextCodec.from_args({"model_config": "{}"}, repo / "ensemble" / "1") is None
+
+    def request(prompt: str, max_tokens: int) -> dict[str, np.ndarray]:
+        return {"text_input": np.array([[prompt.encode()]], dtype=object),
+                "max_tokens": np.array([[max_tokens]], dtype=np.int32)}
+
+    engine = GptEngine.from_ft_dir(tiny_ft_dir, max_batch_size=4, device="cpu")
+    replies = codec.run_static(engine, [request("Hello", 6), request("Hello", 0), request(PROMPTS[1], 5)],
+                               [lambda: False] * 3)
+    assert replies[1].kind == INVALID and "max_tokens" in replies[1].error
+    for reply, (prompt, max_tokens) in zip((replies[0], replies[2]), (("Hello", 6), (PROMPTS[1], 5))):
+        assert reply.error is None, reply.error
+        assert reply.arrays["text_output"].reshape(-1)[0].decode() == hf_greedy_continuation(prompt, max_tokens)[0]
+        assert set(reply.arrays) <= {t.name for t in contract.ENSEMBLE_OUTPUTS} | set(contract.LOG_PROB_OUTPUTS)
+
+
 def test_greedy_text_equals_hf_and_a_ragged_batch_works(fused: TritonServer, hf_greedy_continuation) -> None:
     with TextClient(fused.http_url) as client:
         for prompt in PROMPTS[:3]:
