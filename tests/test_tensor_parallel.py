@@ -335,11 +335,12 @@ def demo_tp2_dir(demo_nemo: Path, tmp_path_factory: pytest.TempPathFactory) -> P
                    progress=False)
 
 
-def render_tp2(ft_dir: Path, output: Path, streaming: bool, step_prompt_tokens: int = 0) -> Path:
+def render_tp2(ft_dir: Path, output: Path, streaming: bool, step_prompt_tokens: int = 0,
+               text_in_core: bool = False) -> Path:
     model = GptModelConfig.from_ini(ft_dir / "config.ini")
     return render_repository(RenderConfig(engine="torch", device="cpu", data_type="fp32", tp=2, checkpoint=ft_dir,
                                           model=model, max_batch_size=16, streaming=streaming, output=output,
-                                          step_prompt_tokens=step_prompt_tokens))
+                                          step_prompt_tokens=step_prompt_tokens, text_in_core=text_in_core))
 
 
 @pytest.fixture(scope="module")
@@ -377,6 +378,18 @@ def test_served_tp2_answers_with_tp1_tokens(demo_tp2_dir: Path, tmp_path: Path, 
             answers = [tp2.generate(prompt, max_tokens=24).text for prompt in TEXT_PROMPTS]
             assert answers == [tp1.generate(prompt, max_tokens=24).text for prompt in TEXT_PROMPTS]
     assert answers[0] == "".join(f" {n}" for n in range(7, 31))  # the seed example, as the demo answers it
+
+
+@pytest.mark.server
+def test_a_tp2_text_core_streams_the_tp1_text(demo_tp2_dir: Path, tmp_path: Path, tp1_server: TritonServer) -> None:
+    """render --text-in-core over two ranks: the text comes from rank 0's stub, streamed and not."""
+    repo = render_tp2(demo_tp2_dir, tmp_path / "tp2_text", streaming=True, text_in_core=True)
+    with server_on_free_ports(repo) as server, TextClient(server.grpc_url, protocol="grpc") as tp2, \
+            TextClient(tp1_server.http_url) as tp1:
+        for prompt in TEXT_PROMPTS[:2]:
+            expected = tp1.generate(prompt, max_tokens=16).text
+            assert tp2.generate(prompt, max_tokens=16).text == expected, prompt
+            assert "".join(tp2.stream(prompt, max_tokens=16)) == expected, prompt
 
 
 @pytest.mark.server
