@@ -26,6 +26,8 @@ from builder.validate import check_repository
 from client import TextClient
 from servers import generate_json, server_on_free_ports
 
+pytestmark = pytest.mark.server
+
 PROMPTS = ["Hello", "The quick brown fox jumps over", "数字と絵文字 🚀", "a", "naïve café", "x" * 40]
 SAMPLING = {"top_k": 20, "top_p": 0.9, "temperature": 0.8, "random_seed": 1234}
 
