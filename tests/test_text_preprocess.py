@@ -307,3 +307,10 @@ def test_left_out_defaults_give_the_core_the_same_request(tokenizer: GptTokenize
     assert ("stop_words_list" in short) == ("stop_words" in overrides or not streaming)
     limits = EngineLimits(vocab_size=50304, max_seq_len=64, max_batch_size=8, default_end_id=50256)
     assert parse_request(short, limits) == parse_request(full, limits)
+
+
+def test_a_vocabulary_smaller_than_the_tokenizers_is_refused() -> None:
+    config = PreprocessConfig(max_pos_seq_len=64, vocab_size=1000, end_id=0)
+    config.check_tokenizer(1000)
+    with pytest.raises(PreprocessConfigError, match=r"vocab_size 1000 is smaller than the tokenizer's 50257 tokens"):
+        config.check_tokenizer(50257)

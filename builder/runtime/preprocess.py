@@ -111,6 +111,12 @@ class PreprocessConfig:
                    end_id=default_end_id if end_id is None else end_id, pad_id=integer("pad_id", False),
                    outputs=tuple(outputs), streaming=flag("streaming"), omit_defaults=flag("omit_defaults"))
 
+    def check_tokenizer(self, tokenizer_vocab_size: int) -> None:
+        """Every id the tokenizer produces must exist in the model (preprocessing and a text core, at load)."""
+        if self.vocab_size < tokenizer_vocab_size:
+            raise PreprocessConfigError(f"vocab_size {self.vocab_size} is smaller than the tokenizer's "
+                                        f"{tokenizer_vocab_size} tokens")
+
     @cached_property
     def omitted(self) -> frozenset[str]:
         """The outputs left out of a request that does not set them (`omit_defaults`): where the core's default for

@@ -53,9 +53,7 @@ class TextCodec:
         tokenizer = GptTokenizer.from_directory(folder)
         core_inputs = [name for name in parameters.get("core_inputs", "").split(",") if name]
         pre = PreprocessConfig.from_parameters(parameters, core_inputs, default_end_id=tokenizer.eos_id)
-        if pre.vocab_size < tokenizer.vocab_size:
-            raise ValueError(f"vocab_size {pre.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} "
-                             "tokens")
+        pre.check_tokenizer(tokenizer.vocab_size)
         post = PostprocessConfig.from_parameters(parameters, default_end_id=tokenizer.eos_id)
         return cls(tokenizer, pre, post, tuple(tensor["name"] for tensor in config.get("output", [])))
 

@@ -39,9 +39,7 @@ class TritonPythonModel:
         parameters = {key: value.get("string_value", "")
                       for key, value in model_config.get("parameters", {}).items()}
         self.config = PreprocessConfig.from_parameters(parameters, outputs, default_end_id=self.tokenizer.eos_id)
-        if self.config.vocab_size < self.tokenizer.vocab_size:
-            raise ValueError(f"preprocessing: vocab_size {self.config.vocab_size} is smaller than the tokenizer's "
-                             f"{self.tokenizer.vocab_size} tokens")
+        self.config.check_tokenizer(self.tokenizer.vocab_size)
         self.logger = pb_utils.Logger
         self.logger.log_info(f"preprocessing: {self.tokenizer.vocab_size} tokens, max_pos_seq_len "
                              f"{self.config.max_pos_seq_len}, outputs {list(self.config.outputs)}")
