@@ -509,7 +509,7 @@ def render_overrides(args: argparse.Namespace) -> dict[str, Any]:
         if not sep or name not in fields:
             raise BenchError(f"--render-option {option!r}: expected NAME=VALUE with NAME one of {', '.join(fields)}")
         default = fields[name].default
-        if isinstance(default, bool):
+        if isinstance(default, bool) or "bool" in str(fields[name].type):  # also `bool | None` (None: automatic)
             value: Any = text.lower() in ("1", "true", "yes")
         elif isinstance(default, int):
             value = int(text)

@@ -274,7 +274,7 @@ class GptEngine:
         fills cache slots first_slot..first_slot+n-1, in passes of at most PREFILL_TOKEN_BUDGET padded tokens."""
         if prompts.shape[0] == 1 and self.prefill_graphs is not None:
             try:
-                return self.prefill_graphs.prefill(prompts, lengths, first_slot).clone()
+                return self.prefill_graphs.prefill(prompts, int(lengths[0]), first_slot).clone()
             except RuntimeError:  # a capture that fails (memory, a backend that cannot be captured): run eagerly
                 log.exception("prefill CUDA graph failed: prefill runs eagerly from now on")
                 self.prefill_graphs = None
@@ -294,28 +294,30 @@ class GptEngine:
         graphs, one per row (GptModel.prefill's chunk path at an offset); more rows run as eager passes of at most
         PREFILL_TOKEN_BUDGET padded tokens."""
         n, t = tokens.shape
+        several = not any(starts) and self.prefill_graphs is not None and self.prefill_graphs.fits_rows(n, t)
+        if not several and n <= GRAPH_PREFILL_ROWS and self.prefill_graphs is not None:
+            graphs = self.prefill_graphs
+            # Each row from the host (one copy each) at its own padded width; each replay's output is the graph's
+            # buffer: copied before the next.
+            widths = [min(t, -(-lengths[i] // graphs.step) * graphs.step) for i in range(n)]
+            try:
+                out = torch.cat([graphs.prefill_chunk(tokens[i:i + 1, :widths[i]], lengths[i], slots[i],
+                                                      starts[i]).clone() for i in range(n)])
+                self.last_prefill_path = "a graph per row"
+                return out
+            except RuntimeError:  # a capture that fails (memory, a backend that cannot be captured): run eagerly
+                log.exception("prefill CUDA graph failed: prefill runs eagerly from now on")
+                self.prefill_graphs = None
         ints = torch.tensor([list(starts), list(lengths), list(slots)], dtype=torch.long)  # [3, n]
         if self.device.type == "cuda":  # pinned: the copies do not wait for the device to drain
             tokens, ints = (x.pin_memory().to(self.device, non_blocking=True) for x in (tokens, ints))
         else:
             tokens, ints = tokens.to(self.device), ints.to(self.device)
         start_dev, length_dev, slot_dev = ints
-        if not any(starts) and self.prefill_graphs is not None and self.prefill_graphs.fits_rows(n, t):
+        if several and self.prefill_graphs is not None:
             try:
                 out = self.prefill_graphs.prefill_rows(tokens, length_dev, slot_dev).clone()
                 self.last_prefill_path = "one graph"  # for the scheduler's timeline
-                return out
-            except RuntimeError:  # a capture that fails (memory, a backend that cannot be captured): run eagerly
-                log.exception("prefill CUDA graph failed: prefill runs eagerly from now on")
-                self.prefill_graphs = None
-        if n <= GRAPH_PREFILL_ROWS and self.prefill_graphs is not None:
-            graphs = self.prefill_graphs
-            # Each row at its own padded width; each replay's output is the graph's buffer: copied before the next.
-            widths = [min(t, -(-lengths[i] // graphs.step) * graphs.step) for i in range(n)]
-            try:
-                out = torch.cat([graphs.prefill_chunk(tokens[i:i + 1, :widths[i]], length_dev[i:i + 1], slots[i],
-                                                      starts[i]).clone() for i in range(n)])
-                self.last_prefill_path = "a graph per row"
                 return out
             except RuntimeError:  # a capture that fails (memory, a backend that cannot be captured): run eagerly
                 log.exception("prefill CUDA graph failed: prefill runs eagerly from now on")
@@ -356,10 +358,9 @@ class GptEngine:
             length = torch.full((1,), 100, dtype=torch.long, device=self.device)
             eager = self.model.prefill(prompt, length, first_slot=0)
             scale = float(eager.float().abs().max())
-            agrees(eager, self.prefill_graphs.prefill(prompt, length, 0).clone(), "prefill", "prefill graph vs eager")
+            agrees(eager, self.prefill_graphs.prefill(prompt, 100, 0).clone(), "prefill", "prefill graph vs eager")
             if self.prefill_graphs is not None:  # slot 0 caches the prompt: its last 40 tokens again, as a chunk
-                chunk_length = torch.full((1,), 40, dtype=torch.long, device=self.device)
-                agrees(eager, self.prefill_graphs.prefill_chunk(prompt[:, 60:], chunk_length, 0, 60).clone(),
+                agrees(eager, self.prefill_graphs.prefill_chunk(prompt[:, 60:], 40, 0, 60).clone(),
                        "chunk prefill", "chunk graph vs whole prompt")
             # Two prompts in one graph; they need two cache slots (an engine of one slot has no several-prompt passes).
             if self.prefill_graphs is not None and self.model.slots >= 2 and self.prefill_graphs.fits_rows(2, 64):

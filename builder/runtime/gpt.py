@@ -375,23 +375,18 @@ class GptModel:
         fused = self.kernels.fused_norm and self.shard is None and torch.cuda.is_current_stream_capturing()
         h = F.layer_norm(x, (self.hidden,), self.layers[0].ln1_weight, self.layers[0].ln1_bias,
                          self.config.layernorm_eps)
+        # Clamped: a graph's warm-up runs with whatever length its static buffer holds (replays copy the real one).
+        last = (torch.arange(n, device=self.device), (lengths - 1).clamp(0, t - 1))
         for i, layer in enumerate(self.layers):
-            delta = self._row_linear(attend(i, F.linear(h, layer.qkv_weight, layer.qkv_bias)), layer.attn_out_weight,
-                                     layer.attn_out_bias)
+            attended = attend(i, F.linear(h, layer.qkv_weight, layer.qkv_bias))  # writes every position's K/V
+            if i + 1 == len(self.layers):  # past the last attention only each row's last token matters: [n, 1, H]
+                attended, x = attended[last][:, None], x[last][:, None]
+            delta = self._row_linear(attended, layer.attn_out_weight, layer.attn_out_bias)
             x, h = self._prefill_add_norm(x, delta, layer.ln2_weight, layer.ln2_bias, fused)
             delta = self._row_linear(self._activation(F.linear(h, layer.fc1_weight, layer.fc1_bias)),
                                      layer.fc2_weight, layer.fc2_bias)
-            if i + 1 < len(self.layers) or fused:  # the last layer's norm: of the prompts' last tokens only
-                x, h = self._prefill_add_norm(x, delta, *self._next_norm(i), fused)
-            else:
-                x = x + delta
-        # Clamped: a graph's warm-up runs with whatever length its static buffer holds (replays copy the real one).
-        last = (lengths - 1).clamp(0, t - 1)
-        if fused:
-            h = h[torch.arange(n, device=self.device), last]  # [n, H]: the final norm ran over every position
-        else:
-            h = F.layer_norm(x[torch.arange(n, device=self.device), last], (self.hidden,), *self.final_ln,
-                             self.config.layernorm_eps)
+            x, h = self._prefill_add_norm(x, delta, *self._next_norm(i), fused)
+        h = h[:, 0]  # [n, H]
         logits = F.linear(h, self.lm_head)
         return logits if self.shard is None else self.shard.gather_vocab(logits)
 
@@ -569,10 +564,19 @@ class PrefillGraphs:
     def __init__(self, model: GptModel, step: int = 64, kv_step: int = 256, chunk_width: int = 0) -> None:
         self.model, self.step, self.kv_step, self.chunk_width = model, step, kv_step, chunk_width
         device, width = model.device, model.max_seq_len
-        self.tokens = torch.zeros((1, width), dtype=torch.long, device=device)
-        self.lengths = torch.ones(1, dtype=torch.long, device=device)
-        self.slot = torch.zeros(1, dtype=torch.long, device=device)
-        self.start = torch.zeros(1, dtype=torch.long, device=device)
+        # One row's inputs (tokens, then its length, slot and first position) are ONE device block, filled by ONE
+        # copy from a pinned host block: on an H200 host, uploading them as separate pinned tensors and copying
+        # them into place took ~0.6 ms of the first token's path before the graph ran (stage timestamps,
+        # docs/benchmarks.md). Two host blocks take turns; each is rewritten only once the copy that last read it
+        # has run (its event).
+        self._inputs = torch.zeros(width + 3, dtype=torch.long, device=device)
+        self.tokens = self._inputs[:width].view(1, width)
+        self.lengths, self.slot, self.start = (self._inputs[width + i:width + i + 1] for i in range(3))
+        self._host_blocks = [torch.zeros(width + 3, dtype=torch.long, pin_memory=device.type == "cuda")
+                             for _ in range(2)]
+        self._host_views = [block.numpy() for block in self._host_blocks]  # written through numpy: cheaper per call
+        self._host_copied: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.chunk_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -585,32 +589,40 @@ class PrefillGraphs:
     def width(self, length: int) -> int:
         return min(self.model.max_seq_len, -(-length // self.step) * self.step)
 
-    def _load(self, tokens: torch.Tensor, length: torch.Tensor, slot: int) -> int:
-        """Copy one row's inputs into the static buffers; returns its padded width."""
+    def _load(self, tokens: torch.Tensor, length: int, slot: int, start: int = 0) -> int:
+        """One row's inputs into the graphs' input block (tokens [1, T] on the host; from the device, as the load-time
+        checks send them, they come over first); returns its padded width."""
         t = min(tokens.shape[1], self.model.max_seq_len)
-        width = self.width(t)
-        self.tokens[:, :t].copy_(tokens[:, :t])
-        self.tokens[:, t:width].zero_()
-        self.lengths.copy_(length)
-        self.slot.fill_(slot)
+        width, end = self.width(t), self.model.max_seq_len
+        turn, self._turn = self._turn, 1 - self._turn
+        copied = self._host_copied[turn]
+        if copied is not None:
+            copied.synchronize()  # (long done in practice: a step reads its results back before the next pass)
+        host = self._host_views[turn]
+        host[:t] = tokens[0, :t].cpu().numpy()
+        host[t:width] = 0
+        host[end:] = length, slot, start
+        self._inputs.copy_(self._host_blocks[turn], non_blocking=True)
+        if self._inputs.is_cuda:  # (a CPU copy is done when it returns)
+            self._host_copied[turn] = copied = copied or torch.cuda.Event()
+            copied.record()
         return width
 
-    def prefill(self, tokens: torch.Tensor, length: torch.Tensor, slot: int) -> torch.Tensor:
-        """tokens [1, T] (T >= the prompt length), length [1] on the device -> logits [1, V] (a view of the graph's
-        output: consume it before the next call). Captures the bucket's graph on first use."""
+    def prefill(self, tokens: torch.Tensor, length: int, slot: int) -> torch.Tensor:
+        """tokens [1, T] (T >= the prompt length), on the host -> logits [1, V] (a view of the graph's output: consume
+        it before the next call). Captures the bucket's graph on first use."""
         width = self._load(tokens, length, slot)
         graph, logits = self.graphs.get(width) or self._capture(width)
         graph.replay()
         return logits
 
-    def prefill_chunk(self, tokens: torch.Tensor, length: torch.Tensor, slot: int, start: int) -> torch.Tensor:
+    def prefill_chunk(self, tokens: torch.Tensor, length: int, slot: int, start: int) -> torch.Tensor:
         """As `prefill`, for a chunk holding prompt positions start..start+length-1 of a slot that caches [0, start)
         already (GptModel.prefill's `starts`)."""
         if start == 0:
             return self.prefill(tokens, length, slot)
-        width = self._load(tokens, length, slot)
+        width = self._load(tokens, length, slot, start)
         kv_len = self.kv_bucket(start, width)
-        self.start.fill_(start)
         graph, logits = self.chunk_graphs.get((width, kv_len)) or self._capture_chunk(width, kv_len)
         graph.replay()
         return logits
