@@ -802,37 +802,6 @@ def test_with_after_pass_the_sinks_get_each_pass_s_tokens_on_the_loop_s_thread(t
     assert streamed.polls == with_log_probs.polls == quiet.polls == 0  # cancellations come through `cancel`
 
 
-def test_with_receive_submissions_come_in_on_the_loop_s_own_thread(tiny: TinyGpt, prompts, greedy) -> None:
-    """The engine process's shape: the loop reads its submissions itself (between passes, and instead of sleeping when
-    idle), so nothing else touches the scheduler; it stops when the hook says so."""
-    engine = new_engine(tiny, slots=2)
-    sinks = [TokenSink(name=str(i)) for i in range(4)]
-    pending = [(i, [request(prompts[i], 6)]) for i in range(4)]
-    calls: list[tuple[str, float | None]] = []
-    idle = threading.Event()
-
-    def receive(scheduler: InflightScheduler, timeout: float | None) -> None:
-        calls.append((threading.current_thread().name, timeout))
-        if pending:
-            i, rows = pending.pop(0)
-            scheduler.submit(rows, sinks[i], stream=i % 2 == 0)
-        elif timeout is None:  # idle with nothing left to send: stop
-            idle.set()
-            scheduler.request_stop()
-
-    scheduler = InflightScheduler(engine, after_pass=lambda: None, receive=receive).start()
-    try:
-        assert idle.wait(WAIT_S), "the loop never went idle"
-        scheduler.join(WAIT_S)
-        for i, sink in enumerate(sinks):
-            assert tokens(sink.result()[0]) == greedy[i][:len(prompts[i]) + 6]
-    finally:
-        scheduler.stop()
-    assert {name for name, _ in calls} == {"inflight-scheduler"}
-    assert calls[0][1] == 0.0 and (None in {timeout for _, timeout in calls})  # between passes, then idle
-    assert sinks[0].pieces and not sinks[1].pieces  # streamed as asked
-
-
 def test_cancel_stops_a_running_and_a_waiting_request(tiny: TinyGpt, prompts, long_run) -> None:
     engine = new_engine(tiny, slots=1)
     running, waiting = TokenSink(name="running"), TokenSink(name="waiting")

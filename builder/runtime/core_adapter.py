@@ -255,9 +255,7 @@ def run_static(engine: GptEngine, inputs: Sequence[Mapping[str, np.ndarray]],
 
 def start_scheduler(engine: GptEngine, settings: CoreSettings | None, *, event_log: Callable[[str], None] | None,
                     report: Callable[[str], None] | None, metrics: MetricsRecorder | None,
-                    after_pass: Callable[[], None] | None = None,
-                    receive: Callable[[InflightScheduler, float | None], None] | None = None
-                    ) -> tuple[InflightScheduler, str]:
+                    after_pass: Callable[[], None] | None = None) -> tuple[InflightScheduler, str]:
     """The in-flight scheduler over a loaded engine, its CUDA graphs captured first (at load, so no request waits
     ~0.1 s for a capture); returns it running, with a note on the capture."""
     from .scheduler import STEP_PROMPT_TOKENS, InflightScheduler
@@ -272,8 +270,7 @@ def start_scheduler(engine: GptEngine, settings: CoreSettings | None, *, event_l
         note = f"{note} ({time.monotonic() - started:.1f} s)"
     step_tokens = settings.step_prompt_tokens if settings is not None else 0
     scheduler = InflightScheduler(engine, event_log=event_log, report=report, metrics=metrics,
-                                  step_prompt_tokens=step_tokens or STEP_PROMPT_TOKENS, after_pass=after_pass,
-                                  receive=receive).start()
+                                  step_prompt_tokens=step_tokens or STEP_PROMPT_TOKENS, after_pass=after_pass).start()
     return scheduler, note
 
 

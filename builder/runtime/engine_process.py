@@ -44,7 +44,7 @@ from .scheduler import MAX_CANCEL_POLLS_PER_S, PollBudget, check_rows, poll_canc
 
 if TYPE_CHECKING:
     from .core_adapter import CoreSettings, _Sink
-    from .scheduler import InflightScheduler, _Request
+    from .scheduler import _Request
     from .metrics import EngineMetrics
 
 STARTUP_TIMEOUT_S = 900.0  # loading and capturing the graphs of a large model takes minutes
@@ -139,9 +139,9 @@ class _ForwardSink:
 def serve_engine(conn: Connection) -> None:
     """The engine process: load, report ready, then run the stub's submissions until it says stop (or is gone).
 
-    The loop's own thread reads the pipe (InflightScheduler's `receive`): between passes without waiting, and while
-    idle instead of sleeping. A submission reaches the loop without a hand-over between threads, and no second thread
-    takes the loop's GIL while it runs."""
+    This thread reads the pipe and submits; the loop runs on its own. Reading the pipe on the loop's thread instead
+    (between passes, and while idle) saved ~0.08 ms of the first token at batch 1 but serialized each submission
+    with the loop's host work: 256 streams lost ~7 % on an H200 (docs/benchmarks.md, thirteenth session)."""
     from .core_adapter import scheduler_summary, start_scheduler
     from .core_io import RequestError
     from .generation import ResourceError
@@ -150,51 +150,40 @@ def serve_engine(conn: Connection) -> None:
     if kind != "start":
         raise EngineProcessError(f"expected the stub's start message, got {kind!r}")
     outbox = _Outbox(conn)
-    sinks: dict[int, _ForwardSink] = {}
-
-    def handle(scheduler: InflightScheduler, message: tuple) -> None:
-        if message[0] == "submit":
-            _, rid, rows, stream = message
-            sink = _ForwardSink(rid, outbox, sinks)
-            try:
-                sink.request = scheduler.submit(rows, sink, stream=stream)
-            except (RequestError, ResourceError, RuntimeError) as err:
-                sinks.pop(rid, None)
-                outbox.put(("reject", rid, str(err)))
-                outbox.flush()
-        elif message[0] == "cancel":
-            cancelled = sinks.get(message[1])
-            if cancelled is not None and cancelled.request is not None:
-                scheduler.cancel(cancelled.request)
-        elif message[0] == "stop":
-            scheduler.request_stop()
-
-    def receive(scheduler: InflightScheduler, timeout: float | None) -> None:
-        """Everything the stub sent, waiting up to `timeout` for the first message (None: until one arrives; the
-        idle loop's metrics go out every METRICS_EVERY_S meanwhile)."""
-        try:
-            while not conn.poll(METRICS_EVERY_S if timeout is None else timeout):
-                if timeout is not None:
-                    return
-                outbox.flush(metrics=True)  # the loop is idle: its last load figures
-            while True:
-                handle(scheduler, conn.recv())
-                if not conn.poll(0):
-                    return
-        except (EOFError, OSError):  # the stub is gone
-            scheduler.request_stop()
-
     try:
         engine = settings.load(device)
         scheduler, note = start_scheduler(engine, settings, event_log=lambda text: outbox.put(("log", True, text)),
                                           report=lambda text: outbox.put(("log", False, text)),
-                                          metrics=outbox.metrics, after_pass=outbox.flush, receive=receive)
+                                          metrics=outbox.metrics, after_pass=outbox.flush)
     except BaseException:
         outbox.send(("failed", traceback.format_exc()))
         raise
     outbox.send(("ready", engine.limits, f"{settings.describe(engine, device)}; {note}"))
+    sinks: dict[int, _ForwardSink] = {}
     try:
-        scheduler.join()
+        while True:
+            try:
+                if not conn.poll(METRICS_EVERY_S):
+                    outbox.flush(metrics=True)  # the loop may be idle: its last load figures
+                    continue
+                message = conn.recv()
+            except (EOFError, OSError):  # the stub is gone
+                break
+            if message[0] == "submit":
+                _, rid, rows, stream = message
+                sink = _ForwardSink(rid, outbox, sinks)
+                try:
+                    sink.request = scheduler.submit(rows, sink, stream=stream)
+                except (RequestError, ResourceError, RuntimeError) as err:
+                    sinks.pop(rid, None)
+                    outbox.put(("reject", rid, str(err)))
+                    outbox.flush()
+            elif message[0] == "cancel":
+                cancelled = sinks.get(message[1])
+                if cancelled is not None and cancelled.request is not None:
+                    scheduler.cancel(cancelled.request)
+            elif message[0] == "stop":
+                break
     finally:
         scheduler.stop()
         outbox.put(("stopped", scheduler_summary(scheduler)))

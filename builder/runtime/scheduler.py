@@ -784,8 +784,7 @@ class InflightScheduler:
                  report_every_s: float = 10.0, step_prompt_tokens: int = STEP_PROMPT_TOKENS,
                  metrics: MetricsRecorder | None = None, on_step: Callable[[StepRecord], None] | None = None,
                  after_pass: Callable[[], None] | None = None, graph_prompt_tokens: int | None = None,
-                 gather_prompt_tokens: int = GATHER_PROMPT_TOKENS,
-                 receive: Callable[[InflightScheduler, float | None], None] | None = None) -> None:
+                 gather_prompt_tokens: int = GATHER_PROMPT_TOKENS) -> None:
         """engine: owned by the scheduler while it runs (do not call engine.generate from elsewhere meanwhile);
         cancel_poll_s: least time between two is_cancelled polls of one request;
         event_log: receives one line per admission (which rows joined how many running rows) and per cancelled
@@ -802,11 +801,7 @@ class InflightScheduler:
         report: receives the timeline (Timeline.summary) of each `report_every_s` window in which steps ran;
         on_step: called on the loop's thread after each pass with what it prefilled and decoded (keep it cheap);
         after_pass: the sinks only record (PassSender): they are called on the loop's thread at the end of each pass,
-            then this; no sender thread, no `is_cancelled` polls (cancel through `cancel`);
-        receive: where submissions come from when they are read on the loop's own thread (the engine process's
-            pipe): called before each pass with a timeout of 0 and, while there is nothing to do, instead of sleeping
-            (timeout None: until something arrives); it calls `submit`, `cancel` or `request_stop`. A submission then
-            needs no hand-over between threads (a wake-up of ~0.25 ms on an H200 host, docs/benchmarks.md)."""
+            then this; no sender thread, no `is_cancelled` polls (cancel through `cancel`)."""
         if step_prompt_tokens < 1:
             raise ValueError(f"step_prompt_tokens must be >= 1, got {step_prompt_tokens}")
         self.report, self.report_every_s, self._reported_at = report, report_every_s, time.monotonic()
@@ -846,7 +841,6 @@ class InflightScheduler:
         self._wake = threading.Condition(self._lock)
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.receive = receive
         self._sender: _Sender | PassSender = (
             _Sender(self._request_cancel, cancel_poll_s, self.stats.timeline) if after_pass is None
             else PassSender(self._request_cancel, self.stats.timeline, after_pass))
@@ -863,20 +857,12 @@ class InflightScheduler:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Stop the loop; requests still queued or running get `fail(RuntimeError)`."""
-        self.request_stop()
-        self.join(timeout_s)
-        self._sender.stop(timeout_s)
-
-    def request_stop(self) -> None:
-        """Make the loop stop after its pass, without waiting for it (a `receive` hook calls this on its thread)."""
         with self._lock:
             self._stopping = True
             self._wake.notify_all()
-
-    def join(self, timeout_s: float | None = None) -> None:
-        """Wait for the loop to end (after `request_stop`)."""
-        if self._thread is not None and self._thread is not threading.current_thread():
+        if self._thread is not None:
             self._thread.join(timeout_s)
+        self._sender.stop(timeout_s)
 
     def __enter__(self) -> InflightScheduler:
         return self.start()
@@ -962,22 +948,11 @@ class InflightScheduler:
 
     def _collect_submissions(self) -> bool:
         """Move new submissions to the waiting queue, sleeping while there is nothing to do; False once stopping."""
-        if self.receive is not None:
-            self.receive(self, 0.0)
-            while not self._has_work():
-                self.receive(self, None)
         with self._lock:
-            while not self._has_work_locked():
+            while not (self._stopping or self._inbox or self._waiting or self._occupied or self._cancels):
                 self._wake.wait()
             self._take_inbox()
             return not self._stopping
-
-    def _has_work(self) -> bool:
-        with self._lock:
-            return self._has_work_locked()
-
-    def _has_work_locked(self) -> bool:
-        return bool(self._stopping or self._inbox or self._waiting or self._occupied or self._cancels)
 
     def _take_inbox(self) -> None:
         """(Lock held.) Submissions join the waiting queue."""
