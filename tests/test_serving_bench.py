@@ -160,6 +160,15 @@ def test_bad_options_name_the_option() -> None:
         serving_bench.render_overrides(args)
 
 
+def test_render_options_take_the_type_of_their_field() -> None:
+    """`bool | None` fields (None: automatic) read true/false too: the string "false" would be true."""
+    args = serving_bench.parse_args(["--out", "x.json", "--render-option", "engine_process=false",
+                                     "--render-option", "text_in_core=true", "--render-option", "kv_slots=32",
+                                     "--render-option", "kv_cache_dtype=fp8"])
+    assert serving_bench.render_overrides(args) == {"engine_process": False, "text_in_core": True, "kv_slots": 32,
+                                                    "kv_cache_dtype": "fp8"}
+
+
 def test_bench_ensembles_declare_only_what_responses_carry(tmp_path: Path) -> None:
     """perf_analyzer 2.51 exports garbage (and, at a NaN, a truncated file) for declared outputs a response lacks."""
     from google.protobuf import text_format
