@@ -540,6 +540,9 @@ def prefill_attention_backends() -> contextlib.AbstractContextManager[None]:
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
+HOST_BLOCKS = 8  # PrefillGraphs' pinned input blocks
+
+
 class PrefillGraphs:
     """The prefill of ONE prompt, or one chunk of it, from CUDA graphs, one per padded length (a multiple of `step`
     tokens).
@@ -567,15 +570,16 @@ class PrefillGraphs:
         # One row's inputs (tokens, then its length, slot and first position) are ONE device block, filled by ONE
         # copy from a pinned host block: on an H200 host, uploading them as separate pinned tensors and copying
         # them into place took ~0.6 ms of the first token's path before the graph ran (stage timestamps,
-        # docs/benchmarks.md). Two host blocks take turns; each is rewritten only once the copy that last read it
-        # has run (its event).
+        # docs/benchmarks.md). The host blocks take turns; each is rewritten only once the copy that last read it
+        # has run (its event). HOST_BLOCKS exceeds the rows of one pass (generation.GRAPH_PREFILL_ROWS), so that
+        # wait is for a copy of an earlier pass, which that pass's read-back of its step has usually waited for.
         self._inputs = torch.zeros(width + 3, dtype=torch.long, device=device)
         self.tokens = self._inputs[:width].view(1, width)
         self.lengths, self.slot, self.start = (self._inputs[width + i:width + i + 1] for i in range(3))
         self._host_blocks = [torch.zeros(width + 3, dtype=torch.long, pin_memory=device.type == "cuda")
-                             for _ in range(2)]
+                             for _ in range(HOST_BLOCKS)]
         self._host_views = [block.numpy() for block in self._host_blocks]  # written through numpy: cheaper per call
-        self._host_copied: list[torch.cuda.Event | None] = [None, None]
+        self._host_copied: list[torch.cuda.Event | None] = [None] * HOST_BLOCKS
         self._turn = 0
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -594,7 +598,7 @@ class PrefillGraphs:
         checks send them, they come over first); returns its padded width."""
         t = min(tokens.shape[1], self.model.max_seq_len)
         width, end = self.width(t), self.model.max_seq_len
-        turn, self._turn = self._turn, 1 - self._turn
+        turn, self._turn = self._turn, (self._turn + 1) % HOST_BLOCKS
         copied = self._host_copied[turn]
         if copied is not None:
             copied.synchronize()  # (long done in practice: a step reads its results back before the next pass)
