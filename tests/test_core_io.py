@@ -43,6 +43,8 @@ def test_seed_client_request_parses_with_ft_defaults() -> None:
     (dict(beam_width=np.array([[9]], np.uint32)), "beam_width", r"\[1, 8\]"),
     (dict(end_id=np.array([[1000]], np.uint32)), "end_id", r"\[0, 1000\)"),
     (dict(input_ids=np.array([[1, 2, 1000]], np.uint32)), "input_ids", r"\[0, 1000\)"),
+    (dict(input_ids=np.array([[1, -2, 3]], np.int32)), "input_ids", r"\[0, 1000\)"),
+    (dict(input_ids=np.array([[1.0, 2.0, 3.0]], np.float32)), "input_ids", "must be integers"),
     (dict(stop_words_list=np.array([[[1, 2], [3, -1]]], np.int32)), "stop_words_list", "offsets"),
     (dict(bad_words_list=np.array([[[1, 2], [1, 2], [2, -1]]], np.int32)), "bad_words_list", r"\[2, N\]"),
     (dict(beam_search_diversity_rate=np.array([[0.5]], np.float32)), "beam_search_diversity_rate", "not supported"),

@@ -144,6 +144,9 @@ class Tensor:
         return NUMPY_TYPES[self.data_type]
 
 
+PYTHON_TYPES: dict[str, type] = {"BOOL": bool, "FP32": float, "FP16": float}  # CoreInput.value's; other types: int
+
+
 @dataclass(frozen=True)
 class CoreInput:
     """An FT GPT core input: its tensor, the engines that honour it, its rule and default (None: no rule here)."""
@@ -156,8 +159,7 @@ class CoreInput:
 
     def value(self, raw: Any) -> bool | int | float:
         """A request's value (a numpy or Python number) as the engine's Python type."""
-        kind: type = {"BOOL": bool, "FP32": float, "FP16": float}.get(self.tensor.data_type, int)
-        return kind(raw)
+        return PYTHON_TYPES.get(self.tensor.data_type, int)(raw)
 
     @property
     def name(self) -> str:
