@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .ft_weights import load_ft_shard
+from .ft_weights import WeightFileError, check_weight_dir, load_ft_shard
 from .generation import GptEngine, ResourceError
 
 # NVLink SHARP / multicast stay off (the GPU hosts' fabric manager setup does not allow them); set in every rank.
@@ -488,6 +488,11 @@ def launch_engine(model_dir: str | Path, world: int, *, device: str, worker_devi
     if len(worker_devices) != world - 1:
         raise ValueError(f"tensor parallelism over {world} ranks needs {world - 1} worker device(s), "
                          f"got {worker_devices}")
+    # Every rank would refuse the same files: say so before any worker starts. Found later, a worker could exit while
+    # rank 0 still connects the group, and rank 0 would report a closed connection instead.
+    problems = check_weight_dir(model_dir)
+    if problems:
+        raise WeightFileError(model_dir, problems)
     private = Path(tempfile.mkdtemp(prefix="gpt-tp-"))  # 0700: no other local user can join the rendezvous
     spec0 = RankSpec(model_dir=str(model_dir), world=world, rank=0, device=device,
                      dtype=str(dtype).removeprefix("torch."), store_path=str(private / "store"),
