@@ -492,7 +492,7 @@ def launch_engine(model_dir: str | Path, world: int, *, device: str, worker_devi
     # rank 0 still connects the group, and rank 0 would report a closed connection instead.
     problems = check_weight_dir(model_dir)
     if problems:
-        raise WeightFileError(model_dir, problems)
+        raise WeightFileError(Path(model_dir), problems)
     private = Path(tempfile.mkdtemp(prefix="gpt-tp-"))  # 0700: no other local user can join the rendezvous
     spec0 = RankSpec(model_dir=str(model_dir), world=world, rank=0, device=device,
                      dtype=str(dtype).removeprefix("torch."), store_path=str(private / "store"),
