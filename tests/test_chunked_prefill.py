@@ -490,16 +490,11 @@ def test_arrivals_that_fill_the_budget_do_not_wait_to_share_a_pass(tiny: TinyGpt
     assert waited <= most_wait if budget == 8 else waited >= most_wait, waited
 
 
-@pytest.mark.parametrize("with_long", [False, True])
-def test_short_prompts_share_graph_sized_passes_and_a_long_one_gets_the_whole_budget(tiny: TinyGpt, long_prompt,
-                                                                                     long_run, with_long: bool) -> None:
-    """While a row decodes, prompts that each fit a prefill graph (graph_prompt_tokens 8) are prefilled at most 8
-    tokens a step, even with a budget of 32: passes that replay a graph. Once a prompt longer than that waits, a step
-    prefills up to the whole budget (its passes run eagerly anyway, and wider ones cost less per token)."""
+def prompt_tokens_per_step(tiny: TinyGpt, long_run, rows: list, **options: Any) -> list[int]:
+    """Send `rows` at once after a long streamed row's first decode step, on a scheduler with `options`; check every
+    result against the row alone and return the prompt tokens each later step prefilled."""
     engine = new_engine(tiny, slots=8)
     running_row, running_sequence = long_run(60)
-    shorts = [request(p, 4) for p in random_prompts(5, seed=8, min_len=5, max_len=8)]
-    rows = shorts + ([request(long_prompt, 4)] if with_long else [])
     expected = [tokens(result) for result in solo_results(engine, rows)]
     sinks, running = [Sink(name=str(i)) for i in range(len(rows))], Sink(name="running")
     trace = Trace(records=[])
@@ -508,13 +503,25 @@ def test_short_prompts_share_graph_sized_passes_and_a_long_one_gets_the_whole_bu
         for row, sink in zip(rows, sinks):
             scheduler.submit([row], sink)
 
-    with InflightScheduler(engine, step_prompt_tokens=32, graph_prompt_tokens=8, admit_gather_steps=0,
-                           on_step=AtDecodeStep(1, send_all, then=trace.records.append)) as scheduler:
+    with InflightScheduler(engine, admit_gather_steps=0, on_step=AtDecodeStep(1, send_all, then=trace.records.append),
+                           **options) as scheduler:
         scheduler.submit([running_row], running, stream=True)
         assert [tokens(sink.result()[0]) for sink in sinks] == expected
         assert tokens(running.result()[0]) == running_sequence
     per_step = [sum(end - start for _, start, end in record.chunks) for record in trace.records[1:]]
     assert sum(per_step) == sum(len(row.input_ids) for row in rows)
+    return per_step
+
+
+@pytest.mark.parametrize("with_long", [False, True])
+def test_short_prompts_share_graph_sized_passes_and_a_long_one_gets_the_whole_budget(tiny: TinyGpt, long_prompt,
+                                                                                     long_run, with_long: bool) -> None:
+    """While a row decodes, prompts that each fit a prefill graph (graph_prompt_tokens 8) are prefilled at most 8
+    tokens a step, even with a budget of 32: passes that replay a graph. Once a prompt longer than that waits, a step
+    prefills up to the whole budget (its passes run eagerly anyway, and wider ones cost less per token)."""
+    shorts = [request(p, 4) for p in random_prompts(5, seed=8, min_len=5, max_len=8)]
+    rows = shorts + ([request(long_prompt, 4)] if with_long else [])
+    per_step = prompt_tokens_per_step(tiny, long_run, rows, step_prompt_tokens=32, graph_prompt_tokens=8)
     if with_long:
         assert max(per_step) > 8, per_step
         assert all(tokens <= 32 for tokens in per_step), per_step
@@ -525,23 +532,7 @@ def test_short_prompts_share_graph_sized_passes_and_a_long_one_gets_the_whole_bu
 def test_short_prompts_gather_to_the_gather_bound_and_join_up_to_the_graph_width(tiny: TinyGpt, long_run) -> None:
     """Graph passes of up to graph_prompt_tokens (16) take every short prompt (<= gather_prompt_tokens, 8) that
     waits, several at once; a prompt longer than 8 gets the step's whole budget (32)."""
-    engine = new_engine(tiny, slots=8)
-    running_row, running_sequence = long_run(60)
     shorts = [request(p, 4) for p in random_prompts(5, seed=8, min_len=5, max_len=8)]
-    expected = [tokens(result) for result in solo_results(engine, shorts)]
-    sinks, running = [Sink(name=str(i)) for i in range(len(shorts))], Sink(name="running")
-    trace = Trace(records=[])
-
-    def send_all() -> None:
-        for row, sink in zip(shorts, sinks):
-            scheduler.submit([row], sink)
-
-    with InflightScheduler(engine, step_prompt_tokens=32, graph_prompt_tokens=16, gather_prompt_tokens=8,
-                           admit_gather_steps=0,
-                           on_step=AtDecodeStep(1, send_all, then=trace.records.append)) as scheduler:
-        scheduler.submit([running_row], running, stream=True)
-        assert [tokens(sink.result()[0]) for sink in sinks] == expected
-        assert tokens(running.result()[0]) == running_sequence
-    per_step = [sum(end - start for _, start, end in record.chunks) for record in trace.records[1:]]
-    assert sum(per_step) == sum(len(row.input_ids) for row in shorts)
+    per_step = prompt_tokens_per_step(tiny, long_run, shorts, step_prompt_tokens=32, graph_prompt_tokens=16,
+                                      gather_prompt_tokens=8)
     assert 8 < max(per_step) <= 16, per_step  # more than one gather's worth in a pass, never past the graph width
