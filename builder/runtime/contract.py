@@ -15,7 +15,7 @@ This module imports numpy only, so the client and the Triton-free runtime module
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -29,6 +29,12 @@ NUMPY_TYPES: dict[str, type[np.generic]] = {
     "STRING": np.object_, "BOOL": np.bool_, "INT32": np.int32, "INT64": np.int64, "UINT32": np.uint32,
     "UINT64": np.uint64, "FP16": np.float16, "FP32": np.float32,
 }
+
+
+def model_parameters(model_config: Mapping[str, Any]) -> dict[str, str]:
+    """A model config's `parameters` (the JSON form a Python model's `initialize` gets), name -> string value: the
+    rendered settings each runtime module reads (preprocess.py, postprocess.py, text_core.py)."""
+    return {key: value.get("string_value", "") for key, value in model_config.get("parameters", {}).items()}
 
 
 class RequestError(ValueError):

@@ -47,7 +47,7 @@ class TextCodec:
         """From the model's Triton args; None where its config does not say `text_io` (FT's token tensors in and
         out)."""
         config = json.loads(args["model_config"])
-        parameters = {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
+        parameters = contract.model_parameters(config)
         if parameters.get("text_io", "false").strip().lower() != "true":
             return None
         tokenizer = GptTokenizer.from_directory(folder)

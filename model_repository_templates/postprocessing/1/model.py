@@ -12,7 +12,7 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from gpt_runtime.postprocess import PostprocessConfig, check_model_tensors, postprocess_requests, stream_acks
-from gpt_runtime.contract import RequestError
+from gpt_runtime.contract import RequestError, model_parameters
 from gpt_runtime.stream_ack import AckSender
 from gpt_runtime.tokenizer import GptTokenizer
 
@@ -20,8 +20,7 @@ from gpt_runtime.tokenizer import GptTokenizer
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         model_config = json.loads(args["model_config"])
-        parameters = {key: value.get("string_value", "")
-                      for key, value in model_config.get("parameters", {}).items()}
+        parameters = model_parameters(model_config)
         self.tokenizer = GptTokenizer.from_directory(Path(__file__).parent)
         self.config = PostprocessConfig.from_parameters(parameters, default_end_id=self.tokenizer.eos_id)
         inputs = {tensor["name"]: tensor["data_type"] for tensor in model_config.get("input", [])}

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from gpt_runtime.contract import RequestError
+from gpt_runtime.contract import RequestError, model_parameters
 from gpt_runtime.preprocess import (FT_OUTPUT_DTYPES, INPUT_TYPES, MAX_TOKENS, TEXT_INPUT, PreprocessConfig,
                                     preprocess_requests)
 from gpt_runtime.tokenizer import GptTokenizer
@@ -36,8 +36,7 @@ class TritonPythonModel:
                                  f"config says {tensor['data_type']}")
 
         self.tokenizer = GptTokenizer.from_directory(Path(__file__).parent)
-        parameters = {key: value.get("string_value", "")
-                      for key, value in model_config.get("parameters", {}).items()}
+        parameters = model_parameters(model_config)
         self.config = PreprocessConfig.from_parameters(parameters, outputs, default_end_id=self.tokenizer.eos_id)
         self.config.check_tokenizer(self.tokenizer.vocab_size)
         self.logger = pb_utils.Logger
