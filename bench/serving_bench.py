@@ -521,20 +521,25 @@ def render_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-def build_repository(args: argparse.Namespace, result: dict[str, Any]) -> Path:
-    """Random checkpoint preset -> FT weights -> the streaming torch repository (as bench/gpu_bench.py does)."""
+def random_streaming_options(args: argparse.Namespace) -> tuple[str, GptModelConfig, dict[str, Any]]:
+    """(preset, model, RenderConfig options) of a streaming torch repository over the random checkpoint preset's FT
+    weights (as bench/gpu_bench.py makes them), --render-option applied: what every bench repository shares."""
     cpu = args.device == "cpu"
     preset = args.preset or ("tiny" if cpu else "gpt3-1.3b")
     ft, _ = gpu_bench.random_ft_weights(args.work, preset)
     model = GptModelConfig.from_ini(ft / "config.ini")
     options: dict[str, Any] = dict(engine="torch", device=args.device, data_type="fp32" if cpu else "fp16",
-                                   checkpoint=ft, model=model, max_batch_size=args.max_batch_size,
-                                   output=args.work / "repo", force=True, streaming=True,
-                                   max_queue_delay_us=args.max_queue_delay_us,
-                                   preprocessing_instances=args.preprocessing_instances,
-                                   postprocessing_instances=args.postprocessing_instances)
-    options.update(render_overrides(args))
-    config = RenderConfig(**options)
+                                   checkpoint=ft, model=model, force=True, streaming=True, **render_overrides(args))
+    return preset, model, options
+
+
+def build_repository(args: argparse.Namespace, result: dict[str, Any]) -> Path:
+    """Random checkpoint preset -> FT weights -> the streaming torch repository."""
+    preset, model, options = random_streaming_options(args)
+    config = RenderConfig(**{**dict(max_batch_size=args.max_batch_size, output=args.work / "repo",
+                                    max_queue_delay_us=args.max_queue_delay_us,
+                                    preprocessing_instances=args.preprocessing_instances,
+                                    postprocessing_instances=args.postprocessing_instances), **options})
     result["model"] = {"preset": preset, "layers": model.num_layer, "hidden": model.hidden_size,
                        "max_pos_seq_len": model.max_pos_seq_len, "weights": "random", "data_type": config.data_type}
     result["render"] = {key: (str(value) if isinstance(value, Path) else value)

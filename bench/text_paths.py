@@ -32,10 +32,9 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 import gpu_bench  # bench/gpu_bench.py (bench/ on sys.path above)
 from builder.render import render_repository
 from builder.render_config import RenderConfig
-from builder.runtime.model_config import GptModelConfig
 from builder.runtime.tokenizer import GptTokenizer
 from builder.serve import TritonServer
-from serving_bench import core_call_times, device_name, render_overrides
+from serving_bench import core_call_times, device_name, random_streaming_options
 
 ENSEMBLE, TEXT_CORE, CORE = "ensemble", "text_core", "gpt3_1.3b"
 PATHS = (ENSEMBLE, TEXT_CORE, CORE)
@@ -43,18 +42,13 @@ FIRST_TOKENS = 4  # streamed: a first response followed by others
 
 
 def build(args: argparse.Namespace, result: dict[str, Any]) -> tuple[Path, Path]:
-    cpu = args.device == "cpu"
-    preset = args.preset or ("tiny" if cpu else "gpt3-1.3b")
-    ft, _ = gpu_bench.random_ft_weights(args.work, preset)
-    model = GptModelConfig.from_ini(ft / "config.ini")
-    options: dict[str, Any] = dict(engine="torch", device=args.device, data_type="fp32" if cpu else "fp16",
-                                   checkpoint=ft, model=model, max_batch_size=8, streaming=True, force=True,
-                                   kv_slots=args.kv_slots, model_name=CORE, **render_overrides(args))
+    preset, model, options = random_streaming_options(args)
+    options = {**dict(max_batch_size=8, kv_slots=args.kv_slots, model_name=CORE), **options}
     classic = RenderConfig(ensemble_name=ENSEMBLE, output=args.work / "classic", **options)
     text = RenderConfig(ensemble_name=TEXT_CORE, text_in_core=True, output=args.work / "text", **options)
     result["model"] = {"preset": preset, "layers": model.num_layer, "hidden": model.hidden_size, "weights": "random",
                        "data_type": classic.data_type, "kv_cache_dtype": classic.kv_cache_dtype,
-                       "kv_slots": args.kv_slots}
+                       "kv_slots": classic.kv_slots}
     return render_repository(classic), render_repository(text)
 
 
