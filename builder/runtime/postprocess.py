@@ -151,14 +151,18 @@ def _read_beams(inputs: Mapping[str, np.ndarray], allow_tail: bool = False) -> _
     if input_lengths.ndim != 2 or input_lengths.shape[0] != batch or input_lengths.shape[1] not in (1, beams):
         raise RequestError("response_input_lengths", f"expected shape [{batch}, {beams}], got "
                                                      f"{list(input_lengths.shape)}")
-    input_lengths = np.broadcast_to(input_lengths, (batch, beams))
-    tail = allow_tail and tokens < int(sequence_length.max(initial=0))  # a streamed tail (core_io.py)
-    if (input_lengths < 0).any() or (input_lengths > sequence_length).any() or (
-            not tail and (sequence_length > tokens).any()):
+    if input_lengths.shape[1] != beams:
+        input_lengths = np.broadcast_to(input_lengths, (batch, beams))
+    longest = int(sequence_length.max(initial=0))
+    tail = allow_tail and tokens < longest  # a streamed tail (core_io.py)
+    if int(input_lengths.min(initial=0)) < 0 or (input_lengths > sequence_length).any() or (
+            not tail and longest > tokens):
         # The values are not echoed: they can come from a shared-memory region (contract.RequestError).
         raise RequestError("sequence_length", f"need 0 <= response_input_lengths <= sequence_length <= {tokens} "
                                               f"(output_ids length) for every row and beam")
-    return _Beams(output_ids.astype(np.int64), sequence_length, input_lengths, tail)
+    if output_ids.dtype.kind not in "iu":
+        raise RequestError("output_ids", f"must be integers, got {output_ids.dtype}")
+    return _Beams(output_ids, sequence_length, input_lengths, tail)
 
 
 def _per_row(inputs: Mapping[str, np.ndarray], name: str, batch: int, default: int) -> list[int]:
@@ -256,20 +260,20 @@ def _outputs(text_output: np.ndarray, reasons: list[list[str]], beams: _Beams, c
 def _stream_deltas(inputs: Mapping[str, np.ndarray], tokenizer: GptTokenizer, end_id: int) -> dict[str, np.ndarray]:
     beams = _read_beams(inputs, allow_tail="delta_start" in inputs)
     batch, width = beams.sequence_length.shape
-    generated_lengths = beams.sequence_length - beams.input_lengths  # [B, W]
-    codes = inputs.get("finish_code")
-    codes = None if codes is None else np.asarray(codes, dtype=np.int64).reshape(batch, -1)
-    if "delta_start" in inputs:  # the core says where this response's new tokens start
-        new_counts = beams.sequence_length - np.asarray(inputs["delta_start"], dtype=np.int64).reshape(batch, -1)
-    else:  # one new token per response (FT's decoupled mode): only the longest beams grew
-        newest = int(generated_lengths.max(initial=0))
-        new_counts = np.where((generated_lengths == newest) & (generated_lengths > 0), 1, 0)
-    trims = np.asarray(inputs.get("stop_length", np.zeros((batch, width))), dtype=np.int64).reshape(batch, -1)
-    # Tokens earlier responses counted (core_io.py): 0 gives cumulative counts, else each response counts its own.
-    counted = np.asarray(inputs.get("counted", np.zeros((batch, width))), dtype=np.int64).reshape(batch, -1)
+    # Plain lists from here: a response holds a row or a few, where each NumPy call costs more than the loop.
+    lengths, prompt_lengths = beams.sequence_length.tolist(), beams.input_lengths.tolist()
+
+    def grid(name: str) -> list[list[int]] | None:  # an optional [B, W] input
+        value = inputs.get(name)
+        return None if value is None else np.asarray(value, dtype=np.int64).reshape(batch, -1).tolist()
+
+    codes, starts, trims, counted = grid("finish_code"), grid("delta_start"), grid("stop_length"), grid("counted")
+    # Without delta_start (FT's decoupled mode) each response adds one token, to the longest beams only.
+    newest = max((length - prompt for row in zip(lengths, prompt_lengths) for length, prompt in zip(*row)),
+                 default=0)
     # delta_start before the prompt's end: a final response repeats the prompt (exclude_input_in_output false)
-    starts = np.asarray(inputs.get("delta_start", np.full((batch, width), -1)), dtype=np.int64).reshape(batch, -1)
-    echo = None if beams.is_tail or not (starts[starts >= 0] < beams.input_lengths[starts >= 0]).any() else starts
+    echo = starts is not None and not beams.is_tail and any(
+        0 <= start < prompt for row in zip(starts, prompt_lengths) for start, prompt in zip(*row))
     text_output = np.empty((batch, width), dtype=np.object_)
     reasons: list[list[str]] = []
     counts: list[list[int]] = []
@@ -278,26 +282,29 @@ def _stream_deltas(inputs: Mapping[str, np.ndarray], tokenizer: GptTokenizer, en
         counts.append([])
         for beam in range(width):
             generated = beams.generated(row, beam)
-            total = int(generated_lengths[row, beam])  # generated so far (a tail holds only the last ones)
-            num_new = int(np.clip(new_counts[row, beam], 0, len(generated)))
-            reason = FINISH_REASONS.get(int(codes[row, beam]), "") if codes is not None else ""
+            total = lengths[row][beam] - prompt_lengths[row][beam]  # generated so far (a tail holds the last ones)
+            if starts is not None:  # the core says where this response's new tokens start
+                num_new = min(max(lengths[row][beam] - starts[row][beam], 0), len(generated))
+            else:
+                num_new = 1 if total == newest and total > 0 else 0
+            reason = FINISH_REASONS.get(codes[row][beam], "") if codes is not None else ""
+            trim = trims[row][beam] if trims is not None else 0
             last_is_end = bool(generated) and generated[-1] == end_id
-            ended = last_is_end and (reason == FINISH_STOP if codes is not None else True)
-            if ended:  # the end id adds no text; flush a held-back partial character as U+FFFD, once
+            if last_is_end and (reason == FINISH_STOP if codes is not None else True):
+                # the end id adds no text; flush a held-back partial character as U+FFFD, once
                 delta = tokenizer.stream_delta(generated[:-1], num_new - 1, final=True) if num_new else ""
                 total -= 1
                 reason = FINISH_STOP
-            elif echo is not None or trims[row, beam]:  # a final response that was not streamed
-                tokens = generated if echo is None else beams.output_ids[row, beam, :int(beams.sequence_length[
-                    row, beam])].tolist()
-                num_new = len(generated) if echo is None else len(tokens) - int(echo[row, beam])
-                keep = len(tokens) - int(np.clip(trims[row, beam], 0, len(generated)))
+            elif echo or trim:  # a final response that was not streamed
+                tokens = beams.output_ids[row, beam, :lengths[row][beam]].tolist() if echo else generated
+                num_new = len(tokens) - starts[row][beam] if echo and starts is not None else len(generated)
+                keep = len(tokens) - min(max(trim, 0), len(generated))
                 delta = tokenizer.stream_delta(tokens[:keep], num_new - (len(tokens) - keep), final=True)
             else:  # the last response (finish_code set) flushes a held-back character, as a full decode would
                 delta = tokenizer.stream_delta(generated, num_new, final=bool(reason)) if num_new else ""
             text_output[row, beam] = delta.encode("utf-8")
             reasons[row].append(reason)
-            counts[row].append(total - int(counted[row, beam]))
+            counts[row].append(total - (counted[row][beam] if counted is not None else 0))
     return _outputs(text_output, reasons, beams, counts)
 
 

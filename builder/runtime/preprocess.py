@@ -18,6 +18,7 @@ runtime_top_p 0, temperature 1, so the engine never divides by zero.
 
 from __future__ import annotations
 
+import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
@@ -162,6 +163,12 @@ SCALAR_INPUTS: tuple[ScalarInput, ...] = tuple(
     if i.tensor.dims == (1,) and i.tensor.data_type != "STRING" and i.name != MAX_TOKENS and not i.alias_of)
 
 
+# FT output -> the scalar input that fills it, and -> the word list input (what `_ft_tensors` looks up per output).
+_SCALAR_BY_OUTPUT = {**{spec.output: spec for spec in SCALAR_INPUTS if spec.output in FT_OUTPUT_DTYPES},
+                     **{spec.name: spec for spec in SCALAR_INPUTS if spec.name in contract.STREAMING_CORE_INPUTS}}
+_WORD_LIST_BY_OUTPUT = {output: name for name, output in WORD_LIST_INPUTS.items()}
+
+
 @lru_cache(maxsize=64)
 def _default_tensors(config: PreprocessConfig, batch: int) -> dict[str, np.ndarray]:
     """The FT tensor of every input a request leaves out, for `batch` rows; built once and shared (read-only).
@@ -175,8 +182,8 @@ def _default_tensors(config: PreprocessConfig, batch: int) -> dict[str, np.ndarr
             tensors[spec.name] = np.full((batch, 1), spec.default(config), dtype=np.bool_)
     for output in WORD_LIST_INPUTS.values():
         tensors[output] = encode_word_lists([[] for _ in range(batch)])  # [B, 2, 1]: no words
-    for array in tensors.values():
-        array.flags.writeable = False
+    for tensor in tensors.values():
+        tensor.flags.writeable = False
     return tensors
 
 
@@ -322,7 +329,8 @@ def _ft_tensors(parsed: _ParsedRequest, prompt_ids: list[list[int]], word_ids: d
     width = max(len(ids) for ids in prompt_ids)
     input_ids = np.empty((batch, width), dtype=np.uint32)  # [B, longest prompt], right-padded per row
     for row, ids in enumerate(prompt_ids):
-        input_ids[row, :len(ids)] = ids
+        # via array.array: a third of the time numpy takes to convert the list itself (512 ids: 3 vs 9 us)
+        input_ids[row, :len(ids)] = np.frombuffer(array.array("I", ids), dtype=np.uint32)
         input_ids[row, len(ids):] = pad_ids[row]
 
     tensors: dict[str, np.ndarray] = {
@@ -330,16 +338,17 @@ def _ft_tensors(parsed: _ParsedRequest, prompt_ids: list[list[int]], word_ids: d
         "input_lengths": np.array([[len(ids)] for ids in prompt_ids], dtype=np.uint32),
         "request_output_len": parsed.max_tokens.reshape(batch, 1).astype(np.uint32),
     }
-    for spec in SCALAR_INPUTS:
-        if spec.output in config.outputs:
-            tensors[spec.output] = (scalars[spec.name].reshape(batch, 1).astype(FT_OUTPUT_DTYPES[spec.output])
-                                    if spec.name in scalars else defaults[spec.output])
-    for name in contract.STREAMING_CORE_INPUTS:  # a streaming torch core's; same names
-        tensors[name] = scalars[name].reshape(batch, 1).astype(np.bool_) if name in scalars else defaults[name]
-    for name, output in WORD_LIST_INPUTS.items():
-        tensors[output] = encode_word_lists(word_ids[name]) if name in word_ids else defaults[output]
-    left_out = {name for name in config.omitted if tensors[name] is defaults.get(name)}  # not set by the request
-    return {name: tensors[name] for name in config.outputs if name not in left_out}
+    for name in config.outputs:  # the rest, in the config's order; a default is left out where config.omitted says
+        if name in tensors:
+            continue
+        spec = _SCALAR_BY_OUTPUT.get(name)
+        if spec is not None and spec.name in scalars:
+            tensors[name] = scalars[spec.name].reshape(batch, 1).astype(FT_OUTPUT_DTYPES[name])
+        elif name in _WORD_LIST_BY_OUTPUT and _WORD_LIST_BY_OUTPUT[name] in word_ids:
+            tensors[name] = encode_word_lists(word_ids[_WORD_LIST_BY_OUTPUT[name]])
+        elif name not in config.omitted:
+            tensors[name] = defaults[name]
+    return {name: tensors[name] for name in config.outputs if name in tensors}
 
 
 def preprocess_requests(requests: Sequence[Mapping[str, np.ndarray]], tokenizer: GptTokenizer,
