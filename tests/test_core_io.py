@@ -26,7 +26,7 @@ def test_seed_client_request_parses_with_ft_defaults() -> None:
                                      runtime_top_p=np.array([[0.0]], np.float32),
                                      temperature=np.array([[1.0]], np.float32)), LIMITS)
     (row,) = parsed.rows
-    assert row.input_ids == (5, 6, 7) and row.output_len == 10 and row.is_greedy
+    assert row.input_ids.tolist() == [5, 6, 7] and row.output_len == 10 and row.is_greedy
     assert row.end_id == 999 and row.beam_width == 1 and row.random_seed == 0 and not row.return_log_probs
     # No `stream` input: one final response, what Triton's /generate (and the seed's own client) can take.
     assert not parsed.stream
@@ -82,7 +82,7 @@ def test_per_row_values_and_padding_removed() -> None:
                                      runtime_top_k=np.array([[0], [4]], np.uint32),
                                      random_seed=np.array([[2**64 - 1], [7]], np.uint64),
                                      is_return_log_probs=np.array([[False], [True]])), LIMITS)
-    assert [r.input_ids for r in parsed.rows] == [(1, 2, 3), (4,)]
+    assert [r.input_ids.tolist() for r in parsed.rows] == [[1, 2, 3], [4]]
     assert [r.top_k for r in parsed.rows] == [0, 4]
     assert [r.random_seed for r in parsed.rows] == [2**64 - 1, 7]
     assert parsed.return_log_probs
@@ -222,7 +222,7 @@ def test_kv_slots_are_sized_apart_from_tritons_max_batch_size(kv_slots: str, dec
 def test_ft_samples_start_id_and_diversity_rate_zero_are_accepted() -> None:
     parsed = parse_request(ft_inputs([[1, 2, 3]], [3], 4, start_id=np.array([[999]], np.uint32),
                                      beam_search_diversity_rate=np.array([[0.0]], np.float32)), LIMITS)
-    assert parsed.rows[0].input_ids == (1, 2, 3) and parsed.ft_stream  # no `stream`: FT's decoupled behaviour
+    assert parsed.rows[0].input_ids.tolist() == [1, 2, 3] and parsed.ft_stream  # no `stream`: FT's decoupled behaviour
     with pytest.raises(RequestError, match=r"\[0, 1000\)") as info:
         parse_request(ft_inputs([[1, 2, 3]], [3], 4, start_id=np.array([[1000]], np.uint32)), LIMITS)
     assert info.value.input_name == "start_id"

@@ -76,9 +76,9 @@ CancelCheck = Callable[[], Collection[int]]  # -> indices of the requests cancel
 
 def check_request(request: GenerationRequest, limits: EngineLimits) -> None:
     """The engine-level limits (core_io.parse_request checks these and more at the Triton boundary)."""
-    if not request.input_ids:
+    if len(request.input_ids) == 0:
         raise RequestError("input_ids", "must hold at least one token")
-    if not 0 <= min(request.input_ids) <= max(request.input_ids) < limits.vocab_size:  # (C loops: 512 ids ~10 us)
+    if not 0 <= request.input_ids.min() <= request.input_ids.max() < limits.vocab_size:
         raise RequestError("input_ids", f"token ids must be in [0, {limits.vocab_size})")
     if request.output_len < 1:
         raise RequestError("request_output_len", f"must be >= 1, got {request.output_len}")
@@ -418,7 +418,7 @@ class GptEngine:
         log_probs = torch.zeros((n, steps), dtype=torch.float32, device=device)
         cancelled = [False] * n
         cancel_poll = _CancelPoll(is_cancelled, indices, self.cancel_poll_s)
-        streamed: list[list[int]] = [list(r.input_ids) for r in requests] if on_step else []
+        streamed: list[list[int]] = [r.input_ids.tolist() for r in requests] if on_step else []
         streamed_log_probs: list[list[float]] = [[] for _ in requests]
         done_flag = _DoneFlag(device)
 

@@ -372,7 +372,8 @@ class _SlotTable:
         # Where a finished or free slot's junk decode step writes its K/V: 0, or for a row still being prefilled its
         # next uncached prompt position (its next chunk overwrites it; position 0 holds its first chunk).
         self.park = full((slots,), 0, torch.long)
-        defaults = SlotParams.build([GenerationRequest(input_ids=(0,), output_len=1, end_id=0)], slots, device)
+        unused = GenerationRequest(input_ids=np.zeros(1, dtype=np.int64), output_len=1, end_id=0)
+        defaults = SlotParams.build([unused], slots, device)
         self.params = {name: getattr(defaults, name) for name in (*INT_PARAMS, *FLOAT_PARAMS)}
 
     def upload(self, tensor: torch.Tensor) -> torch.Tensor:
