@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import statistics
 import sys
 from collections.abc import Callable
@@ -114,27 +115,31 @@ def main() -> None:
     parser.add_argument("--attention-launches", nargs="*", default=[], metavar="M,N,WARPS,STAGES",
                         help="also time each shape's graph with these launch shapes of the Triton prefill attention "
                              "(queries per program, keys per block, warps, pipeline stages)")
+    parser.add_argument("--gelu-epilogue", nargs="+", choices=["on", "off"], default=["on"],
+                        help="the MLP's first GEMM with cuBLASLt's bias + GELU epilogue (on: what the engine runs on a "
+                             "GPU), or GEMM + bias then GELU (off); each is timed, the profile takes the first")
     args = parser.parse_args()
     device = torch.device("cuda:0")
     shapes = [parse_shape(text) for text in args.shapes]
     with torch.inference_mode():
         model = random_model(PRESETS["gpt3-1.3b"], device, torch.float16)
         model.allocate_cache(max(rows for rows, _, _ in shapes), 2048)
-        kernels = {"kernel": replace(model.kernels, attention=True), "sdpa": replace(model.kernels, attention=False)}
+        kernels = {(name, epilogue): replace(model.kernels, attention=name == "kernel", gemm_epilogue=epilogue == "on")
+                   for name in ("kernel", "sdpa") for epilogue in ("on", "off")}
         print(f"GPU: {torch.cuda.get_device_name(device)}")
         for rows, tokens, start in shapes:
             run = prefill_pass(model, rows, tokens, start)
-            for name in args.attention:
-                model.kernels = kernels[name]
+            for name, epilogue in itertools.product(args.attention, args.gelu_epilogue):
+                model.kernels = kernels[name, epilogue]
                 eager = time_ms(run)
                 replay = graph_ms(run)
                 flop = matmul_tflop(model, rows, tokens, start)
-                print(f"prefill {rows} x {tokens:4d} at {start:4d}, attention {name:6s}: eager {eager:6.2f} ms, "
-                      f"graph {replay:6.2f} ms ({flop * 1e3:.0f} GFLOP: {flop / replay * 1e3:5.0f} TFLOP/s in the "
-                      "graph)", flush=True)
+                print(f"prefill {rows} x {tokens:4d} at {start:4d}, attention {name:6s}, GELU epilogue {epilogue:3s}: "
+                      f"eager {eager:6.2f} ms, graph {replay:6.2f} ms ({flop * 1e3:.0f} GFLOP: "
+                      f"{flop / replay * 1e3:5.0f} TFLOP/s in the graph)", flush=True)
         if args.attention_launches:
             sweep_launches(model, shapes, [parse_launch(text) for text in args.attention_launches])
-        model.kernels = kernels[args.attention[0]]
+        model.kernels = kernels[args.attention[0], args.gelu_epilogue[0]]
         for text in args.profile:
             rows, tokens, start = parse_shape(text)
             run = prefill_pass(model, rows, tokens, start)

@@ -347,8 +347,10 @@ class GptModel:
 
         Writes K/V of positions 0..T-1 into cache slots first_slot..first_slot+n-1 (padding positions too; decode
         overwrites them), or into the slots slot_index [n] names (a device tensor: capturable in a CUDA graph).
-        The GEMMs are cuBLAS's plain kernels whatever `self.kernels` says: at T x n rows they are compute-bound
-        (cuBLAS's GELU epilogue ran slower than GEMM + GELU at 512 rows on an H100). With `kernels.attention` the
+        The GEMMs are cuBLAS's kernels (never the skinny GEMV: at T x n rows they are compute-bound); with
+        `kernels.gemm_epilogue` the MLP's first one adds its bias and GELU in cuBLASLt's epilogue: on an H200 the graph
+        of 1 x 512 tokens took 2.61 ms against 2.68, 1 x 2048 9.66 against 10.25 (bench/profile_prefill.py
+        --gelu-epilogue on off; on an H100 it had been slower at 512 rows). With `kernels.attention` the
         attention is `gpt_kernels.prefill_attention` (K/V written into the cache in the same kernel, no copies out of
         the QKV product); otherwise PyTorch's SDPA after writing the cache.
 
@@ -383,8 +385,9 @@ class GptModel:
                 attended, x = attended[last][:, None], x[last][:, None]
             delta = self._row_linear(attended, layer.attn_out_weight, layer.attn_out_bias)
             x, h = self._prefill_add_norm(x, delta, layer.ln2_weight, layer.ln2_bias, fused)
-            delta = self._row_linear(self._activation(F.linear(h, layer.fc1_weight, layer.fc1_bias)),
-                                     layer.fc2_weight, layer.fc2_bias)
+            up = self._linear(h.reshape(-1, self.hidden), layer.fc1_weight, layer.fc1_bias, "fc1", skinny=False,
+                              activation=True).view(*h.shape[:2], -1)  # [n*T, H] -> [n, T, 4H]
+            delta = self._row_linear(up, layer.fc2_weight, layer.fc2_bias)
             x, h = self._prefill_add_norm(x, delta, *self._next_norm(i), fused)
         h = h[:, 0]  # [n, H]
         logits = F.linear(h, self.lm_head)
