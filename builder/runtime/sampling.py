@@ -49,6 +49,13 @@ def effective_temperature(request: GenerationRequest) -> float:
     return 1.0 if request.temperature < GREEDY_TEMPERATURE else request.temperature
 
 
+# SlotParams' tensor columns and their dtypes (the fields' comments below).
+COLUMN_DTYPES: dict[str, torch.dtype] = {
+    "temperature": torch.float32, "top_k": torch.long, "top_p": torch.float32, "greedy": torch.bool,
+    "repetition_penalty": torch.float32, "presence_penalty": torch.float32, "frequency_penalty": torch.float32,
+    "min_length": torch.long, "end_id": torch.long, "seed_lo": torch.long, "seed_hi": torch.long}
+
+
 @dataclass
 class SlotParams:
     """Per-slot decoding parameters on the device, plus host flags that skip work no row needs."""
@@ -76,28 +83,30 @@ class SlotParams:
     def uses_seen_tokens(self) -> bool:
         return self.use_repetition or self.use_presence
 
+    @staticmethod
+    def values(request: GenerationRequest) -> dict[str, float | int | bool]:
+        """One request's entry of each column (`build`'s; the in-flight scheduler writes them into a slot)."""
+        return dict(temperature=effective_temperature(request), top_k=request.top_k, top_p=request.top_p,
+                    greedy=is_greedy(request), repetition_penalty=request.repetition_penalty,
+                    presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
+                    min_length=request.min_length, end_id=request.end_id, seed_lo=request.random_seed & _MASK32,
+                    seed_hi=request.random_seed >> 32)
+
     @classmethod
     def build(cls, requests: Sequence[GenerationRequest], repeat: int, device: torch.device) -> SlotParams:
         """One entry per slot: each request's values repeated `repeat` times (its beams)."""
-        def column(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor([v for v in values for _ in range(repeat)], dtype=dtype, device=device)
+        entries = [cls.values(r) for r in requests]
+
+        def column(name: str) -> torch.Tensor:
+            return torch.tensor([entry[name] for entry in entries for _ in range(repeat)], dtype=COLUMN_DTYPES[name],
+                                device=device)
 
         sampling = [r for r in requests if not is_greedy(r)]
         top_ks = [r.top_k for r in sampling]
         bounded = bool(sampling) and all(0 < k <= TOPK_FAST_LIMIT for k in top_ks)
-        temperatures = [effective_temperature(r) for r in requests]
+        temperatures = [entry["temperature"] for entry in entries]
         return cls(
-            temperature=column(temperatures, torch.float32),
-            top_k=column([r.top_k for r in requests], torch.long),
-            top_p=column([r.top_p for r in requests], torch.float32),
-            greedy=column([is_greedy(r) for r in requests], torch.bool),
-            repetition_penalty=column([r.repetition_penalty for r in requests], torch.float32),
-            presence_penalty=column([r.presence_penalty for r in requests], torch.float32),
-            frequency_penalty=column([r.frequency_penalty for r in requests], torch.float32),
-            min_length=column([r.min_length for r in requests], torch.long),
-            end_id=column([r.end_id for r in requests], torch.long),
-            seed_lo=column([r.random_seed & _MASK32 for r in requests], torch.long),
-            seed_hi=column([r.random_seed >> 32 for r in requests], torch.long),
+            **{name: column(name) for name in COLUMN_DTYPES},  # the tensor fields
             any_sampling=bool(sampling),
             any_greedy=len(sampling) < len(requests),
             max_top_k=topk_width(max(top_ks)) if bounded else None,
