@@ -93,14 +93,14 @@ ADMIT_GATHER_MIN_RUNNING = 16
 # the loop for a whole decode step; 0.5 ms keeps the loop's wait short.
 GIL_SWITCH_INTERVAL_S = float(os.environ.get("GPT_TRITON_SWITCH_INTERVAL_US", "500")) * 1e-6  # A/B runs
 
-# A slot's state beside its SlotParams columns (a free slot's values), and every column by dtype (_SlotTable).
+# A slot's state beside its SlotParams columns, as a free slot holds it (an admitted row overrides lengths,
+# output_len and finished), and every column's dtype; _SlotTable keeps the columns of one dtype in one table.
 _SLOT_STATE: dict[str, int | bool] = {"lengths": 1, "generated": 0, "output_len": 1, "park": 0, "finished": True,
                                       "stopped": False}
-_COLUMNS: dict[torch.dtype, tuple[str, ...]] = {
-    dtype: tuple(name for name, kind in {**COLUMN_DTYPES, **{name: torch.bool if isinstance(value, bool) else torch.long
-                                                             for name, value in _SLOT_STATE.items()}}.items()
-                 if kind == dtype)
-    for dtype in (torch.long, torch.float32, torch.bool)}
+_DTYPES = {**COLUMN_DTYPES, **{name: torch.bool if isinstance(value, bool) else torch.long
+                               for name, value in _SLOT_STATE.items()}}
+_COLUMNS = {dtype: tuple(name for name, kind in _DTYPES.items() if kind == dtype)
+            for dtype in (torch.long, torch.float32, torch.bool)}
 HOST = torch.device("cpu")
 T = TypeVar("T")
 
@@ -399,8 +399,8 @@ class _SlotTable:
         """Write the rows' state into their slots (once their prompts are cached: a prefilling row's slot stays
         finished, so the selection's junk writes never touch its state); returns their histories [k, seq_width]."""
         k, (_, width), vocab = len(rows), self.history.shape, self.seen.shape[1] - 1
-        entries = [{**SlotParams.values(row.spec), "lengths": row.prompt_len, "output_len": row.spec.output_len,
-                    "generated": 0, "park": 0, "finished": False, "stopped": False} for row in rows]
+        entries = [{**_SLOT_STATE, **SlotParams.values(row.spec), "lengths": row.prompt_len,
+                    "output_len": row.spec.output_len, "finished": False} for row in rows]
         slots = self.upload(torch.tensor([row.slot for row in rows]))
         for dtype, names in _COLUMNS.items():  # [columns, k] each
             values = self.upload(torch.tensor([[entry[name] for entry in entries] for name in names], dtype=dtype))
