@@ -258,6 +258,18 @@ def test_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
     assert result["mixed_ttft_p99_ms"] == runs[("mixed_streamed", 64)]["ttft_ms"]["p99"]
     assert 0 < result["responses_per_token_c1"] <= 1.0 + 1e-9
     assert result["ttft_ms_prompt512_bs1_streamed"] > 0 and result["decode_ms_per_token_bs1"] is not None
+    # The batch-1 first responses come from perf_analyzer (the C++ client); the Python client's stay beside them.
+    batch1 = result["batch1_perf_analyzer"]
+    for key, name in (("ttft_ms_prompt512_bs1_streamed", "bs1_first_response"),
+                      ("ttft_ms_prompt512_bs1_core_streamed", "bs1_core_first_response")):
+        run = batch1[name]
+        assert run["concurrency"] == 1 and run["requests"] > 0 and run["tokens_per_request"] == 4, run
+        assert result[key] == run["ttft_ms"]["p50"] and result[f"{key}_p90"] == run["ttft_ms"]["p90"]
+        assert result[f"{key}_python_client"] > 0
+    assert batch1["bs1_first_response"]["model"] in ("ensemble", serving_bench.BENCH_TEXT)
+    python = {key: result[f"ttft_ms_prompt512_bs1_{key}_python_client"] for key in ("streamed", "core_streamed")}
+    overhead = python["streamed"] - python["core_streamed"]
+    assert result["ensemble_overhead_ms_bs1_python_client"] == pytest.approx(overhead)
     assert result["ensemble_overhead_ms_bs1"] == pytest.approx(
         result["ttft_ms_prompt512_bs1_streamed"] - result["ttft_ms_prompt512_bs1_core_streamed"])
     assert result["client_cpu_percent_max"] > 0
@@ -310,6 +322,8 @@ def test_end_to_end_on_a_text_core_with_a_baseline(tmp_path: Path) -> None:
     assert [(run["name"], run["concurrency"]) for run in result["runs"]] == [("streamed", 2)]
     assert result["runs"][0]["tokens_per_request"] == 8 and result["runs"][0]["token_count_mismatches"] == 0
     assert result["ensemble_overhead_ms_bs1"] == pytest.approx(result["ttft_ms_prompt512_bs1_streamed"] - 1.5)
+    first_response = result["batch1_perf_analyzer"]["bs1_first_response"]
+    assert result["ttft_ms_prompt512_bs1_streamed"] == first_response["ttft_ms"]["p50"]
     assert result["ensemble_overhead_ms_bs1_not_streamed"] == pytest.approx(
         result["latency_ms_bs1_1token_not_streamed"] - 1.0)
 
