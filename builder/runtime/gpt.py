@@ -137,6 +137,9 @@ class DecodeKernels:
     # an H200 (docs/gpu/runs-2026-12-02f). QKV and FC1 stay on cuBLAS there.
     skinny_residual_rows: int = 0
     pdl: bool = False  # launch the Triton kernels as programmatic dependents (Hopper): no launch gap between them
+    # A plain greedy step's token selection in two Triton kernels instead of ~30 PyTorch ops (select_kernels.py; the
+    # in-flight scheduler's step graphs use it).
+    fused_select: bool = False
 
     @classmethod
     def for_model(cls, config: GptModelConfig, device: torch.device, dtype: torch.dtype) -> DecodeKernels:
@@ -151,7 +154,7 @@ class DecodeKernels:
         half = dtype in (torch.float16, torch.bfloat16)
         return cls(fused_norm=True, attention=d >= 16 and d & (d - 1) == 0, gemm_epilogue=True,
                    skinny_rows=16 if half else 0, skinny_residual_rows=SPLIT_RESIDUAL_ROWS if half else 0,
-                   pdl=pdl)
+                   pdl=pdl, fused_select=os.environ.get("GPT_TRITON_FUSED_SELECT", "1") != "0")  # "0": A/B runs
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,15 @@ from .gpt import DecodeGraphs, GptModel
 from .sampling import BadWords, RowState, SlotParams, WordTable, advance_rows, process_logits
 
 
+
+def fused_selection_applies(params: SlotParams, *, stop_words: WordTable | None, bad_words: BadWords | None,
+                         want_log_probs: bool) -> bool:
+    """Whether a step's selection is plain greedy, select_kernels.greedy_step's case: every row's token is the argmax of
+    its raw logits under the min_length ban and the vocabulary mask, as the reference ops would choose it."""
+    return not (params.any_sampling or params.use_temperature or params.use_repetition or params.use_presence
+                or params.use_frequency or stop_words is not None or bad_words is not None or want_log_probs)
+
+
 class SlotState(Protocol):
     """The scheduler's per-slot device state (`scheduler._SlotTable`)."""
 
@@ -153,7 +162,8 @@ class StepGraphs:
             any_greedy=flags.any_greedy, max_top_k=flags.max_top_k, use_temperature=flags.use_temperature,
             use_repetition=flags.use_repetition, use_presence=flags.use_presence,
             use_min_length=flags.use_min_length, use_frequency=flags.use_frequency)
-        step_flags, _, tokens, positions = select_tokens(table, rows, self.logits, params, self.vocab_limit)
+        step_flags, _, tokens, positions = select_tokens(table, rows, self.logits, params, self.vocab_limit,
+                                                         fused=self.model.kernels.fused_select)
         # [4, rows] -> the first 4 * rows entries of the readback buffer (a contiguous destination: see _Readback).
         self.readback[:4 * rows].view(4, rows).copy_(step_flags, non_blocking=True)
         self.tokens[:rows].copy_(tokens)
@@ -162,14 +172,24 @@ class StepGraphs:
 
 def select_tokens(table: SlotState, rows: int, logits: torch.Tensor, params: SlotParams, vocab_limit: int, *,
                   stop_words: WordTable | None = None, bad_words: BadWords | None = None,
-                  want_log_probs: bool = False
+                  want_log_probs: bool = False, fused: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """The selection of one step of slots 0..rows-1, the same ops whether replayed from a graph or run one by one:
     select each row's token from `logits` [>= rows, V] and advance the slot table. Returns (tokens, active, finished,
     stopped as [4, rows] int64, the chosen log-probs or None, then the decode's inputs: tokens [rows], positions
-    [rows])."""
+    [rows]). fused (CUDA with Triton: the model's `kernels.fused_select`): a plain greedy step runs
+    select_kernels.greedy_step instead, with the same results."""
     history, lengths, generated = table.history[:rows], table.lengths[:rows], table.generated[:rows]
     finished = table.finished[:rows]
+    if fused and fused_selection_applies(params, stop_words=stop_words, bad_words=bad_words,
+                                         want_log_probs=want_log_probs):
+        from .select_kernels import greedy_step
+
+        step_flags, tokens, positions = greedy_step(
+            logits[:rows], params, history=history, lengths=lengths, generated=generated,
+            output_len=table.output_len[:rows], finished=finished, stopped=table.stopped[:rows],
+            park=table.park[:rows], vocab_limit=vocab_limit)
+        return step_flags, None, tokens, positions
     seen = table.seen[:rows] if params.uses_seen_tokens else None
     processed = process_logits(logits[:rows], params, generated=generated, seen=seen, bad_words=bad_words,
                                history=history, lengths=lengths, vocab_limit=vocab_limit)
