@@ -25,13 +25,18 @@ if [ ! -x "$_tritonserver/bin/tritonserver" ] || [ ! -x "$_rt/perf_analyzer" ]; 
     "$_rt/perf_analyzer.bin" > "$_rt/perf_analyzer" && chmod +x "$_rt/perf_analyzer"
 fi
 # The host's interpreter, found before our venv goes first on PATH (a second `source` finds it recorded).
-_hostpy=$(cat "$_gpu_dir/host-python.txt" 2>/dev/null || command -v python3)
+_hostpy=$(cat "$_gpu_dir/host-python.txt" 2>/dev/null)
+[ -x "$_hostpy" ] || _hostpy=$(command -v python3)
 echo "$_hostpy" > "$_gpu_dir/host-python.txt"
-if [ ! -x "$_gpu_dir/venv/bin/python" ]; then
+# A venv carried from another machine points at an interpreter that is not here: rebuild it. Without a working
+# venv, "$_sp" below would be empty and `pip install --target ""` would overwrite the host's own numpy.
+if ! "$_gpu_dir/venv/bin/python" -c '' 2>/dev/null; then
+  rm -rf "$_gpu_dir/venv"
   _hostsite=$("$_hostpy" -c 'import site; print(site.getsitepackages()[0])')
   _base=$("$_hostpy" -c 'import sys; print(sys.base_prefix)')/bin/python3
   "$_base" -m venv --without-pip "$_gpu_dir/venv"
   _sp=$("$_gpu_dir/venv/bin/python" -c 'import site; print(site.getsitepackages()[0])')
+  [ -d "$_sp" ] || { echo "setup.sh: could not create $_gpu_dir/venv" >&2; return 1; }
   "$_hostpy" -m pip install -q --no-deps --no-index --target "$_sp" "$_gpu_dir"/whl/*.whl
   echo "$_hostsite" > "$_sp/zz_host_site.pth"
   echo "$_root" > "$_sp/zz_project.pth"
