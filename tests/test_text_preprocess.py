@@ -314,3 +314,72 @@ def test_a_vocabulary_smaller_than_the_tokenizers_is_refused() -> None:
     config.check_tokenizer(1000)
     with pytest.raises(PreprocessConfigError, match=r"vocab_size 1000 is smaller than the tokenizer's 50257 tokens"):
         config.check_tokenizer(50257)
+
+
+TEXT_CORE_REQUESTS = [
+    {}, {"top_k": scalar(5, np.int32), "stop_words": strings("3", "4 5")}, {"temperature": scalar(0.0, np.float32)},
+    {"temperature": scalar(0.7, np.float32), "top_p": scalar(0.9, np.float32), "random_seed": scalar(7, np.uint64)},
+    {"bad_words": strings("2", "", "4"), "min_tokens": scalar(3, np.int32), "end_id": scalar(13, np.int32)},
+    {"repetition_penalty": scalar(1.3, np.float32), "presence_penalty": scalar(0.5, np.float32),
+     "frequency_penalty": scalar(-0.25, np.float32), "len_penalty": scalar(0.1, np.float32)},
+    {"beam_width": scalar(2, np.int32), "return_log_probs": scalar(True, np.bool_)},
+    {"stream": scalar(True, np.bool_), "exclude_input_in_output": scalar(False, np.bool_),
+     "return_num_output_tokens": scalar(True, np.bool_)},
+    {"text_input": np.array([[b"1 2 3"], [b"Hello there, world"], [b"x"]], dtype=np.object_),
+     "max_tokens": np.array([[5], [3], [9]], dtype=np.int32), "top_k": np.array([[1], [0], [7]], dtype=np.int32),
+     "stop_words": np.array([[b"a", b"b"], [b"", b""], [b"world", b""]], dtype=np.object_),
+     "pad_id": np.array([[0], [1], [2]], dtype=np.int32)},
+]
+
+
+@pytest.mark.parametrize("overrides", TEXT_CORE_REQUESTS, ids=[",".join(r) or "defaults" for r in TEXT_CORE_REQUESTS])
+@pytest.mark.parametrize("omit_defaults", [True, False])
+def test_a_text_core_gets_the_rows_the_core_parses_from_the_tensors(tokenizer: GptTokenizer, overrides: dict,
+                                                                    omit_defaults: bool) -> None:
+    """core_requests (a text core: no FT tensors between) == parse_request(preprocess_requests(...)): every field of
+    every row, and the request's streaming flags."""
+    from builder.runtime.core_io import EngineLimits, parse_request
+    from builder.runtime.preprocess import core_requests
+
+    config = PreprocessConfig(max_pos_seq_len=64, vocab_size=50304, streaming=True, end_id=50256,
+                              omit_defaults=omit_defaults)
+    limits = EngineLimits(vocab_size=50304, max_seq_len=64, max_batch_size=8, default_end_id=50256)
+    (tensors,) = preprocess_requests([request(**overrides)], tokenizer, config)
+    (direct,) = core_requests([request(**overrides)], tokenizer, config, limits)
+    assert not isinstance(tensors, RequestError) and not isinstance(direct, RequestError), (tensors, direct)
+    assert direct == parse_request(tensors, limits)
+    assert len(direct.rows) == len(request(**overrides)["text_input"])
+
+
+@pytest.mark.parametrize("case, overrides, input_name, fragment", BAD_REQUESTS, ids=[case[0] for case in BAD_REQUESTS])
+def test_a_text_core_refuses_what_preprocessing_refuses(tokenizer: GptTokenizer, case: str, overrides: dict,
+                                                        input_name: str, fragment: str) -> None:
+    from builder.runtime.core_io import EngineLimits
+    from builder.runtime.preprocess import core_requests
+
+    limits = EngineLimits(vocab_size=50304, max_seq_len=64, max_batch_size=8, default_end_id=50256)
+    (direct,) = core_requests([request(**overrides)], tokenizer, CONFIG, limits)
+    assert isinstance(direct, RequestError) and direct.input_name == input_name and fragment in str(direct)
+
+
+@pytest.mark.parametrize("limits_change, overrides, fragment", [
+    ({"max_seq_len": 8}, {}, "input_lengths + request_output_len must be <= the engine's max_seq_len 8"),
+    ({"max_batch_size": 3}, {"beam_width": scalar(4, np.int32)}, "rows x beam_width must be <= the engine's"),
+    ({"vocab_size": 10}, {}, "end_id': row 0: must be a token id in [0, 10)"),  # the default end id 50256
+])
+def test_a_text_core_checks_the_engine_limits_as_the_core_does(tokenizer: GptTokenizer, limits_change: dict,
+                                                               overrides: dict, fragment: str) -> None:
+    """What only the engine can refuse (its sequence length, slots, vocabulary): the same error either way."""
+    import dataclasses
+
+    from builder.runtime.core_io import EngineLimits, parse_request
+    from builder.runtime.preprocess import core_requests
+
+    limits = dataclasses.replace(EngineLimits(vocab_size=50304, max_seq_len=64, max_batch_size=8,
+                                              default_end_id=50256), **limits_change)
+    (tensors,) = preprocess_requests([request(**overrides)], tokenizer, CONFIG)
+    with pytest.raises(RequestError) as expected:
+        parse_request(tensors, limits)
+    (direct,) = core_requests([request(**overrides)], tokenizer, CONFIG, limits)
+    assert isinstance(direct, RequestError) and fragment in str(direct)
+    assert (direct.input_name, str(direct)) == (expected.value.input_name, str(expected.value))

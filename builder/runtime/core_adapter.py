@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from .core_io import EngineLimits, GenerationRequest, RequestError, RowOutput, StreamState, ft_outputs, parse_request
+from .core_io import (EngineLimits, GenerationRequest, ParsedRequest, RequestError, RowOutput, StreamState, ft_outputs,
+                      parse_request)
 from .metrics import EngineMetrics, MetricsRecorder
 from .model_config import KV_CACHE_DTYPES
 from .stream_ack import ABANDON_AFTER_S
@@ -329,10 +330,18 @@ class StreamingCore:
         self.acks = AckListener(settings.stream_abandon_s if settings is not None else ABANDON_AFTER_S)
 
     def submit(self, inputs: Mapping[str, np.ndarray], transport: Transport) -> None:
+        try:
+            parsed = parse_request(inputs, self.limits)
+        except RequestError as err:
+            transport.send(Reply(error=str(err), kind=INVALID), final=True)
+            return
+        self.submit_parsed(parsed, transport)
+
+    def submit_parsed(self, parsed: ParsedRequest, transport: Transport) -> None:
+        """Queue a request already split into rows (a text core's preprocessing makes them from its text)."""
         from .generation import ResourceError
 
         try:
-            parsed = parse_request(inputs, self.limits)
             sink = _Sink(transport, parsed.rows, self.acks, stream=parsed.stream, log_probs=parsed.return_log_probs,
                          exclude_input=parsed.exclude_input, ft_stream=parsed.ft_stream,
                          count_per_response=parsed.count_per_response)

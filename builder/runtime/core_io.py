@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from functools import lru_cache
 
 import numpy as np
 
@@ -174,8 +175,21 @@ def _per_row(inputs: Mapping[str, np.ndarray], name: str, batch_size: int) -> np
 
 # The scalar inputs parse_request reads per row, in a fixed order (word lists are parsed on their own).
 _SCALAR_INPUTS = (*REQUIRED_INPUTS[1:], *sorted(CAPABILITIES - {"stop_words_list", "bad_words_list"}))
-# Each FT input that sets a GenerationRequest field, with its spec (the contract maps the one to the other).
-_FIELD_SPECS = tuple(spec for spec in contract.CORE_INPUTS if spec.field)
+# Each of those that sets a GenerationRequest field -> that field (the contract maps the one to the other).
+_FIELDS = {spec.name: spec.field for spec in contract.CORE_INPUTS
+           if spec.field is not None and spec.name in _SCALAR_INPUTS}
+
+
+def _given_or_default(values: Mapping[str, list], name: str, batch_size: int) -> list:
+    """An input's per-row values as the request set them, else its FT default on every row."""
+    return values.get(name) or [contract.CORE[name].default] * batch_size
+
+
+@lru_cache(maxsize=8)
+def _default_fields(end_id: int) -> dict[str, bool | int | float]:
+    """Every field's value where the request leaves its input out (FT's default; None: the engine's end id)."""
+    specs = {field: contract.CORE[name] for name, field in _FIELDS.items()}
+    return {field: spec.value(end_id if spec.default is None else spec.default) for field, spec in specs.items()}
 
 
 def parse_request(inputs: Mapping[str, np.ndarray], limits: EngineLimits) -> ParsedRequest:
@@ -201,27 +215,39 @@ def parse_request(inputs: Mapping[str, np.ndarray], limits: EngineLimits) -> Par
     if not (batch_size >= 1 and padded_len >= 1):
         raise RequestError("input_ids", "must hold at least one token per row")
 
-    values: dict[str, list] = {}
+    values: dict[str, list] = {}  # the inputs the request sets; rows_from_values fills in the others' defaults
     for name in _SCALAR_INPUTS:
-        spec = contract.CORE[name]
         given = _per_row(inputs, name, batch_size)
-        if given is None:  # FT's default (the contract's; None: the engine's end id); absent `stream`: see ft_stream
-            default = limits.default_end_id if spec.default is None else spec.default
-            values[name] = [default] * batch_size
+        if given is None:
             continue
         values[name] = given.tolist()
-        if spec.check:
-            for i, value in enumerate(values[name]):
-                problem = spec.check(value, limits.vocab_size)
-                if problem is not None:
-                    raise RequestError(name, f"row {i}: {problem}")
 
     stop_words = ([()] * batch_size if inputs.get("stop_words_list") is None else
                   parse_word_list(inputs["stop_words_list"], "stop_words_list", batch_size, limits.vocab_size))
     bad_words = ([()] * batch_size if inputs.get("bad_words_list") is None else
                  parse_word_list(inputs["bad_words_list"], "bad_words_list", batch_size, limits.vocab_size))
+    return rows_from_values(input_ids, values, stop_words, bad_words, limits)
 
-    beam_widths = [int(v) for v in values["beam_width"]]
+
+def rows_from_values(prompts: np.ndarray | Sequence[np.ndarray], values: Mapping[str, list],
+                     stop_words: Sequence[tuple[tuple[int, ...], ...]],
+                     bad_words: Sequence[tuple[tuple[int, ...], ...]], limits: EngineLimits) -> ParsedRequest:
+    """The rows of one request from its FT inputs' per-row values, already checked against their rules: parse_request
+    for FT tensors; a text core's preprocessing (preprocess.py) straight from the text, with no tensors between.
+
+    prompts: each row's token ids, padded beyond `input_lengths` where that is given (else each row is its prompt);
+    values: FT input name -> one value per row, for the inputs the request sets (the others take FT's defaults); words
+    as parse_word_list gives them. Checks each value by its rule against the engine (a text core's preprocessing
+    knows only its own vocabulary), then what spans inputs: beam widths, lengths, token ids."""
+    batch_size = len(prompts)
+    for name, row_values in values.items():
+        check = contract.CORE[name].check
+        if check:
+            for i, value in enumerate(row_values):
+                problem = check(value, limits.vocab_size)
+                if problem is not None:
+                    raise RequestError(name, f"row {i}: {problem}")
+    beam_widths = [int(v) for v in _given_or_default(values, "beam_width", batch_size)]
     problem = contract.same_beam_width(beam_widths)
     if problem is not None:
         raise RequestError("beam_width", str(problem))
@@ -230,9 +256,13 @@ def parse_request(inputs: Mapping[str, np.ndarray], limits: EngineLimits) -> Par
         raise RequestError("beam_width", f"rows x beam_width must be <= the engine's max_batch_size "
                                          f"{limits.max_batch_size} (KV-cache slots); the request has {batch_size} rows")
 
+    lengths = values.get("input_lengths")
+    defaults = _default_fields(limits.default_end_id)
+    given = [(field, contract.CORE[name].value, values[name]) for name, field in _FIELDS.items() if name in values]
     rows: list[GenerationRequest] = []
     for i in range(batch_size):
-        length, output_len = int(values["input_lengths"][i]), int(values["request_output_len"][i])
+        padded_len = len(prompts[i])
+        length, output_len = (padded_len if lengths is None else int(lengths[i])), int(values["request_output_len"][i])
         if not 1 <= length <= padded_len:
             raise RequestError("input_lengths", f"row {i}: must be in [1, {padded_len}]")
         if output_len < 1:
@@ -240,20 +270,21 @@ def parse_request(inputs: Mapping[str, np.ndarray], limits: EngineLimits) -> Par
         if length + output_len > limits.max_seq_len:
             raise RequestError("request_output_len", f"row {i}: input_lengths + request_output_len must be <= the "
                                                      f"engine's max_seq_len {limits.max_seq_len}")
-        prompt = input_ids[i, :length]
+        prompt = prompts[i][:length]
         if prompt.min() < 0 or prompt.max() >= limits.vocab_size:
             raise RequestError("input_ids", f"row {i}: token ids must be in [0, {limits.vocab_size})")
-        fields = {spec.field: spec.value(values[spec.name][i]) for spec in _FIELD_SPECS
-                  if spec.name in values}  # the contract maps each FT input to its field
+        fields: dict[str, bool | int | float] = {**defaults, **{field: value(row_values[i])
+                                                                for field, value, row_values in given}}
         rows.append(GenerationRequest(
             input_ids=prompt, output_len=output_len, beam_width=beam_width,
             stop_words=stop_words[i], bad_words=bad_words[i],
             **fields))  # type: ignore[arg-type]  # each value cast to its field's type by the contract
-    streams = [bool(v) for v in values.get(contract.STREAM, [False] * batch_size)]
-    excludes = [bool(v) for v in values.get(contract.EXCLUDE_INPUT, [True] * batch_size)]
-    return ParsedRequest(rows=rows, stream=all(streams), return_log_probs=any(r.return_log_probs for r in rows),
-                         exclude_input=all(excludes), ft_stream=contract.STREAM not in inputs,
-                         count_per_response=any(bool(v) for v in values.get(contract.RETURN_NUM_OUTPUT_TOKENS, [])))
+    flags = {name: [bool(v) for v in _given_or_default(values, name, batch_size)]
+             for name in contract.STREAMING_CORE_INPUTS}
+    return ParsedRequest(rows=rows, stream=all(flags[contract.STREAM]),
+                         return_log_probs=any(r.return_log_probs for r in rows),
+                         exclude_input=all(flags[contract.EXCLUDE_INPUT]), ft_stream=contract.STREAM not in values,
+                         count_per_response=any(flags[contract.RETURN_NUM_OUTPUT_TOKENS]))
 
 
 def ft_outputs(rows: Sequence[GenerationRequest], outputs: Sequence[RowOutput], *, with_log_probs: bool

@@ -19,14 +19,16 @@ runtime_top_p 0, temperature 1, so the engine never divides by zero.
 from __future__ import annotations
 
 import array
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
+from typing import TypeVar
 
 import numpy as np
 
 from . import contract
 from .contract import MAX_TOKENS, TEXT_INPUT, WORD_LIST_INPUTS, RequestError, detached
+from .core_io import EngineLimits, ParsedRequest, rows_from_values
 from .tokenizer import GptTokenizer
 from .word_lists import distinct_words, encode_word_lists, word_variants
 
@@ -117,6 +119,11 @@ class PreprocessConfig:
         if self.vocab_size < tokenizer_vocab_size:
             raise PreprocessConfigError(f"vocab_size {self.vocab_size} is smaller than the tokenizer's "
                                         f"{tokenizer_vocab_size} tokens")
+
+    @cached_property
+    def kept_scalar_defaults(self) -> tuple[str, ...]:
+        """The scalar FT outputs sent with their defaults where a request leaves them out (not `omitted`)."""
+        return tuple(name for name in self.outputs if name in _SCALAR_BY_OUTPUT and name not in self.omitted)
 
     @cached_property
     def omitted(self) -> frozenset[str]:
@@ -249,9 +256,10 @@ def _parse_request(inputs: Mapping[str, np.ndarray], config: PreprocessConfig) -
             inputs = {**inputs, name: inputs[alias]}
     scalars: dict[str, np.ndarray] = {}
     for spec in SCALAR_INPUTS:
-        given = _per_row(inputs, spec.name, batch)
-        if given is None:
+        if inputs.get(spec.name) is None:  # most requests set two or three of ~20
             continue
+        given = _per_row(inputs, spec.name, batch)
+        assert given is not None
         for row, value in enumerate(given.tolist()):
             problem = spec.problem(value, config)
             if problem:
@@ -301,8 +309,9 @@ def _check_prompt_bytes(parsed: _ParsedRequest, max_token_bytes: int, config: Pr
                                            f"covers at most {max_token_bytes} bytes)")
 
 
-def _ft_tensors(parsed: _ParsedRequest, prompt_ids: list[list[int]], word_ids: dict[str, list[list[list[int]]]],
-                config: PreprocessConfig) -> dict[str, np.ndarray]:
+def _check_encoded(parsed: _ParsedRequest, prompt_ids: list[list[int]], word_ids: dict[str, list[list[list[int]]]],
+                   config: PreprocessConfig) -> None:
+    """The limits only the token ids can tell: prompt + max_tokens in the position table, word lists' tokens."""
     batch = len(parsed.prompts)
     for row, ids in enumerate(prompt_ids):
         limit = int(parsed.max_tokens[row])
@@ -316,21 +325,34 @@ def _ft_tensors(parsed: _ParsedRequest, prompt_ids: list[list[int]], word_ids: d
                 raise RequestError(name, f"words{_row_label(row, batch)} take {tokens} tokens (with their "
                                          f"leading-space variants); the limit is {config.max_word_list_tokens}")
 
+
+def _given_outputs(parsed: _ParsedRequest, config: PreprocessConfig) -> dict[str, np.ndarray]:
+    """FT output -> its [B] values in FT's dtype, for the scalar inputs the request sets (of `config.outputs`)."""
+    batch = len(parsed.prompts)
     scalars = dict(parsed.scalars)
-    defaults = _default_tensors(config, batch)
     sampling = SCALAR_INPUTS[:3]  # top_k, top_p, temperature: the contract's order
     if sampling[2].name in scalars:  # only a given temperature can be 0, which greedy_for_ft rewrites
+        defaults = _default_tensors(config, batch)
         top_k, top_p, temperature = (scalars[spec.name] if spec.name in scalars
                                      else defaults[spec.output].reshape(batch) for spec in sampling)
         scalars[sampling[0].name], scalars[sampling[1].name], scalars[sampling[2].name] = contract.greedy_for_ft(
             top_k, top_p, temperature)
+    return {name: scalars[spec.name].astype(FT_OUTPUT_DTYPES[name]) for name, spec in _SCALAR_BY_OUTPUT.items()
+            if spec.name in scalars and name in config.outputs}
 
-    pad_ids = scalars["pad_id"].astype(np.int64) if "pad_id" in scalars else np.full(batch, config.default_pad_id)
+
+def _ft_tensors(parsed: _ParsedRequest, prompt_ids: list[list[int]], word_ids: dict[str, list[list[list[int]]]],
+                config: PreprocessConfig) -> dict[str, np.ndarray]:
+    _check_encoded(parsed, prompt_ids, word_ids, config)
+    batch = len(parsed.prompts)
+    given = _given_outputs(parsed, config)
+    defaults = _default_tensors(config, batch)
+    pad_ids = (parsed.scalars["pad_id"].astype(np.int64) if "pad_id" in parsed.scalars
+               else np.full(batch, config.default_pad_id))
     width = max(len(ids) for ids in prompt_ids)
     input_ids = np.empty((batch, width), dtype=np.uint32)  # [B, longest prompt], right-padded per row
     for row, ids in enumerate(prompt_ids):
-        # via array.array: a third of the time numpy takes to convert the list itself (512 ids: 3 vs 9 us)
-        input_ids[row, :len(ids)] = np.frombuffer(array.array("I", ids), dtype=np.uint32)
+        input_ids[row, :len(ids)] = _id_array(ids)
         input_ids[row, len(ids):] = pad_ids[row]
 
     tensors: dict[str, np.ndarray] = {
@@ -341,9 +363,8 @@ def _ft_tensors(parsed: _ParsedRequest, prompt_ids: list[list[int]], word_ids: d
     for name in config.outputs:  # the rest, in the config's order; a default is left out where config.omitted says
         if name in tensors:
             continue
-        spec = _SCALAR_BY_OUTPUT.get(name)
-        if spec is not None and spec.name in scalars:
-            tensors[name] = scalars[spec.name].reshape(batch, 1).astype(FT_OUTPUT_DTYPES[name])
+        if name in given:
+            tensors[name] = given[name].reshape(batch, 1)
         elif name in _WORD_LIST_BY_OUTPUT and _WORD_LIST_BY_OUTPUT[name] in word_ids:
             tensors[name] = encode_word_lists(word_ids[_WORD_LIST_BY_OUTPUT[name]])
         elif name not in config.omitted:
@@ -351,9 +372,58 @@ def _ft_tensors(parsed: _ParsedRequest, prompt_ids: list[list[int]], word_ids: d
     return {name: tensors[name] for name in config.outputs if name in tensors}
 
 
+def _id_array(ids: list[int]) -> np.ndarray:
+    """Token ids as a uint32 array, via array.array: a third of the time numpy takes to convert the list itself (512
+    ids: 3 vs 9 us)."""
+    return np.frombuffer(array.array("I", ids), dtype=np.uint32)
+
+
+def _core_request(parsed: _ParsedRequest, prompt_ids: list[list[int]], word_ids: dict[str, list[list[list[int]]]],
+                  config: PreprocessConfig, limits: EngineLimits) -> ParsedRequest:
+    """What `_ft_tensors` would hand the core, as core_io.parse_request would read it, with no tensors between: the
+    same FT values (those the request sets, and the defaults `config.omitted` keeps) go to core_io.rows_from_values.
+    Their rules were checked here, on the text inputs they come from."""
+    _check_encoded(parsed, prompt_ids, word_ids, config)
+    batch = len(parsed.prompts)
+    given = _given_outputs(parsed, config)
+    defaults = _default_tensors(config, batch)
+    values: dict[str, list] = {"request_output_len": parsed.max_tokens.tolist()}
+    values.update((name, array.tolist()) for name, array in given.items())
+    values.update((name, defaults[name].reshape(batch).tolist()) for name in config.kept_scalar_defaults
+                  if name not in given)
+    words: dict[str, list[tuple[tuple[int, ...], ...]]] = {}
+    for output, name in _WORD_LIST_BY_OUTPUT.items():
+        rows = word_ids.get(name) if output in config.outputs else None
+        # as parse_word_list reads encode_word_lists' tensor: each row's words in order (none is empty: _parse_request
+        # drops empty words before they are tokenized)
+        words[output] = [()] * batch if rows is None else [tuple(map(tuple, row)) for row in rows]
+    return rows_from_values([_id_array(ids) for ids in prompt_ids], values, words["stop_words_list"],
+                            words["bad_words_list"], limits)
+
+
 def preprocess_requests(requests: Sequence[Mapping[str, np.ndarray]], tokenizer: GptTokenizer,
                         config: PreprocessConfig) -> list[dict[str, np.ndarray] | RequestError]:
     """Each request's inputs (name -> array with the batch dim) -> its FT tensors (`config.outputs`) or its error."""
+    return _preprocess(requests, tokenizer, config,
+                       lambda request, ids, words: _ft_tensors(request, ids, words, config))
+
+
+def core_requests(requests: Sequence[Mapping[str, np.ndarray]], tokenizer: GptTokenizer, config: PreprocessConfig,
+                  limits: EngineLimits) -> list[ParsedRequest | RequestError]:
+    """Each request's inputs -> the rows the core would parse from its FT tensors, or its error: a text core's way
+    (text_core.py), where the tensors and their parsing cost ~0.25 ms of a cold stub's time on a 512-token request's
+    way to its first token (H200 host, docs/gpu/runs-2026-12-04)."""
+    return _preprocess(requests, tokenizer, config,
+                       lambda request, ids, words: _core_request(request, ids, words, config, limits))
+
+
+Result = TypeVar("Result")
+
+
+def _preprocess(requests: Sequence[Mapping[str, np.ndarray]], tokenizer: GptTokenizer, config: PreprocessConfig,
+                build: Callable[[_ParsedRequest, list[list[int]], dict[str, list[list[list[int]]]]], Result]
+                ) -> list[Result | RequestError]:
+    """Parse each request's text inputs, tokenize all of them at once, then `build` each from its token ids."""
     parsed: list[_ParsedRequest | RequestError] = []
     for inputs in requests:
         try:
@@ -376,7 +446,7 @@ def preprocess_requests(requests: Sequence[Mapping[str, np.ndarray]], tokenizer:
         spans.append((start, len(texts)))
     encoded = tokenizer.encode_batch(texts)
 
-    results: list[dict[str, np.ndarray] | RequestError] = []
+    results: list[Result | RequestError] = []
     for item, (start, _) in zip(parsed, spans):
         if isinstance(item, RequestError):
             results.append(item)
@@ -391,7 +461,7 @@ def preprocess_requests(requests: Sequence[Mapping[str, np.ndarray]], tokenizer:
                 word_ids[name].append(distinct_words(encoded[cursor:cursor + len(variants)]))
                 cursor += len(variants)
         try:
-            results.append(_ft_tensors(request, prompt_ids, word_ids, config))
+            results.append(build(request, prompt_ids, word_ids))
         except RequestError as err:
             results.append(detached(err))
     return results
