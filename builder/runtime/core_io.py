@@ -232,8 +232,8 @@ def parse_request(inputs: Mapping[str, np.ndarray], limits: EngineLimits) -> Par
 def rows_from_values(prompts: np.ndarray | Sequence[np.ndarray], values: Mapping[str, list],
                      stop_words: Sequence[tuple[tuple[int, ...], ...]],
                      bad_words: Sequence[tuple[tuple[int, ...], ...]], limits: EngineLimits) -> ParsedRequest:
-    """The rows of one request from its FT inputs' per-row values, already checked against their rules: parse_request
-    for FT tensors; a text core's preprocessing (preprocess.py) straight from the text, with no tensors between.
+    """The rows of one request from its FT inputs' per-row values: parse_request's, read from FT tensors, or a text
+    core's preprocessing's (preprocess.core_requests), straight from the text with no tensors between.
 
     prompts: each row's token ids, padded beyond `input_lengths` where that is given (else each row is its prompt);
     values: FT input name -> one value per row, for the inputs the request sets (the others take FT's defaults); words

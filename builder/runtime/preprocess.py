@@ -3,6 +3,8 @@
 One `execute` call hands over several requests (dynamic batching); each may carry B rows (B prompts). Every request is
 validated on its own and yields either its FT tensors (B rows each) or a `RequestError` naming the input and the limit,
 so one bad request never fails the others. All prompts and stop/bad words of the call are tokenized in one batch.
+A streaming text core (text_core.py) takes the same requests to the core's rows directly (`core_requests`): the same
+values, without the tensors the core would parse again.
 
 Defaults for absent inputs follow FT: top_k 0 and top_p 0 mean greedy decoding (so sampling needs top_k or top_p;
 temperature alone does not switch it on), temperature 1, repetition_penalty 1, presence_penalty 0, min_length 0,
@@ -381,14 +383,14 @@ def _id_array(ids: list[int]) -> np.ndarray:
 def _core_request(parsed: _ParsedRequest, prompt_ids: list[list[int]], word_ids: dict[str, list[list[list[int]]]],
                   config: PreprocessConfig, limits: EngineLimits) -> ParsedRequest:
     """What `_ft_tensors` would hand the core, as core_io.parse_request would read it, with no tensors between: the
-    same FT values (those the request sets, and the defaults `config.omitted` keeps) go to core_io.rows_from_values.
-    Their rules were checked here, on the text inputs they come from."""
+    same FT values (those the request sets, and the defaults `config.omitted` keeps) go to core_io.rows_from_values,
+    which checks them against the engine as it does a token-id request's (here: against this model's limits)."""
     _check_encoded(parsed, prompt_ids, word_ids, config)
     batch = len(parsed.prompts)
     given = _given_outputs(parsed, config)
     defaults = _default_tensors(config, batch)
     values: dict[str, list] = {"request_output_len": parsed.max_tokens.tolist()}
-    values.update((name, array.tolist()) for name, array in given.items())
+    values.update((name, column.tolist()) for name, column in given.items())
     values.update((name, defaults[name].reshape(batch).tolist()) for name in config.kept_scalar_defaults
                   if name not in given)
     words: dict[str, list[tuple[tuple[int, ...], ...]]] = {}
@@ -411,8 +413,8 @@ def preprocess_requests(requests: Sequence[Mapping[str, np.ndarray]], tokenizer:
 def core_requests(requests: Sequence[Mapping[str, np.ndarray]], tokenizer: GptTokenizer, config: PreprocessConfig,
                   limits: EngineLimits) -> list[ParsedRequest | RequestError]:
     """Each request's inputs -> the rows the core would parse from its FT tensors, or its error: a text core's way
-    (text_core.py), where the tensors and their parsing cost ~0.25 ms of a cold stub's time on a 512-token request's
-    way to its first token (H200 host, docs/gpu/runs-2026-12-04)."""
+    (text_core.py). Making the tensors and parsing them again took 0.25 ms of a cold stub's time on a 512-token
+    request's way to its first token, these rows 0.18 (H200 host, docs/gpu/runs-2026-12-04)."""
     return _preprocess(requests, tokenizer, config,
                        lambda request, ids, words: _core_request(request, ids, words, config, limits))
 
