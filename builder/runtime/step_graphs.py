@@ -37,9 +37,8 @@ from .gpt import DecodeGraphs, GptModel
 from .sampling import BadWords, RowState, SlotParams, WordTable, advance_rows, process_logits
 
 
-
 def fused_selection_applies(params: SlotParams, *, stop_words: WordTable | None, bad_words: BadWords | None,
-                         want_log_probs: bool) -> bool:
+                            want_log_probs: bool) -> bool:
     """Whether a step's selection is plain greedy, select_kernels.greedy_step's case: every row's token is the argmax of
     its raw logits under the min_length ban and the vocabulary mask, as the reference ops would choose it."""
     return not (params.any_sampling or params.use_temperature or params.use_repetition or params.use_presence
