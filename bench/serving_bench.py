@@ -15,7 +15,8 @@ TEXT_OUTPUTS: perf_analyzer 2.51 breaks on the others), with input data of exact
   3. the core model alone (token ids), streamed, at `--core-levels`;
   4. mixed workload: 64 closed-loop clients over a seeded input-data file (prompts uniform 16-1024 tokens, outputs
      uniform 16-512, each entry its own max_tokens = min_tokens), not streamed and streamed.
-perf_analyzer's and the server's CPU are sampled during every run (psutil; /proc where psutil is missing). Writes
+perf_analyzer's and the server's CPU are sampled during every run (psutil; /proc where psutil is missing), and the
+GPU's SM clock, power and temperature where nvidia-smi is (GpuSampler). Writes
 --out (JSON), the same name with .md (goal / measured / met, every run) and .png (tok/s, TTFT and ITL vs
 concurrency); raw perf_analyzer files go to --work/raw. The JSON is rewritten after every stage, so a run cut short
 keeps what it measured; --merge adds to an existing JSON (run the stages in several commands).
@@ -82,6 +83,61 @@ TRACE_LOG_EVERY = 10
 
 class BenchError(RuntimeError):
     """A setting that cannot work, or a run that failed; the message says which."""
+
+
+# -- the GPU's clock and power -----------------------------------------------------------------------------------------
+GPU_QUERY = "clocks.sm,power.draw,temperature.gpu"
+
+
+class GpuSampler:
+    """nvidia-smi's SM clock, power draw and temperature of the first visible GPU every 200 ms while a run lasts, into
+    `path` (nothing without nvidia-smi). Why: two H200 hosts answered the same 512-token first token 0.4-0.8 ms apart
+    while their 128-token ones agreed (docs/gpu/runs-2026-12-04), and nvidia-smi read before a run shows only the idle
+    clock; a lower clock or a power cap under load now shows in each run's JSON."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> GpuSampler:
+        binary = shutil.which("nvidia-smi")
+        self.path.unlink(missing_ok=True)
+        if binary is not None:
+            gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
+            with open(self.path, "w") as out:
+                self.process = subprocess.Popen([binary, f"--query-gpu={GPU_QUERY}", "--format=csv,noheader,nounits",
+                                                 "-lms", "200", "-i", gpu], stdout=out, stderr=subprocess.DEVNULL)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def summary(self) -> dict[str, float] | None:
+        return gpu_summary(self.path.read_text()) if self.path.is_file() else None
+
+
+def gpu_summary(text: str) -> dict[str, float] | None:
+    """nvidia-smi's CSV lines (clock MHz, power W, temperature C) -> the run's median and lowest clock, median power
+    and highest temperature; lines it could not read ("[N/A]", a cut last line) are left out. None: no sample."""
+    samples = []
+    for line in text.splitlines():
+        try:
+            clock, power, temperature = (float(value) for value in line.split(","))
+        except ValueError:
+            continue
+        samples.append((clock, power, temperature))
+    if not samples:
+        return None
+    clocks, powers, temperatures = zip(*samples)
+    return {"gpu_sm_clock_mhz_p50": statistics.median(clocks), "gpu_sm_clock_mhz_min": min(clocks),
+            "gpu_power_w_p50": statistics.median(powers), "gpu_temperature_c_max": max(temperatures),
+            "gpu_samples": len(samples)}
 
 
 # -- CPU of the client and the server ----------------------------------------------------------------------------------
@@ -272,7 +328,7 @@ class Runner:
             histograms_before = self._engine_histograms()
             process = subprocess.Popen(command, env=self.env, stdout=out, stderr=subprocess.STDOUT)
             server = CpuSampler(self.server_pid) if self.server_pid else None
-            with CpuSampler(process.pid) as client:
+            with CpuSampler(process.pid) as client, GpuSampler(self.raw / f"{stem}.gpu.csv") as gpu:
                 if server:
                     server.__enter__()
                 try:
@@ -310,14 +366,15 @@ class Runner:
         metrics.update(client_cpu_percent_max=measured if measured is not None else client.max,
                        client_cpu_percent_max_whole_run=client.max, client_cpu_percent_mean=client.mean,
                        server_cpu_percent_mean=server.mean if server else None, window_s=seconds,
-                       wall_s=time.perf_counter() - started)
+                       wall_s=time.perf_counter() - started, **(gpu.summary() or {}))
         for key, after in histograms_after.items():
             metrics[key] = bucket_quantiles(histograms_before.get(key, {}), after) if after else None
         if self.trace_folder is not None and streamed and model == BENCH_TEXT:
             metrics["first_response_steps"] = self._traced_steps(experiment)
         log(f"  {metrics['output_tokens_per_s']:.0f} tok/s, {rps:.1f} req/s, "
             f"responses/token {metrics['responses_per_token'] or 0:.3f}, client CPU max {client.max or 0:.0f} %"
-            )
+            + (f", GPU SM clock p50 {metrics['gpu_sm_clock_mhz_p50']:.0f} MHz" if "gpu_sm_clock_mhz_p50" in metrics
+               else ""))
         return metrics
 
 

@@ -139,6 +139,38 @@ def test_cpu_sampler_sees_a_busy_process(with_psutil: bool, monkeypatch: pytest.
     assert sampler.samples and sampler.max < 25
 
 
+def test_gpu_samples_are_summarized_and_unreadable_lines_left_out() -> None:
+    text = "1980, 120.50, 40\n1755, 690.00, 61\n[N/A], [N/A], 45\n1830, 700.25, 63\n18"  # a cut last line
+    assert serving_bench.gpu_summary(text) == {"gpu_sm_clock_mhz_p50": 1830.0, "gpu_sm_clock_mhz_min": 1755.0,
+                                               "gpu_power_w_p50": 690.0, "gpu_temperature_c_max": 63.0,
+                                               "gpu_samples": 3}
+    assert serving_bench.gpu_summary("") is None and serving_bench.gpu_summary("[N/A], [N/A], [N/A]") is None
+
+
+def test_the_gpu_sampler_runs_nvidia_smi_on_the_first_visible_gpu(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in nvidia-smi on PATH records its arguments and prints samples until it is stopped; without one the
+    sampler records nothing (CPU hosts)."""
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'args'}\n"
+                    "while true; do echo '1410, 300.5, 50'; sleep 0.05; done\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:/usr/bin:/bin")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
+    with serving_bench.GpuSampler(tmp_path / "run.gpu.csv") as sampler:
+        time.sleep(0.5)
+    assert sampler.process is not None and sampler.process.returncode is not None  # stopped with the run
+    summary = sampler.summary()
+    assert summary is not None and summary["gpu_sm_clock_mhz_p50"] == 1410 and summary["gpu_samples"] >= 2
+    args = (tmp_path / "args").read_text().split()
+    assert args[args.index("-i") + 1] == "3" and f"--query-gpu={serving_bench.GPU_QUERY}" in args
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with serving_bench.GpuSampler(tmp_path / "none.gpu.csv") as sampler:
+        pass
+    assert sampler.process is None and sampler.summary() is None
+
+
 def test_mixed_prompts_have_exact_lengths() -> None:
     from client.perf import DEFAULT_TOKENIZER_DIR, load_tokenizer
 
