@@ -89,6 +89,24 @@ def test_render_refuses_text_in_core_on_the_fastertransformer_engine() -> None:
         RenderConfig(engine="fastertransformer", text_in_core=True)
 
 
+def test_preprocessing_errors_become_replies_of_their_kind() -> None:
+    """A bad request is refused on its own (INVALID, naming the input); a bug in preprocessing fails every request of
+    the call (INTERNAL) instead of the stub's thread."""
+    from builder.runtime.contract import RequestError
+    from builder.runtime.core_adapter import INTERNAL, INVALID
+    from builder.runtime.text_core import _or_replies
+
+    ok, bad = {"input_ids": np.array([[1]])}, RequestError("max_tokens", "is required")
+    first, second = _or_replies(2, lambda: [ok, bad])
+    assert first is ok and second.kind == INVALID and "max_tokens" in second.error
+
+    def broken() -> list:
+        raise KeyError("oops")
+
+    replies = _or_replies(3, broken)
+    assert len(replies) == 3 and all(r.kind == INTERNAL and "preprocessing failed" in r.error for r in replies)
+
+
 def test_one_static_batch_answers_each_request_on_its_own(tiny_ft_dir: Path, tmp_path: Path,
                                                            hf_greedy_continuation) -> None:
     """The codec without Triton (a non-streaming text core's execute): a bad request in the middle of a dynamic batch

@@ -17,7 +17,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -33,6 +33,20 @@ if TYPE_CHECKING:
     from .generation import GptEngine  # imports torch
 
 Request = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]  # (the core's FT inputs, what postprocessing reads)
+
+
+Result = TypeVar("Result")
+
+
+def _or_replies(count: int, preprocess: Callable[[], Sequence[Result | RequestError]]) -> list[Result | Reply]:
+    """Preprocessing's answer for each of `count` requests, its errors as replies: a RequestError -> INVALID; an
+    exception (a bug, not a bad request) -> INTERNAL, said to every request of the call."""
+    try:
+        results = preprocess()
+    except Exception as err:  # noqa: BLE001
+        return [Reply(error=f"preprocessing failed: {err}", kind=INTERNAL) for _ in range(count)]
+    return [Reply(error=str(result), kind=INVALID) if isinstance(result, RequestError) else result
+            for result in results]
 
 
 @dataclass(frozen=True)
@@ -59,14 +73,11 @@ class TextCodec:
 
     def requests(self, inputs: Sequence[Mapping[str, np.ndarray]]) -> list[Request | Reply]:
         """Each request's text inputs -> its FT tensors and what its replies' postprocessing reads, or its error."""
-        try:
-            results = preprocess_requests(inputs, self.tokenizer, self.pre)
-        except Exception as err:  # noqa: BLE001  (a bug, not a bad request: say so to every request of the call)
-            return [Reply(error=f"preprocessing failed: {err}", kind=INTERNAL) for _ in inputs]
+        results = _or_replies(len(inputs), lambda: preprocess_requests(inputs, self.tokenizer, self.pre))
         requests: list[Request | Reply] = []
         for text_inputs, result in zip(inputs, results):
-            if isinstance(result, RequestError):
-                requests.append(Reply(error=str(result), kind=INVALID))
+            if isinstance(result, Reply):
+                requests.append(result)
                 continue
             # Non-streaming postprocessing trims stop words and drops the prompt itself (postprocess.py).
             passed = {} if self.post.streaming else {
@@ -114,13 +125,10 @@ class TextCore:
     def submit(self, inputs: Mapping[str, np.ndarray], transport: Transport) -> None:
         """The request's rows straight from its text (preprocess.core_requests: no FT tensors between; on an H200 host
         0.07 ms less of the stub's time before a 512-token prompt reaches the scheduler, docs/gpu/runs-2026-12-04)."""
-        try:
-            request = core_requests([inputs], self.codec.tokenizer, self.codec.pre, self.core.limits)[0]
-        except Exception as err:  # noqa: BLE001  (a bug, not a bad request: say so)
-            transport.send(Reply(error=f"preprocessing failed: {err}", kind=INTERNAL), final=True)
-            return
-        if isinstance(request, RequestError):
-            transport.send(Reply(error=str(request), kind=INVALID), final=True)
+        (request,) = _or_replies(1, lambda: core_requests([inputs], self.codec.tokenizer, self.codec.pre,
+                                                          self.core.limits))
+        if isinstance(request, Reply):
+            transport.send(request, final=True)
         else:  # streaming postprocessing (the only kind a decoupled core has) reads nothing from preprocessing
             self.core.submit_parsed(request, _TextTransport(self.codec, transport, {}))
 
