@@ -43,7 +43,7 @@ def _or_replies(count: int, preprocess: Callable[[], Sequence[Result | RequestEr
     exception (a bug, not a bad request) -> INTERNAL, said to every request of the call."""
     try:
         results = preprocess()
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:  # noqa: BLE001  (a bug, not a bad request: every request of the call is told)
         return [Reply(error=f"preprocessing failed: {err}", kind=INTERNAL) for _ in range(count)]
     return [Reply(error=str(result), kind=INVALID) if isinstance(result, RequestError) else result
             for result in results]
