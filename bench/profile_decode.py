@@ -2,6 +2,7 @@
 
     python bench/profile_decode.py --batch 1 64 --steps 64             # ms/step per kernel choice, then a profile
     python bench/profile_decode.py --batch 1 --gemm                     # also: skinny GEMM launch shapes vs cuBLAS
+    python bench/profile_decode.py --batch 1 64 --timeline              # only: what each kernel adds to the step
 
 Drives `GptModel` + `DecodeGraphs` directly (greedy argmax loop, every row at the same position) so it measures the
 model step itself. For each `DecodeKernels` choice (eager = the plain PyTorch ops; then each fused kernel alone; then
@@ -12,6 +13,7 @@ Then a torch.profiler table of the top CUDA kernels with every kernel on, and th
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import itertools
 import statistics
 import sys
@@ -187,6 +189,72 @@ def profile(model: GptModel, batch: int, steps: int, prompt_len: int) -> None:
         greedy_run(model, prompt, steps, timed=False)
     print(f"-- top CUDA kernels, batch {batch}, {steps} steps (incl. prefill and capture's warm-up step) --")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
+
+
+def kernel_timeline(model: GptModel, batch: int, steps: int, prompt_len: int) -> None:
+    """Per kernel of the decode step, from a CUDA trace of graph-replayed steps: how many a step runs, their mean
+    duration, and what each adds to the step (its end minus the previous kernel's end: under PDL a kernel starts
+    before its predecessor ends, so durations overlap while these increments add up to the step). The GEMVs also
+    get the bandwidth their increment implies. Steps are split at the greedy loop's argmax (outside the graph)."""
+    import json
+    import tempfile
+
+    prompt = torch.randint(100, 50000, (batch, prompt_len), device=model.device)
+    greedy_run(model, prompt, steps, timed=False)  # capture
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        greedy_run(model, prompt, steps, timed=False)
+    with tempfile.NamedTemporaryFile(suffix=".json") as trace:
+        prof.export_chrome_trace(trace.name)
+        events = json.load(open(trace.name))["traceEvents"]
+    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    c, f = model.config.hidden_size, model.config.inter_size
+    gemv_bytes = {"qkv": 3 * c * c * 2, "out": c * c * 2, "fc1": f * c * 2, "fc2": f * c * 2,
+                  "lm_head": model.lm_head.numel() * 2}
+    print(f"-- kernel timeline, batch {batch} --\n" + summarize_timeline(kernels, gemv_bytes), flush=True)
+
+
+def summarize_timeline(kernels: list[dict], gemv_bytes: dict[str, int]) -> str:
+    """kernel_timeline's table from trace events ({"name", "ts", "dur"} in us, in start order)."""
+    step_kernels: list[list[dict]] = [[]]
+    for event in kernels:
+        if "reduce_kernel" in event["name"]:  # the loop's argmax ends a step
+            step_kernels.append([])
+        else:
+            step_kernels[-1].append(event)
+    steps = step_kernels[2:-1]  # past the prefill and the first (warm-up) step
+    if not steps:
+        return "no steps"
+    # Steps whose attention splits its keys run one more kernel per layer (the combine): the commonest kind only.
+    counts = Counter(len(step) for step in steps)
+    common = counts.most_common(1)[0][0]
+    steps = [step for step in steps if len(step) == common]
+    rows: dict[str, list[float]] = {}  # kind -> [count, duration us, increment us]
+    spans = []
+    for step in steps:
+        gemvs = [i for i, e in enumerate(step) if "skinny_linear" in e["name"] or "nvjet" in e["name"]
+                 or "gemm" in e["name"].lower()]
+        names = {i: ("qkv", "out", "fc1", "fc2")[n % 4] for n, i in enumerate(gemvs[:-1])}
+        if gemvs:
+            names[gemvs[-1]] = "lm_head"
+        previous_end = step[0]["ts"]
+        spans.append(step[-1]["ts"] + step[-1]["dur"] - step[0]["ts"])
+        for i, event in enumerate(step):
+            kind = names.get(i) or event["name"].split("(")[0].split("<")[0].replace("void ", "")[:40]
+            end = event["ts"] + event["dur"]
+            row = rows.setdefault(kind, [0.0, 0.0, 0.0])
+            row[0] += 1
+            row[1] += event["dur"]
+            row[2] += max(0.0, end - previous_end)
+            previous_end = max(previous_end, end)
+    n = len(steps)
+    lines = [f"{n} steps of {common} kernels (all steps: {dict(counts)}); first kernel's start to last kernel's end "
+             f"{statistics.median(spans):.1f} us (median)",
+             f"{'kernel':42s} {'per step':>8s} {'mean us':>8s} {'adds us/step':>12s} {'GB/s of its adds':>16s}"]
+    for kind, (count, duration, increment) in sorted(rows.items(), key=lambda item: -item[1][2]):
+        bandwidth = (f"{gemv_bytes[kind] * count / n / (increment / n * 1e-6) / 1e9:16.0f}"
+                     if kind in gemv_bytes and increment else "")
+        lines.append(f"{kind:42s} {count / n:8.0f} {duration / count:8.2f} {increment / n:12.1f} {bandwidth}")
+    return "\n".join(lines)
 
 
 def time_prefill(model: GptModel, prompt_len: int) -> None:
@@ -381,6 +449,8 @@ def main() -> None:
                         help="the decode step's time per attention launch shape, in place of the kernel choices")
     parser.add_argument("--split-residual-rows", type=int,
                         help="DecodeKernels.skinny_residual_rows for the run (default: the model's)")
+    parser.add_argument("--timeline", action="store_true",
+                        help="only the per-kernel timeline of the decode step (durations and what each adds)")
     parser.add_argument("--launches", nargs="+", default=["default", "64,1,2", "64,2,2", "32,1,2", "128,1,4"],
                         help="attention launch shapes of --attention-sweep: keys per block,blocks per program,warps")
     args = parser.parse_args()
@@ -415,6 +485,10 @@ def main() -> None:
         bandwidth = copy_bandwidth_gbps()
         print(f"kernels for this model: {model.kernels}; copy bandwidth {bandwidth:.0f} GB/s, weights "
               f"{weight_bytes_per_step(config) / 1e9:.2f} GB per step", flush=True)
+        if args.timeline:
+            for batch in args.batch:
+                kernel_timeline(model, batch, args.steps, args.prompt)
+            return
         if args.attention_sweep:
             sweep_attention(model, args.batch, args.steps, args.prompt, [parse_launch(text) for text in args.launches])
             return

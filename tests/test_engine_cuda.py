@@ -188,12 +188,14 @@ def test_skinny_linear_matches_the_eager_product(rows: int) -> None:
     w = torch.randn(384, 512, device="cuda", dtype=torch.float16, generator=generator) * 0.05
     b = torch.randn(384, device="cuda", dtype=torch.float16, generator=generator)
     exact = F.linear(x.float(), w.float(), b.float())
-    finished = gpt_kernels.skinny_linear(x, w, b, activation="gelu_tanh", block_n=32, block_k=128)
-    torch.testing.assert_close(finished.float(), F.gelu(exact, approximate="tanh"), rtol=1e-2, atol=1e-2)
     pdl = gpt_kernels.pdl_supported(x.device)
-    partials = gpt_kernels.skinny_linear(x, w, split_k=2, block_n=16, block_k=128, pdl=pdl)
-    assert partials.shape == (2, rows, 384) and partials.dtype == torch.float32
-    torch.testing.assert_close(partials.sum(0), exact - b.float(), rtol=1e-3, atol=1e-3)
+    for warps in (2, 4):  # the decode's plans: 2 up to 32 rows, 4 past them
+        finished = gpt_kernels.skinny_linear(x, w, b, activation="gelu_tanh", block_n=32, block_k=128,
+                                             num_warps=warps, pdl=pdl)
+        torch.testing.assert_close(finished.float(), F.gelu(exact, approximate="tanh"), rtol=1e-2, atol=1e-2)
+        partials = gpt_kernels.skinny_linear(x, w, split_k=2, block_n=16, block_k=128, num_warps=warps, pdl=pdl)
+        assert partials.shape == (2, rows, 384) and partials.dtype == torch.float32
+        torch.testing.assert_close(partials.sum(0), exact - b.float(), rtol=1e-3, atol=1e-3)
 
 
 def _reference_prefill_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,

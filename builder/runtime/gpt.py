@@ -165,14 +165,16 @@ class _SkinnyPlan:
     block_k: int
     block_n: int = 32
     num_stages: int = 5
-    num_warps: int = 4
+    num_warps: int = 2
 
 
 def _skinny_plan(out_features: int, in_features: int, *, may_split: bool, block_n: int = 32,
-                 target_programs: int = 256) -> _SkinnyPlan | None:
+                 target_programs: int = 256, num_warps: int = 2) -> _SkinnyPlan | None:
     """Split K until the grid has ~target_programs programs (enough loads in flight to stream the weights).
 
-    The defaults were the fastest launch shapes for the 1.3B matrices on an H100 (bench/profile_decode.py --tune)."""
+    The defaults were the fastest launch shapes for the 1.3B matrices on an H100 (bench/profile_decode.py --tune),
+    but for the warps: on an H200, 2 warps a program made the whole step 1.141 -> 1.112 ms at 1 row and 1.215 -> 1.199
+    at 8 (32 rows: 1.619 -> 1.611; docs/gpu/runs-2026-12-04b/call3_tune_skinny.txt)."""
     block_k = next((b for b in (128, 64, 32, 16) if in_features % b == 0), None)
     if block_k is None:
         return None
@@ -181,7 +183,7 @@ def _skinny_plan(out_features: int, in_features: int, *, may_split: bool, block_
     while (may_split and blocks_n * split * 2 <= target_programs
            and in_features % (split * 2 * block_k) == 0 and in_features // (split * 2) >= 4 * block_k):
         split *= 2
-    return _SkinnyPlan(split_k=split, block_k=block_k, block_n=block_n)
+    return _SkinnyPlan(split_k=split, block_k=block_k, block_n=block_n, num_warps=num_warps)
 
 
 class GptModel:
@@ -245,8 +247,8 @@ class GptModel:
             "qkv": _skinny_plan(3 * hs, h, may_split=False), "out": _skinny_plan(h, hs, may_split=True),
             "fc1": _skinny_plan(f, h, may_split=False), "fc2": _skinny_plan(h, f, may_split=True),
             "lm_head": _skinny_plan(self.lm_head.shape[0], h, may_split=False),
-            "out_wide": _skinny_plan(h, hs, may_split=True, block_n=64, target_programs=128),
-            "fc2_wide": _skinny_plan(h, f, may_split=True, block_n=64, target_programs=128)}
+            "out_wide": _skinny_plan(h, hs, may_split=True, block_n=64, target_programs=128, num_warps=4),
+            "fc2_wide": _skinny_plan(h, f, may_split=True, block_n=64, target_programs=128, num_warps=4)}
         kernels = DecodeKernels.for_model(config, self.device, dtype)
         if any(plan is None for plan in self.skinny_plans.values()):
             kernels = replace(kernels, skinny_rows=0, skinny_residual_rows=0)

@@ -81,16 +81,22 @@ def _add_layer_norm_kernel(x_ptr, delta_ptr, bias_ptr, ln_weight_ptr, ln_bias_pt
                            rows, hidden, eps,
                            NUM_PARTS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
                            USE_PDL: tl.constexpr):
-    _wait_previous(USE_PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     inside = cols < hidden
+    # The weights first, before the wait (they never depend on the previous kernel): loaded after the sum's store,
+    # they were one more memory round trip on the step's critical path.
+    w = tl.load(ln_weight_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    b = tl.load(ln_bias_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    _wait_previous(USE_PDL)
     x = tl.load(x_ptr + row * hidden + cols, mask=inside, other=0.0).to(tl.float32)
     delta = tl.zeros([BLOCK], dtype=tl.float32)
     for part in tl.static_range(NUM_PARTS):  # split-K partials [parts, rows, hidden] (or one finished delta)
         delta += tl.load(delta_ptr + (part * rows + row) * hidden + cols, mask=inside, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        delta += tl.load(bias_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+        delta += bias
     # Round the delta and the sum to the storage dtype as the eager ops do (x + linear(...) in fp16).
     delta = delta.to(out_x_ptr.dtype.element_ty).to(tl.float32)
     summed = (x + delta).to(out_x_ptr.dtype.element_ty)
@@ -99,8 +105,6 @@ def _add_layer_norm_kernel(x_ptr, delta_ptr, bias_ptr, ln_weight_ptr, ln_bias_pt
     mean = tl.sum(s, axis=0) / hidden
     centered = tl.where(inside, s - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / hidden + eps)
-    w = tl.load(ln_weight_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-    b = tl.load(ln_bias_ptr + cols, mask=inside, other=0.0).to(tl.float32)
     tl.store(out_h_ptr + row * hidden + cols, (centered * rstd * w + b).to(out_h_ptr.dtype.element_ty), mask=inside)
 
 
@@ -140,6 +144,8 @@ def _skinny_linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n, k, k_per_spl
     offs_n = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     k_start = split * k_per_split
+    if SPLIT_K == 1 and HAS_BIAS:  # before the wait, like every weight: no round trip after the loop
+        bias = tl.load(bias_ptr + offs_n, mask=offs_n < n, other=0.0).to(tl.float32)
     _wait_previous(USE_PDL)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
@@ -153,7 +159,7 @@ def _skinny_linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n, k, k_per_spl
     inside = (offs_m[:, None] < rows) & (offs_n[None, :] < n)
     if SPLIT_K == 1:
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=offs_n < n, other=0.0).to(tl.float32)[None, :]
+            acc += bias[None, :]
         if ACTIVATION == 1:
             acc = _gelu_tanh(acc)
         elif ACTIVATION == 2:
@@ -206,11 +212,13 @@ def _decode_attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, positions_ptr, o
                              HEAD_DIM: tl.constexpr, HALF_PRODUCTS: tl.constexpr, USE_PDL: tl.constexpr):
     # SPLIT_KEYS and NUM_SPLITS are compile-time (a new kv bucket compiles a variant once; Triton caches it on disk):
     # a runtime-valued variant measured slower at 64 rows on an H100 (3.40 vs 3.12 ms/step, separate runs).
-    _wait_previous(USE_PDL)
     row_head, split = tl.program_id(0), tl.program_id(1)
     row = row_head // heads
     head = row_head % heads
+    # The step's positions are written before its first kernel (a plainly launched one), never by the kernel this one
+    # waits for: read before the wait, the cache addresses are ready when qkv is.
     pos = tl.load(positions_ptr + row)
+    _wait_previous(USE_PDL)
     dims = tl.arange(0, HEAD_DIM)
     qkv_row = qkv_ptr + row * 3 * hidden + head * HEAD_DIM  # qkv [n, 3, heads, d]
     q = tl.load(qkv_row + dims).to(tl.float32) * scale
