@@ -61,10 +61,15 @@ def _launch_options(pdl: bool) -> dict[str, bool]:
 
 # Programmatic dependent launch (PDL), for the chain of small kernels of one decode step: a kernel launched with it
 # may start while the previous kernel in the stream is still running; `_wait_previous` blocks until that kernel has
-# finished and its writes are visible. Every kernel here reads and writes anything only after it, so a PDL kernel
-# runs exactly as a plainly launched one, minus the launch gap. Signalling dependents only after the wait keeps at most
-# one kernel launched ahead. (An L2 prefetch of a GEMV's weights before the wait was slower on an H200 at every batch:
-# the next matrix does not fit in L2 beside the one being streamed; docs/benchmarks.md.)
+# finished and its writes are visible. Every kernel here writes only after it, and reads before it only what was
+# written before the step's first kernel (a plain launch: every PDL chain starts after it has finished), so a PDL kernel
+# computes exactly what a plainly launched one does, minus the launch gap. Signalling dependents only after the wait
+# keeps at most one kernel launched ahead. Such reads (LayerNorm weights, biases, the step's positions) come before
+# the wait on purpose: after it, each was one more memory round trip on the step's critical path (with 2-warp GEMV
+# programs, -7 % of the batch-1 step on an H200, docs/gpu/runs-2026-12-04b). Not the GEMVs' weight tiles, though:
+# requesting their first K-blocks before the wait made the step 0.3-3 % slower (the pipelined loop still starts after
+# the wait), and an L2 prefetch of a whole matrix was slower at every batch (the next matrix does not fit in L2 beside
+# the one being streamed; docs/benchmarks.md).
 @triton.jit
 def _wait_previous(USE_PDL: tl.constexpr):
     if USE_PDL:
