@@ -205,7 +205,7 @@ def kernel_timeline(model: GptModel, batch: int, steps: int, prompt_len: int) ->
         greedy_run(model, prompt, steps, timed=False)
     with tempfile.NamedTemporaryFile(suffix=".json") as trace:
         prof.export_chrome_trace(trace.name)
-        events = json.load(open(trace.name))["traceEvents"]
+        events = json.loads(Path(trace.name).read_text())["traceEvents"]
     kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
     c, f = model.config.hidden_size, model.config.inter_size
     gemv_bytes = {"qkv": 3 * c * c * 2, "out": c * c * 2, "fc1": f * c * 2, "fc2": f * c * 2,
