@@ -89,8 +89,7 @@ def _add_layer_norm_kernel(x_ptr, delta_ptr, bias_ptr, ln_weight_ptr, ln_bias_pt
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     inside = cols < hidden
-    # The weights first, before the wait (they never depend on the previous kernel): loaded after the sum's store,
-    # they were one more memory round trip on the step's critical path.
+    # Before the wait: nothing in the step writes them (the PDL note above).
     w = tl.load(ln_weight_ptr + cols, mask=inside, other=0.0).to(tl.float32)
     b = tl.load(ln_bias_ptr + cols, mask=inside, other=0.0).to(tl.float32)
     if HAS_BIAS:
@@ -149,7 +148,7 @@ def _skinny_linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n, k, k_per_spl
     offs_n = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     k_start = split * k_per_split
-    if SPLIT_K == 1 and HAS_BIAS:  # before the wait, like every weight: no round trip after the loop
+    if SPLIT_K == 1 and HAS_BIAS:  # before the wait (the PDL note above), not after the loop
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < n, other=0.0).to(tl.float32)
     _wait_previous(USE_PDL)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -220,8 +219,7 @@ def _decode_attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, positions_ptr, o
     row_head, split = tl.program_id(0), tl.program_id(1)
     row = row_head // heads
     head = row_head % heads
-    # The step's positions are written before its first kernel (a plainly launched one), never by the kernel this one
-    # waits for: read before the wait, the cache addresses are ready when qkv is.
+    # Before the wait (the PDL note above): the cache addresses are ready when qkv is.
     pos = tl.load(positions_ptr + row)
     _wait_previous(USE_PDL)
     dims = tl.arange(0, HEAD_DIM)
