@@ -207,9 +207,10 @@ def kernel_timeline(model: GptModel, batch: int, steps: int, prompt_len: int) ->
         prof.export_chrome_trace(trace.name)
         events = json.loads(Path(trace.name).read_text())["traceEvents"]
     kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
-    c, f = model.config.hidden_size, model.config.inter_size
-    gemv_bytes = {"qkv": 3 * c * c * 2, "out": c * c * 2, "fc1": f * c * 2, "fc2": f * c * 2,
-                  "lm_head": model.lm_head.numel() * 2}
+    layer = model.layers[0]
+    gemv_bytes = {name: weight.numel() * weight.element_size() for name, weight in (
+        ("qkv", layer.qkv_weight), ("out", layer.attn_out_weight), ("fc1", layer.fc1_weight),
+        ("fc2", layer.fc2_weight), ("lm_head", model.lm_head))}
     print(f"-- kernel timeline, batch {batch} --\n" + summarize_timeline(kernels, gemv_bytes), flush=True)
 
 
