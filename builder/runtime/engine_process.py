@@ -61,7 +61,7 @@ class EngineProcessError(RuntimeError):
 
 class _Outbox:
     """What the engine process tells the stub: the loop's sinks and log lines only record here, and `flush` sends it
-    all as ONE message once per pass of the loop, on the loop's thread (scheduler.PassSender). No thread
+    all as ONE message at the end of each pass of the loop, on the loop's thread (scheduler.PassSender). No thread
     of its own: the previous design's sender and outbox threads took the loop's GIL ~20k times a second at 64
     streams, and the loop's graph launches waited for it (docs/benchmarks.md). The scheduler's metrics go along at
     most every METRICS_EVERY_S; the process's main thread flushes them while the loop is idle."""

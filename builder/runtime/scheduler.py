@@ -27,8 +27,6 @@ The loop never waits on the transport: a sender thread calls the sinks (`update`
 `is_cancelled`. Streaming is coalesced: the loop only marks a request as advanced; the sender sends each marked request
 one update with everything produced since its previous one. When sending keeps up, that is one token per update;
 when it falls behind (many streams, a slow transport), updates carry several tokens and the decode rate is kept.
-In the engine process (PassSender) the loop's thread calls the sinks itself, once per pass; under load after the next
-step's launch, so that the device decodes while it does.
 """
 
 from __future__ import annotations
@@ -91,12 +89,6 @@ MAX_CANCEL_POLLS_PER_S = 500
 PREFILL_PAD = 64  # prompt lengths of one prefill pass are padded to a multiple of this
 # ... but only while the batch is this full: below it a prefill pass is cheap next to the TTFT a wait adds.
 ADMIT_GATHER_MIN_RUNNING = 16
-# PassSender: while at least this many rows decode on CUDA, a pass's responses go out after the next step's launch,
-# while the device decodes, instead of between the read of a step's tokens and the next launch. At 230 streams on an
-# H200 host whose records and message took 1.6 ms a pass, sending first left the device idle ~10 % of each step
-# (47.7k against 53.2-53.9k tok/s on a host that sent in 0.7 ms: docs/benchmarks.md); below it the device is never
-# short of work and a token goes out ~0.1 ms sooner (the next step's launch).
-SEND_AFTER_LAUNCH_MIN_ROWS = int(os.environ.get("GPT_TRITON_SEND_AFTER_LAUNCH_MIN_ROWS", "16"))  # A/B runs
 # The sender thread and the loop share the GIL: CPython's default 5 ms switch interval would let a busy sender hold
 # the loop for a whole decode step; 0.5 ms keeps the loop's wait short.
 GIL_SWITCH_INTERVAL_S = float(os.environ.get("GPT_TRITON_SWITCH_INTERVAL_US", "500")) * 1e-6  # A/B runs
@@ -115,7 +107,7 @@ T = TypeVar("T")
 
 class ResponseSink(Protocol):
     """Where one request's responses go. Called from the scheduler's sender thread (or, with `after_pass`, on the
-    loop's thread once per pass: PassSender), one call at a time.
+    loop's thread at the end of each pass: PassSender), one call at a time.
 
     A sink may also have `extend(row, start, tokens)`: a single-beam stream without log-probs then gets each row's
     new tokens that way (a view of positions start.. of the row's tokens) instead of `update` (PassSender only)."""
@@ -169,7 +161,7 @@ class Timeline:
     wait_ms: float = 0.0  # waiting for the selection's tokens (the device is behind)
     consume_ms: float = 0.0  # appending tokens, closing requests, marking streams
     admit_ms: float = 0.0  # admission passes (slot writes, prefill launches)
-    send_ms: float = 0.0  # PassSender: the sinks' records and the engine process's message (_send)
+    pass_end_ms: float = 0.0  # the end of each pass (PassSender: the sinks' records, the engine process's message)
     pass_ms: float = 0.0  # whole passes of the loop (what the parts above leave is the rest of its bookkeeping)
     prefill_passes: int = 0  # engine prefill calls (one per step that prefilled)
     prefill_tokens: int = 0  # prompt tokens they prefilled (chunks included)
@@ -196,10 +188,10 @@ class Timeline:
             per_pass = self.prefill_device_ms / max(1, self.timed_prefills)
             device = (f"; device ms per step: selection + decode {self.decode_device_ms / steps:.3f}, prefill "
                       f"{self.prefill_device_ms / steps:.3f} ({per_pass:.3f} per pass)")
-        rest = self.pass_ms - self.select_launch_ms - self.wait_ms - self.consume_ms - self.admit_ms - self.send_ms
+        rest = self.pass_ms - self.select_launch_ms - self.wait_ms - self.consume_ms - self.admit_ms - self.pass_end_ms
         return (f"per step (host ms, {self.steps} steps, {self.rows / steps:.1f} rows): select+launch "
                 f"{self.select_launch_ms / steps:.3f}, wait for device {self.wait_ms / steps:.3f}, consume "
-                f"{self.consume_ms / steps:.3f}, send {self.send_ms / steps:.3f}, rest {rest / steps:.3f}, "
+                f"{self.consume_ms / steps:.3f}, pass end {self.pass_end_ms / steps:.3f}, rest {rest / steps:.3f}, "
                 f"admission {self.admit_ms / steps:.3f} ({self.prefill_passes} prefill "
                 f"passes, {self.prefill_tokens / max(1, self.prefill_passes):.0f} prompt tokens and "
                 f"{self.prefill_rows / max(1, self.prefill_passes):.1f} rows each; "
@@ -707,12 +699,11 @@ class _Sender(_Delivery):
 
 
 class PassSender(_Delivery):
-    """The sender of a scheduler whose sinks only record (the engine process's, engine_process.py): no thread; once
-    per pass of the loop (`pass_done`: at the pass's end, or under load after the next step's launch,
-    SEND_AFTER_LAUNCH_MIN_ROWS) it calls the sinks with the finals and new tokens since its last call, on the loop's
-    thread, then `after_pass` (which sends the records as one message). Nothing shares the loop's GIL; the records
-    and the message took 0.7-1.6 ms per pass at 170-230 streams on H200 hosts (docs/benchmarks.md).
-    Cancellations come from InflightScheduler.cancel: it polls nothing."""
+    """The sender of a scheduler whose sinks only record (the engine process's, engine_process.py): no thread; at the
+    end of each pass of the loop it calls the sinks with that pass's finals and new tokens, on the loop's thread, then
+    `after_pass` (which sends the records as one message). Nothing shares the loop's GIL; the loop's extra work, the
+    message included, was 0.9 ms per pass at 240 streams on an H200 host (docs/benchmarks.md), run while the device
+    decodes. Cancellations come from InflightScheduler.cancel: it polls nothing."""
 
     def __init__(self, on_cancel: Callable[[_Request], None], timeline: Timeline,
                  after_pass: Callable[[], None]) -> None:
@@ -812,8 +803,8 @@ class InflightScheduler:
             at most this many (and graph_prompt_tokens) tokens left keep a step to graph_prompt_tokens;
         report: receives the timeline (Timeline.summary) of each `report_every_s` window in which steps ran;
         on_step: called on the loop's thread after each pass with what it prefilled and decoded (keep it cheap);
-        after_pass: the sinks only record (PassSender): they are called on the loop's thread once per pass, then
-            this; no sender thread, no `is_cancelled` polls (cancel through `cancel`)."""
+        after_pass: the sinks only record (PassSender): they are called on the loop's thread at the end of each pass,
+            then this; no sender thread, no `is_cancelled` polls (cancel through `cancel`)."""
         if step_prompt_tokens < 1:
             raise ValueError(f"step_prompt_tokens must be >= 1, got {step_prompt_tokens}")
         self.report, self.report_every_s, self._reported_at = report, report_every_s, time.monotonic()
@@ -847,7 +838,6 @@ class InflightScheduler:
         # [>= span, V]: next-token logits of slots 0..span-1 (with step graphs: their persistent buffer, every slot)
         self._logits: torch.Tensor | None = self._persistent_logits()
         self._batch: _Batch | None = None  # None: rebuild before the next step
-        self._send_after_launch = False  # the previous pass's responses wait for this pass's decode launch (_step)
         self._inbox: list[_Request] = []
         self._cancels: list[_Request] = []  # reported by the sender, applied at the next step boundary
         self._lock = threading.Lock()
@@ -943,11 +933,11 @@ class InflightScheduler:
                         log.exception("in-flight step failed: failing the %d running request(s)",
                                       len({id(row.request) for row in self._occupied.values()}))
                         self._fail_running(err)
-                    # This pass's responses (PassSender; failures included): now, or after the next step's launch
-                    self._send_after_launch = self._sends_follow_launch()
-                    if not self._send_after_launch:
-                        self._send()
-                    self.stats.timeline.pass_ms += (time.perf_counter() - pass_started) * 1e3
+                    ending = time.perf_counter()
+                    self._sender.pass_done()  # (PassSender) this pass's responses, failures included
+                    timeline, ended = self.stats.timeline, time.perf_counter()
+                    timeline.pass_end_ms += (ended - ending) * 1e3
+                    timeline.pass_ms += (ended - pass_started) * 1e3
         except Exception as err:  # the loop itself broke: no request may wait forever
             log.exception("the in-flight scheduler stopped")
             error = RuntimeError(f"the in-flight scheduler stopped: {err}")
@@ -1226,9 +1216,6 @@ class InflightScheduler:
             self._spans.end("decode", begun)
         self.stats.steps += 1
         timeline, launched = self.stats.timeline, time.perf_counter()
-        if self._send_after_launch:  # the previous pass's responses, while the device decodes
-            self._send()
-        sent = time.perf_counter()
         flags, log_probs = self.readback.read()
         read = time.perf_counter()
         self._step_clock.tick(self.metrics)  # before _consume, whose _release may mark the engine idle
@@ -1239,20 +1226,8 @@ class InflightScheduler:
         timeline.steps += 1
         timeline.rows += len(self._occupied)
         timeline.select_launch_ms += (launched - started) * 1e3
-        timeline.wait_ms += (read - sent) * 1e3
+        timeline.wait_ms += (read - launched) * 1e3
         timeline.consume_ms += (time.perf_counter() - read) * 1e3
-
-    def _sends_follow_launch(self) -> bool:
-        """Whether the pass's responses wait for the next step's launch (SEND_AFTER_LAUNCH_MIN_ROWS): only where that
-        step overlaps the host's work (CUDA) and surely runs (rows decode: the next pass steps)."""
-        return (self.readback.event is not None
-                and len(self._occupied) - len(self._prefilling) >= SEND_AFTER_LAUNCH_MIN_ROWS)
-
-    def _send(self) -> None:
-        self._send_after_launch = False
-        started = time.perf_counter()
-        self._sender.pass_done()
-        self.stats.timeline.send_ms += (time.perf_counter() - started) * 1e3
 
     def _select(self, batch: _Batch, kv_len: int) -> Callable[[], None]:
         """Launch this step's selection and the copy of its results to the host (recording the readback event after
