@@ -731,6 +731,21 @@ def device_name(device: str) -> str:
     return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
 
 
+def host_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The host's CPU model and clock: the engine loop is host-bound at 256 streams on slower GPU hosts (one 256-stream
+    run carried 47.7k tok/s where the same code carried 53-54k on another host, docs/benchmarks.md), so the CPU that
+    ran a result belongs beside it."""
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:  # not Linux
+        return platform.processor() or platform.machine()
+    first = {}
+    for key, _, value in (line.partition(":") for line in lines):
+        first.setdefault(key.strip(), value.strip())
+    model = first.get("model name") or platform.processor() or platform.machine()
+    return f"{model}, {float(first['cpu MHz']):.0f} MHz" if first.get("cpu MHz") else model
+
+
 # -- main --------------------------------------------------------------------------------------------------------------
 def parse_range(text: str, option: str) -> tuple[int, int]:
     try:
@@ -828,7 +843,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["settings"] = {
         "command": " ; ".join(result["commands"]), "repository": str(repo),
         "perf_analyzer": f"{binary} ({perf_analyzer_version(binary, perf_analyzer_env())})",
-        "client host cores": os.cpu_count(), "levels": ",".join(map(str, args.levels)),
+        "client host cores": os.cpu_count(), "host CPU": host_cpu(), "levels": ",".join(map(str, args.levels)),
         "core levels": ",".join(map(str, args.core_levels)), "prompt tokens": args.prompt_tokens,
         "new tokens (= min tokens)": args.new_tokens, "window s": args.seconds, "mixed window s": args.mixed_seconds,
         "stability %": args.stability, "max trials": args.max_trials,

@@ -34,7 +34,7 @@ from builder.render import render_repository
 from builder.render_config import RenderConfig
 from builder.runtime.tokenizer import GptTokenizer
 from builder.serve import TritonServer
-from serving_bench import core_call_times, device_name, random_streaming_options
+from serving_bench import core_call_times, device_name, host_cpu, random_streaming_options
 
 ENSEMBLE, TEXT_CORE, CORE = "ensemble", "text_core", "gpt3_1.3b"
 PATHS = (ENSEMBLE, TEXT_CORE, CORE)
@@ -142,7 +142,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     args.work = gpu_bench.private_work_dir(args.work, "text-paths")
-    result: dict[str, Any] = {"gpu": device_name(args.device), "reps": args.reps,
+    result: dict[str, Any] = {"gpu": device_name(args.device), "host_cpu": host_cpu(), "reps": args.reps,
                               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                               "command": " ".join([Path(sys.executable).name, *sys.argv])}
     classic, text = build(args, result)

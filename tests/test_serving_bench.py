@@ -171,6 +171,16 @@ def test_the_gpu_sampler_runs_nvidia_smi_on_the_first_visible_gpu(tmp_path: Path
     assert sampler.process is None and sampler.summary() is None
 
 
+def test_the_host_cpu_is_named_with_its_clock(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Xeon X\ncpu MHz\t\t: 2100.000\n\n"
+                       "processor\t: 1\nmodel name\t: Xeon X\ncpu MHz\t\t: 3500.123\n")
+    assert serving_bench.host_cpu(cpuinfo) == "Xeon X, 2100 MHz"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Xeon X\n")  # no clock (some virtual machines)
+    assert serving_bench.host_cpu(cpuinfo) == "Xeon X"
+    assert serving_bench.host_cpu(tmp_path / "absent")  # not Linux: whatever the platform says
+
+
 def test_mixed_prompts_have_exact_lengths() -> None:
     from client.perf import DEFAULT_TOKENIZER_DIR, load_tokenizer
 
@@ -250,6 +260,7 @@ def test_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
     for key in {*serving_bench.HEADLINE_KEYS, *(goal.key for goal in GOALS)} - unmeasured - {"gpu"}:
         assert isinstance(result[key], (int, float)) and math.isfinite(result[key]), (key, result[key])
     assert result["streamed_tokens_per_s_c256"] is None
+    assert result["settings"]["host CPU"] == serving_bench.host_cpu()
 
     runs = {(run["name"], run["concurrency"]): run for run in result["runs"]}
     assert set(runs) == {("streamed", 1), ("streamed", 64), ("not_streamed", 1), ("not_streamed", 64),
@@ -371,7 +382,7 @@ def test_text_paths_times_the_three_paths_in_one_server(tmp_path: Path) -> None:
                                capture_output=True, text=True, timeout=280)
     assert completed.returncode == 0, completed.stderr[-4000:]
     result = json.loads(out.read_text())
-    assert list(result["prompts"]) == ["24", "8"]
+    assert list(result["prompts"]) == ["24", "8"] and result["host_cpu"] == serving_bench.host_cpu()
     for found in result["prompts"].values():
         for kind in ("ttft", "latency"):
             medians = {path: found[f"{kind}_ms_{path}"]["p50"] for path in ("ensemble", "text_core", "gpt3_1.3b")}
