@@ -934,7 +934,10 @@ class InflightScheduler:
                                       len({id(row.request) for row in self._occupied.values()}))
                         self._fail_running(err)
                     ending = time.perf_counter()
-                    self._sender.pass_done()  # (PassSender) this pass's responses, failures included
+                    # (PassSender) this pass's responses, failures included. Here, before the next pass's launches:
+                    # sending after them, while the device decodes, made 256 streams 20 % slower on one H200 host (the
+                    # same sends took twice as long there; docs/gpu/runs-2026-12-04c).
+                    self._sender.pass_done()
                     timeline, ended = self.stats.timeline, time.perf_counter()
                     timeline.pass_end_ms += (ended - ending) * 1e3
                     timeline.pass_ms += (ended - pass_started) * 1e3
