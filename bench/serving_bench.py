@@ -739,7 +739,7 @@ def host_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
         lines = cpuinfo.read_text().splitlines()
     except OSError:  # not Linux
         return platform.processor() or platform.machine()
-    first = {}
+    first: dict[str, str] = {}  # each field of the first processor
     for key, _, value in (line.partition(":") for line in lines):
         first.setdefault(key.strip(), value.strip())
     model = first.get("model name") or platform.processor() or platform.machine()
