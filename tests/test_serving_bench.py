@@ -236,7 +236,7 @@ def test_bench_ensembles_declare_only_what_responses_carry(tmp_path: Path) -> No
     assert (out / serving_bench.BENCH_TEXT / "1").is_dir() and (out / serving_bench.BENCH_CORE / "1").is_dir()
 
 
-SMOKE = ["--device", "cpu", "--levels", "1,64", "--core-levels", "1", "--seconds", "1", "--mixed-seconds", "1",
+SMOKE = ["--device", "cpu", "--levels", "1,64", "--core-levels", "1", "--seconds", "0.5", "--mixed-seconds", "0.5",
          "--max-trials", "3", "--stability", "500", "--prompt-tokens", "8", "--new-tokens", "8",
          "--long-prompt-tokens", "32", "--bs1-reps", "3", "--mixed-clients", "64", "--mixed-prompt", "4:32",
          "--mixed-output", "4:16", "--mixed-entries", "128", "--max-batch-size", "64", "--trace-rate", "3"]
