@@ -352,7 +352,7 @@ def test_end_to_end_on_a_text_core_with_a_baseline(tmp_path: Path) -> None:
     baseline.write_text(json.dumps({"ttft_ms_prompt512_bs1_core_streamed": 1.5,
                                     "latency_ms_bs1_1token_core_not_streamed": 1.0, "commands": ["x"]}))
     out = tmp_path / "out" / "serving.json"
-    options = ["--device", "cpu", "--levels", "2", "--seconds", "1", "--max-trials", "3", "--stability", "500",
+    options = ["--device", "cpu", "--levels", "2", "--seconds", "0.5", "--max-trials", "3", "--stability", "500",
                "--prompt-tokens", "8", "--new-tokens", "8", "--long-prompt-tokens", "32", "--bs1-reps", "3",
                "--max-batch-size", "8", "--skip-not-streamed", "--skip-mixed", "--render-option", "text_in_core=true",
                "--baseline", str(baseline)]
