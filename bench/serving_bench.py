@@ -735,14 +735,15 @@ def host_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The host's CPU model and clock: the engine loop is host-bound at 256 streams on slower GPU hosts (one 256-stream
     run carried 47.7k tok/s where the same code carried 53-54k on another host, docs/benchmarks.md), so the CPU that
     ran a result belongs beside it."""
+    fallback = platform.processor() or platform.machine()
     try:
         lines = cpuinfo.read_text().splitlines()
     except OSError:  # not Linux
-        return platform.processor() or platform.machine()
+        return fallback
     first: dict[str, str] = {}  # each field of the first processor
     for key, _, value in (line.partition(":") for line in lines):
         first.setdefault(key.strip(), value.strip())
-    model = first.get("model name") or platform.processor() or platform.machine()
+    model = first.get("model name") or fallback
     return f"{model}, {float(first['cpu MHz']):.0f} MHz" if first.get("cpu MHz") else model
 
 
