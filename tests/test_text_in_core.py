@@ -7,6 +7,7 @@ postprocessing) on the same weights and seeds: every text, count and finish reas
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import time
@@ -28,13 +29,15 @@ from servers import generate_json, server_on_free_ports
 
 pytestmark = pytest.mark.server
 
+# gpu: the same tests with the engines on the GPU host's GPU (GPT_TRITON_TEST_DEVICE=gpu there; CI has no GPU).
+DEVICE = os.environ.get("GPT_TRITON_TEST_DEVICE", "cpu")
 PROMPTS = ["Hello", "The quick brown fox jumps over", "数字と絵文字 🚀", "a", "naïve café", "x" * 40]
 SAMPLING = {"top_k": 20, "top_p": 0.9, "temperature": 0.8, "random_seed": 1234}
 
 
 def render_tiny(output: Path, ft_dir: Path, *, streaming: bool, text_in_core: bool) -> Path:
     model = GptModelConfig.from_ini(ft_dir / "config.ini")
-    return render_repository(RenderConfig(engine="torch", device="cpu", data_type="fp32", checkpoint=ft_dir,
+    return render_repository(RenderConfig(engine="torch", device=DEVICE, data_type="fp32", checkpoint=ft_dir,
                                           model=model, streaming=streaming, max_batch_size=16,
                                           text_in_core=text_in_core, output=output))
 
@@ -105,6 +108,73 @@ def test_preprocessing_errors_become_replies_of_their_kind() -> None:
 
     replies = _or_replies(3, broken)
     assert len(replies) == 3 and all(r.kind == INTERNAL and "preprocessing failed" in r.error for r in replies)
+
+
+@pytest.mark.parametrize("count_per_response", [False, True])
+def test_streamed_text_straight_from_tokens_equals_the_ft_arrays_way(count_per_response: bool) -> None:
+    """A streamed request of one beam (text_core._TextStream) answers exactly what StreamState's tail arrays become
+    through the text codec (the way every other request goes), response by response: rows of different lengths,
+    characters split across byte tokens, random ids (invalid UTF-8), several tokens per response, and each way a
+    row ends (end id, a stop word, length, cancelled)."""
+    import random
+
+    from builder.runtime.core_adapter import Reply
+    from builder.runtime.core_io import GenerationRequest, RowOutput, StreamState
+    from builder.runtime.postprocess import PostprocessConfig
+    from builder.runtime.preprocess import PreprocessConfig
+    from builder.runtime.text_core import TextCodec, _TextStream
+    from builder.runtime.tokenizer import GptTokenizer
+
+    tokenizer = GptTokenizer.from_directory(Path(__file__).resolve().parents[1] / "builder" / "assets" / "gpt2")
+    codec = TextCodec(tokenizer, PreprocessConfig(max_pos_seq_len=2048, vocab_size=50257),
+                      PostprocessConfig(streaming=True, end_id=tokenizer.eos_id),
+                      tuple(tensor.name for tensor in contract.ENSEMBLE_OUTPUTS))
+    byte_token = {token[0]: i for i, token in enumerate(tokenizer.token_bytes) if len(token) == 1}
+    rng = random.Random(5)
+
+    def generation(kind: int) -> list[int]:
+        if kind == 0:  # multi-byte characters, one byte per token
+            return [byte_token[b] for b in "é数🚀 ok".encode() * 3]
+        if kind == 1:  # whole tokens of a text
+            return tokenizer.encode(" naïve café, 数字と絵文字 🚀 and more")
+        return [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randrange(1, 30))]  # any bytes at all
+
+    checked = 0
+    for case in range(120):
+        rows = rng.randrange(1, 4)
+        prompts = [tokenizer.encode(" prompt" * rng.randrange(1, 4)) for _ in range(rows)]
+        generated = [generation(rng.randrange(3)) for _ in range(rows)]
+        ending = rng.choice(["stop_end_id", "stop_word", "length", "cancelled"])
+        if ending == "stop_end_id":
+            generated = [ids + [tokenizer.eos_id] for ids in generated]
+        specs = [GenerationRequest(input_ids=p, output_len=len(g), end_id=tokenizer.eos_id)
+                 for p, g in zip(prompts, generated)]
+        fast, reference = _TextStream(codec, count_per_response), StreamState(
+            specs, stream=True, log_probs=False, count_per_response=count_per_response)
+        done = [0] * rows
+        while True:
+            done = [min(len(g), d + rng.randrange(0, 4)) for g, d in zip(generated, done)]
+            last = all(d == len(g) for g, d in zip(generated, done))
+            outputs = [RowOutput(prompt_len=len(p), beams=[np.array(p + g[:d], dtype=np.int64)], finished=last,
+                                 cancelled=last and ending == "cancelled",
+                                 finish_reason="stop" if ending.startswith("stop") else ending)
+                       for p, g, d in zip(prompts, generated, done)]
+            mine = (fast.final if last else fast.update)(outputs)
+            theirs = codec.reply(Reply(arrays=(reference.final if last else reference.update)(outputs)), {}).arrays
+            assert theirs is not None and sorted(mine) == sorted(theirs), case
+            for name in mine:
+                assert mine[name].dtype == theirs[name].dtype and mine[name].tolist() == theirs[name].tolist(), (
+                    case, name)
+            checked += 1
+            if last:
+                break
+    assert checked > 300
+    # and the deltas of a valid text add up to its decoding (the oracle both ways share)
+    stream = _TextStream(codec, False)
+    prompt, ids = tokenizer.encode("Hi"), generation(0)
+    pieces = [stream.update([RowOutput(prompt_len=len(prompt), beams=[np.array(prompt + ids[:n], dtype=np.int64)])])
+              ["text_output"][0] for n in range(1, len(ids) + 1)]
+    assert b"".join(pieces).decode() == tokenizer.decode(ids)
 
 
 def test_one_static_batch_answers_each_request_on_its_own(tiny_ft_dir: Path, tmp_path: Path,

@@ -53,6 +53,15 @@ class Transport(Protocol):
     def is_cancelled(self) -> bool: ...
 
 
+class ResponseState(Protocol):
+    """A decoupled request's response arrays, in the order they are sent: core_io.StreamState (FT's tensors), or a
+    text core's own for streamed text (text_core.py)."""
+
+    def update(self, outputs: Sequence[RowOutput]) -> dict[str, np.ndarray]: ...
+
+    def final(self, outputs: Sequence[RowOutput]) -> dict[str, np.ndarray]: ...
+
+
 def cpu_threads() -> int | None:
     """The torch threads of a CPU core model: GPT_TRITON_CPU_THREADS (A/B runs), else every core but one, unless
     OMP_NUM_THREADS is set (torch has taken it: None).
@@ -337,14 +346,15 @@ class StreamingCore:
             return
         self.submit_parsed(parsed, transport)
 
-    def submit_parsed(self, parsed: ParsedRequest, transport: Transport) -> None:
-        """Queue a request already split into rows (a text core's preprocessing makes them from its text)."""
+    def submit_parsed(self, parsed: ParsedRequest, transport: Transport, state: ResponseState | None = None) -> None:
+        """Queue a request already split into rows (a text core's preprocessing makes them from its text); its
+        responses' arrays come from `state` (default: FT's tensors, core_io.StreamState)."""
         from .generation import ResourceError
 
         try:
             sink = _Sink(transport, parsed.rows, self.acks, stream=parsed.stream, log_probs=parsed.return_log_probs,
                          exclude_input=parsed.exclude_input, ft_stream=parsed.ft_stream,
-                         count_per_response=parsed.count_per_response)
+                         count_per_response=parsed.count_per_response, state=state)
             self.queue.submit(parsed.rows, sink, stream=parsed.stream or parsed.ft_stream)
         except (RequestError, ResourceError) as err:
             transport.send(Reply(error=str(err), kind=INVALID), final=True)
@@ -362,17 +372,19 @@ class _Sink:
 
     def __init__(self, transport: Transport, rows: list[GenerationRequest], acks: AckListener, *, stream: bool,
                  log_probs: bool, exclude_input: bool = True, ft_stream: bool = False,
-                 count_per_response: bool = False) -> None:
+                 count_per_response: bool = False, state: ResponseState | None = None) -> None:
         self.transport, self.acks = transport, acks
-        # Only our postprocessing acknowledges (stream_ack.py); an FT client's stream has no such partner.
-        self.key = acks.new_key() if stream else 0
-        self.state = StreamState(rows, stream=stream, log_probs=log_probs, exclude_input=exclude_input,
-                                 cumulative=ft_stream, count_per_response=count_per_response,
-                                 ack=(acks.port, self.key) if stream else (0, 0))
+        # Only our postprocessing acknowledges (stream_ack.py); an FT client's stream has no such partner, nor has a
+        # text core's own state (no postprocessing behind it).
+        self.key = acks.new_key() if stream and state is None else 0
+        self.state = state or StreamState(rows, stream=stream, log_probs=log_probs, exclude_input=exclude_input,
+                                          cumulative=ft_stream, count_per_response=count_per_response,
+                                          ack=(acks.port, self.key) if stream else (0, 0))
 
     def update(self, outputs: list[RowOutput]) -> None:
         self.transport.send(Reply(arrays=self.state.update(outputs)), final=False)
-        self.acks.sent(self.key)
+        if self.key:
+            self.acks.sent(self.key)
 
     def finish(self, outputs: list[RowOutput]) -> None:
         self.acks.forget(self.key)

@@ -248,13 +248,32 @@ def _final_texts(requests: Sequence[Mapping[str, np.ndarray]], tokenizer: GptTok
 
 def _outputs(text_output: np.ndarray, reasons: list[list[str]], beams: _Beams, counts: list[list[int]]
              ) -> dict[str, np.ndarray]:
+    return text_arrays(text_output.reshape(-1), reasons, beams.input_lengths[:, 0].tolist(), counts)
+
+
+def text_arrays(texts: np.ndarray | list[bytes], reasons: list[list[str]], prompt_lengths: list[int],
+                counts: list[list[int]]) -> dict[str, np.ndarray]:
+    """The text outputs of B rows x W beams: `texts` [B * W] UTF-8 bytes (row-major), per row its beams' finish
+    reasons and generated-token counts, and its prompt's length."""
     return {
         # [B * W] UTF-8 bytes, row-major: TRT-LLM's layout, which its clients read as text_output[0] (contract.py)
-        "text_output": text_output.reshape(-1),
+        "text_output": np.array(texts, dtype=np.object_) if isinstance(texts, list) else texts,
         "finish_reason": np.array([[reason.encode() for reason in row] for row in reasons], dtype=np.object_),
-        "num_input_tokens": beams.input_lengths[:, :1].astype(np.int32),  # [B, 1]
+        "num_input_tokens": np.array(prompt_lengths, dtype=np.int32).reshape(-1, 1),  # [B, 1]
         "num_output_tokens": np.array(counts, dtype=np.int32),  # [B, W]
     }
+
+
+def stream_piece(tokenizer: GptTokenizer, generated: list[int], num_new: int, reason: str, end_id: int,
+                 end_means_stop: bool = False) -> tuple[str, str, int]:
+    """One streamed response's text for one sequence: `generated` holds its generated tokens (or the last ones: enough
+    context before the `num_new` new ones, core_io.stream_tail), `reason` why it ended ("" while it runs).
+    Returns (text delta, finish reason, end tokens dropped). A last token equal to `end_id` that ended the sequence
+    (`reason` "stop", or any reason with `end_means_stop`: FT says none) adds no text and is not counted; the last
+    response flushes a held-back partial character as U+FFFD, as a full decode would."""
+    if generated and generated[-1] == end_id and (end_means_stop or reason == FINISH_STOP):
+        return (tokenizer.stream_delta(generated[:-1], num_new - 1, final=True) if num_new else ""), FINISH_STOP, 1
+    return (tokenizer.stream_delta(generated, num_new, final=bool(reason)) if num_new else ""), reason, 0
 
 
 def _stream_deltas(inputs: Mapping[str, np.ndarray], tokenizer: GptTokenizer, end_id: int) -> dict[str, np.ndarray]:
@@ -289,19 +308,16 @@ def _stream_deltas(inputs: Mapping[str, np.ndarray], tokenizer: GptTokenizer, en
                 num_new = 1 if total == newest and total > 0 else 0
             reason = FINISH_REASONS.get(codes[row][beam], "") if codes is not None else ""
             trim = trims[row][beam] if trims is not None else 0
-            last_is_end = bool(generated) and generated[-1] == end_id
-            if last_is_end and (reason == FINISH_STOP if codes is not None else True):
-                # the end id adds no text; flush a held-back partial character as U+FFFD, once
-                delta = tokenizer.stream_delta(generated[:-1], num_new - 1, final=True) if num_new else ""
-                total -= 1
-                reason = FINISH_STOP
-            elif echo or trim:  # a final response that was not streamed
+            ends_at_end_id = bool(generated) and generated[-1] == end_id and (codes is None or reason == FINISH_STOP)
+            if (echo or trim) and not ends_at_end_id:  # a final response that was not streamed
                 tokens = beams.output_ids[row, beam, :lengths[row][beam]].tolist() if echo else generated
                 num_new = len(tokens) - starts[row][beam] if echo and starts is not None else len(generated)
                 keep = len(tokens) - min(max(trim, 0), len(generated))
                 delta = tokenizer.stream_delta(tokens[:keep], num_new - (len(tokens) - keep), final=True)
-            else:  # the last response (finish_code set) flushes a held-back character, as a full decode would
-                delta = tokenizer.stream_delta(generated, num_new, final=bool(reason)) if num_new else ""
+            else:
+                delta, reason, dropped = stream_piece(tokenizer, generated, num_new, reason, end_id,
+                                                      end_means_stop=codes is None)
+                total -= dropped
             text_output[row, beam] = delta.encode("utf-8")
             reasons[row].append(reason)
             counts[row].append(total - (counted[row][beam] if counted is not None else 0))

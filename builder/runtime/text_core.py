@@ -5,7 +5,8 @@ of Triton's time even for an empty model on an H200 host, and in a streaming ens
 per response (docs/benchmarks.md: the ensemble added 3.0 ms to the first token). Here the core model does the same
 work in its own stub with the same plain modules: `preprocess_requests` turns each request's text inputs into the FT
 tensors the core parses, and `postprocess_requests` turns each reply into text on the thread that sends it (the
-sender thread of a decoupled core, never the engine's decode loop).
+sender thread of a decoupled core, never the engine's decode loop); a streamed request of one beam without log-probs
+gets its text straight from its tokens there (`_TextStream`, the same rule per sequence: postprocess.stream_piece).
 
 The model keeps the ensemble's tensors and name, so clients cannot tell the difference, and Triton cancels its
 requests itself (no stream acknowledgements: stream_ack.py is for a core behind an ensemble).
@@ -24,8 +25,9 @@ import numpy as np
 from . import contract
 from .contract import RequestError
 from .core_adapter import INTERNAL, INVALID, Reply, StreamingCore, Transport, run_static
+from .core_io import STREAM_CONTEXT_TOKENS, RowOutput
 from .metrics import EngineMetrics
-from .postprocess import PostprocessConfig, postprocess_requests
+from .postprocess import PostprocessConfig, postprocess_requests, stream_piece, text_arrays
 from .preprocess import PreprocessConfig, core_requests, preprocess_requests
 from .tokenizer import GptTokenizer
 
@@ -129,11 +131,45 @@ class TextCore:
                                                           self.core.limits))
         if isinstance(request, Reply):
             transport.send(request, final=True)
+        elif request.stream and not request.return_log_probs and request.rows[0].beam_width == 1:
+            self.core.submit_parsed(request, transport, _TextStream(self.codec, request.count_per_response))
         else:  # streaming postprocessing (the only kind a decoupled core has) reads nothing from preprocessing
             self.core.submit_parsed(request, _TextTransport(self.codec, transport, {}))
 
     def stop(self) -> str:
         return self.core.stop()
+
+
+class _TextStream:
+    """The responses of a streamed request of one beam without log-probs, straight from its rows' tokens: what
+    core_io.StreamState's tail arrays become through `TextCodec.reply`, without those arrays between: on an H200 host
+    0.06 ms of the stub's time per response where the arrays and their text took 0.18-0.24 (a token-id core's arrays:
+    0.10; docs/gpu/runs-2026-12-04d). tests/test_text_in_core.py holds the two ways equal."""
+
+    def __init__(self, codec: TextCodec, count_per_response: bool) -> None:
+        self.codec, self.count_per_response = codec, count_per_response
+        self.sent: list[int] | None = None  # each row's sequence length at the previous response
+
+    def update(self, outputs: Sequence[RowOutput]) -> dict[str, np.ndarray]:
+        texts, reasons, counts = [], [], []
+        for row, out in enumerate(outputs):
+            tokens, prompt = out.beams[0], out.prompt_len
+            length = len(tokens)
+            start = prompt if self.sent is None else self.sent[row]
+            # the new tokens and a few before them: a character split across tokens needs its first bytes
+            generated = tokens[max(prompt, min(start, length) - STREAM_CONTEXT_TOKENS):length].tolist()
+            reason = out.finish_reason if out.finished or out.cancelled else ""
+            text, reason, dropped = stream_piece(self.codec.tokenizer, generated, min(max(length - start, 0),
+                                                 len(generated)), reason, self.codec.post.end_id)
+            counted = start - prompt if self.count_per_response and self.sent is not None else 0
+            texts.append(text.encode("utf-8"))
+            reasons.append([reason])
+            counts.append([length - prompt - dropped - counted])
+        self.sent = [len(out.beams[0]) for out in outputs]
+        arrays = text_arrays(texts, reasons, [out.prompt_len for out in outputs], counts)
+        return {name: arrays[name] for name in self.codec.outputs if name in arrays}
+
+    final = update  # a streamed request's last response is an update with its finish reason
 
 
 class _TextTransport:
