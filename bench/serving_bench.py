@@ -56,6 +56,7 @@ import triton_trace  # bench/triton_trace.py: Triton's request trace read into t
 from builder.render import render_repository
 from builder.render_config import RenderConfig
 from builder.runtime.model_config import GptModelConfig
+from builder.runtime.tokenizer import GptTokenizer
 from builder.serve import ServerError, TritonServer
 from client.perf import (DEFAULT_TOKENIZER_DIR, find_perf_analyzer, load_tokenizer, model_info,
                          parse_concurrency, perf_analyzer_env, perf_analyzer_version, token_length_prompts)
@@ -747,6 +748,12 @@ def host_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     return f"{model}, {float(first['cpu MHz']):.0f} MHz" if first.get("cpu MHz") else model
 
 
+def prompt_encoder(folders: list[Path]) -> str:
+    """What the served text path encodes prompts with (tokenizer.py: tiktoken, or ~7x slower tokenizers), as this
+    Python sees it: on the GPU host the stub runs the same environment (scripts/gpu/setup.sh's venv)."""
+    return GptTokenizer.from_directory(folders[0]).encoder if folders else "-"
+
+
 # -- main --------------------------------------------------------------------------------------------------------------
 def parse_range(text: str, option: str) -> tuple[int, int]:
     try:
@@ -844,7 +851,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["settings"] = {
         "command": " ; ".join(result["commands"]), "repository": str(repo),
         "perf_analyzer": f"{binary} ({perf_analyzer_version(binary, perf_analyzer_env())})",
-        "client host cores": os.cpu_count(), "host CPU": host_cpu(), "levels": ",".join(map(str, args.levels)),
+        "client host cores": os.cpu_count(), "host CPU": host_cpu(), "prompt encoder": prompt_encoder(folders),
+        "levels": ",".join(map(str, args.levels)),
         "core levels": ",".join(map(str, args.core_levels)), "prompt tokens": args.prompt_tokens,
         "new tokens (= min tokens)": args.new_tokens, "window s": args.seconds, "mixed window s": args.mixed_seconds,
         "stability %": args.stability, "max trials": args.max_trials,

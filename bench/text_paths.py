@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "command": " ".join([Path(sys.executable).name, *sys.argv])}
     classic, text = build(args, result)
     tokenizer = GptTokenizer.from_directory(text / TEXT_CORE / "1")
+    result["prompt_encoder"] = tokenizer.encoder  # the stub's too: the same environment
     with TritonServer.on_free_ports(classic, startup_timeout_s=900,
                                     extra_args=[f"--model-repository={text}"]) as server:
         triton = gpu_bench.Triton(server.grpc_url, streaming=True)

@@ -261,6 +261,7 @@ def test_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
         assert isinstance(result[key], (int, float)) and math.isfinite(result[key]), (key, result[key])
     assert result["streamed_tokens_per_s_c256"] is None
     assert result["settings"]["host CPU"] == serving_bench.host_cpu()
+    assert result["settings"]["prompt encoder"].startswith("tiktoken ")  # the fast path, as pyproject installs it
 
     runs = {(run["name"], run["concurrency"]): run for run in result["runs"]}
     assert set(runs) == {("streamed", 1), ("streamed", 64), ("not_streamed", 1), ("not_streamed", 64),
@@ -383,6 +384,7 @@ def test_text_paths_times_the_three_paths_in_one_server(tmp_path: Path) -> None:
     assert completed.returncode == 0, completed.stderr[-4000:]
     result = json.loads(out.read_text())
     assert list(result["prompts"]) == ["24", "8"] and result["host_cpu"] == serving_bench.host_cpu()
+    assert result["prompt_encoder"].startswith("tiktoken ")
     for found in result["prompts"].values():
         for kind in ("ttft", "latency"):
             medians = {path: found[f"{kind}_ms_{path}"]["p50"] for path in ("ensemble", "text_core", "gpt3_1.3b")}

@@ -51,3 +51,5 @@ export TRITON_BACKEND_DIR="$_tritonserver/backends"
 export PERF_ANALYZER="$_rt/perf_analyzer"
 export GPU_HOST_PYTHON="$_gpu_dir/host-python"
 python -c 'import numpy, torch; print("gpu env: numpy", numpy.__version__, "torch", torch.__version__, "cuda", torch.cuda.is_available())'
+# A kit packed without tiktoken still serves, with prompts encoded ~7x slower (README, troubleshooting): say so here.
+python -c 'import tiktoken' 2>/dev/null || echo "setup.sh: WARNING: no tiktoken in .gpu/venv: prompts encode with tokenizers, ~7x slower; pack the kit with scripts/gpu/pack.sh" >&2
