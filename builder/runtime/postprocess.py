@@ -237,27 +237,18 @@ def _final_texts(requests: Sequence[Mapping[str, np.ndarray]], tokenizer: GptTok
             results.append(plan)
             continue
         beams, reasons, counts = plan
-        batch, width = beams.sequence_length.shape
-        text_output = np.empty((batch, width), dtype=np.object_)
-        for row in range(batch):
-            for beam in range(width):
-                text_output[row, beam] = next(texts).encode("utf-8")
-        results.append(_outputs(text_output, reasons, beams, counts))
+        texts_of_plan = [next(texts).encode("utf-8") for _ in range(beams.sequence_length.size)]  # row-major
+        results.append(text_arrays(texts_of_plan, reasons, beams.input_lengths[:, 0].tolist(), counts))
     return results
 
 
-def _outputs(text_output: np.ndarray, reasons: list[list[str]], beams: _Beams, counts: list[list[int]]
-             ) -> dict[str, np.ndarray]:
-    return text_arrays(text_output.reshape(-1), reasons, beams.input_lengths[:, 0].tolist(), counts)
-
-
-def text_arrays(texts: np.ndarray | list[bytes], reasons: list[list[str]], prompt_lengths: list[int],
-                counts: list[list[int]]) -> dict[str, np.ndarray]:
+def text_arrays(texts: list[bytes], reasons: list[list[str]], prompt_lengths: list[int], counts: list[list[int]]
+                ) -> dict[str, np.ndarray]:
     """The text outputs of B rows x W beams: `texts` [B * W] UTF-8 bytes (row-major), per row its beams' finish
     reasons and generated-token counts, and its prompt's length."""
     return {
         # [B * W] UTF-8 bytes, row-major: TRT-LLM's layout, which its clients read as text_output[0] (contract.py)
-        "text_output": np.array(texts, dtype=np.object_) if isinstance(texts, list) else texts,
+        "text_output": np.array(texts, dtype=np.object_),
         "finish_reason": np.array([[reason.encode() for reason in row] for row in reasons], dtype=np.object_),
         "num_input_tokens": np.array(prompt_lengths, dtype=np.int32).reshape(-1, 1),  # [B, 1]
         "num_output_tokens": np.array(counts, dtype=np.int32),  # [B, W]
@@ -271,9 +262,13 @@ def stream_piece(tokenizer: GptTokenizer, generated: list[int], num_new: int, re
     Returns (text delta, finish reason, end tokens dropped). A last token equal to `end_id` that ended the sequence
     (`reason` "stop", or any reason with `end_means_stop`: FT says none) adds no text and is not counted; the last
     response flushes a held-back partial character as U+FFFD, as a full decode would."""
-    if generated and generated[-1] == end_id and (end_means_stop or reason == FINISH_STOP):
+    if _ended_by_end_id(generated, end_id, reason, end_means_stop):
         return (tokenizer.stream_delta(generated[:-1], num_new - 1, final=True) if num_new else ""), FINISH_STOP, 1
     return (tokenizer.stream_delta(generated, num_new, final=bool(reason)) if num_new else ""), reason, 0
+
+
+def _ended_by_end_id(generated: list[int], end_id: int, reason: str, end_means_stop: bool) -> bool:
+    return bool(generated) and generated[-1] == end_id and (end_means_stop or reason == FINISH_STOP)
 
 
 def _stream_deltas(inputs: Mapping[str, np.ndarray], tokenizer: GptTokenizer, end_id: int) -> dict[str, np.ndarray]:
@@ -293,7 +288,7 @@ def _stream_deltas(inputs: Mapping[str, np.ndarray], tokenizer: GptTokenizer, en
     # delta_start before the prompt's end: a final response repeats the prompt (exclude_input_in_output false)
     echo = starts is not None and not beams.is_tail and any(
         0 <= start < prompt for row in zip(starts, prompt_lengths) for start, prompt in zip(*row))
-    text_output = np.empty((batch, width), dtype=np.object_)
+    texts: list[bytes] = []  # row-major
     reasons: list[list[str]] = []
     counts: list[list[int]] = []
     for row in range(batch):
@@ -308,8 +303,8 @@ def _stream_deltas(inputs: Mapping[str, np.ndarray], tokenizer: GptTokenizer, en
                 num_new = 1 if total == newest and total > 0 else 0
             reason = FINISH_REASONS.get(codes[row][beam], "") if codes is not None else ""
             trim = trims[row][beam] if trims is not None else 0
-            ends_at_end_id = bool(generated) and generated[-1] == end_id and (codes is None or reason == FINISH_STOP)
-            if (echo or trim) and not ends_at_end_id:  # a final response that was not streamed
+            if (echo or trim) and not _ended_by_end_id(generated, end_id, reason, codes is None):
+                # a final response that was not streamed
                 tokens = beams.output_ids[row, beam, :lengths[row][beam]].tolist() if echo else generated
                 num_new = len(tokens) - starts[row][beam] if echo and starts is not None else len(generated)
                 keep = len(tokens) - min(max(trim, 0), len(generated))
@@ -318,10 +313,10 @@ def _stream_deltas(inputs: Mapping[str, np.ndarray], tokenizer: GptTokenizer, en
                 delta, reason, dropped = stream_piece(tokenizer, generated, num_new, reason, end_id,
                                                       end_means_stop=codes is None)
                 total -= dropped
-            text_output[row, beam] = delta.encode("utf-8")
+            texts.append(delta.encode("utf-8"))
             reasons[row].append(reason)
             counts[row].append(total - (counted[row][beam] if counted is not None else 0))
-    return _outputs(text_output, reasons, beams, counts)
+    return text_arrays(texts, reasons, [row[0] for row in prompt_lengths], counts)
 
 
 def postprocess_requests(requests: Sequence[Mapping[str, np.ndarray]], tokenizer: GptTokenizer,

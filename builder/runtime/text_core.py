@@ -151,10 +151,12 @@ class _TextStream:
         self.sent: list[int] | None = None  # each row's sequence length at the previous response
 
     def update(self, outputs: Sequence[RowOutput]) -> dict[str, np.ndarray]:
-        texts, reasons, counts = [], [], []
+        texts, reasons, counts, lengths, prompts = [], [], [], [], []
         for row, out in enumerate(outputs):
             tokens, prompt = out.beams[0], out.prompt_len
             length = len(tokens)
+            lengths.append(length)
+            prompts.append(prompt)
             start = prompt if self.sent is None else self.sent[row]
             # the new tokens and a few before them: a character split across tokens needs its first bytes
             generated = tokens[max(prompt, min(start, length) - STREAM_CONTEXT_TOKENS):length].tolist()
@@ -165,8 +167,8 @@ class _TextStream:
             texts.append(text.encode("utf-8"))
             reasons.append([reason])
             counts.append([length - prompt - dropped - counted])
-        self.sent = [len(out.beams[0]) for out in outputs]
-        arrays = text_arrays(texts, reasons, [out.prompt_len for out in outputs], counts)
+        self.sent = lengths
+        arrays = text_arrays(texts, reasons, prompts, counts)
         return {name: arrays[name] for name in self.codec.outputs if name in arrays}
 
     final = update  # a streamed request's last response is an update with its finish reason
