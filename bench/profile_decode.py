@@ -105,6 +105,7 @@ def kernel_choices(best: DecodeKernels) -> dict[str, DecodeKernels]:
             "all but skinny": replace(best, skinny_rows=0, skinny_residual_rows=0),
             "all, no split residual": replace(best, skinny_residual_rows=0),
             "all, plain launches": replace(best, pdl=False),
+            "all, add + LayerNorm kernels": replace(best, norm_in_gemv=False),
             "all, skinny <= 64": replace(best, skinny_rows=64), "all": best}
 
 

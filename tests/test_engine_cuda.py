@@ -78,6 +78,7 @@ def test_fused_decode_kernels_match_eager_ops(tiny: TinyGpt, dtype: torch.dtype,
                                   kv_cache_dtype=kv_cache_dtype).model
     best = replace(model.kernels, skinny_rows=16)  # the skinny GEMM too (the fp32 default leaves it to cuBLAS)
     assert best.fused_norm and best.attention and best.gemm_epilogue
+    assert best.norm_in_gemv == model.norms_folded == (dtype != torch.float32)  # the norms inside the GEMVs: fp16
     prompts = torch.randint(1, 500, (5, 9), generator=torch.Generator().manual_seed(5)).cuda()
     lengths = torch.tensor([9, 1, 4, 7, 2], device="cuda")  # ragged: rows decode at their own positions
 
@@ -95,7 +96,8 @@ def test_fused_decode_kernels_match_eager_ops(tiny: TinyGpt, dtype: torch.dtype,
     eager_logits, eager_cache = run(DecodeKernels(), [])
     tolerance, cache_tolerance = _tolerances(dtype, kv_cache_dtype)
     for kernels in (replace(DecodeKernels(), fused_norm=True), replace(DecodeKernels(), attention=True),
-                    replace(DecodeKernels(), gemm_epilogue=True), replace(DecodeKernels(), skinny_rows=16), best):
+                    replace(DecodeKernels(), gemm_epilogue=True), replace(DecodeKernels(), skinny_rows=16),
+                    replace(best, norm_in_gemv=False), best):
         logits, cache = run(kernels, eager_logits)
         for got, want in zip(logits, eager_logits):
             torch.testing.assert_close(got.float(), want.float(), **tolerance, msg=lambda m, k=kernels: f"{k}: {m}")
@@ -138,7 +140,8 @@ def test_dependent_launches_in_cuda_graphs_change_no_bit(tiny: TinyGpt) -> None:
 def test_split_residual_gemms_past_the_skinny_rows_match_eager_ops() -> None:
     """Past the skinny rows (16), the attention-output and FC2 GEMMs run as skinny split-K partials that the add +
     LayerNorm sums (QKV and FC1 stay on cuBLAS). The tiny test model is too narrow to split, so this one has hidden
-    1024 (random weights): logits of 4 decode steps at 24, 64 and 96 rows (two tiles of rows) against the eager ops."""
+    1024 (random weights): logits of 4 decode steps at 24, 64 and 96 rows (two tiles of rows) against the eager ops;
+    and at 5 rows, where every GEMM is skinny and the split ones add the residual themselves (norm_in_gemv)."""
     config = GptModelConfig(head_num=8, size_per_head=128, inter_size=4096, num_layer=2, vocab_size=512,
                             max_pos_seq_len=64, start_id=0, end_id=0, weight_data_type="fp16")
     generator = torch.Generator(device="cuda").manual_seed(11)
@@ -164,7 +167,8 @@ def test_split_residual_gemms_past_the_skinny_rows_match_eager_ops() -> None:
             positions += 1
         return logits
 
-    for rows in (24, 64, 96):
+    assert default.norm_in_gemv
+    for rows in (5, 24, 64, 96):
         prompts = torch.randint(1, 500, (rows, 7), device="cuda", generator=generator)
         lengths = torch.randint(1, 8, (rows,), device="cuda", generator=generator)
         eager = run(DecodeKernels(), prompts, lengths, [])
@@ -196,6 +200,48 @@ def test_skinny_linear_matches_the_eager_product(rows: int) -> None:
         partials = gpt_kernels.skinny_linear(x, w, split_k=2, block_n=16, block_k=128, num_warps=warps, pdl=pdl)
         assert partials.shape == (2, rows, 384) and partials.dtype == torch.float32
         torch.testing.assert_close(partials.sum(0), exact - b.float(), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 40])
+@torch.inference_mode()
+def test_skinny_gemms_into_the_residual_and_from_its_norm_match_the_eager_ops(rows: int) -> None:
+    """The residual add inside the skinny GEMM (whole and split over K: the last split of a tile sums the partials)
+    with the block sums it leaves, then the next GEMM applying the LayerNorm (folded into its weights) to its product:
+    against the eager ops (x + linear(...) in fp16, layer_norm, linear), several times, so the tile counters must be
+    left zero for the next call."""
+    from builder.runtime import gpt_kernels
+
+    generator = torch.Generator(device="cuda").manual_seed(100 + rows)
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(*shape, device="cuda", dtype=torch.float16, generator=generator) * scale
+
+    hidden, wide = 256, 1024
+    x, up = randn(rows, hidden, scale=3.0) + 0.5, randn(rows, wide)  # a mean the LayerNorm must remove
+    w_in, b_in = randn(hidden, wide, scale=0.05), randn(hidden)
+    w_out, b_out = randn(384, hidden, scale=0.05), randn(384)
+    gain, shift = 1.0 + randn(hidden, scale=0.1), randn(hidden, scale=0.1)
+    folded, folded_bias, column_sums = gpt_kernels.fold_layer_norm(w_out, b_out, gain, shift)
+    counters = torch.zeros(64, dtype=torch.int32, device="cuda")
+    pdl = gpt_kernels.pdl_supported(x.device)
+    summed = x + F.linear(up, w_in, b_in)  # the eager ops, in fp16
+    for split_k in (1, 2, 4, 1, 4):
+        for warps in (2, 4):
+            out, stats = gpt_kernels.skinny_linear_residual(up, w_in, b_in, x, counters, split_k=split_k, block_n=32,
+                                                             block_k=128, num_warps=warps, pdl=pdl)
+            assert not counters.any(), "the last split of each tile zeroes its counter"
+            torch.testing.assert_close(out, summed, rtol=2e-3, atol=2e-2)
+            assert stats.shape == (rows, hidden // 32, 2)
+            blocks = out.float().view(rows, -1, 32)
+            torch.testing.assert_close(stats, torch.stack([blocks.sum(-1), blocks.square().sum(-1)], -1),
+                                       rtol=1e-5, atol=1e-3)
+            normed = gpt_kernels.skinny_linear(out, folded, folded_bias, activation="gelu_tanh", num_warps=warps,
+                                               pdl=pdl, norm=gpt_kernels.LayerNormIn(stats, column_sums, 1e-5))
+            want = F.gelu(F.linear(F.layer_norm(out, (hidden,), gain, shift, 1e-5), w_out, b_out).float(),
+                          approximate="tanh")
+            torch.testing.assert_close(normed.float(), want, rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="counters must be int32"):
+        gpt_kernels.skinny_linear_residual(up, w_in, b_in, x, counters[:2], split_k=2)
 
 
 def _reference_prefill_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,

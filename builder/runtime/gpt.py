@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from .model_config import KV_CACHE_DTYPES, GptModelConfig
 
 if TYPE_CHECKING:
+    from .gpt_kernels import LayerNormIn
     from .tensor_parallel import TensorShard
 
 # One layer's attention of a step: (layer, qkv [n, 3H], positions [n], kv_len) -> [n, H].
@@ -68,6 +69,9 @@ class _Layer:
     fc1_bias: torch.Tensor
     fc2_weight: torch.Tensor  # [H, F]
     fc2_bias: torch.Tensor
+    # With the LayerNorms folded into QKV and FC1 (GptModel.norms_folded): those weights' row sums, fp32 [3H], [F]
+    qkv_column_sums: torch.Tensor | None = None
+    fc1_column_sums: torch.Tensor | None = None
 
 
 def expected_shapes(config: GptModelConfig, tp: int = 1) -> dict[str, tuple[int, ...]]:
@@ -136,6 +140,10 @@ class DecodeKernels:
     # output columns 32 tiles for 132 SMs; the split runs 256 programs: -3.5 to -5.5 % of the step at 24-64 rows on
     # an H200 (docs/gpu/runs-2026-12-02f). QKV and FC1 stay on cuBLAS there.
     skinny_residual_rows: int = 0
+    # Up to skinny_rows rows, each GEMV into the residual (attention output, FC2) also adds the residual and leaves the
+    # sums the next LayerNorm needs, and the GEMV after that LayerNorm (FC1, the next QKV) applies it to its product:
+    # 5 kernels a layer instead of 7. Needs the LayerNorms' gains and biases folded into the weights (norms_folded).
+    norm_in_gemv: bool = False
     pdl: bool = False  # launch the Triton kernels as programmatic dependents (Hopper): no launch gap between them
     # A plain greedy step's token selection in two Triton kernels instead of ~30 PyTorch ops (select_kernels.py; the
     # in-flight scheduler's step graphs use it).
@@ -154,6 +162,7 @@ class DecodeKernels:
         half = dtype in (torch.float16, torch.bfloat16)
         return cls(fused_norm=True, attention=d >= 16 and d & (d - 1) == 0, gemm_epilogue=True,
                    skinny_rows=16 if half else 0, skinny_residual_rows=SPLIT_RESIDUAL_ROWS if half else 0,
+                   norm_in_gemv=half and os.environ.get("GPT_TRITON_NORM_IN_GEMV", "1") != "0",  # "0": A/B runs
                    pdl=pdl, fused_select=os.environ.get("GPT_TRITON_FUSED_SELECT", "1") != "0")  # "0": A/B runs
 
 
@@ -248,7 +257,10 @@ class GptModel:
             "fc1": _skinny_plan(f, h, may_split=False), "fc2": _skinny_plan(h, f, may_split=True),
             "lm_head": _skinny_plan(self.lm_head.shape[0], h, may_split=False),
             "out_wide": _skinny_plan(h, hs, may_split=True, block_n=64, target_programs=128, num_warps=4),
-            "fc2_wide": _skinny_plan(h, f, may_split=True, block_n=64, target_programs=128, num_warps=4)}
+            "fc2_wide": _skinny_plan(h, f, may_split=True, block_n=64, target_programs=128, num_warps=4),
+            # norm_in_gemv's GEMVs into the residual: whole, so that no partials go through memory before the add
+            "out_residual": _skinny_plan(h, hs, may_split=False, block_n=16),
+            "fc2_residual": _skinny_plan(h, f, may_split=False, block_n=16)}
         kernels = DecodeKernels.for_model(config, self.device, dtype)
         if any(plan is None for plan in self.skinny_plans.values()):
             kernels = replace(kernels, skinny_rows=0, skinny_residual_rows=0)
@@ -257,6 +269,22 @@ class GptModel:
             raise ValueError("kv_cache_dtype fp8 on a GPU needs the Triton attention kernels: Triton installed and a "
                              f"power-of-two head size (this model's is {config.size_per_head})")
         self.kernels = kernels  # settable (benchmarks compare choices); read by each decode call and graph capture
+        # The skinny GEMVs into the residual count their split-K programs per output tile here (left zero again).
+        self._tile_counters = torch.zeros(-(-h // 16), dtype=torch.int32, device=self.device)
+        # Where norm_in_gemv may run (fp16/bf16 on CUDA, one rank), the layers' LayerNorm gains and biases are folded
+        # into QKV and FC1 (gpt_kernels.fold_layer_norm; the norms keep gain 1 and bias 0, so every path computes the
+        # same function). The final norm is not: the LM head may be the embedding table itself.
+        self.norms_folded = kernels.norm_in_gemv and self.shard is None
+        if self.norms_folded:
+            from . import gpt_kernels
+
+            for layer in self.layers:
+                layer.qkv_weight, layer.qkv_bias, layer.qkv_column_sums = gpt_kernels.fold_layer_norm(
+                    layer.qkv_weight, layer.qkv_bias, layer.ln1_weight, layer.ln1_bias)
+                layer.fc1_weight, layer.fc1_bias, layer.fc1_column_sums = gpt_kernels.fold_layer_norm(
+                    layer.fc1_weight, layer.fc1_bias, layer.ln2_weight, layer.ln2_bias)
+                layer.ln1_weight, layer.ln2_weight = (torch.ones_like(w) for w in (layer.ln1_weight, layer.ln2_weight))
+                layer.ln1_bias, layer.ln2_bias = (torch.zeros_like(b) for b in (layer.ln1_bias, layer.ln2_bias))
 
     def allocate_cache(self, slots: int, max_seq_len: int) -> None:
         if not 1 <= max_seq_len <= self.config.max_pos_seq_len:
@@ -312,8 +340,9 @@ class GptModel:
         return x, F.layer_norm(x, (self.hidden,), weight, ln_bias, eps)
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: str, *,
-                skinny: bool, activation: bool = False) -> torch.Tensor:
-        """x @ weight^T + bias (then the MLP activation if asked): the skinny GEMM, cuBLASLt epilogue, or eager."""
+                skinny: bool, activation: bool = False, norm: LayerNormIn | None = None) -> torch.Tensor:
+        """x @ weight^T + bias (then the MLP activation if asked): the skinny GEMM, cuBLASLt epilogue, or eager.
+        norm (skinny only): x is the residual stream, normalized inside the GEMM (`gpt_kernels.LayerNormIn`)."""
         if skinny:
             from . import gpt_kernels
 
@@ -322,7 +351,7 @@ class GptModel:
             assert shape is not None  # skinny is off (skinny_rows=0) when any weight has no plan: see __init__
             return gpt_kernels.skinny_linear(x, weight, bias, activation=act, block_k=shape.block_k,
                                              block_n=shape.block_n, num_stages=shape.num_stages,
-                                             num_warps=shape.num_warps, pdl=self.kernels.pdl)
+                                             num_warps=shape.num_warps, pdl=self.kernels.pdl, norm=norm)
         if activation and self.kernels.gemm_epilogue and bias is not None:
             # cuBLASLt's GELU epilogue is the tanh approximation (ATen's own fallback for it is gelu(tanh)); on an
             # H100 it was closer to fp32 gelu(tanh) than fp16 linear + gelu (bench/profile_decode.py).
@@ -484,6 +513,8 @@ class GptModel:
         first = self.layers[0]
         x, h = self._add_norm(F.embedding(tokens, self.wte), F.embedding(positions, self.wpe), None,
                               first.ln1_weight, first.ln1_bias)  # [n, H] each
+        if skinny and self.kernels.norm_in_gemv and self.norms_folded:
+            return self._layers_with_norms_in_gemvs(x, h, attend, positions, kv_len)
         for i, layer in enumerate(self.layers):
             qkv = self._linear(h, layer.qkv_weight, layer.qkv_bias, "qkv", skinny=skinny)  # [n, 3H]
             attn = attend(i, qkv, positions, kv_len)  # [n, H]
@@ -496,6 +527,40 @@ class GptModel:
             x, h = self._add_norm(x, delta, bias, *self._next_norm(i))
         logits = self._linear(h, self.lm_head, None, "lm_head", skinny=skinny)
         return logits if self.shard is None else self.shard.gather_vocab(logits)
+
+    def _layers_with_norms_in_gemvs(self, x: torch.Tensor, h: torch.Tensor, attend: Attention, positions: torch.Tensor,
+                                    kv_len: int) -> torch.Tensor:
+        """`decode`'s layers and LM head for `DecodeKernels.norm_in_gemv`: x [n, H] the residual stream, h its first
+        LayerNorm -> logits [n, V]. Each GEMV into the residual leaves the new stream and its block sums (`stats`), from
+        which the GEMV after the next LayerNorm normalizes its product (the norms' affine parts are in its weights)."""
+        from . import gpt_kernels
+
+        eps = self.config.layernorm_eps
+
+        def into_residual(x: torch.Tensor, delta_in: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                          plan: str) -> tuple[torch.Tensor, torch.Tensor]:
+            shape = self.skinny_plans[plan]
+            assert shape is not None  # see _linear
+            return gpt_kernels.skinny_linear_residual(
+                delta_in, weight, bias, x, self._tile_counters, split_k=shape.split_k, block_n=shape.block_n,
+                block_k=shape.block_k, num_stages=shape.num_stages, num_warps=shape.num_warps, pdl=self.kernels.pdl)
+
+        stats = None  # layer 0's QKV reads h (the first add + LayerNorm kernel's)
+        for i, layer in enumerate(self.layers):
+            assert layer.qkv_column_sums is not None and layer.fc1_column_sums is not None  # norms_folded
+            norm = None if stats is None else gpt_kernels.LayerNormIn(stats, layer.qkv_column_sums, eps)
+            qkv = self._linear(h if norm is None else x, layer.qkv_weight, layer.qkv_bias, "qkv", skinny=True,
+                               norm=norm)  # [n, 3H]
+            attn = attend(i, qkv, positions, kv_len)  # [n, H]
+            x, stats = into_residual(x, attn, layer.attn_out_weight, layer.attn_out_bias, "out_residual")
+            up = self._linear(x, layer.fc1_weight, layer.fc1_bias, "fc1", skinny=True, activation=True,
+                              norm=gpt_kernels.LayerNormIn(stats, layer.fc1_column_sums, eps))
+            if i + 1 < len(self.layers):
+                x, stats = into_residual(x, up, layer.fc2_weight, layer.fc2_bias, "fc2_residual")
+        # The final norm, not folded (see __init__), as the add + LayerNorm kernel.
+        delta, bias = self._linear_into_residual(up, layer.fc2_weight, layer.fc2_bias, "fc2", skinny=True, split=True)
+        _, h = self._add_norm(x, delta, bias, *self.final_ln)
+        return self._linear(h, self.lm_head, None, "lm_head", skinny=True)
 
     def _fused_attention(self, i: int, qkv: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         from . import gpt_kernels

@@ -6,7 +6,10 @@ microseconds. These kernels fuse those small ops and stream the weights for few 
 of the memory bandwidth than cuBLAS's GEMV choices:
 - `add_layer_norm`: residual + delta (+ bias, + split-K partial sums) and the next LayerNorm in one pass;
 - `skinny_linear`: x @ W^T for few rows, either finished (bias + activation epilogue) or as split-K fp32 partials
-  that `add_layer_norm` sums (so the split costs no extra kernel);
+  that `add_layer_norm` sums (so the split costs no extra kernel); it may apply a LayerNorm to x as it loads it
+  (`LayerNormIn`), from the block sums that `skinny_linear_residual` left;
+- `skinny_linear_residual`: residual + x @ W^T + bias, with those block sums, in one kernel even when split over K
+  (the last program of a tile to finish sums the tile's partials): with the norm above, no add + LayerNorm kernel;
 - `decode_attention`: one query per row over its own cached keys (positions <= its position only, so a row never
   reads the rest of the kv bucket), writing the step's K/V into the cache in the same kernel; buckets over 256 keys
   are split over the keys (a small combine kernel merges the splits), or at many rows run as `prefill_attention`'s
@@ -25,6 +28,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -140,17 +144,32 @@ def _gelu_tanh(x):
 
 @triton.jit
 def _skinny_linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n, k, k_per_split,
+                          norm_stats_ptr, column_sums_ptr, eps,
+                          residual_ptr, partial_ptr, counter_ptr, stats_ptr,
                           SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
                           IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          NORM_BLOCKS: tl.constexpr, NORM_BLOCKS_POW2: tl.constexpr, LATE_STATS: tl.constexpr,
+                          RESIDUAL: tl.constexpr,
                           USE_PDL: tl.constexpr):
     block_n, split, block_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     k_start = split * k_per_split
-    if SPLIT_K == 1 and HAS_BIAS:  # before the wait (the PDL note above), not after the loop
+    if HAS_BIAS and (SPLIT_K == 1 or RESIDUAL):  # before the wait (the PDL note above), not after the loop
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < n, other=0.0).to(tl.float32)
+    if NORM_BLOCKS > 0:
+        column_sums = tl.load(column_sums_ptr + offs_n, mask=offs_n < n, other=0.0)
     _wait_previous(USE_PDL)
+    if NORM_BLOCKS > 0:  # x is the residual stream: its mean and rstd from the block sums its producer left
+        slots = tl.arange(0, NORM_BLOCKS_POW2)
+        at = (offs_m[:, None] * NORM_BLOCKS + slots[None, :]) * 2  # stats [rows, NORM_BLOCKS, (sum, sum of squares)]
+        used = (offs_m[:, None] < rows) & (slots[None, :] < NORM_BLOCKS)
+        sums = tl.load(norm_stats_ptr + at, mask=used, other=0.0)
+        squares = tl.load(norm_stats_ptr + at + 1, mask=used, other=0.0)
+        if not LATE_STATS:  # summed before the loop: its first loads wait for these
+            mean = tl.sum(sums, axis=1) / k
+            rstd = 1.0 / tl.sqrt(tl.maximum(tl.sum(squares, axis=1) / k - mean * mean, 0.0) + eps)  # [BLOCK_M]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
         ks = k0 + offs_k
@@ -160,49 +179,153 @@ def _skinny_linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n, k, k_per_spl
             acc += tl.dot(x, tl.trans(w), input_precision="ieee")
         else:
             acc += tl.dot(x, tl.trans(w))
+    if NORM_BLOCKS > 0:  # (x - mean) rstd @ W^T = (x @ W^T - mean * W's row sums) rstd
+        if LATE_STATS:  # loaded before the loop, summed after it: in flight while the weights stream
+            mean = tl.sum(sums, axis=1) / k
+            rstd = 1.0 / tl.sqrt(tl.maximum(tl.sum(squares, axis=1) / k - mean * mean, 0.0) + eps)  # [BLOCK_M]
+        acc = (acc - mean[:, None] * column_sums[None, :]) * rstd[:, None]
     inside = (offs_m[:, None] < rows) & (offs_n[None, :] < n)
-    if SPLIT_K == 1:
+    at = offs_m[:, None] * n + offs_n[None, :]
+    if RESIDUAL:
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                acc += bias[None, :]
+            _into_residual(acc, residual_ptr, out_ptr, stats_ptr, offs_m, offs_n, rows, n, block_n)
+        else:
+            # The tile's last split to arrive sums all the partials (in split order: the same bits whichever is
+            # last) and finishes the tile: no second kernel. The barrier puts every thread's partial before the
+            # release; the partials are read past L1 (another program's writes).
+            tl.store(partial_ptr + split * rows * n + at, acc, mask=inside)
+            tl.debug_barrier()
+            tile = counter_ptr + block_m * tl.num_programs(0) + block_n
+            if tl.atomic_add(tile, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+                total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for part in tl.static_range(SPLIT_K):
+                    total += tl.load(partial_ptr + part * rows * n + at, mask=inside, other=0.0, cache_modifier=".cg")
+                tl.store(tile, 0)  # zero again for the next GEMV into the residual (it starts after this kernel ends)
+                if HAS_BIAS:
+                    total += bias[None, :]
+                _into_residual(total, residual_ptr, out_ptr, stats_ptr, offs_m, offs_n, rows, n, block_n)
+    elif SPLIT_K == 1:
         if HAS_BIAS:
             acc += bias[None, :]
         if ACTIVATION == 1:
             acc = _gelu_tanh(acc)
         elif ACTIVATION == 2:
             acc = tl.maximum(acc, 0.0)
-        tl.store(out_ptr + offs_m[:, None] * n + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=inside)
+        tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=inside)
     else:  # fp32 partial sums [SPLIT_K, rows, n]; the consumer adds them (and the bias)
-        tl.store(out_ptr + (split * rows + offs_m[:, None]) * n + offs_n[None, :], acc, mask=inside)
+        tl.store(out_ptr + split * rows * n + at, acc, mask=inside)
+
+
+@triton.jit
+def _into_residual(delta, residual_ptr, out_ptr, stats_ptr, offs_m, offs_n, rows, n, block_n):
+    """out = residual + delta for one tile, rounded as the eager ops round (x + linear(...) in the storage dtype), and
+    the tile's per-row sum and sum of squares of out: the slots the next LayerNorm reads (stats [rows, blocks, 2])."""
+    inside = (offs_m[:, None] < rows) & (offs_n[None, :] < n)
+    at = offs_m[:, None] * n + offs_n[None, :]
+    dtype = out_ptr.dtype.element_ty
+    residual = tl.load(residual_ptr + at, mask=inside, other=0.0).to(tl.float32)
+    summed = (residual + delta.to(dtype).to(tl.float32)).to(dtype)
+    tl.store(out_ptr + at, summed, mask=inside)
+    s = tl.where(inside, summed.to(tl.float32), 0.0)
+    slot = stats_ptr + (offs_m * tl.num_programs(0) + block_n) * 2
+    tl.store(slot, tl.sum(s, axis=1), mask=offs_m < rows)
+    tl.store(slot + 1, tl.sum(s * s, axis=1), mask=offs_m < rows)
+
+
+# Whether the skinny GEMM sums a LayerNorm's block sums after its loop (loaded before it), or before the loop.
+LATE_NORM_STATS = True
+
+
+class LayerNormIn(NamedTuple):
+    """A LayerNorm without its affine part, applied by `skinny_linear` to its input: x is then the residual stream
+    itself, `stats` the per-row block sums [rows, blocks, 2] (fp32) that `skinny_linear_residual` left with it, and
+    `column_sums` weight.float().sum(1) [N]. The product is computed from x as loaded (x @ W^T, then minus the mean
+    times the column sums, times rstd): no elementwise work between the load of x and the dot, which would cost the
+    loop its pipelining (normalizing each tile of x as loaded made the GEMVs 2.5x slower on an H200,
+    docs/gpu/runs-2026-12-04e). The LayerNorm's gain and bias are in the weight and bias (`fold_layer_norm`)."""
+
+    stats: torch.Tensor
+    column_sums: torch.Tensor
+    eps: float
+
+
+def fold_layer_norm(weight: torch.Tensor, bias: torch.Tensor, gain: torch.Tensor,
+                    shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """linear(layer_norm(x, gain, shift), weight, bias) = linear(layer_norm(x), weight * gain, bias + weight @ shift):
+    -> (that weight, that bias, the weight's row sums in fp32 for `LayerNormIn`)."""
+    folded = (weight.float() * gain.float()[None, :]).to(weight.dtype)
+    return folded, (bias.float() + weight.float() @ shift.float()).to(bias.dtype), folded.float().sum(1)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                   activation: str = "none", split_k: int = 1, block_n: int = 32, block_k: int = 128,
-                  num_warps: int = 4, num_stages: int = 5, pdl: bool = False) -> torch.Tensor:
+                  num_warps: int = 4, num_stages: int = 5, pdl: bool = False,
+                  norm: LayerNormIn | None = None) -> torch.Tensor:
     """x [rows, K] @ weight[N, K]^T (+ bias, activation) -> [rows, N] in x's dtype; or, with split_k > 1,
     the unreduced fp32 partials [split_k, rows, N] (no bias, no activation: `add_layer_norm` finishes them).
     Each program takes up to SKINNY_TILE_ROWS rows: past them the weights are read once per tile of rows.
 
+    norm: the product is of layer_norm(x) without its affine part (`LayerNormIn`): no LayerNorm kernel before it.
     pdl: launch it as a programmatic dependent of the previous kernel (Hopper)."""
+    if split_k > 1 and (bias is not None or activation != "none" or norm is not None):
+        raise ValueError("split-K partials take no bias, activation or norm")
+    rows, n = x.shape[0], weight.shape[0]
+    shape = (rows, n) if split_k == 1 else (split_k, rows, n)
+    out = torch.empty(shape, device=x.device, dtype=x.dtype if split_k == 1 else torch.float32)
+    _launch_skinny(x, weight, bias, out, activation=activation, split_k=split_k, block_n=block_n, block_k=block_k,
+                   num_warps=num_warps, num_stages=num_stages, pdl=pdl, norm=norm)
+    return out
+
+
+def skinny_linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
+                           counters: torch.Tensor, *, split_k: int = 1, block_n: int = 32, block_k: int = 128,
+                           num_warps: int = 4, num_stages: int = 5, pdl: bool = False,
+                           norm: LayerNormIn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual [rows, N] + x @ weight^T (+ bias) -> (that sum [rows, N], its per-row block sums [rows, blocks, 2]
+    for the next LayerNorm: `LayerNormIn.stats`), rounded as the eager ops round, in one kernel also with split_k > 1.
+
+    counters: int32 zeros, one per output tile (blocks of N x tiles of rows), left zero again; kernels that run one
+    after the other in a stream may share them."""
+    rows, n = residual.shape
+    blocks = triton.cdiv(n, block_n)
+    if counters.dtype != torch.int32 or counters.numel() < blocks * triton.cdiv(rows, SKINNY_TILE_ROWS):
+        raise ValueError(f"counters must be int32 with one per output tile ({blocks} x row tiles), "
+                         f"got {counters.numel()} {counters.dtype}")
+    out = torch.empty_like(residual)
+    stats = torch.empty((rows, blocks, 2), device=x.device, dtype=torch.float32)
+    partial = torch.empty((split_k, rows, n), device=x.device, dtype=torch.float32) if split_k > 1 else stats
+    _launch_skinny(x, weight, bias, out, split_k=split_k, block_n=block_n, block_k=block_k, num_warps=num_warps,
+                   num_stages=num_stages, pdl=pdl, norm=norm, residual=(residual, partial, counters, stats))
+    return out, stats
+
+
+def _launch_skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, *,
+                   split_k: int, block_n: int, block_k: int, num_warps: int, num_stages: int, pdl: bool,
+                   norm: LayerNormIn | None, activation: str = "none",
+                   residual: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
     rows, k = x.shape
     n = weight.shape[0]
     if k % (split_k * block_k):
         raise ValueError(f"K={k} must be a multiple of split_k * block_k = {split_k} * {block_k}")
-    if split_k > 1 and (bias is not None or activation != "none"):
-        raise ValueError("split-K partials take no bias or activation")
-    if split_k == 1:
-        out = torch.empty((rows, n), device=x.device, dtype=x.dtype)
-    else:
-        out = torch.empty((split_k, rows, n), device=x.device, dtype=torch.float32)
     block_m = min(SKINNY_TILE_ROWS, max(16, triton.next_power_of_2(rows)))
     # Each pipeline stage holds an x tile and a weight tile: as many stages as the GPU's shared memory takes (a 64-row
     # tile with 64-column blocks: 32 KiB a stage, 5 stages on an H200, 2 on a GPU of ~100 KiB), 8 KiB kept spare.
     stage_bytes = (block_m + block_n) * block_k * x.element_size()
     num_stages = max(1, min(num_stages, (_shared_memory_bytes(x.device) - 8192) // stage_bytes))
     grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(rows, block_m))
+    norm_blocks = 0 if norm is None else norm.stats.shape[1]
+    stats_in, column_sums, eps = norm or (out, out, 0.0)  # unused without a norm
+    residual_in, partial, counters, stats = residual or (out, out, out, out)  # unused outside the residual mode
     _skinny_linear_kernel[grid](x, weight, bias if bias is not None else weight, out, rows, n, k, k // split_k,
+                                stats_in, column_sums, eps, residual_in, partial, counters, stats,
                                 SPLIT_K=split_k, HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation],
-                                IEEE=x.dtype == torch.float32, BLOCK_M=block_m,
-                                BLOCK_N=block_n, BLOCK_K=block_k, USE_PDL=pdl, num_warps=num_warps,
+                                IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                                NORM_BLOCKS=norm_blocks, NORM_BLOCKS_POW2=triton.next_power_of_2(max(norm_blocks, 1)),
+                                LATE_STATS=LATE_NORM_STATS,
+                                RESIDUAL=residual is not None, USE_PDL=pdl, num_warps=num_warps,
                                 num_stages=num_stages, **_launch_options(pdl))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
