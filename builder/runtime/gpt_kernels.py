@@ -148,8 +148,7 @@ def _skinny_linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n, k, k_per_spl
                           residual_ptr, partial_ptr, counter_ptr, stats_ptr,
                           SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
                           IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          NORM_BLOCKS: tl.constexpr, NORM_BLOCKS_POW2: tl.constexpr, LATE_STATS: tl.constexpr,
-                          RESIDUAL: tl.constexpr,
+                          NORM_BLOCKS: tl.constexpr, NORM_BLOCKS_POW2: tl.constexpr, RESIDUAL: tl.constexpr,
                           USE_PDL: tl.constexpr):
     block_n, split, block_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -165,11 +164,10 @@ def _skinny_linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n, k, k_per_spl
         slots = tl.arange(0, NORM_BLOCKS_POW2)
         at = (offs_m[:, None] * NORM_BLOCKS + slots[None, :]) * 2  # stats [rows, NORM_BLOCKS, (sum, sum of squares)]
         used = (offs_m[:, None] < rows) & (slots[None, :] < NORM_BLOCKS)
+        # Loaded before the loop, summed after it: in flight while the weights stream (summed before it, the loop's
+        # first loads waited for them: +4 % of the batch-1 step on an H200, docs/gpu/runs-2026-12-04e).
         sums = tl.load(norm_stats_ptr + at, mask=used, other=0.0)
         squares = tl.load(norm_stats_ptr + at + 1, mask=used, other=0.0)
-        if not LATE_STATS:  # summed before the loop: its first loads wait for these
-            mean = tl.sum(sums, axis=1) / k
-            rstd = 1.0 / tl.sqrt(tl.maximum(tl.sum(squares, axis=1) / k - mean * mean, 0.0) + eps)  # [BLOCK_M]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_start, k_start + k_per_split, BLOCK_K):
         ks = k0 + offs_k
@@ -180,9 +178,8 @@ def _skinny_linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n, k, k_per_spl
         else:
             acc += tl.dot(x, tl.trans(w))
     if NORM_BLOCKS > 0:  # (x - mean) rstd @ W^T = (x @ W^T - mean * W's row sums) rstd
-        if LATE_STATS:  # loaded before the loop, summed after it: in flight while the weights stream
-            mean = tl.sum(sums, axis=1) / k
-            rstd = 1.0 / tl.sqrt(tl.maximum(tl.sum(squares, axis=1) / k - mean * mean, 0.0) + eps)  # [BLOCK_M]
+        mean = tl.sum(sums, axis=1) / k
+        rstd = 1.0 / tl.sqrt(tl.maximum(tl.sum(squares, axis=1) / k - mean * mean, 0.0) + eps)  # [BLOCK_M]
         acc = (acc - mean[:, None] * column_sums[None, :]) * rstd[:, None]
     inside = (offs_m[:, None] < rows) & (offs_n[None, :] < n)
     at = offs_m[:, None] * n + offs_n[None, :]
@@ -232,10 +229,6 @@ def _into_residual(delta, residual_ptr, out_ptr, stats_ptr, offs_m, offs_n, rows
     slot = stats_ptr + (offs_m * tl.num_programs(0) + block_n) * 2
     tl.store(slot, tl.sum(s, axis=1), mask=offs_m < rows)
     tl.store(slot + 1, tl.sum(s * s, axis=1), mask=offs_m < rows)
-
-
-# Whether the skinny GEMM sums a LayerNorm's block sums after its loop (loaded before it), or before the loop.
-LATE_NORM_STATS = True
 
 
 class LayerNormIn(NamedTuple):
@@ -323,7 +316,6 @@ def _launch_skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                                 SPLIT_K=split_k, HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation],
                                 IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                                 NORM_BLOCKS=norm_blocks, NORM_BLOCKS_POW2=triton.next_power_of_2(max(norm_blocks, 1)),
-                                LATE_STATS=LATE_NORM_STATS,
                                 RESIDUAL=residual is not None, USE_PDL=pdl, num_warps=num_warps,
                                 num_stages=num_stages, **_launch_options(pdl))
 

@@ -1,9 +1,8 @@
 """A/B of the decode step (issue 12): LayerNorms applied inside the skinny GEMVs and residual adds inside the GEMVs into
-the residual (`DecodeKernels.norm_in_gemv`, 5 kernels a layer; its GEMVs into the residual whole, or split over K as
-the other path's; the norm's block sums summed after the GEMV's loop or before it) against the add + LayerNorm
-kernels (7 a layer), one process, alternated in rounds, at 1, 8, 16 and 64 rows (64 runs neither: a control for
-drift). Also the greedy tokens of each (64 steps) against the add + LayerNorm kernels', and each step's bandwidth
-floor (weights + KV at the measured copy bandwidth).
+the residual (`DecodeKernels.norm_in_gemv`, 5 kernels a layer) against the add + LayerNorm kernels (7 a layer), one
+process, alternated in rounds, at 1, 8, 16 and 64 rows (64 runs neither: a control for drift). Also the greedy tokens
+of both (64 steps), and each step's bandwidth floor (weights + KV at the measured copy bandwidth). Call 2 ran this
+script as of 8b8dd54, with two more variants (the GEMVs into the residual whole, the norm's sums before the loop).
 
     python docs/gpu/runs-2026-12-04e/norm_in_gemv_ab.py
 """
@@ -21,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from bench.profile_decode import floor_ms, greedy_run, random_model
 from builder.checkpoints.presets import PRESETS
-from builder.runtime import gpt_kernels
 
 COPY_GBPS = 4240.0  # H200, measured (docs/benchmarks.md)
 PROMPT, STEPS = 128, 64
@@ -30,18 +28,14 @@ with torch.inference_mode():
     model = random_model(PRESETS["gpt3-1.3b"], torch.device("cuda:0"), torch.float16)
     model.allocate_cache(64, 1024)
     assert model.kernels.norm_in_gemv, "the default for an fp16 model on CUDA"
-    plans = dict(model.skinny_plans)
-    split = {**plans, "out_residual": plans["out"], "fc2_residual": plans["fc2"]}
-    variants = {"norms kernels": (replace(model.kernels, norm_in_gemv=False), plans, True),
-                "in GEMVs, whole": (model.kernels, plans, True), "in GEMVs, split": (model.kernels, split, True),
-                "in GEMVs, whole, stats summed first": (model.kernels, plans, False)}
+    variants = {"norms kernels": replace(model.kernels, norm_in_gemv=False), "norms in GEMVs": model.kernels}
     for batch in (1, 8, 16, 64):
         prompt = torch.randint(100, 50000, (batch, PROMPT), device=model.device)
         times: dict[str, list[float]] = {name: [] for name in variants}
         tokens = {}
         for _ in range(4):
-            for name, (kernels, chosen, late) in variants.items():
-                model.kernels, model.skinny_plans, gpt_kernels.LATE_NORM_STATS = kernels, chosen, late
+            for name, kernels in variants.items():
+                model.kernels = kernels
                 ms, tokens[name], _, _ = greedy_run(model, prompt, STEPS, timed=True)
                 times[name].append(ms)
         floor = floor_ms(model, batch, PROMPT + STEPS / 2, COPY_GBPS)
