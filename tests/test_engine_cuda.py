@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from builder.runtime.generation import GptEngine
-from builder.runtime.gpt import DecodeGraphs, DecodeKernels, GptModel, expected_shapes
+from builder.runtime.gpt import DecodeGraphs, DecodeKernels, GptModel, expected_shapes, fold_layer_norm
 from builder.runtime.model_config import GptModelConfig
 from engine_testing import TinyGpt, hf_generate, random_prompts, request
 
@@ -221,7 +221,7 @@ def test_skinny_gemms_into_the_residual_and_from_its_norm_match_the_eager_ops(ro
     w_in, b_in = randn(hidden, wide, scale=0.05), randn(hidden)
     w_out, b_out = randn(384, hidden, scale=0.05), randn(384)
     gain, shift = 1.0 + randn(hidden, scale=0.1), randn(hidden, scale=0.1)
-    folded, folded_bias, column_sums = gpt_kernels.fold_layer_norm(w_out, b_out, gain, shift)
+    folded, folded_bias, column_sums = fold_layer_norm(w_out, b_out, gain, shift)
     counters = torch.zeros(64, dtype=torch.int32, device="cuda")
     pdl = gpt_kernels.pdl_supported(x.device)
     summed = x + F.linear(up, w_in, b_in)  # the eager ops, in fp16

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from builder.runtime.generation import GptEngine
-from builder.runtime.gpt import DecodeKernels, WeightError, batch_buckets, check_weights
+from builder.runtime.gpt import DecodeKernels, GptModel, WeightError, batch_buckets, check_weights, expected_shapes
+from builder.runtime.model_config import GptModelConfig
 from engine_testing import TinyGpt
 
 
@@ -58,6 +59,42 @@ def test_cpu_decode_uses_the_eager_ops_only(tiny: TinyGpt) -> None:
     model = GptEngine.from_ft_dir(tiny.ft_dir, max_batch_size=1).model
     assert model.kernels == DecodeKernels()
     assert DecodeKernels.for_model(model.config, torch.device("cpu"), torch.float16) == DecodeKernels()
+
+
+@torch.inference_mode()
+def test_layer_norms_folded_into_the_weights_compute_the_same_function() -> None:
+    """`GptModel.fold_norms` (on CUDA for DecodeKernels.norm_in_gemv) moves each layer's LayerNorm gains and biases
+    into QKV and FC1: the prefill's and the decode steps' logits equal the unfolded model's (fp32, eager ops), the
+    norms are left as gain 1 and bias 0, the column sums are the folded weights' row sums, and the weights the model
+    was given are untouched."""
+    config = GptModelConfig(head_num=4, size_per_head=16, inter_size=256, num_layer=2, vocab_size=300,
+                            max_pos_seq_len=32, start_id=0, end_id=0, weight_data_type="fp32")
+    generator = torch.Generator().manual_seed(3)
+    weights = {name: torch.randn(shape, generator=generator) * (0.3 if "layernorm" in name else 0.1)
+               + (1.0 if name.endswith("layernorm.weight") else 0.0) for name, shape in expected_shapes(config).items()}
+    given = {name: tensor.clone() for name, tensor in weights.items()}
+    plain = GptModel(config, weights, device=torch.device("cpu"), dtype=torch.float32)
+    folded = GptModel(config, weights, device=torch.device("cpu"), dtype=torch.float32)
+    folded.fold_norms()
+    assert folded.norms_folded and not plain.norms_folded
+    for layer in folded.layers:
+        assert torch.equal(layer.ln1_weight, torch.ones(64)) and torch.equal(layer.ln2_bias, torch.zeros(64))
+        assert layer.fc1_column_sums is not None
+        torch.testing.assert_close(layer.fc1_column_sums, layer.fc1_weight.sum(1))
+    assert all(torch.equal(weights[name], given[name]) for name in given)
+    tokens = torch.randint(1, 300, (3, 6), generator=generator)
+    lengths = torch.tensor([6, 2, 4])
+    runs = []
+    for model in (plain, folded):
+        model.allocate_cache(3, 32)
+        logits = [model.prefill(tokens, lengths)]
+        positions = lengths.clone()
+        for step in range(3):  # the plain model's greedy tokens for both
+            logits.append(model.decode((runs[0] if runs else logits)[step].argmax(-1), positions, kv_len=32))
+            positions += 1
+        runs.append(logits)
+    for got, want in zip(runs[1], runs[0]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 @torch.inference_mode()

@@ -127,6 +127,14 @@ SPLIT_RESIDUAL_ROWS = 64
 WIDE_SPLIT_ROWS = 32
 
 
+def fold_layer_norm(weight: torch.Tensor, bias: torch.Tensor, gain: torch.Tensor,
+                    shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """linear(layer_norm(x, gain, shift), weight, bias) = linear(layer_norm(x), weight * gain, bias + weight @ shift)
+    -> (that weight, that bias, the weight's row sums in fp32: `gpt_kernels.LayerNormIn.column_sums`); weight [N, K]."""
+    folded = (weight.float() * gain.float()[None, :]).to(weight.dtype)
+    return folded, (bias.float() + weight.float() @ shift.float()).to(bias.dtype), folded.float().sum(1)
+
+
 @dataclass(frozen=True)
 class DecodeKernels:
     """Which fused CUDA kernels the model uses; all off is the eager PyTorch path (the only one on CPU)."""
@@ -269,20 +277,24 @@ class GptModel:
         self.kernels = kernels  # settable (benchmarks compare choices); read by each decode call and graph capture
         # The skinny GEMVs into the residual count their split-K programs per output tile here (left zero again).
         self._tile_counters = torch.zeros(-(-h // 16), dtype=torch.int32, device=self.device)
-        # Where norm_in_gemv may run (fp16/bf16 on CUDA, one rank), the layers' LayerNorm gains and biases are folded
-        # into QKV and FC1 (gpt_kernels.fold_layer_norm; the norms keep gain 1 and bias 0, so every path computes the
-        # same function). The final norm is not: the LM head may be the embedding table itself.
-        self.norms_folded = kernels.norm_in_gemv and self.shard is None
-        if self.norms_folded:
-            from . import gpt_kernels
+        # Where norm_in_gemv may run (fp16/bf16 on CUDA, one rank), the LayerNorms are folded into the weights.
+        self.norms_folded = False
+        if kernels.norm_in_gemv and self.shard is None:
+            self.fold_norms()
 
-            for layer in self.layers:
-                layer.qkv_weight, layer.qkv_bias, layer.qkv_column_sums = gpt_kernels.fold_layer_norm(
-                    layer.qkv_weight, layer.qkv_bias, layer.ln1_weight, layer.ln1_bias)
-                layer.fc1_weight, layer.fc1_bias, layer.fc1_column_sums = gpt_kernels.fold_layer_norm(
-                    layer.fc1_weight, layer.fc1_bias, layer.ln2_weight, layer.ln2_bias)
-                layer.ln1_weight, layer.ln2_weight = (torch.ones_like(w) for w in (layer.ln1_weight, layer.ln2_weight))
-                layer.ln1_bias, layer.ln2_bias = (torch.zeros_like(b) for b in (layer.ln1_bias, layer.ln2_bias))
+    def fold_norms(self) -> None:
+        """Folds each layer's two LayerNorm gains and biases into QKV and FC1 (`fold_layer_norm`): the norms keep gain 1
+        and bias 0, so every path (prefill, eager, cuBLAS) computes the same function, and the skinny GEMVs of
+        `DecodeKernels.norm_in_gemv` can apply a norm to their product. Not the final norm: the LM head may be the
+        embedding table itself."""
+        for layer in self.layers:
+            layer.qkv_weight, layer.qkv_bias, layer.qkv_column_sums = fold_layer_norm(
+                layer.qkv_weight, layer.qkv_bias, layer.ln1_weight, layer.ln1_bias)
+            layer.fc1_weight, layer.fc1_bias, layer.fc1_column_sums = fold_layer_norm(
+                layer.fc1_weight, layer.fc1_bias, layer.ln2_weight, layer.ln2_bias)
+            layer.ln1_weight, layer.ln2_weight = (torch.ones_like(w) for w in (layer.ln1_weight, layer.ln2_weight))
+            layer.ln1_bias, layer.ln2_bias = (torch.zeros_like(b) for b in (layer.ln1_bias, layer.ln2_bias))
+        self.norms_folded = True
 
     def allocate_cache(self, slots: int, max_seq_len: int) -> None:
         if not 1 <= max_seq_len <= self.config.max_pos_seq_len:

@@ -6,8 +6,8 @@ microseconds. These kernels fuse those small ops and stream the weights for few 
 of the memory bandwidth than cuBLAS's GEMV choices:
 - `add_layer_norm`: residual + delta (+ bias, + split-K partial sums) and the next LayerNorm in one pass;
 - `skinny_linear`: x @ W^T for few rows, either finished (bias + activation epilogue) or as split-K fp32 partials
-  that `add_layer_norm` sums (so the split costs no extra kernel); it may apply a LayerNorm to x as it loads it
-  (`LayerNormIn`), from the block sums that `skinny_linear_residual` left;
+  that `add_layer_norm` sums (so the split costs no extra kernel); it may apply a LayerNorm of x to its product
+  (`LayerNormIn`: the norm's gain and bias folded into the weights), from the block sums `skinny_linear_residual` left;
 - `skinny_linear_residual`: residual + x @ W^T + bias, with those block sums, in one kernel even when split over K
   (the last program of a tile to finish sums the tile's partials): with the norm above, no add + LayerNorm kernel;
 - `decode_attention`: one query per row over its own cached keys (positions <= its position only, so a row never
@@ -237,19 +237,11 @@ class LayerNormIn(NamedTuple):
     `column_sums` weight.float().sum(1) [N]. The product is computed from x as loaded (x @ W^T, then minus the mean
     times the column sums, times rstd): no elementwise work between the load of x and the dot, which would cost the
     loop its pipelining (normalizing each tile of x as loaded made the GEMVs 2.5x slower on an H200,
-    docs/gpu/runs-2026-12-04e). The LayerNorm's gain and bias are in the weight and bias (`fold_layer_norm`)."""
+    docs/gpu/runs-2026-12-04e). The LayerNorm's gain and bias are in the weight and bias (`gpt.fold_layer_norm`)."""
 
     stats: torch.Tensor
     column_sums: torch.Tensor
     eps: float
-
-
-def fold_layer_norm(weight: torch.Tensor, bias: torch.Tensor, gain: torch.Tensor,
-                    shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """linear(layer_norm(x, gain, shift), weight, bias) = linear(layer_norm(x), weight * gain, bias + weight @ shift):
-    -> (that weight, that bias, the weight's row sums in fp32 for `LayerNormIn`)."""
-    folded = (weight.float() * gain.float()[None, :]).to(weight.dtype)
-    return folded, (bias.float() + weight.float() @ shift.float()).to(bias.dtype), folded.float().sum(1)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -274,8 +266,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def skinny_linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
                            counters: torch.Tensor, *, split_k: int = 1, block_n: int = 32, block_k: int = 128,
-                           num_warps: int = 4, num_stages: int = 5, pdl: bool = False,
-                           norm: LayerNormIn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           num_warps: int = 4, num_stages: int = 5,
+                           pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """residual [rows, N] + x @ weight^T (+ bias) -> (that sum [rows, N], its per-row block sums [rows, blocks, 2]
     for the next LayerNorm: `LayerNormIn.stats`), rounded as the eager ops round, in one kernel also with split_k > 1.
 
@@ -290,7 +282,7 @@ def skinny_linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     stats = torch.empty((rows, blocks, 2), device=x.device, dtype=torch.float32)
     partial = torch.empty((split_k, rows, n), device=x.device, dtype=torch.float32) if split_k > 1 else stats
     _launch_skinny(x, weight, bias, out, split_k=split_k, block_n=block_n, block_k=block_k, num_warps=num_warps,
-                   num_stages=num_stages, pdl=pdl, norm=norm, residual=(residual, partial, counters, stats))
+                   num_stages=num_stages, pdl=pdl, norm=None, residual=(residual, partial, counters, stats))
     return out, stats
 
 
