@@ -17,9 +17,10 @@ the rounded keys, the step's own and a prompt's own included, so a row's result 
 came from the cache or from this pass.
 
 On CUDA, `DecodeKernels` swaps eager ops for fused ones (gpt_kernels.py: Triton residual add + LayerNorm, decode
-attention that also writes the KV cache, a skinny GEMM for small batches; cuBLASLt's bias + activation epilogue): a
-decode step is memory-bound and the small kernels between the weight GEMMs cost about as much as the weights. On
-CPU every op stays the eager PyTorch one, so fp32 results match HF there exactly.
+attention that also writes the KV cache, a skinny GEMM for small batches, which there also adds the residual and
+applies the LayerNorms, folded into QKV's and FC1's weights at load; cuBLASLt's bias + activation epilogue): a decode
+step is memory-bound and the small kernels between the weight GEMMs cost about as much as the weights. On CPU every
+op stays the eager PyTorch one, so fp32 results match HF there exactly.
 """
 
 from __future__ import annotations
@@ -131,8 +132,9 @@ def fold_layer_norm(weight: torch.Tensor, bias: torch.Tensor, gain: torch.Tensor
                     shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """linear(layer_norm(x, gain, shift), weight, bias) = linear(layer_norm(x), weight * gain, bias + weight @ shift)
     -> (that weight, that bias, the weight's row sums in fp32: `gpt_kernels.LayerNormIn.column_sums`); weight [N, K]."""
-    folded = (weight.float() * gain.float()[None, :]).to(weight.dtype)
-    return folded, (bias.float() + weight.float() @ shift.float()).to(bias.dtype), folded.float().sum(1)
+    wide = weight.float()  # one fp32 copy of the matrix for both products
+    folded = (wide * gain.float()[None, :]).to(weight.dtype)
+    return folded, (bias.float() + wide @ shift.float()).to(bias.dtype), folded.float().sum(1)
 
 
 @dataclass(frozen=True)
