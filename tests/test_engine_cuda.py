@@ -180,6 +180,48 @@ def test_split_residual_gemms_past_the_skinny_rows_match_eager_ops() -> None:
     model.kernels = default
 
 
+@torch.inference_mode()
+def test_one_launch_step_in_cuda_graphs_matches_the_eager_ops() -> None:
+    """The batch-1 step as one kernel (step_kernel.py at its default launch shape: here 16 rows of QKV or FC1, or 256
+    outputs of a 64-wide K slice, a task; 64-key blocks), replayed from DecodeGraphs' CUDA graphs over 12 steps whose
+    keys cross a block: logits and the KV cache against the eager ops fed the same tokens, and the greedy tokens
+    against the per-op fused kernels'. Every program runs at once here, so a task that read its input before the
+    producer's release, or a counter left non-zero, shows up as wrong logits in a later step."""
+    config = GptModelConfig(head_num=16, size_per_head=64, inter_size=4096, num_layer=3, vocab_size=1000,
+                            max_pos_seq_len=128, start_id=0, end_id=0, weight_data_type="fp16")
+    generator = torch.Generator(device="cuda").manual_seed(12)
+    weights = {name: (torch.randn(shape, device="cuda", generator=generator) * (0.1 if "layernorm" in name else 0.03)
+                      + (1.0 if name.endswith("layernorm.weight") else 0.0)).half()
+               for name, shape in expected_shapes(config).items()}
+    model = GptModel(config, weights, device=torch.device("cuda:0"), dtype=torch.float16)
+    model.allocate_cache(4, 128)
+    assert model.one_launch is not None and not model.kernels.one_launch_step  # built, off by default
+    prompt = torch.randint(1, 1000, (1, 58), device="cuda", generator=generator)
+    lengths = torch.tensor([58], device="cuda")
+
+    def run(kernels: DecodeKernels, feed: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        model.kernels = DecodeKernels()
+        logits = [model.prefill(prompt, lengths)]  # the same prompt cache for every run
+        model.kernels = kernels
+        graphs = DecodeGraphs(model, kv_bucket=64)
+        positions = lengths.clone()
+        for step in range(12):  # positions 58..69: 59 to 70 keys, the second 64-key block from step 6
+            token = (feed or logits)[step].argmax(-1)
+            logits.append(graphs.decode(token, positions, int(positions.max()) + 1).clone())
+            positions += 1
+        return logits, [cache[:1, :, :72].clone() for cache in model.k_cache + model.v_cache]
+
+    eager_logits, eager_cache = run(DecodeKernels(), [])
+    fused = DecodeKernels.for_model(config, model.device, model.dtype)
+    fused_logits, _ = run(fused, eager_logits)
+    one_logits, one_cache = run(replace(fused, one_launch_step=True), eager_logits)
+    for got, want in zip(one_logits + one_cache, eager_logits + eager_cache):
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    assert not model.one_launch.counters.any()
+    one_tokens = torch.stack([x.argmax(-1) for x in one_logits])
+    assert (one_tokens == torch.stack([x.argmax(-1) for x in fused_logits])).float().mean() >= 0.9
+
+
 @pytest.mark.parametrize("rows", [1, 5, 16, 17, 40, 64, 65, 130])
 @torch.inference_mode()
 def test_skinny_linear_matches_the_eager_product(rows: int) -> None:

@@ -20,7 +20,10 @@ On CUDA, `DecodeKernels` swaps eager ops for fused ones (gpt_kernels.py: Triton 
 attention that also writes the KV cache, a skinny GEMM for small batches, which there also adds the residual and
 applies the LayerNorms, folded into QKV's and FC1's weights at load; cuBLASLt's bias + activation epilogue): a decode
 step is memory-bound and the small kernels between the weight GEMMs cost about as much as the weights. On CPU every
-op stays the eager PyTorch one, so fp32 results match HF there exactly.
+op stays the eager PyTorch one, so fp32 results match HF there exactly. `DecodeKernels.one_launch_step` (off until
+a GPU run measures it) runs a batch-1 step as one persistent kernel instead (step_kernel.py); for it each per-layer
+tensor lives in a [layers, ...] stack (`GptModel.stacked`, the layers hold views) and the K and V caches in one
+tensor each.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from .model_config import KV_CACHE_DTYPES, GptModelConfig
 
 if TYPE_CHECKING:
     from .gpt_kernels import LayerNormIn
+    from .step_kernel import OneLaunchStep, StepShape
     from .tensor_parallel import TensorShard
 
 # One layer's attention of a step: (layer, qkv [n, 3H], positions [n], kv_len) -> [n, H].
@@ -73,6 +77,11 @@ class _Layer:
     # With the LayerNorms folded into QKV and FC1 (GptModel.norms_folded): those weights' row sums, fp32 [3H], [F]
     qkv_column_sums: torch.Tensor | None = None
     fc1_column_sums: torch.Tensor | None = None
+
+
+# The _Layer tensors held in GptModel.stacked (all but the fp32 row sums of folded norms).
+STACKED = ("ln1_weight", "ln1_bias", "qkv_weight", "qkv_bias", "attn_out_weight", "attn_out_bias", "ln2_weight",
+           "ln2_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
 
 
 def expected_shapes(config: GptModelConfig, tp: int = 1) -> dict[str, tuple[int, ...]]:
@@ -159,6 +168,9 @@ class DecodeKernels:
     # A plain greedy step's token selection in two Triton kernels instead of ~30 PyTorch ops (select_kernels.py; the
     # in-flight scheduler's step graphs use it).
     fused_select: bool = False
+    # A batch-1 step as one persistent kernel (step_kernel.py) where `GptModel.one_launch` could be built. Off by
+    # default until a GPU run measures it against the kernels above; GPT_TRITON_ONE_LAUNCH=1 turns it on.
+    one_launch_step: bool = False
 
     @classmethod
     def for_model(cls, config: GptModelConfig, device: torch.device, dtype: torch.dtype) -> DecodeKernels:
@@ -174,7 +186,8 @@ class DecodeKernels:
         return cls(fused_norm=True, attention=d >= 16 and d & (d - 1) == 0, gemm_epilogue=True,
                    skinny_rows=16 if half else 0, skinny_residual_rows=SPLIT_RESIDUAL_ROWS if half else 0,
                    norm_in_gemv=half and os.environ.get("GPT_TRITON_NORM_IN_GEMV", "1") != "0",  # "0": A/B runs
-                   pdl=pdl, fused_select=os.environ.get("GPT_TRITON_FUSED_SELECT", "1") != "0")  # "0": A/B runs
+                   pdl=pdl, fused_select=os.environ.get("GPT_TRITON_FUSED_SELECT", "1") != "0",  # "0": A/B runs
+                   one_launch_step=os.environ.get("GPT_TRITON_ONE_LAUNCH", "0") == "1")
 
 
 @dataclass(frozen=True)
@@ -245,9 +258,12 @@ class GptModel:
             self.lm_head = self.shard.vocab_rows(self.lm_head)
         self.final_ln = (load("model.final_layernorm.weight"), load("model.final_layernorm.bias"))
         self.layers: list[_Layer] = []
+        # Each per-layer tensor lives in a [layers, ...] stack (`stacked`), the layer holding a view: the one-launch
+        # step (step_kernel.py) indexes every layer from one base address. Stacked as loaded: one layer's copy extra.
+        self.stacked: dict[str, torch.Tensor] = {}
         for i in range(config.num_layer):
             p = f"model.layers.{i}."
-            self.layers.append(_Layer(
+            layer = _Layer(
                 ln1_weight=load(p + "input_layernorm.weight"), ln1_bias=load(p + "input_layernorm.bias"),
                 qkv_weight=linear(p + "attention.query_key_value.weight"),  # [H, 3, H] -> [H, 3H] -> [3H, H]
                 qkv_bias=load(p + "attention.query_key_value.bias").reshape(-1),  # [3, H/tp] -> [3H/tp]
@@ -256,9 +272,17 @@ class GptModel:
                 ln2_bias=load(p + "post_attention_layernorm.bias"),
                 fc1_weight=linear(p + "mlp.dense_h_to_4h.weight"), fc1_bias=load(p + "mlp.dense_h_to_4h.bias"),
                 fc2_weight=linear(p + "mlp.dense_4h_to_h.weight"), fc2_bias=load(p + "mlp.dense_4h_to_h.bias"),
-            ))
+            )
+            for name in STACKED:
+                part = getattr(layer, name)
+                if i == 0:
+                    self.stacked[name] = torch.empty((config.num_layer, *part.shape), dtype=dtype, device=self.device)
+                self.stacked[name][i].copy_(part)
+                setattr(layer, name, self.stacked[name][i])
+            self.layers.append(layer)
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
+        self.one_launch: OneLaunchStep | None = None  # built with the cache
         self._gelu = config.activation_type == "Gelu"
         self._activation = (lambda x: F.gelu(x, approximate="tanh")) if self._gelu else F.relu
         f, hs = config.inter_size // tp, self.heads * self.head_dim  # this rank's FC1 columns and attention width
@@ -289,24 +313,57 @@ class GptModel:
         and bias 0, so every path (prefill, eager, cuBLAS) computes the same function, and the skinny GEMVs of
         `DecodeKernels.norm_in_gemv` can apply a norm to their product. Not the final norm: the LM head may be the
         embedding table itself."""
-        for layer in self.layers:
-            layer.qkv_weight, layer.qkv_bias, layer.qkv_column_sums = fold_layer_norm(
-                layer.qkv_weight, layer.qkv_bias, layer.ln1_weight, layer.ln1_bias)
-            layer.fc1_weight, layer.fc1_bias, layer.fc1_column_sums = fold_layer_norm(
-                layer.fc1_weight, layer.fc1_bias, layer.ln2_weight, layer.ln2_bias)
-            layer.ln1_weight, layer.ln2_weight = (torch.ones_like(w) for w in (layer.ln1_weight, layer.ln2_weight))
-            layer.ln1_bias, layer.ln2_bias = (torch.zeros_like(b) for b in (layer.ln1_bias, layer.ln2_bias))
+        for layer in self.layers:  # in place: the layers' tensors are views of `stacked`
+            qkv = fold_layer_norm(layer.qkv_weight, layer.qkv_bias, layer.ln1_weight, layer.ln1_bias)
+            fc1 = fold_layer_norm(layer.fc1_weight, layer.fc1_bias, layer.ln2_weight, layer.ln2_bias)
+            for (weight, bias), (folded, moved, _) in (((layer.qkv_weight, layer.qkv_bias), qkv),
+                                                       ((layer.fc1_weight, layer.fc1_bias), fc1)):
+                weight.copy_(folded)
+                bias.copy_(moved)
+            layer.qkv_column_sums, layer.fc1_column_sums = qkv[2], fc1[2]
+            for gain, shift in ((layer.ln1_weight, layer.ln1_bias), (layer.ln2_weight, layer.ln2_bias)):
+                gain.fill_(1)
+                shift.zero_()
         self.norms_folded = True
 
     def allocate_cache(self, slots: int, max_seq_len: int) -> None:
         if not 1 <= max_seq_len <= self.config.max_pos_seq_len:
             raise ValueError(f"max_seq_len must be in [1, max_pos_seq_len={self.config.max_pos_seq_len}], "
                              f"got {max_seq_len}")
-        self.k_cache, self.v_cache = [], []  # free the old cache first
-        shape = (slots, self.heads, max_seq_len, self.head_dim)
-        self.k_cache = [torch.zeros(shape, device=self.device, dtype=self.cache_dtype) for _ in self.layers]
-        self.v_cache = [torch.zeros(shape, device=self.device, dtype=self.cache_dtype) for _ in self.layers]
+        self.k_cache, self.v_cache, self.one_launch = [], [], None  # free the old cache first
+        # One tensor per K and V, a layer a view of it: the one-launch step indexes every layer from one base.
+        shape = (len(self.layers), slots, self.heads, max_seq_len, self.head_dim)
+        self._k_stack = torch.zeros(shape, device=self.device, dtype=self.cache_dtype)
+        self._v_stack = torch.zeros(shape, device=self.device, dtype=self.cache_dtype)
+        self.k_cache, self.v_cache = list(self._k_stack.unbind(0)), list(self._v_stack.unbind(0))
         self.slots, self.max_seq_len = slots, max_seq_len
+        self.one_launch = self._one_launch_step()
+
+    def step_shape(self) -> StepShape:
+        from .step_kernel import StepShape
+
+        c = self.config
+        return StepShape(hidden=self.hidden, inter=c.inter_size, heads=self.heads, head_dim=self.head_dim,
+                         layers=len(self.layers), vocab=self.lm_head.shape[0], max_seq=self.max_seq_len,
+                         activation="gelu_tanh" if self._gelu else "relu", eps=c.layernorm_eps)
+
+    def step_weights(self) -> dict[str, torch.Tensor]:
+        """The tensors of `step_kernel.OneLaunchStep`: the layers' stacks and the rest of the model."""
+        return {**self.stacked, "wte": self.wte, "wpe": self.wpe, "final_ln_weight": self.final_ln[0],
+                "final_ln_bias": self.final_ln[1], "lm_head": self.lm_head}
+
+    def _one_launch_step(self) -> OneLaunchStep | None:
+        """The batch-1 step as one kernel where it can run: CUDA with Triton, one rank, fp16 or bf16 with the cache
+        in the same dtype, a shape step_kernel.py takes; else None."""
+        if (self.device.type != "cuda" or self.shard is not None or self.cache_dtype != self.dtype
+                or self.dtype not in (torch.float16, torch.bfloat16) or importlib.util.find_spec("triton") is None):
+            return None
+        from . import step_kernel
+
+        launch = step_kernel.StepLaunch.from_environment()
+        if step_kernel.unsupported(self.step_shape(), launch) is not None:
+            return None
+        return step_kernel.OneLaunchStep(self.step_shape(), self.step_weights(), self._k_stack, self._v_stack, launch)
 
     @property
     def cache_bytes(self) -> int:
@@ -517,6 +574,8 @@ class GptModel:
         Needs every position < kv_len <= max_seq_len. No host sync: capturable in a CUDA graph.
         """
         n = tokens.shape[0]
+        if n == 1 and self.kernels.one_launch_step and self.one_launch is not None:
+            return self.one_launch(tokens, positions, kv_len)
         skinny = n <= self.kernels.skinny_rows
         split = skinny or n <= self.kernels.skinny_residual_rows
         wide = "_wide" if n > WIDE_SPLIT_ROWS else ""  # out's and FC2's plans for a tile of 64 rows

@@ -1,0 +1,181 @@
+"""A/B of the batch-1 decode step (issue 12): the whole step as one persistent kernel (step_kernel.py) at several launch
+shapes, against the per-op kernels the engine runs by default (gpt_kernels.py), at the 1.3B shape (random fp16
+weights, 128-token prompts, CUDA graphs, no server). One process, the variants alternated in rounds so drift hits all
+alike; batch 8 runs the per-op kernels only (the one-launch step is batch 1 only): a control.
+
+    python bench/one_launch_step.py --out DIR                # JSON + markdown table in DIR
+    python bench/one_launch_step.py --launches 16384,4,2 32768,16,1 --rounds 5
+    python bench/one_launch_step.py --trace --out DIR        # also: one traced step of the first launch shape
+
+The trace is the one-launch step's per-kernel profile: every task's multiprocessor and global-timer stamps (taken,
+inputs ready, done; `OneLaunchStep.__call__`), summed per stage (QKV, attention, attention output, FC1, FC2, LM head)
+and per layer, and drawn (one_launch_trace.png: a line per task, a row per multiprocessor).
+
+Per variant: median GPU ms per step over the rounds, its fraction of the bandwidth floor (weights + KV at the measured
+copy bandwidth), the greedy tokens' agreement with the per-op kernels over 64 steps (free-running) and the first
+step's largest logit difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.gpu_bench import copy_bandwidth_gbps
+from bench.profile_decode import floor_ms, greedy_run, random_model
+from builder.checkpoints.presets import PRESETS
+from builder.runtime import step_kernel
+from builder.runtime.gpt import GptModel
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--launches", nargs="+",
+                        default=["16384,4,3,168", "16384,4,2,0", "16384,4,4,128", "8192,4,4,128", "16384,8,2,128",
+                                 "32768,8,2,128", "32768,16,1,0"],
+                        help="one-launch shapes: 'tile elements,warps,programs per multiprocessor,register cap' "
+                             "(step_kernel.StepLaunch.parse; the first is the default, and the one --trace runs)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--out", type=Path, help="folder for one_launch_step.json and .md")
+    parser.add_argument("--trace", action="store_true", help="trace one step of the first launch shape (see above)")
+    args = parser.parse_args()
+    bandwidth = copy_bandwidth_gbps()
+    with torch.inference_mode():
+        model = random_model(PRESETS["gpt3-1.3b"], torch.device("cuda:0"), torch.float16)
+        model.allocate_cache(8, 1024)
+        per_op = replace(model.kernels, one_launch_step=False)
+        steps = {name: step_kernel.OneLaunchStep(model.step_shape(), model.step_weights(), model._k_stack,
+                                                 model._v_stack, step_kernel.StepLaunch.parse(name))
+                 for name in args.launches}
+        generator = torch.Generator(device=model.device).manual_seed(1)
+        rows = []
+        for batch in (1, 8):
+            prompt = torch.randint(100, 50000, (batch, args.prompt), device=model.device, generator=generator)
+            variants = ["per-op kernels"] + (list(steps) if batch == 1 else [])
+            times: dict[str, list[float]] = {name: [] for name in variants}
+            runs = {}
+            for _ in range(args.rounds):
+                for name in variants:
+                    model.kernels = per_op if name not in steps else replace(per_op, one_launch_step=True)
+                    model.one_launch = steps.get(name)
+                    runs[name] = greedy_run(model, prompt, args.steps, timed=True)
+                    times[name].append(runs[name][0])
+            floor = floor_ms(model, batch, args.prompt + args.steps / 2, bandwidth)
+            base_ms, base_tokens, base_logits, _ = runs["per-op kernels"]
+            base = statistics.median(times["per-op kernels"])
+            for name in variants:
+                ms = statistics.median(times[name])
+                _, tokens, logits, _ = runs[name]
+                row = {"batch": batch, "variant": name, "ms_per_step": ms, "rounds_ms": times[name],
+                       "vs_per_op": ms / base - 1, "floor_ms": floor, "fraction_of_floor": floor / ms,
+                       "tokens_equal": (tokens == base_tokens).float().mean().item(),
+                       "max_abs_dlogit_step1": (logits - base_logits).abs().max().item()}
+                if name in steps:
+                    row["programs"] = steps[name].programs
+                rows.append(row)
+                print(f"batch {batch} {name:16s} {ms:.3f} ms/step ({row['vs_per_op']:+.1%}, fraction of floor "
+                      f"{row['fraction_of_floor']:.3f}; rounds {' '.join(f'{t:.3f}' for t in times[name])}); tokens "
+                      f"equal {row['tokens_equal']:.3f}, max |dlogit| {row['max_abs_dlogit_step1']:.4f}", flush=True)
+        if args.trace:
+            step = steps[args.launches[0]]
+            summary = trace_step(model, step, args.prompt + args.steps // 2, args.out)
+            print(summary, flush=True)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        meta = {"gpu": torch.cuda.get_device_name(), "copy_bandwidth_gbps": bandwidth, "prompt": args.prompt,
+                "steps": args.steps, "rounds": args.rounds, "command": " ".join(sys.argv)}
+        (args.out / "one_launch_step.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        lines = [f"Batch-1 decode step, one launch vs per-op kernels ({meta['gpu']}, copy {bandwidth:.0f} GB/s)", "",
+                 "| batch | variant | ms/step | vs per-op | fraction of floor | tokens equal |",
+                 "|---|---|---|---|---|---|"]
+        lines += [f"| {r['batch']} | {r['variant']} | {r['ms_per_step']:.3f} | {r['vs_per_op']:+.1%} | "
+                  f"{r['fraction_of_floor']:.3f} | {r['tokens_equal']:.3f} |" for r in rows]
+        (args.out / "one_launch_step.md").write_text("\n".join(lines) + "\n")
+
+
+def trace_step(model: GptModel, step: step_kernel.OneLaunchStep, position: int, out: Path | None) -> str:
+    """One traced step at `position` (after an untraced one, so nothing compiles inside it) -> a text summary; with
+    out, also one_launch_trace.json (per stage and layer) and .png."""
+    kv_len = position + 1
+    kinds = step.task_kinds(kv_len)
+    trace = torch.zeros((len(kinds), 4), dtype=torch.int64, device=model.device)
+    token, positions = torch.tensor([17], device=model.device), torch.tensor([position], device=model.device)
+    step(token, positions, kv_len, trace=trace)
+    step(token, positions, kv_len, trace=trace)
+    torch.cuda.synchronize()
+    sm, taken, ready, done = (trace[:, i].cpu().double() for i in range(4))
+    start = taken.min()
+    taken, ready, done = (taken - start) / 1000, (ready - start) / 1000, (done - start) / 1000  # us from the start
+    span = float(done.max())
+    stages = list(dict.fromkeys(kind for kind, _ in kinds))
+    lines = [f"one traced step, launch {step.launch}, {step.programs} programs, kv_len {kv_len}: "
+             f"{span:.1f} us first task taken -> last done, {len(kinds)} tasks",
+             f"{'stage':18s} {'tasks':>6s} {'wait us':>8s} {'after us':>9s} {'span/layer us':>14s} "
+             f"{'done at (layer 0, mid, last) us':>32s}"]
+    per_stage: dict[str, dict] = {}
+    for stage in stages:
+        rows = [i for i, (kind, _) in enumerate(kinds) if kind == stage]
+        layers = sorted({kinds[i][1] for i in rows})
+        per_layer = {layer: [i for i in rows if kinds[i][1] == layer] for layer in layers}
+        spans = [float(done[idx].max() - taken[idx].min()) for idx in per_layer.values()]
+        ends = [float(done[idx].max()) for idx in per_layer.values()]
+        wait = float((ready[rows] - taken[rows]).mean())
+        after = float((done[rows] - ready[rows]).mean())
+        picks = [ends[0], ends[len(ends) // 2], ends[-1]]
+        lines.append(f"{stage:18s} {len(rows):6d} {wait:8.2f} {after:9.2f} {statistics.median(spans):14.1f} "
+                     f"{' '.join(f'{e:10.1f}' for e in picks):>32s}")
+        per_stage[stage] = {"tasks": len(rows), "mean_wait_us": wait, "mean_after_ready_us": after,
+                            "median_span_per_layer_us": statistics.median(spans), "done_per_layer_us": ends}
+    fc2_ends = per_stage["fc2"]["done_per_layer_us"]
+    layer_times = [b - a for a, b in zip(fc2_ends, fc2_ends[1:])]
+    lines.append(f"a layer (FC2 done to FC2 done): median {statistics.median(layer_times):.1f} us, "
+                 f"min {min(layer_times):.1f}, max {max(layer_times):.1f}")
+    if out is not None:
+        report = {"launch": str(step.launch), "programs": step.programs, "kv_len": kv_len, "span_us": span,
+                  "tasks": len(kinds), "stages": per_stage}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "one_launch_trace.json").write_text(json.dumps(report, indent=1))
+        draw_trace(kinds, sm, taken, done, span, out / "one_launch_trace.png")
+    return "\n".join(lines)
+
+
+def draw_trace(kinds: list[tuple[str, int]], sm: torch.Tensor, taken: torch.Tensor, done: torch.Tensor, span: float,
+               path: Path) -> None:
+    """A line per task from taken to done, a row per multiprocessor, a colour per stage."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no trace plot", flush=True)
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+
+    stages = list(dict.fromkeys(kind for kind, _ in kinds))
+    colors = dict(zip(stages, plt.get_cmap("tab10").colors))
+    figure, axes = plt.subplots(figsize=(14, 6))
+    for stage in stages:
+        idx = [i for i, (kind, _) in enumerate(kinds) if kind == stage]
+        axes.add_collection(LineCollection([[(taken[i], sm[i]), (done[i], sm[i])] for i in idx],
+                                           colors=colors[stage], linewidths=0.6, label=stage))
+    axes.set_xlim(0, span)
+    axes.set_ylim(-1, float(sm.max()) + 1)
+    axes.set_xlabel("us from the first task taken")
+    axes.set_ylabel("multiprocessor")
+    axes.set_title(f"one-launch decode step, {torch.cuda.get_device_name()}: each task taken -> done")
+    axes.legend(loc="upper right", fontsize=7)
+    figure.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,467 @@
+"""The whole decode step of one row as one persistent Triton kernel (`OneLaunchStep`), for batch 1 on CUDA.
+
+Why: at batch 1 a step streams the weights once (2.6 GB for the 1.3B model in fp16) and computes almost nothing, so
+its time is the weights' bytes over the memory bandwidth plus whatever keeps the memory idle. With a kernel per GEMV
+(gpt_kernels.py) each of the ~100 GEMVs of a step starts streaming only once the previous one has finished: its ramp,
+its tail and the dependent chain between them (add, norm, attention) leave the memory idle, and the four GEMVs of a
+layer took 858 us a step where copy bandwidth needs 569 (H200, docs/gpu/runs-2026-12-04e). Here one launch walks the
+whole step, and a program loads its next task's weights before it waits for that task's input, so the weights of
+the next stage stream while the current one finishes.
+
+How: the step is a list of tasks in a fixed order (below); every program takes the next task with an atomic ticket,
+loads the task's weight tile into registers (64 KiB of fp16 by default), waits on a counter until the task's inputs
+are complete, computes, writes, and adds to the counter its consumers wait on (release; the waiter's read is acquire).
+A task depends only on tasks earlier in the order, and tickets are handed out in that order to programs that are
+running, so the smallest unfinished task can always proceed: no deadlock however many programs the GPU holds at once
+(a grid larger than the GPU only queues), and Triton's interpreter (TRITON_INTERPRET=1, programs one after the other)
+runs it too, which is how the CPU test checks it.
+
+Tasks (L layers, H hidden, F the MLP's width, d the head size, a tile = `rows_full` rows of a matrix or
+`cols_split` columns of a d-wide slice of one):
+  0              the embeddings: x_0 = wte[token] + wpe[position]
+  per layer l    QKV: rows_full rows of LN_1(x_2l) @ W_qkv^T + b, head by head (q, k, v of head 0 first);
+                 attention: one block of `key_block` cached keys of one head (the head's q, k, v done), the last
+                   block of a head to finish merges the blocks with the step's own key and writes that key and value
+                   into the cache;
+                 attention output: a d-wide slice (one head, done) of the K dimension for cols_split outputs, as
+                   fp32 partials; the last head to finish a tile sums them in head order and adds the bias and the
+                   residual: x_2l+1;
+                 FC1: rows_full rows of act(LN_2(x_2l+1) @ W_fc1^T + b);
+                 FC2: a d-wide K slice (its FC1 rows done) for cols_split outputs, finished as above: x_2l+2;
+  then           the LM head: rows_full rows of LN_f(x_2L) @ W_lm^T.
+Each LayerNorm is computed by every task that reads it, from the whole row (H values: nothing next to a 64 KiB tile),
+in fp32 and rounded to the model's dtype as the eager ops round, so no task has to wait for a norm task.
+The last program to exit zeroes the counters for the next step. The workspace holds every intermediate of the step
+(a few MB for the 1.3B model), none reused within it: no task can overwrite what a slower one still reads.
+
+Numbers and launch shape: see `OneLaunchStep.plan` (tile size, warps, programs a multiprocessor).
+Import this module only where Triton is installed (gpt.py imports it lazily).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+ACTIVATIONS = {"gelu_tanh": 1, "relu": 2}
+
+
+@triton.jit
+def _wait_for(counter_ptr, target, trace_slot, TRACE: tl.constexpr):
+    """Spin until the counter reaches target; after it, this program's loads see what its producers wrote before
+    their release (acquire by the thread that polls, then the barrier for the others). TRACE: when the wait ended."""
+    while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < target:
+        pass
+    tl.debug_barrier()
+    if TRACE:
+        tl.store(trace_slot + 2, tl.extra.cuda.globaltimer())
+
+
+@triton.jit
+def _signal(counter_ptr, amount):
+    tl.debug_barrier()  # every thread's stores before the release
+    tl.atomic_add(counter_ptr, amount, sem="release", scope="gpu")
+
+
+@triton.jit
+def _gelu_tanh(x):
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    return 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
+
+
+@triton.jit
+def _layer_norm(x_ptr, gain, shift, cols, hidden, eps, DTYPE: tl.constexpr):
+    """One row of the residual stream, LayerNorm'd in fp32 and rounded to DTYPE (as F.layer_norm in DTYPE) -> fp32.
+    Loaded past L1: another program wrote it during this launch."""
+    inside = cols < hidden
+    x = tl.load(x_ptr + cols, mask=inside, other=0.0, cache_modifier=".cg").to(tl.float32)
+    mean = tl.sum(x, axis=0) / hidden
+    centered = tl.where(inside, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / hidden + eps)
+    return (centered * rstd * gain + shift).to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _embedding_task(tokens_ptr, wte_ptr, wpe_ptr, xs_ptr, res_ptr, position, cols, HIDDEN: tl.constexpr,
+                    N_TILES: tl.constexpr):
+    inside = cols < HIDDEN
+    token = tl.load(tokens_ptr)
+    word = tl.load(wte_ptr + token.to(tl.int64) * HIDDEN + cols, mask=inside, other=0.0)
+    where = tl.load(wpe_ptr + position.to(tl.int64) * HIDDEN + cols, mask=inside, other=0.0)
+    tl.store(xs_ptr + cols, word + where, mask=inside)  # in the model's dtype, as the eager add
+    _signal(res_ptr, N_TILES)
+
+
+@triton.jit
+def _normed_rows_task(w_ptr, bias_ptr, gain_ptr, shift_ptr, x_ptr, out_ptr, ready_ptr, done_ptr, rows, n_rows,
+                      cols, eps, HIDDEN: tl.constexpr, N_TILES: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      ACTIVATION: tl.constexpr,
+        trace_slot, TRACE: tl.constexpr):
+    """out[rows] = act(LayerNorm(x) @ W[rows]^T + bias) (QKV, FC1, the LM head): the weight rows, bias and norm loaded
+    first, then the wait for x (all N_TILES tiles of it), then one product of whole rows."""
+    inside = cols < HIDDEN
+    w = tl.load(w_ptr + rows[:, None] * HIDDEN + cols[None, :], mask=(rows[:, None] < n_rows) & inside[None, :],
+                other=0.0)  # [R, HIDDEN_POW2]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rows, mask=rows < n_rows, other=0.0).to(tl.float32)
+    gain = tl.load(gain_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    shift = tl.load(shift_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    _wait_for(ready_ptr, N_TILES, trace_slot, TRACE)
+    h = _layer_norm(x_ptr, gain, shift, cols, HIDDEN, eps, x_ptr.dtype.element_ty)
+    y = tl.sum(w.to(tl.float32) * h[None, :], axis=1)
+    if HAS_BIAS:
+        y += bias
+    if ACTIVATION == 1:
+        y = _gelu_tanh(y)
+    elif ACTIVATION == 2:
+        y = tl.maximum(y, 0.0)
+    tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rows < n_rows)
+    if done_ptr is not None:
+        _signal(done_ptr, 1)
+
+
+@triton.jit
+def _attention_task(qkv_ptr, k_cache_ptr, v_cache_ptr, part_ptr, attn_ptr, ready_ptr, seen_ptr, done_ptr, position,
+                    split, key_splits, scale, HIDDEN: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    HEAD_TASKS: tl.constexpr, KEY_BLOCK: tl.constexpr, MAX_SPLITS: tl.constexpr,
+        trace_slot, TRACE: tl.constexpr):
+    """One block of one head's cached keys (pointers at the head: its q in qkv, its cache, its partials, its output);
+    the head's last block to finish merges the blocks and the step's own key, and writes that key and value into
+    the cache."""
+    dims = tl.arange(0, HEAD_DIM)
+    keys = split * KEY_BLOCK + tl.arange(0, KEY_BLOCK)
+    cached = keys < position  # the step's own key is merged by the head's last block
+    at = keys[:, None] * HEAD_DIM + dims[None, :]
+    k = tl.load(k_cache_ptr + at, mask=cached[:, None], other=0.0)  # [KEY_BLOCK, HEAD_DIM]
+    v = tl.load(v_cache_ptr + at, mask=cached[:, None], other=0.0)
+    _wait_for(ready_ptr, HEAD_TASKS, trace_slot, TRACE)
+    q = tl.load(qkv_ptr + dims, cache_modifier=".cg").to(tl.float32) * scale
+    scores = tl.where(cached, tl.sum(k.to(tl.float32) * q[None, :], axis=1), -float("inf"))
+    top = tl.max(scores, axis=0)
+    safe = tl.where(top == -float("inf"), 0.0, top)  # a block past the position: no keys, no NaN
+    p = tl.where(cached, tl.exp(scores - safe), 0.0)
+    slot = part_ptr + split * (HEAD_DIM + 2)  # acc [HEAD_DIM], max, sum
+    tl.store(slot + dims, tl.sum(p[:, None] * v.to(tl.float32), axis=0))
+    tl.store(slot + HEAD_DIM, top)
+    tl.store(slot + HEAD_DIM + 1, tl.sum(p, axis=0))
+    tl.debug_barrier()
+    if tl.atomic_add(seen_ptr, 1, sem="acq_rel", scope="gpu") == key_splits - 1:
+        blocks = tl.arange(0, MAX_SPLITS)
+        used = blocks < key_splits
+        maxes = tl.load(part_ptr + blocks * (HEAD_DIM + 2) + HEAD_DIM, mask=used, other=-float("inf"),
+                        cache_modifier=".cg")
+        sums = tl.load(part_ptr + blocks * (HEAD_DIM + 2) + HEAD_DIM + 1, mask=used, other=0.0, cache_modifier=".cg")
+        accs = tl.load(part_ptr + blocks[:, None] * (HEAD_DIM + 2) + dims[None, :], mask=used[:, None], other=0.0,
+                       cache_modifier=".cg")
+        # The step's key and value rounded to the cache's dtype, as written (the eager path reads them back).
+        k_own = tl.load(qkv_ptr + HIDDEN + dims, cache_modifier=".cg").to(k_cache_ptr.dtype.element_ty)
+        v_own = tl.load(qkv_ptr + 2 * HIDDEN + dims, cache_modifier=".cg").to(v_cache_ptr.dtype.element_ty)
+        s_own = tl.sum(k_own.to(tl.float32) * q, axis=0)
+        top = tl.maximum(tl.max(maxes, axis=0), s_own)
+        weights = tl.where(used, tl.exp(maxes - top), 0.0)
+        w_own = tl.exp(s_own - top)
+        out = (tl.sum(weights[:, None] * accs, axis=0) + w_own * v_own.to(tl.float32)) / (
+            tl.sum(weights * sums, axis=0) + w_own)
+        tl.store(attn_ptr + dims, out.to(attn_ptr.dtype.element_ty))
+        tl.store(k_cache_ptr + position * HEAD_DIM + dims, k_own)
+        tl.store(v_cache_ptr + position * HEAD_DIM + dims, v_own)
+        _signal(done_ptr, 1)
+
+
+@triton.jit
+def _into_residual_task(w_ptr, x_ptr, part_ptr, bias_ptr, x_in_ptr, x_out_ptr, ready_ptr, seen_ptr, done_ptr,
+                        ready_target, slice_index, tile, k_total, HIDDEN: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        COLS_SPLIT: tl.constexpr, PARTS: tl.constexpr, PARTS_POW2: tl.constexpr,
+        trace_slot, TRACE: tl.constexpr):
+    """Attention output or FC2: a HEAD_DIM-wide slice of K (x's slice ready) for COLS_SPLIT outputs, as an fp32
+    partial [PARTS, HIDDEN]; the tile's last slice to finish sums the partials in slice order (the same bits
+    whichever is last) and adds the bias and the residual: x_out[tile] = x_in + (sum + bias), rounded as the eager
+    ops round (the product in the model's dtype, then the sum)."""
+    outs = tile * COLS_SPLIT + tl.arange(0, COLS_SPLIT)
+    ks = slice_index * HEAD_DIM + tl.arange(0, HEAD_DIM)
+    w = tl.load(w_ptr + outs[:, None] * k_total + ks[None, :])  # [COLS_SPLIT, HEAD_DIM]
+    _wait_for(ready_ptr, ready_target, trace_slot, TRACE)
+    x = tl.load(x_ptr + ks, cache_modifier=".cg").to(tl.float32)
+    tl.store(part_ptr + slice_index * HIDDEN + outs, tl.sum(w.to(tl.float32) * x[None, :], axis=1))
+    tl.debug_barrier()
+    if tl.atomic_add(seen_ptr, 1, sem="acq_rel", scope="gpu") == PARTS - 1:
+        slots = tl.arange(0, PARTS_POW2)
+        partial = tl.load(part_ptr + slots[:, None] * HIDDEN + outs[None, :], mask=slots[:, None] < PARTS, other=0.0,
+                          cache_modifier=".cg")  # [PARTS_POW2, COLS_SPLIT]
+        dtype = x_out_ptr.dtype.element_ty
+        delta = (tl.sum(partial, axis=0) + tl.load(bias_ptr + outs).to(tl.float32)).to(dtype).to(tl.float32)
+        residual = tl.load(x_in_ptr + outs, cache_modifier=".cg").to(tl.float32)
+        tl.store(x_out_ptr + outs, (residual + delta).to(dtype))
+        _signal(done_ptr, 1)
+
+
+@triton.jit
+def _one_launch_step_kernel(
+        tokens_ptr, positions_ptr, wte_ptr, wpe_ptr,
+        ln1_w_ptr, ln1_b_ptr, qkv_w_ptr, qkv_b_ptr, out_w_ptr, out_b_ptr,
+        ln2_w_ptr, ln2_b_ptr, fc1_w_ptr, fc1_b_ptr, fc2_w_ptr, fc2_b_ptr, lnf_w_ptr, lnf_b_ptr, lm_w_ptr,
+        k_cache_ptr, v_cache_ptr, logits_ptr,
+        xs_ptr, qkv_ptr, attn_ptr, up_ptr, att_part_ptr, out_part_ptr, fc2_part_ptr, counters_ptr, trace_ptr,
+        key_splits, cache_layer_stride, max_seq, eps, scale,
+        HIDDEN: tl.constexpr, HIDDEN_POW2: tl.constexpr, INTER: tl.constexpr, HEADS: tl.constexpr,
+        HEADS_POW2: tl.constexpr, HEAD_DIM: tl.constexpr, LAYERS: tl.constexpr, VOCAB: tl.constexpr,
+        ROWS_FULL: tl.constexpr, COLS_SPLIT: tl.constexpr, KEY_BLOCK: tl.constexpr, MAX_SPLITS: tl.constexpr,
+        CHUNKS: tl.constexpr, CHUNKS_POW2: tl.constexpr, ACTIVATION: tl.constexpr,
+        C_RES: tl.constexpr, C_QKV: tl.constexpr, C_ATT_SEEN: tl.constexpr, C_ATT: tl.constexpr,
+        C_OUT_SEEN: tl.constexpr, C_FC1: tl.constexpr, C_FC2_SEEN: tl.constexpr, N_COUNTERS: tl.constexpr,
+        TRACE: tl.constexpr):
+    n_tiles: tl.constexpr = HIDDEN // COLS_SPLIT  # output tiles of a GEMV into the residual
+    slice_rows: tl.constexpr = HEAD_DIM // ROWS_FULL  # QKV or FC1 tasks per head-wide slice
+    qkv_tasks: tl.constexpr = 3 * HIDDEN // ROWS_FULL
+    out_tasks: tl.constexpr = HEADS * n_tiles
+    fc1_tasks: tl.constexpr = INTER // ROWS_FULL
+    att_tasks = HEADS * key_splits
+    # Where each stage's tasks start within a layer.
+    att_first = qkv_tasks
+    out_first = att_first + att_tasks
+    fc1_first = out_first + out_tasks
+    fc2_first = fc1_first + fc1_tasks
+    per_layer = fc2_first + CHUNKS * n_tiles
+    lm_first = 1 + LAYERS * per_layer
+    total = lm_first + (VOCAB + ROWS_FULL - 1) // ROWS_FULL
+    cols = tl.arange(0, HIDDEN_POW2)
+    fulls = tl.arange(0, ROWS_FULL)
+    position = tl.load(positions_ptr)
+
+    ticket = tl.atomic_add(counters_ptr, 1, sem="relaxed", scope="gpu")
+    while ticket < total:
+        slot = trace_ptr + ticket * 4  # TRACE: [multiprocessor, taken, inputs ready, done] per task, ns
+        if TRACE:
+            tl.store(slot, tl.extra.cuda.smid().to(tl.int64))
+            tl.store(slot + 1, tl.extra.cuda.globaltimer())
+            tl.store(slot + 2, tl.extra.cuda.globaltimer())  # no wait (the embeddings): ready when taken
+        layer = (ticket - 1) // per_layer
+        i = (ticket - 1) % per_layer
+        wide = layer.to(tl.int64)  # matrix and cache offsets past 2**31 elements in big models
+        res = counters_ptr + C_RES + 2 * layer  # this layer's input stream is complete at n_tiles
+        if ticket == 0:
+            _embedding_task(tokens_ptr, wte_ptr, wpe_ptr, xs_ptr, counters_ptr + C_RES, position, cols, HIDDEN,
+                            n_tiles)
+        elif ticket >= lm_first:
+            _normed_rows_task(lm_w_ptr, lm_w_ptr, lnf_w_ptr, lnf_b_ptr, xs_ptr + 2 * LAYERS * HIDDEN, logits_ptr,
+                              counters_ptr + C_RES + 2 * LAYERS, None, (ticket - lm_first) * ROWS_FULL + fulls, VOCAB,
+                              cols, eps, HIDDEN, n_tiles, False, 0, slot, TRACE)
+        elif i < att_first:  # QKV rows of one head's q, k or v (the heads in order, q k v each)
+            head = i // (3 * slice_rows)
+            rows = ((i % (3 * slice_rows)) // slice_rows * HIDDEN + head * HEAD_DIM + (i % slice_rows) * ROWS_FULL
+                    + fulls)
+            _normed_rows_task(qkv_w_ptr + wide * 3 * HIDDEN * HIDDEN, qkv_b_ptr + layer * 3 * HIDDEN,
+                              ln1_w_ptr + layer * HIDDEN, ln1_b_ptr + layer * HIDDEN, xs_ptr + 2 * layer * HIDDEN,
+                              qkv_ptr + layer * 3 * HIDDEN, res, counters_ptr + C_QKV + layer * HEADS + head, rows,
+                              3 * HIDDEN, cols, eps, HIDDEN, n_tiles, True, 0, slot, TRACE)
+        elif i < out_first:  # one block of one head's keys
+            head = (i - att_first) // key_splits
+            at = layer * HEADS + head
+            cache = wide * cache_layer_stride + head * max_seq * HEAD_DIM  # slot 0: the batch's only row
+            _attention_task(qkv_ptr + layer * 3 * HIDDEN + head * HEAD_DIM, k_cache_ptr + cache, v_cache_ptr + cache,
+                            att_part_ptr + at * MAX_SPLITS * (HEAD_DIM + 2), attn_ptr + at * HEAD_DIM,
+                            counters_ptr + C_QKV + at, counters_ptr + C_ATT_SEEN + at, counters_ptr + C_ATT + at,
+                            position, (i - att_first) % key_splits, key_splits, scale, HIDDEN, HEAD_DIM,
+                            3 * slice_rows, KEY_BLOCK, MAX_SPLITS, slot, TRACE)
+        elif i < fc1_first:  # attention output: one head's slice of K for one tile
+            head = (i - out_first) // n_tiles
+            tile = (i - out_first) % n_tiles
+            _into_residual_task(out_w_ptr + wide * HIDDEN * HIDDEN, attn_ptr + layer * HIDDEN,
+                                out_part_ptr + wide * HEADS * HIDDEN, out_b_ptr + layer * HIDDEN,
+                                xs_ptr + 2 * layer * HIDDEN, xs_ptr + (2 * layer + 1) * HIDDEN,
+                                counters_ptr + C_ATT + layer * HEADS + head,
+                                counters_ptr + C_OUT_SEEN + layer * n_tiles + tile, res + 1, 1, head, tile, HIDDEN,
+                                HIDDEN, HEAD_DIM, COLS_SPLIT, HEADS, HEADS_POW2, slot, TRACE)
+        elif i < fc2_first:  # FC1 rows
+            rows = (i - fc1_first) * ROWS_FULL + fulls
+            _normed_rows_task(fc1_w_ptr + wide * INTER * HIDDEN, fc1_b_ptr + layer * INTER,
+                              ln2_w_ptr + layer * HIDDEN, ln2_b_ptr + layer * HIDDEN,
+                              xs_ptr + (2 * layer + 1) * HIDDEN, up_ptr + layer * INTER, res + 1,
+                              counters_ptr + C_FC1 + layer * CHUNKS + (i - fc1_first) // slice_rows, rows, INTER,
+                              cols, eps, HIDDEN, n_tiles, True, ACTIVATION, slot, TRACE)
+        else:  # FC2: one head-wide slice of K (its FC1 rows done) for one tile
+            chunk = (i - fc2_first) // n_tiles
+            tile = (i - fc2_first) % n_tiles
+            _into_residual_task(fc2_w_ptr + wide * HIDDEN * INTER, up_ptr + layer * INTER,
+                                fc2_part_ptr + wide * CHUNKS * HIDDEN, fc2_b_ptr + layer * HIDDEN,
+                                xs_ptr + (2 * layer + 1) * HIDDEN, xs_ptr + (2 * layer + 2) * HIDDEN,
+                                counters_ptr + C_FC1 + layer * CHUNKS + chunk,
+                                counters_ptr + C_FC2_SEEN + layer * n_tiles + tile, res + 2, slice_rows, chunk, tile,
+                                INTER, HIDDEN, HEAD_DIM, COLS_SPLIT, CHUNKS, CHUNKS_POW2, slot, TRACE)
+        if TRACE:
+            tl.store(slot + 3, tl.extra.cuda.globaltimer())
+        ticket = tl.atomic_add(counters_ptr, 1, sem="relaxed", scope="gpu")
+
+    # The last program out zeroes the counters (every other program has taken its last ticket) for the next step.
+    if tl.atomic_add(counters_ptr + 1, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
+        for start in range(0, N_COUNTERS, 1024):
+            at = start + tl.arange(0, 1024)
+            tl.store(counters_ptr + at, tl.zeros([1024], dtype=tl.int32), mask=at < N_COUNTERS)
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """The model's shape as the step kernel needs it."""
+
+    hidden: int
+    inter: int
+    heads: int
+    head_dim: int
+    layers: int
+    vocab: int
+    max_seq: int
+    activation: str  # an ACTIVATIONS key
+    eps: float  # the LayerNorms'
+
+
+@dataclass(frozen=True)
+class StepLaunch:
+    """How the step is cut into tasks and launched: not tuned on a GPU yet (GPT_TRITON_STEP_LAUNCH, the first four
+    fields as "tile,warps,programs,registers" with registers 0 for no cap, sets it for A/B runs).
+
+    tile_elements: weight elements one task loads into registers before it waits; programs_per_sm: programs launched
+    per multiprocessor; max_registers: a cap per thread (Triton's maxnreg). The bytes in flight are what streams the
+    weights. Each kind of task alone needs <= 128 registers a thread at 16384 elements and 4 warps, but the one loop
+    over them all takes 255 uncapped: 2 programs a multiprocessor. Capped at 168 it spills nothing, so 3 fit the 64K
+    registers: 96 KiB of fp16 weights in flight on each multiprocessor, 12.7 MB on an H200, what 4.24 TB/s needs over
+    ~3 us of latency; capped at 128, 4 fit but 220 bytes spill (bench/step_kernel_registers.py: Triton 3.6, sm_90,
+    the 1.3B shape). Launching more programs than fit only queues them (tickets go to running programs)."""
+
+    tile_elements: int = 16384
+    num_warps: int = 4
+    programs_per_sm: int = 3
+    max_registers: int = 168  # 0: no cap
+    key_block: int = 64
+
+    @classmethod
+    def parse(cls, text: str) -> StepLaunch:
+        """The launch "TILE,WARPS,PROGRAMS[,REGISTERS]" names (REGISTERS 0: no cap; left out: the default cap)."""
+        values = text.split(",")
+        if len(values) not in (3, 4) or not all(v.isdigit() for v in values) or not all(int(v) for v in values[:3]):
+            raise ValueError(f"a one-launch step launch is 'TILE,WARPS,PROGRAMS[,REGISTERS]' (whole numbers, the "
+                             f"first three positive; REGISTERS 0 for no cap), got {text!r}")
+        tile, warps, programs, *registers = (int(v) for v in values)
+        return cls(tile_elements=tile, num_warps=warps, programs_per_sm=programs,
+                   max_registers=registers[0] if registers else cls.max_registers)
+
+    @classmethod
+    def from_environment(cls) -> StepLaunch:
+        text = os.environ.get("GPT_TRITON_STEP_LAUNCH", "")
+        return cls.parse(text) if text else cls()
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def unsupported(shape: StepShape, launch: StepLaunch) -> str | None:
+    """Why the step kernel cannot run this shape (None: it can). Its tiles are powers of two that divide the head
+    size, and a task's rows of QKV or FC1 must not straddle a head or an FC2 chunk."""
+    rows_full = launch.tile_elements // triton.next_power_of_2(shape.hidden)
+    cols_split = launch.tile_elements // shape.head_dim if shape.head_dim else 0
+    reasons = [
+        (not _power_of_two(shape.head_dim), f"head size {shape.head_dim} is not a power of two"),
+        (not _power_of_two(launch.tile_elements), f"tile of {launch.tile_elements} elements is not a power of two"),
+        (not 1 <= rows_full <= shape.head_dim, f"a tile of {launch.tile_elements} elements gives {rows_full} rows "
+                                               f"of {shape.hidden}: needs 1 to the head size {shape.head_dim}"),
+        (cols_split == 0 or shape.hidden % cols_split, f"hidden {shape.hidden} is not a multiple of the tile's "
+                                                       f"{cols_split} output columns"),
+        (shape.inter % shape.head_dim, f"MLP width {shape.inter} is not a multiple of the head size"),
+        (shape.activation not in ACTIVATIONS, f"activation {shape.activation!r} is not one of {sorted(ACTIVATIONS)}"),
+    ]
+    return next((why for bad, why in reasons if bad), None)
+
+
+class OneLaunchStep:
+    """A batch-1 decode step as one kernel launch (see the module docstring). Holds the step's workspace; capturable
+    in a CUDA graph (no host sync, fixed addresses). The weights are [layers, ...] stacks (`gpt.GptModel.stacked`),
+    the caches [layers, slots, heads, max_seq, d] with the row in slot 0."""
+
+    def __init__(self, shape: StepShape, weights: dict[str, torch.Tensor], k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, launch: StepLaunch | None = None, programs: int | None = None) -> None:
+        self.launch = launch or StepLaunch.from_environment()
+        why = unsupported(shape, self.launch)
+        if why is not None:
+            raise ValueError(f"the one-launch decode step cannot run this model: {why}")
+        self.shape, self.weights, self.k_cache, self.v_cache = shape, weights, k_cache, v_cache
+        device, dtype = k_cache.device, weights["qkv_weight"].dtype
+        s, lay = shape, shape.layers
+        self.rows_full = self.launch.tile_elements // triton.next_power_of_2(s.hidden)
+        self.cols_split = self.launch.tile_elements // s.head_dim
+        self.chunks = s.inter // s.head_dim
+        self.max_splits = triton.next_power_of_2(triton.cdiv(s.max_seq, self.launch.key_block))
+        n_tiles = s.hidden // self.cols_split
+        sizes = {"C_RES": 2 * lay + 1, "C_QKV": lay * s.heads, "C_ATT_SEEN": lay * s.heads, "C_ATT": lay * s.heads,
+                 "C_OUT_SEEN": lay * n_tiles, "C_FC1": lay * self.chunks, "C_FC2_SEEN": lay * n_tiles}
+        self.counter_offsets, at = {}, 2  # 0: the ticket, 1: programs out
+        for name, size in sizes.items():
+            self.counter_offsets[name] = at
+            at += size
+        self.counters = torch.zeros(at, dtype=torch.int32, device=device)
+
+        def buffer(*size: int, like: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.zeros(size, dtype=like, device=device)
+
+        self.xs = buffer(2 * lay + 1, s.hidden, like=dtype)  # the residual stream after each half layer
+        self.qkv = buffer(lay, 3 * s.hidden, like=dtype)
+        self.attn = buffer(lay, s.hidden, like=dtype)
+        self.up = buffer(lay, s.inter, like=dtype)
+        self.att_part = buffer(lay, s.heads, self.max_splits, s.head_dim + 2)  # per key block: acc, max, sum
+        self.out_part = buffer(lay, s.heads, s.hidden)
+        self.fc2_part = buffer(lay, self.chunks, s.hidden)
+        if programs is None:
+            sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+            programs = sms * self.launch.programs_per_sm
+        self.programs = programs
+
+    def task_kinds(self, kv_len: int) -> list[tuple[str, int]]:
+        """(stage, layer) of each task in the kernel's order (its ticket): what a trace's rows are."""
+        s = self.shape
+        n_tiles = s.hidden // self.cols_split
+        key_blocks = triton.cdiv(kv_len, self.launch.key_block)
+        stages = (("qkv", 3 * s.hidden // self.rows_full), ("attention", s.heads * key_blocks),
+                  ("attention output", s.heads * n_tiles), ("fc1", s.inter // self.rows_full),
+                  ("fc2", self.chunks * n_tiles))
+        kinds = [("embeddings", 0)]
+        for layer in range(s.layers):
+            kinds += [(stage, layer) for stage, count in stages for _ in range(count)]
+        return kinds + [("lm head", s.layers)] * triton.cdiv(s.vocab, self.rows_full)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int,
+                 trace: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [1], positions [1] < kv_len <= max_seq -> logits [1, vocab]; writes the step's K/V into the cache.
+
+        trace: int64 [tasks, 4] (`task_kinds`' length): per task, the multiprocessor that ran it and the global timer
+        (ns) when it was taken, when its inputs were ready (after its weights' loads were issued and the wait) and
+        when it was done. Costs a few stores a task; for profiles, not for serving."""
+        if not 1 <= kv_len <= self.shape.max_seq:
+            raise ValueError(f"kv_len must be in [1, max_seq={self.shape.max_seq}], got {kv_len}")
+        s, w = self.shape, self.weights
+        logits = torch.empty((1, s.vocab), dtype=self.xs.dtype, device=self.xs.device)
+        _one_launch_step_kernel[(self.programs,)](
+            tokens, positions, w["wte"], w["wpe"], w["ln1_weight"], w["ln1_bias"], w["qkv_weight"], w["qkv_bias"],
+            w["attn_out_weight"], w["attn_out_bias"], w["ln2_weight"], w["ln2_bias"], w["fc1_weight"], w["fc1_bias"],
+            w["fc2_weight"], w["fc2_bias"], w["final_ln_weight"], w["final_ln_bias"], w["lm_head"],
+            self.k_cache, self.v_cache, logits, self.xs, self.qkv, self.attn, self.up, self.att_part, self.out_part,
+            self.fc2_part, self.counters, self.counters if trace is None else trace,
+            triton.cdiv(kv_len, self.launch.key_block), self.k_cache[0].numel(), s.max_seq, s.eps,
+            1.0 / s.head_dim ** 0.5, **self.constexprs(), TRACE=trace is not None, **self.options())
+        return logits
+
+    def constexprs(self) -> dict[str, int]:
+        """The kernel's compile-time arguments but TRACE (bench/step_kernel_registers.py compiles it with them)."""
+        s = self.shape
+        return dict(HIDDEN=s.hidden, HIDDEN_POW2=triton.next_power_of_2(s.hidden), INTER=s.inter, HEADS=s.heads,
+                    HEADS_POW2=triton.next_power_of_2(s.heads), HEAD_DIM=s.head_dim, LAYERS=s.layers, VOCAB=s.vocab,
+                    ROWS_FULL=self.rows_full, COLS_SPLIT=self.cols_split, KEY_BLOCK=self.launch.key_block,
+                    MAX_SPLITS=self.max_splits, CHUNKS=self.chunks, CHUNKS_POW2=triton.next_power_of_2(self.chunks),
+                    ACTIVATION=ACTIVATIONS[s.activation], **self.counter_offsets, N_COUNTERS=self.counters.numel())
+
+    def options(self) -> dict[str, int]:
+        """The launch's compile options: warps, and the register cap where there is one."""
+        cap = {"maxnreg": self.launch.max_registers} if self.launch.max_registers else {}
+        return {"num_warps": self.launch.num_warps, **cap}

@@ -1,0 +1,120 @@
+"""The one-launch decode step (builder/runtime/step_kernel.py) against the eager ops of `GptModel.decode`: logits and
+the KV cache it leaves, over steps whose keys span several key blocks, with the counters left zero for the next step.
+
+Runs on CUDA (the programs run at once: the counters' ordering and the tickets are exercised for real); on a CPU-only
+host under Triton's interpreter (TRITON_INTERPRET=1 with Triton installed: the programs run one after the other, so
+the task order, indexing and arithmetic are checked, not the concurrency), else skipped.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import pytest
+import torch
+
+from builder.runtime.gpt import STACKED, GptModel, expected_shapes
+from builder.runtime.model_config import GptModelConfig
+
+if TYPE_CHECKING:
+    from builder.runtime.step_kernel import OneLaunchStep
+
+TRITON = importlib.util.find_spec("triton") is not None
+DEVICE = "cuda" if torch.cuda.is_available() and TRITON else (
+    "cpu" if TRITON and os.environ.get("TRITON_INTERPRET") == "1" else None)
+pytestmark = pytest.mark.skipif(DEVICE is None, reason="needs CUDA, or Triton's interpreter (TRITON_INTERPRET=1)")
+TOLERANCES = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=1e-2, atol=1e-2)}
+
+
+def small_model(dtype: torch.dtype, activation: str = "Gelu") -> GptModel:
+    """4 heads of 16, 2 layers, random LayerNorms and biases (the eager path folds nothing on CPU)."""
+    config = GptModelConfig(head_num=4, size_per_head=16, inter_size=256, num_layer=2, vocab_size=300,
+                            max_pos_seq_len=256, start_id=0, end_id=0, weight_data_type="fp32",
+                            activation_type=activation)
+    generator = torch.Generator().manual_seed(3)
+    weights = {name: torch.randn(shape, generator=generator) * (0.3 if "layernorm" in name else 0.1)
+               + (1.0 if name.endswith("layernorm.weight") else 0.0) for name, shape in expected_shapes(config).items()}
+    model = GptModel(config, weights, device=torch.device(DEVICE or "cpu"), dtype=dtype)
+    model.allocate_cache(2, 200)
+    return model
+
+
+def one_launch(model: GptModel) -> OneLaunchStep:
+    from builder.runtime import step_kernel  # here: Triton may be missing
+
+    # 512-element tiles: 8 rows of QKV/FC1 or 32 outputs of a 16-wide K slice a task; 16-key blocks: several per head
+    return step_kernel.OneLaunchStep(model.step_shape(), model.step_weights(), model._k_stack, model._v_stack,
+                                     step_kernel.StepLaunch(tile_elements=512, key_block=16),
+                                     programs=3 if DEVICE == "cpu" else None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@torch.inference_mode()
+def test_one_launch_step_matches_the_eager_decode(dtype: torch.dtype) -> None:
+    model = small_model(dtype)
+    step = one_launch(model)
+    prompt = torch.randint(1, 300, (1, 45), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    token = model.prefill(prompt, torch.tensor([45], device=DEVICE)).argmax(-1)
+    for position in (45, 46, 47, 48):  # keys in 3, then 4 blocks of 16 (the step's own key the last of a block at 47)
+        before = [cache.clone() for cache in model.k_cache + model.v_cache]
+        positions = torch.tensor([position], device=DEVICE)
+        want = model.decode(token, positions, kv_len=position + 1 + position % 2)  # kv_len past the position too
+        want_cache = [cache.clone() for cache in model.k_cache + model.v_cache]
+        for cache, saved in zip(model.k_cache + model.v_cache, before):
+            cache.copy_(saved)
+        got = step(token, positions, position + 1 + position % 2)
+        torch.testing.assert_close(got.float(), want.float(), **TOLERANCES[dtype])
+        for cache, expected in zip(model.k_cache + model.v_cache, want_cache):
+            torch.testing.assert_close(cache.float(), expected.float(), **TOLERANCES[dtype])
+        assert not step.counters.any(), "the last program out leaves every counter zero"
+        token = want.argmax(-1)
+
+
+@torch.inference_mode()
+def test_one_launch_step_with_relu_and_through_the_model() -> None:
+    """A ReLU model, through `GptModel.decode` with `DecodeKernels.one_launch_step` (built with the cache on CUDA)."""
+    model = small_model(torch.float32, activation="Relu")
+    if model.one_launch is None:  # CPU: built on CUDA only
+        model.one_launch = one_launch(model)
+    prompt = torch.randint(1, 300, (1, 20), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    token = model.prefill(prompt, torch.tensor([20], device=DEVICE)).argmax(-1)
+    positions = torch.tensor([20], device=DEVICE)
+    saved = [cache.clone() for cache in model.k_cache + model.v_cache]
+    want = model.decode(token, positions, kv_len=32)
+    for cache, copy in zip(model.k_cache + model.v_cache, saved):
+        cache.copy_(copy)
+    model.kernels = replace(model.kernels, one_launch_step=True)
+    torch.testing.assert_close(model.decode(token, positions, kv_len=32), want, **TOLERANCES[torch.float32])
+
+
+def test_the_layers_are_views_of_the_stacks() -> None:
+    """The kernel reads `GptModel.stacked`; the layers' tensors (the eager path's) must be the same memory, folded
+    norms included."""
+    model = small_model(torch.float32)
+    model.fold_norms()
+    for name in STACKED:
+        for i, layer in enumerate(model.layers):
+            assert getattr(layer, name).data_ptr() == model.stacked[name][i].data_ptr(), (name, i)
+    assert torch.equal(model.stacked["ln1_weight"], torch.ones_like(model.stacked["ln1_weight"]))
+    assert model.k_cache[1].data_ptr() == model._k_stack[1].data_ptr()
+
+
+def test_shapes_the_kernel_cannot_take_are_named() -> None:
+    from builder.runtime import step_kernel
+
+    shape = step_kernel.StepShape(hidden=2048, inter=8192, heads=16, head_dim=128, layers=24, vocab=50257,
+                                  max_seq=2048, activation="gelu_tanh", eps=1e-5)
+    launch = step_kernel.StepLaunch()
+    assert step_kernel.unsupported(shape, launch) is None
+    assert "head size 96" in str(step_kernel.unsupported(replace(shape, head_dim=96), launch))
+    assert "MLP width 8200" in str(step_kernel.unsupported(replace(shape, inter=8200), launch))
+    assert "gives 0 rows" in str(step_kernel.unsupported(shape, step_kernel.StepLaunch(tile_elements=1024)))
+    assert step_kernel.StepLaunch.parse("32768,8,2,0") == step_kernel.StepLaunch(32768, 8, 2, max_registers=0)
+    assert step_kernel.StepLaunch.parse("8192,4,4").max_registers == launch.max_registers
+    with pytest.raises(ValueError, match="'TILE,WARPS,PROGRAMS\\[,REGISTERS\\]'.*got '8192,4'"):
+        step_kernel.StepLaunch.parse("8192,4")
+    with pytest.raises(ValueError, match="cannot run this model: head size 96"):
+        step_kernel.OneLaunchStep(replace(shape, head_dim=96), {}, torch.zeros(1), torch.zeros(1))
