@@ -54,9 +54,7 @@ def main() -> None:
         model = random_model(PRESETS["gpt3-1.3b"], torch.device("cuda:0"), torch.float16)
         model.allocate_cache(8, 1024)
         per_op = replace(model.kernels, one_launch_step=False)
-        steps = {name: step_kernel.OneLaunchStep(model.step_shape(), model.step_weights(), model._k_stack,
-                                                 model._v_stack, step_kernel.StepLaunch.parse(name))
-                 for name in args.launches}
+        steps = {name: model.build_one_launch(step_kernel.StepLaunch.parse(name)) for name in args.launches}
         generator = torch.Generator(device=model.device).manual_seed(1)
         rows = []
         for batch in (1, 8):

@@ -43,12 +43,10 @@ def small_model(dtype: torch.dtype, activation: str = "Gelu") -> GptModel:
 
 
 def one_launch(model: GptModel) -> OneLaunchStep:
-    from builder.runtime import step_kernel  # here: Triton may be missing
+    from builder.runtime.step_kernel import StepLaunch  # here: Triton may be missing
 
     # 512-element tiles: 8 rows of QKV/FC1 or 32 outputs of a 16-wide K slice a task; 16-key blocks: several per head
-    return step_kernel.OneLaunchStep(model.step_shape(), model.step_weights(), model._k_stack, model._v_stack,
-                                     step_kernel.StepLaunch(tile_elements=512, key_block=16),
-                                     programs=3 if DEVICE == "cpu" else None)
+    return model.build_one_launch(StepLaunch(tile_elements=512, key_block=16), programs=3 if DEVICE == "cpu" else None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -99,7 +97,8 @@ def test_the_layers_are_views_of_the_stacks() -> None:
         for i, layer in enumerate(model.layers):
             assert getattr(layer, name).data_ptr() == model.stacked[name][i].data_ptr(), (name, i)
     assert torch.equal(model.stacked["ln1_weight"], torch.ones_like(model.stacked["ln1_weight"]))
-    assert model.k_cache[1].data_ptr() == model._k_stack[1].data_ptr()
+    layer_bytes = model.k_cache[0].numel() * model.k_cache[0].element_size()  # the kernel's layer stride
+    assert all(cache[1].data_ptr() - cache[0].data_ptr() == layer_bytes for cache in (model.k_cache, model.v_cache))
 
 
 def test_shapes_the_kernel_cannot_take_are_named() -> None:

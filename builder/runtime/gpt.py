@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -43,8 +44,10 @@ from .model_config import KV_CACHE_DTYPES, GptModelConfig
 
 if TYPE_CHECKING:
     from .gpt_kernels import LayerNormIn
-    from .step_kernel import OneLaunchStep, StepShape
+    from .step_kernel import OneLaunchStep, StepLaunch, StepShape
     from .tensor_parallel import TensorShard
+
+log = logging.getLogger(__name__)
 
 # One layer's attention of a step: (layer, qkv [n, 3H], positions [n], kv_len) -> [n, H].
 Attention = Callable[[int, torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -352,18 +355,28 @@ class GptModel:
         return {**self.stacked, "wte": self.wte, "wpe": self.wpe, "final_ln_weight": self.final_ln[0],
                 "final_ln_bias": self.final_ln[1], "lm_head": self.lm_head}
 
-    def _one_launch_step(self) -> OneLaunchStep | None:
-        """The batch-1 step as one kernel where it can run: CUDA with Triton, one rank, fp16 or bf16 with the cache
-        in the same dtype, a shape step_kernel.py takes; else None."""
-        if (self.device.type != "cuda" or self.shard is not None or self.cache_dtype != self.dtype
-                or self.dtype not in (torch.float16, torch.bfloat16) or importlib.util.find_spec("triton") is None):
-            return None
+    def build_one_launch(self, launch: StepLaunch | None = None, programs: int | None = None) -> OneLaunchStep:
+        """The batch-1 step as one kernel over this model's weights and cache (step_kernel.py; Triton's interpreter
+        runs it on CPU); launch: default StepLaunch.from_environment(). ValueError where the shape does not fit it."""
         from . import step_kernel
 
-        launch = step_kernel.StepLaunch.from_environment()
-        if step_kernel.unsupported(self.step_shape(), launch) is not None:
-            return None
-        return step_kernel.OneLaunchStep(self.step_shape(), self.step_weights(), self._k_stack, self._v_stack, launch)
+        return step_kernel.OneLaunchStep(self.step_shape(), self.step_weights(), self._k_stack, self._v_stack,
+                                         launch or step_kernel.StepLaunch.from_environment(), programs)
+
+    def _one_launch_step(self) -> OneLaunchStep | None:
+        """`build_one_launch` where it can serve: CUDA with Triton, one rank, fp16 or bf16 with the cache in the same
+        dtype, a shape step_kernel.py takes; else None (with a warning when DecodeKernels.one_launch_step asks)."""
+        if (self.device.type != "cuda" or self.shard is not None or self.cache_dtype != self.dtype
+                or self.dtype not in (torch.float16, torch.bfloat16) or importlib.util.find_spec("triton") is None):
+            why = "it needs CUDA with Triton, one rank, and fp16 or bf16 weights with the KV cache in their dtype"
+        else:
+            try:
+                return self.build_one_launch()
+            except ValueError as error:
+                why = str(error)
+        if self.kernels.one_launch_step:
+            log.warning("the one-launch decode step is off for this model: %s", why)
+        return None
 
     @property
     def cache_bytes(self) -> int:
