@@ -78,12 +78,13 @@ def main() -> None:
                        "vs_per_op": ms / base - 1, "floor_ms": floor, "fraction_of_floor": floor / ms,
                        "tokens_equal": (tokens == base_tokens).float().mean().item(),
                        "max_abs_dlogit_step1": (logits - base_logits).abs().max().item()}
-                if name in steps:
-                    row["programs"] = steps[name].programs
+                if name in steps:  # waits that gave up (a lost signal: wrong logits, see step_kernel._wait_for)
+                    row["programs"], row["stalls"] = steps[name].programs, int(steps[name].stalls)
                 rows.append(row)
                 print(f"batch {batch} {name:16s} {ms:.3f} ms/step ({row['vs_per_op']:+.1%}, fraction of floor "
                       f"{row['fraction_of_floor']:.3f}; rounds {' '.join(f'{t:.3f}' for t in times[name])}); tokens "
-                      f"equal {row['tokens_equal']:.3f}, max |dlogit| {row['max_abs_dlogit_step1']:.4f}", flush=True)
+                      f"equal {row['tokens_equal']:.3f}, max |dlogit| {row['max_abs_dlogit_step1']:.4f}"
+                      + (f", stalls {row['stalls']}" if "stalls" in row else ""), flush=True)
         if args.trace:
             step = steps[args.launches[0]]
             summary = trace_step(model, step, args.prompt + args.steps // 2, args.out)

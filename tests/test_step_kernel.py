@@ -68,6 +68,7 @@ def test_one_launch_step_matches_the_eager_decode(dtype: torch.dtype) -> None:
         for cache, expected in zip(model.k_cache + model.v_cache, want_cache):
             torch.testing.assert_close(cache.float(), expected.float(), **TOLERANCES[dtype])
         assert not step.counters.any(), "the last program out leaves every counter zero"
+        assert not step.stalls.any(), "no wait gave up"
         token = want.argmax(-1)
 
 
@@ -86,6 +87,31 @@ def test_one_launch_step_with_relu_and_through_the_model() -> None:
         cache.copy_(copy)
     model.kernels = replace(model.kernels, one_launch_step=True)
     torch.testing.assert_close(model.decode(token, positions, kv_len=32), want, **TOLERANCES[torch.float32])
+
+
+@torch.inference_mode()
+def test_a_wait_never_met_gives_up_and_is_counted() -> None:
+    """A lost signal (planted: the first attention-output tile's arrival count set past its last value, so no task
+    finishes that tile and FC1's tasks wait for a stream that never completes) makes the waiting tasks give up after
+    SPIN_LIMIT polls and count themselves in `stalls` instead of never returning; the counters are zero after that
+    step, and the next step computes the eager ops' logits again."""
+    model = small_model(torch.float32)
+    step = one_launch(model)
+    prompt = torch.randint(1, 300, (1, 9), generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    token = model.prefill(prompt, torch.tensor([9], device=DEVICE)).argmax(-1)
+    positions = torch.tensor([9], device=DEVICE)
+    saved = [cache.clone() for cache in model.k_cache + model.v_cache]
+    step.counters[step.counter_offsets["C_OUT_SEEN"]] = 100
+    step(token, positions, 16)
+    assert int(step.stalls) > 0 and not step.counters.any()
+    for cache, copy in zip(model.k_cache + model.v_cache, saved):
+        cache.copy_(copy)
+    want = model.decode(token, positions, kv_len=16)
+    for cache, copy in zip(model.k_cache + model.v_cache, saved):
+        cache.copy_(copy)
+    stalls = int(step.stalls)
+    torch.testing.assert_close(step(token, positions, 16), want, **TOLERANCES[torch.float32])
+    assert int(step.stalls) == stalls
 
 
 def test_the_layers_are_views_of_the_stacks() -> None:

@@ -48,17 +48,26 @@ import triton
 import triton.language as tl
 
 ACTIVATIONS = {"gelu_tanh": 1, "relu": 2}
+# Polls before a wait gives up (`_wait_for`): [Triton's interpreter (a poll is ~0.1 ms of Python; tasks run in ticket
+# order there, so a wait that is not met at once never will be), a GPU (~4 s at ~1 us a poll)].
+SPIN_LIMITS = (1000, 1 << 22)
 
 
 @triton.jit
-def _wait_for(counter_ptr, target, trace_slot, TRACE: tl.constexpr):
+def _wait_for(counter_ptr, target, stalls_ptr, trace_slot, TRACE: tl.constexpr, SPIN_LIMIT: tl.constexpr):
     """Spin until the counter reaches target; after it, this program's loads see what its producers wrote before
-    their release (acquire by the thread that polls, then the barrier for the others). TRACE: when the wait ended."""
-    while tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < target:
-        pass
+    their release (acquire by the thread that polls, then the barrier for the others). A wait that outlasts
+    SPIN_LIMIT polls (seconds on a GPU; a wait in a correct step lasts microseconds) gives up and counts itself in
+    stalls: a lost signal then makes wrong logits and a count the caller can read, not a GPU that never returns.
+    TRACE: when the wait ended (-1: it gave up)."""
+    polls = 0
+    while (tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < target) & (polls < SPIN_LIMIT):
+        polls += 1
     tl.debug_barrier()
+    if polls >= SPIN_LIMIT:
+        tl.atomic_add(stalls_ptr, 1, sem="relaxed", scope="gpu")
     if TRACE:
-        tl.store(trace_slot + 2, tl.extra.cuda.globaltimer())
+        tl.store(trace_slot + 2, tl.where(polls >= SPIN_LIMIT, -1, tl.extra.cuda.globaltimer()))
 
 
 @triton.jit
@@ -99,8 +108,8 @@ def _embedding_task(tokens_ptr, wte_ptr, wpe_ptr, xs_ptr, res_ptr, position, col
 @triton.jit
 def _normed_rows_task(w_ptr, bias_ptr, gain_ptr, shift_ptr, x_ptr, out_ptr, ready_ptr, done_ptr, rows, n_rows,
                       cols, eps, HIDDEN: tl.constexpr, N_TILES: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      ACTIVATION: tl.constexpr,
-        trace_slot, TRACE: tl.constexpr):
+                      ACTIVATION: tl.constexpr, stalls_ptr, trace_slot, TRACE: tl.constexpr,
+                      SPIN_LIMIT: tl.constexpr):
     """out[rows] = act(LayerNorm(x) @ W[rows]^T + bias) (QKV, FC1, the LM head): the weight rows, bias and norm loaded
     first, then the wait for x (all N_TILES tiles of it), then one product of whole rows."""
     inside = cols < HIDDEN
@@ -110,7 +119,7 @@ def _normed_rows_task(w_ptr, bias_ptr, gain_ptr, shift_ptr, x_ptr, out_ptr, read
         bias = tl.load(bias_ptr + rows, mask=rows < n_rows, other=0.0).to(tl.float32)
     gain = tl.load(gain_ptr + cols, mask=inside, other=0.0).to(tl.float32)
     shift = tl.load(shift_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-    _wait_for(ready_ptr, N_TILES, trace_slot, TRACE)
+    _wait_for(ready_ptr, N_TILES, stalls_ptr, trace_slot, TRACE, SPIN_LIMIT)
     h = _layer_norm(x_ptr, gain, shift, cols, HIDDEN, eps, x_ptr.dtype.element_ty)
     y = tl.sum(w.to(tl.float32) * h[None, :], axis=1)
     if HAS_BIAS:
@@ -127,8 +136,8 @@ def _normed_rows_task(w_ptr, bias_ptr, gain_ptr, shift_ptr, x_ptr, out_ptr, read
 @triton.jit
 def _attention_task(qkv_ptr, k_cache_ptr, v_cache_ptr, part_ptr, attn_ptr, ready_ptr, seen_ptr, done_ptr, position,
                     split, key_splits, scale, HIDDEN: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    HEAD_TASKS: tl.constexpr, KEY_BLOCK: tl.constexpr, MAX_SPLITS: tl.constexpr,
-        trace_slot, TRACE: tl.constexpr):
+                    HEAD_TASKS: tl.constexpr, KEY_BLOCK: tl.constexpr, MAX_SPLITS: tl.constexpr, stalls_ptr,
+                    trace_slot, TRACE: tl.constexpr, SPIN_LIMIT: tl.constexpr):
     """One block of one head's cached keys (pointers at the head: its q in qkv, its cache, its partials, its output);
     the head's last block to finish merges the blocks and the step's own key, and writes that key and value into
     the cache."""
@@ -138,7 +147,7 @@ def _attention_task(qkv_ptr, k_cache_ptr, v_cache_ptr, part_ptr, attn_ptr, ready
     at = keys[:, None] * HEAD_DIM + dims[None, :]
     k = tl.load(k_cache_ptr + at, mask=cached[:, None], other=0.0)  # [KEY_BLOCK, HEAD_DIM]
     v = tl.load(v_cache_ptr + at, mask=cached[:, None], other=0.0)
-    _wait_for(ready_ptr, HEAD_TASKS, trace_slot, TRACE)
+    _wait_for(ready_ptr, HEAD_TASKS, stalls_ptr, trace_slot, TRACE, SPIN_LIMIT)
     q = tl.load(qkv_ptr + dims, cache_modifier=".cg").to(tl.float32) * scale
     scores = tl.where(cached, tl.sum(k.to(tl.float32) * q[None, :], axis=1), -float("inf"))
     top = tl.max(scores, axis=0)
@@ -175,8 +184,8 @@ def _attention_task(qkv_ptr, k_cache_ptr, v_cache_ptr, part_ptr, attn_ptr, ready
 @triton.jit
 def _into_residual_task(w_ptr, x_ptr, part_ptr, bias_ptr, x_in_ptr, x_out_ptr, ready_ptr, seen_ptr, done_ptr,
                         ready_target, slice_index, tile, k_total, HIDDEN: tl.constexpr, HEAD_DIM: tl.constexpr,
-                        COLS_SPLIT: tl.constexpr, PARTS: tl.constexpr, PARTS_POW2: tl.constexpr,
-        trace_slot, TRACE: tl.constexpr):
+                        COLS_SPLIT: tl.constexpr, PARTS: tl.constexpr, PARTS_POW2: tl.constexpr, stalls_ptr,
+                        trace_slot, TRACE: tl.constexpr, SPIN_LIMIT: tl.constexpr):
     """Attention output or FC2: a HEAD_DIM-wide slice of K (x's slice ready) for COLS_SPLIT outputs, as an fp32
     partial [PARTS, HIDDEN]; the tile's last slice to finish sums the partials in slice order (the same bits
     whichever is last) and adds the bias and the residual: x_out[tile] = x_in + (sum + bias), rounded as the eager
@@ -184,7 +193,7 @@ def _into_residual_task(w_ptr, x_ptr, part_ptr, bias_ptr, x_in_ptr, x_out_ptr, r
     outs = tile * COLS_SPLIT + tl.arange(0, COLS_SPLIT)
     ks = slice_index * HEAD_DIM + tl.arange(0, HEAD_DIM)
     w = tl.load(w_ptr + outs[:, None] * k_total + ks[None, :])  # [COLS_SPLIT, HEAD_DIM]
-    _wait_for(ready_ptr, ready_target, trace_slot, TRACE)
+    _wait_for(ready_ptr, ready_target, stalls_ptr, trace_slot, TRACE, SPIN_LIMIT)
     x = tl.load(x_ptr + ks, cache_modifier=".cg").to(tl.float32)
     tl.store(part_ptr + slice_index * HIDDEN + outs, tl.sum(w.to(tl.float32) * x[None, :], axis=1))
     tl.debug_barrier()
@@ -213,7 +222,8 @@ def _one_launch_step_kernel(
         CHUNKS: tl.constexpr, CHUNKS_POW2: tl.constexpr, ACTIVATION: tl.constexpr,
         C_RES: tl.constexpr, C_QKV: tl.constexpr, C_ATT_SEEN: tl.constexpr, C_ATT: tl.constexpr,
         C_OUT_SEEN: tl.constexpr, C_FC1: tl.constexpr, C_FC2_SEEN: tl.constexpr, N_COUNTERS: tl.constexpr,
-        TRACE: tl.constexpr):
+        TRACE: tl.constexpr, SPIN_LIMIT: tl.constexpr):
+    stalls_ptr = counters_ptr + N_COUNTERS  # past the counters: not zeroed by the kernel
     n_tiles: tl.constexpr = HIDDEN // COLS_SPLIT  # output tiles of a GEMV into the residual
     slice_rows: tl.constexpr = HEAD_DIM // ROWS_FULL  # QKV or FC1 tasks per head-wide slice
     qkv_tasks: tl.constexpr = 3 * HIDDEN // ROWS_FULL
@@ -249,7 +259,7 @@ def _one_launch_step_kernel(
         elif ticket >= lm_first:
             _normed_rows_task(lm_w_ptr, lm_w_ptr, lnf_w_ptr, lnf_b_ptr, xs_ptr + 2 * LAYERS * HIDDEN, logits_ptr,
                               counters_ptr + C_RES + 2 * LAYERS, None, (ticket - lm_first) * ROWS_FULL + fulls, VOCAB,
-                              cols, eps, HIDDEN, n_tiles, False, 0, slot, TRACE)
+                              cols, eps, HIDDEN, n_tiles, False, 0, stalls_ptr, slot, TRACE, SPIN_LIMIT)
         elif i < att_first:  # QKV rows of one head's q, k or v (the heads in order, q k v each)
             head = i // (3 * slice_rows)
             rows = ((i % (3 * slice_rows)) // slice_rows * HIDDEN + head * HEAD_DIM + (i % slice_rows) * ROWS_FULL
@@ -257,7 +267,7 @@ def _one_launch_step_kernel(
             _normed_rows_task(qkv_w_ptr + wide * 3 * HIDDEN * HIDDEN, qkv_b_ptr + layer * 3 * HIDDEN,
                               ln1_w_ptr + layer * HIDDEN, ln1_b_ptr + layer * HIDDEN, xs_ptr + 2 * layer * HIDDEN,
                               qkv_ptr + layer * 3 * HIDDEN, res, counters_ptr + C_QKV + layer * HEADS + head, rows,
-                              3 * HIDDEN, cols, eps, HIDDEN, n_tiles, True, 0, slot, TRACE)
+                              3 * HIDDEN, cols, eps, HIDDEN, n_tiles, True, 0, stalls_ptr, slot, TRACE, SPIN_LIMIT)
         elif i < out_first:  # one block of one head's keys
             head = (i - att_first) // key_splits
             at = layer * HEADS + head
@@ -266,7 +276,7 @@ def _one_launch_step_kernel(
                             att_part_ptr + at * MAX_SPLITS * (HEAD_DIM + 2), attn_ptr + at * HEAD_DIM,
                             counters_ptr + C_QKV + at, counters_ptr + C_ATT_SEEN + at, counters_ptr + C_ATT + at,
                             position, (i - att_first) % key_splits, key_splits, scale, HIDDEN, HEAD_DIM,
-                            3 * slice_rows, KEY_BLOCK, MAX_SPLITS, slot, TRACE)
+                            3 * slice_rows, KEY_BLOCK, MAX_SPLITS, stalls_ptr, slot, TRACE, SPIN_LIMIT)
         elif i < fc1_first:  # attention output: one head's slice of K for one tile
             head = (i - out_first) // n_tiles
             tile = (i - out_first) % n_tiles
@@ -275,14 +285,14 @@ def _one_launch_step_kernel(
                                 xs_ptr + 2 * layer * HIDDEN, xs_ptr + (2 * layer + 1) * HIDDEN,
                                 counters_ptr + C_ATT + layer * HEADS + head,
                                 counters_ptr + C_OUT_SEEN + layer * n_tiles + tile, res + 1, 1, head, tile, HIDDEN,
-                                HIDDEN, HEAD_DIM, COLS_SPLIT, HEADS, HEADS_POW2, slot, TRACE)
+                                HIDDEN, HEAD_DIM, COLS_SPLIT, HEADS, HEADS_POW2, stalls_ptr, slot, TRACE, SPIN_LIMIT)
         elif i < fc2_first:  # FC1 rows
             rows = (i - fc1_first) * ROWS_FULL + fulls
             _normed_rows_task(fc1_w_ptr + wide * INTER * HIDDEN, fc1_b_ptr + layer * INTER,
                               ln2_w_ptr + layer * HIDDEN, ln2_b_ptr + layer * HIDDEN,
                               xs_ptr + (2 * layer + 1) * HIDDEN, up_ptr + layer * INTER, res + 1,
                               counters_ptr + C_FC1 + layer * CHUNKS + (i - fc1_first) // slice_rows, rows, INTER,
-                              cols, eps, HIDDEN, n_tiles, True, ACTIVATION, slot, TRACE)
+                              cols, eps, HIDDEN, n_tiles, True, ACTIVATION, stalls_ptr, slot, TRACE, SPIN_LIMIT)
         else:  # FC2: one head-wide slice of K (its FC1 rows done) for one tile
             chunk = (i - fc2_first) // n_tiles
             tile = (i - fc2_first) % n_tiles
@@ -291,7 +301,8 @@ def _one_launch_step_kernel(
                                 xs_ptr + (2 * layer + 1) * HIDDEN, xs_ptr + (2 * layer + 2) * HIDDEN,
                                 counters_ptr + C_FC1 + layer * CHUNKS + chunk,
                                 counters_ptr + C_FC2_SEEN + layer * n_tiles + tile, res + 2, slice_rows, chunk, tile,
-                                INTER, HIDDEN, HEAD_DIM, COLS_SPLIT, CHUNKS, CHUNKS_POW2, slot, TRACE)
+                                INTER, HIDDEN, HEAD_DIM, COLS_SPLIT, CHUNKS, CHUNKS_POW2, stalls_ptr, slot, TRACE,
+                                SPIN_LIMIT)
         if TRACE:
             tl.store(slot + 3, tl.extra.cuda.globaltimer())
         ticket = tl.atomic_add(counters_ptr, 1, sem="relaxed", scope="gpu")
@@ -328,7 +339,7 @@ class StepLaunch:
     weights. Each kind of task alone needs <= 128 registers a thread at 16384 elements and 4 warps, but the one loop
     over them all takes 255 uncapped: 2 programs a multiprocessor. Capped at 168 it spills nothing, so 3 fit the 64K
     registers: 96 KiB of fp16 weights in flight on each multiprocessor, 12.7 MB on an H200, what 4.24 TB/s needs over
-    ~3 us of latency; capped at 128, 4 fit but 220 bytes spill (bench/step_kernel_registers.py: Triton 3.6, sm_90,
+    ~3 us of latency; capped at 128, 4 fit but 208 bytes spill (bench/step_kernel_registers.py: Triton 3.6, sm_90,
     the 1.3B shape). Launching more programs than fit only queues them (tickets go to running programs)."""
 
     tile_elements: int = 16384
@@ -401,7 +412,9 @@ class OneLaunchStep:
         for name, size in sizes.items():
             self.counter_offsets[name] = at
             at += size
-        self.counters = torch.zeros(at, dtype=torch.int32, device=device)
+        # The counters (zeroed again by each step), then the stalls: waits that gave up, counted over every step.
+        self._counter_buffer = torch.zeros(at + 1, dtype=torch.int32, device=device)
+        self.counters, self.stalls = self._counter_buffer[:at], self._counter_buffer[at:]
 
         def buffer(*size: int, like: torch.dtype = torch.float32) -> torch.Tensor:
             return torch.zeros(size, dtype=like, device=device)
@@ -447,7 +460,7 @@ class OneLaunchStep:
             w["attn_out_weight"], w["attn_out_bias"], w["ln2_weight"], w["ln2_bias"], w["fc1_weight"], w["fc1_bias"],
             w["fc2_weight"], w["fc2_bias"], w["final_ln_weight"], w["final_ln_bias"], w["lm_head"],
             self.k_cache, self.v_cache, logits, self.xs, self.qkv, self.attn, self.up, self.att_part, self.out_part,
-            self.fc2_part, self.counters, self.counters if trace is None else trace,
+            self.fc2_part, self._counter_buffer, self.counters if trace is None else trace,
             triton.cdiv(kv_len, self.launch.key_block), self.k_cache[0].numel(), s.max_seq, s.eps,
             1.0 / s.head_dim ** 0.5, **self.constexprs(), TRACE=trace is not None, **self.options())
         return logits
@@ -459,7 +472,8 @@ class OneLaunchStep:
                     HEADS_POW2=triton.next_power_of_2(s.heads), HEAD_DIM=s.head_dim, LAYERS=s.layers, VOCAB=s.vocab,
                     ROWS_FULL=self.rows_full, COLS_SPLIT=self.cols_split, KEY_BLOCK=self.launch.key_block,
                     MAX_SPLITS=self.max_splits, CHUNKS=self.chunks, CHUNKS_POW2=triton.next_power_of_2(self.chunks),
-                    ACTIVATION=ACTIVATIONS[s.activation], **self.counter_offsets, N_COUNTERS=self.counters.numel())
+                    ACTIVATION=ACTIVATIONS[s.activation], **self.counter_offsets, N_COUNTERS=self.counters.numel(),
+                    SPIN_LIMIT=SPIN_LIMITS[self.counters.device.type == "cuda"])
 
     def options(self) -> dict[str, int]:
         """The launch's compile options: warps, and the register cap where there is one."""
