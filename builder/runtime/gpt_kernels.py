@@ -136,7 +136,7 @@ def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor | No
 
 
 @triton.jit
-def _gelu_tanh(x):
+def gelu_tanh(x):
     # 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3); tanh(u) = 1 - 2 / (exp(2u) + 1) saturates cleanly.
     u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
     return 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
@@ -207,7 +207,7 @@ def _skinny_linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n, k, k_per_spl
         if HAS_BIAS:
             acc += bias[None, :]
         if ACTIVATION == 1:
-            acc = _gelu_tanh(acc)
+            acc = gelu_tanh(acc)
         elif ACTIVATION == 2:
             acc = tl.maximum(acc, 0.0)
         tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=inside)

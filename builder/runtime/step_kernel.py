@@ -47,6 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .gpt_kernels import gelu_tanh
+
 ACTIVATIONS = {"gelu_tanh": 1, "relu": 2}
 # Polls before a wait gives up (`_wait_for`): [Triton's interpreter (a poll is ~0.1 ms of Python; tasks run in ticket
 # order there, so a wait that is not met at once never will be), a GPU (~4 s at ~1 us a poll)].
@@ -74,12 +76,6 @@ def _wait_for(counter_ptr, target, stalls_ptr, trace_slot, TRACE: tl.constexpr, 
 def _signal(counter_ptr, amount):
     tl.debug_barrier()  # every thread's stores before the release
     tl.atomic_add(counter_ptr, amount, sem="release", scope="gpu")
-
-
-@triton.jit
-def _gelu_tanh(x):
-    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-    return 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
 
 
 @triton.jit
@@ -125,7 +121,7 @@ def _normed_rows_task(w_ptr, bias_ptr, gain_ptr, shift_ptr, x_ptr, out_ptr, read
     if HAS_BIAS:
         y += bias
     if ACTIVATION == 1:
-        y = _gelu_tanh(y)
+        y = gelu_tanh(y)
     elif ACTIVATION == 2:
         y = tl.maximum(y, 0.0)
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rows < n_rows)
