@@ -74,10 +74,10 @@ def test_one_launch_step_matches_the_eager_decode(dtype: torch.dtype) -> None:
 
 @torch.inference_mode()
 def test_one_launch_step_with_relu_and_through_the_model() -> None:
-    """A ReLU model, through `GptModel.decode` with `DecodeKernels.one_launch_step` (built with the cache on CUDA)."""
+    """A ReLU model, through `GptModel.decode` with `DecodeKernels.one_launch_step`."""
     model = small_model(torch.float32, activation="Relu")
-    if model.one_launch is None:  # CPU: built on CUDA only
-        model.one_launch = one_launch(model)
+    assert model.one_launch is None  # built with the cache only where it serves: CUDA, fp16 or bf16
+    model.one_launch = one_launch(model)
     prompt = torch.randint(1, 300, (1, 20), generator=torch.Generator().manual_seed(5)).to(DEVICE)
     token = model.prefill(prompt, torch.tensor([20], device=DEVICE)).argmax(-1)
     positions = torch.tensor([20], device=DEVICE)

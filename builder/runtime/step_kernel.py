@@ -9,15 +9,15 @@ whole step, and a program loads its next task's weights before it waits for that
 the next stage stream while the current one finishes.
 
 How: the step is a list of tasks in a fixed order (below); every program takes the next task with an atomic ticket,
-loads the task's weight tile into registers (64 KiB of fp16 by default), waits on a counter until the task's inputs
+loads the task's weight tile into registers (32 KiB of fp16 by default), waits on a counter until the task's inputs
 are complete, computes, writes, and adds to the counter its consumers wait on (release; the waiter's read is acquire).
 A task depends only on tasks earlier in the order, and tickets are handed out in that order to programs that are
 running, so the smallest unfinished task can always proceed: no deadlock however many programs the GPU holds at once
 (a grid larger than the GPU only queues), and Triton's interpreter (TRITON_INTERPRET=1, programs one after the other)
 runs it too, which is how the CPU test checks it.
 
-Tasks (L layers, H hidden, F the MLP's width, d the head size, a tile = `rows_full` rows of a matrix or
-`cols_split` columns of a d-wide slice of one):
+Tasks (L layers, H hidden, d the head size; a tile is `rows_full` whole rows of a matrix, or `cols_split` output
+rows of a d-wide slice of its K dimension):
   0              the embeddings: x_0 = wte[token] + wpe[position]
   per layer l    QKV: rows_full rows of LN_1(x_2l) @ W_qkv^T + b, head by head (q, k, v of head 0 first);
                  attention: one block of `key_block` cached keys of one head (the head's q, k, v done), the last
@@ -29,12 +29,12 @@ Tasks (L layers, H hidden, F the MLP's width, d the head size, a tile = `rows_fu
                  FC1: rows_full rows of act(LN_2(x_2l+1) @ W_fc1^T + b);
                  FC2: a d-wide K slice (its FC1 rows done) for cols_split outputs, finished as above: x_2l+2;
   then           the LM head: rows_full rows of LN_f(x_2L) @ W_lm^T.
-Each LayerNorm is computed by every task that reads it, from the whole row (H values: nothing next to a 64 KiB tile),
+Each LayerNorm is computed by every task that reads it, from the whole row (H values: nothing next to a 32 KiB tile),
 in fp32 and rounded to the model's dtype as the eager ops round, so no task has to wait for a norm task.
 The last program to exit zeroes the counters for the next step. The workspace holds every intermediate of the step
-(a few MB for the 1.3B model), none reused within it: no task can overwrite what a slower one still reads.
+(~22 MB for the 1.3B model at 2048 positions), none reused within it: no task can overwrite what a slower one still reads.
 
-Numbers and launch shape: see `OneLaunchStep.plan` (tile size, warps, programs a multiprocessor).
+The launch shape (tile size, warps, programs a multiprocessor, register cap) and why: `StepLaunch`.
 Import this module only where Triton is installed (gpt.py imports it lazily).
 """
 
