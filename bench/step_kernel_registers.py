@@ -53,9 +53,14 @@ def resources(step: step_kernel.OneLaunchStep, trace: bool) -> tuple[int, int]:
         ptx.write_text(compiled.asm["ptx"])
         report = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(ptx), "-o", str(Path(work) / "step.cubin")],
                                 capture_output=True, text=True, check=True).stderr
-    registers = int(re.search(r"Used (\d+) registers", report).group(1))  # type: ignore[union-attr]
-    spilled = int(re.search(r"(\d+) bytes spill stores", report).group(1))  # type: ignore[union-attr]
-    return registers, spilled
+    return _number(r"Used (\d+) registers", report), _number(r"(\d+) bytes spill stores", report)
+
+
+def _number(pattern: str, report: str) -> int:
+    found = re.search(pattern, report)
+    if found is None:
+        raise RuntimeError(f"ptxas -v printed nothing like {pattern!r}:\n{report}")
+    return int(found.group(1))
 
 
 def main() -> None:

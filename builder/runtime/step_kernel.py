@@ -32,7 +32,7 @@ rows of a d-wide slice of its K dimension):
 Each LayerNorm is computed by every task that reads it, from the whole row (H values: nothing next to a 32 KiB tile),
 in fp32 and rounded to the model's dtype as the eager ops round, so no task has to wait for a norm task.
 The last program to exit zeroes the counters for the next step. The workspace holds every intermediate of the step
-(~22 MB for the 1.3B model at 2048 positions), none reused within it: no task can overwrite what a slower one still reads.
+(~22 MB for the 1.3B model at 2048 positions), none reused within it: no task overwrites what a slower one reads.
 
 The launch shape (tile size, warps, programs a multiprocessor, register cap) and why: `StepLaunch`.
 Import this module only where Triton is installed (gpt.py imports it lazily).
