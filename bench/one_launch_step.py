@@ -103,8 +103,8 @@ def main() -> None:
 
 
 def trace_step(model: GptModel, step: step_kernel.OneLaunchStep, position: int, out: Path | None) -> str:
-    """One traced step at `position` (after an untraced one, so nothing compiles inside it) -> a text summary; with
-    out, also one_launch_trace.json (per stage and layer) and .png."""
+    """One traced step at `position` (run twice: the first compiles the traced kernel) -> a text summary; with out,
+    also one_launch_trace.json (per stage and layer) and .png."""
     kv_len = position + 1
     kinds = step.task_kinds(kv_len)
     trace = torch.zeros((len(kinds), 4), dtype=torch.int64, device=model.device)
