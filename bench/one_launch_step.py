@@ -9,7 +9,9 @@ alike; batch 8 runs the per-op kernels only (the one-launch step is batch 1 only
 
 The trace is the one-launch step's per-kernel profile: every task's multiprocessor and global-timer stamps (taken,
 inputs ready, done; `OneLaunchStep.__call__`), summed per stage (QKV, attention, attention output, FC1, FC2, LM head)
-and per layer, and drawn (one_launch_trace.png: a line per task, a row per multiprocessor).
+and per layer, and drawn (one_launch_trace.png: a line per task, a row per multiprocessor). The global timer ticks
+coarsely (about a microsecond on some GPUs, a task lasts a few): read the per-stage means over thousands of tasks,
+not one task's stamps.
 
 Per variant: median GPU ms per step over the rounds, its fraction of the bandwidth floor (weights + KV at the measured
 copy bandwidth), the greedy tokens' agreement with the per-op kernels over 64 steps (free-running) and the first
