@@ -4,7 +4,7 @@ weights, 128-token prompts, CUDA graphs, no server). One process, the variants a
 alike; batch 8 runs the per-op kernels only (the one-launch step is batch 1 only): a control.
 
     python bench/one_launch_step.py --out DIR                # JSON + markdown table in DIR
-    python bench/one_launch_step.py --launches 16384,4,2 32768,16,1 --rounds 5
+    python bench/one_launch_step.py --launches 16384,4,3,168,1 32768,16,1,0 --rounds 5
     python bench/one_launch_step.py --trace --out DIR        # also: one traced step of the first launch shape
 
 The trace is the one-launch step's per-kernel profile: every task's multiprocessor and global-timer stamps (taken,
@@ -38,13 +38,16 @@ from builder.runtime import step_kernel
 from builder.runtime.gpt import GptModel
 
 
+# StepLaunch's default first; then L2 prefetches one and two rounds ahead; then fewer or more programs, other tiles.
+LAUNCHES = ["16384,4,3,168", "16384,4,3,168,1", "16384,4,3,168,2", "16384,4,2,0", "16384,4,4,128", "16384,4,4,128,1",
+            "8192,4,4,128", "16384,8,2,128", "32768,8,2,128", "32768,16,1,0"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--launches", nargs="+",
-                        default=["16384,4,3,168", "16384,4,2,0", "16384,4,4,128", "8192,4,4,128", "16384,8,2,128",
-                                 "32768,8,2,128", "32768,16,1,0"],
-                        help="one-launch shapes: 'tile elements,warps,programs per multiprocessor,register cap' "
-                             "(step_kernel.StepLaunch.parse; the first is the default, and the one --trace runs)")
+    parser.add_argument("--launches", nargs="+", default=LAUNCHES,
+                        help="one-launch shapes: 'tile elements,warps,programs per multiprocessor,register cap,"
+                             "prefetch rounds' (step_kernel.StepLaunch.parse; --trace runs the first)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=128)

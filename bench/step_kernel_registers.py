@@ -2,7 +2,7 @@
 Triton compiles the kernel for sm_90 at the 1.3B shape, and the ptxas that Triton ships reports what a thread uses.
 Registers decide how many programs a multiprocessor holds (64K registers), so how many weight bytes are in flight.
 
-    python bench/step_kernel_registers.py                         # StepLaunch's default and the A/B's shapes
+    python bench/step_kernel_registers.py                         # the A/B's shapes (bench/one_launch_step.py)
     python bench/step_kernel_registers.py 16384,4,3,168 32768,16,1,0 --trace
 
 Needs Triton (any host: it compiles only); the numbers in StepLaunch's docstring come from Triton 3.6.0, the GPU
@@ -26,14 +26,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from bench.one_launch_step import LAUNCHES
 from builder.checkpoints.presets import PRESETS
 from builder.runtime import step_kernel
 
-LAUNCHES = ["16384,4,3,168", "16384,4,2,0", "16384,4,4,128", "8192,4,4,128", "16384,8,2,128", "32768,8,2,128",
-            "32768,16,1,0"]
 SIGNATURE = {"tokens_ptr": "*i64", "positions_ptr": "*i64", "counters_ptr": "*i32", "trace_ptr": "*i64",
              "att_part_ptr": "*fp32", "out_part_ptr": "*fp32", "fc2_part_ptr": "*fp32", "eps": "fp32",
-             "scale": "fp32", "key_splits": "i32", "cache_layer_stride": "i32", "max_seq": "i32"}
+             "scale": "fp32", "key_splits": "i32", "cache_layer_stride": "i32", "max_seq": "i32",
+             "ahead": "i32"}
 
 
 def resources(step: step_kernel.OneLaunchStep, trace: bool) -> tuple[int, int]:
@@ -74,7 +74,7 @@ def main() -> None:
                                   max_seq=config.max_pos_seq_len, activation="gelu_tanh", eps=config.layernorm_eps)
     meta = torch.empty(0, dtype=torch.float16, device="meta")  # shapes only: nothing is allocated
     print(f"Triton {triton.__version__}, sm_90, the 1.3B shape{' (traced)' if args.trace else ''}")
-    print(f"{'launch':16s} {'registers':>9s} {'spilled B':>9s} {'programs/SM':>11s} {'KiB in flight/SM':>16s}")
+    print(f"{'launch':16s} {'registers':>9s} {'spilled B':>9s} {'programs/SM':>11s} {'KiB of tiles held/SM':>19s}")
     for text in args.launches:
         launch = step_kernel.StepLaunch.parse(text)
         step = step_kernel.OneLaunchStep(shape, {"qkv_weight": meta}, meta, meta, launch, programs=1)
@@ -83,7 +83,7 @@ def main() -> None:
         fit = 65536 // (-(-registers // 8) * 8 * 32 * launch.num_warps)
         held = min(fit, launch.programs_per_sm)
         print(f"{text:16s} {registers:9d} {spilled:9d} {f'{held} of {launch.programs_per_sm}':>11s} "
-              f"{held * launch.tile_elements * 2 // 1024:16d}")
+              f"{held * launch.tile_elements * 2 // 1024:19d}")
 
 
 if __name__ == "__main__":

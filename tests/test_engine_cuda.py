@@ -183,10 +183,10 @@ def test_split_residual_gemms_past_the_skinny_rows_match_eager_ops() -> None:
 @torch.inference_mode()
 def test_one_launch_step_in_cuda_graphs_matches_the_eager_ops() -> None:
     """The batch-1 step as one kernel (step_kernel.py at its default launch shape: here 16 rows of QKV or FC1, or 256
-    outputs of a 64-wide K slice, a task; 64-key blocks), replayed from DecodeGraphs' CUDA graphs over 12 steps whose
-    keys cross a block: logits and the KV cache against the eager ops fed the same tokens, and the greedy tokens
-    against the per-op fused kernels'. Every program runs at once here, so a task that read its input before the
-    producer's release, or a counter left non-zero, shows up as wrong logits in a later step."""
+    outputs of a 64-wide K slice, a task; 64-key blocks; then with L2 prefetches too), replayed from DecodeGraphs'
+    CUDA graphs over 12 steps whose keys cross a block: logits and the KV cache against the eager ops fed the same
+    tokens, and the greedy tokens against the per-op fused kernels'. Every program runs at once here, so a task that
+    read its input before the producer's release, or a counter left non-zero, shows up as wrong logits later."""
     config = GptModelConfig(head_num=16, size_per_head=64, inter_size=4096, num_layer=3, vocab_size=1000,
                             max_pos_seq_len=128, start_id=0, end_id=0, weight_data_type="fp16")
     generator = torch.Generator(device="cuda").manual_seed(12)
@@ -214,12 +214,16 @@ def test_one_launch_step_in_cuda_graphs_matches_the_eager_ops() -> None:
     eager_logits, eager_cache = run(DecodeKernels(), [])
     fused = DecodeKernels.for_model(config, model.device, model.dtype)
     fused_logits, _ = run(fused, eager_logits)
-    one_logits, one_cache = run(replace(fused, one_launch_step=True), eager_logits)
-    for got, want in zip(one_logits + one_cache, eager_logits + eager_cache):
-        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
-    assert not model.one_launch.counters.any() and not model.one_launch.stalls.any()
-    one_tokens = torch.stack([x.argmax(-1) for x in one_logits])
-    assert (one_tokens == torch.stack([x.argmax(-1) for x in fused_logits])).float().mean() >= 0.9
+    default_launch = model.one_launch.launch
+    for launch in (default_launch, replace(default_launch, prefetch_rounds=1)):  # with L2 prefetches of later tiles
+        model.one_launch = model.build_one_launch(launch)
+        one_logits, one_cache = run(replace(fused, one_launch_step=True), eager_logits)
+        for got, want in zip(one_logits + one_cache, eager_logits + eager_cache):
+            torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2,
+                                       msg=lambda m, k=launch: f"{k}: {m}")
+        assert not model.one_launch.counters.any() and not model.one_launch.stalls.any()
+        one_tokens = torch.stack([x.argmax(-1) for x in one_logits])
+        assert (one_tokens == torch.stack([x.argmax(-1) for x in fused_logits])).float().mean() >= 0.9
 
 
 @pytest.mark.parametrize("rows", [1, 5, 16, 17, 40, 64, 65, 130])

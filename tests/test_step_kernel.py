@@ -139,7 +139,8 @@ def test_shapes_the_kernel_cannot_take_are_named() -> None:
     assert "gives 0 rows" in str(step_kernel.unsupported(shape, step_kernel.StepLaunch(tile_elements=1024)))
     assert step_kernel.StepLaunch.parse("32768,8,2,0") == step_kernel.StepLaunch(32768, 8, 2, max_registers=0)
     assert step_kernel.StepLaunch.parse("8192,4,4").max_registers == launch.max_registers
-    with pytest.raises(ValueError, match="'TILE,WARPS,PROGRAMS\\[,REGISTERS\\]'.*got '8192,4'"):
+    assert step_kernel.StepLaunch.parse("16384,4,3,168,2").prefetch_rounds == 2
+    with pytest.raises(ValueError, match=r"'TILE,WARPS,PROGRAMS\[,REGISTERS\[,PREFETCH_ROUNDS\]\]'.*got '8192,4'"):
         step_kernel.StepLaunch.parse("8192,4")
     with pytest.raises(ValueError, match="cannot run this model: head size 96"):
         step_kernel.OneLaunchStep(replace(shape, head_dim=96), {}, torch.zeros(1), torch.zeros(1))

@@ -205,20 +205,75 @@ def _into_residual_task(w_ptr, x_ptr, part_ptr, bias_ptr, x_in_ptr, x_out_ptr, r
 
 
 @triton.jit
+def _prefetch_lines(base_ptr, rows, row_elements, stride, LINES: tl.constexpr):
+    """Asks L2 for `rows` rows of `row_elements` each (`stride` apart) from base_ptr, one request per 128-byte line,
+    without waiting or holding registers (`prefetch.global.L2`: a hint, it never faults or blocks)."""
+    per_line = 128 // (base_ptr.dtype.element_ty.primitive_bitwidth // 8)
+    per_row = tl.maximum(row_elements // per_line, 1)
+    lines = tl.arange(0, LINES)
+    wanted = lines < rows * per_row
+    at = tl.where(wanted, (lines // per_row) * stride + (lines % per_row) * per_line, 0)
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n mov.u32 $0, 0;", "=r,l", [base_ptr + at], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_task(ticket, lm_first, per_layer, att_first, out_first, fc1_first, fc2_first, key_splits, n_tiles,
+                   qkv_w_ptr, out_w_ptr, fc1_w_ptr, fc2_w_ptr, lm_w_ptr, k_cache_ptr, v_cache_ptr,
+                   cache_layer_stride, max_seq, HIDDEN: tl.constexpr, INTER: tl.constexpr, HEADS: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, VOCAB: tl.constexpr, ROWS_FULL: tl.constexpr, COLS_SPLIT: tl.constexpr,
+                   KEY_BLOCK: tl.constexpr, LINES: tl.constexpr):
+    """L2 prefetch of the weights (or cached keys and values) of a later ticket's task: the kernel's task order (see
+    the main loop, which this mirrors) decoded to the tile's rows."""
+    layer = (ticket - 1) // per_layer
+    i = (ticket - 1) % per_layer
+    wide = layer.to(tl.int64)
+    slice_rows: tl.constexpr = HEAD_DIM // ROWS_FULL
+    if ticket >= lm_first:
+        first = (ticket - lm_first) * ROWS_FULL
+        _prefetch_lines(lm_w_ptr + first.to(tl.int64) * HIDDEN, 1, tl.minimum(ROWS_FULL, VOCAB - first) * HIDDEN, 0,
+                        LINES)
+    elif ticket > 0:
+        if i < att_first:
+            head = i // (3 * slice_rows)
+            row = (i % (3 * slice_rows)) // slice_rows * HIDDEN + head * HEAD_DIM + (i % slice_rows) * ROWS_FULL
+            _prefetch_lines(qkv_w_ptr + wide * 3 * HIDDEN * HIDDEN + row * HIDDEN, 1, ROWS_FULL * HIDDEN, 0, LINES)
+        elif i < out_first:
+            head = (i - att_first) // key_splits
+            at = (wide * cache_layer_stride + head * max_seq * HEAD_DIM
+                  + ((i - att_first) % key_splits) * KEY_BLOCK * HEAD_DIM)
+            _prefetch_lines(k_cache_ptr + at, 1, KEY_BLOCK * HEAD_DIM, 0, LINES)
+            _prefetch_lines(v_cache_ptr + at, 1, KEY_BLOCK * HEAD_DIM, 0, LINES)
+        elif i < fc1_first:
+            head = (i - out_first) // n_tiles
+            tile = (i - out_first) % n_tiles
+            _prefetch_lines(out_w_ptr + wide * HIDDEN * HIDDEN + tile * COLS_SPLIT * HIDDEN + head * HEAD_DIM,
+                            COLS_SPLIT, HEAD_DIM, HIDDEN, LINES)
+        elif i < fc2_first:
+            _prefetch_lines(fc1_w_ptr + wide * INTER * HIDDEN + (i - fc1_first) * ROWS_FULL * HIDDEN, 1,
+                            ROWS_FULL * HIDDEN, 0, LINES)
+        else:
+            chunk = (i - fc2_first) // n_tiles
+            tile = (i - fc2_first) % n_tiles
+            _prefetch_lines(fc2_w_ptr + wide * HIDDEN * INTER + tile * COLS_SPLIT * INTER + chunk * HEAD_DIM,
+                            COLS_SPLIT, HEAD_DIM, INTER, LINES)
+
+
+@triton.jit
 def _one_launch_step_kernel(
         tokens_ptr, positions_ptr, wte_ptr, wpe_ptr,
         ln1_w_ptr, ln1_b_ptr, qkv_w_ptr, qkv_b_ptr, out_w_ptr, out_b_ptr,
         ln2_w_ptr, ln2_b_ptr, fc1_w_ptr, fc1_b_ptr, fc2_w_ptr, fc2_b_ptr, lnf_w_ptr, lnf_b_ptr, lm_w_ptr,
         k_cache_ptr, v_cache_ptr, logits_ptr,
         xs_ptr, qkv_ptr, attn_ptr, up_ptr, att_part_ptr, out_part_ptr, fc2_part_ptr, counters_ptr, trace_ptr,
-        key_splits, cache_layer_stride, max_seq, eps, scale,
+        key_splits, cache_layer_stride, max_seq, eps, scale, ahead,
         HIDDEN: tl.constexpr, HIDDEN_POW2: tl.constexpr, INTER: tl.constexpr, HEADS: tl.constexpr,
         HEADS_POW2: tl.constexpr, HEAD_DIM: tl.constexpr, LAYERS: tl.constexpr, VOCAB: tl.constexpr,
         ROWS_FULL: tl.constexpr, COLS_SPLIT: tl.constexpr, KEY_BLOCK: tl.constexpr, MAX_SPLITS: tl.constexpr,
         CHUNKS: tl.constexpr, CHUNKS_POW2: tl.constexpr, ACTIVATION: tl.constexpr,
         C_RES: tl.constexpr, C_QKV: tl.constexpr, C_ATT_SEEN: tl.constexpr, C_ATT: tl.constexpr,
         C_OUT_SEEN: tl.constexpr, C_FC1: tl.constexpr, C_FC2_SEEN: tl.constexpr, N_COUNTERS: tl.constexpr,
-        TRACE: tl.constexpr, SPIN_LIMIT: tl.constexpr):
+        TRACE: tl.constexpr, SPIN_LIMIT: tl.constexpr, PREFETCH_LINES: tl.constexpr):
     stalls_ptr = counters_ptr + N_COUNTERS  # past the counters: not zeroed by the kernel
     n_tiles: tl.constexpr = HIDDEN // COLS_SPLIT  # output tiles of a GEMV into the residual
     slice_rows: tl.constexpr = HEAD_DIM // ROWS_FULL  # QKV or FC1 tasks per head-wide slice
@@ -241,6 +296,12 @@ def _one_launch_step_kernel(
     ticket = tl.atomic_add(counters_ptr, 1, sem="relaxed", scope="gpu")
     while ticket < total:
         slot = trace_ptr + ticket * 4  # TRACE: [multiprocessor, taken, inputs ready, done] per task, ns
+        if PREFETCH_LINES > 0:  # the task `ahead` tickets on, whichever program takes it: a window ahead of them all
+            if ticket + ahead < total:
+                _prefetch_task(ticket + ahead, lm_first, per_layer, att_first, out_first, fc1_first, fc2_first,
+                               key_splits, n_tiles, qkv_w_ptr, out_w_ptr, fc1_w_ptr, fc2_w_ptr, lm_w_ptr, k_cache_ptr,
+                               v_cache_ptr, cache_layer_stride, max_seq, HIDDEN, INTER, HEADS, HEAD_DIM, VOCAB,
+                               ROWS_FULL, COLS_SPLIT, KEY_BLOCK, PREFETCH_LINES)
         if TRACE:
             tl.store(slot, tl.extra.cuda.smid().to(tl.int64))
             tl.store(slot + 1, tl.extra.cuda.globaltimer())
@@ -342,18 +403,25 @@ class StepLaunch:
     num_warps: int = 4
     programs_per_sm: int = 3
     max_registers: int = 168  # 0: no cap
+    # > 0: each program, as it takes ticket t, asks L2 for the tiles of ticket t + prefetch_rounds x programs (a
+    # prefetch holds no registers, so the bytes in flight are no longer bounded by the register file). Off until
+    # measured: a whole next matrix prefetched into L2 made the per-op kernels slower (docs/benchmarks.md), but this
+    # window is ~13 MB a round, in an L2 of 50 MB.
+    prefetch_rounds: int = 0
     key_block: int = 64
 
     @classmethod
     def parse(cls, text: str) -> StepLaunch:
-        """The launch "TILE,WARPS,PROGRAMS[,REGISTERS]" names (REGISTERS 0: no cap; left out: the default cap)."""
+        """The launch "TILE,WARPS,PROGRAMS[,REGISTERS[,PREFETCH_ROUNDS]]" names (REGISTERS 0: no cap; left out: the
+        defaults)."""
         values = text.split(",")
-        if len(values) not in (3, 4) or not all(v.isdigit() for v in values) or not all(int(v) for v in values[:3]):
-            raise ValueError(f"a one-launch step launch is 'TILE,WARPS,PROGRAMS[,REGISTERS]' (whole numbers, the "
-                             f"first three positive; REGISTERS 0 for no cap), got {text!r}")
-        tile, warps, programs, *registers = (int(v) for v in values)
+        if len(values) not in (3, 4, 5) or not all(v.isdigit() for v in values) or not all(int(v) for v in values[:3]):
+            raise ValueError(f"a one-launch step launch is 'TILE,WARPS,PROGRAMS[,REGISTERS[,PREFETCH_ROUNDS]]' (whole "
+                             f"numbers, the first three positive; REGISTERS 0 for no cap), got {text!r}")
+        tile, warps, programs, *rest = (int(v) for v in values)
         return cls(tile_elements=tile, num_warps=warps, programs_per_sm=programs,
-                   max_registers=registers[0] if registers else cls.max_registers)
+                   max_registers=rest[0] if rest else cls.max_registers,
+                   prefetch_rounds=rest[1] if len(rest) > 1 else cls.prefetch_rounds)
 
     @classmethod
     def from_environment(cls) -> StepLaunch:
@@ -458,7 +526,8 @@ class OneLaunchStep:
             self.k_cache, self.v_cache, logits, self.xs, self.qkv, self.attn, self.up, self.att_part, self.out_part,
             self.fc2_part, self._counter_buffer, self.counters if trace is None else trace,
             triton.cdiv(kv_len, self.launch.key_block), self.k_cache[0].numel(), s.max_seq, s.eps,
-            1.0 / s.head_dim ** 0.5, **self.constexprs(), TRACE=trace is not None, **self.options())
+            1.0 / s.head_dim ** 0.5, self.launch.prefetch_rounds * self.programs, **self.constexprs(),
+            TRACE=trace is not None, **self.options())
         return logits
 
     def constexprs(self) -> dict[str, int]:
@@ -469,7 +538,16 @@ class OneLaunchStep:
                     ROWS_FULL=self.rows_full, COLS_SPLIT=self.cols_split, KEY_BLOCK=self.launch.key_block,
                     MAX_SPLITS=self.max_splits, CHUNKS=self.chunks, CHUNKS_POW2=triton.next_power_of_2(self.chunks),
                     ACTIVATION=ACTIVATIONS[s.activation], **self.counter_offsets, N_COUNTERS=self.counters.numel(),
-                    SPIN_LIMIT=SPIN_LIMITS[self.counters.device.type == "cuda"])
+                    SPIN_LIMIT=SPIN_LIMITS[self.counters.device.type != "cpu"],
+                    PREFETCH_LINES=self.prefetch_lines())
+
+    def prefetch_lines(self) -> int:
+        """128-byte lines of the largest tile a task reads (weights, or a key block's keys), where the launch prefetches
+        (never under Triton's interpreter, which has no inline assembly); else 0."""
+        if not self.launch.prefetch_rounds or self.counters.device.type == "cpu":
+            return 0
+        elements = max(self.launch.tile_elements, self.launch.key_block * self.shape.head_dim)
+        return triton.next_power_of_2(elements * self.xs.element_size() // 128)
 
     def options(self) -> dict[str, int]:
         """The launch's compile options: warps, and the register cap where there is one."""
