@@ -42,18 +42,21 @@ def small_model(dtype: torch.dtype, activation: str = "Gelu") -> GptModel:
     return model
 
 
-def one_launch(model: GptModel) -> OneLaunchStep:
+def one_launch(model: GptModel, prefetch_rounds: int = 0) -> OneLaunchStep:
     from builder.runtime.step_kernel import StepLaunch  # here: Triton may be missing
 
     # 512-element tiles: 8 rows of QKV/FC1 or 32 outputs of a 16-wide K slice a task; 16-key blocks: several per head
-    return model.build_one_launch(StepLaunch(tile_elements=512, key_block=16), programs=3 if DEVICE == "cpu" else None)
+    launch = StepLaunch(tile_elements=512, key_block=16, prefetch_rounds=prefetch_rounds)
+    return model.build_one_launch(launch, programs=3 if DEVICE == "cpu" else None)
 
 
+# L2 prefetches (inline PTX) compile on CUDA only; under the interpreter the launch leaves them out.
+@pytest.mark.parametrize("prefetch_rounds", [0, 1] if DEVICE == "cuda" else [0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @torch.inference_mode()
-def test_one_launch_step_matches_the_eager_decode(dtype: torch.dtype) -> None:
+def test_one_launch_step_matches_the_eager_decode(dtype: torch.dtype, prefetch_rounds: int) -> None:
     model = small_model(dtype)
-    step = one_launch(model)
+    step = one_launch(model, prefetch_rounds)
     prompt = torch.randint(1, 300, (1, 45), generator=torch.Generator().manual_seed(4)).to(DEVICE)
     token = model.prefill(prompt, torch.tensor([45], device=DEVICE)).argmax(-1)
     for position in (45, 46, 47, 48):  # keys in 3, then 4 blocks of 16 (the step's own key the last of a block at 47)
@@ -142,5 +145,11 @@ def test_shapes_the_kernel_cannot_take_are_named() -> None:
     assert step_kernel.StepLaunch.parse("16384,4,3,168,2").prefetch_rounds == 2
     with pytest.raises(ValueError, match=r"'TILE,WARPS,PROGRAMS\[,REGISTERS\[,PREFETCH_ROUNDS\]\]'.*got '8192,4'"):
         step_kernel.StepLaunch.parse("8192,4")
+    # The L2 prefetch asks for a whole 32 KiB tile (256 lines of 128 bytes); never under the interpreter (CPU tensors).
+    for device, lines in (("meta", 256), ("cpu", 0)):
+        placeholder = torch.empty(0, dtype=torch.float16, device=device)  # shapes only: nothing is allocated
+        step = step_kernel.OneLaunchStep(shape, {"qkv_weight": placeholder}, placeholder, placeholder,
+                                         replace(launch, prefetch_rounds=1), programs=1)
+        assert step.prefetch_lines() == lines
     with pytest.raises(ValueError, match="cannot run this model: head size 96"):
         step_kernel.OneLaunchStep(replace(shape, head_dim=96), {}, torch.zeros(1), torch.zeros(1))

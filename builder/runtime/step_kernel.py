@@ -207,7 +207,8 @@ def _into_residual_task(w_ptr, x_ptr, part_ptr, bias_ptr, x_in_ptr, x_out_ptr, r
 @triton.jit
 def _prefetch_lines(base_ptr, rows, row_elements, stride, LINES: tl.constexpr):
     """Asks L2 for `rows` rows of `row_elements` each (`stride` apart) from base_ptr, one request per 128-byte line,
-    without waiting or holding registers (`prefetch.global.L2`: a hint, it never faults or blocks)."""
+    without waiting or holding registers (`prefetch.global.L2`: a hint that blocks nothing; every line asked for is
+    inside the tensor, as PTX does not say what a prefetch of an unmapped address does)."""
     per_line = 128 // (base_ptr.dtype.element_ty.primitive_bitwidth // 8)
     per_row = tl.maximum(row_elements // per_line, 1)
     lines = tl.arange(0, LINES)
@@ -240,10 +241,11 @@ def _prefetch_task(ticket, lm_first, per_layer, att_first, out_first, fc1_first,
             _prefetch_lines(qkv_w_ptr + wide * 3 * HIDDEN * HIDDEN + row * HIDDEN, 1, ROWS_FULL * HIDDEN, 0, LINES)
         elif i < out_first:
             head = (i - att_first) // key_splits
-            at = (wide * cache_layer_stride + head * max_seq * HEAD_DIM
-                  + ((i - att_first) % key_splits) * KEY_BLOCK * HEAD_DIM)
-            _prefetch_lines(k_cache_ptr + at, 1, KEY_BLOCK * HEAD_DIM, 0, LINES)
-            _prefetch_lines(v_cache_ptr + at, 1, KEY_BLOCK * HEAD_DIM, 0, LINES)
+            first = ((i - att_first) % key_splits) * KEY_BLOCK
+            at = wide * cache_layer_stride + head * max_seq * HEAD_DIM + first * HEAD_DIM
+            keys = tl.minimum(KEY_BLOCK, max_seq - first)  # never past the cache (the last head's last block)
+            _prefetch_lines(k_cache_ptr + at, 1, keys * HEAD_DIM, 0, LINES)
+            _prefetch_lines(v_cache_ptr + at, 1, keys * HEAD_DIM, 0, LINES)
         elif i < fc1_first:
             head = (i - out_first) // n_tiles
             tile = (i - out_first) % n_tiles
