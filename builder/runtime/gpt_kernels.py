@@ -109,11 +109,17 @@ def _add_layer_norm_kernel(x_ptr, delta_ptr, bias_ptr, ln_weight_ptr, ln_bias_pt
     delta = delta.to(out_x_ptr.dtype.element_ty).to(tl.float32)
     summed = (x + delta).to(out_x_ptr.dtype.element_ty)
     tl.store(out_x_ptr + row * hidden + cols, summed, mask=inside)
-    s = summed.to(tl.float32)
+    h = layer_norm_row(summed.to(tl.float32), w, b, inside, hidden, eps)
+    tl.store(out_h_ptr + row * hidden + cols, h.to(out_h_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def layer_norm_row(s, gain, shift, inside, hidden, eps):
+    """LayerNorm of one row s [BLOCK] (fp32; lanes outside the row masked by `inside`) -> fp32, as F.layer_norm."""
     mean = tl.sum(s, axis=0) / hidden
     centered = tl.where(inside, s - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / hidden + eps)
-    tl.store(out_h_ptr + row * hidden + cols, (centered * rstd * w + b).to(out_h_ptr.dtype.element_ty), mask=inside)
+    return centered * rstd * gain + shift
 
 
 def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor | None, ln_weight: torch.Tensor,
@@ -136,10 +142,20 @@ def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor | No
 
 
 @triton.jit
-def gelu_tanh(x):
+def _gelu_tanh(x):
     # 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3); tanh(u) = 1 - 2 / (exp(2u) + 1) saturates cleanly.
     u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
     return 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))
+
+
+@triton.jit
+def activate(x, ACTIVATION: tl.constexpr):
+    """The MLP activation of an ACTIVATIONS code on fp32 values (0: none)."""
+    if ACTIVATION == 1:
+        x = _gelu_tanh(x)
+    elif ACTIVATION == 2:
+        x = tl.maximum(x, 0.0)
+    return x
 
 
 @triton.jit
@@ -206,11 +222,7 @@ def _skinny_linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n, k, k_per_spl
     elif SPLIT_K == 1:
         if HAS_BIAS:
             acc += bias[None, :]
-        if ACTIVATION == 1:
-            acc = gelu_tanh(acc)
-        elif ACTIVATION == 2:
-            acc = tl.maximum(acc, 0.0)
-        tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=inside)
+        tl.store(out_ptr + at, activate(acc, ACTIVATION).to(out_ptr.dtype.element_ty), mask=inside)
     else:  # fp32 partial sums [SPLIT_K, rows, n]; the consumer adds them (and the bias)
         tl.store(out_ptr + split * rows * n + at, acc, mask=inside)
 

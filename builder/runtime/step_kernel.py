@@ -47,9 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .gpt_kernels import gelu_tanh
+from .gpt_kernels import ACTIVATIONS, activate, layer_norm_row
 
-ACTIVATIONS = {"gelu_tanh": 1, "relu": 2}
 # Polls before a wait gives up (`_wait_for`): [Triton's interpreter (a poll is ~0.1 ms of Python; tasks run in ticket
 # order there, so a wait that is not met at once never will be), a GPU (~4 s at ~1 us a poll)].
 SPIN_LIMITS = (1000, 1 << 22)
@@ -84,10 +83,7 @@ def _layer_norm(x_ptr, gain, shift, cols, hidden, eps, DTYPE: tl.constexpr):
     Loaded past L1: another program wrote it during this launch."""
     inside = cols < hidden
     x = tl.load(x_ptr + cols, mask=inside, other=0.0, cache_modifier=".cg").to(tl.float32)
-    mean = tl.sum(x, axis=0) / hidden
-    centered = tl.where(inside, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / hidden + eps)
-    return (centered * rstd * gain + shift).to(DTYPE).to(tl.float32)
+    return layer_norm_row(x, gain, shift, inside, hidden, eps).to(DTYPE).to(tl.float32)
 
 
 @triton.jit
@@ -120,11 +116,7 @@ def _normed_rows_task(w_ptr, bias_ptr, gain_ptr, shift_ptr, x_ptr, out_ptr, read
     y = tl.sum(w.to(tl.float32) * h[None, :], axis=1)
     if HAS_BIAS:
         y += bias
-    if ACTIVATION == 1:
-        y = gelu_tanh(y)
-    elif ACTIVATION == 2:
-        y = tl.maximum(y, 0.0)
-    tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rows < n_rows)
+    tl.store(out_ptr + rows, activate(y, ACTIVATION).to(out_ptr.dtype.element_ty), mask=rows < n_rows)
     if done_ptr is not None:
         _signal(done_ptr, 1)
 
@@ -384,7 +376,7 @@ class StepShape:
     layers: int
     vocab: int
     max_seq: int
-    activation: str  # an ACTIVATIONS key
+    activation: str  # a gpt_kernels.ACTIVATIONS key
     eps: float  # the LayerNorms'
 
 
