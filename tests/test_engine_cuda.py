@@ -195,7 +195,7 @@ def test_one_launch_step_in_cuda_graphs_matches_the_eager_ops() -> None:
                for name, shape in expected_shapes(config).items()}
     model = GptModel(config, weights, device=torch.device("cuda:0"), dtype=torch.float16)
     model.allocate_cache(4, 128)
-    assert model.one_launch is not None and not model.kernels.one_launch_step  # built, off by default
+    assert model.one_launch is None and not model.kernels.one_launch_step  # off by default: not built
     prompt = torch.randint(1, 1000, (1, 58), device="cuda", generator=generator)
     lengths = torch.tensor([58], device="cuda")
 
@@ -214,7 +214,9 @@ def test_one_launch_step_in_cuda_graphs_matches_the_eager_ops() -> None:
     eager_logits, eager_cache = run(DecodeKernels(), [])
     fused = DecodeKernels.for_model(config, model.device, model.dtype)
     fused_logits, _ = run(fused, eager_logits)
-    default_launch = model.one_launch.launch
+    from builder.runtime.step_kernel import StepLaunch  # here: the module imports Triton
+
+    default_launch = StepLaunch.from_environment()
     for launch in (default_launch, replace(default_launch, prefetch_rounds=1)):  # with L2 prefetches of later tiles
         model.one_launch = model.build_one_launch(launch)
         one_logits, one_cache = run(replace(fused, one_launch_step=True), eager_logits)

@@ -79,7 +79,7 @@ def test_one_launch_step_matches_the_eager_decode(dtype: torch.dtype, prefetch_r
 def test_one_launch_step_with_relu_and_through_the_model() -> None:
     """A ReLU model, through `GptModel.decode` with `DecodeKernels.one_launch_step`."""
     model = small_model(torch.float32, activation="Relu")
-    assert model.one_launch is None  # built with the cache only where it serves: CUDA, fp16 or bf16
+    assert model.one_launch is None  # built with the cache only when DecodeKernels.one_launch_step asks
     model.one_launch = one_launch(model)
     prompt = torch.randint(1, 300, (1, 20), generator=torch.Generator().manual_seed(5)).to(DEVICE)
     token = model.prefill(prompt, torch.tensor([20], device=DEVICE)).argmax(-1)

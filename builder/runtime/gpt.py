@@ -171,8 +171,9 @@ class DecodeKernels:
     # A plain greedy step's token selection in two Triton kernels instead of ~30 PyTorch ops (select_kernels.py; the
     # in-flight scheduler's step graphs use it).
     fused_select: bool = False
-    # A batch-1 step as one persistent kernel (step_kernel.py) where `GptModel.one_launch` could be built. Off by
-    # default until a GPU run measures it against the kernels above; GPT_TRITON_ONE_LAUNCH=1 turns it on.
+    # A batch-1 step as one persistent kernel (step_kernel.py), built with the cache (`GptModel.one_launch`) where it
+    # can serve. Off by default until a GPU run measures it against the kernels above; GPT_TRITON_ONE_LAUNCH=1 turns
+    # it on (benchmarks that switch it on later set `one_launch` themselves: `GptModel.build_one_launch`).
     one_launch_step: bool = False
 
     @classmethod
@@ -364,8 +365,11 @@ class GptModel:
                                          launch or step_kernel.StepLaunch.from_environment(), programs)
 
     def _one_launch_step(self) -> OneLaunchStep | None:
-        """`build_one_launch` where it can serve: CUDA with Triton, one rank, fp16 or bf16 with the cache in the same
-        dtype, a shape step_kernel.py takes; else None (with a warning when DecodeKernels.one_launch_step asks)."""
+        """`build_one_launch` where DecodeKernels.one_launch_step asks for it and it can serve: CUDA with Triton, one
+        rank, fp16 or bf16 with the cache in the same dtype, a shape step_kernel.py takes; else None (a warning where
+        asked). Not built while off: its workspace (~22 MB at the 1.3B shape) would sit unused."""
+        if not self.kernels.one_launch_step:
+            return None
         if (self.device.type != "cuda" or self.shard is not None or self.cache_dtype != self.dtype
                 or self.dtype not in (torch.float16, torch.bfloat16) or importlib.util.find_spec("triton") is None):
             why = "it needs CUDA with Triton, one rank, and fp16 or bf16 weights with the KV cache in their dtype"
@@ -374,8 +378,7 @@ class GptModel:
                 return self.build_one_launch()
             except ValueError as error:
                 why = str(error)
-        if self.kernels.one_launch_step:
-            log.warning("the one-launch decode step is off for this model: %s", why)
+        log.warning("the one-launch decode step is off for this model: %s", why)
         return None
 
     @property
