@@ -74,7 +74,7 @@ def main() -> None:
                     runs[name] = greedy_run(model, prompt, args.steps, timed=True)
                     times[name].append(runs[name][0])
             floor = floor_ms(model, batch, args.prompt + args.steps / 2, bandwidth)
-            base_ms, base_tokens, base_logits, _ = runs["per-op kernels"]
+            _, base_tokens, base_logits, _ = runs["per-op kernels"]
             base = statistics.median(times["per-op kernels"])
             for name in variants:
                 ms = statistics.median(times[name])
