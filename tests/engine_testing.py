@@ -15,6 +15,8 @@ if TYPE_CHECKING:  # imported where used: the GPU host's kit venv (numpy 1.26) c
 from builder import GPT2_TOKENIZER_DIR
 from builder.checkpoints import convert
 from builder.runtime.core_io import GenerationRequest
+from builder.runtime.gpt import expected_shapes
+from builder.runtime.model_config import GptModelConfig
 
 TINY = dict(n_embd=64, n_layer=2, n_head=4, n_inner=256, vocab_size=512, n_positions=128)
 END_ID = 0  # the tiny model's end_id (config.ini); tests that need end_id to occur pick a likelier token
@@ -65,3 +67,13 @@ def hf_generate(hf: GPT2LMHeadModel, prompt: list[int], new_tokens: int, **kwarg
 def hf_next_token_logits(hf: GPT2LMHeadModel, sequence: list[int]) -> torch.Tensor:
     """Teacher-forced logits [len(sequence), V]: row j predicts token j + 1."""
     return hf(torch.tensor([sequence])).logits[0].float()
+
+
+def random_weights(config: GptModelConfig, generator: torch.Generator, *, scale: float = 0.1, norm_scale: float = 0.3,
+                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Canonical weights for `config`, on the generator's device: matrices and biases N(0, scale), LayerNorm gains
+    1 + N(0, norm_scale) and biases N(0, norm_scale), so that folding or misapplying a norm shows in the logits."""
+    return {name: (torch.randn(shape, device=generator.device, generator=generator)
+                   * (norm_scale if "layernorm" in name else scale)
+                   + (1.0 if name.endswith("layernorm.weight") else 0.0)).to(dtype)
+            for name, shape in expected_shapes(config).items()}

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from builder.runtime.generation import GptEngine
 from builder.runtime.gpt import DecodeGraphs, DecodeKernels, GptModel, expected_shapes, fold_layer_norm
 from builder.runtime.model_config import GptModelConfig
-from engine_testing import TinyGpt, hf_generate, random_prompts, request
+from engine_testing import TinyGpt, hf_generate, random_prompts, random_weights, request
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 NEW_TOKENS = 12
@@ -190,9 +190,7 @@ def test_one_launch_step_in_cuda_graphs_matches_the_eager_ops() -> None:
     config = GptModelConfig(head_num=16, size_per_head=64, inter_size=4096, num_layer=3, vocab_size=1000,
                             max_pos_seq_len=128, start_id=0, end_id=0, weight_data_type="fp16")
     generator = torch.Generator(device="cuda").manual_seed(12)
-    weights = {name: (torch.randn(shape, device="cuda", generator=generator) * (0.1 if "layernorm" in name else 0.03)
-                      + (1.0 if name.endswith("layernorm.weight") else 0.0)).half()
-               for name, shape in expected_shapes(config).items()}
+    weights = random_weights(config, generator, scale=0.03, norm_scale=0.1, dtype=torch.float16)
     model = GptModel(config, weights, device=torch.device("cuda:0"), dtype=torch.float16)
     model.allocate_cache(4, 128)
     assert model.one_launch is None and not model.kernels.one_launch_step  # off by default: not built

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from builder.runtime.generation import GptEngine
-from builder.runtime.gpt import DecodeKernels, GptModel, WeightError, batch_buckets, check_weights, expected_shapes
+from builder.runtime.gpt import DecodeKernels, GptModel, WeightError, batch_buckets, check_weights
 from builder.runtime.model_config import GptModelConfig
-from engine_testing import TinyGpt
+from engine_testing import TinyGpt, random_weights
 
 
 @torch.inference_mode()
@@ -70,8 +70,7 @@ def test_layer_norms_folded_into_the_weights_compute_the_same_function() -> None
     config = GptModelConfig(head_num=4, size_per_head=16, inter_size=256, num_layer=2, vocab_size=300,
                             max_pos_seq_len=32, start_id=0, end_id=0, weight_data_type="fp32")
     generator = torch.Generator().manual_seed(3)
-    weights = {name: torch.randn(shape, generator=generator) * (0.3 if "layernorm" in name else 0.1)
-               + (1.0 if name.endswith("layernorm.weight") else 0.0) for name, shape in expected_shapes(config).items()}
+    weights = random_weights(config, generator)
     given = {name: tensor.clone() for name, tensor in weights.items()}
     plain = GptModel(config, weights, device=torch.device("cpu"), dtype=torch.float32)
     folded = GptModel(config, weights, device=torch.device("cpu"), dtype=torch.float32)

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 
-from builder.runtime.gpt import STACKED, GptModel, expected_shapes
+from builder.runtime.gpt import STACKED, GptModel
 from builder.runtime.model_config import GptModelConfig
+from engine_testing import random_weights
 
 if TYPE_CHECKING:
     from builder.runtime.step_kernel import OneLaunchStep
@@ -34,10 +35,8 @@ def small_model(dtype: torch.dtype, activation: str = "Gelu") -> GptModel:
     config = GptModelConfig(head_num=4, size_per_head=16, inter_size=256, num_layer=2, vocab_size=300,
                             max_pos_seq_len=256, start_id=0, end_id=0, weight_data_type="fp32",
                             activation_type=activation)
-    generator = torch.Generator().manual_seed(3)
-    weights = {name: torch.randn(shape, generator=generator) * (0.3 if "layernorm" in name else 0.1)
-               + (1.0 if name.endswith("layernorm.weight") else 0.0) for name, shape in expected_shapes(config).items()}
-    model = GptModel(config, weights, device=torch.device(DEVICE or "cpu"), dtype=dtype)
+    model = GptModel(config, random_weights(config, torch.Generator().manual_seed(3)),
+                     device=torch.device(DEVICE or "cpu"), dtype=dtype)
     model.allocate_cache(2, 200)
     return model
 
