@@ -7,7 +7,7 @@ alike; batch 8 runs the per-op kernels only (the one-launch step is batch 1 only
     python bench/one_launch_step.py --launches 16384,4,3,168,1 32768,16,1,0 --rounds 5
     python bench/one_launch_step.py --trace --out DIR        # also: one traced step of the first launch shape
 
-The trace is the one-launch step's per-kernel profile: every task's multiprocessor and global-timer stamps (taken,
+The trace is the one-launch step's per-kernel profile: every task's multiprocessor and global-timer stamps (started,
 inputs ready, done; `OneLaunchStep.__call__`), summed per stage (QKV, attention, attention output, FC1, FC2, LM head)
 and per layer, and drawn (one_launch_trace.png: a line per task, a row per multiprocessor). The global timer ticks
 coarsely (about a microsecond on some GPUs, a task lasts a few): read the per-stage means over thousands of tasks,
@@ -117,13 +117,13 @@ def trace_step(model: GptModel, step: step_kernel.OneLaunchStep, position: int, 
     step(token, positions, kv_len, trace=trace)
     step(token, positions, kv_len, trace=trace)
     torch.cuda.synchronize()
-    sm, taken, ready, done = (trace[:, i].cpu().double() for i in range(4))
-    start = taken.min()
-    taken, ready, done = (taken - start) / 1000, (ready - start) / 1000, (done - start) / 1000  # us from the start
+    sm, started, ready, done = (trace[:, i].cpu().double() for i in range(4))
+    start = started.min()
+    started, ready, done = (started - start) / 1000, (ready - start) / 1000, (done - start) / 1000  # us from the start
     span = float(done.max())
     stages = list(dict.fromkeys(kind for kind, _ in kinds))
     lines = [f"one traced step, launch {step.launch}, {step.programs} programs, kv_len {kv_len}: "
-             f"{span:.1f} us first task taken -> last done, {len(kinds)} tasks",
+             f"{span:.1f} us first task started -> last done, {len(kinds)} tasks",
              f"{'stage':18s} {'tasks':>6s} {'wait us':>8s} {'after us':>9s} {'span/layer us':>14s} "
              f"{'done at (layer 0, mid, last) us':>32s}"]
     per_stage: dict[str, dict] = {}
@@ -131,9 +131,9 @@ def trace_step(model: GptModel, step: step_kernel.OneLaunchStep, position: int, 
         rows = [i for i, (kind, _) in enumerate(kinds) if kind == stage]
         layers = sorted({kinds[i][1] for i in rows})
         per_layer = {layer: [i for i in rows if kinds[i][1] == layer] for layer in layers}
-        spans = [float(done[idx].max() - taken[idx].min()) for idx in per_layer.values()]
+        spans = [float(done[idx].max() - started[idx].min()) for idx in per_layer.values()]
         ends = [float(done[idx].max()) for idx in per_layer.values()]
-        wait = float((ready[rows] - taken[rows]).mean())
+        wait = float((ready[rows] - started[rows]).mean())
         after = float((done[rows] - ready[rows]).mean())
         picks = [ends[0], ends[len(ends) // 2], ends[-1]]
         lines.append(f"{stage:18s} {len(rows):6d} {wait:8.2f} {after:9.2f} {statistics.median(spans):14.1f} "
@@ -149,13 +149,13 @@ def trace_step(model: GptModel, step: step_kernel.OneLaunchStep, position: int, 
                   "tasks": len(kinds), "stages": per_stage}
         out.mkdir(parents=True, exist_ok=True)
         (out / "one_launch_trace.json").write_text(json.dumps(report, indent=1))
-        draw_trace(kinds, sm, taken, done, span, out / "one_launch_trace.png")
+        draw_trace(kinds, sm, started, done, span, out / "one_launch_trace.png")
     return "\n".join(lines)
 
 
-def draw_trace(kinds: list[tuple[str, int]], sm: torch.Tensor, taken: torch.Tensor, done: torch.Tensor, span: float,
+def draw_trace(kinds: list[tuple[str, int]], sm: torch.Tensor, started: torch.Tensor, done: torch.Tensor, span: float,
                path: Path) -> None:
-    """A line per task from taken to done, a row per multiprocessor, a colour per stage."""
+    """A line per task from started to done, a row per multiprocessor, a colour per stage."""
     try:
         import matplotlib
     except ImportError:
@@ -170,13 +170,13 @@ def draw_trace(kinds: list[tuple[str, int]], sm: torch.Tensor, taken: torch.Tens
     figure, axes = plt.subplots(figsize=(14, 6))
     for stage in stages:
         idx = [i for i, (kind, _) in enumerate(kinds) if kind == stage]
-        axes.add_collection(LineCollection([[(taken[i], sm[i]), (done[i], sm[i])] for i in idx],
+        axes.add_collection(LineCollection([[(started[i], sm[i]), (done[i], sm[i])] for i in idx],
                                            colors=colors[stage], linewidths=0.6, label=stage))
     axes.set_xlim(0, span)
     axes.set_ylim(-1, float(sm.max()) + 1)
-    axes.set_xlabel("us from the first task taken")
+    axes.set_xlabel("us from the first task started")
     axes.set_ylabel("multiprocessor")
-    axes.set_title(f"one-launch decode step, {torch.cuda.get_device_name()}: each task taken -> done")
+    axes.set_title(f"one-launch decode step, {torch.cuda.get_device_name()}: each task started -> done")
     axes.legend(loc="upper right", fontsize=7)
     figure.savefig(path, dpi=120)
 

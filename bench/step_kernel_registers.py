@@ -33,7 +33,7 @@ from builder.runtime import step_kernel
 SIGNATURE = {"tokens_ptr": "*i64", "positions_ptr": "*i64", "counters_ptr": "*i32", "trace_ptr": "*i64",
              "att_part_ptr": "*fp32", "out_part_ptr": "*fp32", "fc2_part_ptr": "*fp32", "eps": "fp32",
              "scale": "fp32", "key_splits": "i32", "cache_layer_stride": "i32", "max_seq": "i32",
-             "ahead": "i32"}
+             "ahead": "i32", "total": "i32"}
 
 
 def resources(step: step_kernel.OneLaunchStep, trace: bool) -> tuple[int, int]:

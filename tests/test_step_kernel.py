@@ -152,3 +152,39 @@ def test_shapes_the_kernel_cannot_take_are_named() -> None:
         assert step.prefetch_lines() == lines
     with pytest.raises(ValueError, match="cannot run this model: head size 96"):
         step_kernel.OneLaunchStep(replace(shape, head_dim=96), {}, torch.zeros(1), torch.zeros(1))
+
+
+def test_the_tickets_walk_the_step_once_in_order() -> None:
+    """The kernel's decode of a ticket (`_locate`, through `OneLaunchStep.locate`) against the shape: the embeddings,
+    then per layer QKV, attention, attention output, FC1, FC2 in that order, then the LM head, as many tickets as
+    `tasks` says (the kernel's loop bound), and every weight row, K slice, output tile and key block of each stage
+    covered exactly once."""
+    from builder.runtime.step_kernel import STAGES
+
+    model = small_model(torch.float32)
+    step = one_launch(model)
+    s, rows, cols = step.shape, step.rows_full, step.cols_split  # 64 wide, 4 heads of 16; 8 rows, 32 outputs a tile
+    kv_len, blocks, n_tiles = 37, 3, s.hidden // cols  # 37 keys: 3 blocks of 16
+    located = step.locate(kv_len).cpu()
+    stage, layer, a, b = located.unbind(1)
+    assert step.tasks(kv_len) == len(located)
+    assert [STAGES[i] for i in torch.unique_consecutive(stage).tolist()] == (
+        ["embeddings"] + ["qkv", "attention", "attention output", "fc1", "fc2"] * s.layers + ["lm head"])
+    assert layer.tolist() == sorted(layer.tolist()) and int(layer[-1]) == s.layers
+
+    def tiles(name: str, at_layer: int) -> list[tuple[int, int]]:
+        chosen = (stage == STAGES.index(name)) & (layer == at_layer)
+        return list(zip(a[chosen].tolist(), b[chosen].tolist()))
+
+    def covered_rows(name: str, at_layer: int, count: int) -> None:
+        assert sorted(r + i for r, _ in tiles(name, at_layer) for i in range(rows)) == list(range(count))
+
+    for at in range(s.layers):
+        covered_rows("qkv", at, 3 * s.hidden)
+        assert all(head == first % s.hidden // s.head_dim for first, head in tiles("qkv", at))  # its head's counter
+        assert sorted(tiles("attention", at)) == [(block, head) for block in range(blocks) for head in range(s.heads)]
+        assert sorted(tiles("attention output", at)) == [(h, t) for h in range(s.heads) for t in range(n_tiles)]
+        covered_rows("fc1", at, s.inter)
+        assert all(chunk == first // s.head_dim for first, chunk in tiles("fc1", at))  # its FC2 chunk's counter
+        assert sorted(tiles("fc2", at)) == [(c, t) for c in range(s.inter // s.head_dim) for t in range(n_tiles)]
+    assert sorted(first for first, _ in tiles("lm head", s.layers)) == list(range(0, s.vocab, rows))

@@ -8,13 +8,15 @@ layer took 858 us a step where copy bandwidth needs 569 (H200, docs/gpu/runs-202
 whole step, and a program loads its next task's weights before it waits for that task's input, so the weights of
 the next stage stream while the current one finishes.
 
-How: the step is a list of tasks in a fixed order (below); every program takes the next task with an atomic ticket,
-loads the task's weight tile into registers (32 KiB of fp16 by default), waits on a counter until the task's inputs
-are complete, computes, writes, and adds to the counter its consumers wait on (release; the waiter's read is acquire).
-A task depends only on tasks earlier in the order, and tickets are handed out in that order to programs that are
-running, so the smallest unfinished task can always proceed: no deadlock however many programs the GPU holds at once
-(a grid larger than the GPU only queues), and Triton's interpreter (TRITON_INTERPRET=1, programs one after the other)
-runs it too, which is how the CPU test checks it.
+How: the step is a list of tasks in a fixed order (below; `_locate` decodes a ticket); every program takes the next
+task with an atomic ticket, loads the task's weight tile into registers (32 KiB of fp16 by default), takes its next
+ticket (the round trip overlaps the loads), waits on a counter until the task's inputs are complete, computes,
+writes, and adds to the counter its consumers wait on (release; the waiter's read is acquire). A task depends only on
+tasks earlier in the order, and tickets are handed out in that order to programs that are running; a program holds
+at most one ticket it has not started, later than the one it runs. So the smallest unfinished task is always running
+(were it only held, the task its holder runs would be smaller and unfinished) and its inputs are done: it proceeds.
+No deadlock however many programs the GPU holds at once (a grid larger than the GPU only queues), and Triton's
+interpreter (TRITON_INTERPRET=1, programs one after the other) runs it too, which is how the CPU test checks it.
 
 Tasks (L layers, H hidden, d the head size; a tile is `rows_full` whole rows of a matrix, or `cols_split` output
 rows of a d-wide slice of its K dimension):
@@ -53,14 +55,23 @@ from .gpt_kernels import ACTIVATIONS, activate, layer_norm_row
 # order there, so a wait that is not met at once never will be), a GPU (~4 s at ~1 us a poll)].
 SPIN_LIMITS = (1000, 1 << 22)
 
+# The stages of the step, as `_locate` names a ticket's task (STAGES[stage]: the names traces and benchmarks print).
+STAGES = ("embeddings", "qkv", "attention", "attention output", "fc1", "fc2", "lm head")
+EMBEDDINGS, QKV, ATTENTION, ATTENTION_OUT, FC1, FC2, LM_HEAD = (tl.constexpr(i) for i in range(len(STAGES)))
+
 
 @triton.jit
-def _wait_for(counter_ptr, target, stalls_ptr, trace_slot, TRACE: tl.constexpr, SPIN_LIMIT: tl.constexpr):
-    """Spin until the counter reaches target; after it, this program's loads see what its producers wrote before
-    their release (acquire by the thread that polls, then the barrier for the others). A wait that outlasts
-    SPIN_LIMIT polls (seconds on a GPU; a wait in a correct step lasts microseconds) gives up and counts itself in
-    stalls: a lost signal then makes wrong logits and a count the caller can read, not a GPU that never returns.
+def _wait_for(counter_ptr, target, tickets_ptr, stalls_ptr, trace_slot, TRACE: tl.constexpr,
+              SPIN_LIMIT: tl.constexpr):
+    """Takes this program's next ticket, then spins until the counter reaches target -> the next ticket. The ticket is
+    taken once the task's weight loads are issued, so its round trip to L2 overlaps them rather than coming before
+    them; holding it while this task waits is safe (the module docstring). After the spin, this program's loads see
+    what its producers wrote before their release (acquire by the thread that polls, then the barrier for the
+    others). A wait that outlasts SPIN_LIMIT polls (seconds on a GPU; a wait in a correct step lasts microseconds)
+    gives up and counts itself in stalls: a lost signal then makes wrong logits and a count the caller can read, not
+    a GPU that never returns.
     TRACE: when the wait ended (-1: it gave up)."""
+    ticket = tl.atomic_add(tickets_ptr, 1, sem="relaxed", scope="gpu")
     polls = 0
     while (tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < target) & (polls < SPIN_LIMIT):
         polls += 1
@@ -69,6 +80,7 @@ def _wait_for(counter_ptr, target, stalls_ptr, trace_slot, TRACE: tl.constexpr, 
         tl.atomic_add(stalls_ptr, 1, sem="relaxed", scope="gpu")
     if TRACE:
         tl.store(trace_slot + 2, tl.where(polls >= SPIN_LIMIT, -1, tl.extra.cuda.globaltimer()))
+    return ticket
 
 
 @triton.jit
@@ -87,20 +99,22 @@ def _layer_norm(x_ptr, gain, shift, cols, hidden, eps, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _embedding_task(tokens_ptr, wte_ptr, wpe_ptr, xs_ptr, res_ptr, position, cols, HIDDEN: tl.constexpr,
-                    N_TILES: tl.constexpr):
+def _embedding_task(tokens_ptr, wte_ptr, wpe_ptr, xs_ptr, res_ptr, tickets_ptr, position, cols,
+                    HIDDEN: tl.constexpr, N_TILES: tl.constexpr):
     inside = cols < HIDDEN
     token = tl.load(tokens_ptr)
     word = tl.load(wte_ptr + token.to(tl.int64) * HIDDEN + cols, mask=inside, other=0.0)
     where = tl.load(wpe_ptr + position.to(tl.int64) * HIDDEN + cols, mask=inside, other=0.0)
+    ticket = tl.atomic_add(tickets_ptr, 1, sem="relaxed", scope="gpu")  # the next, as `_wait_for` takes it
     tl.store(xs_ptr + cols, word + where, mask=inside)  # in the model's dtype, as the eager add
     _signal(res_ptr, N_TILES)
+    return ticket
 
 
 @triton.jit
 def _normed_rows_task(w_ptr, bias_ptr, gain_ptr, shift_ptr, x_ptr, out_ptr, ready_ptr, done_ptr, rows, n_rows,
                       cols, eps, HIDDEN: tl.constexpr, N_TILES: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      ACTIVATION: tl.constexpr, stalls_ptr, trace_slot, TRACE: tl.constexpr,
+                      ACTIVATION: tl.constexpr, tickets_ptr, stalls_ptr, trace_slot, TRACE: tl.constexpr,
                       SPIN_LIMIT: tl.constexpr):
     """out[rows] = act(LayerNorm(x) @ W[rows]^T + bias) (QKV, FC1, the LM head): the weight rows, bias and norm loaded
     first, then the wait for x (all N_TILES tiles of it), then one product of whole rows."""
@@ -111,7 +125,7 @@ def _normed_rows_task(w_ptr, bias_ptr, gain_ptr, shift_ptr, x_ptr, out_ptr, read
         bias = tl.load(bias_ptr + rows, mask=rows < n_rows, other=0.0).to(tl.float32)
     gain = tl.load(gain_ptr + cols, mask=inside, other=0.0).to(tl.float32)
     shift = tl.load(shift_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-    _wait_for(ready_ptr, N_TILES, stalls_ptr, trace_slot, TRACE, SPIN_LIMIT)
+    ticket = _wait_for(ready_ptr, N_TILES, tickets_ptr, stalls_ptr, trace_slot, TRACE, SPIN_LIMIT)
     h = _layer_norm(x_ptr, gain, shift, cols, HIDDEN, eps, x_ptr.dtype.element_ty)
     y = tl.sum(w.to(tl.float32) * h[None, :], axis=1)
     if HAS_BIAS:
@@ -119,13 +133,14 @@ def _normed_rows_task(w_ptr, bias_ptr, gain_ptr, shift_ptr, x_ptr, out_ptr, read
     tl.store(out_ptr + rows, activate(y, ACTIVATION).to(out_ptr.dtype.element_ty), mask=rows < n_rows)
     if done_ptr is not None:
         _signal(done_ptr, 1)
+    return ticket
 
 
 @triton.jit
 def _attention_task(qkv_ptr, k_cache_ptr, v_cache_ptr, part_ptr, attn_ptr, ready_ptr, seen_ptr, done_ptr, position,
                     split, key_splits, scale, HIDDEN: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    HEAD_TASKS: tl.constexpr, KEY_BLOCK: tl.constexpr, MAX_SPLITS: tl.constexpr, stalls_ptr,
-                    trace_slot, TRACE: tl.constexpr, SPIN_LIMIT: tl.constexpr):
+                    HEAD_TASKS: tl.constexpr, KEY_BLOCK: tl.constexpr, MAX_SPLITS: tl.constexpr, tickets_ptr,
+                    stalls_ptr, trace_slot, TRACE: tl.constexpr, SPIN_LIMIT: tl.constexpr):
     """One block of one head's cached keys (pointers at the head: its q in qkv, its cache, its partials, its output);
     the head's last block to finish merges the blocks and the step's own key, and writes that key and value into
     the cache."""
@@ -135,7 +150,7 @@ def _attention_task(qkv_ptr, k_cache_ptr, v_cache_ptr, part_ptr, attn_ptr, ready
     at = keys[:, None] * HEAD_DIM + dims[None, :]
     k = tl.load(k_cache_ptr + at, mask=cached[:, None], other=0.0)  # [KEY_BLOCK, HEAD_DIM]
     v = tl.load(v_cache_ptr + at, mask=cached[:, None], other=0.0)
-    _wait_for(ready_ptr, HEAD_TASKS, stalls_ptr, trace_slot, TRACE, SPIN_LIMIT)
+    ticket = _wait_for(ready_ptr, HEAD_TASKS, tickets_ptr, stalls_ptr, trace_slot, TRACE, SPIN_LIMIT)
     q = tl.load(qkv_ptr + dims, cache_modifier=".cg").to(tl.float32) * scale
     scores = tl.where(cached, tl.sum(k.to(tl.float32) * q[None, :], axis=1), -float("inf"))
     top = tl.max(scores, axis=0)
@@ -167,13 +182,14 @@ def _attention_task(qkv_ptr, k_cache_ptr, v_cache_ptr, part_ptr, attn_ptr, ready
         tl.store(k_cache_ptr + position * HEAD_DIM + dims, k_own)
         tl.store(v_cache_ptr + position * HEAD_DIM + dims, v_own)
         _signal(done_ptr, 1)
+    return ticket
 
 
 @triton.jit
 def _into_residual_task(w_ptr, x_ptr, part_ptr, bias_ptr, x_in_ptr, x_out_ptr, ready_ptr, seen_ptr, done_ptr,
                         ready_target, slice_index, tile, k_total, HIDDEN: tl.constexpr, HEAD_DIM: tl.constexpr,
-                        COLS_SPLIT: tl.constexpr, PARTS: tl.constexpr, PARTS_POW2: tl.constexpr, stalls_ptr,
-                        trace_slot, TRACE: tl.constexpr, SPIN_LIMIT: tl.constexpr):
+                        COLS_SPLIT: tl.constexpr, PARTS: tl.constexpr, PARTS_POW2: tl.constexpr, tickets_ptr,
+                        stalls_ptr, trace_slot, TRACE: tl.constexpr, SPIN_LIMIT: tl.constexpr):
     """Attention output or FC2: a HEAD_DIM-wide slice of K (x's slice ready) for COLS_SPLIT outputs, as an fp32
     partial [PARTS, HIDDEN]; the tile's last slice to finish sums the partials in slice order (the same bits
     whichever is last) and adds the bias and the residual: x_out[tile] = x_in + (sum + bias), rounded as the eager
@@ -181,7 +197,7 @@ def _into_residual_task(w_ptr, x_ptr, part_ptr, bias_ptr, x_in_ptr, x_out_ptr, r
     outs = tile * COLS_SPLIT + tl.arange(0, COLS_SPLIT)
     ks = slice_index * HEAD_DIM + tl.arange(0, HEAD_DIM)
     w = tl.load(w_ptr + outs[:, None] * k_total + ks[None, :])  # [COLS_SPLIT, HEAD_DIM]
-    _wait_for(ready_ptr, ready_target, stalls_ptr, trace_slot, TRACE, SPIN_LIMIT)
+    ticket = _wait_for(ready_ptr, ready_target, tickets_ptr, stalls_ptr, trace_slot, TRACE, SPIN_LIMIT)
     x = tl.load(x_ptr + ks, cache_modifier=".cg").to(tl.float32)
     tl.store(part_ptr + slice_index * HIDDEN + outs, tl.sum(w.to(tl.float32) * x[None, :], axis=1))
     tl.debug_barrier()
@@ -194,6 +210,7 @@ def _into_residual_task(w_ptr, x_ptr, part_ptr, bias_ptr, x_in_ptr, x_out_ptr, r
         residual = tl.load(x_in_ptr + outs, cache_modifier=".cg").to(tl.float32)
         tl.store(x_out_ptr + outs, (residual + delta).to(dtype))
         _signal(done_ptr, 1)
+    return ticket
 
 
 @triton.jit
@@ -211,46 +228,96 @@ def _prefetch_lines(base_ptr, rows, row_elements, stride, LINES: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_task(ticket, lm_first, per_layer, att_first, out_first, fc1_first, fc2_first, key_splits, n_tiles,
-                   qkv_w_ptr, out_w_ptr, fc1_w_ptr, fc2_w_ptr, lm_w_ptr, k_cache_ptr, v_cache_ptr,
-                   cache_layer_stride, max_seq, HIDDEN: tl.constexpr, INTER: tl.constexpr, HEADS: tl.constexpr,
+def _stage_starts(key_splits, HIDDEN: tl.constexpr, INTER: tl.constexpr, HEADS: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, ROWS_FULL: tl.constexpr, N_TILES: tl.constexpr):
+    """Where each stage's tasks start within a layer's, and the layer's task count: (attention, attention output,
+    FC1, FC2, per layer)."""
+    att_first = 3 * HIDDEN // ROWS_FULL  # after QKV's
+    out_first = att_first + HEADS * key_splits
+    fc1_first = out_first + HEADS * N_TILES
+    fc2_first = fc1_first + INTER // ROWS_FULL
+    return att_first, out_first, fc1_first, fc2_first, fc2_first + (INTER // HEAD_DIM) * N_TILES
+
+
+@triton.jit
+def _locate(ticket, key_splits, HIDDEN: tl.constexpr, INTER: tl.constexpr, HEADS: tl.constexpr,
+            HEAD_DIM: tl.constexpr, LAYERS: tl.constexpr, ROWS_FULL: tl.constexpr, N_TILES: tl.constexpr):
+    """A ticket's task in the kernel's order (the module docstring) -> (stage, layer, a, b). The one home of that
+    order: the main loop runs it, the L2 prefetch reads its weights, `OneLaunchStep.task_kinds` lists it.
+    QKV, FC1, the LM head: a = the tile's first row, b = the counter it adds to (QKV: its head; FC1: its FC2 chunk);
+    attention: a = the key block, b = the head; attention output, FC2: a = the K slice (head; chunk), b = the output
+    tile."""
+    att_first, out_first, fc1_first, fc2_first, per_layer = _stage_starts(key_splits, HIDDEN, INTER, HEADS,
+                                                                          HEAD_DIM, ROWS_FULL, N_TILES)
+    slice_rows: tl.constexpr = HEAD_DIM // ROWS_FULL  # QKV or FC1 tasks per head-wide slice
+    layer = tl.minimum(tl.maximum(ticket - 1, 0) // per_layer, LAYERS)
+    i = ticket - 1 - layer * per_layer  # within the layer
+    stage = EMBEDDINGS
+    a = 0
+    b = 0
+    if ticket == 0:
+        stage = EMBEDDINGS
+    elif layer == LAYERS:
+        stage = LM_HEAD
+        a = i * ROWS_FULL
+    elif i < att_first:  # heads in order, q k v each
+        stage = QKV
+        b = i // (3 * slice_rows)
+        a = (i % (3 * slice_rows)) // slice_rows * HIDDEN + b * HEAD_DIM + (i % slice_rows) * ROWS_FULL
+    elif i < out_first:
+        stage = ATTENTION
+        a = (i - att_first) % key_splits
+        b = (i - att_first) // key_splits
+    elif i < fc1_first:
+        stage = ATTENTION_OUT
+        a = (i - out_first) // N_TILES
+        b = (i - out_first) % N_TILES
+    elif i < fc2_first:
+        stage = FC1
+        a = (i - fc1_first) * ROWS_FULL
+        b = (i - fc1_first) // slice_rows
+    else:
+        stage = FC2
+        a = (i - fc2_first) // N_TILES
+        b = (i - fc2_first) % N_TILES
+    return stage, layer, a, b
+
+
+@triton.jit
+def _locate_kernel(out_ptr, key_splits, HIDDEN: tl.constexpr, INTER: tl.constexpr, HEADS: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, LAYERS: tl.constexpr, ROWS_FULL: tl.constexpr, N_TILES: tl.constexpr):
+    """out[ticket] = `_locate`(ticket), a program a ticket (`OneLaunchStep.locate`)."""
+    ticket = tl.program_id(0)
+    stage, layer, a, b = _locate(ticket, key_splits, HIDDEN, INTER, HEADS, HEAD_DIM, LAYERS, ROWS_FULL, N_TILES)
+    tl.store(out_ptr + 4 * ticket + tl.arange(0, 4),
+             tl.where(tl.arange(0, 4) == 0, stage, tl.where(tl.arange(0, 4) == 1, layer,
+                                                            tl.where(tl.arange(0, 4) == 2, a, b))))
+
+
+@triton.jit
+def _prefetch_task(stage, layer, a, b, key_splits, qkv_w_ptr, out_w_ptr, fc1_w_ptr, fc2_w_ptr, lm_w_ptr,
+                   k_cache_ptr, v_cache_ptr, cache_layer_stride, max_seq, HIDDEN: tl.constexpr, INTER: tl.constexpr,
                    HEAD_DIM: tl.constexpr, VOCAB: tl.constexpr, ROWS_FULL: tl.constexpr, COLS_SPLIT: tl.constexpr,
                    KEY_BLOCK: tl.constexpr, LINES: tl.constexpr):
-    """L2 prefetch of the weights (or cached keys and values) of a later ticket's task: the kernel's task order (see
-    the main loop, which this mirrors) decoded to the tile's rows."""
-    layer = (ticket - 1) // per_layer
-    i = (ticket - 1) % per_layer
+    """L2 prefetch of the weights (or cached keys and values) that a later ticket's task (`_locate`) reads."""
     wide = layer.to(tl.int64)
-    slice_rows: tl.constexpr = HEAD_DIM // ROWS_FULL
-    if ticket >= lm_first:
-        first = (ticket - lm_first) * ROWS_FULL
-        _prefetch_lines(lm_w_ptr + first.to(tl.int64) * HIDDEN, 1, tl.minimum(ROWS_FULL, VOCAB - first) * HIDDEN, 0,
-                        LINES)
-    elif ticket > 0:
-        if i < att_first:
-            head = i // (3 * slice_rows)
-            row = (i % (3 * slice_rows)) // slice_rows * HIDDEN + head * HEAD_DIM + (i % slice_rows) * ROWS_FULL
-            _prefetch_lines(qkv_w_ptr + wide * 3 * HIDDEN * HIDDEN + row * HIDDEN, 1, ROWS_FULL * HIDDEN, 0, LINES)
-        elif i < out_first:
-            head = (i - att_first) // key_splits
-            first = ((i - att_first) % key_splits) * KEY_BLOCK
-            at = wide * cache_layer_stride + head * max_seq * HEAD_DIM + first * HEAD_DIM
-            keys = tl.minimum(KEY_BLOCK, max_seq - first)  # never past the cache (the last head's last block)
-            _prefetch_lines(k_cache_ptr + at, 1, keys * HEAD_DIM, 0, LINES)
-            _prefetch_lines(v_cache_ptr + at, 1, keys * HEAD_DIM, 0, LINES)
-        elif i < fc1_first:
-            head = (i - out_first) // n_tiles
-            tile = (i - out_first) % n_tiles
-            _prefetch_lines(out_w_ptr + wide * HIDDEN * HIDDEN + tile * COLS_SPLIT * HIDDEN + head * HEAD_DIM,
-                            COLS_SPLIT, HEAD_DIM, HIDDEN, LINES)
-        elif i < fc2_first:
-            _prefetch_lines(fc1_w_ptr + wide * INTER * HIDDEN + (i - fc1_first) * ROWS_FULL * HIDDEN, 1,
-                            ROWS_FULL * HIDDEN, 0, LINES)
-        else:
-            chunk = (i - fc2_first) // n_tiles
-            tile = (i - fc2_first) % n_tiles
-            _prefetch_lines(fc2_w_ptr + wide * HIDDEN * INTER + tile * COLS_SPLIT * INTER + chunk * HEAD_DIM,
-                            COLS_SPLIT, HEAD_DIM, INTER, LINES)
+    if stage == LM_HEAD:
+        _prefetch_lines(lm_w_ptr + a.to(tl.int64) * HIDDEN, 1, tl.minimum(ROWS_FULL, VOCAB - a) * HIDDEN, 0, LINES)
+    elif stage == QKV:
+        _prefetch_lines(qkv_w_ptr + wide * 3 * HIDDEN * HIDDEN + a * HIDDEN, 1, ROWS_FULL * HIDDEN, 0, LINES)
+    elif stage == ATTENTION:
+        at = wide * cache_layer_stride + b * max_seq * HEAD_DIM + a * KEY_BLOCK * HEAD_DIM
+        keys = tl.minimum(KEY_BLOCK, max_seq - a * KEY_BLOCK)  # never past the cache (the last head's last block)
+        _prefetch_lines(k_cache_ptr + at, 1, keys * HEAD_DIM, 0, LINES)
+        _prefetch_lines(v_cache_ptr + at, 1, keys * HEAD_DIM, 0, LINES)
+    elif stage == ATTENTION_OUT:
+        _prefetch_lines(out_w_ptr + wide * HIDDEN * HIDDEN + b * COLS_SPLIT * HIDDEN + a * HEAD_DIM, COLS_SPLIT,
+                        HEAD_DIM, HIDDEN, LINES)
+    elif stage == FC1:
+        _prefetch_lines(fc1_w_ptr + wide * INTER * HIDDEN + a * HIDDEN, 1, ROWS_FULL * HIDDEN, 0, LINES)
+    elif stage == FC2:
+        _prefetch_lines(fc2_w_ptr + wide * HIDDEN * INTER + b * COLS_SPLIT * INTER + a * HEAD_DIM, COLS_SPLIT,
+                        HEAD_DIM, INTER, LINES)
 
 
 @triton.jit
@@ -260,7 +327,7 @@ def _one_launch_step_kernel(
         ln2_w_ptr, ln2_b_ptr, fc1_w_ptr, fc1_b_ptr, fc2_w_ptr, fc2_b_ptr, lnf_w_ptr, lnf_b_ptr, lm_w_ptr,
         k_cache_ptr, v_cache_ptr, logits_ptr,
         xs_ptr, qkv_ptr, attn_ptr, up_ptr, att_part_ptr, out_part_ptr, fc2_part_ptr, counters_ptr, trace_ptr,
-        key_splits, cache_layer_stride, max_seq, eps, scale, ahead,
+        total, key_splits, cache_layer_stride, max_seq, eps, scale, ahead,
         HIDDEN: tl.constexpr, HIDDEN_POW2: tl.constexpr, INTER: tl.constexpr, HEADS: tl.constexpr,
         HEADS_POW2: tl.constexpr, HEAD_DIM: tl.constexpr, LAYERS: tl.constexpr, VOCAB: tl.constexpr,
         ROWS_FULL: tl.constexpr, COLS_SPLIT: tl.constexpr, KEY_BLOCK: tl.constexpr, MAX_SPLITS: tl.constexpr,
@@ -268,95 +335,79 @@ def _one_launch_step_kernel(
         C_RES: tl.constexpr, C_QKV: tl.constexpr, C_ATT_SEEN: tl.constexpr, C_ATT: tl.constexpr,
         C_OUT_SEEN: tl.constexpr, C_FC1: tl.constexpr, C_FC2_SEEN: tl.constexpr, N_COUNTERS: tl.constexpr,
         TRACE: tl.constexpr, SPIN_LIMIT: tl.constexpr, PREFETCH_LINES: tl.constexpr):
+    tickets_ptr = counters_ptr  # counter 0: the next ticket; 1: programs out
     stalls_ptr = counters_ptr + N_COUNTERS  # past the counters: not zeroed by the kernel
     n_tiles: tl.constexpr = HIDDEN // COLS_SPLIT  # output tiles of a GEMV into the residual
     slice_rows: tl.constexpr = HEAD_DIM // ROWS_FULL  # QKV or FC1 tasks per head-wide slice
-    qkv_tasks: tl.constexpr = 3 * HIDDEN // ROWS_FULL
-    out_tasks: tl.constexpr = HEADS * n_tiles
-    fc1_tasks: tl.constexpr = INTER // ROWS_FULL
-    att_tasks = HEADS * key_splits
-    # Where each stage's tasks start within a layer.
-    att_first = qkv_tasks
-    out_first = att_first + att_tasks
-    fc1_first = out_first + out_tasks
-    fc2_first = fc1_first + fc1_tasks
-    per_layer = fc2_first + CHUNKS * n_tiles
-    lm_first = 1 + LAYERS * per_layer
-    total = lm_first + (VOCAB + ROWS_FULL - 1) // ROWS_FULL
     cols = tl.arange(0, HIDDEN_POW2)
     fulls = tl.arange(0, ROWS_FULL)
     position = tl.load(positions_ptr)
 
-    ticket = tl.atomic_add(counters_ptr, 1, sem="relaxed", scope="gpu")
+    # Each task takes this program's next ticket as it starts waiting (`_wait_for`), so the first one is taken here.
+    ticket = tl.atomic_add(tickets_ptr, 1, sem="relaxed", scope="gpu")
     while ticket < total:
-        slot = trace_ptr + ticket * 4  # TRACE: [multiprocessor, taken, inputs ready, done] per task, ns
+        slot = trace_ptr + ticket * 4  # TRACE: [multiprocessor, started, inputs ready, done] per task, ns
         if PREFETCH_LINES > 0:  # the task `ahead` tickets on, whichever program takes it: a window ahead of them all
             if ticket + ahead < total:
-                _prefetch_task(ticket + ahead, lm_first, per_layer, att_first, out_first, fc1_first, fc2_first,
-                               key_splits, n_tiles, qkv_w_ptr, out_w_ptr, fc1_w_ptr, fc2_w_ptr, lm_w_ptr, k_cache_ptr,
-                               v_cache_ptr, cache_layer_stride, max_seq, HIDDEN, INTER, HEADS, HEAD_DIM, VOCAB,
-                               ROWS_FULL, COLS_SPLIT, KEY_BLOCK, PREFETCH_LINES)
+                p_stage, p_layer, p_a, p_b = _locate(ticket + ahead, key_splits, HIDDEN, INTER, HEADS, HEAD_DIM,
+                                                     LAYERS, ROWS_FULL, n_tiles)
+                _prefetch_task(p_stage, p_layer, p_a, p_b, key_splits, qkv_w_ptr, out_w_ptr, fc1_w_ptr, fc2_w_ptr,
+                               lm_w_ptr, k_cache_ptr, v_cache_ptr, cache_layer_stride, max_seq, HIDDEN, INTER,
+                               HEAD_DIM, VOCAB, ROWS_FULL, COLS_SPLIT, KEY_BLOCK, PREFETCH_LINES)
         if TRACE:
             tl.store(slot, tl.extra.cuda.smid().to(tl.int64))
             tl.store(slot + 1, tl.extra.cuda.globaltimer())
-            tl.store(slot + 2, tl.extra.cuda.globaltimer())  # no wait (the embeddings): ready when taken
-        layer = (ticket - 1) // per_layer
-        i = (ticket - 1) % per_layer
+            tl.store(slot + 2, tl.extra.cuda.globaltimer())  # no wait (the embeddings): ready when started
+        stage, layer, a, b = _locate(ticket, key_splits, HIDDEN, INTER, HEADS, HEAD_DIM, LAYERS, ROWS_FULL, n_tiles)
         wide = layer.to(tl.int64)  # matrix and cache offsets past 2**31 elements in big models
         res = counters_ptr + C_RES + 2 * layer  # this layer's input stream is complete at n_tiles
-        if ticket == 0:
-            _embedding_task(tokens_ptr, wte_ptr, wpe_ptr, xs_ptr, counters_ptr + C_RES, position, cols, HIDDEN,
-                            n_tiles)
-        elif ticket >= lm_first:
-            _normed_rows_task(lm_w_ptr, lm_w_ptr, lnf_w_ptr, lnf_b_ptr, xs_ptr + 2 * LAYERS * HIDDEN, logits_ptr,
-                              counters_ptr + C_RES + 2 * LAYERS, None, (ticket - lm_first) * ROWS_FULL + fulls, VOCAB,
-                              cols, eps, HIDDEN, n_tiles, False, 0, stalls_ptr, slot, TRACE, SPIN_LIMIT)
-        elif i < att_first:  # QKV rows of one head's q, k or v (the heads in order, q k v each)
-            head = i // (3 * slice_rows)
-            rows = ((i % (3 * slice_rows)) // slice_rows * HIDDEN + head * HEAD_DIM + (i % slice_rows) * ROWS_FULL
-                    + fulls)
-            _normed_rows_task(qkv_w_ptr + wide * 3 * HIDDEN * HIDDEN, qkv_b_ptr + layer * 3 * HIDDEN,
-                              ln1_w_ptr + layer * HIDDEN, ln1_b_ptr + layer * HIDDEN, xs_ptr + 2 * layer * HIDDEN,
-                              qkv_ptr + layer * 3 * HIDDEN, res, counters_ptr + C_QKV + layer * HEADS + head, rows,
-                              3 * HIDDEN, cols, eps, HIDDEN, n_tiles, True, 0, stalls_ptr, slot, TRACE, SPIN_LIMIT)
-        elif i < out_first:  # one block of one head's keys
-            head = (i - att_first) // key_splits
-            at = layer * HEADS + head
-            cache = wide * cache_layer_stride + head * max_seq * HEAD_DIM  # slot 0: the batch's only row
-            _attention_task(qkv_ptr + layer * 3 * HIDDEN + head * HEAD_DIM, k_cache_ptr + cache, v_cache_ptr + cache,
-                            att_part_ptr + at * MAX_SPLITS * (HEAD_DIM + 2), attn_ptr + at * HEAD_DIM,
-                            counters_ptr + C_QKV + at, counters_ptr + C_ATT_SEEN + at, counters_ptr + C_ATT + at,
-                            position, (i - att_first) % key_splits, key_splits, scale, HIDDEN, HEAD_DIM,
-                            3 * slice_rows, KEY_BLOCK, MAX_SPLITS, stalls_ptr, slot, TRACE, SPIN_LIMIT)
-        elif i < fc1_first:  # attention output: one head's slice of K for one tile
-            head = (i - out_first) // n_tiles
-            tile = (i - out_first) % n_tiles
-            _into_residual_task(out_w_ptr + wide * HIDDEN * HIDDEN, attn_ptr + layer * HIDDEN,
-                                out_part_ptr + wide * HEADS * HIDDEN, out_b_ptr + layer * HIDDEN,
-                                xs_ptr + 2 * layer * HIDDEN, xs_ptr + (2 * layer + 1) * HIDDEN,
-                                counters_ptr + C_ATT + layer * HEADS + head,
-                                counters_ptr + C_OUT_SEEN + layer * n_tiles + tile, res + 1, 1, head, tile, HIDDEN,
-                                HIDDEN, HEAD_DIM, COLS_SPLIT, HEADS, HEADS_POW2, stalls_ptr, slot, TRACE, SPIN_LIMIT)
-        elif i < fc2_first:  # FC1 rows
-            rows = (i - fc1_first) * ROWS_FULL + fulls
-            _normed_rows_task(fc1_w_ptr + wide * INTER * HIDDEN, fc1_b_ptr + layer * INTER,
-                              ln2_w_ptr + layer * HIDDEN, ln2_b_ptr + layer * HIDDEN,
-                              xs_ptr + (2 * layer + 1) * HIDDEN, up_ptr + layer * INTER, res + 1,
-                              counters_ptr + C_FC1 + layer * CHUNKS + (i - fc1_first) // slice_rows, rows, INTER,
-                              cols, eps, HIDDEN, n_tiles, True, ACTIVATION, stalls_ptr, slot, TRACE, SPIN_LIMIT)
-        else:  # FC2: one head-wide slice of K (its FC1 rows done) for one tile
-            chunk = (i - fc2_first) // n_tiles
-            tile = (i - fc2_first) % n_tiles
-            _into_residual_task(fc2_w_ptr + wide * HIDDEN * INTER, up_ptr + layer * INTER,
-                                fc2_part_ptr + wide * CHUNKS * HIDDEN, fc2_b_ptr + layer * HIDDEN,
-                                xs_ptr + (2 * layer + 1) * HIDDEN, xs_ptr + (2 * layer + 2) * HIDDEN,
-                                counters_ptr + C_FC1 + layer * CHUNKS + chunk,
-                                counters_ptr + C_FC2_SEEN + layer * n_tiles + tile, res + 2, slice_rows, chunk, tile,
-                                INTER, HIDDEN, HEAD_DIM, COLS_SPLIT, CHUNKS, CHUNKS_POW2, stalls_ptr, slot, TRACE,
-                                SPIN_LIMIT)
+        if stage == EMBEDDINGS:
+            ticket = _embedding_task(tokens_ptr, wte_ptr, wpe_ptr, xs_ptr, counters_ptr + C_RES, tickets_ptr, position,
+                                     cols, HIDDEN, n_tiles)
+        elif stage == LM_HEAD:
+            ticket = _normed_rows_task(lm_w_ptr, lm_w_ptr, lnf_w_ptr, lnf_b_ptr, xs_ptr + 2 * LAYERS * HIDDEN,
+                                       logits_ptr, res, None, a + fulls, VOCAB, cols, eps, HIDDEN, n_tiles, False, 0,
+                                       tickets_ptr, stalls_ptr, slot, TRACE, SPIN_LIMIT)
+        elif stage == QKV:  # rows of head b's q, k or v
+            ticket = _normed_rows_task(qkv_w_ptr + wide * 3 * HIDDEN * HIDDEN, qkv_b_ptr + layer * 3 * HIDDEN,
+                                       ln1_w_ptr + layer * HIDDEN, ln1_b_ptr + layer * HIDDEN,
+                                       xs_ptr + 2 * layer * HIDDEN, qkv_ptr + layer * 3 * HIDDEN, res,
+                                       counters_ptr + C_QKV + layer * HEADS + b, a + fulls, 3 * HIDDEN, cols, eps,
+                                       HIDDEN, n_tiles, True, 0, tickets_ptr, stalls_ptr, slot, TRACE, SPIN_LIMIT)
+        elif stage == ATTENTION:  # key block a of head b
+            at = layer * HEADS + b
+            cache = wide * cache_layer_stride + b * max_seq * HEAD_DIM  # slot 0: the batch's only row
+            ticket = _attention_task(qkv_ptr + layer * 3 * HIDDEN + b * HEAD_DIM, k_cache_ptr + cache,
+                                     v_cache_ptr + cache, att_part_ptr + at * MAX_SPLITS * (HEAD_DIM + 2),
+                                     attn_ptr + at * HEAD_DIM, counters_ptr + C_QKV + at,
+                                     counters_ptr + C_ATT_SEEN + at, counters_ptr + C_ATT + at, position, a,
+                                     key_splits, scale, HIDDEN, HEAD_DIM, 3 * slice_rows, KEY_BLOCK, MAX_SPLITS,
+                                     tickets_ptr, stalls_ptr, slot, TRACE, SPIN_LIMIT)
+        elif stage == ATTENTION_OUT:  # head a's slice of K for output tile b
+            ticket = _into_residual_task(out_w_ptr + wide * HIDDEN * HIDDEN, attn_ptr + layer * HIDDEN,
+                                         out_part_ptr + wide * HEADS * HIDDEN, out_b_ptr + layer * HIDDEN,
+                                         xs_ptr + 2 * layer * HIDDEN, xs_ptr + (2 * layer + 1) * HIDDEN,
+                                         counters_ptr + C_ATT + layer * HEADS + a,
+                                         counters_ptr + C_OUT_SEEN + layer * n_tiles + b, res + 1, 1, a, b, HIDDEN,
+                                         HIDDEN, HEAD_DIM, COLS_SPLIT, HEADS, HEADS_POW2, tickets_ptr, stalls_ptr,
+                                         slot, TRACE, SPIN_LIMIT)
+        elif stage == FC1:  # rows of FC2's chunk b
+            ticket = _normed_rows_task(fc1_w_ptr + wide * INTER * HIDDEN, fc1_b_ptr + layer * INTER,
+                                       ln2_w_ptr + layer * HIDDEN, ln2_b_ptr + layer * HIDDEN,
+                                       xs_ptr + (2 * layer + 1) * HIDDEN, up_ptr + layer * INTER, res + 1,
+                                       counters_ptr + C_FC1 + layer * CHUNKS + b, a + fulls, INTER, cols, eps,
+                                       HIDDEN, n_tiles, True, ACTIVATION, tickets_ptr, stalls_ptr, slot, TRACE,
+                                       SPIN_LIMIT)
+        else:  # FC2: chunk a of K (its FC1 rows done) for output tile b
+            ticket = _into_residual_task(fc2_w_ptr + wide * HIDDEN * INTER, up_ptr + layer * INTER,
+                                         fc2_part_ptr + wide * CHUNKS * HIDDEN, fc2_b_ptr + layer * HIDDEN,
+                                         xs_ptr + (2 * layer + 1) * HIDDEN, xs_ptr + (2 * layer + 2) * HIDDEN,
+                                         counters_ptr + C_FC1 + layer * CHUNKS + a,
+                                         counters_ptr + C_FC2_SEEN + layer * n_tiles + b, res + 2, slice_rows, a, b,
+                                         INTER, HIDDEN, HEAD_DIM, COLS_SPLIT, CHUNKS, CHUNKS_POW2, tickets_ptr,
+                                         stalls_ptr, slot, TRACE, SPIN_LIMIT)
         if TRACE:
             tl.store(slot + 3, tl.extra.cuda.globaltimer())
-        ticket = tl.atomic_add(counters_ptr, 1, sem="relaxed", scope="gpu")
 
     # The last program out zeroes the counters (every other program has taken its last ticket) for the next step.
     if tl.atomic_add(counters_ptr + 1, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
@@ -489,26 +540,36 @@ class OneLaunchStep:
             programs = sms * self.launch.programs_per_sm
         self.programs = programs
 
-    def task_kinds(self, kv_len: int) -> list[tuple[str, int]]:
-        """(stage, layer) of each task in the kernel's order (its ticket): what a trace's rows are."""
+    def tasks(self, kv_len: int) -> int:
+        """How many tasks (tickets) a step at kv_len runs: the kernel's `_stage_starts` counted on the host (the
+        kernel runs this many; test_step_kernel checks `_locate` agrees)."""
         s = self.shape
         n_tiles = s.hidden // self.cols_split
-        key_blocks = triton.cdiv(kv_len, self.launch.key_block)
-        stages = (("qkv", 3 * s.hidden // self.rows_full), ("attention", s.heads * key_blocks),
-                  ("attention output", s.heads * n_tiles), ("fc1", s.inter // self.rows_full),
-                  ("fc2", self.chunks * n_tiles))
-        kinds = [("embeddings", 0)]
-        for layer in range(s.layers):
-            kinds += [(stage, layer) for stage, count in stages for _ in range(count)]
-        return kinds + [("lm head", s.layers)] * triton.cdiv(s.vocab, self.rows_full)
+        per_layer = ((3 * s.hidden + s.inter) // self.rows_full + s.heads * triton.cdiv(kv_len, self.launch.key_block)
+                     + (s.heads + self.chunks) * n_tiles)
+        return 1 + s.layers * per_layer + triton.cdiv(s.vocab, self.rows_full)
+
+    def locate(self, kv_len: int) -> torch.Tensor:
+        """int32 [`tasks`(kv_len), 4]: each ticket's (stage, layer, a, b) as the kernel's own `_locate` decodes it
+        (one launch, a program a ticket)."""
+        located = torch.zeros((self.tasks(kv_len), 4), dtype=torch.int32, device=self.counters.device)
+        s = self.shape
+        _locate_kernel[(located.shape[0],)](located, triton.cdiv(kv_len, self.launch.key_block), HIDDEN=s.hidden,
+                                            INTER=s.inter, HEADS=s.heads, HEAD_DIM=s.head_dim, LAYERS=s.layers,
+                                            ROWS_FULL=self.rows_full, N_TILES=s.hidden // self.cols_split)
+        return located
+
+    def task_kinds(self, kv_len: int) -> list[tuple[str, int]]:
+        """(stage name, layer) of each task in ticket order: what a trace's rows are."""
+        return [(STAGES[stage], layer) for stage, layer in self.locate(kv_len)[:, :2].tolist()]
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int,
                  trace: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [1], positions [1] < kv_len <= max_seq -> logits [1, vocab]; writes the step's K/V into the cache.
 
-        trace: int64 [tasks, 4] (`task_kinds`' length): per task, the multiprocessor that ran it and the global timer
-        (ns) when it was taken, when its inputs were ready (after its weights' loads were issued and the wait) and
-        when it was done. Costs a few stores a task; for profiles, not for serving."""
+        trace: int64 [`tasks`(kv_len), 4]: per task, the multiprocessor that ran it and the global timer (ns) when it
+        started, when its inputs were ready (after its weights' loads were issued and the wait) and when it was
+        done. Costs a few stores a task; for profiles, not for serving."""
         if not 1 <= kv_len <= self.shape.max_seq:
             raise ValueError(f"kv_len must be in [1, max_seq={self.shape.max_seq}], got {kv_len}")
         s, w = self.shape, self.weights
@@ -518,7 +579,7 @@ class OneLaunchStep:
             w["attn_out_weight"], w["attn_out_bias"], w["ln2_weight"], w["ln2_bias"], w["fc1_weight"], w["fc1_bias"],
             w["fc2_weight"], w["fc2_bias"], w["final_ln_weight"], w["final_ln_bias"], w["lm_head"],
             self.k_cache, self.v_cache, logits, self.xs, self.qkv, self.attn, self.up, self.att_part, self.out_part,
-            self.fc2_part, self._counter_buffer, self.counters if trace is None else trace,
+            self.fc2_part, self._counter_buffer, self.counters if trace is None else trace, self.tasks(kv_len),
             triton.cdiv(kv_len, self.launch.key_block), self.k_cache[0].numel(), s.max_seq, s.eps,
             1.0 / s.head_dim ** 0.5, self.launch.prefetch_rounds * self.programs, **self.constexprs(),
             TRACE=trace is not None, **self.options())
