@@ -7,6 +7,11 @@ alike; batch 8 runs the per-op kernels only (the one-launch step is batch 1 only
     python bench/one_launch_step.py --launches 16384,4,3,168,1 32768,16,1,0 --rounds 5
     python bench/one_launch_step.py --trace --out DIR        # also: one traced step of the first launch shape
 
+Then each launch shape's bound: the one-launch step alone (back-to-back launches at one position, no graph, no
+sampling) with its waits and without them (`OneLaunchStep.__call__(wait=False)`: wrong logits, but what is left is
+the shape's streaming of the weights, tickets and arithmetic included). The gap between the two is what the
+dependency chains cost; the gap from the second to the floor is what the task structure (bytes in flight) costs.
+
 The trace is the one-launch step's per-kernel profile: every task's multiprocessor and global-timer stamps (started,
 inputs ready, done; `OneLaunchStep.__call__`), summed per stage (QKV, attention, attention output, FC1, FC2, LM head)
 and per layer, and drawn (one_launch_trace.png: a line per task, a row per multiprocessor). The global timer ticks
@@ -90,21 +95,68 @@ def main() -> None:
                       f"{row['fraction_of_floor']:.3f}; rounds {' '.join(f'{t:.3f}' for t in times[name])}); tokens "
                       f"equal {row['tokens_equal']:.3f}, max |dlogit| {row['max_abs_dlogit_step1']:.4f}"
                       + (f", stalls {row['stalls']}" if "stalls" in row else ""), flush=True)
+        # Saved after each part: a run cut short by its time limit still leaves what it measured.
+        meta = {"gpu": torch.cuda.get_device_name(), "copy_bandwidth_gbps": bandwidth, "prompt": args.prompt,
+                "steps": args.steps, "rounds": args.rounds, "command": " ".join(sys.argv)}
+        floor = floor_ms(model, 1, args.prompt + args.steps / 2, bandwidth)
+        save(args.out, meta, rows, [], floor)
+        bounds = launch_bounds(model, steps, args.prompt + args.steps // 2, floor)
+        save(args.out, meta, rows, bounds, floor)
         if args.trace:
             step = steps[args.launches[0]]
             summary = trace_step(model, step, args.prompt + args.steps // 2, args.out)
             print(summary, flush=True)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        meta = {"gpu": torch.cuda.get_device_name(), "copy_bandwidth_gbps": bandwidth, "prompt": args.prompt,
-                "steps": args.steps, "rounds": args.rounds, "command": " ".join(sys.argv)}
-        (args.out / "one_launch_step.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        lines = [f"Batch-1 decode step, one launch vs per-op kernels ({meta['gpu']}, copy {bandwidth:.0f} GB/s)", "",
-                 "| batch | variant | ms/step | vs per-op | fraction of floor | tokens equal |",
-                 "|---|---|---|---|---|---|"]
-        lines += [f"| {r['batch']} | {r['variant']} | {r['ms_per_step']:.3f} | {r['vs_per_op']:+.1%} | "
-                  f"{r['fraction_of_floor']:.3f} | {r['tokens_equal']:.3f} |" for r in rows]
-        (args.out / "one_launch_step.md").write_text("\n".join(lines) + "\n")
+
+
+def save(out: Path | None, meta: dict, rows: list[dict], bounds: list[dict], floor: float) -> None:
+    """one_launch_step.json and .md in out (None: nothing)."""
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "one_launch_step.json").write_text(json.dumps({"meta": meta, "rows": rows, "bounds": bounds}, indent=1))
+    lines = [f"Batch-1 decode step, one launch vs per-op kernels ({meta['gpu']}, copy "
+             f"{meta['copy_bandwidth_gbps']:.0f} GB/s)", "",
+             "| batch | variant | ms/step | vs per-op | fraction of floor | tokens equal |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['batch']} | {r['variant']} | {r['ms_per_step']:.3f} | {r['vs_per_op']:+.1%} | "
+              f"{r['fraction_of_floor']:.3f} | {r['tokens_equal']:.3f} |" for r in rows]
+    lines += ["", f"The one-launch step alone at one position, with and without its waits (batch-1 floor {floor:.3f} "
+              "ms):", "", "| launch | ms with waits | ms without | waits cost ms | fraction of floor without waits |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {b['launch']} | {b['ms_with_waits']:.3f} | {b['ms_without_waits']:.3f} | "
+              f"{b['ms_with_waits'] - b['ms_without_waits']:.3f} | {floor / b['ms_without_waits']:.3f} |"
+              for b in bounds]
+    (out / "one_launch_step.md").write_text("\n".join(lines) + "\n")
+
+
+def launch_bounds(model: GptModel, steps: dict[str, step_kernel.OneLaunchStep], position: int, floor: float,
+                  rounds: int = 3, reps: int = 30) -> list[dict]:
+    """Per launch shape: ms per step of the one-launch step alone at `position`, with its waits and without
+    (`wait=False`), alternated in rounds (the first call of each compiles it)."""
+    token, positions = torch.tensor([17], device=model.device), torch.tensor([position], device=model.device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    bounds = []
+    for name, step in steps.items():
+        times: dict[bool, list[float]] = {True: [], False: []}
+        for wait in (True, False):
+            step(token, positions, position + 1, wait=wait)
+        for _ in range(rounds):
+            for wait in (True, False):
+                start.record()
+                for _ in range(reps):
+                    step(token, positions, position + 1, wait=wait)
+                end.record()
+                torch.cuda.synchronize()
+                times[wait].append(start.elapsed_time(end) / reps)
+        bound = {"launch": name, "ms_with_waits": statistics.median(times[True]),
+                 "ms_without_waits": statistics.median(times[False]),
+                 "rounds_ms": {"with_waits": times[True], "without_waits": times[False]}, "stalls": int(step.stalls)}
+        bounds.append(bound)
+        print(f"bound {name:16s} alone {bound['ms_with_waits']:.3f} ms/step, without waits "
+              f"{bound['ms_without_waits']:.3f} (fraction of floor {floor / bound['ms_without_waits']:.3f}): the "
+              f"waits cost {bound['ms_with_waits'] - bound['ms_without_waits']:.3f} ms; stalls {bound['stalls']}",
+              flush=True)
+    return bounds
 
 
 def trace_step(model: GptModel, step: step_kernel.OneLaunchStep, position: int, out: Path | None) -> str:

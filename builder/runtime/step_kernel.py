@@ -69,17 +69,18 @@ def _wait_for(counter_ptr, target, tickets_ptr, stalls_ptr, trace_slot, TRACE: t
     what its producers wrote before their release (acquire by the thread that polls, then the barrier for the
     others). A wait that outlasts SPIN_LIMIT polls (seconds on a GPU; a wait in a correct step lasts microseconds)
     gives up and counts itself in stalls: a lost signal then makes wrong logits and a count the caller can read, not
-    a GPU that never returns.
+    a GPU that never returns. SPIN_LIMIT 0: no wait at all (`OneLaunchStep.__call__`'s wait=False, a bound).
     TRACE: when the wait ended (-1: it gave up)."""
     ticket = tl.atomic_add(tickets_ptr, 1, sem="relaxed", scope="gpu")
     polls = 0
-    while (tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < target) & (polls < SPIN_LIMIT):
-        polls += 1
-    tl.debug_barrier()
-    if polls >= SPIN_LIMIT:
-        tl.atomic_add(stalls_ptr, 1, sem="relaxed", scope="gpu")
+    if SPIN_LIMIT > 0:
+        while (tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu") < target) & (polls < SPIN_LIMIT):
+            polls += 1
+        tl.debug_barrier()
+        if polls >= SPIN_LIMIT:
+            tl.atomic_add(stalls_ptr, 1, sem="relaxed", scope="gpu")
     if TRACE:
-        tl.store(trace_slot + 2, tl.where(polls >= SPIN_LIMIT, -1, tl.extra.cuda.globaltimer()))
+        tl.store(trace_slot + 2, tl.where((SPIN_LIMIT > 0) & (polls >= SPIN_LIMIT), -1, tl.extra.cuda.globaltimer()))
     return ticket
 
 
@@ -564,12 +565,16 @@ class OneLaunchStep:
         return [(STAGES[stage], layer) for stage, layer in self.locate(kv_len)[:, :2].tolist()]
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int,
-                 trace: torch.Tensor | None = None) -> torch.Tensor:
+                 trace: torch.Tensor | None = None, wait: bool = True) -> torch.Tensor:
         """tokens [1], positions [1] < kv_len <= max_seq -> logits [1, vocab]; writes the step's K/V into the cache.
 
         trace: int64 [`tasks`(kv_len), 4]: per task, the multiprocessor that ran it and the global timer (ns) when it
         started, when its inputs were ready (after its weights' loads were issued and the wait) and when it was
-        done. Costs a few stores a task; for profiles, not for serving."""
+        done. Costs a few stores a task; for profiles, not for serving.
+
+        wait=False: no task waits for its inputs, so the logits and the cache are wrong (on a GPU); what is left is
+        the step's streaming alone, tickets and arithmetic included: the bound of this launch shape, for benchmarks
+        (bench/one_launch_step.py), never for serving."""
         if not 1 <= kv_len <= self.shape.max_seq:
             raise ValueError(f"kv_len must be in [1, max_seq={self.shape.max_seq}], got {kv_len}")
         s, w = self.shape, self.weights
@@ -581,8 +586,8 @@ class OneLaunchStep:
             self.k_cache, self.v_cache, logits, self.xs, self.qkv, self.attn, self.up, self.att_part, self.out_part,
             self.fc2_part, self._counter_buffer, self.counters if trace is None else trace, self.tasks(kv_len),
             triton.cdiv(kv_len, self.launch.key_block), self.k_cache[0].numel(), s.max_seq, s.eps,
-            1.0 / s.head_dim ** 0.5, self.launch.prefetch_rounds * self.programs, **self.constexprs(),
-            TRACE=trace is not None, **self.options())
+            1.0 / s.head_dim ** 0.5, self.launch.prefetch_rounds * self.programs,
+            **{**self.constexprs(), **({} if wait else {"SPIN_LIMIT": 0})}, TRACE=trace is not None, **self.options())
         return logits
 
     def constexprs(self) -> dict[str, int]:
