@@ -43,9 +43,10 @@ from builder.runtime import step_kernel
 from builder.runtime.gpt import GptModel
 
 
-# StepLaunch's default first; then L2 prefetches one and two rounds ahead; then fewer or more programs, other tiles.
-LAUNCHES = ["16384,4,3,168", "16384,4,3,168,1", "16384,4,3,168,2", "16384,4,2,0", "16384,4,4,128", "16384,4,4,128,1",
-            "8192,4,4,128", "16384,8,2,128", "32768,8,2,128", "32768,16,1,0"]
+# StepLaunch's default first; then L2 prefetches one to three rounds ahead (a round: ~13 MB at the default, so three
+# rounds near the H200's 50 MB L2); then fewer or more programs, other tiles.
+LAUNCHES = ["16384,4,3,168", "16384,4,3,168,1", "16384,4,3,168,2", "16384,4,3,168,3", "16384,4,2,0", "16384,4,4,128",
+            "16384,4,4,128,1", "16384,8,2,128", "32768,8,2,128", "32768,16,1,0"]
 
 
 def main() -> None:
