@@ -365,7 +365,10 @@ def main() -> None:
             log(f"concurrency {clients}: {point['tokens_per_s']:.0f} tok/s, p50 {point['latency_p50_ms']:.0f} ms")
             result[f"tokens_per_s_concurrency{clients}"] = point["tokens_per_s"]
         result["concurrency_sweep"] = sweep
-        result["server_log_tail"] = server.log_text()[-3000:]
+        log_lines = server.log_text().splitlines()
+        result["server_log_tail"] = "\n".join(log_lines)[-3000:]
+        # The core's load line: what served (KV cache, and whether the batch-1 steps ran as one launch).
+        result["core_loaded"] = next((line for line in log_lines if "KV-cache slots x" in line), None)
 
     if not args.skip_hf:  # after the server is gone: the GPU is HF's alone
         log("HF transformers peer (own process)")

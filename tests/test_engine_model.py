@@ -132,7 +132,8 @@ def test_slot_copies_move_fp8_cache_bytes_exactly(tiny: TinyGpt) -> None:
 
 def test_the_kv_cache_dtype_goes_from_render_to_the_loaded_engine(tiny: TinyGpt, tmp_path: Path) -> None:
     """render --kv-cache-dtype fp8 -> the core's config.pbtxt -> CoreSettings (as tritonserver hands the config to
-    model.py) -> an engine with an fp8 cache; a bad value is refused by name at each step."""
+    model.py) -> an engine with an fp8 cache; a bad value is refused by name at each step. The model's load line
+    says what it got (and, where GPT_TRITON_ONE_LAUNCH=1 took effect, that batch-1 steps run in one launch)."""
     from google.protobuf import json_format
 
     from builder.render import parse_model_config, render_repository
@@ -155,7 +156,9 @@ def test_the_kv_cache_dtype_goes_from_render_to_the_loaded_engine(tiny: TinyGpt,
     assert settings.kv_cache_dtype == "fp8"
     engine = settings.load("cpu")
     assert engine.model.k_cache[0].dtype == torch.float8_e4m3fn
-    assert "(fp8)" in settings.describe(engine, "cpu")
+    assert "(fp8)" in settings.describe(engine, "cpu") and "one launch" not in settings.describe(engine, "cpu")
+    engine.model.one_launch = object()  # as a CUDA model with GPT_TRITON_ONE_LAUNCH=1 holds its OneLaunchStep
+    assert settings.describe(engine, "cpu").endswith(", batch-1 steps in one launch")
     config["parameters"]["kv_cache_dtype"] = {"string_value": "int8"}
     with pytest.raises(ValueError, match="parameter kv_cache_dtype must be one of auto, fp8, got 'int8'"):
         CoreSettings.from_args({**args, "model_config": json.dumps(config)})

@@ -197,9 +197,11 @@ class CoreSettings:
         limits = engine.limits
         where = device if self.tp == 1 else f"{device} + {', '.join(self.worker_devices(device))} (tensor-parallel)"
         cache = "" if self.kv_cache_dtype == "auto" else f" ({self.kv_cache_dtype})"
+        # Said where GPT_TRITON_ONE_LAUNCH=1 took effect (GptModel logs why where it could not).
+        one_launch = ", batch-1 steps in one launch" if getattr(engine.model, "one_launch", None) is not None else ""
         return (f"{self.model_dir} on {where} ({self.data_type}), {limits.max_batch_size} KV-cache slots x "
                 f"{limits.max_seq_len} tokens{cache} = {engine.kv_cache_bytes / 2**30:.2f} GiB, "
-                f"decoupled={self.decoupled}")
+                f"decoupled={self.decoupled}{one_launch}")
 
 
 def release(engine: GptEngine | None) -> None:
