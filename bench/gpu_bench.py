@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from builder.checkpoints import convert, write_synthetic_checkpoint
 from builder.render import render_repository
 from builder.render_config import RenderConfig
-from builder.runtime.model_config import GptModelConfig
+from builder.runtime.model_config import WEIGHT_QUANTIZATIONS, GptModelConfig
 from builder.runtime.tokenizer import GptTokenizer
 from builder.serve import TritonServer
 
@@ -123,10 +123,16 @@ def copy_bandwidth_gbps() -> float:
     return 2 * (1 << 30) / seconds / 1e9
 
 
-def weight_bytes_per_step(config: GptModelConfig) -> int:
+def weight_bytes_per_step(config: GptModelConfig, weight_quantization: str = "none") -> int:
+    """Bytes of weights a decode step reads: fp16, or with int8 layer matrices (a byte each, an fp32 scale a row;
+    builder/runtime/quantize.py). The LM head reads all of wte, in fp16 either way."""
     h, f = config.hidden_size, config.inter_size
     per_layer = 3 * h * h + h * h + 2 * h * f
-    return 2 * (config.num_layer * per_layer + config.vocab_size * h)  # fp16; the LM head reads all of wte
+    if weight_quantization == "int8":
+        layers = config.num_layer * (per_layer + 4 * (3 * h + h + f + h))
+    else:
+        layers = 2 * config.num_layer * per_layer
+    return layers + 2 * config.vocab_size * h
 
 
 def random_prompts(n: int, length: int, seed: int, vocab: int = 50257) -> list[list[int]]:
@@ -277,6 +283,9 @@ def main() -> None:
     parser.add_argument("--smoke-on-cpu", action="store_true",
                         help="check this script on a CPU machine: tiny preset, torch engine on CPU, no HF peer")
     parser.add_argument("--max-queue-delay-us", type=int, default=500)
+    parser.add_argument("--weight-quantization", choices=WEIGHT_QUANTIZATIONS, default="none",
+                        help="render --weight-quantization: int8 layer matrices (the floor is then that of their "
+                             "bytes; the HF peer stays fp16, so its greedy agreement measures the quantization)")
     parser.add_argument("--streaming", action="store_true",
                         help="render the decoupled (streaming) repository and measure over gRPC streams; adds TTFT "
                              "and inter-token latency from streamed responses")
@@ -298,9 +307,10 @@ def main() -> None:
     config = GptModelConfig.from_ini(ft / "config.ini")
 
     bandwidth = 10.0 if cpu else copy_bandwidth_gbps()
-    floor_ms = weight_bytes_per_step(config) / (bandwidth * 1e9) * 1000
-    result.update(copy_bandwidth_gbps=bandwidth, weight_bytes_per_step=weight_bytes_per_step(config),
-                  floor_ms_per_token=floor_ms)
+    weight_bytes = weight_bytes_per_step(config, args.weight_quantization)
+    floor_ms = weight_bytes / (bandwidth * 1e9) * 1000
+    result.update(copy_bandwidth_gbps=bandwidth, weight_bytes_per_step=weight_bytes, floor_ms_per_token=floor_ms,
+                  weight_quantization=args.weight_quantization)
     log(f"copy bandwidth {bandwidth:.0f} GB/s -> floor {floor_ms:.3f} ms/token")
 
     # Shapes of the measurements (the smoke run shrinks them to the tiny preset's 128 positions).
@@ -312,7 +322,8 @@ def main() -> None:
     repo = render_repository(RenderConfig(engine="torch", device="cpu" if cpu else "gpu",
                                           data_type="fp32" if cpu else "fp16", checkpoint=ft,
                                           model=config, max_batch_size=64, output=args.work / "repo", force=True,
-                                          max_queue_delay_us=args.max_queue_delay_us, streaming=args.streaming))
+                                          max_queue_delay_us=args.max_queue_delay_us, streaming=args.streaming,
+                                          weight_quantization=args.weight_quantization))
     result["repository"] = "streaming (decoupled core)" if args.streaming else "non-streaming"
     tokenizer = GptTokenizer.from_directory(repo / "preprocessing" / "1")
     log("starting tritonserver")

@@ -30,7 +30,7 @@ from tritonclient.grpc import model_config_pb2
 
 from . import GPT2_TOKENIZER_DIR, PACKAGE_ROOT, TEMPLATES_DIR
 from .render_config import DATA_TYPES, DEVICES, ENGINES, RenderConfig, RenderError
-from .runtime.model_config import KV_CACHE_DTYPES, GptModelConfig, ModelConfigError
+from .runtime.model_config import KV_CACHE_DTYPES, WEIGHT_QUANTIZATIONS, GptModelConfig, ModelConfigError
 
 RUNTIME_PACKAGE = PACKAGE_ROOT / "runtime"
 RUNTIME_FOLDER = "gpt_runtime"  # the runtime package's name inside a rendered model's version folder
@@ -244,6 +244,14 @@ def config_from_options(checkpoint: Path | None, **options: Any) -> RenderConfig
                    "same memory), and decode steps over long or many sequences read half the data; keys and values "
                    "are rounded to 3 mantissa bits (a small change in the logits: measure your model's quality "
                    "with it).")
+@click.option("--weight-quantization", type=click.Choice(WEIGHT_QUANTIZATIONS), default="none", show_default=True,
+              help="Torch engine, --tp 1: int8 keeps each layer's four matrices (QKV, attention output, FC1, FC2) as "
+                   "int8 with one scale per output row, quantized at load from the --data-type weights (the "
+                   "embeddings and the LM head stay in --data-type): half their memory, and a decode step, which "
+                   "streams the weights once, reads about half the bytes. On a GPU every GEMM over them is a Triton "
+                   "kernel (it needs Triton). Each weight moves by up to half its row's step (max |w| / 127): "
+                   "measure your model's quality with it (bench/gpu_bench.py --weight-quantization int8 reports "
+                   "greedy agreement with HF transformers in fp16).")
 @click.option("--engine-process/--no-engine-process", default=None,
               help="Torch engine with --streaming: run the engine and its in-flight loop in a process of their own, "
                    "next to the core model's Python stub, so the loop never waits for the stub's threads (request "

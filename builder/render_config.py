@@ -13,7 +13,7 @@ from typing import Literal
 
 from .runtime import contract
 from .runtime.contract import EnsembleInput, Tensor
-from .runtime.model_config import KV_CACHE_DTYPES, GptModelConfig
+from .runtime.model_config import KV_CACHE_DTYPES, WEIGHT_QUANTIZATIONS, GptModelConfig
 
 Engine = Literal["fastertransformer", "torch"]
 ENGINES: tuple[Engine, ...] = ("fastertransformer", "torch")
@@ -64,6 +64,7 @@ class RenderConfig:
     kv_slots: int = 0  # torch engine: KV-cache slots (0: as many as fit, up to 256, on a GPU; see core_adapter.py)
     step_prompt_tokens: int = 0  # torch engine, --streaming: prompt tokens prefilled per step (0: scheduler.py's)
     kv_cache_dtype: str = "auto"  # torch engine: KV-cache dtype (model_config.KV_CACHE_DTYPES; "auto": --data-type)
+    weight_quantization: str = "none"  # torch engine: model_config.WEIGHT_QUANTIZATIONS (quantize.py)
     # torch engine, --streaming: the engine in a child process (engine_process.py); None: wherever it applies
     engine_process: bool | None = None
     # torch engine: the core model tokenizes and detokenizes itself, served as --ensemble-name (text_core.py)
@@ -115,6 +116,15 @@ class RenderConfig:
         check(self.kv_cache_dtype == "auto" or self.engine == "torch",
               f"--kv-cache-dtype {self.kv_cache_dtype} needs --engine torch (the FasterTransformer backend keeps "
               f"its cache in --data-type)")
+        check(self.weight_quantization in WEIGHT_QUANTIZATIONS,
+              f"--weight-quantization must be one of {', '.join(WEIGHT_QUANTIZATIONS)}, got "
+              f"{self.weight_quantization!r}")
+        check(self.weight_quantization == "none" or self.engine == "torch",
+              f"--weight-quantization {self.weight_quantization} needs --engine torch (the FasterTransformer "
+              f"backend's own int8 is --int8-mode)")
+        check(self.weight_quantization == "none" or self.tp == 1,
+              f"--weight-quantization {self.weight_quantization} needs --tp 1 (each rank would quantize its own shard "
+              f"with its own scales: not supported yet)")
         check(self.engine_process is not True or self.engine_process_applies,
               "--engine-process needs --engine torch --streaming --tp 1 (the in-flight scheduler's loop moves to a "
               "process of its own)")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -77,3 +78,22 @@ def random_weights(config: GptModelConfig, generator: torch.Generator, *, scale:
                    * (norm_scale if "layernorm" in name else scale)
                    + (1.0 if name.endswith("layernorm.weight") else 0.0)).to(dtype)
             for name, shape in expected_shapes(config).items()}
+
+
+def rendered_core_args(ft_dir: Path, output: Path, **options: Any) -> tuple[dict[str, str], dict[str, Any]]:
+    """Render a CPU fp32 torch-engine repository of the FT folder with `options` (RenderConfig fields) -> (the args
+    tritonserver hands the core's model.py, which CoreSettings.from_args reads; its config.pbtxt as a dict, to edit
+    and hand over again)."""
+    from google.protobuf import json_format
+
+    from builder.render import parse_model_config, render_repository
+    from builder.render_config import RenderConfig
+
+    model = GptModelConfig.from_ini(ft_dir / "config.ini")
+    repo = render_repository(RenderConfig(engine="torch", device="cpu", data_type="fp32", checkpoint=ft_dir,
+                                          model=model, output=output, **options))
+    path = repo / "gpt3_1.3b" / "config.pbtxt"
+    config = json_format.MessageToDict(parse_model_config(path.read_text(), str(path)),
+                                       preserving_proto_field_name=True)
+    return {"model_config": json.dumps(config), "model_repository": str(repo / "gpt3_1.3b"),
+            "model_version": "1"}, config

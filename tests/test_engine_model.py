@@ -11,7 +11,7 @@ import torch
 from builder.runtime.generation import GptEngine
 from builder.runtime.gpt import DecodeKernels, GptModel, WeightError, batch_buckets, check_weights
 from builder.runtime.model_config import GptModelConfig
-from engine_testing import TinyGpt, random_weights
+from engine_testing import TinyGpt, random_weights, rendered_core_args
 
 
 @torch.inference_mode()
@@ -134,9 +134,6 @@ def test_the_kv_cache_dtype_goes_from_render_to_the_loaded_engine(tiny: TinyGpt,
     """render --kv-cache-dtype fp8 -> the core's config.pbtxt -> CoreSettings (as tritonserver hands the config to
     model.py) -> an engine with an fp8 cache; a bad value is refused by name at each step. The model's load line
     says what it got (and, where GPT_TRITON_ONE_LAUNCH=1 took effect, that batch-1 steps run in one launch)."""
-    from google.protobuf import json_format
-
-    from builder.render import parse_model_config, render_repository
     from builder.render_config import RenderConfig, RenderError
     from builder.runtime.core_adapter import CoreSettings
     from builder.runtime.model_config import GptModelConfig
@@ -146,12 +143,7 @@ def test_the_kv_cache_dtype_goes_from_render_to_the_loaded_engine(tiny: TinyGpt,
         RenderConfig(engine="torch", device="cpu", model=model, kv_cache_dtype="fp4")
     with pytest.raises(RenderError, match="--kv-cache-dtype fp8 needs --engine torch"):
         RenderConfig(model=model, kv_cache_dtype="fp8")
-    repo = render_repository(RenderConfig(engine="torch", device="cpu", data_type="fp32", checkpoint=tiny.ft_dir,
-                                          model=model, kv_cache_dtype="fp8", output=tmp_path / "r"))
-    path = repo / "gpt3_1.3b" / "config.pbtxt"
-    config = json_format.MessageToDict(parse_model_config(path.read_text(), str(path)),
-                                       preserving_proto_field_name=True)
-    args = {"model_config": json.dumps(config), "model_repository": str(repo / "gpt3_1.3b"), "model_version": "1"}
+    args, config = rendered_core_args(tiny.ft_dir, tmp_path / "r", kv_cache_dtype="fp8")
     settings = CoreSettings.from_args(args)
     assert settings.kv_cache_dtype == "fp8"
     engine = settings.load("cpu")

@@ -21,7 +21,7 @@ import numpy as np
 from .core_io import (EngineLimits, GenerationRequest, ParsedRequest, RequestError, RowOutput, StreamState, ft_outputs,
                       parse_request)
 from .metrics import EngineMetrics, MetricsRecorder
-from .model_config import KV_CACHE_DTYPES
+from .model_config import KV_CACHE_DTYPES, WEIGHT_QUANTIZATIONS
 from .stream_ack import ABANDON_AFTER_S
 
 if TYPE_CHECKING:  # torch-heavy: imported at run time only where an engine is built
@@ -95,6 +95,7 @@ class CoreSettings:
     step_prompt_tokens: int = 0  # in-flight scheduler's prompt tokens per step (chunked prefill); 0: its default
     engine_process: bool = False  # decoupled: the engine and its loop in a child process (engine_process.py)
     kv_cache_dtype: str = "auto"  # model_config.KV_CACHE_DTYPES
+    weight_quantization: str = "none"  # model_config.WEIGHT_QUANTIZATIONS
 
     @classmethod
     def from_args(cls, args: Mapping[str, str]) -> CoreSettings:
@@ -102,7 +103,8 @@ class CoreSettings:
         kv_slots (KV-cache slots, 0 = automatic), max_seq_len, vocab_limit, stream_abandon_s (stream_ack.py),
         tensor_para_size and tp_devices (GPU ids, comma-separated, one per rank), step_prompt_tokens (scheduler.py),
         engine_process ("1": engine_process.py, decoupled and one rank only; the GPT_TRITON_ENGINE_PROCESS environment
-        variable, 0 or 1, overrides it for A/B runs), kv_cache_dtype (model_config.KV_CACHE_DTYPES)."""
+        variable, 0 or 1, overrides it for A/B runs), kv_cache_dtype (model_config.KV_CACHE_DTYPES),
+        weight_quantization (model_config.WEIGHT_QUANTIZATIONS)."""
         config = json.loads(args["model_config"])
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         model_dir = Path(params.get("model_dir", f"{params.get('tensor_para_size', '1')}-gpu"))
@@ -129,6 +131,10 @@ class CoreSettings:
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"parameter kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                              f"got {kv_cache_dtype!r}")
+        weight_quantization = params.get("weight_quantization", "none") or "none"
+        if weight_quantization not in WEIGHT_QUANTIZATIONS:
+            raise ValueError(f"parameter weight_quantization must be one of {', '.join(WEIGHT_QUANTIZATIONS)}, "
+                             f"got {weight_quantization!r}")
         tp_text, devices_text = params.get("tensor_para_size", "1") or "1", params.get("tp_devices", "")
         if not tp_text.isdigit() or int(tp_text) < 1:
             raise ValueError(f"parameter tensor_para_size must be a positive whole number, got {tp_text!r}")
@@ -142,6 +148,7 @@ class CoreSettings:
                    vocab_limit=int(params["vocab_limit"]) if "vocab_limit" in params else None, decoupled=decoupled,
                    stream_abandon_s=float(params.get("stream_abandon_s", ABANDON_AFTER_S)),
                    step_prompt_tokens=int(step_tokens), kv_cache_dtype=kv_cache_dtype,
+                   weight_quantization=weight_quantization,
                    engine_process=decoupled and own_process == "1" and int(tp_text) == 1)
 
     def slots_for(self, device: str) -> tuple[int, bool]:
@@ -168,7 +175,7 @@ class CoreSettings:
         return GptEngine.from_ft_dir(self.model_dir, device=device, dtype=getattr(torch, DATA_TYPES[self.data_type]),
                                      max_batch_size=slots, max_seq_len=self.max_seq_len,
                                      vocab_limit=self.vocab_limit, shrink_to_fit=shrink,
-                                     kv_cache_dtype=self.kv_cache_dtype)
+                                     kv_cache_dtype=self.kv_cache_dtype, weight_quantization=self.weight_quantization)
 
     def worker_devices(self, device: str) -> list[str]:
         """Devices of ranks 1..tp-1: on CPU the CPU; on a GPU the other ids of tp_devices (rank 0 is the one
@@ -190,18 +197,20 @@ class CoreSettings:
         return launch_engine(self.model_dir, self.tp, device=device, worker_devices=self.worker_devices(device),
                              dtype=getattr(torch, DATA_TYPES[self.data_type]), on_failure=exit_after_engine_failure,
                              max_batch_size=slots, max_seq_len=self.max_seq_len, vocab_limit=self.vocab_limit,
-                             shrink_to_fit=shrink, kv_cache_dtype=self.kv_cache_dtype)
+                             shrink_to_fit=shrink, kv_cache_dtype=self.kv_cache_dtype,
+                             weight_quantization=self.weight_quantization)
 
     def describe(self, engine: GptEngine, device: str) -> str:
         """The load line of the model's log: where the weights came from and the KV cache they got."""
         limits = engine.limits
         where = device if self.tp == 1 else f"{device} + {', '.join(self.worker_devices(device))} (tensor-parallel)"
         cache = "" if self.kv_cache_dtype == "auto" else f" ({self.kv_cache_dtype})"
+        weights = "" if self.weight_quantization == "none" else f", weights {self.weight_quantization}"
         # Said where GPT_TRITON_ONE_LAUNCH=1 took effect (GptModel logs why where it could not).
         one_launch = ", batch-1 steps in one launch" if getattr(engine.model, "one_launch", None) is not None else ""
         return (f"{self.model_dir} on {where} ({self.data_type}), {limits.max_batch_size} KV-cache slots x "
                 f"{limits.max_seq_len} tokens{cache} = {engine.kv_cache_bytes / 2**30:.2f} GiB, "
-                f"decoupled={self.decoupled}{one_launch}")
+                f"decoupled={self.decoupled}{weights}{one_launch}")
 
 
 def release(engine: GptEngine | None) -> None:

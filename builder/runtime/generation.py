@@ -161,13 +161,14 @@ class GptEngine:
     def __init__(self, config: GptModelConfig, weights: dict[str, torch.Tensor], *, device: str = "cpu",
                  dtype: torch.dtype = torch.float32, max_batch_size: int = 8, max_seq_len: int | None = None,
                  shrink_to_fit: bool = False, vocab_limit: int | None = None, use_cuda_graphs: bool = True,
-                 cancel_poll_s: float = 0.05, kv_cache_dtype: str = "auto") -> None:
+                 cancel_poll_s: float = 0.05, kv_cache_dtype: str = "auto", weight_quantization: str = "none") -> None:
         """max_batch_size: KV-cache slots (rows x beam_width decoded together; larger calls run in chunks);
         max_seq_len: prompt + output tokens per row (default config.max_pos_seq_len); shrink_to_fit: on CUDA, use
         fewer slots when max_batch_size does not fit the free memory (else that is a ResourceError);
         vocab_limit: ids >= it are never generated (default: the whole padded vocabulary, as FT);
         cancel_poll_s: least time between two calls of generate()'s is_cancelled (each may cost an IPC round trip);
-        kv_cache_dtype: "auto" (the model's dtype) or "fp8" (model_config.KV_CACHE_DTYPES: half the bytes per slot)."""
+        kv_cache_dtype: "auto" (the model's dtype) or "fp8" (model_config.KV_CACHE_DTYPES: half the bytes per slot);
+        weight_quantization: "none" or "int8" (model_config.WEIGHT_QUANTIZATIONS: quantize.py)."""
         self.config = config
         self.device = torch.device(device)
         if dtype not in DTYPES:
@@ -183,7 +184,8 @@ class GptEngine:
             raise ValueError(f"vocab_limit must be in [1, {config.vocab_size}], got {vocab_limit}")
         self.cancel_poll_s = cancel_poll_s
         try:
-            self.model = GptModel(config, weights, device=self.device, dtype=dtype, kv_cache_dtype=kv_cache_dtype)
+            self.model = GptModel(config, weights, device=self.device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
+                                  weight_quantization=weight_quantization)
             slots = self._slots_that_fit(max_batch_size, max_seq_len, shrink_to_fit)
             self.model.allocate_cache(slots, max_seq_len)
             self.kv_cache_bytes = self.model.cache_bytes  # a tensor-parallel rank's: its heads only

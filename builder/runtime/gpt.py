@@ -24,6 +24,11 @@ op stays the eager PyTorch one, so fp32 results match HF there exactly. `DecodeK
 a GPU run measures it) runs a batch-1 step as one persistent kernel instead (step_kernel.py); for it each per-layer
 tensor lives in a [layers, ...] stack (`GptModel.stacked`, the layers hold views) and the K and V caches in one
 tensor each.
+
+Weight-only int8 (`weight_quantization="int8"`, quantize.py): the layers' four matrices become `Int8Weight`s (int8
+values, a scale per output row) once the norms are folded; every GEMM over them goes through `_linear`, which runs the
+skinny GEMM on a GPU (it widens the values in its loop, at any number of rows: cuBLAS has no int8-weight fp16 GEMM)
+and the eager product of the widened weight on CPU.
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from .model_config import KV_CACHE_DTYPES, GptModelConfig
+from .model_config import KV_CACHE_DTYPES, WEIGHT_QUANTIZATIONS, GptModelConfig
+from .quantize import Int8Weight, Weight, quantize_int8
 
 if TYPE_CHECKING:
     from .gpt_kernels import LayerNormIn
@@ -67,15 +73,15 @@ FP8_MAX = 448.0
 class _Layer:
     ln1_weight: torch.Tensor
     ln1_bias: torch.Tensor
-    qkv_weight: torch.Tensor  # [3H, H] (nn.Linear layout: out, in); out = q heads | k heads | v heads
+    qkv_weight: Weight  # [3H, H] (nn.Linear layout: out, in); out = q heads | k heads | v heads
     qkv_bias: torch.Tensor  # [3H]
-    attn_out_weight: torch.Tensor  # [H, H]
+    attn_out_weight: Weight  # [H, H]
     attn_out_bias: torch.Tensor
     ln2_weight: torch.Tensor
     ln2_bias: torch.Tensor
-    fc1_weight: torch.Tensor  # [F, H]
+    fc1_weight: Weight  # [F, H]
     fc1_bias: torch.Tensor
-    fc2_weight: torch.Tensor  # [H, F]
+    fc2_weight: Weight  # [H, F]
     fc2_bias: torch.Tensor
     # With the LayerNorms folded into QKV and FC1 (GptModel.norms_folded): those weights' row sums, fp32 [3H], [F]
     qkv_column_sums: torch.Tensor | None = None
@@ -85,6 +91,10 @@ class _Layer:
 # The _Layer tensors held in GptModel.stacked (all but the fp32 row sums of folded norms).
 STACKED = ("ln1_weight", "ln1_bias", "qkv_weight", "qkv_bias", "attn_out_weight", "attn_out_bias", "ln2_weight",
            "ln2_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
+# The _Layer matrices weight-only int8 quantizes (their stacks are dropped then: the layers hold Int8Weights).
+MATRICES = ("qkv_weight", "attn_out_weight", "fc1_weight", "fc2_weight")
+# The skinny-GEMM plan (GptModel.skinny_plans) of each matrix.
+MATRIX_PLANS = dict(zip(MATRICES, ("qkv", "out", "fc1", "fc2"), strict=True))
 
 
 def expected_shapes(config: GptModelConfig, tp: int = 1) -> dict[str, tuple[int, ...]]:
@@ -140,13 +150,20 @@ SPLIT_RESIDUAL_ROWS = 64
 WIDE_SPLIT_ROWS = 32
 
 
+def _row_sums(weight: Weight) -> torch.Tensor:
+    """A weight's row sums in fp32 [N] (`gpt_kernels.LayerNormIn.column_sums`): of the widened weight if int8."""
+    if isinstance(weight, Int8Weight):
+        return weight.values.float().sum(1) * weight.scale
+    return weight.float().sum(1)
+
+
 def fold_layer_norm(weight: torch.Tensor, bias: torch.Tensor, gain: torch.Tensor,
                     shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """linear(layer_norm(x, gain, shift), weight, bias) = linear(layer_norm(x), weight * gain, bias + weight @ shift)
     -> (that weight, that bias, the weight's row sums in fp32: `gpt_kernels.LayerNormIn.column_sums`); weight [N, K]."""
     wide = weight.float()  # one fp32 copy of the matrix for both products
     folded = (wide * gain.float()[None, :]).to(weight.dtype)
-    return folded, (bias.float() + wide @ shift.float()).to(bias.dtype), folded.float().sum(1)
+    return folded, (bias.float() + wide @ shift.float()).to(bias.dtype), _row_sums(folded)
 
 
 @dataclass(frozen=True)
@@ -225,9 +242,10 @@ def _skinny_plan(out_features: int, in_features: int, *, may_split: bool, block_
 
 class GptModel:
     def __init__(self, config: GptModelConfig, weights: dict[str, torch.Tensor], *, device: torch.device,
-                 dtype: torch.dtype, kv_cache_dtype: str = "auto") -> None:
+                 dtype: torch.dtype, kv_cache_dtype: str = "auto", weight_quantization: str = "none") -> None:
         """Loads the weights; call `allocate_cache` before running anything. kv_cache_dtype: a
         model_config.KV_CACHE_DTYPES name ("fp8" on a GPU needs compute capability 8.9+: the kernels' conversions).
+        weight_quantization: a model_config.WEIGHT_QUANTIZATIONS name ("int8": quantize.py; on a GPU it needs Triton).
 
         Tensor parallelism: weights of one rank (tensor_parallel.RankWeights) carry their `shard` (rank, size,
         process group); this model then holds heads/size of the heads and FC1 columns, all-reduces the row-parallel
@@ -239,6 +257,13 @@ class GptModel:
         self.device, self.dtype = torch.device(device), dtype
         if kv_cache_dtype not in CACHE_TORCH_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+        if weight_quantization not in WEIGHT_QUANTIZATIONS:
+            raise ValueError(f"weight_quantization must be one of {', '.join(WEIGHT_QUANTIZATIONS)}, "
+                             f"got {weight_quantization!r}")
+        if (weight_quantization != "none" and torch.device(device).type == "cuda"
+                and importlib.util.find_spec("triton") is None):
+            raise ValueError(f"weight_quantization {weight_quantization} on a GPU needs Triton (its GEMMs are the "
+                             f"skinny Triton kernel's)")
         self.cache_dtype = CACHE_TORCH_DTYPES[kv_cache_dtype] or dtype
         self._fp8_cache = self.cache_dtype == torch.float8_e4m3fn
         if self._fp8_cache and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (8, 9):
@@ -309,15 +334,34 @@ class GptModel:
         self._tile_counters = torch.zeros(-(-h // 16), dtype=torch.int32, device=self.device)
         # Where norm_in_gemv may run (fp16/bf16 on CUDA, one rank), the LayerNorms are folded into the weights.
         self.norms_folded = False
+        self.weight_quantization = "none"  # until _quantize_matrices
         if kernels.norm_in_gemv and self.shard is None:
             self.fold_norms()
+        if weight_quantization == "int8":
+            self._quantize_matrices()
+
+    def _quantize_matrices(self) -> None:
+        """Each layer's four matrices as Int8Weights (after `fold_norms`: the folded weights are what is quantized, and
+        the row sums the norm-applying GEMMs subtract are the quantized weights'); their stacks are dropped."""
+        for layer in self.layers:
+            for name in MATRICES:
+                setattr(layer, name, quantize_int8(getattr(layer, name)))
+            if self.norms_folded:
+                layer.qkv_column_sums, layer.fc1_column_sums = (_row_sums(layer.qkv_weight),
+                                                                _row_sums(layer.fc1_weight))
+        for name in MATRICES:
+            del self.stacked[name]
+        self.weight_quantization = "int8"
 
     def fold_norms(self) -> None:
         """Folds each layer's two LayerNorm gains and biases into QKV and FC1 (`fold_layer_norm`): the norms keep gain 1
         and bias 0, so every path (prefill, eager, cuBLAS) computes the same function, and the skinny GEMVs of
         `DecodeKernels.norm_in_gemv` can apply a norm to their product. Not the final norm: the LM head may be the
-        embedding table itself."""
+        embedding table itself. Only before the weights are quantized (they are folded in the model's dtype)."""
+        if self.weight_quantization != "none":
+            raise ValueError("fold_norms folds weights in the model's dtype: call it before they are quantized")
         for layer in self.layers:  # in place: the layers' tensors are views of `stacked`
+            assert isinstance(layer.qkv_weight, torch.Tensor) and isinstance(layer.fc1_weight, torch.Tensor)
             qkv = fold_layer_norm(layer.qkv_weight, layer.qkv_bias, layer.ln1_weight, layer.ln1_bias)
             fc1 = fold_layer_norm(layer.fc1_weight, layer.fc1_bias, layer.ln2_weight, layer.ln2_bias)
             for (weight, bias), (folded, moved, _) in (((layer.qkv_weight, layer.qkv_bias), qkv),
@@ -358,7 +402,9 @@ class GptModel:
 
     def build_one_launch(self, launch: StepLaunch | None = None, programs: int | None = None) -> OneLaunchStep:
         """The batch-1 step as one kernel over this model's weights and cache (step_kernel.py; Triton's interpreter
-        runs it on CPU); launch: default StepLaunch.from_environment(). ValueError where the shape does not fit it."""
+        runs it on CPU); launch: default StepLaunch.from_environment(). ValueError where the model does not fit it."""
+        if self.weight_quantization != "none":
+            raise ValueError(f"its weights are {self.weight_quantization}: the one-launch step reads them unquantized")
         from . import step_kernel
 
         return step_kernel.OneLaunchStep(self.step_shape(), self.step_weights(), self._k_stack, self._v_stack,
@@ -424,19 +470,24 @@ class GptModel:
         x = x + (delta if bias is None else delta + bias)
         return x, F.layer_norm(x, (self.hidden,), weight, ln_bias, eps)
 
-    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: str, *,
+    def _linear(self, x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, plan: str, *,
                 skinny: bool, activation: bool = False, norm: LayerNormIn | None = None) -> torch.Tensor:
-        """x @ weight^T + bias (then the MLP activation if asked): the skinny GEMM, cuBLASLt epilogue, or eager.
-        norm (skinny only): x is the residual stream, normalized inside the GEMM (`gpt_kernels.LayerNormIn`)."""
-        if skinny:
+        """x [..., K] @ weight^T + bias (then the MLP activation if asked): the skinny GEMM, cuBLASLt epilogue, or
+        eager. norm (skinny only): x is the residual stream, normalized inside the GEMM (`gpt_kernels.LayerNormIn`).
+        An Int8Weight: the skinny GEMM on a GPU whatever the rows (prefill's too), else the widened weight's product."""
+        int8_gemm = isinstance(weight, Int8Weight) and x.is_cuda and self.skinny_plans[plan] is not None
+        if skinny or int8_gemm:
             from . import gpt_kernels
 
             act = ("gelu_tanh" if self._gelu else "relu") if activation else "none"
             shape = self.skinny_plans[plan]
             assert shape is not None  # skinny is off (skinny_rows=0) when any weight has no plan: see __init__
-            return gpt_kernels.skinny_linear(x, weight, bias, activation=act, block_k=shape.block_k,
-                                             block_n=shape.block_n, num_stages=shape.num_stages,
-                                             num_warps=shape.num_warps, pdl=self.kernels.pdl, norm=norm)
+            y = gpt_kernels.skinny_linear(x.reshape(-1, x.shape[-1]), weight, bias, activation=act,
+                                          block_k=shape.block_k, block_n=shape.block_n, num_stages=shape.num_stages,
+                                          num_warps=shape.num_warps, pdl=self.kernels.pdl, norm=norm)
+            return y.view(*x.shape[:-1], -1)  # [rows, N] -> [..., N]
+        if isinstance(weight, Int8Weight):
+            weight = weight.dequantize(x.dtype)
         if activation and self.kernels.gemm_epilogue and bias is not None:
             # cuBLASLt's GELU epilogue is the tanh approximation (ATen's own fallback for it is gelu(tanh)); on an
             # H100 it was closer to fp32 gelu(tanh) than fp16 linear + gelu (bench/profile_decode.py).
@@ -444,7 +495,7 @@ class GptModel:
         y = F.linear(x, weight, bias)
         return self._activation(y) if activation else y
 
-    def _linear_into_residual(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, plan: str, *,
+    def _linear_into_residual(self, x: torch.Tensor, weight: Weight, bias: torch.Tensor, plan: str, *,
                               skinny: bool, split: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(delta, bias still to add): with `split`, the skinny GEMM's split-K partials (where the plan splits)
         leave the reduction and bias to `_add_norm`; otherwise `_linear` (skinny or not)."""
@@ -499,14 +550,15 @@ class GptModel:
         # Clamped: a graph's warm-up runs with whatever length its static buffer holds (replays copy the real one).
         last = (torch.arange(n, device=self.device), (lengths - 1).clamp(0, t - 1))
         for i, layer in enumerate(self.layers):
-            attended = attend(i, F.linear(h, layer.qkv_weight, layer.qkv_bias))  # writes every position's K/V
+            # writes every position's K/V
+            attended = attend(i, self._linear(h, layer.qkv_weight, layer.qkv_bias, "qkv", skinny=False))
             if i + 1 == len(self.layers):  # past the last attention only each row's last token matters: [n, 1, H]
                 attended, x = attended[last][:, None], x[last][:, None]
-            delta = self._row_linear(attended, layer.attn_out_weight, layer.attn_out_bias)
+            delta = self._row_linear(attended, layer.attn_out_weight, layer.attn_out_bias, "out")
             x, h = self._prefill_add_norm(x, delta, layer.ln2_weight, layer.ln2_bias, fused)
             up = self._linear(h.reshape(-1, self.hidden), layer.fc1_weight, layer.fc1_bias, "fc1", skinny=False,
                               activation=True).view(*h.shape[:2], -1)  # [n*T, H] -> [n, T, 4H]
-            delta = self._row_linear(up, layer.fc2_weight, layer.fc2_bias)
+            delta = self._row_linear(up, layer.fc2_weight, layer.fc2_bias, "fc2")
             x, h = self._prefill_add_norm(x, delta, *self._next_norm(i), fused)
         h = h[:, 0]  # [n, H]
         logits = F.linear(h, self.lm_head)
@@ -572,11 +624,11 @@ class GptModel:
                                                     weight, bias, self.config.layernorm_eps)
         return summed.view(x.shape), normed.view(x.shape)
 
-    def _row_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def _row_linear(self, x: torch.Tensor, weight: Weight, bias: torch.Tensor, plan: str) -> torch.Tensor:
         """x @ weight^T + bias; tensor-parallel: this rank's partial product summed over the ranks, then the bias."""
         if self.shard is None:
-            return F.linear(x, weight, bias)
-        return self.shard.all_reduce(F.linear(x, weight)) + bias
+            return self._linear(x, weight, bias, plan, skinny=False)
+        return self.shard.all_reduce(self._linear(x, weight, None, plan, skinny=False)) + bias
 
     def _next_norm(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The LayerNorm after layer i's residual stream: layer i+1's input norm, or the final norm."""
@@ -624,7 +676,7 @@ class GptModel:
 
         eps = self.config.layernorm_eps
 
-        def into_residual(x: torch.Tensor, delta_in: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+        def into_residual(x: torch.Tensor, delta_in: torch.Tensor, weight: Weight, bias: torch.Tensor,
                           plan: str) -> tuple[torch.Tensor, torch.Tensor]:
             shape = self.skinny_plans[plan]
             assert shape is not None  # see _linear

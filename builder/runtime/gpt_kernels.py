@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .quantize import Int8Weight, Weight
+
 ACTIVATIONS = {"none": 0, "gelu_tanh": 1, "relu": 2}
 SKINNY_TILE_ROWS = 64  # rows per program of the skinny GEMM (tl.dot needs >= 16; rows past the batch are masked off)
 
@@ -159,9 +161,9 @@ def activate(x, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _skinny_linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n, k, k_per_split,
+def _skinny_linear_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, rows, n, k, k_per_split,
                           norm_stats_ptr, column_sums_ptr, eps,
-                          residual_ptr, partial_ptr, counter_ptr, stats_ptr,
+                          residual_ptr, partial_ptr, counter_ptr, stats_ptr, SCALED: tl.constexpr,
                           SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
                           IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           NORM_BLOCKS: tl.constexpr, NORM_BLOCKS_POW2: tl.constexpr, RESIDUAL: tl.constexpr,
@@ -175,6 +177,8 @@ def _skinny_linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n, k, k_per_spl
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < n, other=0.0).to(tl.float32)
     if NORM_BLOCKS > 0:
         column_sums = tl.load(column_sums_ptr + offs_n, mask=offs_n < n, other=0.0)
+    if SCALED:  # int8 weights (quantize.py): each output row's scale
+        scale = tl.load(scale_ptr + offs_n, mask=offs_n < n, other=0.0)
     _wait_previous(USE_PDL)
     if NORM_BLOCKS > 0:  # x is the residual stream: its mean and rstd from the block sums its producer left
         slots = tl.arange(0, NORM_BLOCKS_POW2)
@@ -189,10 +193,14 @@ def _skinny_linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n, k, k_per_spl
         ks = k0 + offs_k
         x = tl.load(x_ptr + offs_m[:, None] * k + ks[None, :], mask=offs_m[:, None] < rows, other=0.0)
         w = tl.load(w_ptr + offs_n[:, None] * k + ks[None, :], mask=offs_n[:, None] < n, other=0.0)
+        if SCALED:  # int8 values widened for the dot; the row scales multiply the sums after the loop
+            w = w.to(x_ptr.dtype.element_ty)
         if IEEE:
             acc += tl.dot(x, tl.trans(w), input_precision="ieee")
         else:
             acc += tl.dot(x, tl.trans(w))
+    if SCALED:
+        acc = acc * scale[None, :]
     if NORM_BLOCKS > 0:  # (x - mean) rstd @ W^T = (x @ W^T - mean * W's row sums) rstd
         mean = tl.sum(sums, axis=1) / k
         rstd = 1.0 / tl.sqrt(tl.maximum(tl.sum(squares, axis=1) / k - mean * mean, 0.0) + eps)  # [BLOCK_M]
@@ -256,7 +264,7 @@ class LayerNormIn(NamedTuple):
     eps: float
 
 
-def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+def skinny_linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None, *,
                   activation: str = "none", split_k: int = 1, block_n: int = 32, block_k: int = 128,
                   num_warps: int = 4, num_stages: int = 5, pdl: bool = False,
                   norm: LayerNormIn | None = None) -> torch.Tensor:
@@ -265,7 +273,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     Each program takes up to SKINNY_TILE_ROWS rows: past them the weights are read once per tile of rows.
 
     norm: the product is of layer_norm(x) without its affine part (`LayerNormIn`): no LayerNorm kernel before it.
-    pdl: launch it as a programmatic dependent of the previous kernel (Hopper)."""
+    pdl: launch it as a programmatic dependent of the previous kernel (Hopper). weight may be an Int8Weight."""
     if split_k > 1 and (bias is not None or activation != "none" or norm is not None):
         raise ValueError("split-K partials take no bias, activation or norm")
     rows, n = x.shape[0], weight.shape[0]
@@ -276,7 +284,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return out
 
 
-def skinny_linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
+def skinny_linear_residual(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, residual: torch.Tensor,
                            counters: torch.Tensor, *, split_k: int = 1, block_n: int = 32, block_k: int = 128,
                            num_warps: int = 4, num_stages: int = 5,
                            pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,12 +306,13 @@ def skinny_linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return out, stats
 
 
-def _launch_skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, *,
+def _launch_skinny(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, out: torch.Tensor, *,
                    split_k: int, block_n: int, block_k: int, num_warps: int, num_stages: int, pdl: bool,
                    norm: LayerNormIn | None, activation: str = "none",
                    residual: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
     rows, k = x.shape
-    n = weight.shape[0]
+    values, scale = weight if isinstance(weight, Int8Weight) else (weight, None)
+    n = values.shape[0]
     if k % (split_k * block_k):
         raise ValueError(f"K={k} must be a multiple of split_k * block_k = {split_k} * {block_k}")
     block_m = min(SKINNY_TILE_ROWS, max(16, triton.next_power_of_2(rows)))
@@ -315,10 +324,11 @@ def _launch_skinny(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     norm_blocks = 0 if norm is None else norm.stats.shape[1]
     stats_in, column_sums, eps = norm or (out, out, 0.0)  # unused without a norm
     residual_in, partial, counters, stats = residual or (out, out, out, out)  # unused outside the residual mode
-    _skinny_linear_kernel[grid](x, weight, bias if bias is not None else weight, out, rows, n, k, k // split_k,
-                                stats_in, column_sums, eps, residual_in, partial, counters, stats,
-                                SPLIT_K=split_k, HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation],
-                                IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    _skinny_linear_kernel[grid](x, values, scale if scale is not None else x, bias if bias is not None else x, out,
+                                rows, n, k, k // split_k, stats_in, column_sums, eps, residual_in, partial, counters,
+                                stats, SCALED=scale is not None, SPLIT_K=split_k, HAS_BIAS=bias is not None,
+                                ACTIVATION=ACTIVATIONS[activation], IEEE=x.dtype == torch.float32, BLOCK_M=block_m,
+                                BLOCK_N=block_n, BLOCK_K=block_k,
                                 NORM_BLOCKS=norm_blocks, NORM_BLOCKS_POW2=triton.next_power_of_2(max(norm_blocks, 1)),
                                 RESIDUAL=residual is not None, USE_PDL=pdl, num_warps=num_warps,
                                 num_stages=num_stages, **_launch_options(pdl))

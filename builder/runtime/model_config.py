@@ -18,6 +18,9 @@ WEIGHT_DATA_TYPES = ("fp32", "fp16", "bf16")
 ACTIVATIONS = ("Gelu", "Relu")
 # The torch engine's KV-cache dtypes: "auto" is the model's dtype, "fp8" e4m3 (gpt.py maps them to torch dtypes).
 KV_CACHE_DTYPES = ("auto", "fp8")
+# The torch engine's weight quantizations: "none" keeps the weights in the model's dtype, "int8" the layers' four
+# matrices as int8 with a scale per output row (quantize.py).
+WEIGHT_QUANTIZATIONS = ("none", "int8")
 
 
 class ModelConfigError(ValueError):
