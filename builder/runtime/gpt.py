@@ -482,7 +482,7 @@ class GptModel:
             act = ("gelu_tanh" if self._gelu else "relu") if activation else "none"
             shape = self.skinny_plans[plan]
             assert shape is not None  # skinny is off (skinny_rows=0) when any weight has no plan: see __init__
-            y = gpt_kernels.skinny_linear(x.reshape(-1, x.shape[-1]), weight, bias, activation=act,
+            y = gpt_kernels.skinny_linear(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias, activation=act,
                                           block_k=shape.block_k, block_n=shape.block_n, num_stages=shape.num_stages,
                                           num_warps=shape.num_warps, pdl=self.kernels.pdl, norm=norm)
             return y.view(*x.shape[:-1], -1)  # [rows, N] -> [..., N]
