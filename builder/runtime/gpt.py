@@ -93,8 +93,6 @@ STACKED = ("ln1_weight", "ln1_bias", "qkv_weight", "qkv_bias", "attn_out_weight"
            "ln2_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
 # The _Layer matrices weight-only int8 quantizes (their stacks are dropped then: the layers hold Int8Weights).
 MATRICES = ("qkv_weight", "attn_out_weight", "fc1_weight", "fc2_weight")
-# The skinny-GEMM plan (GptModel.skinny_plans) of each matrix.
-MATRIX_PLANS = dict(zip(MATRICES, ("qkv", "out", "fc1", "fc2"), strict=True))
 
 
 def expected_shapes(config: GptModelConfig, tp: int = 1) -> dict[str, tuple[int, ...]]:
@@ -550,8 +548,8 @@ class GptModel:
         # Clamped: a graph's warm-up runs with whatever length its static buffer holds (replays copy the real one).
         last = (torch.arange(n, device=self.device), (lengths - 1).clamp(0, t - 1))
         for i, layer in enumerate(self.layers):
-            # writes every position's K/V
-            attended = attend(i, self._linear(h, layer.qkv_weight, layer.qkv_bias, "qkv", skinny=False))
+            qkv = self._linear(h, layer.qkv_weight, layer.qkv_bias, "qkv", skinny=False)  # [n, T, 3H]
+            attended = attend(i, qkv)  # writes every position's K/V
             if i + 1 == len(self.layers):  # past the last attention only each row's last token matters: [n, 1, H]
                 attended, x = attended[last][:, None], x[last][:, None]
             delta = self._row_linear(attended, layer.attn_out_weight, layer.attn_out_bias, "out")
