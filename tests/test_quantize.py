@@ -60,7 +60,7 @@ def dequantized_twin(quantized: GptModel, weights: dict[str, torch.Tensor], devi
     return twin
 
 
-def run_both(models: list[GptModel], device: str, steps: int = 3) -> list[list[torch.Tensor]]:
+def run_alike(models: list[GptModel], device: str, steps: int = 3) -> list[list[torch.Tensor]]:
     """Each model's logits: a ragged prefill of two rows, then `steps` greedy decode steps (the first model's tokens
     fed to all)."""
     prompt = torch.randint(1, CONFIG.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1)).to(device)
@@ -82,7 +82,7 @@ def test_an_int8_model_computes_what_its_dequantized_weights_do() -> None:
     assert all(isinstance(getattr(layer, name), Int8Weight) for layer in model.layers for name in MATRICES)
     assert not set(MATRICES) & set(model.stacked), "the matrices' unquantized stacks are dropped"
     plain = GptModel(CONFIG, weights, device=torch.device("cpu"), dtype=torch.float32)
-    int8, twin, unquantized = run_both([model, dequantized_twin(model, weights, "cpu", torch.float32), plain], "cpu")
+    int8, twin, unquantized = run_alike([model, dequantized_twin(model, weights, "cpu", torch.float32), plain], "cpu")
     for got, want in zip(int8, twin):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert (int8[0] - unquantized[0]).abs().max() > 1e-4, "quantizing changed nothing: the test would prove nothing"
@@ -159,5 +159,5 @@ def test_an_int8_model_on_a_gpu_computes_what_its_dequantized_weights_do() -> No
     model = GptModel(CONFIG, weights, device=torch.device("cuda"), dtype=torch.float16, weight_quantization="int8")
     assert model.norms_folded and model.kernels.norm_in_gemv
     twin = dequantized_twin(model, weights, "cuda", torch.float16)
-    for got, want in zip(*run_both([model, twin], "cuda")):
+    for got, want in zip(*run_alike([model, twin], "cuda")):
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
