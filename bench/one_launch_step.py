@@ -6,6 +6,7 @@ alike; batch 8 runs the per-op kernels only (the one-launch step is batch 1 only
     python bench/one_launch_step.py --out DIR                # JSON + markdown table in DIR
     python bench/one_launch_step.py --launches 16384,4,3,168,1 32768,16,1,0 --rounds 5
     python bench/one_launch_step.py --trace --out DIR        # also: one traced step of the first launch shape
+    python bench/one_launch_step.py --weight-quantization int8 --launches 16384,4,3,168 32768,8,2,128
 
 Then each launch shape's bound: the one-launch step alone (back-to-back launches at one position, no graph, no
 sampling) with its waits and without them (`OneLaunchStep.__call__(wait=False)`: wrong logits, but what is left is
@@ -41,6 +42,7 @@ from bench.profile_decode import floor_ms, greedy_run, random_model
 from builder.checkpoints.presets import PRESETS
 from builder.runtime import step_kernel
 from builder.runtime.gpt import GptModel
+from builder.runtime.model_config import WEIGHT_QUANTIZATIONS
 
 
 # StepLaunch's default first; then L2 prefetches one to three rounds ahead (a round: ~13 MB at the default, so three
@@ -59,10 +61,14 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--out", type=Path, help="folder for one_launch_step.json and .md")
     parser.add_argument("--trace", action="store_true", help="trace one step of the first launch shape (see above)")
+    parser.add_argument("--weight-quantization", choices=WEIGHT_QUANTIZATIONS, default="none",
+                        help="int8: the layers' matrices int8 (render --weight-quantization) for both sides; the "
+                             "floor is then that of their bytes")
     args = parser.parse_args()
     bandwidth = copy_bandwidth_gbps()
     with torch.inference_mode():
-        model = random_model(PRESETS["gpt3-1.3b"], torch.device("cuda:0"), torch.float16)
+        model = random_model(PRESETS["gpt3-1.3b"], torch.device("cuda:0"), torch.float16,
+                             weight_quantization=args.weight_quantization)
         model.allocate_cache(8, 1024)
         per_op = replace(model.kernels, one_launch_step=False)
         steps = {name: model.build_one_launch(step_kernel.StepLaunch.parse(name)) for name in args.launches}

@@ -33,7 +33,7 @@ from builder.runtime.model_config import KV_CACHE_DTYPES, GptModelConfig
 
 
 def random_model(config: GptModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0,
-                 kv_cache_dtype: str = "auto") -> GptModel:
+                 kv_cache_dtype: str = "auto", weight_quantization: str = "none") -> GptModel:
     """Random weights made on the device (fast at 1.3B): N(0, 0.02) matrices, unit LayerNorm gains, zero biases."""
     generator = torch.Generator(device=device).manual_seed(seed)
     weights = {}
@@ -44,7 +44,8 @@ def random_model(config: GptModelConfig, device: torch.device, dtype: torch.dtyp
             weights[name] = torch.zeros(shape, device=device, dtype=dtype)
         else:
             weights[name] = torch.randn(shape, device=device, dtype=dtype, generator=generator) * 0.02
-    return GptModel(config, weights, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype)
+    return GptModel(config, weights, device=device, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
+                    weight_quantization=weight_quantization)
 
 
 Run = tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]  # greedy_run's (ms, tokens, first logits, inputs)
@@ -112,7 +113,8 @@ def kernel_choices(best: DecodeKernels) -> dict[str, DecodeKernels]:
 def floor_ms(model: GptModel, batch: int, mean_kv: float, bandwidth_gbps: float) -> float:
     """The step's bandwidth floor: the weights once plus each row's cached keys and values, at copy bandwidth."""
     kv = batch * mean_kv * model.config.kv_cache_bytes_per_token(model.k_cache[0].element_size())
-    return (weight_bytes_per_step(model.config) + kv) / (bandwidth_gbps * 1e9) * 1000
+    weights = weight_bytes_per_step(model.config, model.weight_quantization)
+    return (weights + kv) / (bandwidth_gbps * 1e9) * 1000
 
 
 def compare_choices(model: GptModel, batches: list[int], steps: int, prompt_len: int,

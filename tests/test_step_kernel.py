@@ -30,13 +30,13 @@ pytestmark = pytest.mark.skipif(DEVICE is None, reason="needs CUDA, or Triton's 
 TOLERANCES = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=1e-2, atol=1e-2)}
 
 
-def small_model(dtype: torch.dtype, activation: str = "Gelu") -> GptModel:
+def small_model(dtype: torch.dtype, activation: str = "Gelu", weight_quantization: str = "none") -> GptModel:
     """4 heads of 16, 2 layers, random LayerNorms and biases (the eager path folds nothing on CPU)."""
     config = GptModelConfig(head_num=4, size_per_head=16, inter_size=256, num_layer=2, vocab_size=300,
                             max_pos_seq_len=256, start_id=0, end_id=0, weight_data_type="fp32",
                             activation_type=activation)
     model = GptModel(config, random_weights(config, torch.Generator().manual_seed(3)),
-                     device=torch.device(DEVICE or "cpu"), dtype=dtype)
+                     device=torch.device(DEVICE or "cpu"), dtype=dtype, weight_quantization=weight_quantization)
     model.allocate_cache(2, 200)
     return model
 
@@ -49,12 +49,15 @@ def one_launch(model: GptModel, prefetch_rounds: int = 0) -> OneLaunchStep:
     return model.build_one_launch(launch, programs=3 if DEVICE == "cpu" else None)
 
 
-# L2 prefetches (inline PTX) compile on CUDA only; under the interpreter the launch leaves them out.
+# L2 prefetches (inline PTX) compile on CUDA only; under the interpreter the launch leaves them out. int8: the layers'
+# matrices int8 with a scale per row (quantize.py), against the eager ops over the widened weights.
 @pytest.mark.parametrize("prefetch_rounds", [0, 1] if DEVICE == "cuda" else [0])
+@pytest.mark.parametrize("weight_quantization", ["none", "int8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @torch.inference_mode()
-def test_one_launch_step_matches_the_eager_decode(dtype: torch.dtype, prefetch_rounds: int) -> None:
-    model = small_model(dtype)
+def test_one_launch_step_matches_the_eager_decode(dtype: torch.dtype, weight_quantization: str,
+                                                  prefetch_rounds: int) -> None:
+    model = small_model(dtype, weight_quantization=weight_quantization)
     step = one_launch(model, prefetch_rounds)
     prompt = torch.randint(1, 300, (1, 45), generator=torch.Generator().manual_seed(4)).to(DEVICE)
     token = model.prefill(prompt, torch.tensor([45], device=DEVICE)).argmax(-1)
@@ -150,8 +153,8 @@ def test_shapes_the_kernel_cannot_take_are_named() -> None:
     # The L2 prefetch asks for a whole 32 KiB tile (256 lines of 128 bytes); never under the interpreter (CPU tensors).
     for device, lines in (("meta", 256), ("cpu", 0)):
         placeholder = torch.empty(0, dtype=torch.float16, device=device)  # shapes only: nothing is allocated
-        step = step_kernel.OneLaunchStep(shape, {"qkv_weight": placeholder}, placeholder, placeholder,
-                                         replace(launch, prefetch_rounds=1), programs=1)
+        step = step_kernel.OneLaunchStep(shape, {"qkv_weight": placeholder, "wte": placeholder}, placeholder,
+                                         placeholder, replace(launch, prefetch_rounds=1), programs=1)
         assert step.prefetch_lines() == lines
     with pytest.raises(ValueError, match="cannot run this model: head size 96"):
         step_kernel.OneLaunchStep(replace(shape, head_dim=96), {}, torch.zeros(1), torch.zeros(1))

@@ -26,9 +26,10 @@ tensor lives in a [layers, ...] stack (`GptModel.stacked`, the layers hold views
 tensor each.
 
 Weight-only int8 (`weight_quantization="int8"`, quantize.py): the layers' four matrices become `Int8Weight`s (int8
-values, a scale per output row) once the norms are folded; every GEMM over them goes through `_linear`, which runs the
-skinny GEMM on a GPU (it widens the values in its loop, at any number of rows: cuBLAS has no int8-weight fp16 GEMM)
-and the eager product of the widened weight on CPU.
+values, a scale per output row, views of int8 and scale stacks) once the norms are folded; every GEMM over them goes
+through `_linear`, which runs the skinny GEMM on a GPU (it widens the values in its loop, at any number of rows:
+cuBLAS has no int8-weight fp16 GEMM) and the eager product of the widened weight on CPU; the one-launch step reads
+the stacks.
 """
 
 from __future__ import annotations
@@ -91,8 +92,10 @@ class _Layer:
 # The _Layer tensors held in GptModel.stacked (all but the fp32 row sums of folded norms).
 STACKED = ("ln1_weight", "ln1_bias", "qkv_weight", "qkv_bias", "attn_out_weight", "attn_out_bias", "ln2_weight",
            "ln2_bias", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
-# The _Layer matrices weight-only int8 quantizes (their stacks are dropped then: the layers hold Int8Weights).
+# The _Layer matrices weight-only int8 quantizes: their stacks become int8, with a stack of scales each
+# (GptModel.stacked[SCALES[name]]), and the layers hold Int8Weights of views of both.
 MATRICES = ("qkv_weight", "attn_out_weight", "fc1_weight", "fc2_weight")
+SCALES = {name: name.replace("_weight", "_scale") for name in MATRICES}
 
 
 def expected_shapes(config: GptModelConfig, tp: int = 1) -> dict[str, tuple[int, ...]]:
@@ -340,15 +343,22 @@ class GptModel:
 
     def _quantize_matrices(self) -> None:
         """Each layer's four matrices as Int8Weights (after `fold_norms`: the folded weights are what is quantized, and
-        the row sums the norm-applying GEMMs subtract are the quantized weights'); their stacks are dropped."""
-        for layer in self.layers:
-            for name in MATRICES:
-                setattr(layer, name, quantize_int8(getattr(layer, name)))
-            if self.norms_folded:
+        the row sums the norm-applying GEMMs subtract are the quantized weights'), held in int8 stacks with stacks of
+        scales beside them (`stacked`: the one-launch step reads every layer from one base)."""
+        for name in MATRICES:
+            plain = self.stacked[name]  # [layers, N, K]
+            values = torch.empty(plain.shape, dtype=torch.int8, device=self.device)
+            scales = torch.empty(plain.shape[:2], dtype=torch.float32, device=self.device)
+            for i, layer in enumerate(self.layers):  # a layer at a time: one fp32 copy of one matrix at most
+                quantized = quantize_int8(plain[i])
+                values[i].copy_(quantized.values)
+                scales[i].copy_(quantized.scale)
+                setattr(layer, name, Int8Weight(values[i], scales[i]))
+            self.stacked[name], self.stacked[SCALES[name]] = values, scales  # the unquantized stack is freed
+        if self.norms_folded:
+            for layer in self.layers:
                 layer.qkv_column_sums, layer.fc1_column_sums = (_row_sums(layer.qkv_weight),
                                                                 _row_sums(layer.fc1_weight))
-        for name in MATRICES:
-            del self.stacked[name]
         self.weight_quantization = "int8"
 
     def fold_norms(self) -> None:
@@ -401,8 +411,6 @@ class GptModel:
     def build_one_launch(self, launch: StepLaunch | None = None, programs: int | None = None) -> OneLaunchStep:
         """The batch-1 step as one kernel over this model's weights and cache (step_kernel.py; Triton's interpreter
         runs it on CPU); launch: default StepLaunch.from_environment(). ValueError where the model does not fit it."""
-        if self.weight_quantization != "none":
-            raise ValueError(f"its weights are {self.weight_quantization}: the one-launch step reads them unquantized")
         from . import step_kernel
 
         return step_kernel.OneLaunchStep(self.step_shape(), self.step_weights(), self._k_stack, self._v_stack,

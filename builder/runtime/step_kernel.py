@@ -113,15 +113,18 @@ def _embedding_task(tokens_ptr, wte_ptr, wpe_ptr, xs_ptr, res_ptr, tickets_ptr, 
 
 
 @triton.jit
-def _normed_rows_task(w_ptr, bias_ptr, gain_ptr, shift_ptr, x_ptr, out_ptr, ready_ptr, done_ptr, rows, n_rows,
-                      cols, eps, HIDDEN: tl.constexpr, N_TILES: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      ACTIVATION: tl.constexpr, tickets_ptr, stalls_ptr, trace_slot, TRACE: tl.constexpr,
-                      SPIN_LIMIT: tl.constexpr):
+def _normed_rows_task(w_ptr, scale_ptr, bias_ptr, gain_ptr, shift_ptr, x_ptr, out_ptr, ready_ptr, done_ptr, rows,
+                      n_rows, cols, eps, HIDDEN: tl.constexpr, N_TILES: tl.constexpr, SCALED: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, tickets_ptr, stalls_ptr, trace_slot,
+                      TRACE: tl.constexpr, SPIN_LIMIT: tl.constexpr):
     """out[rows] = act(LayerNorm(x) @ W[rows]^T + bias) (QKV, FC1, the LM head): the weight rows, bias and norm loaded
-    first, then the wait for x (all N_TILES tiles of it), then one product of whole rows."""
+    first, then the wait for x (all N_TILES tiles of it), then one product of whole rows. SCALED: W is int8 with a
+    scale per row (quantize.py)."""
     inside = cols < HIDDEN
     w = tl.load(w_ptr + rows[:, None] * HIDDEN + cols[None, :], mask=(rows[:, None] < n_rows) & inside[None, :],
                 other=0.0)  # [R, HIDDEN_POW2]
+    if SCALED:
+        row_scale = tl.load(scale_ptr + rows, mask=rows < n_rows, other=0.0)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=rows < n_rows, other=0.0).to(tl.float32)
     gain = tl.load(gain_ptr + cols, mask=inside, other=0.0).to(tl.float32)
@@ -129,6 +132,8 @@ def _normed_rows_task(w_ptr, bias_ptr, gain_ptr, shift_ptr, x_ptr, out_ptr, read
     ticket = _wait_for(ready_ptr, N_TILES, tickets_ptr, stalls_ptr, trace_slot, TRACE, SPIN_LIMIT)
     h = _layer_norm(x_ptr, gain, shift, cols, HIDDEN, eps, x_ptr.dtype.element_ty)
     y = tl.sum(w.to(tl.float32) * h[None, :], axis=1)
+    if SCALED:
+        y = y * row_scale
     if HAS_BIAS:
         y += bias
     tl.store(out_ptr + rows, activate(y, ACTIVATION).to(out_ptr.dtype.element_ty), mask=rows < n_rows)
@@ -187,20 +192,27 @@ def _attention_task(qkv_ptr, k_cache_ptr, v_cache_ptr, part_ptr, attn_ptr, ready
 
 
 @triton.jit
-def _into_residual_task(w_ptr, x_ptr, part_ptr, bias_ptr, x_in_ptr, x_out_ptr, ready_ptr, seen_ptr, done_ptr,
-                        ready_target, slice_index, tile, k_total, HIDDEN: tl.constexpr, HEAD_DIM: tl.constexpr,
-                        COLS_SPLIT: tl.constexpr, PARTS: tl.constexpr, PARTS_POW2: tl.constexpr, tickets_ptr,
-                        stalls_ptr, trace_slot, TRACE: tl.constexpr, SPIN_LIMIT: tl.constexpr):
+def _into_residual_task(w_ptr, scale_ptr, x_ptr, part_ptr, bias_ptr, x_in_ptr, x_out_ptr, ready_ptr, seen_ptr,
+                        done_ptr, ready_target, slice_index, tile, k_total, HIDDEN: tl.constexpr,
+                        HEAD_DIM: tl.constexpr, COLS_SPLIT: tl.constexpr, PARTS: tl.constexpr,
+                        PARTS_POW2: tl.constexpr, SCALED: tl.constexpr, tickets_ptr, stalls_ptr, trace_slot,
+                        TRACE: tl.constexpr, SPIN_LIMIT: tl.constexpr):
     """Attention output or FC2: a HEAD_DIM-wide slice of K (x's slice ready) for COLS_SPLIT outputs, as an fp32
     partial [PARTS, HIDDEN]; the tile's last slice to finish sums the partials in slice order (the same bits
     whichever is last) and adds the bias and the residual: x_out[tile] = x_in + (sum + bias), rounded as the eager
-    ops round (the product in the model's dtype, then the sum)."""
+    ops round (the product in the model's dtype, then the sum). SCALED: W is int8 with a scale per output row, which
+    each partial carries."""
     outs = tile * COLS_SPLIT + tl.arange(0, COLS_SPLIT)
     ks = slice_index * HEAD_DIM + tl.arange(0, HEAD_DIM)
     w = tl.load(w_ptr + outs[:, None] * k_total + ks[None, :])  # [COLS_SPLIT, HEAD_DIM]
+    if SCALED:
+        out_scale = tl.load(scale_ptr + outs)
     ticket = _wait_for(ready_ptr, ready_target, tickets_ptr, stalls_ptr, trace_slot, TRACE, SPIN_LIMIT)
     x = tl.load(x_ptr + ks, cache_modifier=".cg").to(tl.float32)
-    tl.store(part_ptr + slice_index * HIDDEN + outs, tl.sum(w.to(tl.float32) * x[None, :], axis=1))
+    product = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    if SCALED:
+        product = product * out_scale
+    tl.store(part_ptr + slice_index * HIDDEN + outs, product)
     tl.debug_barrier()
     if tl.atomic_add(seen_ptr, 1, sem="acq_rel", scope="gpu") == PARTS - 1:
         slots = tl.arange(0, PARTS_POW2)
@@ -326,13 +338,13 @@ def _one_launch_step_kernel(
         tokens_ptr, positions_ptr, wte_ptr, wpe_ptr,
         ln1_w_ptr, ln1_b_ptr, qkv_w_ptr, qkv_b_ptr, out_w_ptr, out_b_ptr,
         ln2_w_ptr, ln2_b_ptr, fc1_w_ptr, fc1_b_ptr, fc2_w_ptr, fc2_b_ptr, lnf_w_ptr, lnf_b_ptr, lm_w_ptr,
-        k_cache_ptr, v_cache_ptr, logits_ptr,
+        qkv_s_ptr, out_s_ptr, fc1_s_ptr, fc2_s_ptr, k_cache_ptr, v_cache_ptr, logits_ptr,
         xs_ptr, qkv_ptr, attn_ptr, up_ptr, att_part_ptr, out_part_ptr, fc2_part_ptr, counters_ptr, trace_ptr,
         total, key_splits, cache_layer_stride, max_seq, eps, scale, ahead,
         HIDDEN: tl.constexpr, HIDDEN_POW2: tl.constexpr, INTER: tl.constexpr, HEADS: tl.constexpr,
         HEADS_POW2: tl.constexpr, HEAD_DIM: tl.constexpr, LAYERS: tl.constexpr, VOCAB: tl.constexpr,
         ROWS_FULL: tl.constexpr, COLS_SPLIT: tl.constexpr, KEY_BLOCK: tl.constexpr, MAX_SPLITS: tl.constexpr,
-        CHUNKS: tl.constexpr, CHUNKS_POW2: tl.constexpr, ACTIVATION: tl.constexpr,
+        CHUNKS: tl.constexpr, CHUNKS_POW2: tl.constexpr, ACTIVATION: tl.constexpr, SCALED: tl.constexpr,
         C_RES: tl.constexpr, C_QKV: tl.constexpr, C_ATT_SEEN: tl.constexpr, C_ATT: tl.constexpr,
         C_OUT_SEEN: tl.constexpr, C_FC1: tl.constexpr, C_FC2_SEEN: tl.constexpr, N_COUNTERS: tl.constexpr,
         TRACE: tl.constexpr, SPIN_LIMIT: tl.constexpr, PREFETCH_LINES: tl.constexpr):
@@ -366,15 +378,16 @@ def _one_launch_step_kernel(
             ticket = _embedding_task(tokens_ptr, wte_ptr, wpe_ptr, xs_ptr, counters_ptr + C_RES, tickets_ptr, position,
                                      cols, HIDDEN, n_tiles)
         elif stage == LM_HEAD:
-            ticket = _normed_rows_task(lm_w_ptr, lm_w_ptr, lnf_w_ptr, lnf_b_ptr, xs_ptr + 2 * LAYERS * HIDDEN,
-                                       logits_ptr, res, None, a + fulls, VOCAB, cols, eps, HIDDEN, n_tiles, False, 0,
-                                       tickets_ptr, stalls_ptr, slot, TRACE, SPIN_LIMIT)
+            ticket = _normed_rows_task(lm_w_ptr, lm_w_ptr, lm_w_ptr, lnf_w_ptr, lnf_b_ptr, xs_ptr + 2 * LAYERS * HIDDEN,
+                                       logits_ptr, res, None, a + fulls, VOCAB, cols, eps, HIDDEN, n_tiles, False,
+                                       False, 0, tickets_ptr, stalls_ptr, slot, TRACE, SPIN_LIMIT)
         elif stage == QKV:  # rows of head b's q, k or v
-            ticket = _normed_rows_task(qkv_w_ptr + wide * 3 * HIDDEN * HIDDEN, qkv_b_ptr + layer * 3 * HIDDEN,
-                                       ln1_w_ptr + layer * HIDDEN, ln1_b_ptr + layer * HIDDEN,
-                                       xs_ptr + 2 * layer * HIDDEN, qkv_ptr + layer * 3 * HIDDEN, res,
-                                       counters_ptr + C_QKV + layer * HEADS + b, a + fulls, 3 * HIDDEN, cols, eps,
-                                       HIDDEN, n_tiles, True, 0, tickets_ptr, stalls_ptr, slot, TRACE, SPIN_LIMIT)
+            ticket = _normed_rows_task(qkv_w_ptr + wide * 3 * HIDDEN * HIDDEN, qkv_s_ptr + layer * 3 * HIDDEN,
+                                       qkv_b_ptr + layer * 3 * HIDDEN, ln1_w_ptr + layer * HIDDEN,
+                                       ln1_b_ptr + layer * HIDDEN, xs_ptr + 2 * layer * HIDDEN,
+                                       qkv_ptr + layer * 3 * HIDDEN, res, counters_ptr + C_QKV + layer * HEADS + b,
+                                       a + fulls, 3 * HIDDEN, cols, eps, HIDDEN, n_tiles, SCALED, True, 0,
+                                       tickets_ptr, stalls_ptr, slot, TRACE, SPIN_LIMIT)
         elif stage == ATTENTION:  # key block a of head b
             at = layer * HEADS + b
             cache = wide * cache_layer_stride + b * max_seq * HEAD_DIM  # slot 0: the batch's only row
@@ -385,28 +398,28 @@ def _one_launch_step_kernel(
                                      key_splits, scale, HIDDEN, HEAD_DIM, 3 * slice_rows, KEY_BLOCK, MAX_SPLITS,
                                      tickets_ptr, stalls_ptr, slot, TRACE, SPIN_LIMIT)
         elif stage == ATTENTION_OUT:  # head a's slice of K for output tile b
-            ticket = _into_residual_task(out_w_ptr + wide * HIDDEN * HIDDEN, attn_ptr + layer * HIDDEN,
-                                         out_part_ptr + wide * HEADS * HIDDEN, out_b_ptr + layer * HIDDEN,
-                                         xs_ptr + 2 * layer * HIDDEN, xs_ptr + (2 * layer + 1) * HIDDEN,
-                                         counters_ptr + C_ATT + layer * HEADS + a,
+            ticket = _into_residual_task(out_w_ptr + wide * HIDDEN * HIDDEN, out_s_ptr + layer * HIDDEN,
+                                         attn_ptr + layer * HIDDEN, out_part_ptr + wide * HEADS * HIDDEN,
+                                         out_b_ptr + layer * HIDDEN, xs_ptr + 2 * layer * HIDDEN,
+                                         xs_ptr + (2 * layer + 1) * HIDDEN, counters_ptr + C_ATT + layer * HEADS + a,
                                          counters_ptr + C_OUT_SEEN + layer * n_tiles + b, res + 1, 1, a, b, HIDDEN,
-                                         HIDDEN, HEAD_DIM, COLS_SPLIT, HEADS, HEADS_POW2, tickets_ptr, stalls_ptr,
-                                         slot, TRACE, SPIN_LIMIT)
-        elif stage == FC1:  # rows of FC2's chunk b
-            ticket = _normed_rows_task(fc1_w_ptr + wide * INTER * HIDDEN, fc1_b_ptr + layer * INTER,
-                                       ln2_w_ptr + layer * HIDDEN, ln2_b_ptr + layer * HIDDEN,
-                                       xs_ptr + (2 * layer + 1) * HIDDEN, up_ptr + layer * INTER, res + 1,
-                                       counters_ptr + C_FC1 + layer * CHUNKS + b, a + fulls, INTER, cols, eps,
-                                       HIDDEN, n_tiles, True, ACTIVATION, tickets_ptr, stalls_ptr, slot, TRACE,
-                                       SPIN_LIMIT)
-        else:  # FC2: chunk a of K (its FC1 rows done) for output tile b
-            ticket = _into_residual_task(fc2_w_ptr + wide * HIDDEN * INTER, up_ptr + layer * INTER,
-                                         fc2_part_ptr + wide * CHUNKS * HIDDEN, fc2_b_ptr + layer * HIDDEN,
-                                         xs_ptr + (2 * layer + 1) * HIDDEN, xs_ptr + (2 * layer + 2) * HIDDEN,
-                                         counters_ptr + C_FC1 + layer * CHUNKS + a,
-                                         counters_ptr + C_FC2_SEEN + layer * n_tiles + b, res + 2, slice_rows, a, b,
-                                         INTER, HIDDEN, HEAD_DIM, COLS_SPLIT, CHUNKS, CHUNKS_POW2, tickets_ptr,
+                                         HIDDEN, HEAD_DIM, COLS_SPLIT, HEADS, HEADS_POW2, SCALED, tickets_ptr,
                                          stalls_ptr, slot, TRACE, SPIN_LIMIT)
+        elif stage == FC1:  # rows of FC2's chunk b
+            ticket = _normed_rows_task(fc1_w_ptr + wide * INTER * HIDDEN, fc1_s_ptr + layer * INTER,
+                                       fc1_b_ptr + layer * INTER, ln2_w_ptr + layer * HIDDEN,
+                                       ln2_b_ptr + layer * HIDDEN, xs_ptr + (2 * layer + 1) * HIDDEN,
+                                       up_ptr + layer * INTER, res + 1, counters_ptr + C_FC1 + layer * CHUNKS + b,
+                                       a + fulls, INTER, cols, eps, HIDDEN, n_tiles, SCALED, True, ACTIVATION,
+                                       tickets_ptr, stalls_ptr, slot, TRACE, SPIN_LIMIT)
+        else:  # FC2: chunk a of K (its FC1 rows done) for output tile b
+            ticket = _into_residual_task(fc2_w_ptr + wide * HIDDEN * INTER, fc2_s_ptr + layer * HIDDEN,
+                                         up_ptr + layer * INTER, fc2_part_ptr + wide * CHUNKS * HIDDEN,
+                                         fc2_b_ptr + layer * HIDDEN, xs_ptr + (2 * layer + 1) * HIDDEN,
+                                         xs_ptr + (2 * layer + 2) * HIDDEN, counters_ptr + C_FC1 + layer * CHUNKS + a,
+                                         counters_ptr + C_FC2_SEEN + layer * n_tiles + b, res + 2, slice_rows, a, b,
+                                         INTER, HIDDEN, HEAD_DIM, COLS_SPLIT, CHUNKS, CHUNKS_POW2, SCALED,
+                                         tickets_ptr, stalls_ptr, slot, TRACE, SPIN_LIMIT)
         if TRACE:
             tl.store(slot + 3, tl.extra.cuda.globaltimer())
 
@@ -509,7 +522,9 @@ class OneLaunchStep:
         if why is not None:
             raise ValueError(f"the one-launch decode step cannot run this model: {why}")
         self.shape, self.weights, self.k_cache, self.v_cache = shape, weights, k_cache, v_cache
-        device, dtype = k_cache.device, weights["qkv_weight"].dtype
+        device, dtype = k_cache.device, weights["wte"].dtype  # the model's (the matrices may be int8)
+        # int8 matrices (quantize.py): their scale stacks are in weights too (gpt.SCALES).
+        self.scaled = weights["qkv_weight"].dtype == torch.int8
         s, lay = shape, shape.layers
         self.rows_full = self.launch.tile_elements // triton.next_power_of_2(s.hidden)
         self.cols_split = self.launch.tile_elements // s.head_dim
@@ -583,6 +598,8 @@ class OneLaunchStep:
             tokens, positions, w["wte"], w["wpe"], w["ln1_weight"], w["ln1_bias"], w["qkv_weight"], w["qkv_bias"],
             w["attn_out_weight"], w["attn_out_bias"], w["ln2_weight"], w["ln2_bias"], w["fc1_weight"], w["fc1_bias"],
             w["fc2_weight"], w["fc2_bias"], w["final_ln_weight"], w["final_ln_bias"], w["lm_head"],
+            *((w["qkv_scale"], w["attn_out_scale"], w["fc1_scale"], w["fc2_scale"]) if self.scaled
+              else (self.xs,) * 4),  # unread unless SCALED
             self.k_cache, self.v_cache, logits, self.xs, self.qkv, self.attn, self.up, self.att_part, self.out_part,
             self.fc2_part, self._counter_buffer, self.counters if trace is None else trace, self.tasks(kv_len),
             triton.cdiv(kv_len, self.launch.key_block), self.k_cache[0].numel(), s.max_seq, s.eps,
@@ -597,8 +614,8 @@ class OneLaunchStep:
                     HEADS_POW2=triton.next_power_of_2(s.heads), HEAD_DIM=s.head_dim, LAYERS=s.layers, VOCAB=s.vocab,
                     ROWS_FULL=self.rows_full, COLS_SPLIT=self.cols_split, KEY_BLOCK=self.launch.key_block,
                     MAX_SPLITS=self.max_splits, CHUNKS=self.chunks, CHUNKS_POW2=triton.next_power_of_2(self.chunks),
-                    ACTIVATION=ACTIVATIONS[s.activation], **self.counter_offsets, N_COUNTERS=self.counters.numel(),
-                    SPIN_LIMIT=SPIN_LIMITS[self.counters.device.type != "cpu"],
+                    ACTIVATION=ACTIVATIONS[s.activation], SCALED=self.scaled, **self.counter_offsets,
+                    N_COUNTERS=self.counters.numel(), SPIN_LIMIT=SPIN_LIMITS[self.counters.device.type != "cpu"],
                     PREFETCH_LINES=self.prefetch_lines())
 
     def prefetch_lines(self) -> int:
@@ -606,8 +623,10 @@ class OneLaunchStep:
         (never under Triton's interpreter, which has no inline assembly); else 0."""
         if not self.launch.prefetch_rounds or self.counters.device.type == "cpu":
             return 0
-        elements = max(self.launch.tile_elements, self.launch.key_block * self.shape.head_dim)
-        return triton.next_power_of_2(elements * self.xs.element_size() // 128)
+        widest = max(self.weights["qkv_weight"].element_size(), self.xs.element_size())  # the LM head's: the model's
+        largest = max(self.launch.tile_elements * widest,
+                      self.launch.key_block * self.shape.head_dim * self.k_cache.element_size())
+        return triton.next_power_of_2(largest // 128)
 
     def options(self) -> dict[str, int]:
         """The launch's compile options: warps, and the register cap where there is one."""
