@@ -31,7 +31,8 @@ rows of a d-wide slice of its K dimension):
                  FC1: rows_full rows of act(LN_2(x_2l+1) @ W_fc1^T + b);
                  FC2: a d-wide K slice (its FC1 rows done) for cols_split outputs, finished as above: x_2l+2;
   then           the LM head: rows_full rows of LN_f(x_2L) @ W_lm^T.
-Each LayerNorm is computed by every task that reads it, from the whole row (H values: nothing next to a 32 KiB tile),
+The layers' matrices may be int8 with a scale per output row (quantize.py): a task then scales its sums. Each
+LayerNorm is computed by every task that reads it, from the whole row (H values: nothing next to a 32 KiB tile),
 in fp32 and rounded to the model's dtype as the eager ops round, so no task has to wait for a norm task.
 The last program to exit zeroes the counters for the next step. The workspace holds every intermediate of the step
 (~22 MB for the 1.3B model at 2048 positions), none reused within it: no task overwrites what a slower one reads.
