@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pytest
 import torch
 
 if TYPE_CHECKING:  # imported where used: the GPU host's kit venv (numpy 1.26) cannot import the host's transformers
@@ -18,6 +21,14 @@ from builder.checkpoints import convert
 from builder.runtime.core_io import GenerationRequest
 from builder.runtime.gpt import expected_shapes
 from builder.runtime.model_config import GptModelConfig
+
+TRITON = importlib.util.find_spec("triton") is not None
+# Where the Triton kernels' tests run: on CUDA; on a CPU-only host under Triton's interpreter (TRITON_INTERPRET=1 with
+# Triton installed: the programs one after the other); else nowhere (CI installs no Triton).
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() and TRITON else (
+    "cpu" if TRITON and os.environ.get("TRITON_INTERPRET") == "1" else None)
+needs_kernel_device = pytest.mark.skipif(KERNEL_DEVICE is None,
+                                         reason="needs CUDA and Triton, or Triton's interpreter (TRITON_INTERPRET=1)")
 
 TINY = dict(n_embd=64, n_layer=2, n_head=4, n_inner=256, vocab_size=512, n_positions=128)
 END_ID = 0  # the tiny model's end_id (config.ini); tests that need end_id to occur pick a likelier token

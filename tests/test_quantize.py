@@ -9,9 +9,7 @@ those tests are skipped; the rest runs everywhere.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -21,13 +19,8 @@ import torch.nn.functional as F
 from builder.runtime.gpt import MATRICES, SCALES, GptModel, _row_sums
 from builder.runtime.model_config import GptModelConfig
 from builder.runtime.quantize import INT8_MAX, Int8Weight, quantize_int8
-from engine_testing import TinyGpt, random_weights, rendered_core_args
+from engine_testing import KERNEL_DEVICE, TRITON, TinyGpt, needs_kernel_device, random_weights, rendered_core_args
 
-TRITON = importlib.util.find_spec("triton") is not None
-KERNEL_DEVICE = "cuda" if torch.cuda.is_available() and TRITON else (
-    "cpu" if TRITON and os.environ.get("TRITON_INTERPRET") == "1" else None)
-needs_kernels = pytest.mark.skipif(KERNEL_DEVICE is None,
-                                   reason="needs CUDA, or Triton's interpreter (TRITON_INTERPRET=1)")
 CONFIG = GptModelConfig(head_num=4, size_per_head=16, inter_size=256, num_layer=2, vocab_size=300, max_pos_seq_len=64,
                         start_id=0, end_id=0, weight_data_type="fp32")
 
@@ -121,7 +114,7 @@ def test_int8_goes_from_render_to_the_loaded_engine(tiny: TinyGpt, tmp_path: Pat
         CoreSettings.from_args({**args, "model_config": json.dumps(config)})
 
 
-@needs_kernels
+@needs_kernel_device
 @pytest.mark.parametrize("rows", [1, 5, 40, 70])
 @torch.inference_mode()
 def test_the_skinny_gemm_widens_int8_weights(rows: int) -> None:

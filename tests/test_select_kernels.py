@@ -6,8 +6,6 @@ Runs on CUDA; on a CPU-only host under Triton's interpreter (TRITON_INTERPRET=1 
 
 from __future__ import annotations
 
-import importlib.util
-import os
 
 import numpy as np
 import pytest
@@ -17,10 +15,8 @@ from builder.runtime.core_io import GenerationRequest
 from builder.runtime.sampling import SlotParams
 from builder.runtime.scheduler import _SlotTable
 from builder.runtime.step_graphs import fused_selection_applies, select_tokens
+from engine_testing import KERNEL_DEVICE, needs_kernel_device
 
-TRITON = importlib.util.find_spec("triton") is not None
-DEVICE = "cuda" if torch.cuda.is_available() and TRITON else (
-    "cpu" if TRITON and os.environ.get("TRITON_INTERPRET") == "1" else None)
 
 VOCAB, LIMIT, END, SEQ = 50304, 50257, 50256, 64
 
@@ -29,23 +25,23 @@ def table_and_logits(rows: int, seed: int, min_length: bool) -> tuple[_SlotTable
     """A slot table in a mid-serving state (some rows finished, some held short of min_length) and fp16 logits with
     planted ties, a row whose only allowed id is the banned end_id, and a row whose best id is past the vocabulary."""
     rng = np.random.default_rng(seed)
-    assert DEVICE is not None
-    table = _SlotTable(rows + 3, SEQ, VOCAB, torch.device(DEVICE))
+    assert KERNEL_DEVICE is not None
+    table = _SlotTable(rows + 3, SEQ, VOCAB, torch.device(KERNEL_DEVICE))
     lengths = rng.integers(2, SEQ - 2, rows)
     table.history[:rows] = torch.from_numpy(rng.integers(0, LIMIT, (rows, SEQ)))
     table.lengths[:rows] = torch.from_numpy(lengths)
     table.generated[:rows] = torch.from_numpy(rng.integers(0, 6, rows))
     table.output_len[:rows] = torch.from_numpy(rng.integers(1, 9, rows))
     table.finished[:rows] = torch.from_numpy(rng.random(rows) < 0.25)
-    table.stopped[:rows] = table.finished[:rows] & torch.from_numpy(rng.random(rows) < 0.5).to(DEVICE)
+    table.stopped[:rows] = table.finished[:rows] & torch.from_numpy(rng.random(rows) < 0.5).to(KERNEL_DEVICE)
     table.park[:rows] = torch.from_numpy(rng.integers(0, 8, rows))
     ends = [END if i % 3 else int(rng.integers(0, LIMIT)) for i in range(rows)]
     requests = [GenerationRequest(input_ids=np.zeros(1, dtype=np.int64), output_len=8, end_id=end,
                                   min_length=int(rng.integers(1, 9)) if min_length else 0) for end in ends]
-    params = SlotParams.build(requests, 1, torch.device(DEVICE))
+    params = SlotParams.build(requests, 1, torch.device(KERNEL_DEVICE))
     for name, values in table.params.items():
         values[:rows] = getattr(params, name)
-    logits = torch.from_numpy(rng.standard_normal((rows + 3, VOCAB)).astype(np.float16)).to(DEVICE)
+    logits = torch.from_numpy(rng.standard_normal((rows + 3, VOCAB)).astype(np.float16)).to(KERNEL_DEVICE)
     for i in range(rows):
         kind = i % 5
         if kind in (1, 3, 4):  # the planted cases run
@@ -70,7 +66,7 @@ def state(table: _SlotTable, rows: int) -> dict[str, torch.Tensor]:
             for name in ("history", "lengths", "generated", "finished", "stopped")}
 
 
-@pytest.mark.skipif(DEVICE is None, reason="needs CUDA and Triton, or Triton's interpreter (TRITON_INTERPRET=1)")
+@needs_kernel_device
 @pytest.mark.parametrize("rows", [1, 7, 64])
 @pytest.mark.parametrize("min_length", [True, False])
 def test_the_fused_greedy_step_equals_the_reference_ops(rows: int, min_length: bool) -> None:

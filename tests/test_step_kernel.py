@@ -8,8 +8,6 @@ the task order, indexing and arithmetic are checked, not the concurrency), else 
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -18,15 +16,12 @@ import torch
 
 from builder.runtime.gpt import STACKED, GptModel
 from builder.runtime.model_config import GptModelConfig
-from engine_testing import random_weights
+from engine_testing import KERNEL_DEVICE, needs_kernel_device, random_weights
 
 if TYPE_CHECKING:
     from builder.runtime.step_kernel import OneLaunchStep
 
-TRITON = importlib.util.find_spec("triton") is not None
-DEVICE = "cuda" if torch.cuda.is_available() and TRITON else (
-    "cpu" if TRITON and os.environ.get("TRITON_INTERPRET") == "1" else None)
-pytestmark = pytest.mark.skipif(DEVICE is None, reason="needs CUDA, or Triton's interpreter (TRITON_INTERPRET=1)")
+pytestmark = needs_kernel_device
 TOLERANCES = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=1e-2, atol=1e-2)}
 
 
@@ -36,7 +31,7 @@ def small_model(dtype: torch.dtype, activation: str = "Gelu", weight_quantizatio
                             max_pos_seq_len=256, start_id=0, end_id=0, weight_data_type="fp32",
                             activation_type=activation)
     model = GptModel(config, random_weights(config, torch.Generator().manual_seed(3)),
-                     device=torch.device(DEVICE or "cpu"), dtype=dtype, weight_quantization=weight_quantization)
+                     device=torch.device(KERNEL_DEVICE or "cpu"), dtype=dtype, weight_quantization=weight_quantization)
     model.allocate_cache(2, 200)
     return model
 
@@ -46,12 +41,12 @@ def one_launch(model: GptModel, prefetch_rounds: int = 0) -> OneLaunchStep:
 
     # 512-element tiles: 8 rows of QKV/FC1 or 32 outputs of a 16-wide K slice a task; 16-key blocks: several per head
     launch = StepLaunch(tile_elements=512, key_block=16, prefetch_rounds=prefetch_rounds)
-    return model.build_one_launch(launch, programs=3 if DEVICE == "cpu" else None)
+    return model.build_one_launch(launch, programs=3 if KERNEL_DEVICE == "cpu" else None)
 
 
 # L2 prefetches (inline PTX) compile on CUDA only; under the interpreter the launch leaves them out. int8: the layers'
 # matrices int8 with a scale per row (quantize.py), against the eager ops over the widened weights.
-@pytest.mark.parametrize("prefetch_rounds", [0, 1] if DEVICE == "cuda" else [0])
+@pytest.mark.parametrize("prefetch_rounds", [0, 1] if KERNEL_DEVICE == "cuda" else [0])
 @pytest.mark.parametrize("weight_quantization", ["none", "int8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @torch.inference_mode()
@@ -59,11 +54,11 @@ def test_one_launch_step_matches_the_eager_decode(dtype: torch.dtype, weight_qua
                                                   prefetch_rounds: int) -> None:
     model = small_model(dtype, weight_quantization=weight_quantization)
     step = one_launch(model, prefetch_rounds)
-    prompt = torch.randint(1, 300, (1, 45), generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    token = model.prefill(prompt, torch.tensor([45], device=DEVICE)).argmax(-1)
+    prompt = torch.randint(1, 300, (1, 45), generator=torch.Generator().manual_seed(4)).to(KERNEL_DEVICE)
+    token = model.prefill(prompt, torch.tensor([45], device=KERNEL_DEVICE)).argmax(-1)
     for position in (45, 46, 47, 48):  # keys in 3, then 4 blocks of 16 (the step's own key the last of a block at 47)
         before = [cache.clone() for cache in model.k_cache + model.v_cache]
-        positions = torch.tensor([position], device=DEVICE)
+        positions = torch.tensor([position], device=KERNEL_DEVICE)
         want = model.decode(token, positions, kv_len=position + 1 + position % 2)  # kv_len past the position too
         want_cache = [cache.clone() for cache in model.k_cache + model.v_cache]
         for cache, saved in zip(model.k_cache + model.v_cache, before):
@@ -83,9 +78,9 @@ def test_one_launch_step_with_relu_and_through_the_model() -> None:
     model = small_model(torch.float32, activation="Relu")
     assert model.one_launch is None  # built with the cache only when DecodeKernels.one_launch_step asks
     model.one_launch = one_launch(model)
-    prompt = torch.randint(1, 300, (1, 20), generator=torch.Generator().manual_seed(5)).to(DEVICE)
-    token = model.prefill(prompt, torch.tensor([20], device=DEVICE)).argmax(-1)
-    positions = torch.tensor([20], device=DEVICE)
+    prompt = torch.randint(1, 300, (1, 20), generator=torch.Generator().manual_seed(5)).to(KERNEL_DEVICE)
+    token = model.prefill(prompt, torch.tensor([20], device=KERNEL_DEVICE)).argmax(-1)
+    positions = torch.tensor([20], device=KERNEL_DEVICE)
     saved = [cache.clone() for cache in model.k_cache + model.v_cache]
     want = model.decode(token, positions, kv_len=32)
     for cache, copy in zip(model.k_cache + model.v_cache, saved):
@@ -104,9 +99,9 @@ def test_a_step_that_cannot_or_need_not_wait_ends_clean(odd_step: str) -> None:
     and the next step computes the eager ops' logits again."""
     model = small_model(torch.float32)
     step = one_launch(model)
-    prompt = torch.randint(1, 300, (1, 9), generator=torch.Generator().manual_seed(6)).to(DEVICE)
-    token = model.prefill(prompt, torch.tensor([9], device=DEVICE)).argmax(-1)
-    positions = torch.tensor([9], device=DEVICE)
+    prompt = torch.randint(1, 300, (1, 9), generator=torch.Generator().manual_seed(6)).to(KERNEL_DEVICE)
+    token = model.prefill(prompt, torch.tensor([9], device=KERNEL_DEVICE)).argmax(-1)
+    positions = torch.tensor([9], device=KERNEL_DEVICE)
     saved = [cache.clone() for cache in model.k_cache + model.v_cache]
     if odd_step == "lost signal":
         step.counters[step.counter_offsets["C_OUT_SEEN"]] = 100
