@@ -80,6 +80,15 @@ def cpu_threads() -> int | None:
     return max(1, (os.cpu_count() or 1) - 1)
 
 
+def _choice(params: Mapping[str, str], name: str, choices: Sequence[str]) -> str:
+    """The config.pbtxt parameter name, one of choices (absent or empty: the first, the default), else a ValueError
+    naming it and them."""
+    value = params.get(name, "") or choices[0]
+    if value not in choices:
+        raise ValueError(f"parameter {name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class CoreSettings:
     model_dir: Path
@@ -127,14 +136,8 @@ class CoreSettings:
         own_process = os.environ.get("GPT_TRITON_ENGINE_PROCESS", own_process)
         if own_process not in ("0", "1"):
             raise ValueError(f"GPT_TRITON_ENGINE_PROCESS must be 0 or 1, got {own_process!r}")
-        kv_cache_dtype = params.get("kv_cache_dtype", "auto") or "auto"
-        if kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"parameter kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
-                             f"got {kv_cache_dtype!r}")
-        weight_quantization = params.get("weight_quantization", "none") or "none"
-        if weight_quantization not in WEIGHT_QUANTIZATIONS:
-            raise ValueError(f"parameter weight_quantization must be one of {', '.join(WEIGHT_QUANTIZATIONS)}, "
-                             f"got {weight_quantization!r}")
+        kv_cache_dtype = _choice(params, "kv_cache_dtype", KV_CACHE_DTYPES)
+        weight_quantization = _choice(params, "weight_quantization", WEIGHT_QUANTIZATIONS)
         tp_text, devices_text = params.get("tensor_para_size", "1") or "1", params.get("tp_devices", "")
         if not tp_text.isdigit() or int(tp_text) < 1:
             raise ValueError(f"parameter tensor_para_size must be a positive whole number, got {tp_text!r}")
