@@ -310,8 +310,10 @@ def test_streamed_text_equals_not_streamed_with_chunked_prompts(tiny: TinyGpt, l
             outputs[stream] = [tokens(sink.result()[0]) for sink in sinks]
             assert scheduler.stats.chunked_rows == len(rows)
         if stream:
+            # Updates are coalesced: a row whose 8 tokens all come before the sender reaches it (a loaded machine)
+            # gets its final only. Some row must have streamed, or the prefix checks below check nothing.
+            assert any(sink.updates for sink in sinks), "no streamed request got an update"
             for sink, prompt, final in zip(sinks, prompts, outputs[stream]):
-                assert sink.updates, sink.name
                 for update in sink.updates:
                     seen = tokens(update[0])
                     assert len(prompt) < len(seen) <= len(final) and final[:len(seen)] == seen

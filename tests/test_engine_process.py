@@ -85,10 +85,12 @@ def test_streams_from_the_engine_process_match_the_engine_here(engine_process: E
         assert sink.done.wait(60), "no final response"
         assert sink.error is None, sink.error
         assert sink.final is not None and sink.final[0].beams[0].tolist() == want
-        assert sink.updates, "a streamed request got no update"
         for update in sink.updates:  # each update: the prompt, then a prefix of the generated tokens
             assert update[0].tolist() == want[:len(update[0])]
-        assert len(sink.updates[-1][0]) > len(sink.updates[0][0]) or len(sink.updates) == 1
+        assert len(sink.updates) < 2 or len(sink.updates[-1][0]) > len(sink.updates[0][0])
+    # Updates are coalesced: a request whose tokens all come before the sender reaches it (a loaded machine) gets
+    # its final only. Some request must have streamed, or the prefix checks above check nothing.
+    assert any(sink.updates for sink in sinks), "no streamed request got an update"
     # The engine's metrics reach the stub's recorder (forwarded every METRICS_EVERY_S).
     generated, deadline = 0, time.monotonic() + 5
     while generated < 3 * 24 and time.monotonic() < deadline:
