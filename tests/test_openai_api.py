@@ -78,8 +78,8 @@ def test_streamed_chunks_concatenate_to_the_same_text(client: openai.OpenAI, tri
     texts = [chunk.choices[0].text for chunk in chunks if chunk.choices and chunk.choices[0].text]
     assert "".join(texts) == COUNTED
     # A streaming repository sends deltas (one per token while the server keeps up, several tokens each when its
-    # sender lags on a busy machine); a plain one answers once, which becomes one chunk.
-    assert len(texts) > 3 if is_streaming(triton) else len(texts) == 1
+    # sender lags on a busy machine: then only a few); a plain one answers once, which becomes one chunk.
+    assert len(texts) > 1 if is_streaming(triton) else len(texts) == 1
     reasons = [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices]
     assert reasons[-1] == "length" and not any(reasons[:-1])
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
